@@ -1,0 +1,39 @@
+// Every op's schema, defined once. The kernels register themselves per backend
+// (csrc/cpu/*.cpp with TORCH_LIBRARY_IMPL(selgroup_fast, CPU, m), csrc/cuda/*.cpp
+// with TORCH_LIBRARY_IMPL(selgroup_fast, CUDA, m)); the fake (meta) kernels are
+// registered from Python with torch.library.register_fake (selgroup_fast/ops.py).
+#include <Python.h>
+#include <torch/library.h>
+
+namespace {
+// Answers from the build, not from the device: true when the CUDA kernels were compiled in.
+bool cuda_available() {
+#ifdef SELGROUP_WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+}  // namespace
+
+extern "C" {
+// An empty Python module: importing selgroup_fast._C loads this library and with
+// it the op registrations below. No pybind11, so the build stays light and the
+// module works with the limited (stable) Python API.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(selgroup_fast, m) {
+  // ---- proximal inter-task affinity and grouping (algorithm.md) ----
+  m.def("affinity_update_(Tensor(a!) affinity, Tensor before, Tensor after, Tensor group_mask, float decay) -> ()");
+  m.def("group_similarity(Tensor affinity) -> Tensor");
+  m.def(
+      "affinity_propagation(Tensor similarity, float? preference=None, float damping=0.5, int max_iter=200, "
+      "int convergence_iter=15) -> Tensor");
+  // Defined with its kernel: it takes no tensor, so there is nothing to dispatch on.
+  m.def("cuda_available() -> bool", &cuda_available);
+  // ---- gradient manipulation of the baselines (selgroup_fast.methods) ----
+}

@@ -1,0 +1,7 @@
+"""selgroup_fast: fast selective task group updates and multi-task optimization baselines."""
+
+from . import methods, ops
+
+__version__ = "0.1.0"
+
+__all__ = ["methods", "ops", "__version__"]

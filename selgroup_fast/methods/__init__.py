@@ -1,0 +1,79 @@
+"""Multi-task methods behind one interface.
+
+>>> import torch, selgroup_fast
+>>> model = torch.nn.Linear(4, 3)
+>>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+>>> method = selgroup_fast.methods.create("gd", opt, num_tasks=3)
+>>> x = torch.randn(8, 4)
+>>> method.step(lambda: list(model(x).pow(2).mean(0))).shape
+torch.Size([3])
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+import torch
+
+from .base import MultiTaskMethod
+
+# name -> "module:Class", imported on first use so that one method's optional
+# pieces (or a method still missing from a partial install) never break the rest.
+_REGISTRY: dict[str, str] = {
+    "gd": "selgroup_fast.methods.gd:GD",
+    "selective": "selgroup_fast.selective:SelectiveGroupUpdate",
+}
+
+
+def _load(name: str) -> type:
+    try:
+        target = _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown method {name!r}; available: {', '.join(available())}") from None
+    module_name, class_name = target.split(":")
+    return getattr(importlib.import_module(module_name), class_name)
+
+
+def available() -> list[str]:
+    """The names of the methods that can be created in this installation."""
+    names = []
+    for name in _REGISTRY:
+        try:
+            _load(name)
+        except ImportError:
+            continue
+        names.append(name)
+    return names
+
+
+def create(
+    name: str,
+    optimizer: torch.optim.Optimizer,
+    num_tasks: int,
+    shared_params: Any = None,
+    **options: Any,
+) -> MultiTaskMethod:
+    """Creates method ``name`` driving ``optimizer`` over ``num_tasks`` task losses.
+
+    ``shared_params`` (the encoder's parameters) is required by the methods that
+    manipulate per-task gradients of the shared parameters; the others ignore it.
+    ``options`` are the method's own (see its class docstring).
+    """
+    cls = _load(name)
+    if getattr(cls, "uses_shared_params", False):
+        if shared_params is None:
+            raise ValueError(f"method {name!r} needs shared_params= (the parameters shared by all tasks)")
+        options["shared_params"] = shared_params
+    return cls(optimizer, num_tasks, **options)
+
+
+def aggregate(name: str, jacobian: torch.Tensor, **options: Any) -> torch.Tensor:
+    """Combines a K×P matrix of task gradients into one P-vector, as method ``name`` does."""
+    cls = _load(name)
+    if not hasattr(cls, "aggregate"):
+        raise ValueError(f"method {name!r} does not combine gradients (it is not gradient-based)")
+    return cls.aggregate(jacobian, **options)
+
+
+__all__ = ["MultiTaskMethod", "aggregate", "available", "create"]

@@ -1,0 +1,76 @@
+"""The interface every multi-task method shares: ``step(closure)``, profiling, state."""
+
+from __future__ import annotations
+
+import abc
+from typing import Any, Callable
+
+import torch
+
+from ..losses import ClosureOutput, task_losses
+from ..profiling import PhaseTimer
+
+
+def optimizer_device(optimizer: torch.optim.Optimizer) -> torch.device:
+    """The device of the optimizer's first parameter (where the step's work runs)."""
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            return param.device
+    raise ValueError("the optimizer has no parameters")
+
+
+class MultiTaskMethod(abc.ABC):
+    """One training step over K task losses, with the phases of Table E.1 timed on request.
+
+    Subclasses implement :meth:`step`; they call :meth:`_forward` to run the closure
+    (timed as ``forward``) and wrap their other work in ``self._timer.phase(...)``.
+    """
+
+    #: The registry name of the method (``selgroup_fast.methods.available()``).
+    name: str = ""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, num_tasks: int, *, profile: bool = False) -> None:
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if isinstance(num_tasks, bool) or not isinstance(num_tasks, int) or num_tasks < 1:
+            raise ValueError(f"num_tasks must be a positive int, got {num_tasks!r}")
+        self.optimizer = optimizer
+        self.num_tasks = num_tasks
+        self.device = optimizer_device(optimizer)
+        self._timer = PhaseTimer(enabled=profile, device=self.device)
+
+    @property
+    def profile(self) -> bool:
+        return self._timer.enabled
+
+    @profile.setter
+    def profile(self, enabled: bool) -> None:
+        self._timer.enabled = bool(enabled)
+
+    @property
+    def timings(self) -> dict[str, float]:
+        """Seconds spent in each phase during the last :meth:`step` (empty unless profiling)."""
+        return self._timer.timings
+
+    @abc.abstractmethod
+    def step(self, closure: Callable[[], ClosureOutput]) -> torch.Tensor:
+        """Runs one batch and returns the detached K losses of its first forward."""
+
+    def _forward(self, closure: Callable[[], ClosureOutput]) -> list[torch.Tensor]:
+        """Runs the closure (phase ``forward``) and returns its K validated losses."""
+        with self._timer.phase("forward"):
+            return task_losses(closure(), self.num_tasks)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The method's own state (not the model's or the optimizer's)."""
+        return {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restores what :meth:`state_dict` returned."""
+        if state_dict:
+            raise ValueError(f"{type(self).__name__} keeps no state, got keys {sorted(state_dict)}")
+
+
+def detached(losses: list[torch.Tensor]) -> torch.Tensor:
+    """The K losses as one detached 1-D tensor (what ``step`` returns)."""
+    return torch.stack([loss.detach() for loss in losses])
