@@ -1,7 +1,8 @@
 """selgroup_fast: fast selective task group updates and multi-task optimization baselines."""
 
 from . import methods, ops
+from .affinity import AffinityTracker
 
 __version__ = "0.1.0"
 
-__all__ = ["methods", "ops", "__version__"]
+__all__ = ["AffinityTracker", "methods", "ops", "__version__"]
