@@ -2,7 +2,8 @@
 
 from . import methods, ops
 from .affinity import AffinityTracker
+from .selective import SelectiveGroupUpdate
 
 __version__ = "0.1.0"
 
-__all__ = ["AffinityTracker", "methods", "ops", "__version__"]
+__all__ = ["AffinityTracker", "SelectiveGroupUpdate", "methods", "ops", "__version__"]
