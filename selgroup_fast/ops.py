@@ -119,7 +119,11 @@ def _group_similarity_fake(affinity: torch.Tensor) -> torch.Tensor:
 
 @torch.library.register_fake("selgroup_fast::affinity_propagation")
 def _affinity_propagation_fake(
-    similarity: torch.Tensor, preference: float | None, damping: float, max_iter: int, convergence_iter: int
+    similarity: torch.Tensor,
+    preference: float | None = None,
+    damping: float = 0.5,
+    max_iter: int = 200,
+    convergence_iter: int = 15,
 ) -> torch.Tensor:
     torch._check(similarity.dim() == 2 and similarity.shape[0] == similarity.shape[1], lambda: "similarity must be K×K")
     return similarity.new_empty(similarity.shape[:1], dtype=torch.int64)
