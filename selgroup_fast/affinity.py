@@ -82,7 +82,7 @@ class AffinityTracker:
         """The bool[K] mask of ``group`` on the tracker's device.
 
         A sequence of task indices is turned into a mask without a device sync (built
-        on the host, copied once and cached per distinct group); a bool tensor of K
+        on the host, copied once and cached per distinct sequence); a bool tensor of K
         entries is moved to the tracker's device as is.
         """
         if isinstance(group, torch.Tensor):
@@ -92,16 +92,28 @@ class AffinityTracker:
                     f"got {group.dtype} of shape {tuple(group.shape)}"
                 )
             return group.to(self.device)
-        key = tuple(sorted(int(task) for task in group))
+        key = tuple(group)  # the cache is keyed by the group as given: no sort on the hot path
         mask = self._mask_cache.get(key)
         if mask is None:
-            if len(set(key)) != len(key) or any(not 0 <= task < self.num_tasks for task in key):
+            tasks = [int(task) for task in key]
+            if len(set(tasks)) != len(tasks) or any(not 0 <= task < self.num_tasks for task in tasks):
                 raise ValueError(f"group must hold distinct task indices in [0, {self.num_tasks}), got {list(group)}")
             host = torch.zeros(self.num_tasks, dtype=torch.bool)
-            host[list(key)] = True
+            host[tasks] = True
             mask = host.to(self.device)
             self._mask_cache[key] = mask
         return mask
+
+    def _losses(self, value: torch.Tensor, name: str) -> torch.Tensor:
+        """``value`` detached, on the tracker's device and dtype (no copy when already there)."""
+        if not isinstance(value, torch.Tensor):
+            value = torch.as_tensor(value)
+        if value.shape != self._affinity.shape[:1]:
+            raise ValueError(f"{name} must hold {self.num_tasks} losses, got shape {tuple(value.shape)}")
+        value = value.detach()
+        if value.dtype != self._affinity.dtype or value.device != self._affinity.device:
+            value = value.to(device=self._affinity.device, dtype=self._affinity.dtype)
+        return value
 
     def update(self, group: GroupSpec, before: torch.Tensor, after: torch.Tensor) -> None:
         """Credits the loss change ``before -> after`` (K losses each) to ``group``'s step.
@@ -110,14 +122,10 @@ class AffinityTracker:
         and moved to the tracker's device and dtype; losses that are not positive finite
         numbers are skipped by the rules of ``affinity_update_``.
         """
-        mask = self.group_mask(group)
-        losses = []
-        for name, value in (("before", before), ("after", after)):
-            value = torch.as_tensor(value).detach()
-            if value.shape != (self.num_tasks,):
-                raise ValueError(f"{name} must hold {self.num_tasks} losses, got shape {tuple(value.shape)}")
-            losses.append(value.to(device=self.device, dtype=self.dtype))
-        ops.affinity_update_(self._affinity, losses[0], losses[1], mask, self.decay)
+        ops.affinity_update_(
+            self._affinity, self._losses(before, "before"), self._losses(after, "after"), self.group_mask(group),
+            self.decay,
+        )
 
     def similarity(self) -> torch.Tensor:
         """``group_similarity(affinity)``: what :meth:`groups` clusters (always finite)."""

