@@ -13,7 +13,7 @@
 Reports medians and ratios as a Markdown table (stdout, and ``--output``). CPU always;
 CUDA too (timed with CUDA events) when a GPU and the CUDA kernels are present.
 
-    python benchmarks/bench_ops.py --output benchmarks/results/ops_cpu.md
+    PYTHONPATH=. python benchmarks/bench_ops.py --output benchmarks/results/ops_cpu.md
 """
 
 from __future__ import annotations
