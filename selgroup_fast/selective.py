@@ -210,29 +210,22 @@ class SelectiveGroupUpdate(MultiTaskMethod):
         """
         self._timer.reset()
         visits = self._visit_order()
-        first_losses: torch.Tensor | None = None
-        before: torch.Tensor | None = None  # the previous forward's measured losses
-        for position, group_index in enumerate(visits):
+        measured: list[torch.Tensor] = []  # every forward's detached K losses, in order
+        skipped: list[torch.Tensor | None] = []  # every group step: did the grad scaler skip it?
+        for group_index in visits:
             losses = self._forward(closure)
-            if first_losses is None:
-                first_losses = detached(losses)
-                if not self._parameters_checked:
-                    self._check_optimizer_covers(losses)
-            measured = self._measure(losses)
-            if before is not None:
-                credited = visits[position - 1] if self.attribution == "paper" else group_index
-                self._credit(credited, before, measured)
-            skipped = self._group_step(losses, self._groups[group_index])
+            if not self._parameters_checked:
+                self._check_optimizer_covers(losses)
+            measured.append(detached(losses))
+            skipped.append(self._group_step(losses, self._groups[group_index]))
             del losses  # frees this forward's graph before the next one is built
-            before = measured if skipped is None else measured.masked_fill(skipped, float("nan"))
         if self.measure_last_group:
-            with torch.no_grad():
-                measured = self._measure(self._forward(closure))
-            self._credit(visits[-1], before, measured)
+            with torch.no_grad():  # no graph, and DDP expects no backward for it
+                measured.append(detached(self._forward(closure)))
+        self._update_affinity(visits, measured, skipped)
         self._batches += 1
         self._next_groups()
-        assert first_losses is not None
-        return first_losses
+        return measured[0]
 
     def _visit_order(self) -> list[int]:
         """Indices into ``self._groups`` in the order this batch updates them."""
@@ -247,19 +240,32 @@ class SelectiveGroupUpdate(MultiTaskMethod):
             visits = visits * 2  # the official rule: a lone group is updated twice so its effect is measured
         return visits
 
-    def _measure(self, losses: list[torch.Tensor]) -> torch.Tensor:
-        """The K losses the affinity sees: detached, in the tracker's dtype, averaged across ranks."""
-        with self._timer.phase("affinity"):
-            measured = torch.stack([loss.detach() for loss in losses]).to(self._tracker.affinity.dtype)
-            if self._distributed:
-                dist.all_reduce(measured, op=dist.ReduceOp.SUM, group=self._process_group)
-                measured = measured / self._world_size
-        return measured
+    def _update_affinity(
+        self, visits: list[int], measured: list[torch.Tensor], skipped: list[torch.Tensor | None]
+    ) -> None:
+        """Credits every loss change of the batch to a group, on the device.
 
-    def _credit(self, group_index: int, before: torch.Tensor, after: torch.Tensor) -> None:
-        """Credits the loss change ``before → after`` to group ``group_index`` (on the device)."""
+        The credits are applied once the batch's steps are done: nothing reads the affinity
+        in between, so the result is that of crediting after every forward, with one
+        all-reduce per batch (the measured losses averaged across ranks) instead of one per
+        forward. Forwards ``m - 1`` and ``m`` bracket the step of group ``visits[m - 1]``:
+        the paper credits that group, the reference code the group stepped next,
+        ``visits[m]``. A step the grad scaler skipped changed nothing and is credited to no
+        one (its "before" losses become NaN, which the update skips).
+        """
+        if len(measured) < 2:
+            return
         with self._timer.phase("affinity"):
-            self._tracker.update(self._group_masks[group_index], before, after)
+            losses = torch.stack(measured).to(self._tracker.dtype)
+            if self._distributed:
+                dist.all_reduce(losses, op=dist.ReduceOp.SUM, group=self._process_group)
+                losses = losses / self._world_size
+            for m in range(1, len(measured)):
+                before = losses[m - 1]
+                if skipped[m - 1] is not None:
+                    before = before.masked_fill(skipped[m - 1], float("nan"))
+                credited = visits[m - 1] if self.attribution == "paper" else visits[m]
+                self._tracker.update(self._group_masks[credited], before, losses[m])
 
     def _group_step(self, losses: list[torch.Tensor], group: list[int]) -> torch.Tensor | None:
         """Backward of the group's losses and one optimizer step.
