@@ -13,15 +13,7 @@ import selgroup_fast
 from selgroup_fast import SelectiveGroupUpdate
 
 from selective_helpers import TinyMultiTask, make_problem, reference_affinity_update, regression_losses
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: intra-op threads only add contention on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from selective_helpers import one_thread  # noqa: F401  (autouse fixture: one intra-op thread)
 
 
 def hand_written_batch(model, optimizer, x, y, visits: list[list[int]], normalize: bool = False) -> list[list[float]]:
@@ -305,6 +297,30 @@ def test_create_builds_it_through_the_registry():
                                        grouping="separate", order="forward")
     assert isinstance(sel, SelectiveGroupUpdate) and "selective" in selgroup_fast.methods.available()
     assert sel.step(closure_for(model, x, y)).shape == (3,)
+
+
+def test_random_order_comes_from_the_generator():
+    """Same generator seed, same orders and parameters; another seed, other orders."""
+
+    def train(seed: int):
+        model, _, x, y = make_problem(num_tasks=4)
+        sel = SelectiveGroupUpdate(torch.optim.SGD(model.parameters(), lr=0.1), 4, grouping="separate",
+                                   generator=torch.Generator().manual_seed(seed))
+        seen: list[tuple[bool, ...]] = []
+
+        def closure():  # the heads holding a gradient at each forward reveal the group stepped before it
+            seen.append(tuple(head.weight.grad is not None for head in model.heads))
+            return regression_losses(model, x, y)
+
+        for _ in range(4):
+            sel.step(closure)
+        return seen, [p.detach().clone() for p in model.parameters()]
+
+    (seen_a, params_a), (seen_b, params_b), (seen_c, params_c) = train(5), train(5), train(6)
+    assert seen_a == seen_b and all(torch.equal(p, q) for p, q in zip(params_a, params_b))
+    assert seen_a != seen_c and not all(torch.equal(p, q) for p, q in zip(params_a, params_c))
+    orders = {tuple(seen_a[i:i + 4]) for i in range(0, 16, 4)}
+    assert len(orders) > 1  # redrawn every batch
 
 
 # --------------------------------------------------------------------------- (9) bad input

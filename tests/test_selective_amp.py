@@ -10,14 +10,7 @@ import torch
 from selgroup_fast import SelectiveGroupUpdate
 
 from selective_helpers import TinyMultiTask, make_problem, reference_affinity_update, regression_losses
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from selective_helpers import one_thread  # noqa: F401  (autouse fixture: one intra-op thread)
 
 
 def cpu_scaler(**options) -> torch.amp.GradScaler:
@@ -82,10 +75,13 @@ def test_a_skipped_step_is_not_credited_and_the_others_are():
     assert not torch.equal(model.encoder.weight, params_before[0])  # the other steps happened
 
 
-def test_a_batch_of_only_skipped_steps_leaves_everything_unchanged():
+@pytest.mark.parametrize("fused", [False, True], ids=["adam", "adam-fused"])
+def test_a_batch_of_only_skipped_steps_leaves_everything_unchanged(fused):
+    """Fused Adam takes the scaler's inf check inside its kernel: the skip must be seen too."""
     model, _, x, y = make_problem(num_tasks=3, dtype=torch.float32)
     scaler = cpu_scaler(init_scale=2.0**10)
-    sel = SelectiveGroupUpdate(torch.optim.Adam(model.parameters(), lr=0.01), 3, warmup_steps=0, decay=0.3,
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01, fused=fused)
+    sel = SelectiveGroupUpdate(optimizer, 3, warmup_steps=0, decay=0.3,
                                grad_scaler=scaler, generator=torch.Generator().manual_seed(1))
     for _ in range(3):
         sel.step(lambda: regression_losses(model, x, y))
