@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import io
 import itertools
 import math
 
@@ -391,8 +392,10 @@ def test_resuming_from_a_checkpoint_continues_bitwise_identically():
     model, optimizer, sel = fresh(1)
     for x, y in data[:6]:
         sel.step(closure_for(model, x, y))
-    checkpoint = copy.deepcopy({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                "sel": sel.state_dict()})
+    buffer = io.BytesIO()  # through torch.save / torch.load (weights_only): plain tensors and lists only
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "sel": sel.state_dict()}, buffer)
+    buffer.seek(0)
+    checkpoint = torch.load(buffer)
     history = []
     for x, y in data[6:]:
         history.append((sel.step(closure_for(model, x, y)), sel.groups))
