@@ -34,11 +34,14 @@ class SelectiveGroupUpdate(MultiTaskMethod):
 
     Each :meth:`step` runs one batch: for every group ``G`` of the current partition,
     in the order ``order`` asks, it runs the closure (all K losses at the current
-    parameters), credits the loss change since the previous forward to a group in the
-    affinity tracker, back-propagates ``Σ_{k∈G} L_k`` only (so the heads of the other
-    tasks get no gradient, and the optimizer leaves their parameters and state alone)
-    and steps the optimizer. After ``warmup_steps`` batches the groups are recomputed
-    from the tracked affinity every ``regroup_every`` batches.
+    parameters), back-propagates ``Σ_{k∈G} L_k`` only (so the heads of the other tasks
+    get no gradient, and the optimizer leaves their parameters and state alone) and
+    steps the optimizer. Each loss change between consecutive forwards is credited to
+    a group in the affinity tracker (on the device, once the batch's steps are done:
+    the same result as crediting after every forward, with one all-reduce per batch
+    under DDP). After ``warmup_steps`` batches the groups are recomputed from the
+    tracked affinity every ``regroup_every`` batches; that read of the new groups is
+    the step's only host synchronisation.
 
     Args:
         optimizer: drives every parameter of the model (shared encoder and all heads).
