@@ -510,3 +510,27 @@ def test_the_readme_example_runs():
     sel = namespace["sel"]
     assert sel.batches == 200 and sorted(sum(sel.groups, [])) == [0, 1, 2, 3]
     assert torch.isfinite(sel.affinity).all() and sel.affinity.abs().sum() > 0
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("attribution", ["paper", "reference"])
+def test_cuda_training_matches_the_cpu(attribution):
+    if not selgroup_fast.ops.cuda_available():
+        pytest.skip("the CUDA kernels are not built")
+    runs = {}
+    for device in ("cpu", "cuda"):
+        model, _, x, y = make_problem(num_tasks=4)
+        model, x, y = model.to(device), x.to(device), y.to(device)
+        sel = SelectiveGroupUpdate(torch.optim.Adam(model.parameters(), lr=0.01), 4, warmup_steps=3, decay=0.1,
+                                   attribution=attribution, generator=torch.Generator().manual_seed(0))
+        groups = []
+        for _ in range(8):
+            sel.step(closure_for(model, x, y))
+            groups.append(sel.groups)
+        runs[device] = ([p.detach().cpu() for p in model.parameters()], sel.affinity.cpu(), groups)
+    (cpu_params, cpu_affinity, cpu_groups), (cuda_params, cuda_affinity, cuda_groups) = runs["cpu"], runs["cuda"]
+    assert cpu_groups == cuda_groups
+    torch.testing.assert_close(cuda_affinity, cpu_affinity, rtol=1e-9, atol=1e-12)
+    for ours, theirs in zip(cuda_params, cpu_params):
+        torch.testing.assert_close(ours, theirs, rtol=1e-9, atol=1e-12)
