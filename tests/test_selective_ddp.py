@@ -35,14 +35,15 @@ def rank_batches(rank: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return batches
 
 
-def make_model_and_method(module_wrapper=lambda m: m):
+def make_model_and_method(module_wrapper=lambda m: m, **options):
     torch.manual_seed(0)  # the same initial parameters everywhere
     model = module_wrapper(TinyMultiTask(num_tasks=NUM_TASKS, dtype=torch.float32))
     optimizer = torch.optim.Adam(model.parameters(), lr=0.02)
     # Seeds the default order generator from the global RNG: different on every rank on
     # purpose, the method must broadcast rank 0's generator state.
     torch.manual_seed(100 + int(dist.get_rank() if dist.is_initialized() else 0))
-    sel = SelectiveGroupUpdate(optimizer, NUM_TASKS, warmup_steps=WARMUP, decay=0.1, measure_last_group=True)
+    sel = SelectiveGroupUpdate(optimizer, NUM_TASKS, warmup_steps=WARMUP, decay=0.1, measure_last_group=True,
+                               **options)
     return model, sel
 
 
@@ -69,11 +70,16 @@ def worker(rank: int, port: int, out_dir: str) -> None:
         for x, y in rank_batches(rank):
             sel.step(recording_closure(model, model.module.heads, x, y, grads_seen))
             groups_history.append(sel.groups)
+        # The same with an explicit process_group= (a new group of both ranks), a shorter run.
+        explicit_model, explicit = make_model_and_method(wrap, process_group=dist.new_group(ranks=[0, 1]))
+        for x, y in rank_batches(rank)[: WARMUP + 10]:
+            explicit.step(lambda: regression_losses(explicit_model, x, y))
         torch.save({
             "params": [p.detach().clone() for p in model.module.parameters()],
             "affinity": sel.affinity.clone(),
             "groups": groups_history,
             "grads_seen": grads_seen,
+            "explicit": [explicit.affinity.clone(), explicit.groups, *explicit_model.module.parameters()],
         }, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -107,6 +113,10 @@ def test_two_ranks_with_different_data_agree_on_affinity_groups_and_parameters(t
     for ours, theirs in zip(ranks[0]["params"], ranks[1]["params"]):
         torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
     assert any(len(groups) < NUM_TASKS for groups in ranks[0]["groups"][WARMUP:])  # it did regroup
+    explicit_0, explicit_1 = ranks[0]["explicit"], ranks[1]["explicit"]
+    assert explicit_0[1] == explicit_1[1] and explicit_0[0].abs().sum() > 0
+    for ours, theirs in zip(explicit_0[:1] + explicit_0[2:], explicit_1[:1] + explicit_1[2:]):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
 
     # The distributed run is the single-process run on both ranks' data: DDP averages the
     # gradients, the method averages the measured losses, rank 0's generator orders the groups.
