@@ -324,6 +324,33 @@ def test_random_order_comes_from_the_generator():
     assert len(orders) > 1  # redrawn every batch
 
 
+@pytest.mark.parametrize("scaled", [False, True], ids=["plain", "grad-scaler"])
+def test_gradient_clipping_in_an_optimizer_pre_hook_clips_every_group_step(scaled):
+    """The README's recipe: the pre-hook sees each group's (unscaled) gradients before its step."""
+    model, _, x, y = make_problem(num_tasks=3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    max_norm = 1e-3
+    norms: list[float] = []
+
+    def clip(opt, args, kwargs):
+        norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)))
+
+    optimizer.register_step_pre_hook(clip)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10) if scaled else None
+    sel = SelectiveGroupUpdate(optimizer, 3, grouping="separate", order="forward", grad_scaler=scaler)
+    snapshots = []
+
+    def closure():
+        snapshots.append(torch.nn.utils.parameters_to_vector(model.parameters()).detach().clone())
+        return regression_losses(model, x, y)
+
+    sel.step(closure)
+    snapshots.append(torch.nn.utils.parameters_to_vector(model.parameters()).detach().clone())
+    assert len(norms) == 3 and all(norm > 10 * max_norm for norm in norms)  # clipping was needed, unscaled
+    moves = [float((after - before).norm()) for before, after in zip(snapshots, snapshots[1:])]
+    assert all(max_norm * 0.99 < move <= max_norm * (1 + 1e-6) for move in moves), moves
+
+
 # --------------------------------------------------------------------------- (9) bad input
 
 
