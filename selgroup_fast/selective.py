@@ -48,7 +48,8 @@ class SelectiveGroupUpdate(MultiTaskMethod):
         num_tasks: K, the number of task losses the closure returns.
         decay: the affinity's EMA rate β (paper 1e-3; official Taskonomy config 1e-4).
         warmup_steps: batches during which every task is its own group and the affinity
-            is only tracked (official: 100). Only for ``grouping="affinity"``.
+            is only tracked (official ``prepos: 100``, which its ``<=`` test makes 101
+            batches). Only for ``grouping="affinity"``.
         order: ``"random"`` (a permutation from ``generator`` every batch, the official
             choice), ``"forward"`` (group list order) or ``"backward"`` (reversed).
         grouping: ``"affinity"`` (the paper), ``"joint"`` (all tasks in one group updated
