@@ -1,0 +1,180 @@
+"""Proximal inter-task affinity tracking and affinity-based task grouping.
+
+Jeong & Yoon, "Selective Task Group Updates for Multi-Task Optimization", ICLR 2025:
+Definition 2 (proximal inter-task affinity, tracked as an exponential moving average)
+and the regrouping of the official ``next_group`` (column-normalised, symmetrised
+affinity clustered by affinity propagation). See ``algorithm.md`` for every rule.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from . import ops
+
+__all__ = ["AffinityTracker"]
+
+GroupSpec = torch.Tensor | Sequence[int]
+
+#: The official retry rule: without an exemplar, retry with convergence_iter += 100,
+#: at most this many tries in all.
+MAX_GROUPING_TRIES = 10
+CONVERGENCE_ITER_STEP = 100
+
+
+class AffinityTracker:
+    """Tracks the K×K proximal inter-task affinity and derives task groups from it.
+
+    ``A[s, t]`` is how much updating source task ``s`` (as part of a group) lowered
+    target task ``t``'s loss, an exponential moving average with rate ``decay``
+    (paper: 1e-3), starting at zero. :meth:`update` applies one measurement with the
+    fused ``selgroup_fast.ops.affinity_update_`` (one launch, no host sync);
+    :meth:`groups` clusters ``group_similarity(A)`` with ``affinity_propagation`` and
+    reads the labels back once.
+
+    Example::
+
+        >>> import torch, selgroup_fast
+        >>> tracker = selgroup_fast.AffinityTracker(3, decay=0.5)
+        >>> tracker.update([0], torch.tensor([1.0, 1.0, 1.0]), torch.tensor([0.5, 0.6, 1.5]))
+        >>> tracker.update([2], torch.tensor([1.0, 1.0, 1.0]), torch.tensor([1.2, 1.3, 0.5]))
+        >>> tracker.affinity[0]
+        tensor([ 0.2500,  0.2000, -0.2500])
+        >>> tracker.groups()
+        [[0, 1], [2]]
+    """
+
+    def __init__(
+        self,
+        num_tasks: int,
+        decay: float = 1e-3,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        if isinstance(num_tasks, bool) or not isinstance(num_tasks, int) or num_tasks < 1:
+            raise ValueError(f"num_tasks must be a positive int, got {num_tasks!r}")
+        if not 0.0 < float(decay) <= 1.0:
+            raise ValueError(f"decay must be in (0, 1], got {decay!r}")
+        if dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+        self.num_tasks = num_tasks
+        self.decay = float(decay)
+        self._affinity = torch.zeros(num_tasks, num_tasks, device=device, dtype=dtype)
+        self._mask_cache: dict[tuple[int, ...], torch.Tensor] = {}
+
+    @property
+    def affinity(self) -> torch.Tensor:
+        """The K×K affinity ``A[source, target]`` (the tracker's own tensor: do not modify)."""
+        return self._affinity
+
+    @property
+    def device(self) -> torch.device:
+        return self._affinity.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._affinity.dtype
+
+    def group_mask(self, group: GroupSpec) -> torch.Tensor:
+        """The bool[K] mask of ``group`` on the tracker's device.
+
+        A sequence of task indices is turned into a mask without a device sync (built
+        on the host, copied once and cached per distinct sequence); a bool tensor of K
+        entries is moved to the tracker's device as is.
+        """
+        if isinstance(group, torch.Tensor):
+            if group.dtype != torch.bool or group.shape != (self.num_tasks,):
+                raise ValueError(
+                    f"a group given as a tensor must be a bool mask of shape ({self.num_tasks},), "
+                    f"got {group.dtype} of shape {tuple(group.shape)}"
+                )
+            return group.to(self.device)
+        key = tuple(group)  # the cache is keyed by the group as given: no sort on the hot path
+        mask = self._mask_cache.get(key)
+        if mask is None:
+            tasks = [int(task) for task in key]
+            if len(set(tasks)) != len(tasks) or any(not 0 <= task < self.num_tasks for task in tasks):
+                raise ValueError(f"group must hold distinct task indices in [0, {self.num_tasks}), got {list(group)}")
+            host = torch.zeros(self.num_tasks, dtype=torch.bool)
+            host[tasks] = True
+            mask = host.to(self.device)
+            self._mask_cache[key] = mask
+        return mask
+
+    def _losses(self, value: torch.Tensor, name: str) -> torch.Tensor:
+        """``value`` detached, on the tracker's device and dtype (no copy when already there)."""
+        if not isinstance(value, torch.Tensor):
+            value = torch.as_tensor(value)
+        if value.shape != self._affinity.shape[:1]:
+            raise ValueError(f"{name} must hold {self.num_tasks} losses, got shape {tuple(value.shape)}")
+        value = value.detach()
+        if value.dtype != self._affinity.dtype or value.device != self._affinity.device:
+            value = value.to(device=self._affinity.device, dtype=self._affinity.dtype)
+        return value
+
+    def update(self, group: GroupSpec, before: torch.Tensor, after: torch.Tensor) -> None:
+        """Credits the loss change ``before -> after`` (K losses each) to ``group``'s step.
+
+        ``group``: a bool mask[K] or a sequence of task indices. The losses are detached
+        and moved to the tracker's device and dtype; losses that are not positive finite
+        numbers are skipped by the rules of ``affinity_update_``.
+        """
+        ops.affinity_update_(
+            self._affinity, self._losses(before, "before"), self._losses(after, "after"), self.group_mask(group),
+            self.decay,
+        )
+
+    def similarity(self) -> torch.Tensor:
+        """``group_similarity(affinity)``: what :meth:`groups` clusters (always finite)."""
+        return ops.group_similarity(self._affinity)
+
+    def groups(
+        self,
+        preference: float | None = None,
+        convergence_iter: int = 50,
+        *,
+        damping: float = 0.5,
+        max_iter: int = 200,
+    ) -> list[list[int]] | None:
+        """Task groups from the tracked affinity, or ``None`` when no exemplar emerged.
+
+        The official rule: affinity propagation on :meth:`similarity`; if no exemplar
+        emerges, retry with ``convergence_iter + 100``, at most 10 tries in all, then give
+        up (``None``: the caller keeps its previous groups). Groups are listed in order of
+        their first task, each sorted. One host read of the labels per try.
+        """
+        similarity = self.similarity()
+        for _ in range(MAX_GROUPING_TRIES):
+            labels = ops.affinity_propagation(
+                similarity, preference, damping=damping, max_iter=max_iter, convergence_iter=convergence_iter
+            ).tolist()
+            if labels[0] >= 0:
+                return labels_to_groups(labels)
+            convergence_iter += CONVERGENCE_ITER_STEP
+        return None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"affinity": self._affinity.clone(), "decay": self.decay}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restores a :meth:`state_dict` exactly (the affinity is copied in this tracker's dtype)."""
+        affinity = state_dict["affinity"]
+        if not isinstance(affinity, torch.Tensor) or affinity.shape != self._affinity.shape:
+            shape = tuple(affinity.shape) if isinstance(affinity, torch.Tensor) else type(affinity).__name__
+            raise ValueError(f"affinity must be a tensor of shape {tuple(self._affinity.shape)}, got {shape}")
+        decay = float(state_dict.get("decay", self.decay))
+        if not 0.0 < decay <= 1.0:
+            raise ValueError(f"decay must be in (0, 1], got {decay!r}")
+        self._affinity.copy_(affinity)
+        self.decay = decay
+
+
+def labels_to_groups(labels: Sequence[int]) -> list[list[int]]:
+    """Cluster labels (numbered by first appearance) -> groups of task indices."""
+    groups: list[list[int]] = [[] for _ in range(max(labels) + 1)]
+    for task, label in enumerate(labels):
+        groups[label].append(task)
+    return [group for group in groups if group]

@@ -1,0 +1,124 @@
+"""AffinityTracker: updates, grouping with the official retry rule, state."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import selgroup_fast
+from selgroup_fast import affinity as affinity_module
+from selgroup_fast import ops
+from reference import affinity_update_reference, group_similarity_reference, partition, sklearn_labels
+
+
+def test_update_matches_reference_for_masks_and_index_lists(device: str, dtype: torch.dtype) -> None:
+    generator = torch.Generator().manual_seed(20)
+    K = 6
+    tracker = selgroup_fast.AffinityTracker(K, decay=0.05, device=device, dtype=dtype)
+    expected = torch.zeros(K, K, dtype=torch.float64)
+    groups = [[0, 1], [2], [3, 4, 5], [5, 3, 4], [1, 4]]
+    for step in range(25):
+        group = groups[step % len(groups)]
+        before = torch.rand(K, generator=generator, dtype=torch.float64) + 0.5
+        after = before * (1 + 0.3 * torch.randn(K, generator=generator, dtype=torch.float64))
+        expected = affinity_update_reference(expected, before, after, group, 0.05)
+        spec = group if step % 2 else torch.isin(torch.arange(K), torch.tensor(group))
+        # Losses arrive as float64 CPU tensors with grad history: the tracker detaches and moves them.
+        tracker.update(spec, before.clone().requires_grad_(), after)
+    assert tracker.affinity.device.type == device and tracker.affinity.dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    torch.testing.assert_close(tracker.affinity.cpu().double(), expected, rtol=tol, atol=tol)
+    torch.testing.assert_close(tracker.similarity().cpu().double(), group_similarity_reference(expected), rtol=10 * tol,
+                               atol=10 * tol)
+    # Repeated groups reuse one cached mask; orderings of the same group give the same mask.
+    assert tracker.group_mask([5, 3, 4]) is tracker.group_mask([5, 3, 4])
+    assert torch.equal(tracker.group_mask([5, 3, 4]), tracker.group_mask([3, 4, 5]))
+
+
+def test_groups_match_sklearn_on_tracked_affinity() -> None:
+    generator = torch.Generator().manual_seed(21)
+    K = 9
+    tracker = selgroup_fast.AffinityTracker(K, decay=0.1, dtype=torch.float64)
+    # Two families of tasks that help each other and hurt the other family.
+    family = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1, 1])
+    for step in range(200):
+        source = step % K
+        before = torch.ones(K, dtype=torch.float64)
+        helped = torch.where(family == family[source], -0.2, 0.1)
+        after = before * (1 + helped + 0.02 * torch.randn(K, generator=generator, dtype=torch.float64))
+        tracker.update([source], before, after)
+    groups = tracker.groups()
+    assert groups == [[0, 1, 2, 3], [4, 5, 6, 7, 8]]
+    expected = sklearn_labels(tracker.similarity(), convergence_iter=50)
+    assert partition([next(i for i, g in enumerate(groups) if t in g) for t in range(K)]) == partition(expected)
+
+
+def test_groups_at_start_of_training_is_one_group() -> None:
+    # The all-zero affinity gives an all-zero (finite) similarity: scikit-learn's equal-similarity case.
+    assert selgroup_fast.AffinityTracker(5).groups() == [[0, 1, 2, 3, 4]]
+    assert selgroup_fast.AffinityTracker(1).groups() == [[0]]
+
+
+def test_retry_rule(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[dict] = []
+
+    def never_converges(similarity, preference=None, damping=0.5, max_iter=200, convergence_iter=15):
+        calls.append(dict(preference=preference, damping=damping, max_iter=max_iter, convergence_iter=convergence_iter))
+        return torch.full((similarity.shape[0],), -1, dtype=torch.int64)
+
+    monkeypatch.setattr(affinity_module.ops, "affinity_propagation", never_converges)
+    tracker = selgroup_fast.AffinityTracker(4)
+    assert tracker.groups(preference=-1.0, convergence_iter=50, damping=0.8, max_iter=300) is None
+    assert [c["convergence_iter"] for c in calls] == [50 + 100 * i for i in range(10)]
+    assert all(c["preference"] == -1.0 and c["damping"] == 0.8 and c["max_iter"] == 300 for c in calls)
+
+    # Success on the third try stops the retries.
+    calls.clear()
+    answers = iter([[-1] * 4, [-1] * 4, [0, 1, 0, 1]])
+    monkeypatch.setattr(affinity_module.ops, "affinity_propagation",
+                        lambda s, p=None, **kw: calls.append(kw) or torch.tensor(next(answers)))
+    assert tracker.groups() == [[0, 2], [1, 3]]
+    assert [c["convergence_iter"] for c in calls] == [50, 150, 250]
+
+
+def test_state_dict_round_trip(device: str) -> None:
+    tracker = selgroup_fast.AffinityTracker(4, decay=0.2, device=device, dtype=torch.float64)
+    tracker.update([0, 1], torch.tensor([1.0, 2.0, 3.0, 4.0]), torch.tensor([0.9, 2.5, 2.0, 4.1]))
+    state = tracker.state_dict()
+    restored = selgroup_fast.AffinityTracker(4, device=device, dtype=torch.float64)
+    restored.load_state_dict(state)
+    assert torch.equal(restored.affinity, tracker.affinity) and restored.decay == 0.2
+    tracker.update([2], torch.ones(4), torch.full((4,), 0.5))
+    assert not torch.equal(restored.affinity, tracker.affinity), "the state must be a copy"
+    with pytest.raises(ValueError, match="shape"):
+        restored.load_state_dict({"affinity": torch.zeros(3, 3)})
+    with pytest.raises(ValueError, match="decay"):
+        restored.load_state_dict({"affinity": torch.zeros(4, 4), "decay": 2.0})
+
+
+@pytest.mark.parametrize(
+    "group, match",
+    [([0, 0], "distinct"), ([4], r"\[0, 4\)"), ([-1], r"\[0, 4\)"), (torch.ones(3, dtype=torch.bool), "shape"),
+     (torch.ones(4), "bool")],
+)
+def test_rejects_bad_groups(group, match) -> None:
+    with pytest.raises(ValueError, match=match):
+        selgroup_fast.AffinityTracker(4).update(group, torch.ones(4), torch.ones(4))
+
+
+def test_rejects_bad_construction_and_losses() -> None:
+    with pytest.raises(ValueError, match="num_tasks"):
+        selgroup_fast.AffinityTracker(0)
+    with pytest.raises(ValueError, match="decay"):
+        selgroup_fast.AffinityTracker(3, decay=0.0)
+    with pytest.raises(ValueError, match="dtype"):
+        selgroup_fast.AffinityTracker(3, dtype=torch.float16)
+    with pytest.raises(ValueError, match="before"):
+        selgroup_fast.AffinityTracker(3).update([0], torch.ones(4), torch.ones(3))
+
+
+def test_non_finite_losses_never_reach_the_affinity() -> None:
+    tracker = selgroup_fast.AffinityTracker(3, decay=0.5)
+    tracker.update([0, 1], torch.tensor([float("nan"), 1.0, 0.0]), torch.tensor([1.0, float("inf"), 1.0]))
+    assert torch.equal(tracker.affinity, torch.zeros(3, 3))
+    assert ops.group_similarity(tracker.affinity).isfinite().all()
