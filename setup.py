@@ -38,6 +38,12 @@ def _use_cuda() -> tuple[bool, str]:
         return False, "this torch has no CUDA support"
     if CUDA_HOME is None:
         return False, "nvcc / CUDA_HOME not found"
+    if _flag("FORCE_CUDA"):
+        why = "FORCE_CUDA=1"
+    elif torch.cuda.is_available():
+        why = "a GPU is visible"
+    else:
+        return False, "no GPU visible (set FORCE_CUDA=1 to build the CUDA kernels anyway)"
     if not os.path.isfile(os.path.join(CUDA_HOME, "include", "cuda_runtime_api.h")):
         # torch derives CUDA_HOME from `which nvcc`; a wrapper script outside the
         # toolkit (e.g. /usr/local/bin/nvcc) points it at a folder with no headers.
@@ -45,11 +51,7 @@ def _use_cuda() -> tuple[bool, str]:
             f"CUDA_HOME={CUDA_HOME} has no include/cuda_runtime_api.h: set CUDA_HOME to the CUDA toolkit's root "
             "(e.g. /usr/local/cuda), or FORCE_CPU=1 to build the CPU kernels only"
         )
-    if _flag("FORCE_CUDA"):
-        return True, f"FORCE_CUDA=1 (CUDA_HOME={CUDA_HOME})"
-    if torch.cuda.is_available():
-        return True, f"a GPU is visible (CUDA_HOME={CUDA_HOME})"
-    return False, "no GPU visible (set FORCE_CUDA=1 to build the CUDA kernels anyway)"
+    return True, f"{why} (CUDA_HOME={CUDA_HOME})"
 
 
 def _extension():
