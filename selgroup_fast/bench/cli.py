@@ -71,13 +71,8 @@ def _task_set(text: str) -> list[TaskSpec]:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="selgroup-bench",
-        description="Per-batch timing breakdown (the phases of Jeong & Yoon, ICLR 2025, Table E.1) of every "
-        "multi-task method on a ViT encoder with one single-conv decoder per task.",
-    )
-    parser.add_argument("--methods", help="comma-separated method names (default: every available method)")
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options that choose the model, the data and the timing (shared with benchmarks/reference_loop.py)."""
     parser.add_argument(
         "--tasks",
         type=_task_set,
@@ -85,18 +80,84 @@ def build_parser() -> argparse.ArgumentParser:
         f"default: {CPU_DEFAULTS.tasks} on a CPU, {GPU_DEFAULTS.tasks} on a GPU",
     )
     parser.add_argument("--backbone", default="vit_tiny_patch16_224", help="a timm ViT name (random init)")
-    parser.add_argument("--img-size", type=_positive_int, help="image side in pixels (default: 64 on CPU, 224 on GPU)")
-    parser.add_argument("--patch-size", type=_positive_int, help="ViT patch side (default: 8 on CPU, 16 on GPU)")
+    parser.add_argument(
+        "--img-size",
+        type=_positive_int,
+        help=f"image side in pixels (default: {CPU_DEFAULTS.img_size} on a CPU, {GPU_DEFAULTS.img_size} on a GPU)",
+    )
+    parser.add_argument(
+        "--patch-size",
+        type=_positive_int,
+        help=f"ViT patch side (default: {CPU_DEFAULTS.patch_size} on a CPU, {GPU_DEFAULTS.patch_size} on a GPU)",
+    )
     parser.add_argument("--batch-size", type=_positive_int, default=8)
-    parser.add_argument("--steps", type=_positive_int, help="measured steps per method (default: 8 CPU, 20 GPU)")
-    parser.add_argument("--warmup", type=_positive_int, help="discarded steps per method (default: 2 CPU, 5 GPU)")
+    parser.add_argument(
+        "--steps",
+        type=_positive_int,
+        help=f"measured steps per method (default: {CPU_DEFAULTS.steps} on a CPU, {GPU_DEFAULTS.steps} on a GPU)",
+    )
+    parser.add_argument(
+        "--warmup",
+        type=_positive_int,
+        help=f"discarded steps per method (default: {CPU_DEFAULTS.warmup} on a CPU, {GPU_DEFAULTS.warmup} on a GPU)",
+    )
     parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
-    parser.add_argument("--out", type=Path, default=Path("selgroup-bench-results"), help="output directory")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """The parsed run options with the machine's defaults filled in."""
+
+    config: BenchConfig
+    tasks: list[TaskSpec]
+    defaults_note: str | None  # why the sizes are what they are, when the machine's defaults were used
+
+
+def run_settings(args: argparse.Namespace) -> RunSettings:
+    """Resolves the options of :func:`add_run_arguments` against the machine's defaults."""
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    defaults = GPU_DEFAULTS if device.type == "cuda" else CPU_DEFAULTS
+    used_defaults = args.img_size is None and args.patch_size is None and args.steps is None
+    config = BenchConfig(
+        backbone=args.backbone,
+        img_size=args.img_size or defaults.img_size,
+        patch_size=args.patch_size or defaults.patch_size,
+        batch_size=args.batch_size,
+        steps=args.steps or defaults.steps,
+        warmup=args.warmup or defaults.warmup,
+        device=device,
+        dtype=getattr(torch, args.dtype),
+        seed=args.seed,
+    )
+    tasks = args.tasks if args.tasks is not None else parse_tasks(defaults.tasks)
+    return RunSettings(config, tasks, defaults.why if used_defaults else None)
+
+
+def describe(settings: RunSettings) -> str:
+    """One line saying what will run, plus why when the machine's defaults chose the sizes."""
+    config = settings.config
+    line = (
+        f"K = {len(settings.tasks)}, {config.backbone} at {config.img_size} px / patch {config.patch_size}, "
+        f"batch {config.batch_size}, {str(config.dtype).removeprefix('torch.')} on {config.device}, "
+        f"{config.warmup} warm-up + {config.steps} measured steps per method"
+    )
+    return line + (f"\n({settings.defaults_note})" if settings.defaults_note else "")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="selgroup-bench",
+        description="Per-batch timing breakdown (the phases of Jeong & Yoon, ICLR 2025, Table E.1) of every "
+        "multi-task method on a ViT encoder with one single-conv decoder per task.",
+    )
+    parser.add_argument("--methods", help="comma-separated method names (default: every available method)")
+    add_run_arguments(parser)
+    parser.add_argument("--out", type=Path, default=Path("bench_out"), help="output directory (default: bench_out)")
     parser.add_argument(
         "--sweep-tasks", type=_int_list, help="also time every method at each of these K (e.g. 2,4,8,16,32)"
     )
-    parser.add_argument("--seed", type=int, default=0)
     return parser
 
 
@@ -127,44 +188,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Runs the bench; ``argv`` defaults to the command line. Returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    defaults = GPU_DEFAULTS if device.type == "cuda" else CPU_DEFAULTS
-    used_defaults = args.img_size is None and args.patch_size is None and args.steps is None
-    config = BenchConfig(
-        backbone=args.backbone,
-        img_size=args.img_size or defaults.img_size,
-        patch_size=args.patch_size or defaults.patch_size,
-        batch_size=args.batch_size,
-        steps=args.steps or defaults.steps,
-        warmup=args.warmup or defaults.warmup,
-        device=device,
-        dtype=getattr(torch, args.dtype),
-        seed=args.seed,
-    )
+    settings = run_settings(args)
+    config, tasks = settings.config, settings.tasks
     method_names = [name.strip() for name in args.methods.split(",")] if args.methods else default_methods()
-    tasks = args.tasks if args.tasks is not None else parse_tasks(defaults.tasks)
     task_sets = {len(tasks): tasks}
     for k in args.sweep_tasks or []:
         task_sets.setdefault(k, parse_tasks(str(k)))
+    sweep = f" (and the sweep K = {', '.join(map(str, args.sweep_tasks))})" if args.sweep_tasks else ""
+    print(f"selgroup-bench: {', '.join(method_names)}; {describe(settings)}{sweep}", file=sys.stderr)
 
-    print(
-        f"selgroup-bench: {len(method_names)} methods ({', '.join(method_names)}), K = {len(tasks)}"
-        f"{f' and sweep K = {args.sweep_tasks}' if args.sweep_tasks else ''}, {config.backbone} at "
-        f"{config.img_size} px / patch {config.patch_size}, batch {config.batch_size}, {args.dtype} on {device}, "
-        f"{config.warmup} warm-up + {config.steps} measured steps per method"
-        + (f"\n({defaults.why})" if used_defaults else ""),
-        file=sys.stderr,
-    )
     from tqdm import tqdm
 
     total_steps = len(task_sets) * len(method_names) * (config.warmup + config.steps)
     with tqdm(total=total_steps, file=sys.stderr, unit="step", dynamic_ncols=True) as progress:
         suite = run_suite(method_names, [task_sets[k] for k in sorted(task_sets)], config, progress)
 
-    notes = _notes(method_names, config, defaults.why if used_defaults else None)
+    notes = _notes(method_names, config, settings.defaults_note)
     print_table(suite, len(tasks), notes)
     args.out.mkdir(parents=True, exist_ok=True)
-    what = f"{config.backbone}, {config.img_size} px, batch {config.batch_size}, {device}"
+    what = f"{config.backbone}, {config.img_size} px, batch {config.batch_size}, {config.device}"
     images = [plot_breakdown(suite.results[len(tasks)], args.out / "breakdown.png", f"K = {len(tasks)}: {what}").name]
     if args.sweep_tasks:
         images.append(plot_sweep(suite, args.out / "sweep.png", f"time per batch against K: {what}").name)

@@ -185,18 +185,29 @@ def _release_freed_memory(device: torch.device) -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
-def _build(name: str, tasks: list[TaskSpec], config: BenchConfig) -> tuple[MultiTaskViT, methods.MultiTaskMethod]:
+class MethodFactory(Protocol):
+    """Builds a method as ``selgroup_fast.methods.create`` does (the default factory)."""
+
+    def __call__(
+        self, name: str, optimizer: torch.optim.Optimizer, num_tasks: int, shared_params: Any = None, **options: Any
+    ) -> methods.MultiTaskMethod: ...
+
+
+def _build(
+    name: str, tasks: list[TaskSpec], config: BenchConfig, create: MethodFactory, options: dict[str, Any]
+) -> tuple[MultiTaskViT, methods.MultiTaskMethod]:
     """The model (seeded) on the device and method ``name`` driving Adam over it, profiling on."""
     torch.manual_seed(config.seed)
     model = MultiTaskViT(tasks, config.backbone, config.img_size, config.patch_size).to(config.device, config.dtype)
     optimizer = torch.optim.Adam(model.parameters(), lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY)
-    method = methods.create(
+    method = create(
         name,
         optimizer,
         len(tasks),
         shared_params=model.shared_parameters(),
         profile=True,
         **method_options(name, config.warmup),
+        **options,
     )
     return model, method
 
@@ -208,7 +219,7 @@ def warm_up_process(tasks: list[TaskSpec], config: BenchConfig, batch: Synthetic
     and allocator initialisation) in time and memory; without this they would land
     on the first method's warm-up and, for memory, on its peak.
     """
-    model, method = _build("gd", tasks, config)
+    model, method = _build("gd", tasks, config, methods.create, {})
     method.step(lambda: task_losses(model(batch.images), batch.targets, tasks))
     _synchronize(config.device)
 
@@ -224,12 +235,16 @@ def run_method(
     config: BenchConfig,
     batch: SyntheticBatch,
     progress: Progress | None = None,
+    create: MethodFactory = methods.create,
+    options: dict[str, Any] | None = None,
 ) -> MethodResult:
     """Times ``config.steps`` steps of method ``name`` after ``config.warmup`` discarded ones.
 
     The model is rebuilt from ``config.seed`` for every method, so all methods start
     from the same weights and train on the same batch. ``progress`` advances by one
-    per step.
+    per step. ``create`` builds the method (``methods.create``, or a stand-in with its
+    signature such as the reference loop of ``benchmarks/reference_loop.py``), with
+    ``options`` added to the bench's own (:func:`method_options`).
     """
     progress = progress if progress is not None else NoProgress()
     device = config.device
@@ -237,7 +252,7 @@ def run_method(
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     with _PeakRSS() as rss:
-        model, method = _build(name, tasks, config)
+        model, method = _build(name, tasks, config, create, options or {})
 
         def closure() -> list[torch.Tensor]:
             return task_losses(model(batch.images), batch.targets, tasks)
