@@ -235,8 +235,9 @@ def write_reports(
     return paths
 
 
-def print_table(suite: Suite, breakdown_tasks: int, notes: list[str], stream: Any = sys.stdout) -> None:
-    """The breakdown (and sweep) tables on the terminal, with the notes under them."""
+def print_table(suite: Suite, breakdown_tasks: int, notes: list[str], stream: Any = None) -> None:
+    """The breakdown (and sweep) tables on the terminal (stdout by default), with the notes under them."""
+    stream = stream if stream is not None else sys.stdout
     stream.write(f"\nPer-batch breakdown, K = {breakdown_tasks} (median seconds, share of the total)\n\n")
     stream.write(text_table(*table_rows(suite.results[breakdown_tasks])))
     if len(suite.results) > 1:
