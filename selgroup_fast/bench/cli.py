@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from .. import methods
 from .model import PRESETS, TaskSpec, parse_tasks
 from .plots import plot_breakdown, plot_sweep
 from .report import print_table, write_reports
@@ -191,6 +192,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = run_settings(args)
     config, tasks = settings.config, settings.tasks
     method_names = [name.strip() for name in args.methods.split(",")] if args.methods else default_methods()
+    available = methods.available()
+    for name in method_names:
+        if name not in available:
+            raise ValueError(f"unknown or unavailable method {name!r}; available: {', '.join(available)}")
     task_sets = {len(tasks): tasks}
     for k in args.sweep_tasks or []:
         task_sets.setdefault(k, parse_tasks(str(k)))
