@@ -74,7 +74,8 @@ def test_main_writes_every_report(tmp_path, capsys):
         assert result["other_s"] == pytest.approx(max(result["total_s"] - sum(phases), 0.0))
         assert result["forward_share"] == pytest.approx(result["forward_s"] / result["total_s"])
         assert result["peak_memory_mib"] is None or result["peak_memory_mib"] >= 0
-        assert (result["groups_mean"] is not None) == (result["method"] == "selective")
+        if result["method"] == "selective":
+            assert 1 <= result["groups_mean"] <= 3
     assert run["results"][0]["ratio_to_gd"] == 1.0
 
     with (tmp_path / "results.csv").open() as handle:
@@ -280,3 +281,13 @@ def test_reference_script_alone_writes_its_table(tmp_path):
     cells = [cell.strip() for cell in row.strip("|").split("|")]
     assert float(cells[4]) > 0 and float(cells[6]) > 0 and float(cells[7]) >= 1
     assert "python benchmarks/reference_loop.py" in text
+
+
+@pytest.mark.skipif(not hasattr(selgroup_fast, "SelectiveGroupUpdate"), reason="SelectiveGroupUpdate not in this build")
+def test_reference_script_compares_both_loops(tmp_path):
+    output = tmp_path / "reference_loop.md"
+    assert reference_loop.main([*TINY, "--tasks", "3", "--steps", "2", "--warmup", "1", "--output", str(output)]) == 0
+    text = output.read_text()
+    rows = [line for line in text.splitlines() if line.startswith("| reference loop") or line.startswith("| Selective")]
+    assert len(rows) == 2
+    assert "Reference loop / SelectiveGroupUpdate: clustering + affinity" in text
