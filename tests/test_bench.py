@@ -17,6 +17,8 @@ import selgroup_fast
 from selgroup_fast.bench import MultiTaskViT, main, median_breakdown, parse_tasks, synthetic_batch, task_losses
 from selgroup_fast.bench.cli import _int_list
 from selgroup_fast.bench.timing import MethodResult, default_methods, method_options, set_ratios_to_gd
+from selgroup_fast.methods import MultiTaskMethod
+from selgroup_fast.methods.base import detached
 from selgroup_fast.profiling import PHASES
 
 pytest.importorskip("timm")
@@ -97,16 +99,54 @@ def test_main_writes_every_report(tmp_path, capsys):
     assert not (tmp_path / "sweep.png").exists()
 
 
-def test_sweep_writes_its_chart_and_one_row_per_k(tmp_path):
-    args = [*TINY, "--methods", "gd", "--tasks", "2", "--steps", "1", "--warmup", "1", "--sweep-tasks", "2,3"]
-    assert main([*args, "--out", str(tmp_path)]) == 0
+class ToyGroupedUpdate(MultiTaskMethod):
+    """A stand-in for ``selective`` with its interface: one task per group during
+    ``warmup_steps`` batches, then the groups [[0], [1, ...]]; one forward, backward
+    and optimizer step per group, and a (trivial) timed affinity phase."""
+
+    def __init__(self, optimizer, num_tasks, *, warmup_steps, profile=False):
+        super().__init__(optimizer, num_tasks, profile=profile)
+        self.warmup_steps = warmup_steps
+        self.groups = [[task] for task in range(num_tasks)]
+        self.steps_done = 0
+
+    def step(self, closure):
+        self._timer.reset()
+        for group in self.groups:
+            self.optimizer.zero_grad()
+            losses = self._forward(closure)
+            with self._timer.phase("backward"):
+                torch.stack([losses[task] for task in group]).sum().backward()
+            with self._timer.phase("optimizer"):
+                self.optimizer.step()
+        self.steps_done += 1
+        with self._timer.phase("affinity"):
+            if self.steps_done >= self.warmup_steps:
+                self.groups = [[0], list(range(1, self.num_tasks))]
+        return detached(losses)
+
+
+def test_sweep_and_a_grouped_method(tmp_path, monkeypatch):
+    monkeypatch.setitem(selgroup_fast.methods._REGISTRY, "selective", f"{__name__}:ToyGroupedUpdate")
+    args = [*TINY, "--methods", "gd,selective", "--tasks", "3", "--steps", "1", "--warmup", "2"]
+    assert main([*args, "--sweep-tasks", "2,3", "--out", str(tmp_path)]) == 0
     _assert_png(tmp_path / "sweep.png")
     record = json.loads((tmp_path / "results.json").read_text())
     assert [run["num_tasks"] for run in record["runs"]] == [2, 3]
+    gd, toy = record["runs"][1]["results"]
+    # built with warmup_steps = the bench's warm-up (2): the measured step uses 2 groups
+    assert toy["groups_mean"] == 2.0 and gd["groups_mean"] is None
+    assert toy["affinity_s"] > 0 and gd["affinity_s"] == 0.0
+    assert toy["ratio_to_gd"] == pytest.approx(toy["total_s"] / gd["total_s"])
     with (tmp_path / "results.csv").open() as handle:
-        assert [(row["method"], row["num_tasks"]) for row in csv.DictReader(handle)] == [("gd", "2"), ("gd", "3")]
+        assert [(row["method"], row["num_tasks"]) for row in csv.DictReader(handle)] == [
+            ("gd", "2"),
+            ("selective", "2"),
+            ("gd", "3"),
+            ("selective", "3"),
+        ]
     markdown = (tmp_path / "results.md").read_text()
-    assert "| method | K=2 | K=3 |" in markdown
+    assert "| method | K=2 | K=3 |" in markdown and "| selective | " in markdown
     assert "![sweep](sweep.png)" in (tmp_path / "README.md").read_text()
 
 
