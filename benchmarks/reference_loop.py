@@ -41,10 +41,10 @@ from typing import Any
 import torch
 from sklearn.cluster import AffinityPropagation
 
-from selgroup_fast.bench import MethodResult, run_method, synthetic_batch
+from selgroup_fast.bench import BenchConfig, MethodResult, run_method
 from selgroup_fast.bench.cli import add_run_arguments, describe, run_settings
 from selgroup_fast.bench.report import environment, markdown_table
-from selgroup_fast.bench.timing import warm_up_process
+from selgroup_fast.bench.timing import Workload, prepare_workload, warm_up_process
 from selgroup_fast.losses import ClosureOutput
 from selgroup_fast.methods import MultiTaskMethod
 from selgroup_fast.methods.base import detached
@@ -185,7 +185,7 @@ def create_reference(
     return ReferenceLoop(optimizer, num_tasks, **options)
 
 
-def run_library_half(tasks: list, config: Any, batch: Any) -> MethodResult:
+def run_library_half(workload: Workload, config: BenchConfig) -> MethodResult:
     """``SelectiveGroupUpdate`` with the reference's crediting, timed by the bench's loop."""
     from selgroup_fast import SelectiveGroupUpdate
 
@@ -195,7 +195,7 @@ def run_library_half(tasks: list, config: Any, batch: Any) -> MethodResult:
         return SelectiveGroupUpdate(optimizer, num_tasks, attribution="reference", **options)
 
     return run_method(
-        "SelectiveGroupUpdate", tasks, config, batch, create=create_library, options={"warmup_steps": config.warmup}
+        "SelectiveGroupUpdate", workload, config, create=create_library, options={"warmup_steps": config.warmup}
     )
 
 
@@ -256,17 +256,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     config, tasks = settings.config, settings.tasks
     print(f"reference_loop: {describe(settings)}", file=sys.stderr)
     random.seed(config.seed)
-    batch = synthetic_batch(tasks, config.batch_size, config.img_size, config.device, config.dtype, config.seed)
-    warm_up_process(tasks, config, batch)
+    workload = prepare_workload(tasks, config)
+    warm_up_process(workload, config)
     results = []
     if args.only in (None, "reference"):
         results.append(
             run_method(
-                "reference loop", tasks, config, batch, create=create_reference, options={"warmup_steps": config.warmup}
+                "reference loop", workload, config, create=create_reference, options={"warmup_steps": config.warmup}
             )
         )
     if args.only in (None, "library"):
-        results.append(run_library_half(tasks, config, batch))
+        results.append(run_library_half(workload, config))
 
     env = environment(config.device)
     machine, versions = env["machine"], env["versions"]

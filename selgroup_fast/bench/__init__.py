@@ -11,7 +11,7 @@ Python, ``main(["--methods", "gd", "--steps", "3", "--out", "results"])``.
 
 from .cli import main
 from .model import PRESETS, MultiTaskViT, SyntheticBatch, TaskSpec, parse_tasks, synthetic_batch, task_losses
-from .timing import BenchConfig, MethodResult, median_breakdown, run_method, run_suite
+from .timing import BenchConfig, MethodResult, Workload, median_breakdown, prepare_workload, run_method, run_suite
 
 __all__ = [
     "PRESETS",
@@ -20,9 +20,11 @@ __all__ = [
     "MultiTaskViT",
     "SyntheticBatch",
     "TaskSpec",
+    "Workload",
     "main",
     "median_breakdown",
     "parse_tasks",
+    "prepare_workload",
     "run_method",
     "run_suite",
     "synthetic_batch",

@@ -15,6 +15,7 @@ Honest timing rules:
 
 from __future__ import annotations
 
+import copy
 import ctypes
 import gc
 import os
@@ -193,17 +194,37 @@ class MethodFactory(Protocol):
     ) -> methods.MultiTaskMethod: ...
 
 
-def _build(
-    name: str, tasks: list[TaskSpec], config: BenchConfig, create: MethodFactory, options: dict[str, Any]
-) -> tuple[MultiTaskViT, methods.MultiTaskMethod]:
-    """The model (seeded) on the device and method ``name`` driving Adam over it, profiling on."""
+@dataclass
+class Workload:
+    """What every method trains on at one K: the initial model (kept on the CPU) and the batch."""
+
+    tasks: list[TaskSpec]
+    initial_model: MultiTaskViT
+    batch: SyntheticBatch
+
+
+def prepare_workload(tasks: list[TaskSpec], config: BenchConfig) -> Workload:
+    """The model built once from ``config.seed`` and the synthetic batch generated once on the device."""
     torch.manual_seed(config.seed)
-    model = MultiTaskViT(tasks, config.backbone, config.img_size, config.patch_size).to(config.device, config.dtype)
+    model = MultiTaskViT(tasks, config.backbone, config.img_size, config.patch_size)
+    batch = synthetic_batch(tasks, config.batch_size, config.img_size, config.device, config.dtype, config.seed)
+    return Workload(tasks, model, batch)
+
+
+def _build(
+    name: str, workload: Workload, config: BenchConfig, create: MethodFactory, options: dict[str, Any]
+) -> tuple[MultiTaskViT, methods.MultiTaskMethod]:
+    """A fresh copy of the initial model on the device and method ``name`` driving Adam over it, profiling on.
+
+    Copying the initial model (rather than building it again) gives every method the
+    same weights and skips timm's weight initialisation, seconds per method on a CPU.
+    """
+    model = copy.deepcopy(workload.initial_model).to(config.device, config.dtype)
     optimizer = torch.optim.Adam(model.parameters(), lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY)
     method = create(
         name,
         optimizer,
-        len(tasks),
+        len(workload.tasks),
         shared_params=model.shared_parameters(),
         profile=True,
         **method_options(name, config.warmup),
@@ -212,15 +233,15 @@ def _build(
     return model, method
 
 
-def warm_up_process(tasks: list[TaskSpec], config: BenchConfig, batch: SyntheticBatch) -> None:
-    """One untimed GD step on a throw-away model before any method is measured.
+def warm_up_process(workload: Workload, config: BenchConfig) -> None:
+    """One untimed GD step on a throw-away copy of the model before any method is measured.
 
     The first optimizer step of a process pays one-time costs (lazy imports, library
     and allocator initialisation) in time and memory; without this they would land
     on the first method's warm-up and, for memory, on its peak.
     """
-    model, method = _build("gd", tasks, config, methods.create, {})
-    method.step(lambda: task_losses(model(batch.images), batch.targets, tasks))
+    model, method = _build("gd", workload, config, methods.create, {})
+    method.step(lambda: task_losses(model(workload.batch.images), workload.batch.targets, workload.tasks))
     _synchronize(config.device)
 
 
@@ -231,17 +252,16 @@ def _synchronize(device: torch.device) -> None:
 
 def run_method(
     name: str,
-    tasks: list[TaskSpec],
+    workload: Workload,
     config: BenchConfig,
-    batch: SyntheticBatch,
     progress: Progress | None = None,
     create: MethodFactory = methods.create,
     options: dict[str, Any] | None = None,
 ) -> MethodResult:
     """Times ``config.steps`` steps of method ``name`` after ``config.warmup`` discarded ones.
 
-    The model is rebuilt from ``config.seed`` for every method, so all methods start
-    from the same weights and train on the same batch. ``progress`` advances by one
+    Every method starts from a copy of the workload's initial model and trains on its
+    batch. ``progress`` advances by one
     per step. ``create`` builds the method (``methods.create``, or a stand-in with its
     signature such as the reference loop of ``benchmarks/reference_loop.py``), with
     ``options`` added to the bench's own (:func:`method_options`).
@@ -252,7 +272,8 @@ def run_method(
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     with _PeakRSS() as rss:
-        model, method = _build(name, tasks, config, create, options or {})
+        model, method = _build(name, workload, config, create, options or {})
+        batch, tasks = workload.batch, workload.tasks
 
         def closure() -> list[torch.Tensor]:
             return task_losses(model(batch.images), batch.targets, tasks)
@@ -280,7 +301,7 @@ def run_method(
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else rss.peak_delta
     return MethodResult(
         method=name,
-        num_tasks=len(tasks),
+        num_tasks=len(workload.tasks),
         phases=phases,
         total=total,
         steps=config.steps,
@@ -304,18 +325,19 @@ def run_suite(
     config: BenchConfig,
     progress: Progress | None = None,
 ) -> Suite:
-    """Times every method at every task set (one synthetic batch per task set)."""
+    """Times every method at every task set (one workload per task set)."""
     progress = progress if progress is not None else NoProgress()
     suite = Suite(config=config, tasks={len(tasks): tasks for tasks in task_sets})
     for tasks in task_sets:
-        batch = synthetic_batch(tasks, config.batch_size, config.img_size, config.device, config.dtype, config.seed)
+        progress.set_description(f"K={len(tasks)} model")
+        workload = prepare_workload(tasks, config)
         if not suite.results:
             progress.set_description("process warm-up")
-            warm_up_process(tasks, config, batch)
+            warm_up_process(workload, config)
         results = []
         for name in method_names:
             progress.set_description(f"K={len(tasks)} {name}")
-            results.append(run_method(name, tasks, config, batch, progress))
+            results.append(run_method(name, workload, config, progress))
         set_ratios_to_gd(results)
         suite.results[len(tasks)] = results
     return suite
