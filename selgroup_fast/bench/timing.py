@@ -261,8 +261,7 @@ def run_method(
     """Times ``config.steps`` steps of method ``name`` after ``config.warmup`` discarded ones.
 
     Every method starts from a copy of the workload's initial model and trains on its
-    batch. ``progress`` advances by one
-    per step. ``create`` builds the method (``methods.create``, or a stand-in with its
+    batch. ``progress`` advances by one per step. ``create`` builds the method (``methods.create``, or a stand-in with its
     signature such as the reference loop of ``benchmarks/reference_loop.py``), with
     ``options`` added to the bench's own (:func:`method_options`).
     """
