@@ -137,13 +137,15 @@ class _PeakRSS:
     The CPU stand-in for ``torch.cuda.max_memory_allocated``: the peak RSS during the
     measured region minus the RSS at its start. Sampling every few milliseconds misses
     shorter spikes, and memory the allocator reuses from earlier methods does not show,
-    so it is a lower bound. ``peak_delta`` is ``None`` where ``/proc/self/statm`` is absent.
+    so it is a lower bound. ``peak_delta`` is ``None`` where ``/proc/self/statm`` is absent
+    or when disabled (on a GPU, where the sampling thread would only compete for the GIL).
     """
 
     _STATM = "/proc/self/statm"
     _INTERVAL_S = 0.002
 
-    def __init__(self) -> None:
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
         self._page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -159,7 +161,7 @@ class _PeakRSS:
             self._peak = max(self._peak, self._rss())
 
     def __enter__(self) -> _PeakRSS:
-        if os.path.exists(self._STATM):
+        if self.enabled and os.path.exists(self._STATM):
             self._start = self._peak = self._rss()
             self._thread = threading.Thread(target=self._sample, daemon=True)
             self._thread.start()
@@ -270,7 +272,7 @@ def run_method(
     _release_freed_memory(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    with _PeakRSS() as rss:
+    with _PeakRSS(enabled=device.type != "cuda") as rss:
         model, method = _build(name, workload, config, create, options or {})
         batch, tasks = workload.batch, workload.tasks
 
