@@ -1,0 +1,192 @@
+"""The benchmark's multi-task model: the paper's ViT encoder with one single-conv decoder per task.
+
+Jeong & Yoon (ICLR 2025), Appendix C / Table C.1: a ViT encoder shared by all tasks
+and, as each task's decoder, a single convolution producing a dense map. Here the
+encoder is a timm ViT built without pretrained weights (nothing is downloaded); the
+patch tokens are reshaped to the patch grid, each task's 1×1 convolution maps them
+to its output channels, and the map is upsampled bilinearly to the image size.
+Targets are synthetic (generated once on the device from a fixed seed); the losses
+are of the paper's kinds: cross-entropy for segmentation-like tasks, L1 for
+regression tasks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+TaskKind = Literal["segmentation", "regression"]
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """One dense prediction task: its name, loss kind and number of output channels.
+
+    For ``segmentation`` tasks ``channels`` is the number of classes (cross-entropy
+    against an integer label map); for ``regression`` tasks it is the number of
+    predicted channels (L1 against a real-valued map).
+    """
+
+    name: str
+    kind: TaskKind
+    channels: int
+
+
+# The task sets of the paper's benchmarks. Their kinds and channel counts follow the
+# datasets (NYUD-v2: 40 classes; PASCAL-Context: 21 classes, 7 human parts); the
+# Taskonomy tasks are all regressed with L1 as in the paper's Taskonomy setup.
+PRESETS: dict[str, tuple[TaskSpec, ...]] = {
+    "nyud": (
+        TaskSpec("semseg", "segmentation", 40),
+        TaskSpec("depth", "regression", 1),
+        TaskSpec("normals", "regression", 3),
+        TaskSpec("edge", "segmentation", 2),
+    ),
+    "pascal": (
+        TaskSpec("semseg", "segmentation", 21),
+        TaskSpec("human_parts", "segmentation", 7),
+        TaskSpec("sal", "segmentation", 2),
+        TaskSpec("normals", "regression", 3),
+        TaskSpec("edge", "segmentation", 2),
+    ),
+    "taskonomy": tuple(
+        TaskSpec(name, "regression", channels)
+        for name, channels in (
+            ("depth_euclidean", 1),
+            ("depth_zbuffer", 1),
+            ("edge_occlusion", 1),
+            ("edge_texture", 1),
+            ("keypoints2d", 1),
+            ("keypoints3d", 1),
+            ("normal", 3),
+            ("principal_curvature", 2),
+            ("reshading", 1),
+            ("segment_unsup2d", 1),
+            ("segment_unsup25d", 1),
+        )
+    ),
+}
+
+
+def generic_tasks(num_tasks: int) -> list[TaskSpec]:
+    """K tasks cycling through the NYUD kinds (semseg, depth, normals, edge, semseg_2, ...)."""
+    if num_tasks < 1:
+        raise ValueError(f"the number of tasks must be positive, got {num_tasks}")
+    base = PRESETS["nyud"]
+    specs = []
+    for k in range(num_tasks):
+        spec = base[k % len(base)]
+        cycle = k // len(base)
+        specs.append(TaskSpec(spec.name if cycle == 0 else f"{spec.name}_{cycle + 1}", spec.kind, spec.channels))
+    return specs
+
+
+def parse_tasks(text: str) -> list[TaskSpec]:
+    """The tasks named by ``--tasks``: a preset (``nyud``, ``pascal``, ``taskonomy``) or a number K."""
+    key = text.strip().lower()
+    if key in PRESETS:
+        return list(PRESETS[key])
+    try:
+        num_tasks = int(key)
+    except ValueError:
+        raise ValueError(f"--tasks must be a positive number or one of {', '.join(PRESETS)}, got {text!r}") from None
+    return generic_tasks(num_tasks)
+
+
+class MultiTaskViT(nn.Module):
+    """A timm ViT encoder shared by K tasks, each decoded by one 1×1 convolution.
+
+    ``forward(images)`` returns one dense map per task, ``[B, channels_k, H, W]``.
+
+    Example::
+
+        >>> import torch
+        >>> from selgroup_fast.bench import MultiTaskViT, parse_tasks
+        >>> model = MultiTaskViT(parse_tasks("nyud"), "vit_tiny_patch16_224", img_size=32, patch_size=8)
+        >>> [tuple(out.shape) for out in model(torch.randn(2, 3, 32, 32))]
+        [(2, 40, 32, 32), (2, 1, 32, 32), (2, 3, 32, 32), (2, 2, 32, 32)]
+    """
+
+    def __init__(self, tasks: list[TaskSpec], backbone: str, img_size: int, patch_size: int) -> None:
+        super().__init__()
+        import timm  # the bench extra; imported here so that the package imports without it
+
+        if img_size % patch_size != 0:
+            raise ValueError(f"the image size {img_size} must be a multiple of the patch size {patch_size}")
+        self.tasks = list(tasks)
+        self.img_size = img_size
+        self.encoder = timm.create_model(
+            backbone, pretrained=False, num_classes=0, img_size=img_size, patch_size=patch_size
+        )
+        self.grid = (img_size // patch_size, img_size // patch_size)
+        self.decoders = nn.ModuleList(nn.Conv2d(self.encoder.embed_dim, spec.channels, 1) for spec in self.tasks)
+
+    def shared_parameters(self) -> list[nn.Parameter]:
+        """The encoder's parameters (what gradient-manipulation methods operate on)."""
+        return list(self.encoder.parameters())
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """The encoder's patch tokens as a feature map ``[B, D, H/patch, W/patch]``."""
+        tokens = self.encoder.forward_features(images)
+        patches = tokens[:, getattr(self.encoder, "num_prefix_tokens", 0) :]
+        height, width = self.grid
+        if patches.shape[1] != height * width:
+            raise ValueError(
+                f"the backbone produced {patches.shape[1]} patch tokens, expected {height}×{width}: "
+                "use a plain ViT backbone"
+            )
+        return patches.transpose(1, 2).reshape(patches.shape[0], patches.shape[2], height, width)
+
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        fmap = self.features(images)
+        size = (self.img_size, self.img_size)
+        return [
+            F.interpolate(decoder(fmap), size=size, mode="bilinear", align_corners=False)
+            for decoder in self.decoders
+        ]
+
+
+@dataclass
+class SyntheticBatch:
+    """One fixed batch: images ``[B, 3, H, W]`` and one dense target per task."""
+
+    images: torch.Tensor
+    targets: list[torch.Tensor]
+
+
+def synthetic_batch(
+    tasks: list[TaskSpec],
+    batch_size: int,
+    img_size: int,
+    device: torch.device | str,
+    dtype: torch.dtype,
+    seed: int,
+) -> SyntheticBatch:
+    """Random images and targets generated on ``device`` from ``seed``.
+
+    Segmentation targets are integer label maps ``[B, H, W]`` in ``[0, classes)``;
+    regression targets are standard-normal maps ``[B, channels, H, W]``.
+    """
+    generator = torch.Generator(device=device).manual_seed(seed)
+    spatial = (batch_size, img_size, img_size)
+    images = torch.randn(batch_size, 3, img_size, img_size, generator=generator, device=device, dtype=dtype)
+    targets = []
+    for spec in tasks:
+        if spec.kind == "segmentation":
+            targets.append(torch.randint(0, spec.channels, spatial, generator=generator, device=device))
+        else:
+            shape = (batch_size, spec.channels, img_size, img_size)
+            targets.append(torch.randn(shape, generator=generator, device=device, dtype=dtype))
+    return SyntheticBatch(images, targets)
+
+
+def task_losses(outputs: list[torch.Tensor], targets: list[torch.Tensor], tasks: list[TaskSpec]) -> list[torch.Tensor]:
+    """The K scalar losses: cross-entropy for segmentation tasks, L1 for regression tasks."""
+    return [
+        F.cross_entropy(output, target) if spec.kind == "segmentation" else F.l1_loss(output, target)
+        for output, target, spec in zip(outputs, targets, tasks, strict=True)
+    ]

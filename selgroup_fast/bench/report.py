@@ -1,0 +1,246 @@
+"""The bench's reports: the terminal table, JSON, CSV, Markdown and a README-ready summary.
+
+The table has the columns of the paper's Table E.1 (forward, backprop, gradient
+manipulation, optimizer step, clustering + affinity update, total), each phase as
+median seconds and share of the median total, plus the time outside every phase
+(``other``), the ratio of the total to GD's, the selective method's average number
+of groups and the peak memory.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import json
+import os
+import platform
+import sys
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..profiling import PHASES
+from .timing import MethodResult, Suite
+
+#: Column titles of the phases, as the paper's Table E.1 names them.
+PHASE_TITLES: dict[str, str] = {
+    "forward": "forward",
+    "backward": "backprop",
+    "manipulation": "grad manipulation",
+    "optimizer": "optimizer step",
+    "affinity": "clustering + affinity",
+}
+
+MIB = 1024 * 1024
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo`` on Linux, else ``platform.processor()``)."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _version(distribution: str) -> str | None:
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    """Machine and versions, for the record of a run."""
+    from .. import __version__
+
+    return {
+        "machine": {
+            "cpu": cpu_model(),
+            "cpu_cores": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+            "platform": platform.platform(),
+        },
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "cuda": torch.version.cuda if device.type == "cuda" else None,
+            "timm": _version("timm"),
+            "selgroup_fast": __version__,
+        },
+    }
+
+
+def run_record(suite: Suite, command: str, breakdown_tasks: int, notes: list[str]) -> dict[str, Any]:
+    """The whole run as one JSON-ready dict (what ``results.json`` holds)."""
+    config = suite.config
+    return {
+        "command": command,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        **environment(config.device),
+        "config": {
+            "backbone": config.backbone,
+            "img_size": config.img_size,
+            "patch_size": config.patch_size,
+            "batch_size": config.batch_size,
+            "steps": config.steps,
+            "warmup": config.warmup,
+            "device": str(config.device),
+            "dtype": str(config.dtype).removeprefix("torch."),
+            "seed": config.seed,
+        },
+        "notes": notes,
+        "breakdown_num_tasks": breakdown_tasks,
+        "runs": [
+            {
+                "num_tasks": num_tasks,
+                "tasks": [spec.name for spec in suite.tasks[num_tasks]],
+                "results": [result_record(result) for result in results],
+            }
+            for num_tasks, results in sorted(suite.results.items())
+        ],
+    }
+
+
+def result_record(result: MethodResult) -> dict[str, Any]:
+    """One method's numbers as a flat JSON-ready dict (seconds, shares in [0, 1])."""
+    return {
+        "method": result.method,
+        "num_tasks": result.num_tasks,
+        "steps": result.steps,
+        **{f"{phase}_s": result.phases[phase] for phase in PHASES},
+        "other_s": result.other,
+        "total_s": result.total,
+        **{f"{phase}_share": share for phase, share in result.shares.items()},
+        "ratio_to_gd": result.ratio_to_gd,
+        "groups_mean": result.groups_mean,
+        "peak_memory_mib": None if result.peak_memory_bytes is None else result.peak_memory_bytes / MIB,
+    }
+
+
+def _cell(seconds: float, share: float) -> str:
+    return "–" if seconds == 0.0 else f"{seconds:.4f} ({100 * share:.1f} %)"
+
+
+def table_rows(results: list[MethodResult]) -> tuple[list[str], list[list[str]]]:
+    """The header and the rows of the Table E.1-shaped breakdown, as strings."""
+    header = ["method", *(PHASE_TITLES[phase] for phase in PHASES), "other", "total (s)", "× GD", "groups", "peak MiB"]
+    rows = []
+    for result in results:
+        shares = result.shares
+        rows.append(
+            [
+                result.method,
+                *(_cell(result.phases[phase], shares[phase]) for phase in PHASES),
+                f"{result.other:.4f}",
+                f"{result.total:.4f}",
+                "–" if result.ratio_to_gd is None else f"{result.ratio_to_gd:.2f}",
+                "–" if result.groups_mean is None else f"{result.groups_mean:.2f}",
+                "–" if result.peak_memory_bytes is None else f"{result.peak_memory_bytes / MIB:.0f}",
+            ]
+        )
+    return header, rows
+
+
+def sweep_rows(suite: Suite) -> tuple[list[str], list[list[str]]]:
+    """Median total seconds per batch: one row per method, one column per K."""
+    ks = sorted(suite.results)
+    header = ["method", *(f"K={k}" for k in ks)]
+    by_method: dict[str, dict[int, MethodResult]] = {}
+    for k in ks:
+        for result in suite.results[k]:
+            by_method.setdefault(result.method, {})[k] = result
+    rows = [
+        [name, *(f"{per_k[k].total:.4f}" if k in per_k else "–" for k in ks)] for name, per_k in by_method.items()
+    ]
+    return header, rows
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def text_table(header: list[str], rows: list[list[str]]) -> str:
+    """A fixed-width table for the terminal (first column left-aligned, the rest right)."""
+    widths = [max(len(line[i]) for line in [header, *rows]) for i in range(len(header))]
+
+    def render(line: list[str]) -> str:
+        return "  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(line, widths)))
+
+    return "\n".join([render(header), "  ".join("-" * w for w in widths), *(render(row) for row in rows)]) + "\n"
+
+
+def tables_markdown(suite: Suite, breakdown_tasks: int) -> str:
+    """The breakdown table at ``breakdown_tasks`` and, for a sweep, the time-per-batch table."""
+    text = f"### Per-batch breakdown, K = {breakdown_tasks}\n\n" + markdown_table(
+        *table_rows(suite.results[breakdown_tasks])
+    )
+    if len(suite.results) > 1:
+        text += "\n### Time per batch (s) against the number of tasks K\n\n" + markdown_table(*sweep_rows(suite))
+    return text
+
+
+def summary_markdown(record: dict[str, Any], tables: str, images: list[str]) -> str:
+    """A README-ready summary: what ran where, the tables, the charts."""
+    machine, versions, config = record["machine"], record["versions"], record["config"]
+    gpu = f", GPU {machine['gpu']}" if machine["gpu"] else ""
+    version_text = ", ".join(f"{name} {value}" for name, value in versions.items() if value is not None)
+    lines = [
+        "## selgroup-bench results",
+        "",
+        f"* Command: `{record['command']}`",
+        f"* Date: {record['date']}",
+        f"* Machine: {machine['cpu']} ({machine['cpu_cores']} cores, {machine['torch_threads']} torch threads){gpu}",
+        f"* Versions: {version_text}",
+        f"* Model: {config['backbone']} (random init), {config['img_size']} px images, patch {config['patch_size']}, "
+        f"batch {config['batch_size']}, {config['dtype']} on {config['device']}",
+        f"* Timing: medians over {config['steps']} steps after {config['warmup']} warm-up steps per method",
+        *(f"* {note}" for note in record["notes"]),
+        "",
+        tables,
+    ]
+    lines += [f"![{Path(image).stem}]({image})\n" for image in images]
+    return "\n".join(lines)
+
+
+def write_reports(
+    out_dir: Path, suite: Suite, command: str, breakdown_tasks: int, notes: list[str], images: list[str]
+) -> dict[str, Path]:
+    """Writes results.json, results.csv, results.md and README.md into ``out_dir``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    record = run_record(suite, command, breakdown_tasks, notes)
+    paths = {
+        "json": out_dir / "results.json",
+        "csv": out_dir / "results.csv",
+        "markdown": out_dir / "results.md",
+        "summary": out_dir / "README.md",
+    }
+    paths["json"].write_text(json.dumps(record, indent=2) + "\n")
+    rows = [result_record(result) for k in sorted(suite.results) for result in suite.results[k]]
+    with paths["csv"].open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    tables = tables_markdown(suite, breakdown_tasks)
+    paths["markdown"].write_text(tables)
+    paths["summary"].write_text(summary_markdown(record, tables, images))
+    return paths
+
+
+def print_table(suite: Suite, breakdown_tasks: int, notes: list[str], stream: Any = None) -> None:
+    """The breakdown (and sweep) tables on the terminal (stdout by default), with the notes under them."""
+    stream = stream if stream is not None else sys.stdout
+    stream.write(f"\nPer-batch breakdown, K = {breakdown_tasks} (median seconds, share of the total)\n\n")
+    stream.write(text_table(*table_rows(suite.results[breakdown_tasks])))
+    if len(suite.results) > 1:
+        stream.write("\nTime per batch (s) against the number of tasks K\n\n")
+        stream.write(text_table(*sweep_rows(suite)))
+    stream.write("\n" + "".join(f"* {note}\n" for note in notes))
