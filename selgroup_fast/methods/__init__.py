@@ -81,8 +81,12 @@ def create(
     return cls(optimizer, num_tasks, **options)
 
 
-def aggregate(name: str, jacobian: torch.Tensor, **options: Any) -> torch.Tensor:
-    """Combines a K×P matrix of task gradients into one P-vector, as method ``name`` does."""
+def aggregate(name: str, jacobian: torch.Tensor, /, **options: Any) -> torch.Tensor:
+    """Combines a K×P matrix of task gradients into one P-vector, as method ``name`` does.
+
+    ``name`` and ``jacobian`` are positional-only, so that ``options`` can hold every
+    option of ``create`` (including the ``jacobian=`` mode, which ``aggregate`` ignores).
+    """
     cls = _load(name)
     if not hasattr(cls, "aggregate"):
         raise ValueError(f"method {name!r} does not combine gradients (it is not gradient-based)")

@@ -78,7 +78,7 @@ class GradDrop(GradientMethod):
         self.offset = 0
 
     @classmethod
-    def aggregate(cls, jacobian: torch.Tensor, *, leak: Leak = None, seed: int = 0, offset: int = 0, **options: Any) -> torch.Tensor:
+    def aggregate(cls, jacobian: torch.Tensor, /, *, leak: Leak = None, seed: int = 0, offset: int = 0, **options: Any) -> torch.Tensor:
         """The GradDrop direction of a K×P matrix (random draw keyed by ``seed`` and ``offset``)."""
         jacobian = check_jacobian(jacobian)
         unknown = set(options) - STEP_ONLY_OPTIONS

@@ -142,7 +142,7 @@ class WeightingMethod(GradientMethod):
         """The K task weights of this step, with the instance's options and state."""
 
     @classmethod
-    def aggregate(cls, jacobian: torch.Tensor, **options: Any) -> torch.Tensor:
+    def aggregate(cls, jacobian: torch.Tensor, /, **options: Any) -> torch.Tensor:
         """Combines a K×P matrix of task gradients into the method's P-vector ``wᵀJ``."""
         jacobian = check_jacobian(jacobian)
         method_options = {k: v for k, v in options.items() if k not in STEP_ONLY_OPTIONS}
@@ -151,5 +151,5 @@ class WeightingMethod(GradientMethod):
 
     def _combine(self, jacobian: torch.Tensor, out: torch.Tensor) -> Optional[torch.Tensor]:
         weights = self._weights(gram(jacobian)).to(jacobian.dtype)
-        torch.matmul(weights, jacobian, out=out)
+        torch.mv(jacobian.T, weights, out=out)
         return weights if self.weights_task_params else None
