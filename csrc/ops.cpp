@@ -42,7 +42,7 @@ TORCH_LIBRARY(selgroup_fast, m) {
   m.def("cagrad_weights(Tensor gram, float c=0.4, int rescale=1, int max_iter=1000, float tol=1e-10) -> Tensor");
   m.def("imtl_weights(Tensor gram) -> Tensor");
   m.def("aligned_mtl_weights(Tensor gram) -> Tensor");
-  m.def("nash_mtl_weights(Tensor gram, Tensor alpha_init, int max_iter=50, float tol=1e-12) -> Tensor");
+  m.def("nash_mtl_weights(Tensor gram, Tensor alpha_init, int max_iter=50, float tol=1e-16) -> Tensor");
   // GradDrop: K×P task gradients -> the update d[P], one fused pass.
   m.def("graddrop(Tensor jacobian, Tensor leak, int seed, int offset) -> Tensor");
 }

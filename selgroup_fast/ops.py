@@ -121,14 +121,14 @@ def aligned_mtl_weights(gram: torch.Tensor) -> torch.Tensor:
 
 
 def nash_mtl_weights(
-    gram: torch.Tensor, alpha_init: torch.Tensor, max_iter: int = 50, tol: float = 1e-12
+    gram: torch.Tensor, alpha_init: torch.Tensor, max_iter: int = 50, tol: float = 1e-16
 ) -> torch.Tensor:
     """Nash-MTL (Navon et al., "Multi-Task Learning as a Bargaining Game", ICML 2022).
 
     The bargaining solution α > 0 of ``G·α = 1/α`` (elementwise), the minimiser of
     ``½·αᵀ·G·α − Σ log α``, by damped Newton from ``alpha_init`` (the previous α,
     the authors' warm start; rescaled along its ray first; non-positive entries
-    replaced by 1) until half the squared Newton decrement is below tol. A singular
+    replaced by 1) until half the squared Newton decrement of the last step is below tol. A singular
     G can have no solution: α then grows for max_iter steps and stays positive and
     finite (the methods side clips d with max_norm, as the authors do).
 
@@ -166,7 +166,7 @@ torch.library.register_fake("selgroup_fast::cagrad_weights")(
 torch.library.register_fake("selgroup_fast::imtl_weights")(lambda gram: _weights_like_gram(gram))
 torch.library.register_fake("selgroup_fast::aligned_mtl_weights")(lambda gram: _weights_like_gram(gram))
 torch.library.register_fake("selgroup_fast::nash_mtl_weights")(
-    lambda gram, alpha_init, max_iter=50, tol=1e-12: _weights_like_gram(gram)
+    lambda gram, alpha_init, max_iter=50, tol=1e-16: _weights_like_gram(gram)
 )
 torch.library.register_fake("selgroup_fast::graddrop")(
     lambda jacobian, leak, seed, offset: jacobian.new_empty(jacobian.shape[1:])
