@@ -10,7 +10,7 @@ the authors work on J, independently of the kernels' formulation through G = J·
 - IMTL-G: the authors' closed form on J with numpy.linalg.solve.
 - Aligned-MTL: the authors' ProcrustesSolver with numpy.linalg.eigh.
 - Nash-MTL: scipy.optimize.root on G·α = 1/α (the fixed point the authors' cvxpy
-  loop approaches), in log-coordinates so that α stays positive.
+  loop approaches).
 - GradDrop: a readable torch version (Chen et al. 2020), with the uniforms drawn by
   a NumPy SplitMix64 of (seed, offset, column).
 """
@@ -137,24 +137,23 @@ def aligned_mtl_weights(jacobian: np.ndarray) -> np.ndarray:
 
 
 def nash_mtl_weights(gram: np.ndarray) -> np.ndarray:
-    """α > 0 with G·α = 1/α, by scipy root-finding on α ⊙ G·α − 1 in log-coordinates."""
+    """α > 0 with G·α = 1/α, by scipy root-finding (Powell's hybrid method) on G·α − 1/α."""
     gram = gram.astype(np.float64)
     K = gram.shape[0]
 
-    def residual(log_alpha: np.ndarray) -> np.ndarray:
-        alpha = np.exp(log_alpha)
-        return alpha * (gram @ alpha) - 1.0
+    def residual(alpha: np.ndarray) -> np.ndarray:
+        return gram @ alpha - 1.0 / alpha
 
-    def jacobian(log_alpha: np.ndarray) -> np.ndarray:  # ∂/∂log α_j of α_i·(G·α)_i
-        alpha = np.exp(log_alpha)
-        return np.diag(alpha * (gram @ alpha)) + alpha[:, None] * gram * alpha[None, :]
+    def jacobian(alpha: np.ndarray) -> np.ndarray:
+        return gram + np.diag(1.0 / alpha**2)
 
-    start = np.full(K, 0.5 * np.log(K / gram.sum()))  # the best multiple of 1
-    solution = scipy.optimize.root(residual, start, jac=jacobian, method="lm", tol=1e-14)
-    # The solver may report that it cannot improve further once at machine
-    # precision: judge the answer by its residual instead of the flag.
-    assert np.abs(residual(solution.x)).max() < 1e-9, solution.message
-    return np.exp(solution.x)
+    start = np.full(K, np.sqrt(K / gram.sum()))  # the best multiple of 1
+    solution = scipy.optimize.root(residual, start, jac=jacobian, method="hybr", tol=1e-14)
+    # hybr may report that it cannot improve further once at machine precision:
+    # judge the answer by its residual instead of the flag.
+    alpha = solution.x
+    assert np.all(alpha > 0) and np.abs(residual(alpha) * alpha).max() < 1e-9, solution.message
+    return alpha
 
 
 _MASK64 = (1 << 64) - 1
