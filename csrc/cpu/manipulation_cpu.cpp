@@ -4,6 +4,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <vector>
 
 #include "../manipulation/bindings.h"
@@ -90,8 +91,10 @@ at::Tensor nash_mtl_weights_cpu(const at::Tensor& gram_in, const at::Tensor& alp
 }
 
 // Columns are independent: split them over the CPU threads, at least this many
-// columns per thread so that small matrices stay on one thread.
-constexpr int64_t kGradDropGrain = 2048;
+// columns per thread so that small matrices stay on one thread, and walk each
+// thread's columns in chunks that keep the two scratch rows in L1.
+constexpr int64_t kGradDropGrain = 8192;
+constexpr int64_t kGradDropChunk = 512;
 
 at::Tensor graddrop_cpu(const at::Tensor& jacobian_in, const at::Tensor& leak_in, int64_t seed, int64_t offset) {
   const int64_t K = check_graddrop(jacobian_in, leak_in);
@@ -103,7 +106,9 @@ at::Tensor graddrop_cpu(const at::Tensor& jacobian_in, const at::Tensor& leak_in
     const scalar_t* l = leak.const_data_ptr<scalar_t>();
     scalar_t* d = update.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, P, kGradDropGrain, [&](int64_t begin, int64_t end) {
-      for (int64_t p = begin; p < end; ++p) d[p] = graddrop_column(J, l, K, P, p, seed, offset);
+      scalar_t sums[kGradDropChunk], signs[kGradDropChunk];
+      for (int64_t chunk = begin; chunk < end; chunk += kGradDropChunk)
+        graddrop_columns(J, l, K, P, chunk, std::min(kGradDropChunk, end - chunk), seed, offset, d, sums, signs);
     });
   });
   return update;

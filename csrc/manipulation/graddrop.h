@@ -37,27 +37,51 @@ SELGROUP_HD_INLINE double graddrop_uniform(int64_t seed, int64_t offset, int64_t
   return static_cast<double>(h >> 11) * (1.0 / 9007199254740992.0);  // 2⁻⁵³
 }
 
-// d_p for one column p of the row-major K×P matrix J. Sequential over k in a
-// fixed order, so the CPU and CUDA sums are the same sums.
+// d_p for the columns p in [begin, begin + n) of the row-major K×P matrix J, into
+// update[begin, begin + n). `sums` and `signs` are scratch of n scalars each. The
+// loops run over the task rows outermost, so that on the CPU a chunk of columns
+// is read row by row (contiguous, vectorisable); the CUDA kernel calls it with
+// n = 1 per thread (the scratch then lives in registers). Either way each column
+// is summed sequentially over k in the same order: the CPU and CUDA sums are the
+// same sums.
 template <typename scalar_t>
-SELGROUP_HD_INLINE scalar_t graddrop_column(const scalar_t* jacobian, const scalar_t* leak, int64_t K, int64_t P,
-                                            int64_t column, int64_t seed, int64_t offset) {
-  scalar_t sum = 0, sum_abs = 0;
+SELGROUP_HD_INLINE void graddrop_columns(const scalar_t* __restrict__ jacobian, const scalar_t* __restrict__ leak,
+                                         int64_t K, int64_t P, int64_t begin, int64_t n, int64_t seed, int64_t offset,
+                                         scalar_t* __restrict__ update, scalar_t* __restrict__ sums,
+                                         scalar_t* __restrict__ signs) {
+  for (int64_t i = 0; i < n; ++i) sums[i] = signs[i] = 0;
   for (int64_t k = 0; k < K; ++k) {
-    const scalar_t g = jacobian[k * P + column];
-    sum += g;
-    sum_abs += g < 0 ? -g : g;
+    const scalar_t* row = jacobian + k * P + begin;
+    for (int64_t i = 0; i < n; ++i) {
+      const scalar_t g = row[i];
+      sums[i] += g;
+      signs[i] += fabs(g);  // Σ|g| for now
+    }
   }
-  if (!isfinite(static_cast<double>(sum_abs))) return static_cast<scalar_t>(NAN);
-  const double purity = sum_abs > 0 ? 0.5 * (1.0 + static_cast<double>(sum) / static_cast<double>(sum_abs)) : 0.5;
-  const bool keep_positive = graddrop_uniform(seed, offset, column) < purity;
-  scalar_t update = 0;
+  // The sign each column keeps: +1, −1, or NaN for a non-finite column.
+  for (int64_t i = 0; i < n; ++i) {
+    const scalar_t sum_abs = signs[i];
+    const double purity = sum_abs > 0 ? 0.5 * (1.0 + static_cast<double>(sums[i]) / static_cast<double>(sum_abs)) : 0.5;
+    // ±1 by integer arithmetic: a branch on this coin flip would be mispredicted.
+    const int keep_positive = graddrop_uniform(seed, offset, begin + i) < purity;
+    const scalar_t sign = static_cast<scalar_t>(2 * keep_positive - 1);
+    signs[i] = isfinite(static_cast<double>(sum_abs)) ? sign : static_cast<scalar_t>(NAN);
+    sums[i] = 0;
+  }
   for (int64_t k = 0; k < K; ++k) {
-    const scalar_t g = jacobian[k * P + column];
-    const bool kept = keep_positive ? g > 0 : g < 0;
-    update += kept ? g : leak[k] * g;
+    const scalar_t* row = jacobian + k * P + begin;
+    const scalar_t leak_k = leak[k];
+    for (int64_t i = 0; i < n; ++i) {
+      const scalar_t g = row[i], sign = signs[i];
+      // Branch-free (the signs are random, a branch would be mispredicted half the
+      // time): with sign = ±1, kept = sign·max(sign·g, 0) is g where g has the kept
+      // sign and 0 elsewhere, exactly; g − kept is the dropped part.
+      const scalar_t signed_g = sign * g;
+      const scalar_t kept = sign * (signed_g > 0 ? signed_g : static_cast<scalar_t>(0));
+      sums[i] += kept + leak_k * (g - kept);
+    }
   }
-  return update;
+  for (int64_t i = 0; i < n; ++i) update[begin + i] = signs[i] == signs[i] ? sums[i] : signs[i];  // NaN: not equal
 }
 
 }  // namespace manipulation
