@@ -496,3 +496,12 @@ def test_gradient_methods_are_gradient_methods():
     for name in GRADIENT_METHODS:
         assert issubclass(selgroup_fast.methods._load(name), GradientMethod)
         assert selgroup_fast.methods._load(name).uses_shared_params
+
+
+@pytest.mark.parametrize("name", GRADIENT_METHODS)
+def test_a_single_task_steps_along_its_own_gradient(name):
+    model, closure = make_problem(num_tasks=1)
+    method = build(name, model, lr=0.0, **({"max_norm": 0.0} if name == "nash_mtl" else {}))
+    reference, _ = jacobian_reference(model, closure)
+    method.step(closure)
+    torch.testing.assert_close(shared_grad(model), reference[0], rtol=1e-9, atol=1e-12)

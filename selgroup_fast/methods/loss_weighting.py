@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 
 from ..losses import ClosureOutput
-from .base import MultiTaskMethod, detached
+from .base import MultiTaskMethod
 
 
 class LossWeightingMethod(MultiTaskMethod):
@@ -47,4 +47,4 @@ class LossWeightingMethod(MultiTaskMethod):
         with self._timer.phase("optimizer"):
             self.optimizer.step()
         self._after_step(losses.detach(), closure)
-        return detached(list(losses.unbind(0)))
+        return losses.detach()
