@@ -14,7 +14,8 @@
 // Solver: accelerated projected gradient (FISTA, Beck & Teboulle 2009) with a
 // backtracking estimate of the local Lipschitz constant and a restart whenever
 // the objective goes up (O'Donoghue & Candès 2015), from x = b; it stops when
-// ‖x_new − x‖₁ < tol or after max_iter steps. f is convex (a linear term plus a
+// ‖x_new − x‖₁ < tol, when even a plain gradient step from x no longer lowers f
+// (f's rounding floor), or after max_iter steps. f is convex (a linear term plus a
 // norm), so this reaches the optimum, to tol, where SLSQP stops at its ftol.
 #pragma once
 
@@ -105,14 +106,18 @@ struct CAGradWeights {
         if (f_z <= f_y + linear + 0.5 * lipschitz * squared) break;
         lipschitz *= 2.0;
       }
-      if (f_z > f_x) {  // the momentum overshot: restart from x
+      double change = 0.0;
+      for (int i = 0; i < K; ++i) change += fabs(z[i] - x[i]);
+      if (f_z > f_x) {
+        // The momentum overshot: restart from x. If the step already came from x
+        // (momentum 1), f cannot decrease further in floating point: x is the answer.
+        if (change < tol || momentum == 1.0) break;
         momentum = 1.0;
+        team.sync();  // everyone has read z and x
         for (int i = team.rank(); i < K; i += team.size()) y[i] = x[i];
         team.sync();
         continue;
       }
-      double change = 0.0;
-      for (int i = 0; i < K; ++i) change += fabs(z[i] - x[i]);
       const double next_momentum = 0.5 * (1.0 + sqrt(1.0 + 4.0 * momentum * momentum));
       const double extrapolation = (momentum - 1.0) / next_momentum;
       team.sync();  // everyone has read x before it moves
