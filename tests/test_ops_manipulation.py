@@ -476,6 +476,22 @@ def test_bad_input_is_rejected():
         ops.graddrop(torch.ones(5), torch.zeros(1), 0, 0)
 
 
+def test_non_contiguous_inputs(dtype):
+    J = _random_jacobian(4, 0)
+    G = _gram(J, dtype)
+    strided = torch.zeros(8, 8, dtype=dtype)
+    strided[::2, ::2] = G
+    strided = strided[::2, ::2]
+    assert not strided.is_contiguous()
+    for name in WEIGHT_OPS:
+        torch.testing.assert_close(_weights(name, strided), _weights(name, G), rtol=0, atol=0, msg=name)
+    jacobian = torch.from_numpy(J).to(dtype)
+    transposed = jacobian.t().contiguous().t()
+    assert not transposed.is_contiguous()
+    leak = torch.full((4,), 0.25, dtype=dtype)
+    assert torch.equal(ops.graddrop(transposed, leak, 1, 2), ops.graddrop(jacobian, leak, 1, 2))
+
+
 def test_order_out_of_range_is_skipped():
     # Entries outside [0, K) are ignored (checking them would synchronise on CUDA).
     J = np.array([[1.0, 0.0], [-1.0, 1.0]])
@@ -523,8 +539,11 @@ def test_cuda_matches_cpu(K, dtype):
     for seed in SEEDS:
         G = _gram(_random_jacobian(K, seed), dtype)
         for name in WEIGHT_OPS:
+            # Same code on both (csrc/manipulation), but nvcc contracts a·b + c into fused multiply-adds
+            # where the host compiler does not: the iterates differ by rounding, which the stopping rules
+            # (MGDA's ‖Δw‖₁ < 1e-5, CAGrad's ‖Δx‖₁ < 1e-10) can turn into a step more or less.
             torch.testing.assert_close(_weights(name, G.cuda(), seed).cpu(), _weights(name, G, seed),
-                                       rtol=1e-6 if dtype == torch.float32 else 1e-10, atol=1e-7, msg=name)
+                                       rtol=1e-5, atol=1e-6, msg=name)
         J = torch.randn(K, 10007, dtype=dtype, generator=torch.Generator().manual_seed(seed))
         leak = torch.full((K,), 0.1, dtype=dtype)
         torch.testing.assert_close(ops.graddrop(J.cuda(), leak.cuda(), seed, 5).cpu(), ops.graddrop(J, leak, seed, 5))
