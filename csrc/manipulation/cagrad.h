@@ -77,6 +77,7 @@ struct CAGradWeights {
     };
     matvec(team, G, x, Gv, K);
     double f_x = objective(x);
+    team.sync();  // everyone has read Gv before the loop rewrites it
     double momentum = 1.0;
     double lipschitz = fmax(max_diagonal * (1.0 + radius / sqrt(fmax(mean_gram, 0.0) + kEpsilon)), 1e-300);
 
