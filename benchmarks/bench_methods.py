@@ -6,10 +6,10 @@ single-conv heads (1×1 conv, one output channel) on the grid of patch tokens, e
 with its own MSE target. Every method starts from the same weights and batch, runs
 ``--warmup`` steps, then ``--steps`` timed steps (wall clock); the table reports the
 median ms/step and the ratio TorchJD / ours (> 1: ours is faster). The two
-libraries' runs of one method are interleaved, so that a load change on a shared
-machine hits both. The section "Jacobian" times ``TaskJacobian.compute`` alone
-(forward + per-task gradients of the shared parameters) in both modes; the faster
-one is the default of ``jacobian=``.
+libraries' steps of one method are interleaved one by one, so that a load change
+on a shared machine hits both alike. The section "Jacobian" times ``TaskJacobian.compute`` alone
+(forward + per-task gradients of the shared parameters) in both modes, with
+``--threads`` and with all cores.
 
 TorchJD is driven as its documentation says: ``mtl_backward(losses, features=...)``
 then ``jac_to_grad(shared_params, aggregator)`` for the aggregators, and its
@@ -70,15 +70,22 @@ class MultiTaskViT(torch.nn.Module):
         return [torch.nn.functional.mse_loss(head(grid), targets[:, k : k + 1]) for k, head in enumerate(self.heads)]
 
 
-def median_ms(step: Callable[[], object], warmup: int, steps: int) -> float:
+def median_ms(*steps_to_time: Optional[Callable[[], object]], warmup: int, steps: int) -> list[Optional[float]]:
+    """Median ms/step of each step function, their steps interleaved (a, b, a, b, ...).
+
+    Interleaving step by step puts every load change of a shared machine on all of them alike.
+    """
+    runnable = [step for step in steps_to_time if step is not None]
     for _ in range(warmup):
-        step()
-    times = []
+        for step in runnable:
+            step()
+    times: dict[int, list[float]] = {id(step): [] for step in runnable}
     for _ in range(steps):
-        begin = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - begin)
-    return 1000.0 * statistics.median(times)
+        for step in runnable:
+            begin = time.perf_counter()
+            step()
+            times[id(step)].append(time.perf_counter() - begin)
+    return [None if step is None else 1000.0 * statistics.median(times[id(step)]) for step in steps_to_time]
 
 
 def ours_step(name: str, model: MultiTaskViT, images: torch.Tensor, targets: torch.Tensor, lr: float, window: int) -> Callable[[], object]:
@@ -147,9 +154,9 @@ def torchjd_step(name: str, model: MultiTaskViT, images: torch.Tensor, targets: 
     return step
 
 
-def jacobian_ms(model: MultiTaskViT, images: torch.Tensor, targets: torch.Tensor, mode: str, warmup: int, steps: int) -> float:
+def jacobian_step(model: MultiTaskViT, images: torch.Tensor, targets: torch.Tensor, mode: str) -> Callable[[], object]:
     jac = TaskJacobian(model.encoder.parameters(), len(model.heads), mode=mode)
-    return median_ms(lambda: jac.compute(model.losses(model.features(images), targets)), warmup, steps)
+    return lambda: jac.compute(model.losses(model.features(images), targets))
 
 
 def run(args: argparse.Namespace) -> str:
@@ -171,7 +178,8 @@ def run(args: argparse.Namespace) -> str:
         f"- command: `python {' '.join(sys.argv)}`",
         f"- model: timm vit_tiny_patch16_224 (random weights) at {args.img_size}×{args.img_size}, patch {args.patch_size}, "
         f"batch {args.batch}, K single 1×1-conv heads on the patch tokens, MSE; SGD lr {args.lr}",
-        f"- timing: {args.warmup} warm-up steps, median of {args.steps} steps (ms/step); ratio = TorchJD / ours (> 1: ours faster)",
+        f"- timing: {args.warmup} warm-up steps, then the median of {args.steps} steps (ms/step), the two libraries' steps "
+        "interleaved one by one; ratio = TorchJD / ours (> 1: ours faster)",
         "",
     ]
     lines += header
@@ -181,24 +189,34 @@ def run(args: argparse.Namespace) -> str:
         targets = torch.randn(args.batch, num_tasks, template.grid, template.grid)
         lines += [f"## K = {num_tasks}", "", "| method | ours (ms/step) | TorchJD (ms/step) | ratio |", "|---|---:|---:|---:|"]
         for name in args.methods:
-            ours = median_ms(ours_step(name, copy.deepcopy(template), images, targets, args.lr, args.dwa_window), args.warmup, args.steps)
-            theirs_step = torchjd_step(name, copy.deepcopy(template), images, targets, args.lr, args.dwa_window)
-            if theirs_step is None:
+            ours, theirs = median_ms(
+                ours_step(name, copy.deepcopy(template), images, targets, args.lr, args.dwa_window),
+                torchjd_step(name, copy.deepcopy(template), images, targets, args.lr, args.dwa_window),
+                warmup=args.warmup,
+                steps=args.steps,
+            )
+            if theirs is None:
                 lines.append(f"| {name} | {ours:.1f} | — | — |")
             else:
-                theirs = median_ms(theirs_step, args.warmup, args.steps)
                 lines.append(f"| {name} | {ours:.1f} | {theirs:.1f} | {theirs / ours:.2f} |")
             print(lines[-1], flush=True)
         model = copy.deepcopy(template)
-        batched = jacobian_ms(model, images, targets, "batched", args.warmup, args.steps)
-        loop = jacobian_ms(model, images, targets, "loop", args.warmup, args.steps)
-        lines += [
-            "",
-            f"Jacobian (forward + per-task gradients of the {sum(p.numel() for p in model.encoder.parameters()):,} shared "
-            f"parameters): batched {batched:.1f} ms, loop {loop:.1f} ms (loop / batched = {loop / batched:.2f}).",
-            "",
-        ]
-        print(lines[-2], flush=True)
+        shared = sum(p.numel() for p in model.encoder.parameters())
+        lines += ["", f"Jacobian alone (forward + per-task gradients of the {shared:,} shared parameters), `jacobian=`:", ""]
+        for threads in sorted({args.threads, os.cpu_count() or 1}):
+            torch.set_num_threads(threads)
+            batched, loop = median_ms(
+                jacobian_step(model, images, targets, "batched"),
+                jacobian_step(model, images, targets, "loop"),
+                warmup=args.warmup,
+                steps=args.steps,
+            )
+            lines.append(
+                f"- {threads} thread(s): batched {batched:.1f} ms, loop {loop:.1f} ms (loop / batched = {loop / batched:.2f})"
+            )
+            print(lines[-1], flush=True)
+        torch.set_num_threads(args.threads)
+        lines.append("")
     return "\n".join(lines) + "\n"
 
 

@@ -45,7 +45,7 @@ class FAMO(LossWeightingMethod):
         >>> famo = selgroup_fast.methods.create("famo", torch.optim.SGD(model.parameters(), lr=0.1), 2)
         >>> x = torch.randn(8, 4)
         >>> losses = famo.step(lambda: list(model(x).pow(2).mean(0)))
-        >>> float(famo.weights.sum())
+        >>> round(float(famo.weights.sum()), 6)   # softmax weights
         1.0
     """
 
