@@ -155,9 +155,10 @@ def test_a_step_writes_aggregate_into_the_shared_grads_and_the_own_task_gradient
     expected = aggregate(name, reference_jacobian, **seeds)
     torch.testing.assert_close(shared_grad(model), expected, rtol=1e-9, atol=1e-12)
     gram = reference_jacobian @ reference_jacobian.T
-    if name in WEIGHTED_HEADS:
-        cls = type(method)
-        weights = selgroup_fast.ops.nash_mtl_weights(gram, torch.ones(K, dtype=gram.dtype)) if name == "nash_mtl" else cls.gram_weights(gram)
+    if name == "nash_mtl":  # the heads get α unclipped (the authors clip the shared gradient only)
+        weights = selgroup_fast.ops.nash_mtl_weights(gram, torch.ones(K, dtype=gram.dtype))
+    elif name in WEIGHTED_HEADS:
+        weights = type(method).gram_weights(gram)
     else:
         weights = torch.ones(K, dtype=torch.float64)
     for k, head in enumerate(model.heads):

@@ -24,8 +24,8 @@ class AlignedMTL(WeightingMethod):
     Convention: the authors' (equal preferences, scaling by the smallest singular
     value of the task-gradient matrix); the heads get ``∇ Σ_k L_k``.
 
-    Options: ``jacobian``. Cost per step: 1 forward, K backwards (1 vmapped with
-    ``jacobian="batched"``) + 1 for the heads, 1 optimizer step.
+    Options: ``jacobian``. Cost per step: 1 forward, 1 vmapped backward (K with
+    ``jacobian="loop"``) + 1 for the heads, 1 optimizer step.
 
     Example::
 

@@ -28,8 +28,8 @@ class CAGrad(WeightingMethod):
     vector. The heads get ``∇ Σ_k L_k``.
 
     Options (the authors' names and defaults): ``c=0.4``, ``rescale=1``, and
-    ``jacobian``. Cost per step: 1 forward, K backwards (1 vmapped with
-    ``jacobian="batched"``) + 1 for the heads, 1 optimizer step.
+    ``jacobian``. Cost per step: 1 forward, 1 vmapped backward (K with
+    ``jacobian="loop"``) + 1 for the heads, 1 optimizer step.
 
     Example::
 
@@ -49,7 +49,7 @@ class CAGrad(WeightingMethod):
         shared_params: SharedParams,
         c: float = 0.4,
         rescale: int = 1,
-        jacobian: JacobianMode = "loop",
+        jacobian: JacobianMode = "batched",
         profile: bool = False,
     ) -> None:
         super().__init__(optimizer, num_tasks, shared_params=shared_params, jacobian=jacobian, profile=profile)

@@ -48,7 +48,7 @@ class GradDrop(GradientMethod):
 
     Options: ``leak=0.0`` (a float or K floats), ``seed`` (default: drawn from torch's
     global RNG), ``jacobian``. State: ``seed`` and ``offset``.
-    Cost per step: 1 forward, K backwards (1 vmapped with ``jacobian="batched"``) + 1 for
+    Cost per step: 1 forward, 1 vmapped backward (K with ``jacobian="loop"``) + 1 for
     the heads, 1 optimizer step.
 
     Example::
@@ -69,7 +69,7 @@ class GradDrop(GradientMethod):
         shared_params: SharedParams,
         leak: Leak = None,
         seed: Optional[int] = None,
-        jacobian: JacobianMode = "loop",
+        jacobian: JacobianMode = "batched",
         profile: bool = False,
     ) -> None:
         super().__init__(optimizer, num_tasks, shared_params=shared_params, jacobian=jacobian, profile=profile)

@@ -8,7 +8,7 @@ fused ops of :mod:`selgroup_fast.ops`. One step (:meth:`GradientMethod.step`):
 
 1. ``forward``: the closure, K losses;
 2. ``backward``: ``J`` into a preallocated K×P buffer (:class:`TaskJacobian`,
-   ``jacobian="loop"`` (default) or ``"batched"``);
+   ``jacobian="batched"`` (default) or ``"loop"``);
 3. ``manipulation``: ``G = J Jᵀ``, ``w = op(G)``, ``d = wᵀJ`` written straight into
    the flat buffer whose slices are the shared parameters' ``.grad``;
 4. ``backward``: the task-specific parameters (every optimizer parameter that is
@@ -71,7 +71,7 @@ class GradientMethod(MultiTaskMethod):
         num_tasks: int,
         *,
         shared_params: SharedParams,
-        jacobian: JacobianMode = "loop",
+        jacobian: JacobianMode = "batched",
         profile: bool = False,
     ) -> None:
         super().__init__(optimizer, num_tasks, profile=profile)

@@ -23,8 +23,8 @@ class IMTL(WeightingMethod):
     Nash-MTL benchmark code). As there, the training loss is ``Σ_k α_k L_k``, so the
     heads get ``α_k ∇L_k``.
 
-    Options: ``jacobian``. Cost per step: 1 forward, K backwards (1 vmapped with
-    ``jacobian="batched"``) + 1 for the heads, 1 optimizer step.
+    Options: ``jacobian``. Cost per step: 1 forward, 1 vmapped backward (K with
+    ``jacobian="loop"``) + 1 for the heads, 1 optimizer step.
 
     Example::
 

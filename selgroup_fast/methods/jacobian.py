@@ -5,19 +5,20 @@ gradient of task k's loss with respect to the P shared parameters (flattened in
 the order the parameters were given). :class:`TaskJacobian` computes it with
 either
 
-* ``"loop"`` (the default): K ordinary backwards, one task at a time (what the
-  authors' reference implementations do); or
-* ``"batched"``: ONE vectorised backward,
+* ``"batched"`` (the default): ONE vectorised backward,
   ``torch.autograd.grad(losses, shared, grad_outputs=eye(K), is_grads_batched=True)``,
   which runs the backward graph once under ``torch.vmap`` with a batch of K unit
-  cotangents.
+  cotangents; or
+* ``"loop"``: K ordinary backwards, one task at a time (what the authors'
+  reference implementations do; also the fallback for layers without vmap support).
 
-Measured on this project's CPU machine (``benchmarks/results/methods_cpu.md``, one
-torch thread, interleaved runs): the loop is faster, by about 10% on the
-benchmark's ViT (whose CPU flash-attention backward has no vmap batching rule and
-falls back to a per-task loop inside the batched backward anyway) and by about 2×
-on the tests' small MLP, hence the default. The batched backward launches K times
-fewer kernels, so it may win on a GPU; that was not measured here (no GPU).
+Measured on this project's 2-core CPU machine (``benchmarks/results/methods_cpu.md``,
+the benchmark's ViT, interleaved runs): with torch's default threads (2, on cores
+shared with other jobs) the batched backward is several times faster (6× at K = 5:
+K× fewer ops, so K× fewer thread synchronisations); with one thread the two are
+within 15% (the loop slightly ahead; on the tests' tiny MLP the loop is 2× ahead).
+The batched one is never far behind and far ahead where threads contend, hence
+the default; a GPU (fewer kernel launches) was not measured here.
 
 The result is written into a buffer allocated once and reused at every step,
 on the parameters' device; nothing is copied through the host. The update
@@ -85,7 +86,7 @@ class TaskJacobian:
     Args:
         shared_params: the parameters shared by all tasks (a module or an iterable).
         num_tasks: K.
-        mode: ``"loop"`` (K backwards, the default) or ``"batched"`` (one vmapped backward).
+        mode: ``"batched"`` (one vmapped backward, the default) or ``"loop"`` (K backwards).
 
     Attributes:
         matrix: the K×P buffer :meth:`compute` fills (reused across steps).
@@ -93,7 +94,7 @@ class TaskJacobian:
             of the shared parameters; methods write their update direction into it.
     """
 
-    def __init__(self, shared_params: SharedParams, num_tasks: int, mode: JacobianMode = "loop") -> None:
+    def __init__(self, shared_params: SharedParams, num_tasks: int, mode: JacobianMode = "batched") -> None:
         if mode not in JACOBIAN_MODES:
             raise ValueError(f"jacobian must be one of {JACOBIAN_MODES}, got {mode!r}")
         self.params = as_parameter_list(shared_params)

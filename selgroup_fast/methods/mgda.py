@@ -28,8 +28,8 @@ class MGDA(WeightingMethod):
     offered: ``aggregate`` sees gradients only.
 
     Options: ``normalization="none"``, ``max_iter=250``, ``tol=1e-5`` (the
-    solver's), ``jacobian``. Cost per step: 1 forward, K backwards (1 vmapped with
-    ``jacobian="batched"``) + 1 for the heads, 1 optimizer step.
+    solver's), ``jacobian``. Cost per step: 1 forward, 1 vmapped backward (K with
+    ``jacobian="loop"``) + 1 for the heads, 1 optimizer step.
 
     Example::
 
@@ -51,7 +51,7 @@ class MGDA(WeightingMethod):
         normalization: str = "none",
         max_iter: int = 250,
         tol: float = 1e-5,
-        jacobian: JacobianMode = "loop",
+        jacobian: JacobianMode = "batched",
         profile: bool = False,
     ) -> None:
         super().__init__(optimizer, num_tasks, shared_params=shared_params, jacobian=jacobian, profile=profile)

@@ -45,7 +45,7 @@ class NashMTL(WeightingMethod):
 
     Options (the authors' names and defaults): ``max_norm=1.0``,
     ``update_weights_every=1``, and ``jacobian``. State: α and the step counter.
-    Cost per update step: 1 forward, K backwards (1 vmapped with ``jacobian="batched"``)
+    Cost per update step: 1 forward, 1 vmapped backward (K with ``jacobian="loop"``)
     + 1 for the heads, 1 optimizer step; other steps: 1 forward, 1 backward.
 
     Example::
@@ -67,7 +67,7 @@ class NashMTL(WeightingMethod):
         shared_params: SharedParams,
         max_norm: float = 1.0,
         update_weights_every: int = 1,
-        jacobian: JacobianMode = "loop",
+        jacobian: JacobianMode = "batched",
         profile: bool = False,
     ) -> None:
         super().__init__(optimizer, num_tasks, shared_params=shared_params, jacobian=jacobian, profile=profile)

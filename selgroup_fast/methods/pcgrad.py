@@ -41,7 +41,7 @@ class PCGrad(WeightingMethod):
     (a ``torch.Generator`` on the parameters' device), ``jacobian`` (see
     :class:`~selgroup_fast.methods.jacobian.TaskJacobian`).
 
-    Cost per step: 1 forward, K backwards (1 vmapped with ``jacobian="batched"``) + 1 for
+    Cost per step: 1 forward, 1 vmapped backward (K with ``jacobian="loop"``) + 1 for
     the heads, 1 optimizer step.
 
     Example::
@@ -68,7 +68,7 @@ class PCGrad(WeightingMethod):
         shared_params: SharedParams,
         seed: Optional[int] = None,
         generator: Optional[torch.Generator] = None,
-        jacobian: JacobianMode = "loop",
+        jacobian: JacobianMode = "batched",
         profile: bool = False,
     ) -> None:
         super().__init__(optimizer, num_tasks, shared_params=shared_params, jacobian=jacobian, profile=profile)
