@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import doctest
 import math
+import os
+import shutil
+import subprocess
 
 import numpy as np
 import pytest
@@ -530,6 +533,20 @@ def test_docstring_examples():
         for test in doctest.DocTestFinder().find(function, globs={"torch": torch, function.__name__: function}):
             runner.run(test)
         assert runner.failures == 0, function.__name__
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("c++") is None, reason="needs a C++20 compiler")
+def test_team_algorithms_do_not_depend_on_the_team_size(tmp_path):
+    # The CUDA block's logic without a GPU: the solvers run with 2..32 CPU threads as the team
+    # must give the SerialTeam's weights bitwise (tests/manipulation_team_check.cpp).
+    here = os.path.dirname(os.path.abspath(__file__))
+    binary = tmp_path / "team_check"
+    subprocess.run(["c++", "-std=c++20", "-O2", "-pthread", "-I", os.path.join(here, "..", "csrc"),
+                    os.path.join(here, "manipulation_team_check.cpp"), "-o", str(binary)], check=True)
+    result = subprocess.run([str(binary)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "0 mismatches" in result.stdout
 
 
 @pytest.mark.cuda
