@@ -7,7 +7,9 @@
 // calls it with a SerialTeam and a std::vector workspace; the CUDA binding with
 // ONE generic kernel (csrc/cuda/manipulation_kernels.cu) in which one block is the
 // team and the workspace is the block's dynamic shared memory. Same code, same
-// arithmetic order, on both backends.
+// arithmetic order, on both backends (up to the multiply-adds nvcc fuses).
+// tests/manipulation_team_check.cpp runs these functors with 2..32 CPU threads as
+// the team to check the work split and the barriers without a GPU.
 //
 // Conventions of every solver:
 //   * all arithmetic in double, whatever the input dtype: the problems are tiny
@@ -25,7 +27,6 @@
 
 #include <cmath>
 #include <cstdint>
-#include <limits>
 
 #include "../team.h"
 
