@@ -14,8 +14,8 @@ either
 
 Measured on this project's 2-core CPU machine (``benchmarks/results/methods_cpu.md``,
 the benchmark's ViT, interleaved runs): with torch's default threads (2, on cores
-shared with other jobs) the batched backward is several times faster (6× at K = 5:
-K× fewer ops, so K× fewer thread synchronisations); with one thread the two are
+shared with other jobs) the batched backward is 1.5–6× faster across runs (K×
+fewer ops, so K× fewer thread synchronisations); with one thread the two are
 within 15% (the loop slightly ahead; on the tests' tiny MLP the loop is 2× ahead).
 The batched one is never far behind and far ahead where threads contend, hence
 the default; a GPU (fewer kernel launches) was not measured here.
