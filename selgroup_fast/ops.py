@@ -127,3 +127,157 @@ def _affinity_propagation_fake(
 ) -> torch.Tensor:
     torch._check(similarity.dim() == 2 and similarity.shape[0] == similarity.shape[1], lambda: "similarity must be K×K")
     return similarity.new_empty(similarity.shape[:1], dtype=torch.int64)
+
+
+# ---- baselines: gradient manipulation (csrc/manipulation, csrc/cpu/manipulation_cpu.cpp,
+# csrc/cuda/manipulation_*) -------------------------------------------------------------
+#
+# Every weighting op maps the K×K Gram matrix G = J·Jᵀ of the task gradients (J: K×P)
+# to weights w[K] such that the update is d = wᵀ·J; it returns a new tensor with G's
+# device and dtype, computes in float64 internally, never synchronises the host, and
+# shares these conventions: K = 1 gives [1]; a non-finite entry in G gives all-NaN
+# weights (flagged, not hidden: check with ``torch.isfinite`` where it matters).
+
+__all__ += [
+    "pcgrad_weights",
+    "mgda_weights",
+    "cagrad_weights",
+    "imtl_weights",
+    "aligned_mtl_weights",
+    "nash_mtl_weights",
+    "graddrop",
+]
+
+
+def pcgrad_weights(gram: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """PCGrad (Yu et al., "Gradient Surgery for Multi-Task Learning", NeurIPS 2020).
+
+    Task i's gradient is projected, in the order ``order[i]`` (a permutation of
+    0..K-1; the entry i and entries outside [0, K) are skipped), onto the normal
+    plane of each ORIGINAL g_j it conflicts with (g_i·g_j < 0), as in the authors'
+    code. Returns w with ``wᵀ·J = Σ_i g_i^PC``, the SUM of the projected gradients
+    (the authors' and nash-mtl's default; divide by K for the mean). A zero gradient
+    is never projected on.
+
+    >>> g = torch.tensor([[1.0, 0.0], [-1.0, 1.0]])
+    >>> pcgrad_weights(g @ g.T, torch.tensor([[0, 1], [1, 0]]))
+    tensor([2.0000, 1.5000])
+    """
+    return torch.ops.selgroup_fast.pcgrad_weights(gram, order)
+
+
+def mgda_weights(gram: torch.Tensor, max_iter: int = 250, tol: float = 1e-5) -> torch.Tensor:
+    """MGDA-UB (Sener & Koltun, "Multi-Task Learning as Multi-Objective Optimization", NeurIPS 2018).
+
+    The min-norm point ``argmin_{w ∈ simplex} wᵀ·G·w`` by the authors' Frank-Wolfe
+    solver (``MinNormSolver.find_min_norm_element_FW``: best-pair start, exact line
+    search towards the vertex argmin (G·w), stop when ‖Δw‖₁ < tol or after
+    max_iter steps). Unlike the authors' 2-point solver, an optimal end point gives
+    exactly 1 / 0 (theirs: 0.999 / 0.001), so the solver stops at the optimum.
+
+    >>> g = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    >>> mgda_weights(g @ g.T)
+    tensor([0.8000, 0.2000])
+    """
+    return torch.ops.selgroup_fast.mgda_weights(gram, max_iter, tol)
+
+
+def cagrad_weights(
+    gram: torch.Tensor, c: float = 0.4, rescale: int = 1, max_iter: int = 1000, tol: float = 1e-10
+) -> torch.Tensor:
+    """CAGrad (Liu et al., "Conflict-Averse Gradient Descent for Multi-task Learning", NeurIPS 2021).
+
+    Solves the authors' dual ``min_{x ∈ simplex} xᵀ·G·b + radius·sqrt(xᵀ·G·x + 1e-8)``
+    (b = 1/K, radius = c·sqrt(mean(G) + 1e-8) + 1e-8, the authors' regularisers) by
+    accelerated projected gradient to ‖Δx‖₁ < tol, and returns
+    ``w = (b + λ·x) / s`` with λ = radius / (‖g_x‖ + 1e-8) and s = 1 + c² (rescale=1,
+    the authors' default), 1 + c (rescale=2) or 1 (rescale=0). So ``wᵀ·J`` is the
+    authors' update (the mean gradient plus the conflict-averse correction).
+
+    >>> cagrad_weights(torch.eye(2, dtype=torch.float64), c=0.4)  # (0.5 + 0.4·0.5) / 1.16
+    tensor([0.6034, 0.6034], dtype=torch.float64)
+    """
+    return torch.ops.selgroup_fast.cagrad_weights(gram, c, rescale, max_iter, tol)
+
+
+def imtl_weights(gram: torch.Tensor) -> torch.Tensor:
+    """IMTL-G (Liu et al., "Towards Impartial Multi-task Learning", ICLR 2021).
+
+    The authors' closed form through G: weights summing to 1 such that ``d = wᵀ·J``
+    has equal projections on every unit task gradient. A task with a zero gradient
+    gets weight 0 (the others are solved without it); all zero: w = 1/K. A singular
+    system gets one of its solutions (the authors use the pseudo-inverse).
+
+    >>> g = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    >>> imtl_weights(g @ g.T)  # d = (2/3, 2/3): equal projections on e1 and e2
+    tensor([0.6667, 0.3333])
+    """
+    return torch.ops.selgroup_fast.imtl_weights(gram)
+
+
+def aligned_mtl_weights(gram: torch.Tensor) -> torch.Tensor:
+    """Aligned-MTL (Senushkin et al., "Independent Component Alignment for Multi-Task Learning", CVPR 2023).
+
+    With G = V·Λ·Vᵀ (eigenvalues below λ_max·K·ε_float32 dropped, as in the authors'
+    ProcrustesSolver) and σ the smallest kept eigenvalue (scale_mode="min"), the
+    aligned gradients ``W·J`` with ``W = V·diag(sqrt(σ/λ))·Vᵀ`` are orthogonal with
+    norm sqrt(σ); with equal preferences ``d`` is their sum, so ``w = W·1``. The
+    eigensolver is cyclic Jacobi in the kernel. G = 0: w = 0.
+
+    >>> aligned_mtl_weights(torch.tensor([[1.0, 0.0], [0.0, 4.0]]))  # W = diag(1, 1/2)
+    tensor([1.0000, 0.5000])
+    """
+    return torch.ops.selgroup_fast.aligned_mtl_weights(gram)
+
+
+def nash_mtl_weights(
+    gram: torch.Tensor, alpha_init: torch.Tensor, max_iter: int = 50, tol: float = 1e-16
+) -> torch.Tensor:
+    """Nash-MTL (Navon et al., "Multi-Task Learning as a Bargaining Game", ICML 2022).
+
+    The bargaining solution α > 0 of ``G·α = 1/α`` (elementwise), the minimiser of
+    ``½·αᵀ·G·α − Σ log α``, by damped Newton from ``alpha_init`` (the previous α,
+    the authors' warm start; rescaled along its ray first; non-positive entries
+    replaced by 1) until half the squared Newton decrement of the last step is below tol. A singular
+    G can have no solution: α then grows for max_iter steps and stays positive and
+    finite (the methods side clips d with max_norm, as the authors do).
+
+    >>> nash_mtl_weights(torch.tensor([[4.0, 0.0], [0.0, 1.0]]), torch.ones(2))  # α_k = 1/‖g_k‖
+    tensor([0.5000, 1.0000])
+    """
+    return torch.ops.selgroup_fast.nash_mtl_weights(gram, alpha_init, max_iter, tol)
+
+
+def graddrop(jacobian: torch.Tensor, leak: torch.Tensor, seed: int, offset: int) -> torch.Tensor:
+    """GradDrop (Chen et al., "Just Pick a Sign", NeurIPS 2020), fused over the K×P matrix J.
+
+    Per column p: purity ``P = ½(1 + Σ_k J_kp / Σ_k |J_kp|)`` (½ for a zero column),
+    a uniform U from a counter-based generator of (seed, offset, p) that the CPU
+    and CUDA kernels compute identically (SplitMix64, csrc/manipulation/graddrop.h),
+    keep the positive entries when U < P and the negative ones otherwise, and sum:
+    ``d_p = Σ_k (ℓ_k + (1 − ℓ_k)·M_kp)·J_kp`` with ``leak`` ℓ[K] (0 = the paper's
+    default; its values are not checked). A column with a non-finite entry gives NaN.
+
+    >>> graddrop(torch.tensor([[1.0, 2.0], [3.0, -2.0]]), torch.zeros(2), seed=0, offset=0)[0]
+    tensor(4.)
+    """
+    return torch.ops.selgroup_fast.graddrop(jacobian, leak, seed, offset)
+
+
+def _weights_like_gram(gram: torch.Tensor) -> torch.Tensor:
+    return gram.new_empty(gram.shape[:1])
+
+
+torch.library.register_fake("selgroup_fast::pcgrad_weights")(lambda gram, order: _weights_like_gram(gram))
+torch.library.register_fake("selgroup_fast::mgda_weights")(lambda gram, max_iter=250, tol=1e-5: _weights_like_gram(gram))
+torch.library.register_fake("selgroup_fast::cagrad_weights")(
+    lambda gram, c=0.4, rescale=1, max_iter=1000, tol=1e-10: _weights_like_gram(gram)
+)
+torch.library.register_fake("selgroup_fast::imtl_weights")(lambda gram: _weights_like_gram(gram))
+torch.library.register_fake("selgroup_fast::aligned_mtl_weights")(lambda gram: _weights_like_gram(gram))
+torch.library.register_fake("selgroup_fast::nash_mtl_weights")(
+    lambda gram, alpha_init, max_iter=50, tol=1e-16: _weights_like_gram(gram)
+)
+torch.library.register_fake("selgroup_fast::graddrop")(
+    lambda jacobian, leak, seed, offset: jacobian.new_empty(jacobian.shape[1:])
+)

@@ -23,6 +23,17 @@ from .base import MultiTaskMethod
 _REGISTRY: dict[str, str] = {
     "gd": "selgroup_fast.methods.gd:GD",
     "selective": "selgroup_fast.selective:SelectiveGroupUpdate",
+    "pcgrad": "selgroup_fast.methods.pcgrad:PCGrad",
+    "cagrad": "selgroup_fast.methods.cagrad:CAGrad",
+    "mgda": "selgroup_fast.methods.mgda:MGDA",
+    "graddrop": "selgroup_fast.methods.graddrop:GradDrop",
+    "imtl": "selgroup_fast.methods.imtl:IMTL",
+    "aligned_mtl": "selgroup_fast.methods.aligned_mtl:AlignedMTL",
+    "nash_mtl": "selgroup_fast.methods.nash_mtl:NashMTL",
+    "uw": "selgroup_fast.methods.uw:UW",
+    "dwa": "selgroup_fast.methods.dwa:DWA",
+    "dtp": "selgroup_fast.methods.dtp:DTP",
+    "famo": "selgroup_fast.methods.famo:FAMO",
 }
 
 
@@ -65,11 +76,17 @@ def create(
         if shared_params is None:
             raise ValueError(f"method {name!r} needs shared_params= (the parameters shared by all tasks)")
         options["shared_params"] = shared_params
+    elif shared_params is not None and getattr(cls, "accepts_shared_params", False):
+        options["shared_params"] = shared_params  # optional use, e.g. FAMO's gradient clipping
     return cls(optimizer, num_tasks, **options)
 
 
-def aggregate(name: str, jacobian: torch.Tensor, **options: Any) -> torch.Tensor:
-    """Combines a K×P matrix of task gradients into one P-vector, as method ``name`` does."""
+def aggregate(name: str, jacobian: torch.Tensor, /, **options: Any) -> torch.Tensor:
+    """Combines a K×P matrix of task gradients into one P-vector, as method ``name`` does.
+
+    ``name`` and ``jacobian`` are positional-only, so that ``options`` can hold every
+    option of ``create`` (including the ``jacobian=`` mode, which ``aggregate`` ignores).
+    """
     cls = _load(name)
     if not hasattr(cls, "aggregate"):
         raise ValueError(f"method {name!r} does not combine gradients (it is not gradient-based)")

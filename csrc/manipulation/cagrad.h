@@ -1,0 +1,145 @@
+// CAGrad (Liu et al., "Conflict-Averse Gradient Descent for Multi-task Learning",
+// NeurIPS 2021) as a weighting of the task gradients.
+//
+// The authors' dual problem (Cranial-XIX/CAGrad, and nash-mtl's CAGrad), with
+// b = 1/K (g0 = bᵀ·J is the mean gradient):
+//   x* = argmin_{x ∈ simplex} f(x) = xᵀ·G·b + radius·sqrt(xᵀ·G·x + 1e-8),
+//   radius = c·‖g0‖ + 1e-8,  ‖g0‖ = sqrt(mean(G) + 1e-8),
+// then d = g0 + λ·g_x with g_x = x*ᵀ·J and λ = radius / (‖g_x‖ + 1e-8), i.e.
+//   w = b + λ·x*,  divided by (1 + c²) when rescale = 1 (the authors' default),
+//   by (1 + c) when rescale = 2, as is when rescale = 0.
+// The 1e-8 regularisers are the authors'; they are kept so that the objective,
+// hence the weights, are theirs (the authors call scipy's SLSQP on it).
+//
+// Solver: accelerated projected gradient (FISTA, Beck & Teboulle 2009) with a
+// backtracking estimate of the local Lipschitz constant and a restart whenever
+// the objective goes up (O'Donoghue & Candès 2015), from x = b; it stops when
+// ‖x_new − x‖₁ < tol, when even a plain gradient step from x no longer lowers f
+// (f's rounding floor), or after max_iter steps. f is convex (a linear term plus a
+// norm), so this reaches the optimum, to tol, where SLSQP stops at its ftol.
+#pragma once
+
+#include "common.h"
+
+namespace selgroup {
+namespace manipulation {
+
+template <typename scalar_t>
+struct CAGradWeights {
+  const scalar_t* gram;  // K×K
+  scalar_t* weights;     // K
+  int K;
+  double c;
+  int rescale;
+  int max_iter;
+  double tol;
+
+  // The authors' regulariser of the norms.
+  static constexpr double kEpsilon = 1e-8;
+  // At most this many doublings of the Lipschitz estimate per step: 2^60 covers
+  // any start in double range.
+  static constexpr int kMaxBacktracking = 60;
+  // After an accepted step the estimate shrinks by this factor, so the step
+  // length can grow again where the curvature is lower.
+  static constexpr double kLipschitzDecay = 0.8;
+
+  SELGROUP_HD static int workspace_doubles(int K) { return kFlagSlots + K * K + 6 * K; }
+
+  template <typename Team>
+  SELGROUP_HD void operator()(const Team& team, double* workspace) const {
+    double* G = workspace + kFlagSlots;
+    double* Gb = G + K * K;
+    double* x = Gb + K;     // current iterate
+    double* y = x + K;      // extrapolated point
+    double* grad = y + K;   // ∇f(y)
+    double* z = grad + K;   // candidate step
+    double* Gv = z + K;     // G·y or G·z
+    if (!load_gram(team, gram, K, G, workspace, weights)) return;
+
+    const double b = 1.0 / K;
+    double mean_gram = 0.0, max_diagonal = 0.0;
+    for (int i = 0; i < K * K; ++i) mean_gram += G[i];
+    mean_gram /= static_cast<double>(K) * K;
+    for (int i = 0; i < K; ++i) max_diagonal = fmax(max_diagonal, G[i * K + i]);
+    const double radius = c * sqrt(fmax(mean_gram, 0.0) + kEpsilon) + kEpsilon;
+
+    for (int i = team.rank(); i < K; i += team.size()) {
+      double sum = 0.0;
+      for (int j = 0; j < K; ++j) sum += G[i * K + j];
+      Gb[i] = sum * b;
+      x[i] = b;
+      y[i] = b;
+    }
+    team.sync();
+    // f at a point v with G·v already in Gv (redundant on every worker).
+    auto objective = [&](const double* v) {
+      return dot(v, Gb, K) + radius * sqrt(fmax(dot(v, Gv, K), 0.0) + kEpsilon);
+    };
+    matvec(team, G, x, Gv, K);
+    double f_x = objective(x);
+    team.sync();  // everyone has read Gv before the loop rewrites it
+    double momentum = 1.0;
+    double lipschitz = fmax(max_diagonal * (1.0 + radius / sqrt(fmax(mean_gram, 0.0) + kEpsilon)), 1e-300);
+
+    for (int iteration = 0; iteration < max_iter; ++iteration) {
+      matvec(team, G, y, Gv, K);
+      const double norm_y = sqrt(fmax(dot(y, Gv, K), 0.0) + kEpsilon);
+      const double f_y = dot(y, Gb, K) + radius * norm_y;
+      for (int i = team.rank(); i < K; i += team.size()) grad[i] = Gb[i] + radius * Gv[i] / norm_y;
+      team.sync();
+      double f_z = 0.0;
+      for (int attempt = 0; attempt < kMaxBacktracking; ++attempt) {
+        for (int i = team.rank(); i < K; i += team.size()) z[i] = y[i] - grad[i] / lipschitz;
+        team.sync();
+        const double tau = simplex_threshold(z, K);
+        team.sync();
+        for (int i = team.rank(); i < K; i += team.size()) z[i] = fmax(z[i] - tau, 0.0);
+        team.sync();
+        matvec(team, G, z, Gv, K);
+        f_z = objective(z);
+        double linear = 0.0, squared = 0.0;
+        for (int i = 0; i < K; ++i) {
+          const double step = z[i] - y[i];
+          linear += grad[i] * step;
+          squared += step * step;
+        }
+        team.sync();  // everyone has read z before it is rewritten
+        if (f_z <= f_y + linear + 0.5 * lipschitz * squared) break;
+        lipschitz *= 2.0;
+      }
+      double change = 0.0;
+      for (int i = 0; i < K; ++i) change += fabs(z[i] - x[i]);
+      if (f_z > f_x) {
+        // The momentum overshot: restart from x. If the step already came from x
+        // (momentum 1), f cannot decrease further in floating point: x is the answer.
+        if (change < tol || momentum == 1.0) break;
+        momentum = 1.0;
+        team.sync();  // everyone has read z and x
+        for (int i = team.rank(); i < K; i += team.size()) y[i] = x[i];
+        team.sync();
+        continue;
+      }
+      const double next_momentum = 0.5 * (1.0 + sqrt(1.0 + 4.0 * momentum * momentum));
+      const double extrapolation = (momentum - 1.0) / next_momentum;
+      team.sync();  // everyone has read x before it moves
+      for (int i = team.rank(); i < K; i += team.size()) {
+        y[i] = z[i] + extrapolation * (z[i] - x[i]);
+        x[i] = z[i];
+      }
+      team.sync();
+      f_x = f_z;
+      momentum = next_momentum;
+      lipschitz *= kLipschitzDecay;
+      if (change < tol) break;
+    }
+
+    matvec(team, G, x, Gv, K);
+    const double lambda = radius / (sqrt(fmax(dot(x, Gv, K), 0.0)) + kEpsilon);
+    const double scale = rescale == 1 ? 1.0 / (1.0 + c * c) : rescale == 2 ? 1.0 / (1.0 + c) : 1.0;
+    for (int i = team.rank(); i < K; i += team.size())
+      weights[i] = static_cast<scalar_t>((b + lambda * x[i]) * scale);
+  }
+};
+
+}  // namespace manipulation
+}  // namespace selgroup

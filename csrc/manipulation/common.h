@@ -1,0 +1,222 @@
+// The shape shared by the weighting baselines: one team solves one small K×K
+// problem on the Gram matrix G = J·Jᵀ of the task gradients and writes K weights.
+//
+// Every solver is a small functor (the apex multi_tensor_apply pattern): it holds
+// its pointers, K and its options, says how much scratch it needs
+// (`workspace_doubles(K)`), and runs as `solver(team, workspace)`. The CPU binding
+// calls it with a SerialTeam and a std::vector workspace; the CUDA binding with
+// ONE generic kernel (csrc/cuda/manipulation_kernels.cu) in which one block is the
+// team and the workspace is the block's dynamic shared memory. Same code, same
+// arithmetic order, on both backends (up to the multiply-adds nvcc fuses).
+// tests/manipulation_team_check.cpp runs these functors with 2..32 CPU threads as
+// the team to check the work split and the barriers without a GPU.
+//
+// Conventions of every solver:
+//   * all arithmetic in double, whatever the input dtype: the problems are tiny
+//     (K×K), latency-bound, and several solvers (Newton, Jacobi, Frank-Wolfe) lose
+//     their answer in float32;
+//   * vector work is split over the team (`for i = rank; i < n; i += size`),
+//     followed by `team.sync()`; scalar reductions are computed REDUNDANTLY by
+//     every worker from the shared workspace, so every worker takes the same
+//     branch without broadcasting, and the control flow stays uniform;
+//   * a non-finite entry anywhere in G gives all-NaN weights (the garbage is
+//     flagged, never hidden, and no host synchronisation is needed to check);
+//   * K = 1 gives w = [1].
+// This header includes no torch header: the .cu files compile with plain nvcc.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#include "../team.h"
+
+namespace selgroup {
+namespace manipulation {
+
+// std:: so that the host compiler finds the double overloads; nvcc maps them to
+// the device functions.
+using std::fabs;
+using std::fmax;
+using std::isfinite;
+using std::log;
+using std::sqrt;
+
+// Slots at the start of every workspace for the team-wide flags.
+constexpr int kFlagSlots = 1;
+
+template <typename Team>
+SELGROUP_HD_INLINE void fill(const Team& team, double* x, int n, double value) {
+  for (int i = team.rank(); i < n; i += team.size()) x[i] = value;
+}
+
+template <typename Team, typename scalar_t>
+SELGROUP_HD_INLINE void store(const Team& team, const double* x, int n, scalar_t* out) {
+  for (int i = team.rank(); i < n; i += team.size()) out[i] = static_cast<scalar_t>(x[i]);
+}
+
+// Loads G (row-major K×K, any float dtype) into `G` as doubles and handles the
+// two cases every solver shares. Returns false when the weights are already
+// written: all-NaN for a non-finite G, [1] for K = 1. `flag` is one workspace slot.
+template <typename Team, typename scalar_t>
+SELGROUP_HD bool load_gram(const Team& team, const scalar_t* gram, int K, double* G, double* flag,
+                           scalar_t* weights) {
+  if (team.rank() == 0) *flag = 1.0;
+  team.sync();
+  for (int i = team.rank(); i < K * K; i += team.size()) {
+    const double value = static_cast<double>(gram[i]);
+    G[i] = value;
+    // Benign race: every worker that sees a bad entry writes the same 0.
+    if (!isfinite(value)) *flag = 0.0;
+  }
+  team.sync();
+  const bool finite = *flag != 0.0;
+  team.sync();  // everyone has read the flag before a solver reuses the slot
+  if (!finite) {
+    for (int i = team.rank(); i < K; i += team.size()) weights[i] = static_cast<scalar_t>(NAN);
+    return false;
+  }
+  if (K == 1) {
+    if (team.rank() == 0) weights[0] = static_cast<scalar_t>(1);
+    return false;
+  }
+  return true;
+}
+
+// y = A·x for a row-major n×n A, rows split over the team; syncs.
+template <typename Team>
+SELGROUP_HD void matvec(const Team& team, const double* A, const double* x, double* y, int n) {
+  for (int i = team.rank(); i < n; i += team.size()) {
+    double sum = 0.0;
+    for (int j = 0; j < n; ++j) sum += A[i * n + j] * x[j];
+    y[i] = sum;
+  }
+  team.sync();
+}
+
+SELGROUP_HD_INLINE double dot(const double* x, const double* y, int n) {
+  double sum = 0.0;
+  for (int i = 0; i < n; ++i) sum += x[i] * y[i];
+  return sum;
+}
+
+// xᵀ·A·x, computed redundantly by the caller.
+SELGROUP_HD_INLINE double quadratic_form(const double* A, const double* x, int n) {
+  double sum = 0.0;
+  for (int i = 0; i < n; ++i) {
+    double row = 0.0;
+    for (int j = 0; j < n; ++j) row += A[i * n + j] * x[j];
+    sum += x[i] * row;
+  }
+  return sum;
+}
+
+// The threshold τ of the Euclidean projection onto the probability simplex,
+// proj(v)_i = max(v_i − τ, 0) (Michelot 1986): τ = (Σ_{i∈S} v_i − 1)/|S| over
+// S = {i : v_i > τ}, iterated from S = all; τ only grows and S only shrinks, so it
+// stops after at most n passes with the exact τ. No sort, no scratch: every
+// worker computes it redundantly.
+SELGROUP_HD_INLINE double simplex_threshold(const double* v, int n) {
+  double sum = 0.0;
+  for (int i = 0; i < n; ++i) sum += v[i];
+  double tau = (sum - 1.0) / n;
+  for (int pass = 0; pass < n; ++pass) {
+    double kept_sum = 0.0;
+    int kept = 0;
+    for (int i = 0; i < n; ++i) {
+      if (v[i] > tau) {
+        kept_sum += v[i];
+        ++kept;
+      }
+    }
+    const double next = (kept_sum - 1.0) / kept;  // kept >= 1: the largest v_i > τ always
+    if (next == tau) break;
+    tau = next;
+  }
+  return tau;
+}
+
+// Solves A·x = b in place (A row-major n×n, overwritten; b becomes x) by Gaussian
+// elimination with partial pivoting, rows of each elimination step split over
+// the team. A pivot below `1e-13 · max|A|` marks a singular direction: it is not
+// eliminated and its component of x is set to 0, which gives one solution of a
+// consistent singular system (a basic one, not the minimum-norm one).
+template <typename Team>
+SELGROUP_HD void gauss_solve(const Team& team, double* A, double* b, int n) {
+  double scale = 0.0;
+  for (int i = 0; i < n * n; ++i) scale = fmax(scale, fabs(A[i]));
+  const double tiny = 1e-13 * scale;
+  for (int c = 0; c < n; ++c) {
+    int pivot = c;
+    for (int r = c + 1; r < n; ++r)
+      if (fabs(A[r * n + c]) > fabs(A[pivot * n + c])) pivot = r;
+    team.sync();  // every worker has found the pivot before rows move
+    if (pivot != c) {
+      for (int j = team.rank(); j < n; j += team.size()) {
+        const double t = A[c * n + j];
+        A[c * n + j] = A[pivot * n + j];
+        A[pivot * n + j] = t;
+      }
+      if (team.rank() == 0) {
+        const double t = b[c];
+        b[c] = b[pivot];
+        b[pivot] = t;
+      }
+      team.sync();
+    }
+    const double diagonal = A[c * n + c];
+    if (fabs(diagonal) > tiny) {
+      for (int r = c + 1 + team.rank(); r < n; r += team.size()) {
+        const double factor = A[r * n + c] / diagonal;
+        for (int j = c; j < n; ++j) A[r * n + j] -= factor * A[c * n + j];
+        b[r] -= factor * b[c];
+      }
+    }
+    team.sync();
+  }
+  if (team.rank() == 0) {
+    for (int r = n - 1; r >= 0; --r) {
+      double sum = b[r];
+      for (int j = r + 1; j < n; ++j) sum -= A[r * n + j] * b[j];
+      b[r] = fabs(A[r * n + r]) > tiny ? sum / A[r * n + r] : 0.0;
+    }
+  }
+  team.sync();
+}
+
+// Solves A·x = b in place for a symmetric positive definite A (row-major n×n,
+// its lower triangle overwritten by the Cholesky factor; b becomes x). Columns of
+// the factor are split over the team.
+template <typename Team>
+SELGROUP_HD void cholesky_solve(const Team& team, double* A, double* b, int n) {
+  for (int j = 0; j < n; ++j) {
+    double diagonal = A[j * n + j];
+    for (int k = 0; k < j; ++k) diagonal -= A[j * n + k] * A[j * n + k];
+    // Positive in exact arithmetic (the callers add a positive diagonal); the
+    // floor keeps rounding from producing a NaN.
+    diagonal = sqrt(fmax(diagonal, 1e-300));
+    team.sync();  // everyone has read row j before it is rewritten
+    for (int i = j + 1 + team.rank(); i < n; i += team.size()) {
+      double sum = A[i * n + j];
+      for (int k = 0; k < j; ++k) sum -= A[i * n + k] * A[j * n + k];
+      A[i * n + j] = sum / diagonal;
+    }
+    if (team.rank() == 0) A[j * n + j] = diagonal;
+    team.sync();
+  }
+  if (team.rank() == 0) {
+    for (int i = 0; i < n; ++i) {  // L·y = b
+      double sum = b[i];
+      for (int k = 0; k < i; ++k) sum -= A[i * n + k] * b[k];
+      b[i] = sum / A[i * n + i];
+    }
+    for (int i = n - 1; i >= 0; --i) {  // Lᵀ·x = y
+      double sum = b[i];
+      for (int k = i + 1; k < n; ++k) sum -= A[k * n + i] * b[k];
+      b[i] = sum / A[i * n + i];
+    }
+  }
+  team.sync();
+}
+
+}  // namespace manipulation
+}  // namespace selgroup

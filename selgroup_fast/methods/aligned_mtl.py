@@ -1,0 +1,45 @@
+"""Aligned-MTL: gradient alignment by the condition number (Senushkin et al., CVPR 2023)."""
+
+from __future__ import annotations
+
+import torch
+
+from .. import ops
+from .gradient import WeightingMethod
+
+
+class AlignedMTL(WeightingMethod):
+    """Aligned-MTL: the task gradients made orthogonal and equally long, scaled by the smallest singular value.
+
+    D. Senushkin, N. Patakin, A. Kuznetsov, A. Konushin, "Independent Component
+    Alignment for Multi-Task Learning", CVPR 2023 (arXiv 2305.19000); authors' code
+    ``SamsungLabs/MTL``.
+
+    With ``G = V Λ Vᵀ`` (eigendecomposition, eigenvalues below the authors' tolerance
+    dropped) the aligned system is ``B = sqrt(λ_min) V Λ^{-1/2} Vᵀ`` and, with equal
+    task preferences, ``d = Σ_k (B 1)_k g_k``. The fused op ``ops.aligned_mtl_weights``
+    does the eigendecomposition on the device (a small Jacobi solver: no host sync)
+    and returns those weights.
+
+    Convention: the authors' (equal preferences, scaling by the smallest singular
+    value of the task-gradient matrix); the heads get ``∇ Σ_k L_k``.
+
+    Options: ``jacobian``. Cost per step: 1 forward, 1 vmapped backward (K with
+    ``jacobian="loop"``) + 1 for the heads, 1 optimizer step.
+
+    Example::
+
+        >>> import torch, selgroup_fast
+        >>> J = torch.tensor([[2.0, 0.0], [0.0, 1.0]])
+        >>> selgroup_fast.methods.aggregate("aligned_mtl", J)   # both gradients rescaled to the smallest norm
+        tensor([1., 1.])
+    """
+
+    name = "aligned_mtl"
+
+    @staticmethod
+    def gram_weights(gram: torch.Tensor) -> torch.Tensor:
+        return ops.aligned_mtl_weights(gram)
+
+    def _weights(self, gram: torch.Tensor) -> torch.Tensor:
+        return self.gram_weights(gram)

@@ -1,0 +1,50 @@
+"""The common step of the loss-weighting methods (UW, DWA, DTP, FAMO).
+
+These methods need no per-task gradients: one step is one forward, ONE backward
+of a weighted combination of the task losses, one optimizer step. The weights
+are computed on the device from the method's state (timed as ``manipulation``);
+no value is read back to the host, so on CUDA the step never synchronises.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Callable
+
+import torch
+
+from ..losses import ClosureOutput
+from .base import MultiTaskMethod
+
+
+class LossWeightingMethod(MultiTaskMethod):
+    """A method that back-propagates ``combine(L_1..L_K)`` once per step.
+
+    Subclasses implement :meth:`_combine_losses` and, where needed,
+    :meth:`_before_optimizer_step` (gradient clipping) and :meth:`_after_step`
+    (learning from the step's outcome).
+    """
+
+    @abc.abstractmethod
+    def _combine_losses(self, losses: torch.Tensor) -> torch.Tensor:
+        """The scalar training loss for the K losses of this step (a 1-D tensor)."""
+
+    def _before_optimizer_step(self) -> None:
+        """Adjusts the gradients between the backward and the optimizer step (default: nothing)."""
+
+    def _after_step(self, losses: torch.Tensor, closure: Callable[[], ClosureOutput]) -> None:
+        """Updates the method's state once the optimizer has stepped (default: nothing)."""
+
+    def step(self, closure: Callable[[], ClosureOutput]) -> torch.Tensor:
+        self._timer.reset()
+        self.optimizer.zero_grad(set_to_none=True)
+        losses = torch.stack(self._forward(closure))
+        with self._timer.phase("manipulation"):
+            total = self._combine_losses(losses)
+        with self._timer.phase("backward"):
+            total.backward()
+        self._before_optimizer_step()
+        with self._timer.phase("optimizer"):
+            self.optimizer.step()
+        self._after_step(losses.detach(), closure)
+        return losses.detach()

@@ -1,0 +1,74 @@
+"""UW: uncertainty weighting (Kendall, Gal & Cipolla, CVPR 2018)."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+from ..losses import ClosureOutput
+from .loss_weighting import LossWeightingMethod
+
+
+class UW(LossWeightingMethod):
+    """UW: task losses weighted by learned homoscedastic uncertainties.
+
+    A. Kendall, Y. Gal, R. Cipolla, "Multi-Task Learning Using Uncertainty to Weigh
+    Losses for Scene Geometry and Semantics", CVPR 2018 (arXiv 1705.07115).
+
+    Training loss ``Σ_k ½ (exp(-s_k) L_k + s_k)`` with ``s_k = log σ_k²`` learned,
+    initialised at 0 (the convention of the authors' example notebook and of the
+    Nash-MTL benchmark code).
+
+    The log-variances belong to the method: it owns them (:attr:`log_vars`) and its
+    own ``torch.optim.Adam`` over them, stepped right after the user's optimizer,
+    with ``lr=0.025`` by default (the Nash-MTL benchmark code's learning rate for
+    the methods' parameters). The user does NOT add them to their optimizer.
+    :meth:`state_dict` saves both.
+
+    Options: ``lr=0.025``. Cost per step: 1 forward, 1 backward, 1 optimizer step
+    (+ a K-element Adam step).
+
+    Example::
+
+        >>> import torch, selgroup_fast
+        >>> model = torch.nn.Linear(4, 2)
+        >>> uw = selgroup_fast.methods.create("uw", torch.optim.SGD(model.parameters(), lr=0.1), 2)
+        >>> x = torch.randn(8, 4)
+        >>> losses = uw.step(lambda: list(model(x).pow(2).mean(0)))
+        >>> uw.log_vars.shape
+        torch.Size([2])
+    """
+
+    name = "uw"
+
+    def __init__(self, optimizer: torch.optim.Optimizer, num_tasks: int, *, lr: float = 0.025, profile: bool = False) -> None:
+        super().__init__(optimizer, num_tasks, profile=profile)
+        if lr <= 0:
+            raise ValueError(f"lr must be > 0, got {lr}")
+        dtype = optimizer.param_groups[0]["params"][0].dtype
+        #: ``s_k = log σ_k²``, the learned log-variances.
+        self.log_vars = torch.nn.Parameter(torch.zeros(num_tasks, device=self.device, dtype=dtype))
+        self.log_vars_optimizer = torch.optim.Adam([self.log_vars], lr=lr)
+
+    @property
+    def weights(self) -> torch.Tensor:
+        """The current loss weights ``½ exp(-s_k)`` (detached)."""
+        return 0.5 * torch.exp(-self.log_vars.detach())
+
+    def _combine_losses(self, losses: torch.Tensor) -> torch.Tensor:
+        self.log_vars_optimizer.zero_grad(set_to_none=True)
+        log_vars = self.log_vars.to(losses.dtype)
+        return (0.5 * (torch.exp(-log_vars) * losses + log_vars)).sum()
+
+    def _after_step(self, losses: torch.Tensor, closure: Callable[[], ClosureOutput]) -> None:
+        with self._timer.phase("optimizer"):
+            self.log_vars_optimizer.step()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"log_vars": self.log_vars.detach().clone(), "optimizer": self.log_vars_optimizer.state_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        with torch.no_grad():
+            self.log_vars.copy_(state_dict["log_vars"])
+        self.log_vars_optimizer.load_state_dict(state_dict["optimizer"])
