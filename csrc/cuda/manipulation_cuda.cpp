@@ -2,8 +2,11 @@
 // as the CPU binding (csrc/manipulation/bindings.h), then the launchers of
 // manipulation_kernels.cu on the current stream. Nothing here waits for the GPU.
 #include <ATen/Dispatch.h>
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime_api.h>
 #include <torch/library.h>
 
 #include "../manipulation/bindings.h"
@@ -19,10 +22,14 @@ namespace {
 template <typename Solver>
 void run_one_block(const Solver& solver, const char* op) {
   const std::size_t bytes = one_block_shared_bytes<Solver>(solver.K);
-  const std::size_t available = at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
-  TORCH_CHECK(bytes <= available, op, ": K = ", solver.K, " tasks need ", bytes,
+  // Asked of the runtime directly (a cached attribute, no sync) rather than through
+  // ATen/cuda/CUDAContext.h, which drags in the cuBLAS/cuSPARSE headers.
+  int available = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&available, cudaDevAttrMaxSharedMemoryPerBlockOptin,
+                                        c10::cuda::current_device()));
+  TORCH_CHECK(bytes <= static_cast<std::size_t>(available), op, ": K = ", solver.K, " tasks need ", bytes,
               " bytes of shared memory, more than the ", available, " this GPU gives a block");
-  const cudaError_t error = launch_one_block(solver, at::cuda::getCurrentCUDAStream());
+  const cudaError_t error = launch_one_block(solver, c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(error == cudaSuccess, op, ": kernel launch failed: ", cudaGetErrorString(error));
 }
 
@@ -130,7 +137,7 @@ at::Tensor graddrop_cuda(const at::Tensor& jacobian_in, const at::Tensor& leak_i
   AT_DISPATCH_FLOATING_TYPES(jacobian.scalar_type(), "graddrop", [&] {
     const cudaError_t error =
         launch_graddrop(jacobian.const_data_ptr<scalar_t>(), leak.const_data_ptr<scalar_t>(), K, P, seed, offset,
-                        update.mutable_data_ptr<scalar_t>(), at::cuda::getCurrentCUDAStream());
+                        update.mutable_data_ptr<scalar_t>(), c10::cuda::getCurrentCUDAStream());
     TORCH_CHECK(error == cudaSuccess, "graddrop: kernel launch failed: ", cudaGetErrorString(error));
   });
   return update;
