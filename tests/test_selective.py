@@ -523,22 +523,6 @@ def test_no_host_sync_in_a_step_except_reading_the_new_groups():
     assert len(groups_calls) == 2  # batches 2 and 6 regroup; the other batches read nothing
 
 
-# --------------------------------------------------------------------------- (12) the README example
-
-
-def test_the_readme_example_runs():
-    from pathlib import Path
-
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    section = readme.split("## SelectiveGroupUpdate", 1)[1].split("\n## ", 1)[0]
-    example = section.split("```python\n", 1)[1].split("```", 1)[0]
-    namespace: dict = {}
-    exec(compile(example, "README.md (SelectiveGroupUpdate)", "exec"), namespace)
-    sel = namespace["sel"]
-    assert sel.batches == 200 and sorted(sum(sel.groups, [])) == [0, 1, 2, 3]
-    assert torch.isfinite(sel.affinity).all() and sel.affinity.abs().sum() > 0
-
-
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("attribution", ["paper", "reference"])
