@@ -152,12 +152,7 @@ class ReferenceLoop(MultiTaskMethod):
 
     def step(self, closure: Callable[[], ClosureOutput]) -> torch.Tensor:
         self._timer.reset()
-        if self._steps_done < self.warmup_steps:
-            order = [[task] for task in range(self.num_tasks)]
-        else:
-            with self._timer.phase("affinity"):
-                self.groups = self.tracker.next_groups(self.groups)
-            order = list(self.groups)
+        order = list(self.groups)
         random.shuffle(order)
         self.tracker.start_batch()
         if len(order) == 1:
@@ -175,6 +170,12 @@ class ReferenceLoop(MultiTaskMethod):
             with self._timer.phase("affinity"):
                 self.tracker.update(group, losses)
         self._steps_done += 1
+        # The reference regroups at the start of every batch after warm-up; doing it at the
+        # end of the previous one is the same work in the same sequence, and keeps
+        # `groups` what the coming batch uses (as SelectiveGroupUpdate's does).
+        if self._steps_done >= self.warmup_steps:
+            with self._timer.phase("affinity"):
+                self.groups = self.tracker.next_groups(self.groups)
         return detached(first)
 
 
