@@ -23,6 +23,8 @@ GroupSpec = torch.Tensor | Sequence[int]
 #: at most this many tries in all.
 MAX_GROUPING_TRIES = 10
 CONVERGENCE_ITER_STEP = 100
+#: Distinct index lists whose device masks AffinityTracker.group_mask keeps.
+MAX_CACHED_MASKS = 1024
 
 
 class AffinityTracker:
@@ -81,9 +83,9 @@ class AffinityTracker:
     def group_mask(self, group: GroupSpec) -> torch.Tensor:
         """The bool[K] mask of ``group`` on the tracker's device.
 
-        A sequence of task indices is turned into a mask without a device sync (built
-        on the host, copied once and cached per distinct sequence); a bool tensor of K
-        entries is moved to the tracker's device as is.
+        A sequence of task indices is turned into a mask without a device sync
+        (:func:`group_masks`, cached per distinct sequence); a bool tensor of K entries
+        is moved to the tracker's device as is.
         """
         if isinstance(group, torch.Tensor):
             if group.dtype != torch.bool or group.shape != (self.num_tasks,):
@@ -95,12 +97,9 @@ class AffinityTracker:
         key = tuple(group)  # the cache is keyed by the group as given: no sort on the hot path
         mask = self._mask_cache.get(key)
         if mask is None:
-            tasks = [int(task) for task in key]
-            if len(set(tasks)) != len(tasks) or any(not 0 <= task < self.num_tasks for task in tasks):
-                raise ValueError(f"group must hold distinct task indices in [0, {self.num_tasks}), got {list(group)}")
-            host = torch.zeros(self.num_tasks, dtype=torch.bool)
-            host[tasks] = True
-            mask = host.to(self.device)
+            if len(self._mask_cache) >= MAX_CACHED_MASKS:
+                self._mask_cache.clear()  # groups drawn anew every batch must not grow it forever
+            mask = group_masks([key], self.num_tasks, self.device)[0]
             self._mask_cache[key] = mask
         return mask
 
@@ -170,6 +169,24 @@ class AffinityTracker:
             raise ValueError(f"decay must be in (0, 1], got {decay!r}")
         self._affinity.copy_(affinity)
         self.decay = decay
+
+
+def group_masks(groups: Sequence[Sequence[int]], num_tasks: int, device: torch.device | str) -> torch.Tensor:
+    """The M×K bool masks of ``groups`` (sequences of distinct task indices) on ``device``.
+
+    Built on the host and copied without a host sync: through pinned memory with
+    ``non_blocking=True`` on CUDA (the pinned block is held until the copy is done).
+    """
+    masks = torch.zeros(len(groups), num_tasks, dtype=torch.bool)
+    for m, group in enumerate(groups):
+        tasks = [int(task) for task in group]
+        if len(set(tasks)) != len(tasks) or any(not 0 <= task < num_tasks for task in tasks):
+            raise ValueError(f"group must hold distinct task indices in [0, {num_tasks}), got {list(group)}")
+        masks[m, tasks] = True
+    device = torch.device(device)
+    if device.type == "cuda":
+        return masks.pin_memory().to(device, non_blocking=True)
+    return masks.to(device)
 
 
 def labels_to_groups(labels: Sequence[int]) -> list[list[int]]:

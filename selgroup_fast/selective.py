@@ -18,7 +18,7 @@ from typing import Any, Callable, Union
 import torch
 import torch.distributed as dist
 
-from .affinity import AffinityTracker
+from .affinity import AffinityTracker, group_masks
 from .losses import ClosureOutput
 from .methods.base import MultiTaskMethod, detached
 
@@ -319,13 +319,7 @@ class SelectiveGroupUpdate(MultiTaskMethod):
 
     def _set_groups(self, groups: Sequence[Sequence[int]]) -> None:
         self._groups = [sorted(int(k) for k in group) for group in groups]
-        masks = torch.zeros(len(self._groups), self.num_tasks, dtype=torch.bool)
-        for m, group in enumerate(self._groups):
-            masks[m, group] = True
-        if self.device.type == "cuda":
-            # Pinned + non_blocking: the copy is queued on the stream, the host does not wait.
-            masks = masks.pin_memory().to(self.device, non_blocking=True)
-        self._group_masks = masks
+        self._group_masks = group_masks(self._groups, self.num_tasks, self.device)
 
     # ------------------------------------------------------------------ checks and setup
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -122,3 +124,12 @@ def test_non_finite_losses_never_reach_the_affinity() -> None:
     tracker.update([0, 1], torch.tensor([float("nan"), 1.0, 0.0]), torch.tensor([1.0, float("inf"), 1.0]))
     assert torch.equal(tracker.affinity, torch.zeros(3, 3))
     assert ops.group_similarity(tracker.affinity).isfinite().all()
+
+
+def test_group_mask_cache_stays_bounded_and_masks_stay_right() -> None:
+    tracker = selgroup_fast.AffinityTracker(11)
+    groups = [g for size in range(1, 12) for g in itertools.combinations(range(11), size)][:1100]
+    for group in groups:
+        mask = tracker.group_mask(group)
+        assert mask.tolist() == [k in group for k in range(11)]
+    assert len(groups) > affinity_module.MAX_CACHED_MASKS >= len(tracker._mask_cache) > 0
