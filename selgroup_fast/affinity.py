@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from . import ops
+from .checks import check_decay, check_int
 
 __all__ = ["AffinityTracker"]
 
@@ -56,14 +57,11 @@ class AffinityTracker:
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
     ) -> None:
-        if isinstance(num_tasks, bool) or not isinstance(num_tasks, int) or num_tasks < 1:
-            raise ValueError(f"num_tasks must be a positive int, got {num_tasks!r}")
-        if not 0.0 < float(decay) <= 1.0:
-            raise ValueError(f"decay must be in (0, 1], got {decay!r}")
+        check_int("num_tasks", num_tasks)
         if dtype not in (torch.float32, torch.float64):
             raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
         self.num_tasks = num_tasks
-        self.decay = float(decay)
+        self.decay = check_decay(decay)
         self._affinity = torch.zeros(num_tasks, num_tasks, device=device, dtype=dtype)
         self._mask_cache: dict[tuple[int, ...], torch.Tensor] = {}
 
@@ -164,9 +162,7 @@ class AffinityTracker:
         if not isinstance(affinity, torch.Tensor) or affinity.shape != self._affinity.shape:
             shape = tuple(affinity.shape) if isinstance(affinity, torch.Tensor) else type(affinity).__name__
             raise ValueError(f"affinity must be a tensor of shape {tuple(self._affinity.shape)}, got {shape}")
-        decay = float(state_dict.get("decay", self.decay))
-        if not 0.0 < decay <= 1.0:
-            raise ValueError(f"decay must be in (0, 1], got {decay!r}")
+        decay = check_decay(state_dict.get("decay", self.decay))
         self._affinity.copy_(affinity)
         self.decay = decay
 

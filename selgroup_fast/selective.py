@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from .affinity import AffinityTracker, group_masks
+from .checks import check_int
 from .losses import ClosureOutput
 from .methods.base import MultiTaskMethod, detached
 
@@ -128,9 +129,9 @@ class SelectiveGroupUpdate(MultiTaskMethod):
         profile: bool = False,
     ) -> None:
         super().__init__(optimizer, num_tasks, profile=profile)
-        _check_int("warmup_steps", warmup_steps, minimum=0)
-        _check_int("regroup_every", regroup_every, minimum=1)
-        _check_int("convergence_iter", convergence_iter, minimum=1)
+        check_int("warmup_steps", warmup_steps, minimum=0)
+        check_int("regroup_every", regroup_every, minimum=1)
+        check_int("convergence_iter", convergence_iter, minimum=1)
         if order not in ORDERS:
             raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
         if attribution not in ATTRIBUTIONS:
@@ -374,11 +375,6 @@ class SelectiveGroupUpdate(MultiTaskMethod):
 
 
 # ---------------------------------------------------------------------- helpers
-
-
-def _check_int(name: str, value: Any, *, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
 
 
 def _check_partition(groups: list[list[int]], num_tasks: int) -> None:

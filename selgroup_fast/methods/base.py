@@ -7,6 +7,7 @@ from typing import Any, Callable
 
 import torch
 
+from ..checks import check_int
 from ..losses import ClosureOutput, task_losses
 from ..profiling import PhaseTimer
 
@@ -32,8 +33,7 @@ class MultiTaskMethod(abc.ABC):
     def __init__(self, optimizer: torch.optim.Optimizer, num_tasks: int, *, profile: bool = False) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-        if isinstance(num_tasks, bool) or not isinstance(num_tasks, int) or num_tasks < 1:
-            raise ValueError(f"num_tasks must be a positive int, got {num_tasks!r}")
+        check_int("num_tasks", num_tasks)
         self.optimizer = optimizer
         self.num_tasks = num_tasks
         self.device = optimizer_device(optimizer)

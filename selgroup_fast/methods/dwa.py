@@ -6,6 +6,7 @@ from typing import Any, Callable
 
 import torch
 
+from ..checks import check_int
 from ..losses import ClosureOutput
 from .loss_weighting import LossWeightingMethod
 
@@ -53,10 +54,8 @@ class DWA(LossWeightingMethod):
         super().__init__(optimizer, num_tasks, profile=profile)
         if temp <= 0:
             raise ValueError(f"temp must be > 0, got {temp}")
-        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
-            raise ValueError(f"window must be a positive int, got {window!r}")
         self.temp = float(temp)
-        self.window = window
+        self.window = check_int("window", window)
         self.steps = 0
         dtype = optimizer.param_groups[0]["params"][0].dtype
         zeros = torch.zeros(num_tasks, device=self.device, dtype=dtype)

@@ -7,6 +7,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from .. import ops
+from ..checks import check_int
 from ..losses import ClosureOutput
 from .base import detached
 from .gradient import WeightingMethod
@@ -71,10 +72,8 @@ class NashMTL(WeightingMethod):
         profile: bool = False,
     ) -> None:
         super().__init__(optimizer, num_tasks, shared_params=shared_params, jacobian=jacobian, profile=profile)
-        if isinstance(update_weights_every, bool) or not isinstance(update_weights_every, int) or update_weights_every < 1:
-            raise ValueError(f"update_weights_every must be a positive int, got {update_weights_every!r}")
         self.max_norm = float(max_norm)
-        self.update_weights_every = update_weights_every
+        self.update_weights_every = check_int("update_weights_every", update_weights_every)
         dtype = self._jacobian.matrix.dtype
         #: The current bargaining weights (ones before the first update, as the authors start).
         self.alpha = torch.ones(num_tasks, device=self.device, dtype=dtype)
