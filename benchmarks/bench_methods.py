@@ -42,6 +42,7 @@ from typing import Callable, Optional
 import torch
 
 import selgroup_fast
+from selgroup_fast.bench.report import cpu_model
 from selgroup_fast.methods.jacobian import TaskJacobian
 
 GRADIENT_METHODS = ["pcgrad", "cagrad", "mgda", "graddrop", "imtl", "aligned_mtl", "nash_mtl"]
@@ -176,8 +177,8 @@ def run(args: argparse.Namespace) -> str:
         "# Baselines: per-step time on the CPU, selgroup_fast vs TorchJD",
         "",
         f"- date: {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
-        f"- machine: {platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch thread(s); "
-        "the CPU is shared with other jobs, so absolute times are noisy — the ratios of interleaved runs are the result",
+        f"- machine: {cpu_model()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch thread(s); "
+        "the two libraries' steps run interleaved, so read the ratios: absolute times move with the machine's load",
         f"- versions: Python {platform.python_version()}, torch {torch.__version__}, timm {timm.__version__}, "
         f"torchjd {version('torchjd')}, selgroup_fast {selgroup_fast.__version__}",
         f"- command: `python {' '.join(sys.argv)}`",

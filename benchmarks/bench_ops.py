@@ -37,6 +37,7 @@ from sklearn.cluster import AffinityPropagation
 import selgroup_fast
 from reference_loop import CONVERGENCE_ITER, DECAY, ReferenceAffinity  # beside this script
 from selgroup_fast import ops
+from selgroup_fast.bench.report import cpu_model
 
 
 def update_sequence(num_tasks: int, num_batches: int, seed: int = 0) -> list[tuple[list[int], torch.Tensor, torch.Tensor]]:
@@ -136,17 +137,6 @@ def markdown(rows: list[dict[str, object]]) -> str:
             f"{r['sklearn_ap'] / r['ours_ap']:.0f}× |"
         )
     return "\n".join(lines)
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def main() -> None:
