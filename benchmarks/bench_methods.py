@@ -1,9 +1,10 @@
 """Per-step time of every baseline of ``selgroup_fast.methods`` next to TorchJD's, on the CPU.
 
-The model: a small timm ViT (``vit_tiny_patch16_224`` rebuilt for 32×32 inputs with
-8×8 patches; random weights, nothing is downloaded) as the shared encoder, and K
-single-conv heads (1×1 conv, one output channel) on the grid of patch tokens, each
-with its own MSE target. Every method starts from the same weights and batch, runs
+The model: selgroup-bench's (``selgroup_fast.bench.MultiTaskViT``): a small timm ViT
+(``vit_tiny_patch16_224`` rebuilt for 32×32 inputs with 8×8 patches; random weights,
+nothing is downloaded) as the shared encoder, and K tasks of the NYUD kinds in turn,
+each a 1×1-conv decoder on the grid of patch tokens with a cross-entropy or L1 loss
+on a synthetic dense target. Every method starts from the same weights and batch, runs
 ``--warmup`` steps, then ``--steps`` timed steps (wall clock); the table reports the
 median ms/step and the ratio TorchJD / ours (> 1: ours is faster). The two
 libraries' steps of one method are interleaved one by one, so that a load change
@@ -42,6 +43,7 @@ from typing import Callable, Optional
 import torch
 
 import selgroup_fast
+from selgroup_fast.bench import MultiTaskViT, SyntheticBatch, parse_tasks, synthetic_batch, task_losses
 from selgroup_fast.bench.report import cpu_model
 from selgroup_fast.methods.jacobian import TaskJacobian
 
@@ -50,28 +52,9 @@ LOSS_METHODS = ["uw", "dwa", "famo", "dtp"]
 ALL_METHODS = ["gd", *GRADIENT_METHODS, *LOSS_METHODS]
 
 
-class MultiTaskViT(torch.nn.Module):
-    """A timm ViT encoder and K 1×1-conv heads on its patch-token grid."""
-
-    def __init__(self, num_tasks: int, img_size: int, patch_size: int) -> None:
-        super().__init__()
-        import timm
-
-        self.encoder = timm.create_model(
-            "vit_tiny_patch16_224", pretrained=False, img_size=img_size, patch_size=patch_size, num_classes=0
-        )
-        self.grid = img_size // patch_size
-        width = self.encoder.embed_dim
-        self.heads = torch.nn.ModuleList(torch.nn.Conv2d(width, 1, kernel_size=1) for _ in range(num_tasks))
-
-    def features(self, images: torch.Tensor) -> torch.Tensor:
-        """The encoder's output tokens (B × (1 + N) × C), the last shared representation."""
-        return self.encoder.forward_features(images)
-
-    def losses(self, features: torch.Tensor, targets: torch.Tensor) -> list[torch.Tensor]:
-        patches = features[:, self.encoder.num_prefix_tokens :]
-        grid = patches.transpose(1, 2).reshape(patches.shape[0], -1, self.grid, self.grid)
-        return [torch.nn.functional.mse_loss(head(grid), targets[:, k : k + 1]) for k, head in enumerate(self.heads)]
+def losses_from(model: MultiTaskViT, features: torch.Tensor, batch: SyntheticBatch) -> list[torch.Tensor]:
+    """The K task losses from the shared features (the tensor TorchJD's ``mtl_backward`` needs)."""
+    return task_losses(model.decode(features), batch.targets, model.tasks)
 
 
 def median_ms(*steps_to_time: Optional[Callable[[], object]], warmup: int, steps: int) -> list[Optional[float]]:
@@ -93,23 +76,23 @@ def median_ms(*steps_to_time: Optional[Callable[[], object]], warmup: int, steps
     return [None if step is None else 1000.0 * statistics.median(times[id(step)]) for step in steps_to_time]
 
 
-def ours_step(name: str, model: MultiTaskViT, images: torch.Tensor, targets: torch.Tensor, lr: float, window: int) -> Callable[[], object]:
+def ours_step(name: str, model: MultiTaskViT, batch: SyntheticBatch, lr: float, window: int) -> Callable[[], object]:
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
     # FAMO without the authors' gradient clipping: TorchJD's FAMO does not clip, so both do the same work.
     options = {"pcgrad": {"seed": 0}, "graddrop": {"seed": 0}, "dwa": {"window": window}, "famo": {"max_norm": 0.0}}.get(name, {})
     method = selgroup_fast.methods.create(
-        name, optimizer, len(model.heads), shared_params=model.encoder.parameters(), **options
+        name, optimizer, len(model.tasks), shared_params=model.shared_parameters(), **options
     )
-    return lambda: method.step(lambda: model.losses(model.features(images), targets))
+    return lambda: method.step(lambda: losses_from(model, model.features(batch.images), batch))
 
 
-def torchjd_step(name: str, model: MultiTaskViT, images: torch.Tensor, targets: torch.Tensor, lr: float, window: int) -> Optional[Callable[[], object]]:
+def torchjd_step(name: str, model: MultiTaskViT, batch: SyntheticBatch, lr: float, window: int) -> Optional[Callable[[], object]]:
     """One TorchJD training step for ``name``, or None where TorchJD has no such method."""
     from torchjd import aggregation, scalarization
     from torchjd.autojac import jac_to_grad, mtl_backward
 
-    num_tasks = len(model.heads)
-    shared = list(model.encoder.parameters())
+    num_tasks = len(model.tasks)
+    shared = model.shared_parameters()
     aggregators = {
         "pcgrad": lambda: aggregation.PCGrad(),
         "cagrad": lambda: aggregation.CAGrad(c=0.4),
@@ -125,8 +108,8 @@ def torchjd_step(name: str, model: MultiTaskViT, images: torch.Tensor, targets: 
 
         def step() -> None:
             optimizer.zero_grad()
-            features = model.features(images)
-            mtl_backward(model.losses(features, targets), features=features)
+            features = model.features(batch.images)
+            mtl_backward(losses_from(model, features, batch), features=features)
             jac_to_grad(shared, aggregator)
             optimizer.step()
 
@@ -146,12 +129,12 @@ def torchjd_step(name: str, model: MultiTaskViT, images: torch.Tensor, targets: 
 
     def step() -> None:
         optimizer.zero_grad()
-        losses = torch.stack(model.losses(model.features(images), targets))
+        losses = torch.stack(losses_from(model, model.features(batch.images), batch))
         scalarizer(losses).backward()
         optimizer.step()
         if name == "famo":
             with torch.no_grad():
-                scalarizer.update(torch.stack(model.losses(model.features(images), targets)))
+                scalarizer.update(torch.stack(losses_from(model, model.features(batch.images), batch)))
         if name == "dwa":
             counter[0] += 1
             if counter[0] % window == 0:
@@ -160,9 +143,9 @@ def torchjd_step(name: str, model: MultiTaskViT, images: torch.Tensor, targets: 
     return step
 
 
-def jacobian_step(model: MultiTaskViT, images: torch.Tensor, targets: torch.Tensor, mode: str) -> Callable[[], object]:
-    jac = TaskJacobian(model.encoder.parameters(), len(model.heads), mode=mode)
-    return lambda: jac.compute(model.losses(model.features(images), targets))
+def jacobian_step(model: MultiTaskViT, batch: SyntheticBatch, mode: str) -> Callable[[], object]:
+    jac = TaskJacobian(model.shared_parameters(), len(model.tasks), mode=mode)
+    return lambda: jac.compute(losses_from(model, model.features(batch.images), batch))
 
 
 def run(args: argparse.Namespace) -> str:
@@ -183,21 +166,22 @@ def run(args: argparse.Namespace) -> str:
         f"torchjd {version('torchjd')}, selgroup_fast {selgroup_fast.__version__}",
         f"- command: `python {' '.join(sys.argv)}`",
         f"- model: timm vit_tiny_patch16_224 (random weights) at {args.img_size}×{args.img_size}, patch {args.patch_size}, "
-        f"batch {args.batch}, K single 1×1-conv heads on the patch tokens, MSE; SGD lr {args.lr}",
+        f"batch {args.batch}, K tasks of selgroup-bench's model (1×1-conv decoders on the patch-token grid, "
+        f"cross-entropy and L1 losses, the NYUD kinds in turn); SGD lr {args.lr}",
         f"- timing: {args.warmup} warm-up steps, then the median of {args.steps} steps (ms/step), the two libraries' steps "
         "interleaved one by one in alternating order; ratio = TorchJD / ours (> 1: ours faster)",
         "",
     ]
     lines += header
     for num_tasks in args.tasks:
-        template = MultiTaskViT(num_tasks, args.img_size, args.patch_size)
-        images = torch.randn(args.batch, 3, args.img_size, args.img_size)
-        targets = torch.randn(args.batch, num_tasks, template.grid, template.grid)
+        tasks = parse_tasks(str(num_tasks))
+        template = MultiTaskViT(tasks, "vit_tiny_patch16_224", args.img_size, args.patch_size)
+        batch = synthetic_batch(tasks, args.batch, args.img_size, "cpu", torch.float32, seed=0)
         lines += [f"## K = {num_tasks}", "", "| method | ours (ms/step) | TorchJD (ms/step) | ratio |", "|---|---:|---:|---:|"]
         for name in args.methods:
             ours, theirs = median_ms(
-                ours_step(name, copy.deepcopy(template), images, targets, args.lr, args.dwa_window),
-                torchjd_step(name, copy.deepcopy(template), images, targets, args.lr, args.dwa_window),
+                ours_step(name, copy.deepcopy(template), batch, args.lr, args.dwa_window),
+                torchjd_step(name, copy.deepcopy(template), batch, args.lr, args.dwa_window),
                 warmup=args.warmup,
                 steps=args.steps,
             )
@@ -207,13 +191,13 @@ def run(args: argparse.Namespace) -> str:
                 lines.append(f"| {name} | {ours:.1f} | {theirs:.1f} | {theirs / ours:.2f} |")
             print(lines[-1], flush=True)
         model = copy.deepcopy(template)
-        shared = sum(p.numel() for p in model.encoder.parameters())
+        shared = sum(p.numel() for p in model.shared_parameters())
         lines += ["", f"Jacobian alone (forward + per-task gradients of the {shared:,} shared parameters), `jacobian=`:", ""]
         for threads in sorted({args.threads, os.cpu_count() or 1}):
             torch.set_num_threads(threads)
             batched, loop = median_ms(
-                jacobian_step(model, images, targets, "batched"),
-                jacobian_step(model, images, targets, "loop"),
+                jacobian_step(model, batch, "batched"),
+                jacobian_step(model, batch, "loop"),
                 warmup=args.warmup,
                 steps=args.steps,
             )

@@ -141,13 +141,16 @@ class MultiTaskViT(nn.Module):
             )
         return patches.transpose(1, 2).reshape(patches.shape[0], patches.shape[2], height, width)
 
-    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
-        fmap = self.features(images)
+    def decode(self, features: torch.Tensor) -> list[torch.Tensor]:
+        """The task decoders on the shared feature map: one dense map per task at the image size."""
         size = (self.img_size, self.img_size)
         return [
-            F.interpolate(decoder(fmap), size=size, mode="bilinear", align_corners=False)
+            F.interpolate(decoder(features), size=size, mode="bilinear", align_corners=False)
             for decoder in self.decoders
         ]
+
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        return self.decode(self.features(images))
 
 
 @dataclass

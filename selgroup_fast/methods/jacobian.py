@@ -12,13 +12,13 @@ either
 * ``"loop"``: K ordinary backwards, one task at a time (what the authors'
   reference implementations do; also the fallback for layers without vmap support).
 
-Measured on this project's 2-core CPU machine (``benchmarks/results/methods_cpu.md``,
-the benchmark's ViT, interleaved runs): with torch's default threads (2, on cores
-shared with other jobs) the batched backward is 1.5–6× faster across runs (K×
-fewer ops, so K× fewer thread synchronisations); with one thread the two are
-within 15% (the loop slightly ahead; on the tests' tiny MLP the loop is 2× ahead).
-The batched one is never far behind and far ahead where threads contend, hence
-the default; a GPU (fewer kernel launches) was not measured here.
+Measured on this project's idle 2-core CPU machine (``benchmarks/results/methods_cpu.md``,
+the benchmark's ViT, interleaved runs): with one thread the loop is 10–13 % faster,
+with two threads the two are equal. On the CPU, torch has no vmap batching rule for
+the flash-attention backward, so the batched mode falls back to a per-task loop
+inside every attention layer. The default stays ``"batched"`` because it issues one
+backward instead of K, which matters where kernel launches dominate (a GPU, not
+measured here); on the CPU, ``"loop"`` is the measured choice.
 
 The result is written into a buffer allocated once and reused at every step,
 on the parameters' device; nothing is copied through the host. The update
