@@ -13,8 +13,9 @@ import torch
 import selgroup_fast
 from selgroup_fast import SelectiveGroupUpdate
 
-from selective_helpers import TinyMultiTask, make_problem, reference_affinity_update, regression_losses
-from selective_helpers import one_thread  # noqa: F401  (autouse fixture: one intra-op thread)
+from conftest import TinyMultiTask, make_problem, regression_losses
+from reference import affinity_update_reference
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def hand_written_batch(model, optimizer, x, y, visits: list[list[int]], normalize: bool = False) -> list[list[float]]:
@@ -38,7 +39,7 @@ def reference_affinity(recorded: list[list[float]], visits: list[list[int]], att
     affinity = torch.zeros(num_tasks, num_tasks, dtype=torch.float64) if start is None else start.clone()
     for m in range(1, len(recorded)):
         credited = visits[m - 1] if attribution == "paper" else visits[m]
-        affinity = reference_affinity_update(affinity, recorded[m - 1], recorded[m], credited, decay)
+        affinity = affinity_update_reference(affinity, recorded[m - 1], recorded[m], credited, decay)
     return affinity
 
 

@@ -9,8 +9,9 @@ import torch
 
 from selgroup_fast import SelectiveGroupUpdate
 
-from selective_helpers import TinyMultiTask, make_problem, reference_affinity_update, regression_losses
-from selective_helpers import one_thread  # noqa: F401  (autouse fixture: one intra-op thread)
+from conftest import TinyMultiTask, make_problem, regression_losses
+from reference import affinity_update_reference
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def cpu_scaler(**options) -> torch.amp.GradScaler:
@@ -47,7 +48,7 @@ def test_a_skipped_step_is_not_credited_and_the_others_are():
         backward_count[0] += 1
         return grad * math.inf if backward_count[0] - 1 in poison_step else grad
 
-    model.encoder.weight.register_hook(poison)
+    model.encoder[0].weight.register_hook(poison)
 
     def closure():
         losses = regression_losses(model, x, y)
@@ -67,12 +68,12 @@ def test_a_skipped_step_is_not_credited_and_the_others_are():
     expected = start
     for m, group in enumerate(groups):  # forwards m -> m+1 bracket group m's step
         if m != 1:
-            expected = reference_affinity_update(expected, recorded[m], recorded[m + 1], group, 0.3)
+            expected = affinity_update_reference(expected, recorded[m], recorded[m + 1], group, 0.3)
     torch.testing.assert_close(sel.affinity.double(), expected, rtol=1e-5, atol=1e-7)  # float32 tracker
     # The naive crediting (r = 0 for the skipped step) would have decayed row 1 towards 0.
     assert sel.affinity[1].abs().sum() > 0
     torch.testing.assert_close(sel.affinity[1], start[1].float(), rtol=0, atol=0)
-    assert not torch.equal(model.encoder.weight, params_before[0])  # the other steps happened
+    assert not torch.equal(model.encoder[0].weight, params_before[0])  # the other steps happened
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["adam", "adam-fused"])
@@ -86,7 +87,7 @@ def test_a_batch_of_only_skipped_steps_leaves_everything_unchanged(fused):
     for _ in range(3):
         sel.step(lambda: regression_losses(model, x, y))
     affinity, params = sel.affinity.clone(), [p.detach().clone() for p in model.parameters()]
-    handle = model.encoder.bias.register_hook(lambda grad: grad * math.nan)
+    handle = model.encoder[0].bias.register_hook(lambda grad: grad * math.nan)
     steps = len(sel.groups) if len(sel.groups) > 1 else 2
     sel.step(lambda: regression_losses(model, x, y))
     handle.remove()

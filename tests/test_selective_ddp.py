@@ -15,7 +15,7 @@ import torch.multiprocessing as mp
 
 from selgroup_fast import SelectiveGroupUpdate
 
-from selective_helpers import TinyMultiTask, regression_losses
+from conftest import TinyMultiTask, regression_losses
 
 WORLD_SIZE = 2
 WARMUP = 5
