@@ -41,10 +41,9 @@ from typing import Any
 import torch
 from sklearn.cluster import AffinityPropagation
 
-from selgroup_fast.bench import BenchConfig, MethodResult, run_method
-from selgroup_fast.bench.cli import add_run_arguments, describe, run_settings
+from selgroup_fast.bench import MethodResult, ModelError, prepare_workload, run_methods
+from selgroup_fast.bench.cli import UsageError, add_run_arguments, describe, run_settings
 from selgroup_fast.bench.report import environment, markdown_table
-from selgroup_fast.bench.timing import Workload, prepare_workload, warm_up_process
 from selgroup_fast.losses import ClosureOutput
 from selgroup_fast.methods import MultiTaskMethod
 from selgroup_fast.methods.base import detached
@@ -179,25 +178,23 @@ class ReferenceLoop(MultiTaskMethod):
         return detached(first)
 
 
-def create_reference(
+LIBRARY = "SelectiveGroupUpdate"
+REFERENCE = "reference loop"
+
+
+def create_loop(
     name: str, optimizer: torch.optim.Optimizer, num_tasks: int, shared_params: Any = None, **options: Any
-) -> ReferenceLoop:
-    """A :class:`ReferenceLoop` built with ``methods.create``'s signature (what the timing loop calls)."""
-    return ReferenceLoop(optimizer, num_tasks, **options)
+) -> MultiTaskMethod:
+    """The reference loop or ``SelectiveGroupUpdate`` with the reference's crediting, by ``name``.
 
-
-def run_library_half(workload: Workload, config: BenchConfig) -> MethodResult:
-    """``SelectiveGroupUpdate`` with the reference's crediting, timed by the bench's loop."""
+    Built with ``methods.create``'s signature (what the timing loop calls); ``options``
+    are the bench's (``profile``; ``warmup_steps`` is passed by the caller's closure).
+    """
+    if name == REFERENCE:
+        return ReferenceLoop(optimizer, num_tasks, **options)
     from selgroup_fast import SelectiveGroupUpdate
 
-    def create_library(
-        name: str, optimizer: torch.optim.Optimizer, num_tasks: int, shared_params: Any = None, **options: Any
-    ) -> SelectiveGroupUpdate:
-        return SelectiveGroupUpdate(optimizer, num_tasks, attribution="reference", **options)
-
-    return run_method(
-        "SelectiveGroupUpdate", workload, config, create=create_library, options={"warmup_steps": config.warmup}
-    )
+    return SelectiveGroupUpdate(optimizer, num_tasks, attribution="reference", **options)
 
 
 def comparison_markdown(results: list[MethodResult]) -> str:
@@ -232,7 +229,7 @@ def comparison_markdown(results: list[MethodResult]) -> str:
         affinity_ratio = reference.phases["affinity"] / library_affinity if library_affinity else float("inf")
         text += (
             f"\nReference loop / SelectiveGroupUpdate: clustering + affinity {affinity_ratio:.1f}×, "
-            f"total per batch {reference.total / library.total:.2f}×.\n"
+            f"total per batch {reference.ratio:.2f}× ± {reference.ratio_mad:.2f} (paired per round, ± MAD).\n"
         )
     return text
 
@@ -252,22 +249,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
-    settings = run_settings(args)
-    config, tasks = settings.config, settings.tasks
-    print(f"reference_loop: {describe(settings)}", file=sys.stderr)
-    random.seed(config.seed)
-    workload = prepare_workload(tasks, config)
-    warm_up_process(workload, config)
-    results = []
-    if args.only in (None, "reference"):
-        results.append(
-            run_method(
-                "reference loop", workload, config, create=create_reference, options={"warmup_steps": config.warmup}
-            )
-        )
-    if args.only in (None, "library"):
-        results.append(run_library_half(workload, config))
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    names = [name for name, side in ((REFERENCE, "reference"), (LIBRARY, "library")) if args.only in (None, side)]
+    try:
+        settings = run_settings(args)
+        config = settings.config
+        print(f"reference_loop: {describe(settings)}", file=sys.stderr)
+        random.seed(config.seed)
+        workload = prepare_workload(settings.factory, config.request(settings.tasks))
+    except (UsageError, ModelError) as error:
+        parser.error(str(error))
+
+    def create(name: str, optimizer: torch.optim.Optimizer, num_tasks: int, **options: Any) -> MultiTaskMethod:
+        return create_loop(name, optimizer, num_tasks, **options, warmup_steps=config.warmup)
+
+    results: list[MethodResult] = run_methods(names, workload, config, create=create, baseline=LIBRARY)
 
     env = environment(config.device)
     machine, versions = env["machine"], env["versions"]
@@ -281,7 +278,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"* Machine: {machine['cpu']} ({machine['cpu_cores']} cores){gpu}",
             f"* Versions: {', '.join(f'{k} {v}' for k, v in versions.items() if v is not None)}",
             f"* Run: {describe(settings).splitlines()[0]}; both with warm-up {config.warmup} steps "
-            "(one group per task) before the measured steps, the reference's crediting, medians",
+            "(one group per task) before the measured steps, the reference's crediting, medians; the two loops "
+            "take turns round by round (selgroup-bench's interleaved rounds)",
             "",
             comparison_markdown(results),
         ]

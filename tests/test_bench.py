@@ -6,17 +6,36 @@ import csv
 import importlib.util
 import json
 import math
+import os
+import subprocess
 import sys
 from pathlib import Path
 
+import bench_toy_factory
 import pytest
 import torch
 import torch.nn.functional as F
 
 import selgroup_fast
-from selgroup_fast.bench import MultiTaskViT, main, median_breakdown, parse_tasks, synthetic_batch, task_losses
+from selgroup_fast.bench import (
+    BenchConfig,
+    ModelError,
+    ModelRequest,
+    MultiTaskViT,
+    load_factory,
+    main,
+    median_breakdown,
+    parse_tasks,
+    prepare_workload,
+    run_methods,
+    run_suite,
+    synthetic_batch,
+    task_losses,
+    vit_bench_model,
+    write_outputs,
+)
 from selgroup_fast.bench.cli import _int_list
-from selgroup_fast.bench.timing import MethodResult, default_methods, method_options, set_ratios_to_gd
+from selgroup_fast.bench.timing import MethodResult, default_methods, method_options, rotated, set_paired_ratios
 from selgroup_fast.methods import MultiTaskMethod
 from selgroup_fast.methods.base import detached
 from selgroup_fast.profiling import PHASES
@@ -52,7 +71,8 @@ def _assert_png(path: Path) -> None:
 
 def test_main_writes_every_report(tmp_path, capsys):
     names = default_methods()
-    assert main([*TINY, "--tasks", "3", "--steps", "2", "--warmup", "1", "--out", str(tmp_path)]) == 0
+    args = [*TINY, "--tasks", "3", "--rounds", "2", "--steps", "1", "--warmup", "1", "--out", str(tmp_path)]
+    assert main(args) == 0
 
     printed = capsys.readouterr().out
     assert "clustering + affinity" in printed and "Per-batch breakdown, K = 3" in printed
@@ -64,7 +84,11 @@ def test_main_writes_every_report(tmp_path, capsys):
     assert record["machine"]["cpu_cores"] >= 1 and record["machine"]["cpu"]
     assert record["versions"]["torch"] == torch.__version__
     assert record["versions"]["selgroup_fast"] == selgroup_fast.__version__
-    assert record["date"][:4].isdigit() and record["config"]["img_size"] == 32
+    assert record["date"][:4].isdigit() and record["config"]["rounds"] == 2 and record["config"]["amp"] is None
+    assert record["model"] == {
+        "factory": "selgroup_fast.bench.model:vit_bench_model",
+        "description": "test_vit (random init), 32 px images, patch 8",
+    }
     assert record["breakdown_num_tasks"] == 3
     (run,) = record["runs"]
     assert run["tasks"] == ["semseg", "depth", "normals"]
@@ -78,7 +102,13 @@ def test_main_writes_every_report(tmp_path, capsys):
         assert result["peak_memory_mib"] is None or result["peak_memory_mib"] >= 0
         if result["method"] == "selective":
             assert 1 <= result["groups_mean"] <= 3
-    assert run["results"][0]["ratio_to_gd"] == 1.0
+        assert result["steps"] == 2 and len(result["round_totals_s"]) == 2
+        gd_rounds = run["results"][0]["round_totals_s"]
+        ratios = [mine / gd for mine, gd in zip(result["round_totals_s"], gd_rounds)]
+        assert result["round_ratios_to_gd"] == pytest.approx(ratios)
+        assert result["ratio_to_gd"] == pytest.approx(sum(ratios) / 2)  # the median of two
+        assert result["ratio_to_gd_mad"] == pytest.approx(abs(ratios[0] - ratios[1]) / 2)
+    assert run["results"][0]["ratio_to_gd"] == 1.0 and run["results"][0]["ratio_to_gd_mad"] == 0.0
 
     with (tmp_path / "results.csv").open() as handle:
         rows = list(csv.DictReader(handle))
@@ -87,13 +117,14 @@ def test_main_writes_every_report(tmp_path, capsys):
 
     table = (tmp_path / "results.md").read_text().splitlines()
     header = next(line for line in table if line.startswith("| method"))
-    assert "forward" in header and "backprop" in header and "total (s)" in header and "× GD" in header
+    assert "forward" in header and "backprop" in header and "total (s)" in header and "× GD (± MAD)" in header
     body = [line for line in table if line.startswith("| ") and not line.startswith("| method")]
     assert [line.split("|")[1].strip() for line in body] == names
     assert all(line.count("|") == header.count("|") for line in body)
 
     summary = (tmp_path / "README.md").read_text()
     assert record["command"] in summary and record["machine"]["cpu"] in summary
+    assert any(note.startswith("GD drift: GD's median step per round") for note in record["notes"])
     assert "![breakdown](breakdown.png)" in summary
     _assert_png(tmp_path / "breakdown.png")
     assert not (tmp_path / "sweep.png").exists()
@@ -128,7 +159,7 @@ class ToyGroupedUpdate(MultiTaskMethod):
 
 def test_sweep_and_a_grouped_method(tmp_path, monkeypatch):
     monkeypatch.setitem(selgroup_fast.methods._REGISTRY, "selective", f"{__name__}:ToyGroupedUpdate")
-    args = [*TINY, "--methods", "gd,selective", "--tasks", "3", "--steps", "1", "--warmup", "2"]
+    args = [*TINY, "--methods", "gd,selective", "--tasks", "3", "--rounds", "1", "--steps", "1", "--warmup", "2"]
     assert main([*args, "--sweep-tasks", "2,3", "--out", str(tmp_path)]) == 0
     _assert_png(tmp_path / "sweep.png")
     record = json.loads((tmp_path / "results.json").read_text())
@@ -150,9 +181,176 @@ def test_sweep_and_a_grouped_method(tmp_path, monkeypatch):
     assert "![sweep](sweep.png)" in (tmp_path / "README.md").read_text()
 
 
-def test_unknown_method_is_rejected(tmp_path):
-    with pytest.raises(ValueError, match="unknown or unavailable method 'nope'.*gd"):
-        main([*TINY, "--methods", "nope", "--tasks", "2", "--steps", "1", "--warmup", "1", "--out", str(tmp_path)])
+# --- your own model (--model) and the Python API -----------------------------------------
+
+
+def test_a_user_factory_gets_the_same_outputs(tmp_path, capsys):
+    args = ["--model", "bench_toy_factory:build", "--methods", "gd,pcgrad,uw", "--tasks", "4", "--batch-size", "5"]
+    assert main([*args, "--rounds", "2", "--steps", "1", "--warmup", "1", "--sweep-tasks", "2", "--out", str(tmp_path)]) == 0
+    assert "Per-batch breakdown, K = 4" in capsys.readouterr().out
+    record = json.loads((tmp_path / "results.json").read_text())
+    assert record["model"] == {"factory": "bench_toy_factory:build", "description": "tiny MLP"}
+    assert record["breakdown_num_tasks"] == 4
+    assert [(run["num_tasks"], run["tasks"][-1]) for run in record["runs"]] == [(2, "task1"), (4, "task3")]
+    for run in record["runs"]:
+        assert [r["method"] for r in run["results"]] == ["gd", "pcgrad", "uw"]
+        assert all(r["total_s"] > 0 and r["backward_s"] > 0 for r in run["results"])
+        assert run["results"][1]["manipulation_s"] > 0  # PCGrad's projections ran on the toy's shared trunk
+    for name in ["results.csv", "results.md", "README.md"]:
+        assert (tmp_path / name).stat().st_size > 0
+    _assert_png(tmp_path / "breakdown.png")
+    _assert_png(tmp_path / "sweep.png")
+
+
+def test_a_factory_from_python_with_bf16_autocast(tmp_path):
+    config = BenchConfig(batch_size=4, rounds=2, steps=1, warmup=1, amp="bf16")
+    bench_toy_factory.AUTOCAST_SEEN.clear()
+    suite = run_suite(["gd", "famo"], config, bench_toy_factory.build, ["2"])
+    # every closure call ran under autocast, except build_model's check of the closure
+    assert bench_toy_factory.AUTOCAST_SEEN[0] is None
+    assert set(bench_toy_factory.AUTOCAST_SEEN[1:]) == {torch.bfloat16}
+    assert suite.model == "bench_toy_factory:build" and suite.breakdown == 2
+    written = write_outputs(suite, tmp_path, command="run_suite(...)")
+    assert {path.name for path in written} == {"results.json", "results.csv", "results.md", "README.md", "breakdown.png"}
+    record = json.loads((tmp_path / "results.json").read_text())
+    assert record["config"]["amp"] == "bf16" and record["command"] == "run_suite(...)"
+    assert any("torch.autocast(bf16)" in note for note in record["notes"])
+
+
+#: (method name, first shared weight before the step, after it) of every Recorder step, in order.
+RECORDER_LOG: list[tuple[str, float, float]] = []
+
+
+class Recorder(MultiTaskMethod):
+    """Logs its steps into RECORDER_LOG; SGD-steps unless frozen."""
+
+    def __init__(self, name, optimizer, num_tasks, *, frozen, profile=False):
+        super().__init__(optimizer, num_tasks, profile=profile)
+        self.name, self.frozen = name, frozen
+        self.weight = optimizer.param_groups[0]["params"][0]
+
+    def step(self, closure):
+        self._timer.reset()
+        before = self.weight.flatten()[0].item()
+        losses = self._forward(closure)
+        if not self.frozen:
+            self.optimizer.zero_grad()
+            torch.stack(losses).sum().backward()
+            self.optimizer.step()
+        RECORDER_LOG.append((self.name, before, self.weight.flatten()[0].item()))
+        return detached(losses)
+
+
+def test_interleaved_rounds_rotate_the_order_and_keep_each_method_s_weights():
+    workload = prepare_workload(bench_toy_factory.build, ModelRequest(tasks="2", batch_size=4))
+    initial = workload.bench.shared_params[0].flatten()[0].item()
+
+    def create(name, optimizer, num_tasks, shared_params=None, **options):
+        return Recorder(name, torch.optim.SGD(optimizer.param_groups[0]["params"], lr=0.5), num_tasks,
+                        frozen=name == "frozen", **options)
+
+    RECORDER_LOG.clear()
+    config = BenchConfig(batch_size=4, rounds=2, steps=2, warmup=1)
+    results = run_methods(["trained", "frozen"], workload, config, create=create, baseline="trained")
+    names = [name for name, _, _ in RECORDER_LOG]
+    # warm-up one after the other, then round 1 in the given order and round 2 rotated by 2 / 2 places
+    assert names == ["trained", "frozen", "trained", "trained", "frozen", "frozen", "frozen", "frozen", "trained", "trained"]
+    trained = [(before, after) for name, before, after in RECORDER_LOG if name == "trained"]
+    assert trained[0][0] == initial
+    assert all(after != before for before, after in trained)
+    assert all(trained[i][1] == trained[i + 1][0] for i in range(len(trained) - 1))  # its own weights, round to round
+    assert all(before == after == initial for name, before, after in RECORDER_LOG if name == "frozen")
+    assert [r.steps for r in results] == [4, 4] and [len(r.round_totals) for r in results] == [2, 2]
+    assert results[0].round_ratios == [1.0, 1.0]
+    assert results[1].round_ratios == pytest.approx([f / t for f, t in zip(results[1].round_totals, results[0].round_totals)])
+
+
+def test_rotation_and_paired_ratios_by_hand():
+    assert [rotated(list("ABCDEF"), r, 3) for r in range(3)] == [list("ABCDEF"), list("CDEFAB"), list("EFABCD")]
+    assert [rotated([1, 2], r, 4) for r in range(4)] == [[1, 2], [1, 2], [2, 1], [2, 1]]
+    phases = dict.fromkeys(PHASES, 0.0)
+    gd = MethodResult("gd", 4, phases, total=2.0, steps=3, round_totals=[2.0, 4.0, 1.0])
+    uw = MethodResult("uw", 4, phases, total=2.0, steps=3, round_totals=[2.2, 3.6, 1.0])
+    set_paired_ratios([gd, uw], "gd")
+    assert uw.round_ratios == pytest.approx([1.1, 0.9, 1.0])
+    assert uw.ratio == pytest.approx(1.0) and uw.ratio_mad == pytest.approx(0.1)
+    assert gd.ratio == 1.0 and gd.ratio_mad == 0.0
+    set_paired_ratios([uw], "gd")
+    assert uw.round_ratios is None and uw.ratio is None and uw.ratio_mad is None
+
+
+# --- clear errors: "selgroup-bench: error: ...", status 2, no traceback --------------------
+
+
+def _run_main_expecting_usage_error(args, capsys) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    (line,) = [line for line in err.splitlines() if line.startswith("selgroup-bench: error: ")]
+    return line
+
+
+RUN = ["--tasks", "2", "--rounds", "1", "--steps", "1", "--warmup", "1"]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--methods", "gd,nope"], "unknown or unavailable method(s) 'nope'; available: gd"),
+        ([*TINY[:2], "--img-size", "30", "--patch-size", "8"], "--img-size 30 must be a multiple of --patch-size 8"),
+        (["--backbone", "resnet18", "--img-size", "32"], "--backbone 'resnet18' is not a timm ViT"),
+        (["--backbone", "no_such_net", "--img-size", "32"], "--backbone 'no_such_net' is not a timm model name"),
+        (["--device", "meta"], "--device meta: selgroup-bench runs on cpu or cuda"),
+        (["--device", "bogus"], "--device 'bogus' is not a device"),
+        (["--amp", "bf16", "--dtype", "float64"], "--amp bf16 autocasts float32 weights"),
+        (["--model", "bench_toy_factory"], "--model must be 'package.module:factory'"),
+        (["--model", "bench_toy_factory:build()"], "--model must be 'package.module:factory'"),
+        (["--model", "no_such_module_q:build"], "cannot import 'no_such_module_q' for --model"),
+        (["--model", "bench_toy_factory:missing"], "'bench_toy_factory' has no attribute 'missing'"),
+        (["--model", "bench_toy_factory:NOT_CALLABLE"], "is a int, not a callable factory"),
+        (["--model", "bench_toy_factory:wrong_type"], "returned a TinyMultiTask, expected a selgroup_fast.bench.BenchModel"),
+        (["--model", "bench_toy_factory:wrong_losses"], "its closure: the closure returned 1 losses, expected num_tasks=2"),
+        (["--model", "bench_toy_factory:foreign_params"], "shared_params must hold trainable parameters of"),
+        (["--model", "bench_toy_factory:build", "--backbone", "test_vit"], "--backbone configure the built-in model only"),
+    ],
+)
+def test_usage_errors(args, message, capsys, tmp_path):
+    line = _run_main_expecting_usage_error([*RUN, *args, "--out", str(tmp_path)], capsys)
+    assert message in line
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without a GPU")
+def test_cuda_without_a_gpu_is_a_usage_error(capsys, tmp_path):
+    line = _run_main_expecting_usage_error([*RUN, "--device", "cuda", "--out", str(tmp_path)], capsys)
+    assert "--device cuda: no usable GPU here" in line
+
+
+def test_the_command_line_prints_one_error_line_and_exits_2():
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}
+    completed = subprocess.run(
+        [sys.executable, "-m", "selgroup_fast.bench", "--methods", "nope", "--tasks", "2"],
+        capture_output=True, text=True, env=env, timeout=300, check=False,
+    )
+    assert completed.returncode == 2 and "Traceback" not in completed.stderr
+    assert "selgroup-bench: error: unknown or unavailable method(s) 'nope'" in completed.stderr
+
+
+def test_load_factory_and_the_built_in_factory():
+    assert load_factory("bench_toy_factory:build") is bench_toy_factory.build
+    assert load_factory("selgroup_fast.bench:vit_bench_model") is vit_bench_model
+    with pytest.raises(ModelError, match="built 3 tasks, but 2 were asked for"):
+        prepare_workload(lambda request: bench_toy_factory.build(ModelRequest("3")), ModelRequest("2"))
+    with pytest.raises(ModelError, match="--tasks must be a positive number"):
+        vit_bench_model(ModelRequest("cityscapes"), backbone="test_vit", img_size=32)
+    built = vit_bench_model(ModelRequest("pascal", batch_size=2, seed=3), backbone="test_vit", img_size=32)
+    again = vit_bench_model(ModelRequest("pascal", batch_size=2, seed=3), backbone="test_vit", img_size=32)
+    assert built.task_names == ["semseg", "human_parts", "sal", "normals", "edge"]
+    torch.testing.assert_close(torch.stack(built.closure()), torch.stack(again.closure()))  # same seed, same losses
+    assert {id(p) for p in built.shared_params} == {id(p) for p in built.model.encoder.parameters()}
+    assert len(built.task_params) == 2 * 5  # one 1x1 convolution (weight, bias) per task
 
 
 # --- pure pieces -------------------------------------------------------------------
@@ -179,14 +377,9 @@ def test_median_breakdown_by_hand():
         median_breakdown([], [])
 
 
-def test_other_is_never_negative_and_ratios_follow_gd():
+def test_other_is_never_negative():
     phases = dict.fromkeys(PHASES, 0.0) | {"forward": 2.0}
-    fast = MethodResult("gd", 4, phases, total=1.5, steps=1)
-    assert fast.other == 0.0
-    slow = MethodResult("pcgrad", 4, phases, total=6.0, steps=1)
-    other_k = MethodResult("pcgrad", 8, phases, total=6.0, steps=1)
-    set_ratios_to_gd([fast, slow, other_k])
-    assert (fast.ratio_to_gd, slow.ratio_to_gd, other_k.ratio_to_gd) == (1.0, 4.0, None)
+    assert MethodResult("gd", 4, phases, total=1.5, steps=1).other == 0.0
 
 
 @pytest.mark.parametrize(
@@ -254,7 +447,7 @@ def test_model_shapes_losses_and_head_isolation():
 
 
 def test_model_rejects_a_patch_size_that_does_not_tile_the_image():
-    with pytest.raises(ValueError, match="multiple of the patch size"):
+    with pytest.raises(ModelError, match="multiple of the patch size"):
         MultiTaskViT(parse_tasks("2"), "test_vit", img_size=30, patch_size=8)
 
 
@@ -313,7 +506,7 @@ def test_reference_loop_runs_one_forward_per_group():
 
 def test_reference_script_alone_writes_its_table(tmp_path):
     output = tmp_path / "results" / "reference_loop.md"
-    args = [*TINY, "--tasks", "3", "--steps", "2", "--warmup", "1", "--only", "reference", "--output", str(output)]
+    args = [*TINY, "--tasks", "3", "--rounds", "2", "--steps", "1", "--warmup", "1", "--only", "reference", "--output", str(output)]
     assert reference_loop.main(args) == 0
     text = output.read_text()
     assert "| loop | forward (s)" in text and "clustering + affinity (s)" in text
@@ -326,8 +519,9 @@ def test_reference_script_alone_writes_its_table(tmp_path):
 @pytest.mark.skipif(not hasattr(selgroup_fast, "SelectiveGroupUpdate"), reason="SelectiveGroupUpdate not in this build")
 def test_reference_script_compares_both_loops(tmp_path):
     output = tmp_path / "reference_loop.md"
-    assert reference_loop.main([*TINY, "--tasks", "3", "--steps", "2", "--warmup", "1", "--output", str(output)]) == 0
+    args = [*TINY, "--tasks", "3", "--rounds", "2", "--steps", "1", "--warmup", "1", "--output", str(output)]
+    assert reference_loop.main(args) == 0
     text = output.read_text()
-    rows = [line for line in text.splitlines() if line.startswith("| reference loop") or line.startswith("| Selective")]
+    rows = [line for line in text.splitlines() if line.startswith(("| reference loop", "| Selective"))]
     assert len(rows) == 2
     assert "Reference loop / SelectiveGroupUpdate: clustering + affinity" in text

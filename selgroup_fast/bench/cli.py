@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import shlex
 import sys
 from collections.abc import Sequence
@@ -11,11 +12,15 @@ from pathlib import Path
 
 import torch
 
-from .. import methods
-from .model import PRESETS, TaskSpec, parse_tasks
-from .plots import plot_breakdown, plot_sweep
-from .report import print_table, write_reports
-from .timing import BenchConfig, default_methods, run_suite
+from .. import methods, ops
+from .factory import ModelError, ModelFactory, load_factory
+from .model import PRESETS, vit_bench_model
+from .report import write_outputs
+from .timing import AMP_DTYPES, BenchConfig, default_methods, run_suite
+
+
+class UsageError(ValueError):
+    """Options that cannot run together or on this machine (the command prints ``error: ...`` and exits 2)."""
 
 
 @dataclass(frozen=True)
@@ -26,6 +31,7 @@ class MachineDefaults:
     img_size: int
     patch_size: int
     warmup: int
+    rounds: int
     steps: int
     why: str
 
@@ -33,23 +39,35 @@ class MachineDefaults:
 #: GPU: the paper's 224 px images with 16 px patches and its Taskonomy task count
 #: (Table E.1 is measured with the 11 Taskonomy tasks).
 GPU_DEFAULTS = MachineDefaults(
-    tasks="taskonomy", img_size=224, patch_size=16, warmup=5, steps=20, why="GPU defaults: the paper's 224 px, patch 16"
+    tasks="taskonomy",
+    img_size=224,
+    patch_size=16,
+    warmup=5,
+    rounds=5,
+    steps=4,
+    why="GPU defaults: the paper's 224 px, patch 16",
 )
 #: CPU: small images, the 4 NYUD tasks and few steps, so that the default run (every
-#: method) finishes in under 3 minutes on 2 cores.
+#: method) finishes in about 1-2 minutes on 2 idle cores.
 CPU_DEFAULTS = MachineDefaults(
     tasks="nyud",
     img_size=64,
     patch_size=8,
     warmup=2,
-    steps=8,
+    rounds=4,
+    steps=2,
     why="CPU defaults: small 64 px images (patch 8) and few steps so that the default run takes "
-    "under 3 minutes on 2 cores; pass --img-size 224 --patch-size 16 for the paper's size",
+    "about 1-2 minutes on 2 idle cores; pass --img-size 224 --patch-size 16 for the paper's size",
 )
+
+BUILT_IN_MODEL = "selgroup_fast.bench.model:vit_bench_model"
 
 
 def _positive_int(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
     return value
@@ -65,46 +83,61 @@ def _int_list(text: str) -> list[int]:
     return sorted(set(values))
 
 
-def _task_set(text: str) -> list[TaskSpec]:
-    try:
-        return parse_tasks(text)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
-
-
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     """The options that choose the model, the data and the timing (shared with benchmarks/reference_loop.py)."""
-    parser.add_argument(
-        "--tasks",
-        type=_task_set,
-        help=f"a number of tasks K or a preset ({', '.join(f'{n} = {len(p)}' for n, p in PRESETS.items())}); "
-        f"default: {CPU_DEFAULTS.tasks} on a CPU, {GPU_DEFAULTS.tasks} on a GPU",
+    model = parser.add_argument_group("model")
+    model.add_argument(
+        "--model",
+        metavar="MODULE:FACTORY",
+        help="time your own model: a factory taking a selgroup_fast.bench.ModelRequest and returning a "
+        "selgroup_fast.bench.BenchModel (the current directory is searched first); default: the built-in ViT "
+        f"({BUILT_IN_MODEL})",
     )
-    parser.add_argument("--backbone", default="vit_tiny_patch16_224", help="a timm ViT name (random init)")
-    parser.add_argument(
+    model.add_argument(
+        "--tasks",
+        help=f"a number of tasks K or, for the built-in model, a preset "
+        f"({', '.join(f'{n} = {len(p)}' for n, p in PRESETS.items())}); passed to --model's factory as "
+        f"ModelRequest.tasks; default: {CPU_DEFAULTS.tasks} on a CPU, {GPU_DEFAULTS.tasks} on a GPU for the built-in "
+        "model, the factory's own otherwise",
+    )
+    model.add_argument("--backbone", help="built-in model: a timm ViT name, random init (default: vit_tiny_patch16_224)")
+    model.add_argument(
         "--img-size",
         type=_positive_int,
-        help=f"image side in pixels (default: {CPU_DEFAULTS.img_size} on a CPU, {GPU_DEFAULTS.img_size} on a GPU)",
+        help=f"built-in model: image side in pixels (default: {CPU_DEFAULTS.img_size} on a CPU, "
+        f"{GPU_DEFAULTS.img_size} on a GPU)",
     )
-    parser.add_argument(
+    model.add_argument(
         "--patch-size",
         type=_positive_int,
-        help=f"ViT patch side (default: {CPU_DEFAULTS.patch_size} on a CPU, {GPU_DEFAULTS.patch_size} on a GPU)",
+        help=f"built-in model: ViT patch side (default: {CPU_DEFAULTS.patch_size} on a CPU, "
+        f"{GPU_DEFAULTS.patch_size} on a GPU)",
     )
-    parser.add_argument("--batch-size", type=_positive_int, default=8)
-    parser.add_argument(
+    timing = parser.add_argument_group("timing")
+    timing.add_argument("--batch-size", type=_positive_int, default=8)
+    timing.add_argument(
+        "--rounds",
+        type=_positive_int,
+        help=f"interleaved rounds, each running every method for --steps steps (default: {CPU_DEFAULTS.rounds} on "
+        f"a CPU, {GPU_DEFAULTS.rounds} on a GPU)",
+    )
+    timing.add_argument(
         "--steps",
         type=_positive_int,
-        help=f"measured steps per method (default: {CPU_DEFAULTS.steps} on a CPU, {GPU_DEFAULTS.steps} on a GPU)",
+        help=f"measured steps per method in each round (default: {CPU_DEFAULTS.steps} on a CPU, "
+        f"{GPU_DEFAULTS.steps} on a GPU)",
     )
-    parser.add_argument(
+    timing.add_argument(
         "--warmup",
         type=_positive_int,
         help=f"discarded steps per method (default: {CPU_DEFAULTS.warmup} on a CPU, {GPU_DEFAULTS.warmup} on a GPU)",
     )
-    parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
-    parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
-    parser.add_argument("--seed", type=int, default=0)
+    timing.add_argument("--device", help="cpu or cuda[:N] (default: cuda if usable, else cpu)")
+    timing.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    timing.add_argument(
+        "--amp", choices=sorted(AMP_DTYPES), help="run the forward pass under torch.autocast in this dtype"
+    )
+    timing.add_argument("--seed", type=int, default=0)
 
 
 @dataclass(frozen=True)
@@ -112,37 +145,91 @@ class RunSettings:
     """The parsed run options with the machine's defaults filled in."""
 
     config: BenchConfig
-    tasks: list[TaskSpec]
+    factory: ModelFactory
+    tasks: str | None  # the --tasks value given to the factory (None: the factory's default)
     defaults_note: str | None  # why the sizes are what they are, when the machine's defaults were used
 
 
+def resolve_device(text: str | None) -> torch.device:
+    """``--device``: cpu or a usable CUDA device with this build's CUDA kernels (default: that GPU, else cpu)."""
+    usable_gpu = torch.cuda.is_available() and ops.cuda_available()
+    if text is None:
+        return torch.device("cuda" if usable_gpu else "cpu")
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise UsageError(f"--device {text!r} is not a device (cpu, cuda, cuda:N)") from None
+    if device.type == "cpu":
+        return device
+    if device.type != "cuda":
+        raise UsageError(f"--device {text}: selgroup-bench runs on cpu or cuda")
+    if not torch.cuda.is_available():
+        raise UsageError(f"--device {text}: no usable GPU here (torch.cuda.is_available() is False); use --device cpu")
+    if not ops.cuda_available():
+        raise UsageError(
+            f"--device {text}: this build of selgroup_fast has no CUDA kernels; rebuild it where nvcc is present"
+        )
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise UsageError(f"--device {text}: this machine has {torch.cuda.device_count()} GPU(s)")
+    return device
+
+
 def run_settings(args: argparse.Namespace) -> RunSettings:
-    """Resolves the options of :func:`add_run_arguments` against the machine's defaults."""
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    """Resolves the options of :func:`add_run_arguments` against the machine's defaults; :class:`UsageError` if wrong."""
+    device = resolve_device(args.device)
     defaults = GPU_DEFAULTS if device.type == "cuda" else CPU_DEFAULTS
-    used_defaults = args.img_size is None and args.patch_size is None and args.steps is None
+    used_defaults = args.steps is None and args.rounds is None
+    built_in_options = {"--backbone": args.backbone, "--img-size": args.img_size, "--patch-size": args.patch_size}
+    if args.model is None:
+        img_size = args.img_size or defaults.img_size
+        patch_size = args.patch_size or defaults.patch_size
+        if img_size % patch_size != 0:
+            raise UsageError(f"--img-size {img_size} must be a multiple of --patch-size {patch_size}")
+        factory: ModelFactory = functools.partial(
+            vit_bench_model,
+            backbone=args.backbone or "vit_tiny_patch16_224",
+            img_size=img_size,
+            patch_size=patch_size,
+        )
+        tasks = args.tasks or defaults.tasks
+        used_defaults = used_defaults and args.img_size is None and args.patch_size is None
+    else:
+        given = [name for name, value in built_in_options.items() if value is not None]
+        if given:
+            raise UsageError(f"{', '.join(given)} configure the built-in model only, not --model {args.model}")
+        factory = load_factory(args.model)
+        tasks = args.tasks
+    dtype = getattr(torch, args.dtype)
+    if args.amp is not None and dtype != torch.float32:
+        raise UsageError(f"--amp {args.amp} autocasts float32 weights; it cannot be used with --dtype {args.dtype}")
     config = BenchConfig(
-        backbone=args.backbone,
-        img_size=args.img_size or defaults.img_size,
-        patch_size=args.patch_size or defaults.patch_size,
         batch_size=args.batch_size,
+        rounds=args.rounds or defaults.rounds,
         steps=args.steps or defaults.steps,
         warmup=args.warmup or defaults.warmup,
         device=device,
-        dtype=getattr(torch, args.dtype),
+        dtype=dtype,
         seed=args.seed,
+        amp=args.amp,
     )
-    tasks = args.tasks if args.tasks is not None else parse_tasks(defaults.tasks)
-    return RunSettings(config, tasks, defaults.why if used_defaults else None)
+    return RunSettings(config, factory, tasks, defaults.why if used_defaults else None)
 
 
 def describe(settings: RunSettings) -> str:
     """One line saying what will run, plus why when the machine's defaults chose the sizes."""
     config = settings.config
+    factory = settings.factory
+    keywords = getattr(factory, "keywords", {})
+    model = (
+        f"{keywords['backbone']} at {keywords['img_size']} px / patch {keywords['patch_size']}"
+        if getattr(factory, "func", None) is vit_bench_model
+        else getattr(factory, "__qualname__", repr(factory))
+    )
+    amp = f" (autocast {config.amp})" if config.amp else ""
     line = (
-        f"K = {len(settings.tasks)}, {config.backbone} at {config.img_size} px / patch {config.patch_size}, "
-        f"batch {config.batch_size}, {str(config.dtype).removeprefix('torch.')} on {config.device}, "
-        f"{config.warmup} warm-up + {config.steps} measured steps per method"
+        f"tasks {settings.tasks or 'default'}, {model}, batch {config.batch_size}, "
+        f"{str(config.dtype).removeprefix('torch.')}{amp} on {config.device}, {config.warmup} warm-up steps per "
+        f"method, then {config.rounds} interleaved rounds × {config.steps} steps per method"
     )
     return line + (f"\n({settings.defaults_note})" if settings.defaults_note else "")
 
@@ -151,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="selgroup-bench",
         description="Per-batch timing breakdown (the phases of Jeong & Yoon, ICLR 2025, Table E.1) of every "
-        "multi-task method on a ViT encoder with one single-conv decoder per task.",
+        "multi-task method, on the built-in ViT (one single-conv decoder per task) or on your own model (--model).",
     )
     parser.add_argument("--methods", help="comma-separated method names (default: every available method)")
     add_run_arguments(parser)
@@ -162,60 +249,41 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _notes(method_names: list[str], config: BenchConfig, defaults_why: str | None) -> list[str]:
-    notes = [
-        "total: median wall clock around the whole step() (with torch.cuda.synchronize before and after on a GPU); "
-        "phases: medians of the methods' own profiling (CUDA events on a GPU, wall clock on a CPU); "
-        "share: a phase's median over the median total; other: total minus the phases (loop overhead, zero_grad)",
-    ]
-    if "selective" in method_names:
-        notes.append(
-            f"selective: built with warmup_steps={config.warmup} (the bench's warm-up steps), so the measured steps "
-            "run past its warm-up with the regrouped updates; groups: its average number of groups per measured step"
-        )
-    if config.device.type == "cuda":
-        notes.append("peak MiB: torch.cuda.max_memory_allocated over the method's run (model, optimizer, activations)")
-    else:
-        notes.append(
-            "peak MiB: growth of the process's resident set size over the method's run, sampled every 2 ms "
-            "(a lower bound: memory freed by earlier methods and reused does not show)"
-        )
-    if defaults_why:
-        notes.append(defaults_why)
-    return notes
+def method_list(text: str | None) -> list[str]:
+    """``--methods``: the names, checked against the methods of this installation."""
+    if text is None:
+        return default_methods()
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    available = methods.available()
+    unknown = [name for name in names if name not in available]
+    if unknown or not names:
+        raise UsageError(f"unknown or unavailable method(s) {', '.join(unknown) or text!r}; available: {', '.join(available)}")
+    return list(dict.fromkeys(names))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Runs the bench; ``argv`` defaults to the command line. Returns the exit status."""
+    """Runs the bench; ``argv`` defaults to the command line. Returns 0; exits with status 2 on a usage error."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
-    settings = run_settings(args)
-    config, tasks = settings.config, settings.tasks
-    method_names = [name.strip() for name in args.methods.split(",")] if args.methods else default_methods()
-    available = methods.available()
-    for name in method_names:
-        if name not in available:
-            raise ValueError(f"unknown or unavailable method {name!r}; available: {', '.join(available)}")
-    task_sets = {len(tasks): tasks}
-    for k in args.sweep_tasks or []:
-        task_sets.setdefault(k, parse_tasks(str(k)))
-    sweep = f" (and the sweep K = {', '.join(map(str, args.sweep_tasks))})" if args.sweep_tasks else ""
-    print(f"selgroup-bench: {', '.join(method_names)}; {describe(settings)}{sweep}", file=sys.stderr)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        method_names = method_list(args.methods)
+        settings = run_settings(args)
+        sweep = [str(k) for k in args.sweep_tasks or []]
+        print(
+            f"selgroup-bench: {', '.join(method_names)}; {describe(settings)}"
+            + (f" (and the sweep K = {', '.join(sweep)})" if sweep else ""),
+            file=sys.stderr,
+        )
+        from tqdm import tqdm
 
-    from tqdm import tqdm
-
-    total_steps = len(task_sets) * len(method_names) * (config.warmup + config.steps)
-    with tqdm(total=total_steps, file=sys.stderr, unit="step", dynamic_ncols=True) as progress:
-        suite = run_suite(method_names, [task_sets[k] for k in sorted(task_sets)], config, progress)
-
-    notes = _notes(method_names, config, settings.defaults_note)
-    print_table(suite, len(tasks), notes)
-    args.out.mkdir(parents=True, exist_ok=True)
-    what = f"{config.backbone}, {config.img_size} px, batch {config.batch_size}, {config.device}"
-    images = [plot_breakdown(suite.results[len(tasks)], args.out / "breakdown.png", f"K = {len(tasks)}: {what}").name]
-    if args.sweep_tasks:
-        images.append(plot_sweep(suite, args.out / "sweep.png", f"time per batch against K: {what}").name)
-    command = shlex.join(["selgroup-bench", *argv])
-    paths = write_reports(args.out, suite, command, len(tasks), notes, images)
-    print(f"\nwrote {', '.join(str(p) for p in [*paths.values(), *(args.out / i for i in images)])}", file=sys.stderr)
+        config = settings.config
+        total_steps = (1 + len(sweep)) * len(method_names) * (config.warmup + config.rounds * config.steps)
+        with tqdm(total=total_steps, file=sys.stderr, unit="step", dynamic_ncols=True) as progress:
+            suite = run_suite(method_names, config, settings.factory, [settings.tasks, *sweep], progress)
+    except (UsageError, ModelError) as error:
+        parser.error(str(error))  # prints the usage and "selgroup-bench: error: ...", exits with status 2
+    extra = [settings.defaults_note] if settings.defaults_note else []
+    written = write_outputs(suite, args.out, shlex.join(["selgroup-bench", *argv]), extra)
+    print(f"\nwrote {', '.join(str(path) for path in written)}", file=sys.stderr)
     return 0

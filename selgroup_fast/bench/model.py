@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .factory import BenchModel, ModelError, ModelRequest
+
 TaskKind = Literal["segmentation", "regression"]
 
 
@@ -114,14 +116,22 @@ class MultiTaskViT(nn.Module):
     def __init__(self, tasks: list[TaskSpec], backbone: str, img_size: int, patch_size: int) -> None:
         super().__init__()
         import timm  # the bench extra; imported here so that the package imports without it
+        from timm.models.vision_transformer import VisionTransformer
 
         if img_size % patch_size != 0:
-            raise ValueError(f"the image size {img_size} must be a multiple of the patch size {patch_size}")
+            raise ModelError(f"the image size {img_size} must be a multiple of the patch size {patch_size}")
+        if not timm.is_model(backbone):
+            raise ModelError(f"--backbone {backbone!r} is not a timm model name (a timm ViT such as vit_tiny_patch16_224)")
+        not_a_vit = f"--backbone {backbone!r} is not a timm ViT (timm.models.vision_transformer.VisionTransformer)"
+        try:
+            encoder = timm.create_model(backbone, pretrained=False, num_classes=0, img_size=img_size, patch_size=patch_size)
+        except TypeError:  # the models that are not ViTs take no img_size / patch_size
+            raise ModelError(not_a_vit) from None
+        if not isinstance(encoder, VisionTransformer):
+            raise ModelError(not_a_vit)
         self.tasks = list(tasks)
         self.img_size = img_size
-        self.encoder = timm.create_model(
-            backbone, pretrained=False, num_classes=0, img_size=img_size, patch_size=patch_size
-        )
+        self.encoder = encoder
         self.grid = (img_size // patch_size, img_size // patch_size)
         self.decoders = nn.ModuleList(nn.Conv2d(self.encoder.embed_dim, spec.channels, 1) for spec in self.tasks)
 
@@ -135,7 +145,7 @@ class MultiTaskViT(nn.Module):
         patches = tokens[:, getattr(self.encoder, "num_prefix_tokens", 0) :]
         height, width = self.grid
         if patches.shape[1] != height * width:
-            raise ValueError(
+            raise ModelError(
                 f"the backbone produced {patches.shape[1]} patch tokens, expected {height}×{width}: "
                 "use a plain ViT backbone"
             )
@@ -193,3 +203,44 @@ def task_losses(outputs: list[torch.Tensor], targets: list[torch.Tensor], tasks:
         F.cross_entropy(output, target) if spec.kind == "segmentation" else F.l1_loss(output, target)
         for output, target, spec in zip(outputs, targets, tasks, strict=True)
     ]
+
+
+def vit_bench_model(
+    request: ModelRequest,
+    *,
+    backbone: str = "vit_tiny_patch16_224",
+    img_size: int = 64,
+    patch_size: int = 8,
+) -> BenchModel:
+    """The built-in model factory: :class:`MultiTaskViT` on a :func:`synthetic_batch` (selgroup-bench's default).
+
+    ``request.tasks`` is parsed by :func:`parse_tasks` (default ``nyud``); the weights
+    and the batch come from ``request.seed``.
+
+    Example::
+
+        >>> import torch
+        >>> from selgroup_fast.bench import ModelRequest, vit_bench_model
+        >>> built = vit_bench_model(ModelRequest(tasks="3", batch_size=2), backbone="test_vit", img_size=32)
+        >>> built.task_names, len(built.closure())
+        (['semseg', 'depth', 'normals'], 3)
+    """
+    try:
+        tasks = parse_tasks(request.tasks or "nyud")
+    except ValueError as error:
+        raise ModelError(str(error)) from None
+    torch.manual_seed(request.seed)
+    model = MultiTaskViT(tasks, backbone, img_size, patch_size).to(request.device, request.dtype)
+    batch = synthetic_batch(tasks, request.batch_size, img_size, request.device, request.dtype, request.seed)
+
+    def closure() -> list[torch.Tensor]:
+        return task_losses(model(batch.images), batch.targets, tasks)
+
+    return BenchModel(
+        model=model,
+        shared_params=model.shared_parameters(),
+        task_params=list(model.decoders.parameters()),
+        closure=closure,
+        task_names=[spec.name for spec in tasks],
+        description=f"{backbone} (random init), {img_size} px images, patch {patch_size}",
+    )

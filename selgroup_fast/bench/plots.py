@@ -14,11 +14,10 @@ from ..profiling import PHASES
 from .report import PHASE_TITLES
 from .timing import MethodResult, Suite
 
-
 _MARKERS = "osD^v<>phX*"
 
 
-def _pyplot():  # noqa: ANN202 (matplotlib.pyplot has no public type)
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")

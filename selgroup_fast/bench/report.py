@@ -1,10 +1,10 @@
-"""The bench's reports: the terminal table, JSON, CSV, Markdown and a README-ready summary.
+"""The bench's reports: the terminal table, JSON, CSV, Markdown, the charts and a README-ready summary.
 
 The table has the columns of the paper's Table E.1 (forward, backprop, gradient
 manipulation, optimizer step, clustering + affinity update, total), each phase as
 median seconds and share of the median total, plus the time outside every phase
-(``other``), the ratio of the total to GD's, the selective method's average number
-of groups and the peak memory.
+(``other``), the paired ratio to GD with its spread over the rounds, the selective
+method's average number of groups and the peak memory.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import json
 import os
 import platform
 import sys
+from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -77,30 +78,30 @@ def environment(device: torch.device) -> dict[str, Any]:
     }
 
 
-def run_record(suite: Suite, command: str, breakdown_tasks: int, notes: list[str]) -> dict[str, Any]:
+def run_record(suite: Suite, command: str, notes: list[str]) -> dict[str, Any]:
     """The whole run as one JSON-ready dict (what ``results.json`` holds)."""
     config = suite.config
     return {
         "command": command,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         **environment(config.device),
+        "model": {"factory": suite.model, "description": suite.description},
         "config": {
-            "backbone": config.backbone,
-            "img_size": config.img_size,
-            "patch_size": config.patch_size,
             "batch_size": config.batch_size,
-            "steps": config.steps,
+            "rounds": config.rounds,
+            "steps_per_round": config.steps,
             "warmup": config.warmup,
             "device": str(config.device),
             "dtype": str(config.dtype).removeprefix("torch."),
+            "amp": config.amp,
             "seed": config.seed,
         },
         "notes": notes,
-        "breakdown_num_tasks": breakdown_tasks,
+        "breakdown_num_tasks": suite.breakdown,
         "runs": [
             {
                 "num_tasks": num_tasks,
-                "tasks": [spec.name for spec in suite.tasks[num_tasks]],
+                "tasks": suite.tasks[num_tasks],
                 "results": [result_record(result) for result in results],
             }
             for num_tasks, results in sorted(suite.results.items())
@@ -118,7 +119,10 @@ def result_record(result: MethodResult) -> dict[str, Any]:
         "other_s": result.other,
         "total_s": result.total,
         **{f"{phase}_share": share for phase, share in result.shares.items()},
-        "ratio_to_gd": result.ratio_to_gd,
+        "ratio_to_gd": result.ratio,
+        "ratio_to_gd_mad": result.ratio_mad,
+        "round_totals_s": result.round_totals,
+        "round_ratios_to_gd": result.round_ratios,
         "groups_mean": result.groups_mean,
         "peak_memory_mib": None if result.peak_memory_bytes is None else result.peak_memory_bytes / MIB,
     }
@@ -130,7 +134,15 @@ def _cell(seconds: float, share: float) -> str:
 
 def table_rows(results: list[MethodResult]) -> tuple[list[str], list[list[str]]]:
     """The header and the rows of the Table E.1-shaped breakdown, as strings."""
-    header = ["method", *(PHASE_TITLES[phase] for phase in PHASES), "other", "total (s)", "× GD", "groups", "peak MiB"]
+    header = [
+        "method",
+        *(PHASE_TITLES[phase] for phase in PHASES),
+        "other",
+        "total (s)",
+        "× GD (± MAD)",
+        "groups",
+        "peak MiB",
+    ]
     rows = []
     for result in results:
         shares = result.shares
@@ -140,7 +152,7 @@ def table_rows(results: list[MethodResult]) -> tuple[list[str], list[list[str]]]
                 *(_cell(result.phases[phase], shares[phase]) for phase in PHASES),
                 f"{result.other:.4f}",
                 f"{result.total:.4f}",
-                "–" if result.ratio_to_gd is None else f"{result.ratio_to_gd:.2f}",
+                "–" if result.ratio is None else f"{result.ratio:.2f} ± {result.ratio_mad:.2f}",
                 "–" if result.groups_mean is None else f"{result.groups_mean:.2f}",
                 "–" if result.peak_memory_bytes is None else f"{result.peak_memory_bytes / MIB:.0f}",
             ]
@@ -178,14 +190,65 @@ def text_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join([render(header), "  ".join("-" * w for w in widths), *(render(row) for row in rows)]) + "\n"
 
 
-def tables_markdown(suite: Suite, breakdown_tasks: int) -> str:
-    """The breakdown table at ``breakdown_tasks`` and, for a sweep, the time-per-batch table."""
-    text = f"### Per-batch breakdown, K = {breakdown_tasks}\n\n" + markdown_table(
-        *table_rows(suite.results[breakdown_tasks])
+def tables_markdown(suite: Suite) -> str:
+    """The breakdown table and, for a sweep, the time-per-batch table."""
+    text = f"### Per-batch breakdown, K = {suite.breakdown}\n\n" + markdown_table(
+        *table_rows(suite.results[suite.breakdown])
     )
     if len(suite.results) > 1:
         text += "\n### Time per batch (s) against the number of tasks K\n\n" + markdown_table(*sweep_rows(suite))
     return text
+
+
+def drift_note(suite: Suite) -> str | None:
+    """GD's median step in each round at the breakdown K: how the machine's speed moved during the run."""
+    gd = next((result for result in suite.results[suite.breakdown] if result.method == "gd"), None)
+    if gd is None or not gd.round_totals:
+        return None
+    rounds = gd.round_totals
+    return (
+        f"GD drift: GD's median step per round {', '.join(f'{t:.4f}' for t in rounds)} s "
+        f"(last / first {rounds[-1] / rounds[0]:.2f}×, slowest / fastest {max(rounds) / min(rounds):.2f}×); "
+        "the paired ratios (× GD) compare each round with GD's same round, so this drift cancels in them"
+    )
+
+
+def run_notes(suite: Suite, extra: Sequence[str] = ()) -> list[str]:
+    """What the numbers mean, for the table's foot and the reports (``extra`` is appended)."""
+    config = suite.config
+    names = {result.method for results in suite.results.values() for result in results}
+    notes = [
+        f"order: {config.warmup} warm-up steps per method one after the other, then {config.rounds} interleaved "
+        f"rounds of {config.steps} step(s) per method, the running order rotated from round to round so that no "
+        "method always runs early or late; each method keeps its own weights, optimizer and state across rounds",
+        "total: median wall clock around the whole step() (with torch.cuda.synchronize before and after on a GPU); "
+        "phases: medians of the methods' own profiling (CUDA events on a GPU, wall clock on a CPU); "
+        "share: a phase's median over the median total; other: total minus the phases (loop overhead, zero_grad)",
+        "× GD: the median over the rounds of the method's median step over GD's median step in the same round "
+        "(paired ratios), ± their median absolute deviation",
+    ]
+    drift = drift_note(suite)
+    if drift:
+        notes.append(drift)
+    if config.amp:
+        notes.append(f"amp: the forward pass (the closure) runs under torch.autocast({config.amp})")
+    if "selective" in names:
+        notes.append(
+            f"selective: built with warmup_steps={config.warmup} (the bench's warm-up steps), so the measured steps "
+            "run past its warm-up with the regrouped updates; groups: its average number of groups per measured step"
+        )
+    if config.device.type == "cuda":
+        notes.append(
+            "peak MiB: torch.cuda.max_memory_allocated over the method's warm-up steps, above what was allocated "
+            "before them (optimizer state, gradients, activations, the method's buffers; not the shared weights)"
+        )
+    else:
+        notes.append(
+            "peak MiB: growth of the process's resident set size over the method's warm-up steps, sampled every "
+            "2 ms (optimizer state, gradients, activations, the method's buffers; a lower bound: memory freed by "
+            "earlier methods and reused does not show)"
+        )
+    return [*notes, *extra]
 
 
 def summary_markdown(record: dict[str, Any], tables: str, images: list[str]) -> str:
@@ -193,6 +256,7 @@ def summary_markdown(record: dict[str, Any], tables: str, images: list[str]) -> 
     machine, versions, config = record["machine"], record["versions"], record["config"]
     gpu = f", GPU {machine['gpu']}" if machine["gpu"] else ""
     version_text = ", ".join(f"{name} {value}" for name, value in versions.items() if value is not None)
+    amp = f" under autocast {config['amp']}" if config["amp"] else ""
     lines = [
         "## selgroup-bench results",
         "",
@@ -200,9 +264,10 @@ def summary_markdown(record: dict[str, Any], tables: str, images: list[str]) -> 
         f"* Date: {record['date']}",
         f"* Machine: {machine['cpu']} ({machine['cpu_cores']} cores, {machine['torch_threads']} torch threads){gpu}",
         f"* Versions: {version_text}",
-        f"* Model: {config['backbone']} (random init), {config['img_size']} px images, patch {config['patch_size']}, "
-        f"batch {config['batch_size']}, {config['dtype']} on {config['device']}",
-        f"* Timing: medians over {config['steps']} steps after {config['warmup']} warm-up steps per method",
+        f"* Model: {record['model']['description']} (`{record['model']['factory']}`), "
+        f"batch {config['batch_size']}, {config['dtype']}{amp} on {config['device']}",
+        f"* Timing: medians over {config['rounds']} rounds × {config['steps_per_round']} steps per method after "
+        f"{config['warmup']} warm-up steps per method",
         *(f"* {note}" for note in record["notes"]),
         "",
         tables,
@@ -211,12 +276,10 @@ def summary_markdown(record: dict[str, Any], tables: str, images: list[str]) -> 
     return "\n".join(lines)
 
 
-def write_reports(
-    out_dir: Path, suite: Suite, command: str, breakdown_tasks: int, notes: list[str], images: list[str]
-) -> dict[str, Path]:
+def write_reports(out_dir: Path, suite: Suite, command: str, notes: list[str], images: list[str]) -> dict[str, Path]:
     """Writes results.json, results.csv, results.md and README.md into ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    record = run_record(suite, command, breakdown_tasks, notes)
+    record = run_record(suite, command, notes)
     paths = {
         "json": out_dir / "results.json",
         "csv": out_dir / "results.csv",
@@ -226,21 +289,41 @@ def write_reports(
     paths["json"].write_text(json.dumps(record, indent=2) + "\n")
     rows = [result_record(result) for k in sorted(suite.results) for result in suite.results[k]]
     with paths["csv"].open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        # the per-round lists stay in results.json
+        writer = csv.DictWriter(handle, fieldnames=[key for key in rows[0] if not key.startswith("round_")])
         writer.writeheader()
-        writer.writerows(rows)
-    tables = tables_markdown(suite, breakdown_tasks)
+        writer.writerows({key: value for key, value in row.items() if not key.startswith("round_")} for row in rows)
+    tables = tables_markdown(suite)
     paths["markdown"].write_text(tables)
     paths["summary"].write_text(summary_markdown(record, tables, images))
     return paths
 
 
-def print_table(suite: Suite, breakdown_tasks: int, notes: list[str], stream: Any = None) -> None:
+def print_table(suite: Suite, notes: list[str], stream: Any = None) -> None:
     """The breakdown (and sweep) tables on the terminal (stdout by default), with the notes under them."""
     stream = stream if stream is not None else sys.stdout
-    stream.write(f"\nPer-batch breakdown, K = {breakdown_tasks} (median seconds, share of the total)\n\n")
-    stream.write(text_table(*table_rows(suite.results[breakdown_tasks])))
+    stream.write(f"\nPer-batch breakdown, K = {suite.breakdown} (median seconds, share of the total)\n\n")
+    stream.write(text_table(*table_rows(suite.results[suite.breakdown])))
     if len(suite.results) > 1:
         stream.write("\nTime per batch (s) against the number of tasks K\n\n")
         stream.write(text_table(*sweep_rows(suite)))
     stream.write("\n" + "".join(f"* {note}\n" for note in notes))
+
+
+def write_outputs(suite: Suite, out_dir: str | Path, command: str, extra_notes: Sequence[str] = ()) -> list[Path]:
+    """Everything the command writes: the table on stdout, the reports and the charts under ``out_dir``.
+
+    ``command`` is recorded as the way the run was made. Returns the files written.
+    """
+    from .plots import plot_breakdown, plot_sweep
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    notes = run_notes(suite, extra_notes)
+    print_table(suite, notes)
+    what = f"{suite.description}, batch {suite.config.batch_size}, {suite.config.device}"
+    images = [plot_breakdown(suite.results[suite.breakdown], out_dir / "breakdown.png", f"K = {suite.breakdown}: {what}")]
+    if len(suite.results) > 1:
+        images.append(plot_sweep(suite, out_dir / "sweep.png", f"time per batch against K: {what}"))
+    paths = write_reports(out_dir, suite, command, notes, [image.name for image in images])
+    return [*paths.values(), *images]

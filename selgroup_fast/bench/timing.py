@@ -1,21 +1,31 @@
-"""The timing loop: per-batch phase breakdown of one method (the paper's Table E.1).
+"""The timing loop: the per-batch phase breakdown of every method (the paper's Table E.1), in interleaved rounds.
 
-Honest timing rules:
+Fair timing rules:
 
-* the first ``warmup`` steps of every method are run and discarded (allocator,
-  kernel caches, lazy optimizer state, the selective method's own warm-up);
-* the phases come from the method's own profiling (``profile=True``: CUDA events
-  on the GPU, wall clock on the CPU), which adds no synchronisation inside a step;
-* the total per batch is the wall clock around the whole ``step`` call, with a
+* every method starts from the same initial weights (the model is built once per K)
+  and runs ``warmup`` discarded steps first, one method after the other (allocator,
+  kernel caches, lazy optimizer state, the selective method's own warm-up); its peak
+  memory is taken over these steps;
+* the measured steps run in ``rounds`` interleaved rounds: each round runs every method
+  for ``steps`` steps, in an order rotated by M / rounds places from one round to the
+  next (M methods), so that no method always runs early or late: a machine that speeds
+  up or slows down over the run (other jobs, clocks, caches) shifts every method alike.
+  Each method keeps its own weights, optimizer and state across rounds (its weights
+  are copied into the one model before its turn and back after it, outside the timed
+  region);
+* the phases come from the method's own profiling (``profile=True``: CUDA events on the
+  GPU, wall clock on the CPU), which adds no synchronisation inside a step; the total
+  per batch is the wall clock around the whole ``step`` call, with a
   ``torch.cuda.synchronize()`` before and after on the GPU;
-* every number reported is the median over the measured steps, and a phase's share
-  is its median divided by the median total (so shares need not sum to 100 %; the
-  remainder of the total not covered by any phase is reported as ``other``).
+* the phases and the total are medians over all measured steps; the ratio to the
+  baseline (GD) is *paired*: in each round, the method's median step over GD's median
+  step of the same round; the reported ratio is the median of the per-round ratios and
+  its spread their median absolute deviation. GD's per-round medians show the
+  machine's drift over the run, which the paired ratios cancel.
 """
 
 from __future__ import annotations
 
-import copy
 import ctypes
 import gc
 import os
@@ -23,15 +33,17 @@ import statistics
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
 
 from .. import methods
+from ..losses import ClosureOutput
 from ..profiling import PHASES
-from .model import MultiTaskViT, SyntheticBatch, TaskSpec, synthetic_batch, task_losses
+from .factory import BenchModel, ModelFactory, ModelRequest, build_model, factory_name
+from .model import vit_bench_model
 
 #: The paper's optimizer settings (Table C.1): Adam, lr 2e-5, weight decay 1e-6.
 LEARNING_RATE = 2e-5
@@ -39,6 +51,9 @@ WEIGHT_DECAY = 1e-6
 
 #: The order in which the default run lists the methods (the rest follow in registry order).
 PREFERRED_ORDER = ("gd", "selective", "pcgrad", "cagrad")
+
+#: ``--amp`` choices: the autocast dtype of the forward pass (the closure).
+AMP_DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16}
 
 
 class Progress(Protocol):
@@ -61,31 +76,49 @@ class NoProgress:
 
 @dataclass(frozen=True)
 class BenchConfig:
-    """Everything one timing run needs besides the method and the tasks."""
+    """How to time: batch, rounds, steps, device, dtype, seed, autocast (the model comes from a factory).
 
-    backbone: str
-    img_size: int
-    patch_size: int
-    batch_size: int
-    steps: int
-    warmup: int
-    device: torch.device
-    dtype: torch.dtype
-    seed: int
+    ``rounds`` × ``steps`` steps of every method are measured (``steps`` per method
+    per round), after ``warmup`` discarded ones. ``amp="bf16"`` runs the forward
+    pass (the closure) under ``torch.autocast`` in bfloat16.
+    """
+
+    batch_size: int = 8
+    rounds: int = 4
+    steps: int = 2
+    warmup: int = 2
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    dtype: torch.dtype = torch.float32
+    seed: int = 0
+    amp: str | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "rounds", "steps", "warmup"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.amp is not None and self.amp not in AMP_DTYPES:
+            raise ValueError(f"amp must be None or one of {', '.join(AMP_DTYPES)}, got {self.amp!r}")
+        if self.amp is not None and self.dtype != torch.float32:
+            raise ValueError(f"autocast (amp={self.amp}) needs float32 weights, got {self.dtype}")
+
+    def request(self, tasks: str | None) -> ModelRequest:
+        """What the model factory is asked for at ``tasks`` (a ``--tasks`` value, ``None``: its default)."""
+        return ModelRequest(tasks=tasks, batch_size=self.batch_size, device=self.device, dtype=self.dtype, seed=self.seed)
 
 
 @dataclass
 class MethodResult:
-    """The medians of one method at one number of tasks."""
+    """One method at one number of tasks: medians, per-round medians and the paired ratios."""
 
     method: str
     num_tasks: int
     phases: dict[str, float]  # median seconds per phase of PHASES (0.0 when the method has no such phase)
     total: float  # median seconds per batch, wall clock around step()
     steps: int  # measured steps
+    round_totals: list[float] = field(default_factory=list)  # the median step of each round
+    round_ratios: list[float] | None = None  # each round's median over the baseline's in the same round
     groups_mean: float | None = None  # average number of groups per measured step (selective)
     peak_memory_bytes: int | None = None
-    ratio_to_gd: float | None = None
 
     @property
     def other(self) -> float:
@@ -97,6 +130,19 @@ class MethodResult:
         """Each phase's median as a fraction of the median total."""
         return {phase: (seconds / self.total if self.total > 0 else 0.0) for phase, seconds in self.phases.items()}
 
+    @property
+    def ratio(self) -> float | None:
+        """The median of the per-round paired ratios to the baseline (``None`` without a baseline)."""
+        return statistics.median(self.round_ratios) if self.round_ratios else None
+
+    @property
+    def ratio_mad(self) -> float | None:
+        """The median absolute deviation of the per-round ratios from :attr:`ratio`."""
+        ratio = self.ratio
+        if ratio is None or self.round_ratios is None:
+            return None
+        return statistics.median(abs(value - ratio) for value in self.round_ratios)
+
 
 def median_breakdown(phase_samples: Sequence[dict[str, float]], totals: Sequence[float]) -> tuple[dict[str, float], float]:
     """Per-phase medians (a phase absent from a step counts as 0 s there) and the median total."""
@@ -106,12 +152,27 @@ def median_breakdown(phase_samples: Sequence[dict[str, float]], totals: Sequence
     return phases, statistics.median(totals)
 
 
-def set_ratios_to_gd(results: list[MethodResult]) -> None:
-    """Fills ``ratio_to_gd`` of every result when GD was measured at the same K."""
-    gd_totals = {r.num_tasks: r.total for r in results if r.method == "gd"}
+def set_paired_ratios(results: list[MethodResult], baseline: str) -> None:
+    """Sets every result's ``round_ratios`` against the result named ``baseline`` (``None`` when it is absent)."""
+    base = next((result for result in results if result.method == baseline), None)
     for result in results:
-        gd_total = gd_totals.get(result.num_tasks)
-        result.ratio_to_gd = result.total / gd_total if gd_total else None
+        result.round_ratios = (
+            None
+            if base is None
+            else [mine / theirs for mine, theirs in zip(result.round_totals, base.round_totals, strict=True)]
+        )
+
+
+def rotated(items: Sequence[Any], round_index: int, rounds: int) -> list[Any]:
+    """``items`` rotated left by ``round_index · len(items) // rounds`` places (round r's running order).
+
+    >>> [rotated("ABCD", r, 4) for r in range(4)]
+    [['A', 'B', 'C', 'D'], ['B', 'C', 'D', 'A'], ['C', 'D', 'A', 'B'], ['D', 'A', 'B', 'C']]
+    >>> [rotated("ABCD", r, 2) for r in range(2)]
+    [['A', 'B', 'C', 'D'], ['C', 'D', 'A', 'B']]
+    """
+    offset = round_index * len(items) // rounds % max(len(items), 1)
+    return [*items[offset:], *items[:offset]]
 
 
 def default_methods() -> list[str]:
@@ -188,7 +249,7 @@ def _release_freed_memory(device: torch.device) -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
-class MethodFactory(Protocol):
+class MethodBuilder(Protocol):
     """Builds a method as ``selgroup_fast.methods.create`` does (the default factory)."""
 
     def __call__(
@@ -198,53 +259,29 @@ class MethodFactory(Protocol):
 
 @dataclass
 class Workload:
-    """What every method trains on at one K: the initial model (kept on the CPU) and the batch."""
+    """What every method trains on at one K: the model, its closure and the initial weights."""
 
-    tasks: list[TaskSpec]
-    initial_model: MultiTaskViT
-    batch: SyntheticBatch
+    bench: BenchModel
+    initial: list[torch.Tensor]  # copies of the model's parameters and buffers before any step
 
-
-def prepare_workload(tasks: list[TaskSpec], config: BenchConfig) -> Workload:
-    """The model built once from ``config.seed`` and the synthetic batch generated once on the device."""
-    torch.manual_seed(config.seed)
-    model = MultiTaskViT(tasks, config.backbone, config.img_size, config.patch_size)
-    batch = synthetic_batch(tasks, config.batch_size, config.img_size, config.device, config.dtype, config.seed)
-    return Workload(tasks, model, batch)
+    @property
+    def num_tasks(self) -> int:
+        return len(self.bench.task_names)
 
 
-def _build(
-    name: str, workload: Workload, config: BenchConfig, create: MethodFactory, options: dict[str, Any]
-) -> tuple[MultiTaskViT, methods.MultiTaskMethod]:
-    """A fresh copy of the initial model on the device and method ``name`` driving Adam over it, profiling on.
-
-    Copying the initial model (rather than building it again) gives every method the
-    same weights and skips timm's weight initialisation, seconds per method on a CPU.
-    """
-    model = copy.deepcopy(workload.initial_model).to(config.device, config.dtype)
-    optimizer = torch.optim.Adam(model.parameters(), lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY)
-    method = create(
-        name,
-        optimizer,
-        len(workload.tasks),
-        shared_params=model.shared_parameters(),
-        profile=True,
-        **method_options(name, config.warmup),
-        **options,
-    )
-    return model, method
+def _state_tensors(model: torch.nn.Module) -> list[torch.Tensor]:
+    return [*model.parameters(), *model.buffers()]
 
 
-def warm_up_process(workload: Workload, config: BenchConfig) -> None:
-    """One untimed GD step on a throw-away copy of the model before any method is measured.
+def _copy_into(targets: Sequence[torch.Tensor], sources: Sequence[torch.Tensor]) -> None:
+    with torch.no_grad():
+        torch._foreach_copy_(list(targets), list(sources))
 
-    The first optimizer step of a process pays one-time costs (lazy imports, library
-    and allocator initialisation) in time and memory; without this they would land
-    on the first method's warm-up and, for memory, on its peak.
-    """
-    model, method = _build("gd", workload, config, methods.create, {})
-    method.step(lambda: task_losses(model(workload.batch.images), workload.batch.targets, workload.tasks))
-    _synchronize(config.device)
+
+def prepare_workload(factory: ModelFactory, request: ModelRequest) -> Workload:
+    """The factory's model, checked (:func:`~selgroup_fast.bench.factory.build_model`), and its initial weights."""
+    bench = build_model(factory, request)
+    return Workload(bench, [tensor.detach().clone() for tensor in _state_tensors(bench.model)])
 
 
 def _synchronize(device: torch.device) -> None:
@@ -252,93 +289,178 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def run_method(
-    name: str,
+def _with_autocast(closure: Callable[[], ClosureOutput], config: BenchConfig) -> Callable[[], ClosureOutput]:
+    if config.amp is None:
+        return closure
+    dtype = AMP_DTYPES[config.amp]
+
+    def autocast_closure() -> ClosureOutput:
+        with torch.autocast(config.device.type, dtype=dtype):
+            return closure()
+
+    return autocast_closure
+
+
+@dataclass
+class _Contestant:
+    """One method in the rounds: its own weights between turns and its measurements."""
+
+    name: str
+    method: methods.MultiTaskMethod
+    weights: list[torch.Tensor]
+    peak_memory_bytes: int | None
+    totals: list[float] = field(default_factory=list)
+    phase_samples: list[dict[str, float]] = field(default_factory=list)
+    round_totals: list[float] = field(default_factory=list)
+    group_counts: list[int] = field(default_factory=list)
+
+
+def run_methods(
+    method_names: Sequence[str],
     workload: Workload,
     config: BenchConfig,
     progress: Progress | None = None,
-    create: MethodFactory = methods.create,
-    options: dict[str, Any] | None = None,
-) -> MethodResult:
-    """Times ``config.steps`` steps of method ``name`` after ``config.warmup`` discarded ones.
+    create: MethodBuilder = methods.create,
+    baseline: str = "gd",
+) -> list[MethodResult]:
+    """Times every method on ``workload``: warm-up one after the other, then the interleaved rounds.
 
-    Every method starts from a copy of the workload's initial model and trains on its
-    batch. ``progress`` advances by one per step. ``create`` builds the method (``methods.create``, or a stand-in with its
-    signature such as the reference loop of ``benchmarks/reference_loop.py``), with
-    ``options`` added to the bench's own (:func:`method_options`).
+    ``create`` builds a method (``methods.create``, or a stand-in with its signature such
+    as the reference loop of ``benchmarks/reference_loop.py``); every method gets Adam
+    over the shared and task parameters, ``profile=True`` and :func:`method_options`.
+    ``progress`` advances by one per step. The ratios are paired against ``baseline``.
     """
     progress = progress if progress is not None else NoProgress()
-    device = config.device
-    _release_freed_memory(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    with _PeakRSS(enabled=device.type != "cuda") as rss:
-        model, method = _build(name, workload, config, create, options or {})
-        batch, tasks = workload.batch, workload.tasks
+    device, bench = config.device, workload.bench
+    state = _state_tensors(bench.model)
+    trainable = [*bench.shared_params, *bench.task_params]
+    closure = _with_autocast(bench.closure, config)
 
-        def closure() -> list[torch.Tensor]:
-            return task_losses(model(batch.images), batch.targets, tasks)
+    def start_turn(weights: Sequence[torch.Tensor]) -> None:
+        """Puts a method's weights into the model, gradients cleared (outside every timed region)."""
+        _copy_into(state, weights)
+        for param in trainable:
+            param.grad = None
 
-        phase_samples: list[dict[str, float]] = []
-        totals: list[float] = []
-        group_counts: list[int] = []
-        for step in range(config.warmup + config.steps):
-            measured = step >= config.warmup
-            # `groups` holds the groups the coming step will use (read between steps:
-            # never inside the timed region).
-            groups = getattr(method, "groups", None) if measured else None
-            if groups is not None:
-                group_counts.append(len(groups))
+    def build(name: str) -> methods.MultiTaskMethod:
+        optimizer = torch.optim.Adam(trainable, lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY)
+        return create(
+            name,
+            optimizer,
+            workload.num_tasks,
+            shared_params=bench.shared_params,
+            profile=True,
+            **method_options(name, config.warmup),
+        )
+
+    # The first optimizer step of a process (or on a new model) pays one-time costs (lazy
+    # imports, library and allocator initialisation) in time and memory; one untimed GD
+    # step absorbs them instead of the first method's warm-up and peak.
+    start_turn(workload.initial)
+    methods.create("gd", torch.optim.Adam(trainable, lr=LEARNING_RATE), workload.num_tasks).step(closure)
+    _synchronize(device)
+
+    contestants = []
+    for name in method_names:
+        progress.set_description(f"K={workload.num_tasks} {name} warm-up")
+        _release_freed_memory(device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        floor = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+        with _PeakRSS(enabled=device.type != "cuda") as rss:
+            start_turn(workload.initial)
+            method = build(name)
+            for _ in range(config.warmup):
+                method.step(closure)
+                progress.update(1)
             _synchronize(device)
-            begin = time.perf_counter()
-            method.step(closure)
-            _synchronize(device)
-            elapsed = time.perf_counter() - begin
-            if measured:
-                totals.append(elapsed)
-                phase_samples.append(method.timings)
-            progress.update(1)
-    phases, total = median_breakdown(phase_samples, totals)
-    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else rss.peak_delta
-    return MethodResult(
-        method=name,
-        num_tasks=len(workload.tasks),
-        phases=phases,
-        total=total,
-        steps=config.steps,
-        groups_mean=statistics.fmean(group_counts) if group_counts else None,
-        peak_memory_bytes=peak,
-    )
+        peak = torch.cuda.max_memory_allocated(device) - floor if device.type == "cuda" else rss.peak_delta
+        contestants.append(_Contestant(name, method, [tensor.detach().clone() for tensor in state], peak))
+
+    for round_index in range(config.rounds):
+        for contestant in rotated(contestants, round_index, config.rounds):
+            progress.set_description(f"K={workload.num_tasks} round {round_index + 1}/{config.rounds} {contestant.name}")
+            method = contestant.method
+            start_turn(contestant.weights)
+            round_times = []
+            for _ in range(config.steps):
+                # `groups` holds the groups the coming step will use (read between steps:
+                # never inside the timed region).
+                groups = getattr(method, "groups", None)
+                if groups is not None:
+                    contestant.group_counts.append(len(groups))
+                _synchronize(device)
+                begin = time.perf_counter()
+                method.step(closure)
+                _synchronize(device)
+                round_times.append(time.perf_counter() - begin)
+                contestant.phase_samples.append(method.timings)
+                progress.update(1)
+            contestant.totals += round_times
+            contestant.round_totals.append(statistics.median(round_times))
+            _copy_into(contestant.weights, state)
+
+    results = []
+    for contestant in contestants:
+        phases, total = median_breakdown(contestant.phase_samples, contestant.totals)
+        results.append(
+            MethodResult(
+                method=contestant.name,
+                num_tasks=workload.num_tasks,
+                phases=phases,
+                total=total,
+                steps=len(contestant.totals),
+                round_totals=contestant.round_totals,
+                groups_mean=statistics.fmean(contestant.group_counts) if contestant.group_counts else None,
+                peak_memory_bytes=contestant.peak_memory_bytes,
+            )
+        )
+    set_paired_ratios(results, baseline)
+    return results
 
 
 @dataclass
 class Suite:
-    """The results of a run: one list of method results per number of tasks."""
+    """The results of a run: one list of method results per number of tasks K."""
 
     config: BenchConfig
-    tasks: dict[int, list[TaskSpec]]
+    model: str  # the factory, as --model spells it
+    description: str  # the model in one line (BenchModel.description)
+    tasks: dict[int, list[str]] = field(default_factory=dict)  # the task names at each K
     results: dict[int, list[MethodResult]] = field(default_factory=dict)
+    breakdown: int = 0  # the K of the breakdown table (the first task request's)
 
 
 def run_suite(
     method_names: Sequence[str],
-    task_sets: Sequence[list[TaskSpec]],
-    config: BenchConfig,
+    config: BenchConfig = BenchConfig(),
+    factory: ModelFactory = vit_bench_model,
+    tasks: Sequence[str | None] = (None,),
     progress: Progress | None = None,
 ) -> Suite:
-    """Times every method at every task set (one workload per task set)."""
+    """Times every method on the model ``factory`` builds for each entry of ``tasks`` (a K met twice runs once).
+
+    The first entry's K is the breakdown table's; more entries make a sweep. Example
+    (the same outputs as the command with :func:`~selgroup_fast.bench.report.write_outputs`)::
+
+        >>> from selgroup_fast.bench import BenchConfig, run_suite
+        >>> from functools import partial
+        >>> tiny = partial(vit_bench_model, backbone="test_vit", img_size=32)
+        >>> suite = run_suite(["gd", "uw"], BenchConfig(batch_size=2, rounds=2, steps=1, warmup=1), tiny, ["2"])
+        >>> [(r.method, r.num_tasks, r.steps, len(r.round_ratios)) for r in suite.results[2]]
+        [('gd', 2, 2, 2), ('uw', 2, 2, 2)]
+    """
     progress = progress if progress is not None else NoProgress()
-    suite = Suite(config=config, tasks={len(tasks): tasks for tasks in task_sets})
-    for tasks in task_sets:
-        progress.set_description(f"K={len(tasks)} model")
-        workload = prepare_workload(tasks, config)
-        if not suite.results:
-            progress.set_description("process warm-up")
-            warm_up_process(workload, config)
-        results = []
-        for name in method_names:
-            progress.set_description(f"K={len(tasks)} {name}")
-            results.append(run_method(name, workload, config, progress))
-        set_ratios_to_gd(results)
-        suite.results[len(tasks)] = results
+    suite: Suite | None = None
+    for entry in tasks:
+        progress.set_description(f"model ({entry or 'default tasks'})")
+        workload = prepare_workload(factory, config.request(entry))
+        if suite is None:
+            suite = Suite(config, factory_name(factory), workload.bench.description, breakdown=workload.num_tasks)
+        if workload.num_tasks not in suite.results:
+            suite.tasks[workload.num_tasks] = list(workload.bench.task_names)
+            suite.results[workload.num_tasks] = run_methods(method_names, workload, config, progress)
+        del workload
+    if suite is None:
+        raise ValueError("tasks must name at least one task set (None: the factory's default)")
     return suite
