@@ -43,8 +43,8 @@ GPU_DEFAULTS = MachineDefaults(
     img_size=224,
     patch_size=16,
     warmup=5,
-    rounds=5,
-    steps=4,
+    rounds=10,
+    steps=2,
     why="GPU defaults: the paper's 224 px, patch 16",
 )
 #: CPU: small images, the 4 NYUD tasks and few steps, so that the default run (every
@@ -54,8 +54,8 @@ CPU_DEFAULTS = MachineDefaults(
     img_size=64,
     patch_size=8,
     warmup=2,
-    rounds=4,
-    steps=2,
+    rounds=8,
+    steps=1,
     why="CPU defaults: small 64 px images (patch 8) and few steps so that the default run takes "
     "about 1-2 minutes on 2 idle cores; pass --img-size 224 --patch-size 16 for the paper's size",
 )

@@ -163,6 +163,47 @@ class MultiTaskViT(nn.Module):
         return self.decode(self.features(images))
 
 
+def vit_bench_model(
+    request: ModelRequest,
+    *,
+    backbone: str = "vit_tiny_patch16_224",
+    img_size: int = 64,
+    patch_size: int = 8,
+) -> BenchModel:
+    """The built-in model factory: :class:`MultiTaskViT` on a :func:`synthetic_batch` (selgroup-bench's default).
+
+    ``request.tasks`` is parsed by :func:`parse_tasks` (default ``nyud``); the weights
+    and the batch come from ``request.seed``.
+
+    Example::
+
+        >>> import torch
+        >>> from selgroup_fast.bench import ModelRequest, vit_bench_model
+        >>> built = vit_bench_model(ModelRequest(tasks="3", batch_size=2), backbone="test_vit", img_size=32)
+        >>> built.task_names, len(built.closure())
+        (['semseg', 'depth', 'normals'], 3)
+    """
+    try:
+        tasks = parse_tasks(request.tasks or "nyud")
+    except ValueError as error:
+        raise ModelError(str(error)) from None
+    torch.manual_seed(request.seed)
+    model = MultiTaskViT(tasks, backbone, img_size, patch_size).to(request.device, request.dtype)
+    batch = synthetic_batch(tasks, request.batch_size, img_size, request.device, request.dtype, request.seed)
+
+    def closure() -> list[torch.Tensor]:
+        return task_losses(model(batch.images), batch.targets, tasks)
+
+    return BenchModel(
+        model=model,
+        shared_params=model.shared_parameters(),
+        task_params=list(model.decoders.parameters()),
+        closure=closure,
+        task_names=[spec.name for spec in tasks],
+        description=f"{backbone} (random init), {img_size} px images, patch {patch_size}",
+    )
+
+
 @dataclass
 class SyntheticBatch:
     """One fixed batch: images ``[B, 3, H, W]`` and one dense target per task."""
@@ -204,43 +245,3 @@ def task_losses(outputs: list[torch.Tensor], targets: list[torch.Tensor], tasks:
         for output, target, spec in zip(outputs, targets, tasks, strict=True)
     ]
 
-
-def vit_bench_model(
-    request: ModelRequest,
-    *,
-    backbone: str = "vit_tiny_patch16_224",
-    img_size: int = 64,
-    patch_size: int = 8,
-) -> BenchModel:
-    """The built-in model factory: :class:`MultiTaskViT` on a :func:`synthetic_batch` (selgroup-bench's default).
-
-    ``request.tasks`` is parsed by :func:`parse_tasks` (default ``nyud``); the weights
-    and the batch come from ``request.seed``.
-
-    Example::
-
-        >>> import torch
-        >>> from selgroup_fast.bench import ModelRequest, vit_bench_model
-        >>> built = vit_bench_model(ModelRequest(tasks="3", batch_size=2), backbone="test_vit", img_size=32)
-        >>> built.task_names, len(built.closure())
-        (['semseg', 'depth', 'normals'], 3)
-    """
-    try:
-        tasks = parse_tasks(request.tasks or "nyud")
-    except ValueError as error:
-        raise ModelError(str(error)) from None
-    torch.manual_seed(request.seed)
-    model = MultiTaskViT(tasks, backbone, img_size, patch_size).to(request.device, request.dtype)
-    batch = synthetic_batch(tasks, request.batch_size, img_size, request.device, request.dtype, request.seed)
-
-    def closure() -> list[torch.Tensor]:
-        return task_losses(model(batch.images), batch.targets, tasks)
-
-    return BenchModel(
-        model=model,
-        shared_params=model.shared_parameters(),
-        task_params=list(model.decoders.parameters()),
-        closure=closure,
-        task_names=[spec.name for spec in tasks],
-        description=f"{backbone} (random init), {img_size} px images, patch {patch_size}",
-    )
