@@ -84,8 +84,8 @@ class BenchConfig:
     """
 
     batch_size: int = 8
-    rounds: int = 4
-    steps: int = 2
+    rounds: int = 8
+    steps: int = 1
     warmup: int = 2
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     dtype: torch.dtype = torch.float32
