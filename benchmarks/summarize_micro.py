@@ -34,6 +34,11 @@ def _microseconds(seconds: float | None) -> str:
     return "–" if seconds is None else f"{seconds * 1e6:,.1f}"
 
 
+def _ratio(value: float) -> str:
+    """10× and more without decimals, 1–10× with one, below 1× with two (a slower fused op stays readable)."""
+    return f"{value:,.0f}×" if value >= 10 else f"{value:.1f}×" if value >= 1 else f"{value:.2f}×"
+
+
 def summary(run: dict[str, Any], source: str, notes: Sequence[str] = ()) -> str:
     """The Markdown report of one saved run (``source``: where it was read from)."""
     fused: dict[tuple[str, int, str], float] = {}  # (op, K, device) -> median seconds
@@ -66,7 +71,7 @@ def summary(run: dict[str, Any], source: str, notes: Sequence[str] = ()) -> str:
     ]
     for (op, num_tasks, device), ours in sorted(fused.items()):
         slow = reference.get((op, num_tasks))
-        ratio = "–" if slow is None else f"{slow / ours:,.0f}×" if slow / ours >= 10 else f"{slow / ours:.1f}×"
+        ratio = "–" if slow is None else _ratio(slow / ours)
         lines.append(f"| `{op}` | {num_tasks} | {device} | {_microseconds(ours)} | {_microseconds(slow)} | {ratio} |")
     return "\n".join(lines) + "\n"
 

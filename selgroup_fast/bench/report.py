@@ -67,6 +67,8 @@ def environment(device: torch.device) -> dict[str, Any]:
             "torch_threads": torch.get_num_threads(),
             "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
             "platform": platform.platform(),
+            # other jobs on the machine: read the paired ratios, not the absolute times, when this exceeds the cores
+            "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         },
         "versions": {
             "python": platform.python_version(),
@@ -251,6 +253,10 @@ def run_notes(suite: Suite, extra: Sequence[str] = ()) -> list[str]:
     return [*notes, *extra]
 
 
+def _load_text(load: list[float] | None) -> str:
+    return f"; load average {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (1 / 5 / 15 min) at the end" if load else ""
+
+
 def summary_markdown(record: dict[str, Any], tables: str, images: list[str]) -> str:
     """A README-ready summary: what ran where, the tables, the charts."""
     machine, versions, config = record["machine"], record["versions"], record["config"]
@@ -262,7 +268,8 @@ def summary_markdown(record: dict[str, Any], tables: str, images: list[str]) -> 
         "",
         f"* Command: `{record['command']}`",
         f"* Date: {record['date']}",
-        f"* Machine: {machine['cpu']} ({machine['cpu_cores']} cores, {machine['torch_threads']} torch threads){gpu}",
+        f"* Machine: {machine['cpu']} ({machine['cpu_cores']} cores, {machine['torch_threads']} torch threads){gpu}"
+        + _load_text(machine.get("load_average")),
         f"* Versions: {version_text}",
         f"* Model: {record['model']['description']} (`{record['model']['factory']}`), "
         f"batch {config['batch_size']}, {config['dtype']}{amp} on {config['device']}",
