@@ -302,6 +302,7 @@ RUN = ["--tasks", "2", "--rounds", "1", "--steps", "1", "--warmup", "1"]
         ([*TINY[:2], "--img-size", "30", "--patch-size", "8"], "--img-size 30 must be a multiple of --patch-size 8"),
         (["--backbone", "resnet18", "--img-size", "32"], "--backbone 'resnet18' is not a timm ViT"),
         (["--backbone", "no_such_net", "--img-size", "32"], "--backbone 'no_such_net' is not a timm model name"),
+        (["--tasks", "cityscapes"], "--tasks must be a positive number or one of nyud, pascal, taskonomy"),
         (["--device", "meta"], "--device meta: selgroup-bench runs on cpu or cuda"),
         (["--device", "bogus"], "--device 'bogus' is not a device"),
         (["--amp", "bf16", "--dtype", "float64"], "--amp bf16 autocasts float32 weights"),

@@ -14,7 +14,7 @@ import torch
 
 from .. import methods, ops
 from .factory import ModelError, ModelFactory, load_factory
-from .model import PRESETS, vit_bench_model
+from .model import PRESETS, parse_tasks, vit_bench_model
 from .report import write_outputs
 from .timing import AMP_DTYPES, BenchConfig, default_methods, run_suite
 
@@ -192,6 +192,10 @@ def run_settings(args: argparse.Namespace) -> RunSettings:
             patch_size=patch_size,
         )
         tasks = args.tasks or defaults.tasks
+        try:
+            parse_tasks(tasks)
+        except ValueError as error:
+            raise UsageError(str(error)) from None
         used_defaults = used_defaults and args.img_size is None and args.patch_size is None
     else:
         given = [name for name, value in built_in_options.items() if value is not None]
