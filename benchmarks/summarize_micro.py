@@ -56,9 +56,11 @@ def summary(run: dict[str, Any], source: str, notes: Sequence[str] = ()) -> str:
         "",
         f"- date: {run['datetime']}",
         f"- machine: {machine.get('cpu_model', machine['cpu'].get('brand_raw'))}, {machine.get('cpu_cores')} cores, "
-        f"{machine.get('torch_threads')} torch threads" + (f", GPU {machine['gpu']}" if machine.get("gpu") else ", no GPU"),
+        f"{machine.get('torch_threads')} torch threads"
+        + (f", GPU {machine['gpu']}" if machine.get("gpu") else ", no GPU"),
         f"- versions: python {machine['python_version']}, {versions}",
-        f"- command: `{COMMAND}`, then `python benchmarks/summarize_micro.py --output benchmarks/results/ops_micro_cpu.md`",
+        f"- command: `{COMMAND}`, then "
+        "`python benchmarks/summarize_micro.py --output benchmarks/results/ops_micro_cpu.md`",
         f"- data: `{source}`; times are pytest-benchmark's medians per call (µs); ratio = reference / fused",
         "- references: `.item()` double loop (`ReferenceAffinity.update`) for the affinity update, the reference "
         "code's tensor expression for the similarity, scikit-learn for affinity propagation, the float64 "

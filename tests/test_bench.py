@@ -186,7 +186,10 @@ def test_sweep_and_a_grouped_method(tmp_path, monkeypatch):
 
 def test_a_user_factory_gets_the_same_outputs(tmp_path, capsys):
     args = ["--model", "bench_toy_factory:build", "--methods", "gd,pcgrad,uw", "--tasks", "4", "--batch-size", "5"]
-    assert main([*args, "--rounds", "2", "--steps", "1", "--warmup", "1", "--sweep-tasks", "2", "--out", str(tmp_path)]) == 0
+    assert (
+        main([*args, "--rounds", "2", "--steps", "1", "--warmup", "1", "--sweep-tasks", "2", "--out", str(tmp_path)])
+        == 0
+    )
     assert "Per-batch breakdown, K = 4" in capsys.readouterr().out
     record = json.loads((tmp_path / "results.json").read_text())
     assert record["model"] == {"factory": "bench_toy_factory:build", "description": "tiny MLP"}
@@ -211,7 +214,13 @@ def test_a_factory_from_python_with_bf16_autocast(tmp_path):
     assert set(bench_toy_factory.AUTOCAST_SEEN[1:]) == {torch.bfloat16}
     assert suite.model == "bench_toy_factory:build" and suite.breakdown == 2
     written = write_outputs(suite, tmp_path, command="run_suite(...)")
-    assert {path.name for path in written} == {"results.json", "results.csv", "results.md", "README.md", "breakdown.png"}
+    assert {path.name for path in written} == {
+        "results.json",
+        "results.csv",
+        "results.md",
+        "README.md",
+        "breakdown.png",
+    }
     record = json.loads((tmp_path / "results.json").read_text())
     assert record["config"]["amp"] == "bf16" and record["command"] == "run_suite(...)"
     assert any("torch.autocast(bf16)" in note for note in record["notes"])
@@ -246,15 +255,31 @@ def test_interleaved_rounds_rotate_the_order_and_keep_each_method_s_weights():
     initial = workload.bench.shared_params[0].flatten()[0].item()
 
     def create(name, optimizer, num_tasks, shared_params=None, **options):
-        return Recorder(name, torch.optim.SGD(optimizer.param_groups[0]["params"], lr=0.5), num_tasks,
-                        frozen=name == "frozen", **options)
+        return Recorder(
+            name,
+            torch.optim.SGD(optimizer.param_groups[0]["params"], lr=0.5),
+            num_tasks,
+            frozen=name == "frozen",
+            **options,
+        )
 
     RECORDER_LOG.clear()
     config = BenchConfig(batch_size=4, rounds=2, steps=2, warmup=1)
     results = run_methods(["trained", "frozen"], workload, config, create=create, baseline="trained")
     names = [name for name, _, _ in RECORDER_LOG]
     # warm-up one after the other, then round 1 in the given order and round 2 rotated by 2 / 2 places
-    assert names == ["trained", "frozen", "trained", "trained", "frozen", "frozen", "frozen", "frozen", "trained", "trained"]
+    assert names == [
+        "trained",
+        "frozen",
+        "trained",
+        "trained",
+        "frozen",
+        "frozen",
+        "frozen",
+        "frozen",
+        "trained",
+        "trained",
+    ]
     trained = [(before, after) for name, before, after in RECORDER_LOG if name == "trained"]
     assert trained[0][0] == initial
     assert all(after != before for before, after in trained)
@@ -262,7 +287,9 @@ def test_interleaved_rounds_rotate_the_order_and_keep_each_method_s_weights():
     assert all(before == after == initial for name, before, after in RECORDER_LOG if name == "frozen")
     assert [r.steps for r in results] == [4, 4] and [len(r.round_totals) for r in results] == [2, 2]
     assert results[0].round_ratios == [1.0, 1.0]
-    assert results[1].round_ratios == pytest.approx([f / t for f, t in zip(results[1].round_totals, results[0].round_totals)])
+    assert results[1].round_ratios == pytest.approx(
+        [f / t for f, t in zip(results[1].round_totals, results[0].round_totals)]
+    )
 
 
 def test_rotation_and_paired_ratios_by_hand():
@@ -311,10 +338,19 @@ RUN = ["--tasks", "2", "--rounds", "1", "--steps", "1", "--warmup", "1"]
         (["--model", "no_such_module_q:build"], "cannot import 'no_such_module_q' for --model"),
         (["--model", "bench_toy_factory:missing"], "'bench_toy_factory' has no attribute 'missing'"),
         (["--model", "bench_toy_factory:NOT_CALLABLE"], "is a int, not a callable factory"),
-        (["--model", "bench_toy_factory:wrong_type"], "returned a TinyMultiTask, expected a selgroup_fast.bench.BenchModel"),
-        (["--model", "bench_toy_factory:wrong_losses"], "its closure: the closure returned 1 losses, expected num_tasks=2"),
+        (
+            ["--model", "bench_toy_factory:wrong_type"],
+            "returned a TinyMultiTask, expected a selgroup_fast.bench.BenchModel",
+        ),
+        (
+            ["--model", "bench_toy_factory:wrong_losses"],
+            "its closure: the closure returned 1 losses, expected num_tasks=2",
+        ),
         (["--model", "bench_toy_factory:foreign_params"], "shared_params must hold trainable parameters of"),
-        (["--model", "bench_toy_factory:build", "--backbone", "test_vit"], "--backbone configure the built-in model only"),
+        (
+            ["--model", "bench_toy_factory:build", "--backbone", "test_vit"],
+            "--backbone configure the built-in model only",
+        ),
     ],
 )
 def test_usage_errors(args, message, capsys, tmp_path):
@@ -333,7 +369,11 @@ def test_the_command_line_prints_one_error_line_and_exits_2():
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}
     completed = subprocess.run(
         [sys.executable, "-m", "selgroup_fast.bench", "--methods", "nope", "--tasks", "2"],
-        capture_output=True, text=True, env=env, timeout=300, check=False,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        check=False,
     )
     assert completed.returncode == 2 and "Traceback" not in completed.stderr
     assert "selgroup-bench: error: unknown or unavailable method(s) 'nope'" in completed.stderr
@@ -507,7 +547,21 @@ def test_reference_loop_runs_one_forward_per_group():
 
 def test_reference_script_alone_writes_its_table(tmp_path):
     output = tmp_path / "results" / "reference_loop.md"
-    args = [*TINY, "--tasks", "3", "--rounds", "2", "--steps", "1", "--warmup", "1", "--only", "reference", "--output", str(output)]
+    args = [
+        *TINY,
+        "--tasks",
+        "3",
+        "--rounds",
+        "2",
+        "--steps",
+        "1",
+        "--warmup",
+        "1",
+        "--only",
+        "reference",
+        "--output",
+        str(output),
+    ]
     assert reference_loop.main(args) == 0
     text = output.read_text()
     assert "| loop | forward (s)" in text and "clustering + affinity (s)" in text

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import os
 import shlex
 import sys
 from collections.abc import Sequence
@@ -100,7 +101,9 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
         f"ModelRequest.tasks; default: {CPU_DEFAULTS.tasks} on a CPU, {GPU_DEFAULTS.tasks} on a GPU for the built-in "
         "model, the factory's own otherwise",
     )
-    model.add_argument("--backbone", help="built-in model: a timm ViT name, random init (default: vit_tiny_patch16_224)")
+    model.add_argument(
+        "--backbone", help="built-in model: a timm ViT name, random init (default: vit_tiny_patch16_224)"
+    )
     model.add_argument(
         "--img-size",
         type=_positive_int,
@@ -175,7 +178,7 @@ def resolve_device(text: str | None) -> torch.device:
 
 
 def run_settings(args: argparse.Namespace) -> RunSettings:
-    """Resolves the options of :func:`add_run_arguments` against the machine's defaults; :class:`UsageError` if wrong."""
+    """The options of :func:`add_run_arguments` with the machine's defaults filled in; :class:`UsageError` if wrong."""
     device = resolve_device(args.device)
     defaults = GPU_DEFAULTS if device.type == "cuda" else CPU_DEFAULTS
     used_defaults = args.steps is None and args.rounds is None
@@ -253,6 +256,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def load_hint(load_average: float, cores: int, threads: int) -> str | None:
+    """A warning when other jobs share the CPU (1-minute load average above the cores), else ``None``.
+
+    >>> load_hint(1.5, 2, 2) is None
+    True
+    >>> hint = load_hint(12.0, 2, 2)
+    >>> hint.startswith("note: load average 12.0 on 2 cores") and "OMP_NUM_THREADS=1" in hint
+    True
+    """
+    if load_average <= cores:
+        return None
+    hint = (
+        f"note: load average {load_average:.1f} on {cores} cores: other jobs share the CPU, so read the paired "
+        "ratios (× GD), not the absolute times"
+    )
+    if threads > 1:
+        hint += (
+            f"; with {threads} torch threads, OMP_NUM_THREADS=1 avoids OpenMP barriers stalled on a descheduled thread"
+        )
+    return hint
+
+
 def method_list(text: str | None) -> list[str]:
     """``--methods``: the names, checked against the methods of this installation."""
     if text is None:
@@ -261,7 +286,9 @@ def method_list(text: str | None) -> list[str]:
     available = methods.available()
     unknown = [name for name in names if name not in available]
     if unknown or not names:
-        raise UsageError(f"unknown or unavailable method(s) {', '.join(unknown) or text!r}; available: {', '.join(available)}")
+        raise UsageError(
+            f"unknown or unavailable method(s) {', '.join(unknown) or text!r}; available: {', '.join(available)}"
+        )
     return list(dict.fromkeys(names))
 
 
@@ -279,6 +306,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             + (f" (and the sweep K = {', '.join(sweep)})" if sweep else ""),
             file=sys.stderr,
         )
+        hint = (
+            load_hint(os.getloadavg()[0], os.cpu_count() or 1, torch.get_num_threads())
+            if hasattr(os, "getloadavg")
+            else None
+        )
+        if hint and settings.config.device.type == "cpu":
+            print(hint, file=sys.stderr)
         from tqdm import tqdm
 
         config = settings.config

@@ -121,7 +121,9 @@ def build_model(factory: ModelFactory, request: ModelRequest) -> BenchModel:
     name = factory_name(factory)
     built = factory(request)
     if not isinstance(built, BenchModel):
-        raise ModelError(f"the factory {name} returned a {type(built).__name__}, expected a selgroup_fast.bench.BenchModel")
+        raise ModelError(
+            f"the factory {name} returned a {type(built).__name__}, expected a selgroup_fast.bench.BenchModel"
+        )
     if not isinstance(built.model, nn.Module):
         raise ModelError(f"{name}: BenchModel.model must be a torch.nn.Module, got {type(built.model).__name__}")
     if not callable(built.closure):

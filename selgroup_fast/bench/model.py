@@ -121,10 +121,14 @@ class MultiTaskViT(nn.Module):
         if img_size % patch_size != 0:
             raise ModelError(f"the image size {img_size} must be a multiple of the patch size {patch_size}")
         if not timm.is_model(backbone):
-            raise ModelError(f"--backbone {backbone!r} is not a timm model name (a timm ViT such as vit_tiny_patch16_224)")
+            raise ModelError(
+                f"--backbone {backbone!r} is not a timm model name (a timm ViT such as vit_tiny_patch16_224)"
+            )
         not_a_vit = f"--backbone {backbone!r} is not a timm ViT (timm.models.vision_transformer.VisionTransformer)"
         try:
-            encoder = timm.create_model(backbone, pretrained=False, num_classes=0, img_size=img_size, patch_size=patch_size)
+            encoder = timm.create_model(
+                backbone, pretrained=False, num_classes=0, img_size=img_size, patch_size=patch_size
+            )
         except TypeError:  # the models that are not ViTs take no img_size / patch_size
             raise ModelError(not_a_vit) from None
         if not isinstance(encoder, VisionTransformer):
@@ -244,4 +248,3 @@ def task_losses(outputs: list[torch.Tensor], targets: list[torch.Tensor], tasks:
         F.cross_entropy(output, target) if spec.kind == "segmentation" else F.l1_loss(output, target)
         for output, target, spec in zip(outputs, targets, tasks, strict=True)
     ]
-

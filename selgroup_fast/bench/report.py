@@ -329,7 +329,9 @@ def write_outputs(suite: Suite, out_dir: str | Path, command: str, extra_notes: 
     notes = run_notes(suite, extra_notes)
     print_table(suite, notes)
     what = f"{suite.description}, batch {suite.config.batch_size}, {suite.config.device}"
-    images = [plot_breakdown(suite.results[suite.breakdown], out_dir / "breakdown.png", f"K = {suite.breakdown}: {what}")]
+    images = [
+        plot_breakdown(suite.results[suite.breakdown], out_dir / "breakdown.png", f"K = {suite.breakdown}: {what}")
+    ]
     if len(suite.results) > 1:
         images.append(plot_sweep(suite, out_dir / "sweep.png", f"time per batch against K: {what}"))
     paths = write_reports(out_dir, suite, command, notes, [image.name for image in images])

@@ -103,7 +103,9 @@ class BenchConfig:
 
     def request(self, tasks: str | None) -> ModelRequest:
         """What the model factory is asked for at ``tasks`` (a ``--tasks`` value, ``None``: its default)."""
-        return ModelRequest(tasks=tasks, batch_size=self.batch_size, device=self.device, dtype=self.dtype, seed=self.seed)
+        return ModelRequest(
+            tasks=tasks, batch_size=self.batch_size, device=self.device, dtype=self.dtype, seed=self.seed
+        )
 
 
 @dataclass
@@ -144,7 +146,9 @@ class MethodResult:
         return statistics.median(abs(value - ratio) for value in self.round_ratios)
 
 
-def median_breakdown(phase_samples: Sequence[dict[str, float]], totals: Sequence[float]) -> tuple[dict[str, float], float]:
+def median_breakdown(
+    phase_samples: Sequence[dict[str, float]], totals: Sequence[float]
+) -> tuple[dict[str, float], float]:
     """Per-phase medians (a phase absent from a step counts as 0 s there) and the median total."""
     if not totals or len(phase_samples) != len(totals):
         raise ValueError("need one phase sample per measured total, and at least one")
@@ -379,7 +383,9 @@ def run_methods(
 
     for round_index in range(config.rounds):
         for contestant in rotated(contestants, round_index, config.rounds):
-            progress.set_description(f"K={workload.num_tasks} round {round_index + 1}/{config.rounds} {contestant.name}")
+            progress.set_description(
+                f"K={workload.num_tasks} round {round_index + 1}/{config.rounds} {contestant.name}"
+            )
             method = contestant.method
             start_turn(contestant.weights)
             round_times = []
