@@ -580,3 +580,46 @@ def test_reference_script_compares_both_loops(tmp_path):
     rows = [line for line in text.splitlines() if line.startswith(("| reference loop", "| Selective"))]
     assert len(rows) == 2
     assert "Reference loop / SelectiveGroupUpdate: clustering + affinity" in text
+
+
+# --- the micro-benchmarks' summary (benchmarks/summarize_micro.py) -------------------------
+
+
+def test_micro_summary_pairs_each_fused_op_with_its_reference(tmp_path):
+    spec = importlib.util.spec_from_file_location("summarize_micro", REPO / "benchmarks" / "summarize_micro.py")
+    summarize = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(summarize)
+
+    def bench(op, side, num_tasks, device, median):
+        info = {"op": op, "side": side, "num_tasks": num_tasks, "device": device}
+        return {"extra_info": info, "stats": {"median": median}}
+
+    run = {
+        "datetime": "2026-11-27T10:00:00",
+        "machine_info": {"cpu": {"brand_raw": "Test CPU"}, "python_version": "3.11.7", "versions": {"torch": "2.14"}},
+        "benchmarks": [
+            bench("affinity_update_", "fused", 11, "cpu", 2e-6),
+            bench("affinity_update_", "fused", 11, "cuda", 4e-6),
+            bench("affinity_update_", "reference", 11, "cpu", 5e-4),
+            bench("aligned_mtl_weights", "reference", 32, "cpu", 3e-4),
+            bench("aligned_mtl_weights", "fused", 32, "cpu", 1.5e-3),
+            bench("imtl_weights", "fused", 4, "cpu", 7e-6),
+            bench("imtl_weights", "reference", 4, "cpu", 3.5e-5),
+            bench("cagrad_weights", "fused", 128, "cpu", 1e-3),
+        ],
+    }
+    path = tmp_path / "Linux" / "0001_cpu.json"
+    path.parent.mkdir()
+    path.write_text(json.dumps(run))
+    output = tmp_path / "ops_micro.md"
+    assert summarize.main(["--storage", str(tmp_path), "--note", "loaded", "--output", str(output)]) == 0
+    text = output.read_text()
+    rows = [line for line in text.splitlines() if line.startswith("| `")]
+    assert rows == [
+        "| `affinity_update_` | 11 | cpu | 2.0 | 500.0 | 250× |",
+        "| `affinity_update_` | 11 | cuda | 4.0 | 500.0 | 125× |",  # every device against the CPU reference
+        "| `aligned_mtl_weights` | 32 | cpu | 1,500.0 | 300.0 | 0.20× |",
+        "| `cagrad_weights` | 128 | cpu | 1,000.0 | – | – |",
+        "| `imtl_weights` | 4 | cpu | 7.0 | 35.0 | 5.0× |",
+    ]
+    assert "- loaded" in text and "Test CPU" in text and str(path.as_posix()) in text
