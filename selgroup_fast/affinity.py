@@ -131,9 +131,7 @@ class AffinityTracker:
         and moved to the tracker's device and dtype; losses that are not positive finite
         numbers are skipped by the rules of ``affinity_update_`` (docs/algorithm.md §Affinity update).
         """
-        mask = self.group_mask(group)
-        ops.affinity_update_(self._affinity, self._losses(before, "before"), self._losses(after, "after"), mask,
-                             self.decay)
+        self.credit_batch(torch.stack([self._losses(before, "before"), self._losses(after, "after")]), [group])
 
     def credit_batch(
         self,
@@ -167,10 +165,7 @@ class AffinityTracker:
         shift = ATTRIBUTIONS.index(attribution)  # "reference": the group stepped next
         changes = len(losses) - 1
         if changes + shift > len(stepped):
-            raise ValueError(
-                f"{len(losses)} forwards need at least {changes + shift} stepped groups with "
-                f"attribution={attribution!r}, got {len(stepped)}"
-            )
+            raise ValueError(f"{len(losses)} forwards and {attribution!r} crediting need {changes + shift} stepped groups")
         before = losses[:-1]
         if skipped is not None:  # NaN "before" losses are skipped by the update rule
             before = before.masked_fill(skipped[:changes, None].to(self.device), math.nan)
@@ -222,8 +217,5 @@ class AffinityTracker:
 
 
 def labels_to_groups(labels: Sequence[int]) -> list[list[int]]:
-    """Cluster labels (numbered by first appearance) -> groups of task indices."""
-    groups: list[list[int]] = [[] for _ in range(max(labels) + 1)]
-    for task, label in enumerate(labels):
-        groups[label].append(task)
-    return [group for group in groups if group]
+    """Cluster labels numbered 0..M-1 by first appearance -> the M groups of task indices."""
+    return [[task for task, label in enumerate(labels) if label == m] for m in range(max(labels) + 1)]

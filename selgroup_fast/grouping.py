@@ -1,20 +1,16 @@
 """Grouping strategies: which task groups each batch of :class:`SelectiveGroupUpdate` updates.
 
-A strategy states the partition of the first batch (:meth:`Grouping.first_groups`),
-the partition after each batch (:meth:`Grouping.next_groups`, ``None`` to keep the
-current one) and how many times a lone group is stepped per batch
-(:attr:`Grouping.lone_group_steps`); see ``docs/algorithm.md §Groupings``.
-:func:`make_grouping` turns the ``grouping=`` values of :class:`SelectiveGroupUpdate`
-into strategies, and :func:`check_partition` is the one check of a partition.
+A strategy gives the first batch's partition, the partition after each batch (``None``:
+keep the current one) and how often a lone group is stepped per batch
+(``docs/algorithm.md §Groupings``). The generator both methods receive is the method's
+own (it also draws the group order), so strategies hold no random state of their own.
 
 Example::
 
     >>> import torch
-    >>> from selgroup_fast.grouping import make_grouping
-    >>> make_grouping("joint").first_groups(3, torch.Generator())
-    [[0, 1, 2]]
-    >>> make_grouping([[2, 0], [1]]).first_groups(3, torch.Generator())
-    [[0, 2], [1]]
+    >>> generator = torch.Generator().manual_seed(0)
+    >>> make_grouping("joint").first_groups(3, generator), make_grouping([[2, 0], [1]]).first_groups(3, generator)
+    ([[0, 1, 2]], [[0, 2], [1]])
     >>> make_grouping("random:2").first_groups(5, torch.Generator().manual_seed(0))
     [[1, 2, 4], [0, 3]]
 """
@@ -40,22 +36,17 @@ Partition = list[list[int]]
 
 
 class Grouping(abc.ABC):
-    """A grouping strategy (``docs/algorithm.md §Groupings``).
-
-    The generator passed to both methods is the method's CPU ``torch.Generator``, the
-    one that also draws the group order: strategies keep no random state of their own,
-    so the method's checkpoint restores them.
-    """
+    """A grouping strategy (``docs/algorithm.md §Groupings``)."""
 
     #: The strategy's ``grouping=`` spelling.
     name: str = ""
-    #: Optimizer steps of a lone group per batch: 2 (the official rule, so that the
-    #: second forward measures the first step) or 1 (plain GD).
+    #: Steps of a lone group per batch: 2 (the official rule: the second forward measures
+    #: the first step) or 1 (plain GD).
     lone_group_steps: int = 2
 
     @abc.abstractmethod
     def first_groups(self, num_tasks: int, generator: torch.Generator) -> Partition:
-        """The partition of ``0..num_tasks-1`` the first batch updates (each group sorted)."""
+        """The partition of ``0..num_tasks-1`` the first batch updates."""
 
     def next_groups(self, tracker: AffinityTracker, batches: int, generator: torch.Generator) -> Partition | None:
         """The partition for the next batch once ``batches`` batches ran, or ``None`` to keep the current one."""
@@ -63,7 +54,7 @@ class Grouping(abc.ABC):
 
 
 class SeparateGrouping(Grouping):
-    """Every task alone, every batch (``grouping="separate"``)."""
+    """Every task alone, every batch (``"separate"``)."""
 
     name = "separate"
 
@@ -72,7 +63,7 @@ class SeparateGrouping(Grouping):
 
 
 class JointGrouping(Grouping):
-    """All tasks in one group stepped once per batch: plain GD (``grouping="joint"``)."""
+    """All tasks in one group stepped once per batch: plain GD (``"joint"``)."""
 
     name = "joint"
     lone_group_steps = 1
@@ -82,36 +73,22 @@ class JointGrouping(Grouping):
 
 
 class FixedGrouping(Grouping):
-    """The same given partition every batch (``grouping=[[0, 2], [1], ...]``).
-
-    Example::
-
-        >>> FixedGrouping([[0, 1], [1, 2]])
-        Traceback (most recent call last):
-        ...
-        ValueError: groups must partition the tasks 0..3 into non-empty groups (each task exactly once), got [[0, 1], [1, 2]]
-    """
+    """The given partition every batch (``[[0, 2], [1], ...]``, checked by :meth:`first_groups`)."""
 
     name = "fixed"
 
     def __init__(self, groups: Sequence[Sequence[int]]) -> None:
-        if isinstance(groups, (str, torch.Tensor)) or not isinstance(groups, Sequence) or not all(
-            isinstance(group, Sequence) and not isinstance(group, str) for group in groups
-        ):
-            raise ValueError(f"a fixed grouping must be a list of lists of task indices, got {groups!r}")
-        self.groups = check_partition(groups, sum(map(len, groups)))
+        self.groups = groups
 
     def first_groups(self, num_tasks: int, generator: torch.Generator) -> Partition:
         return check_partition(self.groups, num_tasks)
 
 
 class RandomGrouping(Grouping):
-    """``count`` random non-empty groups of near-equal size, redrawn every batch (``grouping="random:M"``)."""
+    """``count`` random non-empty groups whose sizes differ by at most one, redrawn every batch (``"random:M"``)."""
 
     def __init__(self, count: int) -> None:
-        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-            raise ValueError(f"grouping 'random:M' needs an integer M >= 1, got M={count!r}")
-        self.count = count
+        self.count = check_int("grouping 'random:M': M", count)
         self.name = f"random:{count}"
 
     def first_groups(self, num_tasks: int, generator: torch.Generator) -> Partition:
@@ -125,16 +102,14 @@ class RandomGrouping(Grouping):
 
 
 class AffinityGrouping(SeparateGrouping):
-    """The paper's grouping (``grouping="affinity"``): singletons during warm-up, then affinity propagation.
+    """The paper's grouping (``"affinity"``; ``docs/algorithm.md §Warm-up and retries``).
 
-    After ``warmup_steps`` batches, and then after every ``regroup_every``-th batch, the
-    groups are read from :meth:`AffinityTracker.groups` (the step's only host sync); when
-    no exemplar emerges the current groups are kept (``docs/algorithm.md §Warm-up and retries``).
+    Singletons for ``warmup_steps`` batches, then :meth:`AffinityTracker.groups` after every
+    ``regroup_every``-th batch (``None`` when no exemplar emerged: the groups are kept).
 
     Example::
 
-        >>> grouping = AffinityGrouping(warmup_steps=2, regroup_every=3)
-        >>> tracker = AffinityTracker(3)
+        >>> grouping, tracker = AffinityGrouping(warmup_steps=2, regroup_every=3), AffinityTracker(3)
         >>> [grouping.next_groups(tracker, batches, torch.Generator()) for batches in range(1, 6)]
         [None, [[0, 1, 2]], None, None, [[0, 1, 2]]]
     """
@@ -162,12 +137,11 @@ GroupingSpec = Union[Grouping, str, Sequence[Sequence[int]]]
 
 
 def make_grouping(spec: GroupingSpec, **affinity_options: Any) -> Grouping:
-    """The strategy a ``grouping=`` value names.
+    """The strategy ``spec`` names: a :class:`Grouping` (as is), ``"affinity"``, ``"joint"``,
+    ``"separate"``, ``"random:M"`` or a partition (a :class:`FixedGrouping`).
 
-    ``"affinity"`` (built with ``affinity_options``: ``warmup_steps``, ``regroup_every``,
-    ``preference``, ``convergence_iter``), ``"joint"``, ``"separate"``, ``"random:M"``, a
-    list of lists (a :class:`FixedGrouping`) or a :class:`Grouping`, returned as is. The
-    affinity options are checked whatever ``spec`` is.
+    ``affinity_options`` (``warmup_steps``, ``regroup_every``, ``preference``,
+    ``convergence_iter``) build ``"affinity"`` and are checked whatever ``spec`` is.
     """
     affinity = AffinityGrouping(**affinity_options)
     if isinstance(spec, Grouping):
@@ -175,27 +149,27 @@ def make_grouping(spec: GroupingSpec, **affinity_options: Any) -> Grouping:
     if not isinstance(spec, str):
         return FixedGrouping(spec)
     named = {"affinity": affinity, "joint": JointGrouping(), "separate": SeparateGrouping()}
-    if spec in named:
-        return named[spec]
     count = spec[len("random:") :]
-    if spec.startswith("random:") and count.isdigit():
-        return RandomGrouping(int(count))
+    if spec in named or (spec.startswith("random:") and count.isdigit()):
+        return named[spec] if spec in named else RandomGrouping(int(count))
     raise ValueError(
         f"grouping must be 'affinity', 'joint', 'separate', 'random:M' (M an integer) or a list of lists, got {spec!r}"
     )
 
 
 def check_partition(groups: Sequence[Sequence[Any]], num_tasks: int) -> Partition:
-    """``groups`` as sorted lists of ints, after checking that they partition ``0..num_tasks-1``.
-
-    Raises ``ValueError`` unless the groups are non-empty and every task index (an int,
-    not a bool) appears exactly once.
+    """``groups`` as sorted lists of ints; raises ``ValueError`` unless they are non-empty lists
+    holding every task index of ``0..num_tasks-1`` (ints, not bools) exactly once.
 
     Example::
 
         >>> check_partition([[3, 1], [0, 2]], 4)
         [[1, 3], [0, 2]]
     """
+    if isinstance(groups, (str, torch.Tensor)) or not isinstance(groups, Sequence) or not all(
+        isinstance(group, Sequence) and not isinstance(group, str) for group in groups
+    ):
+        raise ValueError(f"groups must be a list of lists of task indices, got {groups!r}")
     flat = [k for group in groups for k in group]
     if (
         not groups

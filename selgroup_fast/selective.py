@@ -1,11 +1,8 @@
-"""SelectiveGroupUpdate: the paper's Algorithm 1 as one training step per batch.
+"""SelectiveGroupUpdate: the paper's Algorithm 1 (Jeong & Yoon, ICLR 2025) as one training step per batch.
 
-Jeong & Yoon, "Selective Task Group Updates for Multi-Task Optimization", ICLR 2025
-(arXiv 2502.11986), Algorithm 1; the rules are restated in ``docs/algorithm.md``.
-The step composes a grouping strategy (:mod:`selgroup_fast.grouping`), the affinity
-tracker (:class:`AffinityTracker`, which credits the batch's loss changes on the
-device), the grad scaler's skip test (:func:`scaler_skipped_step`) and the agreement
-of DDP ranks (:class:`RankAgreement`).
+A composition of a grouping strategy (:mod:`selgroup_fast.grouping`), the affinity
+tracker (which credits a batch's loss changes), the grad scaler's skip test and the
+agreement of DDP ranks; the rules are restated in ``docs/algorithm.md``.
 """
 
 from __future__ import annotations
@@ -22,15 +19,14 @@ from .methods.base import MultiTaskMethod, detached
 
 ORDERS = ("random", "forward", "backward")
 
+
 class SelectiveGroupUpdate(MultiTaskMethod):
     """Selective task group updates (Jeong & Yoon, ICLR 2025, Algorithm 1; docs/algorithm.md §Batch loop).
 
-    Each :meth:`step` runs one batch: for every group ``G`` of the current partition, in
-    the order ``order`` asks, it runs the closure (all K losses at the current parameters),
-    back-propagates ``Σ_{k∈G} L_k`` only (the other tasks' heads get no gradient, and the
-    optimizer leaves their parameters and state alone) and steps the optimizer. The batch's
-    loss changes are then credited in the tracker, and the grouping strategy may regroup
-    (reading affinity-propagation groups is the step's only host sync).
+    Each :meth:`step` runs one batch: every group ``G`` of the current partition, in the
+    order ``order`` asks, gets a forward (all K losses), a backward of ``Σ_{k∈G} L_k`` only
+    (the other heads get no gradient, the optimizer leaves them alone) and an optimizer
+    step; the tracker then credits the loss changes and the grouping strategy may regroup.
 
     Args:
         optimizer: drives every parameter of the model (shared encoder and all heads).
@@ -125,7 +121,8 @@ class SelectiveGroupUpdate(MultiTaskMethod):
         self._generator = generator
         self._ranks = RankAgreement(process_group, self.device)
         self._ranks.share_generator(generator)
-        self._tracker = AffinityTracker(num_tasks, decay=decay, device=self.device, dtype=_affinity_dtype(optimizer))
+        dtype = torch.float64 if optimizer.param_groups[0]["params"][0].dtype == torch.float64 else torch.float32
+        self._tracker = AffinityTracker(num_tasks, decay=decay, device=self.device, dtype=dtype)
         self._batches = 0
         self._parameters_checked = False
         self._groups = check_partition(self.grouping.first_groups(num_tasks, generator), num_tasks)
@@ -168,7 +165,8 @@ class SelectiveGroupUpdate(MultiTaskMethod):
         for group in stepped:
             losses = self._forward(closure)
             if not self._parameters_checked:
-                self._check_optimizer_covers(losses)
+                _check_optimizer_covers(self.optimizer, losses)
+                self._parameters_checked = True
             measured.append(detached(losses))
             self._group_step(losses, group, skipped)
             del losses  # frees this forward's graph before the next one is built
@@ -220,22 +218,6 @@ class SelectiveGroupUpdate(MultiTaskMethod):
             # scale backed off after group m's overflow already applies to group m + 1.
             scaler.update()
 
-    def _check_optimizer_covers(self, losses: list[torch.Tensor]) -> None:
-        """Raises if a parameter the losses depend on is missing from the optimizer.
-
-        Such a parameter would get a gradient every group step but never an update. Runs
-        once, on the first forward, by walking the autograd graph (no device work).
-        """
-        in_optimizer = {id(p) for group in self.optimizer.param_groups for p in group["params"]}
-        for parameter in _graph_parameters(losses):
-            if id(parameter) not in in_optimizer:
-                raise ValueError(
-                    f"a parameter of shape {tuple(parameter.shape)} receives gradients from the task losses "
-                    "but is not in the optimizer: pass every parameter of the model (shared encoder and all "
-                    "task heads) to the optimizer, or set requires_grad=False on frozen ones"
-                )
-        self._parameters_checked = True
-
     # ------------------------------------------------------------------ checkpoints
 
     def state_dict(self) -> dict[str, Any]:
@@ -263,12 +245,9 @@ class SelectiveGroupUpdate(MultiTaskMethod):
 
 
 class RankAgreement:
-    """What keeps the ranks of a ``torch.distributed`` process group in step (docs/algorithm.md §Batch loop).
+    """Keeps DDP ranks on the same affinity, groups and orders (docs/algorithm.md §Batch loop).
 
-    Every rank must hold the same affinity, groups and orders: the order generator's state
-    is broadcast from the group's first rank once, and the measured losses are averaged
-    across the ranks once per batch. Without ``torch.distributed`` (no ``process_group``
-    and no initialised default group) both are no-ops.
+    No-ops without ``torch.distributed`` (no ``process_group``, no initialised default group).
     """
 
     def __init__(self, process_group: Any, device: torch.device) -> None:
@@ -287,7 +266,7 @@ class RankAgreement:
         generator.set_state(carrier.cpu())
 
     def mean(self, tensor: torch.Tensor) -> torch.Tensor:
-        """``tensor`` averaged across the ranks (one all-reduce; ``tensor`` itself is overwritten)."""
+        """``tensor`` averaged across the ranks (one all-reduce, in place)."""
         if not self.enabled:
             return tensor
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.process_group)
@@ -342,31 +321,30 @@ def _check_partial_steps_supported(optimizer: torch.optim.Optimizer) -> None:
         )
 
 
-def _affinity_dtype(optimizer: torch.optim.Optimizer) -> torch.dtype:
-    """float64 for a float64 model, float32 otherwise (half-precision models included)."""
-    for group in optimizer.param_groups:
-        for parameter in group["params"]:
-            return torch.float64 if parameter.dtype == torch.float64 else torch.float32
-    return torch.float32
+def _check_optimizer_covers(optimizer: torch.optim.Optimizer, losses: list[torch.Tensor]) -> None:
+    """Raises if an ``nn.Parameter`` the losses' autograd graph accumulates into is missing from the optimizer.
 
-
-def _graph_parameters(roots: list[torch.Tensor]) -> list[torch.nn.Parameter]:
-    """The ``nn.Parameter`` leaves that the autograd graphs of ``roots`` accumulate into."""
+    Such a parameter would get a gradient every group step but never an update. Walks the
+    graph on the host (no device work).
+    """
+    in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
     # Python node wrappers may be created afresh on each access: holding every visited
     # one alive keeps their ids unique while the walk runs.
     seen: dict[int, Any] = {}
-    pending = [root.grad_fn for root in roots if root.grad_fn is not None]
-    parameters: list[torch.nn.Parameter] = []
+    pending = [loss.grad_fn for loss in losses if loss.grad_fn is not None]
     while pending:
         node = pending.pop()
         if node is None or id(node) in seen:
             continue
         seen[id(node)] = node
         variable = getattr(node, "variable", None)  # set on AccumulateGrad nodes only
-        if isinstance(variable, torch.nn.Parameter):
-            parameters.append(variable)
+        if isinstance(variable, torch.nn.Parameter) and id(variable) not in in_optimizer:
+            raise ValueError(
+                f"a parameter of shape {tuple(variable.shape)} receives gradients from the task losses "
+                "but is not in the optimizer: pass every parameter of the model (shared encoder and all "
+                "task heads) to the optimizer, or set requires_grad=False on frozen ones"
+            )
         pending.extend(next_node for next_node, _ in node.next_functions)
-    return parameters
 
 
-__all__ = ["SelectiveGroupUpdate"]
+__all__ = ["RankAgreement", "SelectiveGroupUpdate", "scaler_skipped_step"]
