@@ -7,7 +7,8 @@ agreement of DDP ranks; the rules are restated in ``docs/algorithm.md``.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
