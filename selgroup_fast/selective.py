@@ -189,7 +189,7 @@ class SelectiveGroupUpdate(MultiTaskMethod):
         return measured[0]
 
     def _visit_order(self) -> list[int]:
-        """Indices into ``self._groups`` in the order this batch steps them (a lone group repeated)."""
+        """Indices into ``self._groups`` in batch order, a lone group repeated (docs/algorithm.md §Groupings)."""
         count = len(self._groups)
         if self.order == "random":
             visits = torch.randperm(count, generator=self._generator).tolist()

@@ -184,7 +184,7 @@ def test_update_is_a_one_change_batch() -> None:
 @pytest.mark.parametrize("losses, stepped, options, match", [
     (torch.ones(3), [[0]], {}, "losses must hold 3 losses per row"),
     (torch.ones(2, 4), [[0]], {}, "losses must hold 3 losses per row"),
-    (torch.ones(3, 3), [[0]], {}, "3 forwards and 'paper' crediting need 2 stepped groups"),
+    (torch.ones(3, 3), [[0]], {}, "3 forwards with 'paper' crediting need 2 stepped groups"),
     (torch.ones(2, 3), [[0]], {"attribution": "reference"}, "need 2 stepped groups"),
     (torch.ones(2, 3), [[0], [1]], {"attribution": "mine"}, "attribution must be one of"),
 ])
