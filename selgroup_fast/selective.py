@@ -29,28 +29,22 @@ class SelectiveGroupUpdate(MultiTaskMethod):
     (the other heads get no gradient, the optimizer leaves them alone) and an optimizer
     step; the tracker then credits the loss changes and the grouping strategy may regroup.
 
-    Args:
+    Args (the README's options table has the details):
         optimizer: drives every parameter of the model (shared encoder and all heads).
         num_tasks: K, the number of task losses the closure returns.
         decay: the affinity's EMA rate β (paper 1e-3; official Taskonomy config 1e-4).
-        warmup_steps, regroup_every, preference, convergence_iter: the options of
-            :class:`~selgroup_fast.grouping.AffinityGrouping` (``grouping="affinity"`` only).
-        order: ``"random"`` (a permutation from ``generator`` every batch, the official
-            choice), ``"forward"`` (group list order) or ``"backward"`` (reversed).
-        grouping: a :class:`~selgroup_fast.grouping.Grouping` or what
-            :func:`~selgroup_fast.grouping.make_grouping` reads: ``"affinity"`` (the paper),
-            ``"joint"`` (GD), ``"separate"``, ``"random:M"`` or a fixed partition ``[[0, 2], [1]]``.
+        warmup_steps, regroup_every, preference, convergence_iter: build ``grouping="affinity"``.
+        order: ``"random"`` (from ``generator``, the official choice), ``"forward"`` or ``"backward"``.
+        grouping: a :class:`~selgroup_fast.grouping.Grouping`, ``"affinity"``, ``"joint"`` (GD),
+            ``"separate"``, ``"random:M"`` or a fixed partition such as ``[[0, 2], [1]]``.
         normalize_group_loss: back-propagate the group's mean loss instead of its sum.
         attribution: ``"paper"`` or ``"reference"`` (docs/algorithm.md §Attribution).
-        measure_last_group: one extra forward (under ``torch.no_grad``) per batch so that the
-            last group's step is measured too (``attribution="paper"`` only).
-        grad_scaler: a ``torch.amp.GradScaler``: group losses are scaled for the backward, every
-            group step goes through ``scaler.step`` and ``scaler.update``, the affinity sees
-            unscaled losses and a skipped step is credited to no one.
+        measure_last_group: one more forward per batch (no autograd) to measure the last step.
+        grad_scaler: a ``torch.amp.GradScaler``; a step it skips is credited to no one.
         process_group: the ``torch.distributed`` group training together (default: the world
-            group when initialised); construct the method on every rank (:class:`RankAgreement`).
-        generator: CPU ``torch.Generator`` for the order and random groupings; by default one
-            seeded from the global CPU RNG (so ``torch.manual_seed`` makes runs reproducible).
+            group when initialised); build the method on every rank.
+        generator: CPU ``torch.Generator`` of the order and random groupings (default: one
+            seeded from the global CPU RNG, so ``torch.manual_seed`` makes runs reproducible).
         profile: record the phases ``forward``, ``backward``, ``optimizer``, ``affinity``.
 
     Example::
