@@ -36,10 +36,9 @@ class AffinityTracker:
 
     ``A[s, t]`` is how much updating source task ``s`` (as part of a group) lowered
     target task ``t``'s loss, an exponential moving average with rate ``decay``
-    (paper: 1e-3), starting at zero. :meth:`update` applies one measurement with the
-    fused ``selgroup_fast.ops.affinity_update_`` (one launch, no host sync);
-    :meth:`groups` clusters ``group_similarity(A)`` with ``affinity_propagation`` and
-    reads the labels back once.
+    (paper: 1e-3), starting at zero. :meth:`credit_batch` (and :meth:`update`, one
+    measurement) applies measurements with the fused ``ops.affinity_update_`` (no host
+    sync); :meth:`groups` clusters ``group_similarity(A)`` with ``affinity_propagation``.
 
     Example::
 

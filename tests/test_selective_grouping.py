@@ -198,3 +198,14 @@ def test_grouping_classes_are_exported():
     for name in ("AffinityGrouping", "FixedGrouping", "Grouping", "JointGrouping", "RandomGrouping",
                  "SeparateGrouping", "make_grouping"):
         assert name in selgroup_fast.__all__ and getattr(selgroup_fast, name) is getattr(selgroup_fast.grouping, name)
+
+
+def test_a_checkpoint_with_a_bad_partition_is_refused_and_a_good_one_restored():
+    model, _, _, _ = make_problem(num_tasks=3)
+    sel = SelectiveGroupUpdate(torch.optim.SGD(model.parameters(), lr=0.1), 3, grouping=[[0, 1], [2]])
+    state = sel.state_dict()
+    assert state["groups"] == [[0, 1], [2]]
+    with pytest.raises(ValueError, match="partition"):
+        sel.load_state_dict(state | {"groups": [[0, 1]]})
+    sel.load_state_dict(state | {"groups": [[2, 0], [1]], "batches": 5})
+    assert sel.groups == [[0, 2], [1]] and sel.batches == 5
