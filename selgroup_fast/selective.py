@@ -172,8 +172,8 @@ class SelectiveGroupUpdate(MultiTaskMethod):
             # Credited once the steps are done (nothing reads the affinity in between): one
             # move of the losses and, under DDP, one all-reduce per batch.
             with self._timer.phase("affinity"):
-                losses = self._ranks.mean(torch.stack(measured).to(self._tracker.dtype))
-                self._tracker.credit_batch(losses, stepped, skipped=torch.stack(skipped) if skipped else None,
+                batch_losses = self._ranks.mean(torch.stack(measured).to(self._tracker.dtype))
+                self._tracker.credit_batch(batch_losses, stepped, skipped=torch.stack(skipped) if skipped else None,
                                            attribution=self.attribution)
         self._batches += 1
         with self._timer.phase("affinity"):
@@ -326,7 +326,7 @@ def _check_optimizer_covers(optimizer: torch.optim.Optimizer, losses: list[torch
     # Python node wrappers may be created afresh on each access: holding every visited
     # one alive keeps their ids unique while the walk runs.
     seen: dict[int, Any] = {}
-    pending = [loss.grad_fn for loss in losses if loss.grad_fn is not None]
+    pending: list[Any] = [loss.grad_fn for loss in losses if loss.grad_fn is not None]
     while pending:
         node = pending.pop()
         if node is None or id(node) in seen:
