@@ -11,6 +11,8 @@ import torch
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 SPLITS = ("train", "val")
+# Label of void pixels in segmentation-kind targets (the paper's ignore index).
+IGNORE_LABEL = 255
 
 
 class DataError(ValueError):

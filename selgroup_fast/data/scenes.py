@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .common import IGNORE_LABEL
+
 # Semantic classes (their labels are below 21, so they fit the 21-class PASCAL head and the
 # 40-class NYUD head alike). Sky pixels are void: 255 in the label maps.
 CLASS_NAMES = (
@@ -37,7 +39,6 @@ CLASS_NAMES = (
 FLOOR, WALL, TABLE, CABINET, CRATE, BALL, PILLAR, BARREL, PERSON, RUG, PAINTING = range(len(CLASS_NAMES))
 # PASCAL's human-part labels: 0 background, then head, torso, upper/lower arm, upper/lower leg.
 PART_NAMES = ("background", "head", "torso", "upper_arm", "lower_arm", "upper_leg", "lower_leg")
-IGNORE = 255
 SPLIT_CODES = {"train": 0, "val": 1}
 # Camera-frame light of the ``reshading`` target (x right, y down, z forward; it points from
 # the surface towards the light: up-left behind the camera).
@@ -386,7 +387,7 @@ class Render:
     curvature: np.ndarray  # [S, S, 2] principal curvatures k1 >= k2 in 1/m (NaN on sky)
     instance: np.ndarray  # int: object id (0 floor, -1 sky)
     facet: np.ndarray  # int: surface facet id, unique in the image (0 floor, -1 sky)
-    label: np.ndarray  # int: class (IGNORE on sky)
+    label: np.ndarray  # int: class (IGNORE_LABEL on sky)
     part: np.ndarray  # int: human part (0 elsewhere)
     ray: np.ndarray  # [S, S, 3] camera-frame unit ray directions
     source: np.ndarray  # int: row of the hit primitive in ``crossed`` (-1 floor or sky)
@@ -445,7 +446,7 @@ def render(scene: Scene, size: int, rng: np.random.Generator) -> Render:
     else:
         instance, label, part = (np.zeros(pixels, np.int64) for _ in range(3))
     instance = np.where(hit_mask, instance, -1)
-    label = np.where(hit_mask, label, IGNORE)
+    label = np.where(hit_mask, label, IGNORE_LABEL)
 
     # Appearance: textured albedo, ambient + directional light with cast shadows.
     floor_tex = np.broadcast_to(scene.floor_texture, (pixels, 4))
