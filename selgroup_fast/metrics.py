@@ -246,11 +246,13 @@ class NormalsMetric(TaskMetric):
         pixels = self.sums[0].item()
         if pixels == 0:
             raise self._empty()
-        cumulative = self.histogram.cumsum(0)
-        median_bin = int(torch.searchsorted(cumulative, torch.tensor((pixels + 1) // 2, dtype=torch.int64)))
+        # The median is the mean of the two middle errors (one when the count is odd), as numpy's.
+        count = int(pixels)
+        middle = torch.tensor([(count - 1) // 2 + 1, count // 2 + 1], dtype=torch.int64)
+        middle_bins = torch.searchsorted(self.histogram.cumsum(0), middle).double()
         result = {
             "mean": self.sums[1].item() / pixels,
-            "median": (median_bin + 0.5) * NORMAL_MEDIAN_BIN_DEG,
+            "median": (middle_bins.mean().item() + 0.5) * NORMAL_MEDIAN_BIN_DEG,
             "rmse": math.sqrt(self.sums[2].item() / pixels),
         }
         for k, limit in enumerate(NORMAL_THRESHOLDS_DEG):
