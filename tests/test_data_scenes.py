@@ -10,7 +10,15 @@ import torch
 
 from selgroup_fast.bench.model import PRESETS
 from selgroup_fast.data import SCENES_LENGTHS, DataError, build_dataset, dataset_tasks
-from selgroup_fast.data.scenes import CLASS_NAMES, OCCLUSION_JUMP, PERSON, RESHADING_LIGHT, RUG, WALL, draw_scene
+from selgroup_fast.data.scenes import (
+    CLASS_NAMES,
+    OCCLUSION_JUMP,
+    PERSON,
+    RESHADING_LIGHT,
+    RUG,
+    WALL,
+    draw_scene,
+)
 
 SIZE = 32
 ALL_TASKS = dataset_tasks("scenes")

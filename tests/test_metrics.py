@@ -7,7 +7,12 @@ import math
 import numpy as np
 import pytest
 import torch
-from sklearn.metrics import accuracy_score, confusion_matrix, jaccard_score, precision_recall_curve
+from sklearn.metrics import (
+    accuracy_score,
+    confusion_matrix,
+    jaccard_score,
+    precision_recall_curve,
+)
 
 from selgroup_fast.bench.model import PRESETS
 from selgroup_fast.metrics import (
