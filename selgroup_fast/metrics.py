@@ -178,10 +178,14 @@ class DepthMetric(TaskMetric):
         truth, predicted = target[valid].double(), output[valid].double()
         error = predicted - truth
         log_error = torch.log(predicted.clamp_min(1e-9)) - torch.log(truth)
-        batch = torch.stack([
-            torch.tensor(float(truth.numel()), dtype=torch.float64, device=truth.device),
-            (error * error).sum(), (error.abs() / truth).sum(), (log_error * log_error).sum(),
-        ])
+        batch = torch.stack(
+            [
+                torch.tensor(float(truth.numel()), dtype=torch.float64, device=truth.device),
+                (error * error).sum(),
+                (error.abs() / truth).sum(),
+                (log_error * log_error).sum(),
+            ]
+        )
         self.sums += batch.cpu()
 
     def compute(self) -> dict[str, float]:
@@ -218,7 +222,12 @@ class NormalsMetric(TaskMetric):
     """
 
     higher_is_better: ClassVar[dict[str, bool]] = {
-        "mean": False, "median": False, "rmse": False, "within_11.25": True, "within_22.5": True, "within_30": True,
+        "mean": False,
+        "median": False,
+        "rmse": False,
+        "within_11.25": True,
+        "within_22.5": True,
+        "within_30": True,
     }
     primary = "mean"
     _bins = round(180 / NORMAL_MEDIAN_BIN_DEG)
@@ -234,10 +243,14 @@ class NormalsMetric(TaskMetric):
         valid = torch.isfinite(target).all(1) & (torch.nan_to_num(target).abs().sum(1) > 0)
         angle = angular_error_deg(output.double(), torch.nan_to_num(target).double())[valid]
         within = [(angle < limit).sum() for limit in NORMAL_THRESHOLDS_DEG]
-        batch = torch.stack([
-            torch.tensor(float(angle.numel()), dtype=torch.float64, device=angle.device),
-            angle.sum(), (angle * angle).sum(), *(w.double() for w in within),
-        ])
+        batch = torch.stack(
+            [
+                torch.tensor(float(angle.numel()), dtype=torch.float64, device=angle.device),
+                angle.sum(),
+                (angle * angle).sum(),
+                *(w.double() for w in within),
+            ]
+        )
         self.sums += batch.cpu()
         index = (angle / NORMAL_MEDIAN_BIN_DEG).long().clamp_(0, self._bins - 1)
         self.histogram += torch.bincount(index, minlength=self._bins).cpu()
@@ -474,8 +487,13 @@ def delta_m_all(
         if not names:
             raise ValueError(f"Δm: task {task!r} lists no metric in higher_is_better")
         changes = [
-            _relative_change(task, name, _metric(metrics, task, name, "metrics"),
-                             _metric(baseline, task, name, "baseline"), bool(higher_is_better[task][name]))
+            _relative_change(
+                task,
+                name,
+                _metric(metrics, task, name, "metrics"),
+                _metric(baseline, task, name, "baseline"),
+                bool(higher_is_better[task][name]),
+            )
             for name in names
         ]
         total += sum(changes) / len(changes)

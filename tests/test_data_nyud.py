@@ -142,7 +142,9 @@ def test_nyud_npy_items(tmp_path: Path) -> None:
     label = arrays["label"].astype(np.int64)
     label[label == -1] = 255
     assert np.array_equal(targets["semseg"].numpy(), label)
-    np.testing.assert_array_equal(targets["depth"].numpy(), np.where(arrays["depth"] > 0, arrays["depth"], np.nan)[None])
+    np.testing.assert_array_equal(
+        targets["depth"].numpy(), np.where(arrays["depth"] > 0, arrays["depth"], np.nan)[None]
+    )
     normals = targets["normals"].numpy()
     assert np.isnan(normals[:, 1, 1]).all()
     normals[:, 1, 1] = 0.0

@@ -148,8 +148,15 @@ def test_reshading_is_the_normals_lit_by_the_fixed_light(samples) -> None:
 def test_invalid_pixels_are_the_sky_in_every_target(samples) -> None:
     for _, targets, _ in samples:
         sky = targets["semseg"] == 255
-        for task in ("depth", "depth_euclidean", "normals", "principal_curvature", "reshading", "keypoints3d",
-                     "segment_unsup25d"):
+        for task in (
+            "depth",
+            "depth_euclidean",
+            "normals",
+            "principal_curvature",
+            "reshading",
+            "keypoints3d",
+            "segment_unsup25d",
+        ):
             assert torch.equal(torch.isnan(targets[task]).any(0), sky), task
             assert torch.equal(torch.isnan(targets[task]).all(0), sky), task
         for task in ("edge_occlusion", "edge_texture", "keypoints2d", "segment_unsup2d"):

@@ -24,8 +24,14 @@ from selgroup_fast.metrics import (
     make_metric,
 )
 
-PRIMARY = {"semseg": "mIoU", "human_parts": "mIoU", "depth": "rmse", "normals": "mean", "sal": "maxF",
-           "edge": "odsF_standin"}
+PRIMARY = {
+    "semseg": "mIoU",
+    "human_parts": "mIoU",
+    "depth": "rmse",
+    "normals": "mean",
+    "sal": "maxF",
+    "edge": "odsF_standin",
+}
 
 
 def _random_segmentation(classes: int, seed: int, shape=(3, 9, 11)) -> tuple[torch.Tensor, torch.Tensor]:

@@ -19,7 +19,9 @@ class DataError(ValueError):
     """A dataset cannot be built: unknown name, split or task, bad size, or a malformed data root."""
 
 
-def check_common(name: str, split: str, tasks: Sequence[str], img_size: int, provided: Sequence[str]) -> tuple[str, ...]:
+def check_common(
+    name: str, split: str, tasks: Sequence[str], img_size: int, provided: Sequence[str]
+) -> tuple[str, ...]:
     """Checks the arguments every dataset takes; returns ``tasks`` as a tuple."""
     if split not in SPLITS:
         raise DataError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")

@@ -124,10 +124,12 @@ def edge_occlusion(r: Render) -> np.ndarray:
 
 def _sobel_magnitude(grey: np.ndarray) -> np.ndarray:
     padded = np.pad(grey, 1, mode="edge")
-    gx = (padded[:-2, 2:] + 2 * padded[1:-1, 2:] + padded[2:, 2:]) - (padded[:-2, :-2] + 2 * padded[1:-1, :-2] +
-                                                                       padded[2:, :-2])
-    gy = (padded[2:, :-2] + 2 * padded[2:, 1:-1] + padded[2:, 2:]) - (padded[:-2, :-2] + 2 * padded[:-2, 1:-1] +
-                                                                       padded[:-2, 2:])
+    gx = (padded[:-2, 2:] + 2 * padded[1:-1, 2:] + padded[2:, 2:]) - (
+        padded[:-2, :-2] + 2 * padded[1:-1, :-2] + padded[2:, :-2]
+    )
+    gy = (padded[2:, :-2] + 2 * padded[2:, 1:-1] + padded[2:, 2:]) - (
+        padded[:-2, :-2] + 2 * padded[:-2, 1:-1] + padded[:-2, 2:]
+    )
     return np.hypot(gx, gy) / 8.0
 
 
@@ -182,9 +184,7 @@ def segment_unsup25d(r: Render) -> np.ndarray:
     """Geometric segments: each visible facet (plane, box face, curved surface) valued by its depth rank in [0, 1]."""
     facets, inverse = np.unique(r.facet, return_inverse=True)
     inverse = inverse.reshape(r.facet.shape)
-    mean_depth = np.bincount(inverse.ravel(), np.nan_to_num(r.distance, nan=0.0).ravel()) / np.bincount(
-        inverse.ravel()
-    )
+    mean_depth = np.bincount(inverse.ravel(), np.nan_to_num(r.distance, nan=0.0).ravel()) / np.bincount(inverse.ravel())
     mean_depth[facets < 0] = -np.inf
     rank = np.argsort(np.argsort(mean_depth, kind="stable"), kind="stable").astype(float)
     surfaces = int((facets >= 0).sum())
