@@ -15,6 +15,7 @@ defines the tasks. ``docs/datasets.md`` describes the datasets and their targets
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -48,11 +49,14 @@ def build_dataset(
     img_size: int,
     root: str | Path | None = None,
     seed: int = 0,
+    cache_dir: str | Path | None = None,
 ) -> Dataset:
     """Dataset ``name``'s ``split`` ("train" or "val") with the targets of ``tasks`` at ``img_size`` pixels.
 
     ``scenes`` is rendered on the fly, deterministic from ``(seed, split, index)`` (``root`` unused);
-    ``nyud`` and ``nyud_npy`` read NYUD-v2 under ``root`` (``seed`` unused). Raises
+    with ``cache_dir`` (default: the environment variable ``SELGROUP_SCENES_CACHE``, if set) each
+    rendered item is also written there and read back by later epochs and runs.
+    ``nyud`` and ``nyud_npy`` read NYUD-v2 under ``root`` (``seed`` and ``cache_dir`` unused). Raises
     :class:`DataError` (one line) for an unknown dataset, split or task, a bad size, or a
     malformed data root.
     """
@@ -61,7 +65,9 @@ def build_dataset(
     if name == "scenes":
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise DataError(f"seed must be a non-negative int, got {seed!r}")
-        return ScenesDataset(split, tasks, img_size, seed)
+        if cache_dir is None and os.environ.get("SELGROUP_SCENES_CACHE"):
+            cache_dir = os.environ["SELGROUP_SCENES_CACHE"]
+        return ScenesDataset(split, tasks, img_size, seed, None if cache_dir is None else Path(cache_dir))
     from .nyud import NyudDataset, NyudNpyDataset
 
     if root is None:
