@@ -22,6 +22,7 @@ from pathlib import Path
 from torch.utils.data import Dataset
 
 from .common import IMAGENET_MEAN, IMAGENET_STD, DataError, check_common
+from .nyud import NYUD_NPY_TASKS, NYUD_TASKS, NyudDataset, NyudNpyDataset
 from .scenes_dataset import SCENES_LENGTHS, SCENES_TASKS, ScenesDataset
 
 DATASETS = ("scenes", "nyud", "nyud_npy")
@@ -36,8 +37,6 @@ def dataset_tasks(name: str) -> tuple[str, ...]:
     if name == "scenes":
         return SCENES_TASKS
     if name in ("nyud", "nyud_npy"):
-        from .nyud import NYUD_NPY_TASKS, NYUD_TASKS
-
         return NYUD_TASKS if name == "nyud" else NYUD_NPY_TASKS
     raise DataError(f"unknown dataset {name!r}; available: {', '.join(DATASETS)}")
 
@@ -68,8 +67,6 @@ def build_dataset(
         if cache_dir is None and os.environ.get("SELGROUP_SCENES_CACHE"):
             cache_dir = os.environ["SELGROUP_SCENES_CACHE"]
         return ScenesDataset(split, tasks, img_size, seed, None if cache_dir is None else Path(cache_dir))
-    from .nyud import NyudDataset, NyudNpyDataset
-
     if root is None:
         raise DataError(f"dataset {name!r} needs a data root (--data-root DIR)")
     dataset_class = NyudDataset if name == "nyud" else NyudNpyDataset

@@ -83,16 +83,9 @@ class _Builder:
 
     def build(self) -> Primitives:
         if not self.rows:
-            empty = np.zeros((0, 3))
-            return Primitives(
-                empty,
-                empty,
-                np.zeros(0),
-                *(np.zeros(0, np.int64) for _ in range(4)),
-                np.zeros(0),
-                empty,
-                np.zeros((0, 4)),
-            )
+            labels = {name: np.zeros(0, np.int64) for name in ("instance", "label", "part", "part_lower")}
+            vectors = {"center": np.zeros((0, 3)), "size": np.zeros((0, 3)), "albedo": np.zeros((0, 3))}
+            return Primitives(**labels, **vectors, yaw=np.zeros(0), part_split=np.zeros(0), texture=np.zeros((0, 4)))
         cols = list(zip(*self.rows))
         return Primitives(
             center=np.array(cols[0], float),
@@ -307,14 +300,14 @@ def _distance_boxes(
         (r[:, 1], d[:, 1]),
         (s * r[:, 0] + c * r[:, 2], s * d[:, 0] + c * d[:, 2]),
     )
-    entry, leave = None, None
+    nears, fars = [], []
     for axis, (o, dl) in enumerate(local):
         inverse = 1.0 / _guard(dl)
         half = size[:, axis]
         low, high = (-half - o) * inverse, (half - o) * inverse
-        near, far = np.minimum(low, high), np.maximum(low, high)
-        entry = near if entry is None else np.maximum(entry, near)
-        leave = far if leave is None else np.minimum(leave, far)
+        nears.append(np.minimum(low, high))
+        fars.append(np.maximum(low, high))
+    entry, leave = np.maximum.reduce(nears), np.minimum.reduce(fars)
     return np.where((entry <= leave) & (entry > _EPS), entry, np.inf)
 
 
@@ -588,7 +581,7 @@ def render(scene: Scene, size: int, rng: np.random.Generator) -> Render:
 
     nan = np.nan
     camera_normal = normal @ scene.camera_basis
-    k = np.sort(curvature, axis=-1)[:, ::-1]
+    principal = np.sort(curvature, axis=-1)[:, ::-1]
     shape2 = (size, size)
     return Render(
         image=image.reshape(*shape2, 3),
@@ -598,7 +591,7 @@ def render(scene: Scene, size: int, rng: np.random.Generator) -> Render:
         distance=np.where(hit_mask, best_t, nan).reshape(shape2),
         zdepth=np.where(hit_mask, best_t / ray_norm, nan).reshape(shape2),
         normal=np.where(hit_mask[:, None], camera_normal, nan).reshape(*shape2, 3),
-        curvature=np.where(hit_mask[:, None], k, nan).reshape(*shape2, 2),
+        curvature=np.where(hit_mask[:, None], principal, nan).reshape(*shape2, 2),
         instance=instance.reshape(shape2),
         facet=facet.reshape(shape2),
         label=label.reshape(shape2),

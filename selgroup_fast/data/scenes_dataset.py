@@ -76,5 +76,5 @@ class ScenesDataset(Dataset):
         # A temporary file renamed into place: readers (other workers, other runs) never see half a file.
         temporary = self.cache / f".{index}.{os.getpid()}.npz"
         arrays = {"image": image.numpy()} | {task: target.numpy() for task, target in targets.items()}
-        np.savez(temporary, **arrays)
+        np.savez(temporary, **arrays)  # type: ignore[arg-type]  # numpy's stub types **kwds as allow_pickle
         os.replace(temporary, self.cache / f"{index}.npz")
