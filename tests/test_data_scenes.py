@@ -99,7 +99,7 @@ def test_zbuffer_and_euclidean_depth_differ_by_the_ray_angle(samples) -> None:
         ratio = targets["depth_euclidean"][0].double() / targets["depth_zbuffer"][0].double()
         valid = torch.isfinite(ratio)
         assert valid.float().mean() > 0.5
-        torch.testing.assert_close(ratio[valid] ** 2 - 1, radius2[valid] / focal**2, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(ratio[valid] ** 2 - 1, radius2[valid] / focal**2, rtol=1e-4, atol=1e-6)
         assert torch.equal(targets["depth"].nan_to_num(-1), targets["depth_zbuffer"].nan_to_num(-1))
 
 
@@ -138,7 +138,7 @@ def test_normals_are_unit_and_face_the_camera(samples) -> None:
     for _, targets, focal in samples:
         normals = targets["normals"].double().permute(1, 2, 0)
         valid = torch.isfinite(normals).all(-1)
-        torch.testing.assert_close(normals[valid].norm(dim=-1), torch.ones(int(valid.sum()), dtype=torch.float64))
+        np.testing.assert_allclose(normals[valid].norm(dim=-1), 1.0, rtol=1e-6)
         rays = _points(torch.ones(SIZE, SIZE), focal)
         assert ((normals * rays).sum(-1)[valid] < 0).all()
         assert torch.equal(targets["normals"].nan_to_num(9), targets["normal"].nan_to_num(9))
@@ -148,7 +148,7 @@ def test_reshading_is_the_normals_lit_by_the_fixed_light(samples) -> None:
     light = torch.tensor(RESHADING_LIGHT, dtype=torch.float64)
     for _, targets, _ in samples:
         expected = (targets["normals"].double().permute(1, 2, 0) @ light).clamp_min(0)
-        torch.testing.assert_close(targets["reshading"][0].double(), expected, equal_nan=True, rtol=0, atol=1e-6)
+        np.testing.assert_allclose(targets["reshading"][0].double(), expected, equal_nan=True, rtol=0, atol=1e-6)
 
 
 def test_invalid_pixels_are_the_sky_in_every_target(samples) -> None:
@@ -292,7 +292,7 @@ def test_appearance_targets_are_in_their_ranges(samples) -> None:
             values = targets[task][torch.isfinite(targets[task])]
             assert values.min() >= 0 and values.max() <= 1, task
         levels = targets["segment_unsup2d"] * 7
-        torch.testing.assert_close(levels, levels.round())
+        np.testing.assert_allclose(levels, levels.round(), atol=1e-6)
         ranks = targets["segment_unsup25d"][torch.isfinite(targets["segment_unsup25d"])]
         assert ranks.min() == 0 and ranks.max() == 1
 
