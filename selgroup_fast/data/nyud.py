@@ -206,7 +206,7 @@ class NyudDataset(_NyudBase):
             raw = raw[..., 0]
         if raw.ndim != 2:
             self._fail(f"{path} must be a 2-D edge map, got shape {raw.shape}")
-        scale = 255.0 if path.suffix == ".png" else 1.0
+        scale = 255.0 if path.suffix == ".png" and raw.dtype != bool else 1.0  # 1-bit PNGs read as bool
         return (raw.astype(np.float32) / scale > 0.5).astype(np.int64)[..., None]
 
 
