@@ -128,7 +128,7 @@ class _NyudBase(Dataset):
         return array
 
 
-def _labels(task: str, raw: np.ndarray, void: int, offset: int, path: Path, fail) -> np.ndarray:
+def _labels(raw: np.ndarray, void: int, offset: int, path: Path, fail) -> np.ndarray:
     """Integer labels ``raw - offset`` with ``void`` mapped to 255, as [H, W, 1]."""
     if raw.ndim != 2:
         fail(f"{path} must be a 2-D label map, got shape {raw.shape}")
@@ -193,7 +193,7 @@ class NyudDataset(_NyudBase):
                 self._fail(f"{path} must be an RGB image, got shape {raw.shape}")
             return raw[..., :3].astype(np.float32) / 255.0
         if key == "semseg":
-            return _labels(key, raw, void=0, offset=1, path=path, fail=self._fail)
+            return _labels(raw, void=0, offset=1, path=path, fail=self._fail)
         if key == "depth":
             return _depth(raw, path, self._fail)
         if key == "normals":
@@ -243,7 +243,7 @@ class NyudNpyDataset(_NyudBase):
             image = raw.astype(np.float32)
             return image / 255.0 if raw.dtype == np.uint8 else image
         if key == "semseg":
-            return _labels(key, raw, void=-1, offset=0, path=path, fail=self._fail)
+            return _labels(raw, void=-1, offset=0, path=path, fail=self._fail)
         if key == "depth":
             return _depth(raw, path, self._fail)
         return _normals(raw, path, self._fail)
