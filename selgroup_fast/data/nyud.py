@@ -24,6 +24,7 @@ the targets by nearest neighbour, so labels stay labels and NaN stays NaN).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
 
@@ -128,7 +129,7 @@ class _NyudBase(Dataset):
         return array
 
 
-def _labels(raw: np.ndarray, void: int, offset: int, path: Path, fail) -> np.ndarray:
+def _labels(raw: np.ndarray, void: int, offset: int, path: Path, fail: Callable[[str], NoReturn]) -> np.ndarray:
     """Integer labels ``raw - offset`` with ``void`` mapped to 255, as [H, W, 1]."""
     if raw.ndim != 2:
         fail(f"{path} must be a 2-D label map, got shape {raw.shape}")
@@ -141,7 +142,7 @@ def _labels(raw: np.ndarray, void: int, offset: int, path: Path, fail) -> np.nda
     return out[..., None]
 
 
-def _normals(raw: np.ndarray, path: Path, fail) -> np.ndarray:
+def _normals(raw: np.ndarray, path: Path, fail: Callable[[str], NoReturn]) -> np.ndarray:
     if raw.ndim != 3 or raw.shape[2] != 3:
         fail(f"{path} must be [H, W, 3] normals, got shape {raw.shape}")
     normals = raw.astype(np.float32)
@@ -149,7 +150,7 @@ def _normals(raw: np.ndarray, path: Path, fail) -> np.ndarray:
     return np.where(missing[..., None], np.nan, normals)
 
 
-def _depth(raw: np.ndarray, path: Path, fail) -> np.ndarray:
+def _depth(raw: np.ndarray, path: Path, fail: Callable[[str], NoReturn]) -> np.ndarray:
     if raw.ndim == 3 and raw.shape[2] == 1:
         raw = raw[..., 0]
     if raw.ndim != 2:
