@@ -60,8 +60,13 @@ def update_sequence(num_tasks: int, num_batches: int, seed: int = 0) -> list[tup
     return sequence
 
 
+# The CPU clock: the wall clock, or with --cpu-time the calling thread's CPU time (excludes time spent
+# descheduled on a loaded machine; one-thread runs only).
+clock = time.perf_counter
+
+
 def median_seconds(function: Callable[[], object], repeats: int, device: str) -> float:
-    """Median wall time of ``function`` (CUDA events on a GPU), after one warm-up call."""
+    """Median time of ``function`` (CUDA events on a GPU, else ``clock``), after one warm-up call."""
     function()
     times = []
     for _ in range(repeats):
@@ -73,9 +78,9 @@ def median_seconds(function: Callable[[], object], repeats: int, device: str) ->
             end.synchronize()
             times.append(start.elapsed_time(end) / 1e3)
         else:
-            begin = time.perf_counter()
+            begin = clock()
             function()
-            times.append(time.perf_counter() - begin)
+            times.append(clock() - begin)
     return statistics.median(times)
 
 
@@ -167,8 +172,15 @@ def main() -> None:
     parser.add_argument("--propagation-only", action="store_true", help="time affinity propagation only")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch's CPU threads (affinity propagation's CPU team uses them from K = 256)")
+    parser.add_argument("--cpu-time", action="store_true",
+                        help="time the CPU side by the calling thread's CPU time instead of the wall clock")
     args = parser.parse_args()
 
+    global clock
+    if args.cpu_time:
+        if args.threads != 1:
+            parser.error("--cpu-time measures one thread: use it with --threads 1")
+        clock = time.thread_time
     torch.set_num_threads(args.threads)
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() and ops.cuda_available() else [])
     rows = [row for device in devices
@@ -182,7 +194,8 @@ def main() -> None:
         f"- versions: python {platform.python_version()}, torch {torch.__version__}, scikit-learn {sklearn.__version__}, "
         f"numpy {np.__version__}",
         f"- command: `python {' '.join(sys.argv)}` (torch.set_num_threads({args.threads}))",
-        "- times: medians; the affinity update per group update (averaged over a replayed sequence of "
+        f"- times: medians of the {'calling thread CPU time' if args.cpu_time else 'wall clock'}; "
+        "the affinity update per group update (averaged over a replayed sequence of "
         f"{args.batches} batches × ~3 groups), affinity propagation per call (convergence_iter={CONVERGENCE_ITER}, "
         "the official setting)",
         "- both sides run in this one process on the same inputs (the reference side checked equal to the fused "

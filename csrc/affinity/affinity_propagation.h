@@ -253,10 +253,14 @@ struct AffinityPropagation {
   int64_t convergence_iter;
   const double* noise;
 
-  // Host teams split the O(K²) message updates by rows and columns; below this many
-  // samples per worker the barriers cost more than the split saves (measured in
-  // benchmarks/results/affinity_propagation_large_k.md).
-  static constexpr int64_t kSamplesPerWorker = 128;
+  // Host teams split the O(K²) message updates by rows and columns. Each iteration
+  // costs four barriers, and a barrier whose threads are descheduled (a loaded or
+  // oversubscribed machine) costs a scheduler time slice: with 128 samples per
+  // worker, 2 threads ran K = 256 about 15× slower than 1 thread on the loaded 2-core
+  // development machine (benchmarks/results/affinity_propagation_large_k.md). So a
+  // worker needs 512 samples (≈ 0.1–1 ms of work per barrier): the CPU team starts
+  // at K = 1024.
+  static constexpr int64_t kSamplesPerWorker = 512;
   SELGROUP_HD_INLINE int64_t parallelism() const { return K / kSamplesPerWorker; }
 
   struct Scratch {

@@ -38,17 +38,33 @@ int solver_threads(const Solver& solver) {
   }
 }
 
-// One growing scratch buffer per calling thread: no allocation (nor page faults)
-// per call.
-void* host_workspace(std::size_t bytes) {
-  thread_local std::unique_ptr<std::max_align_t[]> buffer;
-  thread_local std::size_t capacity = 0;
-  if (bytes > capacity) {
-    capacity = std::max(bytes, 2 * capacity);
-    buffer = std::make_unique_for_overwrite<std::max_align_t[]>(capacity / sizeof(std::max_align_t) + 1);
+// Scratch of up to kCachedWorkspaceBytes comes from one growing buffer per calling
+// thread (no allocation, nor page faults, per call); larger scratch (affinity
+// propagation beyond K ≈ 400) is allocated per call rather than held for good.
+constexpr std::size_t kCachedWorkspaceBytes = std::size_t(4) << 20;
+
+class HostWorkspace {
+ public:
+  explicit HostWorkspace(std::size_t bytes) {
+    thread_local std::unique_ptr<std::max_align_t[]> cached;
+    thread_local std::size_t capacity = 0;
+    if (bytes > kCachedWorkspaceBytes) {
+      owned_ = std::make_unique_for_overwrite<std::max_align_t[]>(bytes / sizeof(std::max_align_t) + 1);
+      data_ = owned_.get();
+      return;
+    }
+    if (bytes > capacity) {
+      capacity = std::min(std::max(bytes, 2 * capacity), kCachedWorkspaceBytes);
+      cached = std::make_unique_for_overwrite<std::max_align_t[]>(capacity / sizeof(std::max_align_t) + 1);
+    }
+    data_ = cached.get();
   }
-  return buffer.get();
-}
+  void* data() const { return data_; }
+
+ private:
+  std::unique_ptr<std::max_align_t[]> owned_;
+  void* data_;
+};
 
 struct CPUBackend {
   static constexpr bool kHost = true;
@@ -58,12 +74,12 @@ struct CPUBackend {
 
   template <typename Solver>
   static void solve(const Solver& solver, const at::Tensor&, const char*) {
-    void* workspace = host_workspace(workspace_bytes(solver));
+    const HostWorkspace workspace(workspace_bytes(solver));
     const int threads = solver_threads(solver);
-    if (threads == 1) return run_team(solver, SerialTeam{}, workspace);
+    if (threads == 1) return run_team(solver, SerialTeam{}, workspace.data());
     // The team is whatever number of threads the region gets (perhaps 1 when nested).
 #pragma omp parallel num_threads(threads)
-    run_team(solver, OpenMPTeam{}, workspace);
+    run_team(solver, OpenMPTeam{}, workspace.data());
   }
 
   template <typename Map>
