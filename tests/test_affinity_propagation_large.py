@@ -8,27 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from reference import group_similarity_reference, partition, sklearn_labels
+from reference import partition, sklearn_labels
 from selgroup_fast import ops
-
-
-def _blobs_similarity(rng: np.random.Generator, K: int) -> np.ndarray:
-    """Negative squared distances of K points in a few Gaussian blobs."""
-    centres = rng.normal(scale=6.0, size=(rng.integers(2, 8), 2))
-    points = centres[rng.integers(0, len(centres), K)] + rng.normal(size=(K, 2))
-    return -((points[:, None] - points[None]) ** 2).sum(-1)
-
-
-def _affinity_similarity(rng: np.random.Generator, K: int) -> np.ndarray:
-    """group_similarity of a random affinity shaped like a tracked one (positive diagonal)."""
-    A = rng.normal(scale=1e-3, size=(K, K))
-    np.fill_diagonal(A, rng.uniform(1e-4, 2e-3, K))
-    return group_similarity_reference(A).numpy()
+from test_affinity_propagation import _affinity_similarity, _points_similarity
 
 
 def _similarities(seed: int, K: int, count: int) -> list[np.ndarray]:
     rng = np.random.default_rng(seed)
-    return [(_blobs_similarity, _affinity_similarity)[i % 2](rng, K) for i in range(count)]
+    return [(_points_similarity, _affinity_similarity)[i % 2](rng, K) for i in range(count)]
 
 
 def _check_against_sklearn(K: int, count: int, seed: int) -> None:
