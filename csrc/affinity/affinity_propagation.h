@@ -1,8 +1,9 @@
 // Affinity propagation (Frey & Dueck 2007) on a precomputed K×K similarity, step
 // for step as scikit-learn's `_affinity_propagation` (sklearn/cluster/
-// _affinity_propagation.py, 1.x), written once as a template over a team
-// (team.h): the CPU runs it with SerialTeam, the CUDA kernel with the threads of
-// one block, so the whole iteration loop is a single launch with no host sync.
+// _affinity_propagation.py, 1.x; the rules: docs/algorithm.md §Affinity
+// propagation), written once as a team solver (team.h, workspace.h): the CPU runs
+// it with SerialTeam (OpenMP threads from K = 1024), the CUDA kernel with the
+// threads of one block, so the whole iteration loop is one launch with no host sync.
 //
 // Differences from scikit-learn, all deliberate:
 // * none in the tie-breaking noise: scikit-learn adds (eps·S + 100·tiny)·N(0, 1)
@@ -21,8 +22,7 @@
 // * a similarity with a non-finite entry yields all −1 (csrc/bindings.h raises
 //   before calling on the CPU, where the check needs no sync).
 //
-// Speed (docs/algorithm.md §Affinity propagation; benchmarks/results/
-// affinity_propagation_large_k.md): the message updates walk rows of contiguous
+// Speed (benchmarks/results/affinity_propagation_large_k.md): the message updates walk rows of contiguous
 // memory in branch-free loops the compiler vectorises, the availabilities'
 // column sums are accumulated row by row (the same additions in the same order
 // as a column walk), the median is a selection on host teams, and the CPU
