@@ -57,8 +57,9 @@ def _use_cuda() -> tuple[bool, str]:
 def _extension():
     use_cuda, why = _use_cuda()
     sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/**/*.cpp")
-    # No -std flag: torch's cpp_extension picks the standard its headers need (C++20 since 2.10).
-    cxx_flags = ["-O3", "-fdiagnostics-color=always"]
+    # C++20 for the Team concept (csrc/team.h); OpenMP for the CPU teams of large problems
+    # (csrc/cpu/ops_cpu.cpp) and the vectorised max reductions (csrc/affinity/affinity_propagation.h).
+    cxx_flags = ["-O3", "-std=c++20", "-fopenmp", "-fdiagnostics-color=always"]
     define_macros = [("Py_LIMITED_API", "0x030A0000")]
     if use_cuda:
         sources += _sources("csrc/cuda/**/*.cpp") + _sources("csrc/cuda/**/*.cu")
@@ -69,7 +70,8 @@ def _extension():
             "selgroup_fast._C",
             sources,
             define_macros=define_macros,
-            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3"]},
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++20"]},
+            extra_link_args=["-fopenmp"],
             py_limited_api=True,
         )
     print(f"selgroup_fast: building CPU kernels only: {why}")
@@ -78,6 +80,7 @@ def _extension():
         sources,
         define_macros=define_macros,
         extra_compile_args={"cxx": cxx_flags},
+        extra_link_args=["-fopenmp"],
         py_limited_api=True,
     )
 

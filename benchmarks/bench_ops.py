@@ -13,8 +13,11 @@
 
 Reports medians and ratios as a Markdown table (stdout, and ``--output``). CPU always;
 CUDA too (timed with CUDA events) when a GPU and the CUDA kernels are present.
+``--propagation-only`` times (b) alone (large K: the update's reference loop is slow),
+``--threads N`` gives torch (and so the CPU team of affinity propagation) N threads.
 
     PYTHONPATH=. python benchmarks/bench_ops.py --output benchmarks/results/ops_cpu.md
+    PYTHONPATH=. python benchmarks/bench_ops.py --propagation-only --sizes 11 32 64 128 256
 """
 
 from __future__ import annotations
@@ -57,8 +60,13 @@ def update_sequence(num_tasks: int, num_batches: int, seed: int = 0) -> list[tup
     return sequence
 
 
+# The CPU clock: the wall clock, or with --cpu-time the calling thread's CPU time (excludes time spent
+# descheduled on a loaded machine; one-thread runs only).
+clock = time.perf_counter
+
+
 def median_seconds(function: Callable[[], object], repeats: int, device: str) -> float:
-    """Median wall time of ``function`` (CUDA events on a GPU), after one warm-up call."""
+    """Median time of ``function`` (CUDA events on a GPU, else ``clock``), after one warm-up call."""
     function()
     times = []
     for _ in range(repeats):
@@ -70,13 +78,24 @@ def median_seconds(function: Callable[[], object], repeats: int, device: str) ->
             end.synchronize()
             times.append(start.elapsed_time(end) / 1e3)
         else:
-            begin = time.perf_counter()
+            begin = clock()
             function()
-            times.append(time.perf_counter() - begin)
+            times.append(clock() - begin)
     return statistics.median(times)
 
 
-def run(sizes: list[int], num_batches: int, repeats: int, device: str) -> list[dict[str, object]]:
+def interleaved_medians(ours: Callable[[], object], theirs: Callable[[], object], rounds: int, device: str
+                        ) -> tuple[float, float]:
+    """Median wall times of ``ours`` (5 calls per round) and ``theirs`` (1 per round; CPU), the rounds alternating."""
+    ours_times, their_times = [], []
+    for _ in range(rounds):
+        ours_times.append(median_seconds(ours, 5, device))
+        their_times.append(median_seconds(theirs, 1, "cpu"))
+    return statistics.median(ours_times), statistics.median(their_times)
+
+
+def run(sizes: list[int], num_batches: int, repeats: int, device: str, propagation_only: bool = False
+        ) -> list[dict[str, object]]:
     rows = []
     for K in sizes:
         sequence = update_sequence(K, num_batches)
@@ -100,10 +119,12 @@ def run(sizes: list[int], num_batches: int, repeats: int, device: str) -> list[d
             return affinity.affinity
 
         tracker = fused()
-        torch.testing.assert_close(tracker.affinity.cpu(), reference(), rtol=1e-4, atol=1e-7)
         per_update = len(sequence)
-        fused_s = median_seconds(fused, repeats, device) / per_update
-        reference_s = median_seconds(reference, max(3, repeats // 3), device) / per_update
+        fused_s = reference_s = None
+        if not propagation_only:
+            torch.testing.assert_close(tracker.affinity.cpu(), reference(), rtol=1e-4, atol=1e-7)
+            fused_s = median_seconds(fused, repeats, device) / per_update
+            reference_s = median_seconds(reference, max(3, repeats // 3), device) / per_update
 
         similarity = tracker.similarity()
         similarity_np = similarity.double().cpu().numpy()
@@ -117,8 +138,10 @@ def run(sizes: list[int], num_batches: int, repeats: int, device: str) -> list[d
                 return AffinityPropagation(affinity="precomputed", convergence_iter=CONVERGENCE_ITER,
                                            random_state=0).fit(similarity_np).labels_
 
-        ours_ap_s = median_seconds(ours_ap, repeats * 5, device)
-        sklearn_ap_s = median_seconds(sklearn_ap, repeats, "cpu")
+        # Same partition first (the labels are numbered differently), then the timings, interleaved so that
+        # both sides see the same machine load.
+        assert len(set(zip(ours_ap().tolist(), sklearn_ap().tolist()))) == len(set(sklearn_ap().tolist()))
+        ours_ap_s, sklearn_ap_s = interleaved_medians(ours_ap, sklearn_ap, repeats, device)
         rows.append(dict(K=K, device=device, updates=per_update, fused=fused_s, reference=reference_s,
                          ours_ap=ours_ap_s, sklearn_ap=sklearn_ap_s))
     return rows
@@ -131,10 +154,11 @@ def markdown(rows: list[dict[str, object]]) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        update = ("– | – | –" if r["fused"] is None else
+                  f"{r['fused'] * 1e6:.1f} | {r['reference'] * 1e6:.1f} | {r['reference'] / r['fused']:.0f}×")
         lines.append(
-            f"| {r['K']} | {r['device']} | {r['fused'] * 1e6:.1f} | {r['reference'] * 1e6:.1f} | "
-            f"{r['reference'] / r['fused']:.0f}× | {r['ours_ap'] * 1e6:.1f} | {r['sklearn_ap'] * 1e6:.1f} | "
-            f"{r['sklearn_ap'] / r['ours_ap']:.0f}× |"
+            f"| {r['K']} | {r['device']} | {update} | {r['ours_ap'] * 1e6:.1f} | {r['sklearn_ap'] * 1e6:.1f} | "
+            f"{r['sklearn_ap'] / r['ours_ap']:.1f}× |"
         )
     return "\n".join(lines)
 
@@ -145,11 +169,22 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=20, help="batches of group updates replayed per timing")
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--output", help="also write the Markdown report here")
+    parser.add_argument("--propagation-only", action="store_true", help="time affinity propagation only")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch's CPU threads (affinity propagation's CPU team uses them from K = 256)")
+    parser.add_argument("--cpu-time", action="store_true",
+                        help="time the CPU side by the calling thread's CPU time instead of the wall clock")
     args = parser.parse_args()
 
-    torch.set_num_threads(1)
+    global clock
+    if args.cpu_time:
+        if args.threads != 1:
+            parser.error("--cpu-time measures one thread: use it with --threads 1")
+        clock = time.thread_time
+    torch.set_num_threads(args.threads)
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() and ops.cuda_available() else [])
-    rows = [row for device in devices for row in run(args.sizes, args.batches, args.repeats, device)]
+    rows = [row for device in devices
+            for row in run(args.sizes, args.batches, args.repeats, device, args.propagation_only)]
     report = "\n".join([
         "# Fused affinity ops vs the reference code's way",
         "",
@@ -158,12 +193,14 @@ def main() -> None:
         + (f", GPU {torch.cuda.get_device_name()}" if "cuda" in devices else ", no GPU"),
         f"- versions: python {platform.python_version()}, torch {torch.__version__}, scikit-learn {sklearn.__version__}, "
         f"numpy {np.__version__}",
-        f"- command: `python {' '.join(sys.argv)}` (torch.set_num_threads(1))",
-        "- times: medians; the affinity update per group update (averaged over a replayed sequence of "
+        f"- command: `python {' '.join(sys.argv)}` (torch.set_num_threads({args.threads}))",
+        f"- times: medians of the {'calling thread CPU time' if args.cpu_time else 'wall clock'}; "
+        "the affinity update per group update (averaged over a replayed sequence of "
         f"{args.batches} batches × ~3 groups), affinity propagation per call (convergence_iter={CONVERGENCE_ITER}, "
         "the official setting)",
         "- both sides run in this one process on the same inputs (the reference side checked equal to the fused "
-        "one first); read the ratios: absolute times move with the machine's load",
+        "one first, the partitions of affinity propagation too), affinity propagation's timings interleaved; "
+        "read the ratios: absolute times move with the machine's load",
         "",
         markdown(rows),
         "",

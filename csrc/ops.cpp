@@ -1,6 +1,7 @@
-// Every op's schema, defined once. The kernels register themselves per backend
-// (csrc/cpu/*.cpp with TORCH_LIBRARY_IMPL(selgroup_fast, CPU, m), csrc/cuda/*.cpp
-// with TORCH_LIBRARY_IMPL(selgroup_fast, CUDA, m)); the fake (meta) kernels are
+// Every op's schema, defined once, with its defaults: the schema and the Python
+// wrapper (selgroup_fast/ops.py) are the only two places that state them. The
+// kernels register themselves per backend (csrc/bindings.h's register_ops, from
+// csrc/cpu/ops_cpu.cpp and csrc/cuda/ops_cuda.cpp); the fake (meta) kernels are
 // registered from Python with torch.library.register_fake (selgroup_fast/ops.py).
 #include <Python.h>
 #include <torch/library.h>
@@ -27,7 +28,7 @@ PyObject* PyInit__C(void) {
 }
 
 TORCH_LIBRARY(selgroup_fast, m) {
-  // ---- proximal inter-task affinity and grouping (algorithm.md) ----
+  // ---- proximal inter-task affinity and grouping (docs/algorithm.md) ----
   m.def("affinity_update_(Tensor(a!) affinity, Tensor before, Tensor after, Tensor group_mask, float decay) -> ()");
   m.def("group_similarity(Tensor affinity) -> Tensor");
   m.def(

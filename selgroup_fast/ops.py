@@ -1,7 +1,8 @@
 """Fused ops of selgroup_fast: thin typed wrappers over ``torch.ops.selgroup_fast``.
 
-Each op's schema is defined once in ``csrc/ops.cpp``; the CPU and CUDA kernels live
-in ``csrc/cpu`` and ``csrc/cuda``; the fake (meta) kernels registered here let the
+Each op's schema is defined once in ``csrc/ops.cpp``; its binding is written once in
+``csrc/bindings.h`` over a backend (``csrc/cpu/ops_cpu.cpp``, ``csrc/cuda/ops_cuda.cpp``
+with the generic kernels of ``csrc/cuda/kernels.cu``); the fake (meta) kernels registered here let the
 ops run under ``torch.compile`` and ``torch.library.opcheck``.
 """
 
@@ -129,8 +130,7 @@ def _affinity_propagation_fake(
     return similarity.new_empty(similarity.shape[:1], dtype=torch.int64)
 
 
-# ---- baselines: gradient manipulation (csrc/manipulation, csrc/cpu/manipulation_cpu.cpp,
-# csrc/cuda/manipulation_*) -------------------------------------------------------------
+# ---- baselines: gradient manipulation (csrc/manipulation, bound in csrc/bindings.h) ------
 #
 # Every weighting op maps the K×K Gram matrix G = J·Jᵀ of the task gradients (J: K×P)
 # to weights w[K] such that the update is d = wᵀ·J; it returns a new tensor with G's

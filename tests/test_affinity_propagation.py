@@ -140,11 +140,11 @@ def test_rejects_bad_similarity(similarity, match) -> None:
         ops.affinity_propagation(similarity)
 
 
-def test_opcheck() -> None:
-    S = torch.from_numpy(_random_similarities(seed=14, count=1)[0])
-    for dtype in (torch.float32, torch.float64):
-        torch.library.opcheck(torch.ops.selgroup_fast.affinity_propagation.default, (S.to(dtype), None, 0.5, 200, 15))
-        torch.library.opcheck(torch.ops.selgroup_fast.affinity_propagation.default, (S.to(dtype), -3.0, 0.7, 100, 20))
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=cuda_only)])
+def test_opcheck(device: str, dtype: torch.dtype) -> None:
+    S = torch.from_numpy(_random_similarities(seed=14, count=1)[0]).to(dtype=dtype, device=device)
+    torch.library.opcheck(torch.ops.selgroup_fast.affinity_propagation.default, (S, None, 0.5, 200, 15))
+    torch.library.opcheck(torch.ops.selgroup_fast.affinity_propagation.default, (S, -3.0, 0.7, 100, 20))
 
 
 def test_under_torch_compile() -> None:

@@ -229,15 +229,17 @@ def test_group_similarity_rejects_bad_inputs(affinity, match) -> None:
 # ---- opcheck, compile, CUDA agreement ----
 
 
-def test_opcheck() -> None:
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=cuda_only)])
+def test_opcheck(device: str, dtype: torch.dtype) -> None:
     generator = torch.Generator().manual_seed(4)
     before, after = _random_losses(generator, 5)
-    for dtype in (torch.float32, torch.float64):
-        torch.library.opcheck(
-            torch.ops.selgroup_fast.affinity_update_.default,
-            (torch.randn(5, 5, dtype=dtype), before.to(dtype), after.to(dtype), _mask([0, 2], 5, "cpu"), 0.1),
-        )
-        torch.library.opcheck(torch.ops.selgroup_fast.group_similarity.default, (torch.rand(5, 5, dtype=dtype),))
+    torch.library.opcheck(
+        torch.ops.selgroup_fast.affinity_update_.default,
+        (torch.randn(5, 5, dtype=dtype, device=device), before.to(dtype).to(device), after.to(dtype).to(device),
+         _mask([0, 2], 5, device), 0.1),
+    )
+    torch.library.opcheck(torch.ops.selgroup_fast.group_similarity.default,
+                          (torch.rand(5, 5, dtype=dtype, device=device),))
 
 
 def test_group_similarity_under_torch_compile() -> None:

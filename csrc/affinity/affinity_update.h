@@ -1,6 +1,5 @@
-// The proximal inter-task affinity update (algorithm.md, "Proximal inter-task
-// affinity"), written once for the CPU loop and the CUDA kernel: one call updates
-// one (source, target) pair. Every pair reads only `before`, `after` and the group
+// The proximal inter-task affinity update (docs/algorithm.md §Affinity update),
+// written once for every backend as a map over the (source, target) pairs (team.h). Every pair reads only `before`, `after` and the group
 // mask (never another pair's updated affinity), so the pairs are independent and
 // the whole K×K update is a single elementwise pass.
 #pragma once
@@ -60,5 +59,28 @@ SELGROUP_HD_INLINE void affinity_update_pair(T* affinity, int64_t stride_source,
   const T updated = (T(1) - decay) * entry + decay * value;
   if (is_finite(updated)) entry = updated;
 }
+
+// The whole K×K update as a map over the pairs (source·K + target).
+template <typename T>
+struct AffinityUpdate {
+  T* affinity;
+  int64_t stride_source, stride_target;
+  const T* before;
+  const T* after;
+  const bool* group_mask;
+  int64_t K;
+  T decay;
+
+  static constexpr int64_t kGrain = int64_t(1) << 16;
+  SELGROUP_HD_INLINE int64_t count() const { return K * K; }
+  using Shared = int64_t;  // |G|
+  SELGROUP_HD_INLINE Shared prepare() const { return group_size(group_mask, K); }
+  SELGROUP_HD_INLINE void operator()(Shared size, int64_t begin, int64_t end) const {
+    if (size == 0) return;  // an empty group updated nothing
+    for (int64_t pair = begin; pair < end; ++pair)
+      affinity_update_pair(affinity, stride_source, stride_target, before, after, group_mask, size, decay, pair / K,
+                           pair % K);
+  }
+};
 
 }  // namespace selgroup

@@ -54,14 +54,21 @@ struct AlignedMTLWeights {
     *q = a < b ? b : a;
   }
 
-  SELGROUP_HD static int workspace_doubles(int K) { return kFlagSlots + 2 * K * K + players(K); }
+  struct Scratch {
+    double* flag;
+    double* A;         // G, rotated to diagonal
+    double* V;         // eigenvectors in its columns
+    double* rotation;  // (cos, sin) of each pair of the round
+  };
+  SELGROUP_HD Scratch carve(WorkspaceLayout& layout) const {
+    return {layout.take<double>(1), layout.take<double>(K * K), layout.take<double>(K * K),
+            layout.take<double>(players(K))};
+  }
 
-  template <typename Team>
-  SELGROUP_HD void operator()(const Team& team, double* workspace) const {
-    double* A = workspace + kFlagSlots;  // G, rotated to diagonal
-    double* V = A + K * K;               // eigenvectors in its columns
-    double* rotation = V + K * K;        // (cos, sin) of each pair of the round
-    if (!load_gram(team, gram, K, A, workspace, weights)) return;
+  template <Team T>
+  SELGROUP_HD void operator()(const T& team, const Scratch& s) const {
+    double *A = s.A, *V = s.V, *rotation = s.rotation;
+    if (!load_gram(team, gram, K, A, s.flag, weights)) return;
     for (int e = team.rank(); e < K * K; e += team.size()) V[e] = (e / K == e % K) ? 1.0 : 0.0;
     team.sync();
 

@@ -43,18 +43,25 @@ struct CAGradWeights {
   // length can grow again where the curvature is lower.
   static constexpr double kLipschitzDecay = 0.8;
 
-  SELGROUP_HD static int workspace_doubles(int K) { return kFlagSlots + K * K + 6 * K; }
+  struct Scratch {
+    double* flag;
+    double* G;
+    double* Gb;
+    double* x;     // current iterate
+    double* y;     // extrapolated point
+    double* grad;  // ∇f(y)
+    double* z;     // candidate step
+    double* Gv;    // G·y or G·z
+  };
+  SELGROUP_HD Scratch carve(WorkspaceLayout& layout) const {
+    return {layout.take<double>(1), layout.take<double>(K * K), layout.take<double>(K), layout.take<double>(K),
+            layout.take<double>(K), layout.take<double>(K),     layout.take<double>(K), layout.take<double>(K)};
+  }
 
-  template <typename Team>
-  SELGROUP_HD void operator()(const Team& team, double* workspace) const {
-    double* G = workspace + kFlagSlots;
-    double* Gb = G + K * K;
-    double* x = Gb + K;     // current iterate
-    double* y = x + K;      // extrapolated point
-    double* grad = y + K;   // ∇f(y)
-    double* z = grad + K;   // candidate step
-    double* Gv = z + K;     // G·y or G·z
-    if (!load_gram(team, gram, K, G, workspace, weights)) return;
+  template <Team T>
+  SELGROUP_HD void operator()(const T& team, const Scratch& s) const {
+    double *G = s.G, *Gb = s.Gb, *x = s.x, *y = s.y, *grad = s.grad, *z = s.z, *Gv = s.Gv;
+    if (!load_gram(team, gram, K, G, s.flag, weights)) return;
 
     const double b = 1.0 / K;
     double mean_gram = 0.0, max_diagonal = 0.0;

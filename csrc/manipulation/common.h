@@ -2,14 +2,15 @@
 // problem on the Gram matrix G = J·Jᵀ of the task gradients and writes K weights.
 //
 // Every solver is a small functor (the apex multi_tensor_apply pattern): it holds
-// its pointers, K and its options, says how much scratch it needs
-// (`workspace_doubles(K)`), and runs as `solver(team, workspace)`. The CPU binding
-// calls it with a SerialTeam and a std::vector workspace; the CUDA binding with
-// ONE generic kernel (csrc/cuda/manipulation_kernels.cu) in which one block is the
-// team and the workspace is the block's dynamic shared memory. Same code, same
-// arithmetic order, on both backends (up to the multiply-adds nvcc fuses).
-// tests/manipulation_team_check.cpp runs these functors with 2..32 CPU threads as
-// the team to check the work split and the barriers without a GPU.
+// its pointers, K and its options, lists its scratch arrays once in `carve`
+// (csrc/workspace.h sizes and carves the workspace from that one list), and runs
+// as `solver(team, scratch)`. Every backend runs it through ONE generic path
+// (csrc/bindings.h): the CPU with a SerialTeam on a host buffer, CUDA with one
+// generic kernel (csrc/cuda/kernels.cu) in which one block is the team and the
+// workspace is the block's dynamic shared memory (global memory when it does not
+// fit). Same code, same arithmetic order, on both backends (up to the
+// multiply-adds nvcc fuses). tests/team_check.cpp runs these functors with 2..32
+// CPU threads as the team to check the work split and the barriers without a GPU.
 //
 // Conventions of every solver:
 //   * all arithmetic in double, whatever the input dtype: the problems are tiny
@@ -28,7 +29,7 @@
 #include <cmath>
 #include <cstdint>
 
-#include "../team.h"
+#include "../workspace.h"
 
 namespace selgroup {
 namespace manipulation {
@@ -41,24 +42,22 @@ using std::isfinite;
 using std::log;
 using std::sqrt;
 
-// Slots at the start of every workspace for the team-wide flags.
-constexpr int kFlagSlots = 1;
-
-template <typename Team>
-SELGROUP_HD_INLINE void fill(const Team& team, double* x, int n, double value) {
+template <Team T>
+SELGROUP_HD_INLINE void fill(const T& team, double* x, int n, double value) {
   for (int i = team.rank(); i < n; i += team.size()) x[i] = value;
 }
 
-template <typename Team, typename scalar_t>
-SELGROUP_HD_INLINE void store(const Team& team, const double* x, int n, scalar_t* out) {
+template <Team T, typename scalar_t>
+SELGROUP_HD_INLINE void store(const T& team, const double* x, int n, scalar_t* out) {
   for (int i = team.rank(); i < n; i += team.size()) out[i] = static_cast<scalar_t>(x[i]);
 }
 
 // Loads G (row-major K×K, any float dtype) into `G` as doubles and handles the
 // two cases every solver shares. Returns false when the weights are already
-// written: all-NaN for a non-finite G, [1] for K = 1. `flag` is one workspace slot.
-template <typename Team, typename scalar_t>
-SELGROUP_HD bool load_gram(const Team& team, const scalar_t* gram, int K, double* G, double* flag,
+// written: all-NaN for a non-finite G, [1] for K = 1. `flag` is one workspace slot
+// (the team-wide "G is finite" flag).
+template <Team T, typename scalar_t>
+SELGROUP_HD bool load_gram(const T& team, const scalar_t* gram, int K, double* G, double* flag,
                            scalar_t* weights) {
   if (team.rank() == 0) *flag = 1.0;
   team.sync();
@@ -83,8 +82,8 @@ SELGROUP_HD bool load_gram(const Team& team, const scalar_t* gram, int K, double
 }
 
 // y = A·x for a row-major n×n A, rows split over the team; syncs.
-template <typename Team>
-SELGROUP_HD void matvec(const Team& team, const double* A, const double* x, double* y, int n) {
+template <Team T>
+SELGROUP_HD void matvec(const T& team, const double* A, const double* x, double* y, int n) {
   for (int i = team.rank(); i < n; i += team.size()) {
     double sum = 0.0;
     for (int j = 0; j < n; ++j) sum += A[i * n + j] * x[j];
@@ -140,8 +139,8 @@ SELGROUP_HD_INLINE double simplex_threshold(const double* v, int n) {
 // the team. A pivot below `1e-13 · max|A|` marks a singular direction: it is not
 // eliminated and its component of x is set to 0, which gives one solution of a
 // consistent singular system (a basic one, not the minimum-norm one).
-template <typename Team>
-SELGROUP_HD void gauss_solve(const Team& team, double* A, double* b, int n) {
+template <Team T>
+SELGROUP_HD void gauss_solve(const T& team, double* A, double* b, int n) {
   double scale = 0.0;
   for (int i = 0; i < n * n; ++i) scale = fmax(scale, fabs(A[i]));
   const double tiny = 1e-13 * scale;
@@ -186,8 +185,8 @@ SELGROUP_HD void gauss_solve(const Team& team, double* A, double* b, int n) {
 // Solves A·x = b in place for a symmetric positive definite A (row-major n×n,
 // its lower triangle overwritten by the Cholesky factor; b becomes x). Columns of
 // the factor are split over the team.
-template <typename Team>
-SELGROUP_HD void cholesky_solve(const Team& team, double* A, double* b, int n) {
+template <Team T>
+SELGROUP_HD void cholesky_solve(const T& team, double* A, double* b, int n) {
   for (int j = 0; j < n; ++j) {
     double diagonal = A[j * n + j];
     for (int k = 0; k < j; ++k) diagonal -= A[j * n + k] * A[j * n + k];

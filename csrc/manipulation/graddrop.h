@@ -84,5 +84,32 @@ SELGROUP_HD_INLINE void graddrop_columns(const scalar_t* __restrict__ jacobian, 
   for (int64_t i = 0; i < n; ++i) update[begin + i] = signs[i] == signs[i] ? sums[i] : signs[i];  // NaN: not equal
 }
 
+// GradDrop over the row-major K×P `jacobian` into `update` [P], a map over the
+// columns (team.h). On the CPU a thread walks its columns in chunks that keep the
+// two scratch rows in L1; a CUDA thread takes one column, its scratch in registers.
+template <typename scalar_t>
+struct GradDrop {
+  const scalar_t* jacobian;
+  const scalar_t* leak;
+  scalar_t* update;
+  int64_t K, P, seed, offset;
+
+#if defined(__CUDA_ARCH__)
+  static constexpr int64_t kChunk = 1;
+#else
+  static constexpr int64_t kChunk = 512;
+#endif
+  static constexpr int64_t kGrain = 8192;
+  SELGROUP_HD_INLINE int64_t count() const { return P; }
+  using Shared = NoShared;
+  SELGROUP_HD_INLINE Shared prepare() const { return {}; }
+  SELGROUP_HD_INLINE void operator()(Shared, int64_t begin, int64_t end) const {
+    scalar_t sums[kChunk], signs[kChunk];
+    for (int64_t chunk = begin; chunk < end; chunk += kChunk)
+      graddrop_columns(jacobian, leak, K, P, chunk, end - chunk < kChunk ? end - chunk : kChunk, seed, offset, update,
+                       sums, signs);
+  }
+};
+
 }  // namespace manipulation
 }  // namespace selgroup

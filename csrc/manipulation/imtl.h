@@ -26,16 +26,23 @@ struct IMTLWeights {
   scalar_t* weights;     // K
   int K;
 
-  SELGROUP_HD static int workspace_doubles(int K) { return kFlagSlots + K * K + 2 * K + (K - 1) * (K - 1) + K; }
+  struct Scratch {
+    double* flag;
+    double* G;
+    double* norm;
+    double* task;    // task[a]: the index of the a-th task with a non-zero gradient
+    double* system;  // (m×m), m = active − 1
+    double* rhs;
+  };
+  SELGROUP_HD Scratch carve(WorkspaceLayout& layout) const {
+    return {layout.take<double>(1), layout.take<double>(K * K),           layout.take<double>(K),
+            layout.take<double>(K), layout.take<double>((K - 1) * (K - 1)), layout.take<double>(K)};
+  }
 
-  template <typename Team>
-  SELGROUP_HD void operator()(const Team& team, double* workspace) const {
-    double* G = workspace + kFlagSlots;
-    double* norm = G + K * K;
-    double* task = norm + K;          // task[a]: the index of the a-th task with a non-zero gradient
-    double* system = task + K;        // (m×m), m = active − 1
-    double* rhs = system + (K - 1) * (K - 1);
-    if (!load_gram(team, gram, K, G, workspace, weights)) return;
+  template <Team T>
+  SELGROUP_HD void operator()(const T& team, const Scratch& s) const {
+    double *G = s.G, *norm = s.norm, *task = s.task, *system = s.system, *rhs = s.rhs;
+    if (!load_gram(team, gram, K, G, s.flag, weights)) return;
 
     int active = 0;  // redundant on every worker
     for (int k = 0; k < K; ++k)

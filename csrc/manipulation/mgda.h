@@ -42,14 +42,22 @@ struct MGDAWeights {
   int max_iter;
   double tol;
 
-  SELGROUP_HD static int workspace_doubles(int K) { return kFlagSlots + K * K + 2 * K; }
+  struct Scratch {
+    double* flag;
+    double* G;
+    double* w;
+    double* Gw;
+  };
+  SELGROUP_HD Scratch carve(WorkspaceLayout& layout) const {
+    return {layout.take<double>(1), layout.take<double>(K * K), layout.take<double>(K), layout.take<double>(K)};
+  }
 
-  template <typename Team>
-  SELGROUP_HD void operator()(const Team& team, double* workspace) const {
-    double* G = workspace + kFlagSlots;
-    double* w = G + K * K;
-    double* Gw = w + K;
-    if (!load_gram(team, gram, K, G, workspace, weights)) return;
+  template <Team T>
+  SELGROUP_HD void operator()(const T& team, const Scratch& s) const {
+    double* G = s.G;
+    double* w = s.w;
+    double* Gw = s.Gw;
+    if (!load_gram(team, gram, K, G, s.flag, weights)) return;
 
     // Best pair, computed redundantly by every worker (K²/2 closed forms).
     int best_i = 0, best_j = 1;

@@ -40,17 +40,24 @@ struct NashMTLWeights {
   // test, whose φ differences would be below φ's rounding there.
   static constexpr double kPureNewtonDecrement = 0.01;
 
-  SELGROUP_HD static int workspace_doubles(int K) { return kFlagSlots + 2 * K * K + 4 * K; }
+  struct Scratch {
+    double* flag;
+    double* G;
+    double* hessian;
+    double* alpha;
+    double* G_alpha;
+    double* step;  // −∇φ, then the Newton step
+    double* trial;
+  };
+  SELGROUP_HD Scratch carve(WorkspaceLayout& layout) const {
+    return {layout.take<double>(1), layout.take<double>(K * K), layout.take<double>(K * K), layout.take<double>(K),
+            layout.take<double>(K), layout.take<double>(K),     layout.take<double>(K)};
+  }
 
-  template <typename Team>
-  SELGROUP_HD void operator()(const Team& team, double* workspace) const {
-    double* G = workspace + kFlagSlots;
-    double* hessian = G + K * K;
-    double* alpha = hessian + K * K;
-    double* G_alpha = alpha + K;
-    double* step = G_alpha + K;  // −∇φ, then the Newton step
-    double* trial = step + K;
-    if (!load_gram(team, gram, K, G, workspace, weights)) return;
+  template <Team T>
+  SELGROUP_HD void operator()(const T& team, const Scratch& s) const {
+    double *G = s.G, *hessian = s.hessian, *alpha = s.alpha, *G_alpha = s.G_alpha, *step = s.step, *trial = s.trial;
+    if (!load_gram(team, gram, K, G, s.flag, weights)) return;
 
     for (int k = team.rank(); k < K; k += team.size()) {
       const double start = static_cast<double>(alpha_init[k]);

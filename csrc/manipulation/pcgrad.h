@@ -26,13 +26,20 @@ struct PCGradWeights {
   scalar_t* weights;      // K
   int K;
 
-  SELGROUP_HD static int workspace_doubles(int K) { return kFlagSlots + 2 * K * K; }
+  struct Scratch {
+    double* flag;
+    double* G;
+    double* coefficients;  // row i: a_i·
+  };
+  SELGROUP_HD Scratch carve(WorkspaceLayout& layout) const {
+    return {layout.take<double>(1), layout.take<double>(K * K), layout.take<double>(K * K)};
+  }
 
-  template <typename Team>
-  SELGROUP_HD void operator()(const Team& team, double* workspace) const {
-    double* G = workspace + kFlagSlots;
-    double* coefficients = G + K * K;  // row i: a_i·
-    if (!load_gram(team, gram, K, G, workspace, weights)) return;
+  template <Team T>
+  SELGROUP_HD void operator()(const T& team, const Scratch& s) const {
+    double* G = s.G;
+    double* coefficients = s.coefficients;
+    if (!load_gram(team, gram, K, G, s.flag, weights)) return;
     // The tasks are independent: one worker per task.
     for (int i = team.rank(); i < K; i += team.size()) {
       double* a = coefficients + i * K;

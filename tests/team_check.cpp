@@ -1,0 +1,234 @@
+// The team algorithms of csrc/ with N CPU threads as the team (std::barrier
+// standing in for __syncthreads), compared bit for bit with the SerialTeam run
+// that the CPU kernels use. Every worker computes the same scalars redundantly and
+// the vector work is split by rank, so the answer must not depend on the team: a
+// mismatch means a missing barrier or a bad work split, the bugs a CUDA block (or
+// the CPU's OpenMP team) would hit. Each thread team runs twice: as a host team
+// (contiguous shares, the median by selection) and as a device-like team
+// (rank-strided shares, the median by bitonic sort: the CUDA block's code paths).
+//
+// Covers the weighting solvers, affinity propagation (messages and labels; the
+// noise drawn by rank 0 or passed in), and the affinity maps split over threads.
+// Built and run by tests/test_team_check.py: `team_check` is the fast sweep of the
+// default suite, `team_check --full` the slow one. Add -fsanitize=thread to the
+// compile line to look for data races (the only expected reports are the benign
+// flag races: every writer writes the same value).
+#include <algorithm>
+#include <barrier>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <memory>
+#include <random>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "all.h"
+
+using namespace selgroup;
+using namespace selgroup::manipulation;
+
+namespace {
+
+template <bool Host>
+struct ThreadTeam {
+  static constexpr bool kHost = Host;
+  int worker;
+  int workers;
+  std::barrier<>* barrier;
+  int rank() const { return worker; }
+  int size() const { return workers; }
+  void sync() const { barrier->arrive_and_wait(); }
+};
+static_assert(Team<ThreadTeam<true>> && Team<ThreadTeam<false>>);
+
+// Runs `solver` with `threads` workers (0: SerialTeam) on a fresh workspace filled
+// with a poison byte; returns the workspace.
+template <bool Host, typename Solver>
+std::vector<unsigned char> run(const Solver& solver, int threads) {
+  std::vector<std::max_align_t> memory(workspace_bytes(solver) / sizeof(std::max_align_t) + 1);
+  std::memset(memory.data(), 0x5a, memory.size() * sizeof(std::max_align_t));
+  if (threads == 0) {
+    run_team(solver, SerialTeam{}, memory.data());
+  } else {
+    std::barrier<> barrier(threads);
+    std::vector<std::thread> pool;
+    for (int worker = 0; worker < threads; ++worker)
+      pool.emplace_back([&, worker] { run_team(solver, ThreadTeam<Host>{worker, threads, &barrier}, memory.data()); });
+    for (std::thread& thread : pool) thread.join();
+  }
+  const auto* bytes = reinterpret_cast<const unsigned char*>(memory.data());
+  return std::vector<unsigned char>(bytes, bytes + workspace_bytes(solver));
+}
+
+struct Tally {
+  int runs = 0, mismatches = 0;
+  void check(bool same, const std::string& what) {
+    ++runs;
+    if (!same) {
+      ++mismatches;
+      std::printf("MISMATCH %s\n", what.c_str());
+    }
+  }
+};
+
+std::vector<int> g_threads;
+int g_repeats = 1;
+
+// Compares `output` (n values the solver writes) after every team run with the serial answer;
+// `compare_scratch` extracts the bytes of the scratch that must agree too (e.g. final messages).
+template <typename Solver, typename Value, typename Scratch>
+void check_solver(Tally& tally, const std::string& name, const Solver& solver, Value* output, int64_t n,
+                  Scratch compare_scratch) {
+  const std::vector<unsigned char> serial_ws = run<true>(solver, 0);
+  const std::vector<Value> serial(output, output + n);
+  const std::vector<unsigned char> serial_scratch = compare_scratch(serial_ws);
+  for (int threads : g_threads)
+    for (int repeat = 0; repeat < g_repeats; ++repeat)
+      for (bool host : {true, false}) {
+        const std::vector<unsigned char> ws = host ? run<true>(solver, threads) : run<false>(solver, threads);
+        const bool same = std::memcmp(serial.data(), output, n * sizeof(Value)) == 0 &&
+                          compare_scratch(ws) == serial_scratch;
+        tally.check(same, name + " threads=" + std::to_string(threads) + (host ? " host" : " strided"));
+      }
+}
+
+const auto kNoScratch = [](const std::vector<unsigned char>&) { return std::vector<unsigned char>(); };
+
+void check_weightings(Tally& tally, std::mt19937& generator, const std::vector<int>& sizes) {
+  std::normal_distribution<double> normal;
+  for (int K : sizes) {
+    // Cases: full rank, full rank, NaN in G, singular G (fewer columns than tasks).
+    for (int problem = 0; problem < 4; ++problem) {
+      const int P = problem == 3 ? K / 2 + 1 : 2 * K + 3;
+      std::vector<double> J(K * P), G(K * K), weights(K), alpha(K, 1.0);
+      std::vector<int64_t> order(K * K);
+      for (double& x : J) x = normal(generator);
+      for (int i = 0; i < K; ++i) {
+        for (int j = 0; j < K; ++j) order[i * K + j] = j;
+        std::shuffle(order.begin() + i * K, order.begin() + (i + 1) * K, generator);
+        for (int j = 0; j < K; ++j) {
+          double sum = 0.0;
+          for (int p = 0; p < P; ++p) sum += J[i * P + p] * J[j * P + p];
+          G[i * K + j] = sum;
+        }
+      }
+      if (problem == 2) G[1] = G[K] = NAN;
+      const std::string suffix = " K=" + std::to_string(K) + " problem=" + std::to_string(problem);
+      double* w = weights.data();
+      check_solver(tally, "pcgrad" + suffix, PCGradWeights<double>{G.data(), order.data(), w, K}, w, K, kNoScratch);
+      check_solver(tally, "mgda" + suffix, MGDAWeights<double>{G.data(), w, K, 250, 1e-5}, w, K, kNoScratch);
+      check_solver(tally, "cagrad" + suffix, CAGradWeights<double>{G.data(), w, K, 0.4, 1, 1000, 1e-10}, w, K,
+                   kNoScratch);
+      check_solver(tally, "imtl" + suffix, IMTLWeights<double>{G.data(), w, K}, w, K, kNoScratch);
+      check_solver(tally, "aligned_mtl" + suffix, AlignedMTLWeights<double>{G.data(), w, K}, w, K, kNoScratch);
+      check_solver(tally, "nash_mtl" + suffix, NashMTLWeights<double>{G.data(), alpha.data(), w, K, 50, 1e-16}, w,
+                   K, kNoScratch);
+    }
+  }
+}
+
+// Affinity propagation on points in blobs (and with rounded, tie-heavy similarities),
+// float64 and float32, median or given preference, noise drawn in the team or passed in.
+template <typename T>
+void check_affinity_propagation(Tally& tally, std::mt19937& generator, const std::vector<int>& sizes) {
+  std::normal_distribution<double> normal;
+  std::vector<double> noise(sizes.empty() ? 0 : *std::max_element(sizes.begin(), sizes.end()) *
+                                                    *std::max_element(sizes.begin(), sizes.end()));
+  draw_tie_breaking_noise(noise.data(), static_cast<int64_t>(noise.size()));
+  for (int K : sizes) {
+    for (int problem = 0; problem < 3; ++problem) {
+      std::vector<double> x(K), y(K);
+      for (int i = 0; i < K; ++i) {
+        const int blob = i % 4;
+        x[i] = 4.0 * blob + normal(generator);
+        y[i] = 3.0 * (blob % 2) + normal(generator);
+      }
+      std::vector<T> S(K * K);
+      for (int i = 0; i < K; ++i)
+        for (int j = 0; j < K; ++j) {
+          const double d = -((x[i] - x[j]) * (x[i] - x[j]) + (y[i] - y[j]) * (y[i] - y[j]));
+          S[i * K + j] = static_cast<T>(problem == 2 ? std::round(d) : d);
+        }
+      std::vector<int64_t> labels(K);
+      for (bool passed_noise : {false, true}) {
+        const AffinityPropagation<T> solver{S.data(), labels.data(), K, problem == 1, T(-30), T(0.5), 200, 15,
+                                            passed_noise ? noise.data() : nullptr};
+        // The final messages (A and R), not only the labels, must agree bit for bit.
+        const auto messages = [&](const std::vector<unsigned char>& ws) {
+          WorkspaceLayout layout(const_cast<unsigned char*>(ws.data()));
+          const auto scratch = solver.carve(layout);
+          const auto* begin = reinterpret_cast<const unsigned char*>(scratch.messages);
+          return std::vector<unsigned char>(begin, begin + 2 * K * K * sizeof(T));
+        };
+        check_solver(tally,
+                     std::string("affinity_propagation<") + (sizeof(T) == 8 ? "double" : "float") +
+                         "> K=" + std::to_string(K) + " problem=" + std::to_string(problem) +
+                         (passed_noise ? " noise passed" : " noise drawn"),
+                     solver, labels.data(), K, messages);
+      }
+    }
+  }
+}
+
+// The maps split over threads (each index written once, so any split gives the same answer).
+template <typename Map, typename Value>
+void check_map(Tally& tally, const std::string& name, const Map& map, Value* output, int64_t n,
+               const std::vector<Value>& initial) {
+  std::copy(initial.begin(), initial.end(), output);
+  map(map.prepare(), 0, map.count());
+  const std::vector<Value> serial(output, output + n);
+  for (int threads : g_threads) {
+    std::copy(initial.begin(), initial.end(), output);
+    std::vector<std::thread> pool;
+    const int64_t share = (map.count() + threads - 1) / threads;
+    for (int worker = 0; worker < threads; ++worker)
+      pool.emplace_back([&, worker] {
+        const int64_t begin = std::min(map.count(), worker * share), end = std::min(map.count(), begin + share);
+        map(map.prepare(), begin, end);
+      });
+    for (std::thread& thread : pool) thread.join();
+    tally.check(std::memcmp(serial.data(), output, n * sizeof(Value)) == 0,
+                name + " threads=" + std::to_string(threads));
+  }
+}
+
+void check_maps(Tally& tally, std::mt19937& generator, const std::vector<int>& sizes) {
+  std::normal_distribution<double> normal;
+  for (int K : sizes) {
+    std::vector<double> affinity(K * K), before(K), after(K), similarity(K * K);
+    for (double& a : affinity) a = 0.1 * normal(generator);
+    for (int k = 0; k < K; ++k) {
+      before[k] = 1.0 + std::fabs(normal(generator));
+      after[k] = before[k] * (1.0 + 0.3 * normal(generator));
+    }
+    std::unique_ptr<bool[]> mask(new bool[K]);
+    for (int k = 0; k < K; ++k) mask[k] = k % 3 != 1;
+    std::vector<double> updated(K * K);
+    check_map(tally, "affinity_update_ K=" + std::to_string(K),
+              AffinityUpdate<double>{updated.data(), K, 1, before.data(), after.data(), mask.get(), K, 0.1},
+              updated.data(), K * K, affinity);
+    check_map(tally, "group_similarity K=" + std::to_string(K),
+              GroupSimilarity<double>{affinity.data(), K, 1, K, similarity.data()}, similarity.data(), K * K,
+              similarity);
+  }
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const bool full = argc > 1 && std::string(argv[1]) == "--full";
+  std::mt19937 generator(3);
+  Tally tally;
+  g_threads = full ? std::vector<int>{2, 3, 7, 32} : std::vector<int>{2, 5};
+  g_repeats = full ? 2 : 1;
+  check_weightings(tally, generator, full ? std::vector<int>{2, 3, 5, 8, 13, 16} : std::vector<int>{3, 8});
+  const std::vector<int> propagation_sizes =
+      full ? std::vector<int>{2, 3, 5, 8, 13, 16, 33, 64, 130} : std::vector<int>{3, 13, 40};
+  check_affinity_propagation<double>(tally, generator, propagation_sizes);
+  check_affinity_propagation<float>(tally, generator, propagation_sizes);
+  check_maps(tally, generator, full ? std::vector<int>{1, 5, 17, 64} : std::vector<int>{5, 17});
+  std::printf("%d team runs, %d mismatches\n", tally.runs, tally.mismatches);
+  return tally.mismatches == 0 && tally.runs > 0 ? 0 : 1;
+}
