@@ -47,6 +47,7 @@ class GradientMethod(MultiTaskMethod):
         aggregator: the method (``selgroup_fast.methods.aggregator(name, K, device, dtype, **options)``).
         shared_params: the parameters shared by all tasks (the encoder's).
         jacobian: ``"batched"`` (one vmapped backward) or ``"loop"`` (K backwards).
+        chunk_size: with ``"batched"``, at most this many tasks per vmapped backward (bounded peak memory).
         space: ``"parameters"`` or ``"representation"`` (the closure then returns ``(losses, features)``).
         profile: time the phases of every step (:attr:`timings`).
 
@@ -74,6 +75,7 @@ class GradientMethod(MultiTaskMethod):
         *,
         shared_params: SharedParams,
         jacobian: JacobianMode = "batched",
+        chunk_size: Optional[int] = None,
         space: Space = "parameters",
         profile: bool = False,
     ) -> None:
@@ -86,7 +88,9 @@ class GradientMethod(MultiTaskMethod):
         self.name = aggregator.name
         self.space = space
         # The K×P buffer is only needed in parameter space.
-        self._jacobian = TaskJacobian(shared_params, num_tasks, mode=jacobian, allocate=space == "parameters")
+        self._jacobian = TaskJacobian(
+            shared_params, num_tasks, mode=jacobian, chunk_size=chunk_size, allocate=space == "parameters"
+        )
         if self._jacobian.direction.device != self.device:
             raise ValueError(f"shared_params are on {self._jacobian.direction.device}, the optimizer on {self.device}")
         shared_ids = {id(p) for p in self._jacobian.params}

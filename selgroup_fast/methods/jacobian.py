@@ -39,9 +39,11 @@ Example::
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import Literal, Union
+from typing import Literal, Optional, Union
 
 import torch
+
+from ..checks import check_int
 
 JacobianMode = Literal["batched", "loop"]
 JACOBIAN_MODES: tuple[str, ...] = ("batched", "loop")
@@ -87,6 +89,10 @@ class TaskJacobian:
         shared_params: the parameters shared by all tasks (a module or an iterable).
         num_tasks: K.
         mode: ``"batched"`` (one vmapped backward, the default) or ``"loop"`` (K backwards).
+        chunk_size: with ``"batched"``, vectorise over at most this many tasks per backward
+            (``ceil(K / chunk_size)`` backwards): the batched backward holds one copy of the
+            activation gradients per task of a chunk, so this bounds its peak memory for any K.
+            ``None``: all K at once.
         allocate: allocate the K×P buffer (not needed when only :meth:`of_features` is used).
 
     Attributes:
@@ -96,10 +102,16 @@ class TaskJacobian:
     """
 
     def __init__(
-        self, shared_params: SharedParams, num_tasks: int, mode: JacobianMode = "batched", allocate: bool = True
+        self,
+        shared_params: SharedParams,
+        num_tasks: int,
+        mode: JacobianMode = "batched",
+        chunk_size: Optional[int] = None,
+        allocate: bool = True,
     ) -> None:
         if mode not in JACOBIAN_MODES:
             raise ValueError(f"jacobian must be one of {JACOBIAN_MODES}, got {mode!r}")
+        self.chunk_size = num_tasks if chunk_size is None else check_int("chunk_size", chunk_size)
         self.params = as_parameter_list(shared_params)
         self.num_tasks = num_tasks
         self.mode = mode
@@ -138,10 +150,14 @@ class TaskJacobian:
         if self.mode == "batched":
             stacked = torch.stack(list(losses))
             cotangents = self._unit_cotangents(stacked.dtype)
-            grads = torch.autograd.grad(
-                stacked, inputs, grad_outputs=cotangents, is_grads_batched=True, retain_graph=retain_graph, **common
-            )
-            return torch.cat([g.reshape(self.num_tasks, -1) for g in grads], dim=1, out=out)
+            for start in range(0, self.num_tasks, self.chunk_size):
+                rows = cotangents[start : start + self.chunk_size]
+                keep = retain_graph or start + self.chunk_size < self.num_tasks
+                grads = torch.autograd.grad(
+                    stacked, inputs, grad_outputs=rows, is_grads_batched=True, retain_graph=keep, **common
+                )
+                torch.cat([g.reshape(rows.shape[0], -1) for g in grads], dim=1, out=out[start : start + rows.shape[0]])
+            return out
         last = self.num_tasks - 1
         for k, loss in enumerate(losses):  # one task's gradients alive at a time
             grads = torch.autograd.grad(loss, inputs, retain_graph=retain_graph or k < last, **common)
