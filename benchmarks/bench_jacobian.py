@@ -35,28 +35,48 @@ import selgroup_fast
 from selgroup_fast.bench.report import cpu_model
 
 
-def configurations(num_tasks: int) -> list[tuple[str, Optional[int]]]:
-    """(mode, chunk_size) pairs: the loop, the whole batch, and chunks of 1, 2 and 4 tasks below K."""
+def configurations(num_tasks: int, torchjd: bool) -> list[tuple[str, Optional[int]]]:
+    """(mode, chunk_size) pairs: the loop, the whole batch, chunks of 1, 2 and 4 tasks below K, and TorchJD's engines."""
     chunks = [c for c in (1, 2, 4) if c < num_tasks]
-    return [("loop", None), ("batched", None), *[("batched", c) for c in chunks]]
+    theirs = [("torchjd-autojac", None), ("torchjd-autogram", None)] if torchjd else []
+    return [("loop", None), ("batched", None), *[("batched", c) for c in chunks], *theirs]
+
+
+def jacobian_function(mode: str, chunk_size: Optional[int], model, num_tasks: int):
+    """A function of the K losses computing what ``mode`` computes (ours: J; TorchJD's autojac: J; autogram: G)."""
+    from selgroup_fast.methods.jacobian import TaskJacobian
+
+    shared = model.shared_parameters()
+    if mode == "torchjd-autojac":
+        from torchjd.autojac import jac
+
+        return lambda losses: jac(torch.stack(losses), shared, parallel_chunk_size=chunk_size)
+    if mode == "torchjd-autogram":
+        from torchjd.autogram import Engine
+
+        # The engine covers the direct parameters of the modules given: every encoder module that owns some.
+        owners = [m for m in model.encoder.modules() if any(True for _ in m.parameters(recurse=False))]
+        engine = Engine(*owners, batch_dim=None)
+        return lambda losses: engine.compute_gramian(torch.stack(losses))
+    jacobian = TaskJacobian(shared, num_tasks, mode=mode, chunk_size=chunk_size)
+    return jacobian.compute
 
 
 def child(args: argparse.Namespace) -> None:
     """Times one configuration and prints a JSON line: median ms and peak RSS growth in MiB."""
     from selgroup_fast.bench import MultiTaskViT, parse_tasks, synthetic_batch, task_losses
-    from selgroup_fast.methods.jacobian import TaskJacobian
 
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
     tasks = parse_tasks(str(args.child_tasks))
     model = MultiTaskViT(tasks, "vit_tiny_patch16_224", args.img_size, args.patch_size)
     batch = synthetic_batch(tasks, args.batch, args.img_size, "cpu", torch.float32, seed=0)
-    jacobian = TaskJacobian(model.shared_parameters(), len(tasks), mode=args.mode, chunk_size=args.chunk_size)
+    compute = jacobian_function(args.mode, args.chunk_size, model, len(tasks))
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     times = []
     for step in range(args.warmup + args.steps):
         begin = time.perf_counter()
-        jacobian.compute(task_losses(model(batch.images), batch.targets, model.tasks))
+        compute(task_losses(model(batch.images), batch.targets, model.tasks))
         if step >= args.warmup:
             times.append(1000.0 * (time.perf_counter() - begin))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
@@ -82,7 +102,7 @@ def run(args: argparse.Namespace) -> str:
         "",
     ]
     for num_tasks in args.tasks:
-        configs = configurations(num_tasks)
+        configs = configurations(num_tasks, args.torchjd)
         results: dict[tuple[str, Optional[int]], list[dict]] = {config: [] for config in configs}
         for round_index in range(args.rounds):
             for mode, chunk in configs if round_index % 2 == 0 else configs[::-1]:
@@ -115,6 +135,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--img-size", type=int, default=32)
     parser.add_argument("--patch-size", type=int, default=8)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--torchjd", action="store_true", help="also TorchJD's autojac (J) and autogram (G only) engines")
     parser.add_argument("--load-note", default="the machine was shared with other jobs (loaded): read the ratios")
     parser.add_argument("--output", default=str(Path(__file__).parent / "results" / "jacobian_cpu.md"), help="'-': print only")
     parser.add_argument("--child-tasks", type=int, help=argparse.SUPPRESS)
