@@ -111,7 +111,8 @@ def _affinity_update_fake(
     K = affinity.shape[0]
     torch._check(affinity.dim() == 2 and affinity.shape[1] == K, lambda: f"affinity must be K×K, got {affinity.shape}")
     for name, tensor in (("before", before), ("after", after), ("group_mask", group_mask)):
-        torch._check(tensor.shape == (K,), lambda: f"{name} must have shape [{K}], got {tensor.shape}")
+        shape = tensor.shape
+        torch._check(shape == (K,), lambda name=name, shape=shape: f"{name} must have shape [{K}], got {shape}")
     torch._check(group_mask.dtype == torch.bool, lambda: f"group_mask must be bool, got {group_mask.dtype}")
 
 

@@ -10,6 +10,8 @@ import scipy.optimize
 import torch
 
 import selgroup_fast
+from conftest import TinyMultiTask, regression_losses
+from conftest import make_problem as shared_problem
 from selgroup_fast.methods import aggregate, aggregator, available, create
 from selgroup_fast.methods.gradient import GradientMethod
 from selgroup_fast.methods.jacobian import TaskJacobian
@@ -23,40 +25,25 @@ LOSS_METHODS = available("loss")
 WEIGHTED_HEADS = {"mgda", "imtl", "nash_mtl"}
 
 
-class TinyMultiTask(torch.nn.Module):
-    """A shared encoder and one linear head per task (regression)."""
-
-    def __init__(self, num_tasks: int = K, width: int = 8) -> None:
-        super().__init__()
-        self.encoder = torch.nn.Sequential(torch.nn.Linear(4, width), torch.nn.Tanh(), torch.nn.Linear(width, width), torch.nn.Tanh())
-        self.heads = torch.nn.ModuleList(torch.nn.Linear(width, 1) for _ in range(num_tasks))
-
-    def losses(self, x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
-        features = self.encoder(x)
-        return [(head(features).squeeze(-1) - y[:, k]).pow(2).mean() for k, head in enumerate(self.heads)]
-
-
 class Closure:
-    """The training closure of a model on one fixed batch."""
+    """The training closure of a model on one fixed batch (conftest's regression losses)."""
 
     def __init__(self, model: TinyMultiTask, x: torch.Tensor, y: torch.Tensor) -> None:
         self.model, self.x, self.y = model, x, y
 
     def __call__(self) -> list[torch.Tensor]:
-        return self.model.losses(self.x, self.y)
+        return regression_losses(self.model, self.x, self.y)
 
     def on(self, model: TinyMultiTask) -> "Closure":
-        return Closure(model, self.x.to(next(model.parameters()).dtype), self.y.to(next(model.parameters()).dtype))
+        dtype = next(model.parameters()).dtype
+        return Closure(model, self.x.to(dtype), self.y.to(dtype))
 
 
 def make_problem(device: str = "cpu", dtype: torch.dtype = torch.float64, num_tasks: int = K, seed: int = 0):
-    gen = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    model = TinyMultiTask(num_tasks).to(device=device, dtype=dtype)
-    x = torch.randn(32, 4, generator=gen, dtype=torch.float64)
-    # Targets share structure (a common latent) so the tasks partly agree and partly conflict.
-    y = torch.tanh(x @ torch.randn(4, num_tasks, generator=gen, dtype=torch.float64))
-    return model, Closure(model, x.to(device=device, dtype=dtype), y.to(device=device, dtype=dtype))
+    """conftest's problem with a two-layer encoder (4 -> 8 -> 8) and partly conflicting targets."""
+    problem = shared_problem(num_tasks, seed, dtype, batch=32, device=device, in_features=4, hidden=8, layers=2,
+                             correlated=True)
+    return problem.model, Closure(problem.model, problem.x, problem.y)
 
 
 def build(name: str, model: TinyMultiTask, lr: float = 0.1, **options) -> selgroup_fast.methods.MultiTaskMethod:
@@ -466,7 +453,7 @@ def test_famo_matches_the_authors_update_written_out():
     opt = torch.optim.SGD(twin.parameters(), lr=0.05)
     for _ in range(3):
         famo.step(closure)
-        losses = torch.stack(twin.losses(x, y))
+        losses = torch.stack(regression_losses(twin, x, y))
         z = torch.softmax(logits.detach(), 0)
         shifted = losses + 1e-8
         opt.zero_grad()
@@ -474,7 +461,7 @@ def test_famo_matches_the_authors_update_written_out():
         torch.nn.utils.clip_grad_norm_(list(twin.encoder.parameters()), 1.0)
         opt.step()
         with torch.no_grad():
-            after = torch.stack(twin.losses(x, y))
+            after = torch.stack(regression_losses(twin, x, y))
         delta = shifted.detach().log() - (after + 1e-8).log()
         logits_opt.zero_grad()
         logits.grad = torch.autograd.grad(torch.softmax(logits, 0), logits, grad_outputs=delta)[0]
