@@ -1,27 +1,4 @@
-"""The one training step of every gradient method (PCGrad, CAGrad, MGDA, GradDrop, IMTL-G, Aligned-MTL, Nash-MTL).
-
-A method is an :class:`~selgroup_fast.methods.weighting.Aggregator` (its options and
-state: K×N task gradients to one direction) driven by :class:`GradientMethod`. One step:
-
-1. ``forward``: the closure, K losses (and the shared features, for ``space="representation"``);
-2. ``backward``: the task gradients J, into a preallocated buffer
-   (:class:`~selgroup_fast.methods.jacobian.TaskJacobian`, ``jacobian="batched"`` or ``"loop"``);
-3. ``manipulation``: the aggregator's direction ``d`` (for a weighting ``G = J Jᵀ``,
-   ``w = op(G)``, ``d = wᵀJ``), written straight into the flat buffer whose slices
-   are the shared parameters' ``.grad``;
-4. ``backward``: the task-specific parameters (every optimizer parameter that is
-   not shared) get their own task's gradient from one ordinary backward of
-   ``Σ_k L_k`` (of ``Σ_k w_k L_k`` for the methods whose authors back-propagate
-   the weighted loss through the heads: ``Aggregator.weights_task_params``);
-5. ``optimizer``: ``optimizer.step()``.
-
-``space="parameters"`` (the default) takes J with respect to the shared parameters
-(K×P). ``space="representation"`` takes it with respect to the shared features ``z``
-the closure returns as ``(losses, features)`` (K×Z, the "upper bound" of Sener & Koltun,
-NeurIPS 2018, §3.3): one backward through the heads for all K tasks, the aggregator on
-those gradients, then ONE backward through the encoder of ``zᵀ·d``. Nothing in the step
-reads a value back to the host, so on CUDA it queues without synchronising.
-"""
+"""The one training step of every gradient method (PCGrad, CAGrad, MGDA, GradDrop, IMTL-G, Aligned-MTL, Nash-MTL)."""
 
 from __future__ import annotations
 
@@ -39,7 +16,16 @@ SPACES: tuple[str, ...] = ("parameters", "representation")
 
 
 class GradientMethod(MultiTaskMethod):
-    """The training step of a gradient method: task gradients, the aggregator's direction, the optimizer step.
+    """The training step of a gradient method, driving its :class:`~selgroup_fast.methods.weighting.Aggregator`.
+
+    Phases: ``forward`` (the closure); ``backward`` (the task gradients J into a preallocated
+    buffer); ``manipulation`` (the aggregator's direction, written straight into the flat
+    buffer whose slices are the shared parameters' ``.grad``); ``backward`` (the heads: one
+    ordinary backward of ``Σ_k L_k``, of ``Σ_k w_k L_k`` where ``Aggregator.weights_task_params``);
+    ``optimizer``. ``space="representation"`` takes J w.r.t. the shared features z the closure
+    returns as ``(losses, features)`` (Sener & Koltun, NeurIPS 2018, §3.3): one backward through
+    the heads for all K tasks, then ONE backward through the encoder with the direction as
+    z's gradient. Nothing reads a value back to the host (no CUDA synchronisation).
 
     Args:
         optimizer: drives every parameter (shared and task-specific).
@@ -112,8 +98,12 @@ class GradientMethod(MultiTaskMethod):
         self.optimizer.zero_grad(set_to_none=True)
         losses, features = self._run_closure(closure)
         reused = self.aggregator.reused_weights()
-        if reused is not None:
-            self._weighted_backward(losses, reused)
+        if reused is not None:  # one ordinary backward of Σ w_k L_k, the shared gradient clipped (Nash-MTL)
+            with self._timer.phase("backward"):
+                self._weighted_backward(losses, reused, None, retain_graph=False)
+            with self._timer.phase("manipulation"):
+                if self.aggregator.max_norm > 0:
+                    torch.nn.utils.clip_grad_norm_(self.shared_params, self.aggregator.max_norm)
         elif self.space == "parameters":
             with self._timer.phase("backward"):
                 jacobian = self._jacobian.compute(losses, retain_graph=bool(self._task_params))
@@ -139,25 +129,19 @@ class GradientMethod(MultiTaskMethod):
             self.optimizer.step()
         return detached(losses)
 
-    def _weighted_backward(self, losses: list[torch.Tensor], weights: torch.Tensor) -> None:
-        """One ordinary backward of ``Σ_k w_k L_k`` into every parameter, the shared gradient clipped to ``max_norm``."""
-        with self._timer.phase("backward"):
-            stacked = torch.stack(losses)
-            (weights.to(stacked.dtype) * stacked).sum().backward()
-        with self._timer.phase("manipulation"):
-            if self.aggregator.max_norm > 0:
-                torch.nn.utils.clip_grad_norm_(self.shared_params, self.aggregator.max_norm)
-
-    def _backward_task_params(
-        self, losses: list[torch.Tensor], task_weights: Optional[torch.Tensor], retain_graph: bool
+    @staticmethod
+    def _weighted_backward(
+        losses: list[torch.Tensor], weights: Optional[torch.Tensor], inputs: Optional[list[torch.Tensor]], retain_graph: bool
     ) -> None:
-        """One ordinary backward of the (weighted) loss sum into the task-specific parameters."""
-        if not self._task_params:
-            return
-        with self._timer.phase("backward"):
-            stacked = torch.stack(losses)
-            total = stacked.sum() if task_weights is None else (task_weights.detach().to(stacked.dtype) * stacked).sum()
-            torch.autograd.backward(total, inputs=self._task_params, retain_graph=retain_graph)
+        """One ordinary backward of ``Σ_k w_k L_k`` (``Σ_k L_k`` without weights) into ``inputs`` (None: all)."""
+        stacked = torch.stack(losses)
+        total = stacked.sum() if weights is None else (weights.detach().to(stacked.dtype) * stacked).sum()
+        torch.autograd.backward(total, inputs=inputs, retain_graph=retain_graph)
+
+    def _backward_task_params(self, losses: list[torch.Tensor], weights: Optional[torch.Tensor], retain_graph: bool) -> None:
+        if self._task_params:
+            with self._timer.phase("backward"):
+                self._weighted_backward(losses, weights, self._task_params, retain_graph)
 
     def state_dict(self) -> dict:
         return self.aggregator.state_dict()
