@@ -145,8 +145,11 @@ class TaskJacobian:
             for start in range(0, self.num_tasks, self.chunk_size):
                 rows = cotangents[start : start + self.chunk_size]
                 keep = retain_graph or start + self.chunk_size < self.num_tasks
+                # A chunk of one task is an ordinary backward: vmap over a batch of one only adds overhead.
+                single = rows.shape[0] == 1
                 grads = torch.autograd.grad(
-                    stacked, inputs, grad_outputs=rows, is_grads_batched=True, retain_graph=keep, **common
+                    stacked, inputs, grad_outputs=rows[0] if single else rows, is_grads_batched=not single,
+                    retain_graph=keep, **common
                 )
                 torch.cat([g.reshape(rows.shape[0], -1) for g in grads], dim=1, out=out[start : start + rows.shape[0]])
             return out
