@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from ..losses import ClosureOutput
-from ..losses import task_losses as read_task_losses
+from ..losses import parse_closure_output
 
 
 class ModelError(ValueError):
@@ -62,7 +62,7 @@ class BenchModel:
     """A model to benchmark: the module, its parameters split by role, and a closure over one batch.
 
     ``closure()`` runs the forward pass on the batch and returns the K task losses in
-    the order of ``task_names`` (anything :func:`selgroup_fast.losses.task_losses`
+    the order of ``task_names`` (anything :func:`selgroup_fast.losses.parse_closure_output`
     reads: a list of scalar tensors, a dict or a 1-D tensor). ``shared_params`` are
     the parameters every task's loss depends on (what the gradient-manipulation
     methods operate on), ``task_params`` the task-specific ones (the heads); both
@@ -149,7 +149,7 @@ def build_model(factory: ModelFactory, request: ModelRequest) -> BenchModel:
     if {id(p) for p in built.shared_params} & {id(p) for p in built.task_params}:
         raise ModelError(f"{name}: a parameter is in both shared_params and task_params")
     try:
-        losses = read_task_losses(built.closure(), len(names))
+        losses = parse_closure_output(built.closure(), len(names)).losses
     except (TypeError, ValueError) as error:
         raise ModelError(f"{name}: its closure: {error}") from None
     if not all(loss.requires_grad for loss in losses):

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 import torch
 
-from ..losses import ClosureOutput, task_losses
+from ..losses import ClosureOutput, parse_closure_output
 from .jacobian import SharedParams, as_parameter_list
 from .loss_weighting import LossWeightingMethod
 
@@ -50,6 +50,7 @@ class FAMO(LossWeightingMethod):
     """
 
     name = "famo"
+    saved_state = ("logits", "logits_optimizer", "min_losses")
     accepts_shared_params = True
 
     def __init__(
@@ -101,24 +102,14 @@ class FAMO(LossWeightingMethod):
 
     def _after_step(self, losses: torch.Tensor, closure: Callable[[], ClosureOutput]) -> None:
         with self._timer.phase("forward"), torch.no_grad():
-            after = torch.stack(task_losses(closure(), self.num_tasks)).detach()
+            after = torch.stack(parse_closure_output(closure(), self.num_tasks).losses).detach()
+        log_before = self._log_before
+        assert log_before is not None, "_combine_losses runs before _after_step in every step"
         with self._timer.phase("manipulation"):
-            delta = self._log_before - self._shifted(after.to(self._log_before.dtype)).log()
+            delta = log_before - self._shifted(after.to(log_before.dtype)).log()
             with torch.enable_grad():
                 (grad,) = torch.autograd.grad(torch.softmax(self.logits, dim=0), self.logits, grad_outputs=delta.to(self.logits.dtype))
             self.logits_optimizer.zero_grad(set_to_none=True)
             self.logits.grad = grad
             self.logits_optimizer.step()
 
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "logits": self.logits.detach().clone(),
-            "optimizer": self.logits_optimizer.state_dict(),
-            "min_losses": self.min_losses.clone(),
-        }
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        with torch.no_grad():
-            self.logits.copy_(state_dict["logits"])
-        self.logits_optimizer.load_state_dict(state_dict["optimizer"])
-        self.min_losses = state_dict["min_losses"].to(self.min_losses).clone()

@@ -1,83 +1,84 @@
-"""The common step of the gradient-manipulation methods (PCGrad, CAGrad, MGDA, ...).
-
-Every such method turns the K×P matrix ``J`` of per-task gradients of the shared
-parameters into one update direction ``d`` (a P-vector). All but GradDrop are a
-*weighting*: ``d = wᵀJ`` with weights ``w`` that depend only on the Gram matrix
-``G = J Jᵀ`` (K×K) and the method's options and state; the weights come from the
-fused ops of :mod:`selgroup_fast.ops`. One step (:meth:`GradientMethod.step`):
-
-1. ``forward``: the closure, K losses;
-2. ``backward``: ``J`` into a preallocated K×P buffer (:class:`TaskJacobian`,
-   ``jacobian="batched"`` (default) or ``"loop"``);
-3. ``manipulation``: ``G = J Jᵀ``, ``w = op(G)``, ``d = wᵀJ`` written straight into
-   the flat buffer whose slices are the shared parameters' ``.grad``;
-4. ``backward``: the task-specific parameters (every optimizer parameter that is
-   not shared) get their own task's gradient from one ordinary backward of
-   ``Σ_k L_k`` (of ``Σ_k w_k L_k`` for the methods whose authors back-propagate
-   the weighted loss through the heads, which say so);
-5. ``optimizer``: ``optimizer.step()``.
-
-Nothing in it reads a value back to the host, so on CUDA the step queues
-without synchronising.
-"""
+"""The one training step of every gradient method (PCGrad, CAGrad, MGDA, GradDrop, IMTL-G, Aligned-MTL, Nash-MTL)."""
 
 from __future__ import annotations
 
-import abc
-from typing import Any, Callable, Optional
+from typing import Callable, Literal, Optional
 
 import torch
 
 from ..losses import ClosureOutput
 from .base import MultiTaskMethod, detached
 from .jacobian import JacobianMode, SharedParams, TaskJacobian
+from .weighting import Aggregator
 
-#: Options of ``create`` that only concern the training step, not the combination
-#: of gradients; ``aggregate`` accepts and ignores them so that it takes the same
-#: options as ``create``.
-STEP_ONLY_OPTIONS: frozenset[str] = frozenset({"jacobian", "profile", "shared_params"})
-
-
-def check_jacobian(jacobian: torch.Tensor) -> torch.Tensor:
-    """Validates a K×P matrix of task gradients (floating point, K ≥ 1, P ≥ 1)."""
-    if not isinstance(jacobian, torch.Tensor):
-        raise TypeError(f"jacobian must be a torch.Tensor, got {type(jacobian).__name__}")
-    if jacobian.dim() != 2 or jacobian.shape[0] < 1 or jacobian.shape[1] < 1:
-        raise ValueError(f"jacobian must be a non-empty K×P matrix, got shape {tuple(jacobian.shape)}")
-    if jacobian.dtype not in (torch.float32, torch.float64):
-        raise TypeError(f"jacobian must be float32 or float64, got {jacobian.dtype}")
-    return jacobian
-
-
-def gram(jacobian: torch.Tensor) -> torch.Tensor:
-    """``G = J Jᵀ`` (K×K), contiguous, on the Jacobian's device."""
-    return (jacobian @ jacobian.T).contiguous()
+Space = Literal["parameters", "representation"]
+SPACES: tuple[str, ...] = ("parameters", "representation")
 
 
 class GradientMethod(MultiTaskMethod):
-    """A method that needs the per-task gradients of the shared parameters.
+    """The training step of a gradient method, driving its :class:`~selgroup_fast.methods.weighting.Aggregator`.
 
-    Subclasses implement :meth:`_combine`, which writes the update direction into
-    ``out``, and a classmethod ``aggregate(jacobian, **options)``.
+    Phases: ``forward`` (the closure); ``backward`` (the task gradients J into a preallocated
+    buffer); ``manipulation`` (the aggregator's direction, written straight into the flat
+    buffer whose slices are the shared parameters' ``.grad``); ``backward`` (the heads: one
+    ordinary backward of ``Σ_k L_k``, of ``Σ_k w_k L_k`` where ``Aggregator.weights_task_params``);
+    ``optimizer``. ``space="representation"`` takes J w.r.t. the shared features z the closure
+    returns as ``(losses, features)`` (Sener & Koltun, NeurIPS 2018, §3.3): one backward through
+    the heads for all K tasks, then ONE backward through the encoder with the direction as
+    z's gradient. Nothing reads a value back to the host (no CUDA synchronisation).
+
+    Args:
+        optimizer: drives every parameter (shared and task-specific).
+        num_tasks: K.
+        aggregator: the method (``selgroup_fast.methods.aggregator(name, K, device, dtype, **options)``).
+        shared_params: the parameters shared by all tasks (the encoder's).
+        jacobian: ``"batched"`` (one vmapped backward) or ``"loop"`` (K backwards).
+        chunk_size: with ``"batched"``, at most this many tasks per vmapped backward (bounded peak memory).
+        space: ``"parameters"`` or ``"representation"`` (the closure then returns ``(losses, features)``).
+        profile: time the phases of every step (:attr:`timings`).
+
+    Example::
+
+        >>> import torch, selgroup_fast
+        >>> enc, heads = torch.nn.Linear(4, 4), torch.nn.Linear(4, 2)
+        >>> opt = torch.optim.SGD([*enc.parameters(), *heads.parameters()], lr=0.1)
+        >>> m = selgroup_fast.methods.create("mgda", opt, 2, shared_params=enc.parameters(), space="representation")
+        >>> x = torch.randn(8, 4)
+        >>> def closure():
+        ...     z = enc(x)
+        ...     return list(heads(z).pow(2).mean(0)), z
+        >>> m.step(closure).shape
+        torch.Size([2])
     """
 
     uses_shared_params = True
-    #: Whether the heads get ``Σ_k w_k ∇L_k`` (the authors' weighted loss) instead of ``Σ_k ∇L_k``.
-    weights_task_params = False
 
     def __init__(
         self,
         optimizer: torch.optim.Optimizer,
         num_tasks: int,
+        aggregator: Aggregator,
         *,
         shared_params: SharedParams,
         jacobian: JacobianMode = "batched",
+        chunk_size: Optional[int] = None,
+        space: Space = "parameters",
         profile: bool = False,
     ) -> None:
         super().__init__(optimizer, num_tasks, profile=profile)
-        self._jacobian = TaskJacobian(shared_params, num_tasks, mode=jacobian)
-        if self._jacobian.matrix.device != self.device:
-            raise ValueError(f"shared_params are on {self._jacobian.matrix.device}, the optimizer on {self.device}")
+        if space not in SPACES:
+            raise ValueError(f"space must be one of {SPACES}, got {space!r}")
+        if aggregator.num_tasks != num_tasks:
+            raise ValueError(f"the aggregator is for {aggregator.num_tasks} tasks, the method for {num_tasks}")
+        self.aggregator = aggregator
+        self.name = aggregator.name
+        self.space = space
+        # The K×P buffer is only needed in parameter space.
+        self._jacobian = TaskJacobian(
+            shared_params, num_tasks, mode=jacobian, chunk_size=chunk_size, allocate=space == "parameters"
+        )
+        if self._jacobian.direction.device != self.device:
+            raise ValueError(f"shared_params are on {self._jacobian.direction.device}, the optimizer on {self.device}")
         shared_ids = {id(p) for p in self._jacobian.params}
         self._task_params = [
             p for group in optimizer.param_groups for p in group["params"] if p.requires_grad and id(p) not in shared_ids
@@ -92,64 +93,58 @@ class GradientMethod(MultiTaskMethod):
         """The optimizer's parameters that are not shared (each task's own head)."""
         return self._task_params
 
-    @abc.abstractmethod
-    def _combine(self, jacobian: torch.Tensor, out: torch.Tensor) -> Optional[torch.Tensor]:
-        """Writes the update direction of the shared parameters into ``out``.
-
-        Returns the task weights ``w`` when :attr:`weights_task_params` is set (the
-        heads then get ``Σ_k w_k ∇L_k``), else ``None``.
-        """
-
     def step(self, closure: Callable[[], ClosureOutput]) -> torch.Tensor:
         self._timer.reset()
         self.optimizer.zero_grad(set_to_none=True)
-        losses = self._forward(closure)
-        with self._timer.phase("backward"):
-            jacobian = self._jacobian.compute(losses, retain_graph=bool(self._task_params))
-        with self._timer.phase("manipulation"):
-            task_weights = self._combine(jacobian, self._jacobian.direction)
-            self._jacobian.assign_grads()
-        self._backward_task_params(losses, task_weights)
+        losses, features = self._run_closure(closure)
+        reused = self.aggregator.reused_weights()
+        if reused is not None:  # one ordinary backward of Σ w_k L_k, the shared gradient clipped (Nash-MTL)
+            with self._timer.phase("backward"):
+                self._weighted_backward(losses, reused, None, retain_graph=False)
+            with self._timer.phase("manipulation"):
+                if self.aggregator.max_norm > 0:
+                    torch.nn.utils.clip_grad_norm_(self.shared_params, self.aggregator.max_norm)
+        elif self.space == "parameters":
+            with self._timer.phase("backward"):
+                jacobian = self._jacobian.compute(losses, retain_graph=bool(self._task_params))
+            with self._timer.phase("manipulation"):
+                _, head_weights = self.aggregator.combine(jacobian, out=self._jacobian.direction)
+                self._jacobian.assign_grads()
+            self._backward_task_params(losses, head_weights, retain_graph=False)
+        else:
+            if not features:
+                raise ValueError(
+                    'space="representation" needs the closure to return (losses, features), features being the '
+                    "shared representation (the encoder's output)"
+                )
+            with self._timer.phase("backward"):
+                jacobian = self._jacobian.of_features(losses, features)
+            with self._timer.phase("manipulation"):
+                direction, head_weights = self.aggregator.combine(jacobian)
+            self._backward_task_params(losses, head_weights, retain_graph=True)
+            with self._timer.phase("backward"):
+                self._jacobian.pull_back(features, direction)
+                self._jacobian.assign_grads()
         with self._timer.phase("optimizer"):
             self.optimizer.step()
         return detached(losses)
 
-    def _backward_task_params(self, losses: list[torch.Tensor], task_weights: Optional[torch.Tensor]) -> None:
-        """One ordinary backward of the (weighted) loss sum into the task-specific parameters."""
-        if not self._task_params:
-            return
-        with self._timer.phase("backward"):
-            stacked = torch.stack(losses)
-            total = stacked.sum() if task_weights is None else (task_weights.detach().to(stacked.dtype) * stacked).sum()
-            torch.autograd.backward(total, inputs=self._task_params)
-
-
-class WeightingMethod(GradientMethod):
-    """A gradient method whose direction is ``d = wᵀJ`` with ``w`` a function of ``G = J Jᵀ``.
-
-    Subclasses implement the pure :meth:`gram_weights` (a staticmethod taking the
-    method's options) and :meth:`_weights` (the same with the instance's options
-    and state).
-    """
-
     @staticmethod
-    @abc.abstractmethod
-    def gram_weights(gram: torch.Tensor, **options: Any) -> torch.Tensor:
-        """The K task weights for Gram matrix ``gram`` (K×K)."""
+    def _weighted_backward(
+        losses: list[torch.Tensor], weights: Optional[torch.Tensor], inputs: Optional[list[torch.Tensor]], retain_graph: bool
+    ) -> None:
+        """One ordinary backward of ``Σ_k w_k L_k`` (``Σ_k L_k`` without weights) into ``inputs`` (None: all)."""
+        stacked = torch.stack(losses)
+        total = stacked.sum() if weights is None else (weights.detach().to(stacked.dtype) * stacked).sum()
+        torch.autograd.backward(total, inputs=inputs, retain_graph=retain_graph)
 
-    @abc.abstractmethod
-    def _weights(self, gram: torch.Tensor) -> torch.Tensor:
-        """The K task weights of this step, with the instance's options and state."""
+    def _backward_task_params(self, losses: list[torch.Tensor], weights: Optional[torch.Tensor], retain_graph: bool) -> None:
+        if self._task_params:
+            with self._timer.phase("backward"):
+                self._weighted_backward(losses, weights, self._task_params, retain_graph)
 
-    @classmethod
-    def aggregate(cls, jacobian: torch.Tensor, /, **options: Any) -> torch.Tensor:
-        """Combines a K×P matrix of task gradients into the method's P-vector ``wᵀJ``."""
-        jacobian = check_jacobian(jacobian)
-        method_options = {k: v for k, v in options.items() if k not in STEP_ONLY_OPTIONS}
-        weights = cls.gram_weights(gram(jacobian), **method_options)
-        return weights.to(jacobian.dtype) @ jacobian
+    def state_dict(self) -> dict:
+        return self.aggregator.state_dict()
 
-    def _combine(self, jacobian: torch.Tensor, out: torch.Tensor) -> Optional[torch.Tensor]:
-        weights = self._weights(gram(jacobian)).to(jacobian.dtype)
-        torch.mv(jacobian.T, weights, out=out)
-        return weights if self.weights_task_params else None
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.aggregator.load_state_dict(state_dict)
