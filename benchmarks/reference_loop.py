@@ -14,9 +14,9 @@ sel-update-mtl (``utils/train_utils.py``: ``train_phase_affinity`` and
   that reads the losses with ``.item()`` (one host synchronisation per read on a
   GPU) and updates a CPU tensor entry by entry; the change since the previous
   forward is credited to the group that was just updated after it (the reference's
-  crediting; ``algorithm.md``, "Which group gets the credit").
+  crediting; ``docs/algorithm.md`` §Attribution).
 
-:class:`ReferenceLoop` restates that loop (written from ``algorithm.md`` and a reading
+:class:`ReferenceLoop` restates that loop (written from ``docs/algorithm.md`` and a reading
 of the reference code) behind the library's method interface, so the bench's timing
 loop times both the same way. The library side is ``SelectiveGroupUpdate`` with
 ``attribution="reference"`` (the same crediting, hence the same work). The script
@@ -57,7 +57,7 @@ MAX_TRIES = 10
 class ReferenceAffinity:
     """The reference code's affinity bookkeeping: a CPU K×K tensor updated entry by entry.
 
-    Rules of ``algorithm.md`` ("Proximal inter-task affinity"), with the losses read
+    Rules of ``docs/algorithm.md`` §Affinity update, with the losses read
     one ``.item()`` at a time inside the double loop, as the reference does.
     """
 
