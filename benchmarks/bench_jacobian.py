@@ -27,7 +27,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Optional
 
 import torch
 
@@ -35,14 +34,14 @@ import selgroup_fast
 from selgroup_fast.bench.report import cpu_model
 
 
-def configurations(num_tasks: int, torchjd: bool) -> list[tuple[str, Optional[int]]]:
+def configurations(num_tasks: int, torchjd: bool) -> list[tuple[str, int | None]]:
     """(mode, chunk_size) pairs: the loop, the whole batch, chunks of 1, 2 and 4 tasks below K, and TorchJD's engines."""
     chunks = [c for c in (1, 2, 4) if c < num_tasks]
     theirs = [("torchjd-autojac", None), ("torchjd-autogram", None)] if torchjd else []
     return [("loop", None), ("batched", None), *[("batched", c) for c in chunks], *theirs]
 
 
-def jacobian_function(mode: str, chunk_size: Optional[int], model, num_tasks: int):
+def jacobian_function(mode: str, chunk_size: int | None, model, num_tasks: int):
     """A function of the K losses computing what ``mode`` computes (ours: J; TorchJD's autojac: J; autogram: G)."""
     from selgroup_fast.methods.jacobian import TaskJacobian
 
@@ -103,29 +102,52 @@ def run(args: argparse.Namespace) -> str:
     ]
     for num_tasks in args.tasks:
         configs = configurations(num_tasks, args.torchjd)
-        results: dict[tuple[str, Optional[int]], list[dict]] = {config: [] for config in configs}
+        results: dict[tuple[str, int | None], list[dict]] = {config: [] for config in configs}
         for round_index in range(args.rounds):
             for mode, chunk in configs if round_index % 2 == 0 else configs[::-1]:
-                command = [sys.executable, __file__, "--child-tasks", str(num_tasks), "--mode", mode,
-                           "--threads", str(args.threads), "--steps", str(args.steps), "--warmup", str(args.warmup),
-                           "--batch", str(args.batch), "--img-size", str(args.img_size), "--patch-size", str(args.patch_size)]
+                command = [
+                    sys.executable,
+                    __file__,
+                    "--child-tasks",
+                    str(num_tasks),
+                    "--mode",
+                    mode,
+                    "--threads",
+                    str(args.threads),
+                    "--steps",
+                    str(args.steps),
+                    "--warmup",
+                    str(args.warmup),
+                    "--batch",
+                    str(args.batch),
+                    "--img-size",
+                    str(args.img_size),
+                    "--patch-size",
+                    str(args.patch_size),
+                ]
                 if chunk is not None:
                     command += ["--chunk-size", str(chunk)]
                 output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
                 results[(mode, chunk)].append(json.loads(output.strip().splitlines()[-1]))
         base = statistics.median(r["ms"] for r in results[("batched", None)])
-        lines += [f"## K = {num_tasks}", "", "| jacobian | chunk_size | ms / Jacobian | × batched | peak MiB |",
-                  "|---|---:|---:|---:|---:|"]
+        lines += [
+            f"## K = {num_tasks}",
+            "",
+            "| jacobian | chunk_size | ms / Jacobian | × batched | peak MiB |",
+            "|---|---:|---:|---:|---:|",
+        ]
         for mode, chunk in configs:
             ms = statistics.median(r["ms"] for r in results[(mode, chunk)])
             peak = statistics.median(r["peak_mib"] for r in results[(mode, chunk)])
-            lines.append(f"| {mode} | {chunk if chunk is not None else '—'} | {ms:.1f} | {ms / base:.2f} | {peak:.0f} |")
+            lines.append(
+                f"| {mode} | {chunk if chunk is not None else '—'} | {ms:.1f} | {ms / base:.2f} | {peak:.0f} |"
+            )
             print(lines[-1], flush=True)
         lines.append("")
     return "\n".join(lines)
 
 
-def main(argv: Optional[list[str]] = None) -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", type=int, nargs="+", default=[4, 11], help="numbers of tasks K")
     parser.add_argument("--rounds", type=int, default=3)
@@ -135,9 +157,13 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--img-size", type=int, default=32)
     parser.add_argument("--patch-size", type=int, default=8)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--torchjd", action="store_true", help="also TorchJD's autojac (J) and autogram (G only) engines")
+    parser.add_argument(
+        "--torchjd", action="store_true", help="also TorchJD's autojac (J) and autogram (G only) engines"
+    )
     parser.add_argument("--load-note", default="the machine was shared with other jobs (loaded): read the ratios")
-    parser.add_argument("--output", default=str(Path(__file__).parent / "results" / "jacobian_cpu.md"), help="'-': print only")
+    parser.add_argument(
+        "--output", default=str(Path(__file__).parent / "results" / "jacobian_cpu.md"), help="'-': print only"
+    )
     parser.add_argument("--child-tasks", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--mode", default="batched", help=argparse.SUPPRESS)
     parser.add_argument("--chunk-size", type=int, default=None, help=argparse.SUPPRESS)

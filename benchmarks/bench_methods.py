@@ -37,8 +37,8 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
 
 import torch
 
@@ -57,7 +57,7 @@ def losses_from(model: MultiTaskViT, features: torch.Tensor, batch: SyntheticBat
     return task_losses(model.decode(features), batch.targets, model.tasks)
 
 
-def median_ms(*steps_to_time: Optional[Callable[[], object]], warmup: int, steps: int) -> list[Optional[float]]:
+def median_ms(*steps_to_time: Callable[[], object] | None, warmup: int, steps: int) -> list[float | None]:
     """Median ms/step of each step function, their steps interleaved (a, b, b, a, a, b, ...).
 
     Interleaving step by step puts every load change of a shared machine on all of them
@@ -79,14 +79,21 @@ def median_ms(*steps_to_time: Optional[Callable[[], object]], warmup: int, steps
 def ours_step(name: str, model: MultiTaskViT, batch: SyntheticBatch, lr: float, window: int) -> Callable[[], object]:
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
     # FAMO without the authors' gradient clipping: TorchJD's FAMO does not clip, so both do the same work.
-    options = {"pcgrad": {"seed": 0}, "graddrop": {"seed": 0}, "dwa": {"window": window}, "famo": {"max_norm": 0.0}}.get(name, {})
+    options = {
+        "pcgrad": {"seed": 0},
+        "graddrop": {"seed": 0},
+        "dwa": {"window": window},
+        "famo": {"max_norm": 0.0},
+    }.get(name, {})
     method = selgroup_fast.methods.create(
         name, optimizer, len(model.tasks), shared_params=model.shared_parameters(), **options
     )
     return lambda: method.step(lambda: losses_from(model, model.features(batch.images), batch))
 
 
-def torchjd_step(name: str, model: MultiTaskViT, batch: SyntheticBatch, lr: float, window: int) -> Optional[Callable[[], object]]:
+def torchjd_step(
+    name: str, model: MultiTaskViT, batch: SyntheticBatch, lr: float, window: int
+) -> Callable[[], object] | None:
     """One TorchJD training step for ``name``, or None where TorchJD has no such method."""
     from torchjd import aggregation, scalarization
     from torchjd.autojac import jac_to_grad, mtl_backward
@@ -100,7 +107,9 @@ def torchjd_step(name: str, model: MultiTaskViT, batch: SyntheticBatch, lr: floa
         "graddrop": lambda: aggregation.GradDrop(),
         "imtl": lambda: aggregation.IMTLG(),
         "aligned_mtl": lambda: aggregation.AlignedMTL(),
-        "nash_mtl": lambda: aggregation.NashMTL(n_tasks=num_tasks, max_norm=1.0, update_weights_every=1, optim_niter=20),
+        "nash_mtl": lambda: aggregation.NashMTL(
+            n_tasks=num_tasks, max_norm=1.0, update_weights_every=1, optim_niter=20
+        ),
     }
     if name in aggregators:
         aggregator = aggregators[name]()
@@ -152,9 +161,10 @@ def run(args: argparse.Namespace) -> str:
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
     lines: list[str] = []
+    from importlib.metadata import version
+
     import timm
     import torchjd  # noqa: F401  (fail early when the bench extra is missing)
-    from importlib.metadata import version
 
     header = [
         "# Baselines: per-step time on the CPU, selgroup_fast vs TorchJD",
@@ -177,7 +187,12 @@ def run(args: argparse.Namespace) -> str:
         tasks = parse_tasks(str(num_tasks))
         template = MultiTaskViT(tasks, "vit_tiny_patch16_224", args.img_size, args.patch_size)
         batch = synthetic_batch(tasks, args.batch, args.img_size, "cpu", torch.float32, seed=0)
-        lines += [f"## K = {num_tasks}", "", "| method | ours (ms/step) | TorchJD (ms/step) | ratio |", "|---|---:|---:|---:|"]
+        lines += [
+            f"## K = {num_tasks}",
+            "",
+            "| method | ours (ms/step) | TorchJD (ms/step) | ratio |",
+            "|---|---:|---:|---:|",
+        ]
         for name in args.methods:
             ours, theirs = median_ms(
                 ours_step(name, copy.deepcopy(template), batch, args.lr, args.dwa_window),
@@ -192,7 +207,11 @@ def run(args: argparse.Namespace) -> str:
             print(lines[-1], flush=True)
         model = copy.deepcopy(template)
         shared = sum(p.numel() for p in model.shared_parameters())
-        lines += ["", f"Jacobian alone (forward + per-task gradients of the {shared:,} shared parameters), `jacobian=`:", ""]
+        lines += [
+            "",
+            f"Jacobian alone (forward + per-task gradients of the {shared:,} shared parameters), `jacobian=`:",
+            "",
+        ]
         for threads in sorted({args.threads, os.cpu_count() or 1}):
             torch.set_num_threads(threads)
             batched, loop = median_ms(
@@ -210,7 +229,7 @@ def run(args: argparse.Namespace) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: Optional[list[str]] = None) -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", type=int, nargs="+", default=[5, 11], help="numbers of tasks K")
     parser.add_argument("--methods", nargs="+", default=ALL_METHODS, choices=ALL_METHODS)
@@ -221,11 +240,15 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--patch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument(
-        "--threads", type=int, default=1,
+        "--threads",
+        type=int,
+        default=1,
         help="torch intra-op threads (1 by default: on a shared CPU, more threads than idle cores make times erratic)",
     )
     parser.add_argument("--dwa-window", type=int, default=100, help="steps per DWA 'epoch' (both libraries)")
-    parser.add_argument("--output", default=str(Path(__file__).parent / "results" / "methods_cpu.md"), help="'-': print only")
+    parser.add_argument(
+        "--output", default=str(Path(__file__).parent / "results" / "methods_cpu.md"), help="'-': print only"
+    )
     args = parser.parse_args(argv)
     report = run(args)
     if args.output != "-":

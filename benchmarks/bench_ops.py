@@ -35,15 +35,17 @@ from collections.abc import Callable
 import numpy as np
 import sklearn
 import torch
+from reference_loop import CONVERGENCE_ITER, DECAY, ReferenceAffinity  # beside this script
 from sklearn.cluster import AffinityPropagation
 
 import selgroup_fast
-from reference_loop import CONVERGENCE_ITER, DECAY, ReferenceAffinity  # beside this script
 from selgroup_fast import ops
 from selgroup_fast.bench.report import cpu_model
 
 
-def update_sequence(num_tasks: int, num_batches: int, seed: int = 0) -> list[tuple[list[int], torch.Tensor, torch.Tensor]]:
+def update_sequence(
+    num_tasks: int, num_batches: int, seed: int = 0
+) -> list[tuple[list[int], torch.Tensor, torch.Tensor]]:
     """(group, before, after) triples of a training run: a fixed partition into about
     three groups, each batch updating them in a random order."""
     generator = torch.Generator().manual_seed(seed)
@@ -84,8 +86,9 @@ def median_seconds(function: Callable[[], object], repeats: int, device: str) ->
     return statistics.median(times)
 
 
-def interleaved_medians(ours: Callable[[], object], theirs: Callable[[], object], rounds: int, device: str
-                        ) -> tuple[float, float]:
+def interleaved_medians(
+    ours: Callable[[], object], theirs: Callable[[], object], rounds: int, device: str
+) -> tuple[float, float]:
     """Median wall times of ``ours`` (5 calls per round) and ``theirs`` (1 per round; CPU), the rounds alternating."""
     ours_times, their_times = [], []
     for _ in range(rounds):
@@ -94,8 +97,9 @@ def interleaved_medians(ours: Callable[[], object], theirs: Callable[[], object]
     return statistics.median(ours_times), statistics.median(their_times)
 
 
-def run(sizes: list[int], num_batches: int, repeats: int, device: str, propagation_only: bool = False
-        ) -> list[dict[str, object]]:
+def run(
+    sizes: list[int], num_batches: int, repeats: int, device: str, propagation_only: bool = False
+) -> list[dict[str, object]]:
     rows = []
     for K in sizes:
         sequence = update_sequence(K, num_batches)
@@ -135,15 +139,27 @@ def run(sizes: list[int], num_batches: int, repeats: int, device: str, propagati
         def sklearn_ap() -> np.ndarray:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                return AffinityPropagation(affinity="precomputed", convergence_iter=CONVERGENCE_ITER,
-                                           random_state=0).fit(similarity_np).labels_
+                return (
+                    AffinityPropagation(affinity="precomputed", convergence_iter=CONVERGENCE_ITER, random_state=0)
+                    .fit(similarity_np)
+                    .labels_
+                )
 
         # Same partition first (the labels are numbered differently), then the timings, interleaved so that
         # both sides see the same machine load.
-        assert len(set(zip(ours_ap().tolist(), sklearn_ap().tolist()))) == len(set(sklearn_ap().tolist()))
+        assert len(set(zip(ours_ap().tolist(), sklearn_ap().tolist(), strict=False))) == len(set(sklearn_ap().tolist()))
         ours_ap_s, sklearn_ap_s = interleaved_medians(ours_ap, sklearn_ap, repeats, device)
-        rows.append(dict(K=K, device=device, updates=per_update, fused=fused_s, reference=reference_s,
-                         ours_ap=ours_ap_s, sklearn_ap=sklearn_ap_s))
+        rows.append(
+            dict(
+                K=K,
+                device=device,
+                updates=per_update,
+                fused=fused_s,
+                reference=reference_s,
+                ours_ap=ours_ap_s,
+                sklearn_ap=sklearn_ap_s,
+            )
+        )
     return rows
 
 
@@ -154,8 +170,11 @@ def markdown(rows: list[dict[str, object]]) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        update = ("– | – | –" if r["fused"] is None else
-                  f"{r['fused'] * 1e6:.1f} | {r['reference'] * 1e6:.1f} | {r['reference'] / r['fused']:.0f}×")
+        update = (
+            "– | – | –"
+            if r["fused"] is None
+            else f"{r['fused'] * 1e6:.1f} | {r['reference'] * 1e6:.1f} | {r['reference'] / r['fused']:.0f}×"
+        )
         lines.append(
             f"| {r['K']} | {r['device']} | {update} | {r['ours_ap'] * 1e6:.1f} | {r['sklearn_ap'] * 1e6:.1f} | "
             f"{r['sklearn_ap'] / r['ours_ap']:.1f}× |"
@@ -170,10 +189,17 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--output", help="also write the Markdown report here")
     parser.add_argument("--propagation-only", action="store_true", help="time affinity propagation only")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch's CPU threads (affinity propagation's CPU team uses them from K = 256)")
-    parser.add_argument("--cpu-time", action="store_true",
-                        help="time the CPU side by the calling thread's CPU time instead of the wall clock")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch's CPU threads (affinity propagation's CPU team uses them from K = 256)",
+    )
+    parser.add_argument(
+        "--cpu-time",
+        action="store_true",
+        help="time the CPU side by the calling thread's CPU time instead of the wall clock",
+    )
     args = parser.parse_args()
 
     global clock
@@ -183,28 +209,31 @@ def main() -> None:
         clock = time.thread_time
     torch.set_num_threads(args.threads)
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() and ops.cuda_available() else [])
-    rows = [row for device in devices
-            for row in run(args.sizes, args.batches, args.repeats, device, args.propagation_only)]
-    report = "\n".join([
-        "# Fused affinity ops vs the reference code's way",
-        "",
-        f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
-        f"- machine: {cpu_model()}, {os.cpu_count()} logical cores"
-        + (f", GPU {torch.cuda.get_device_name()}" if "cuda" in devices else ", no GPU"),
-        f"- versions: python {platform.python_version()}, torch {torch.__version__}, scikit-learn {sklearn.__version__}, "
-        f"numpy {np.__version__}",
-        f"- command: `python {' '.join(sys.argv)}` (torch.set_num_threads({args.threads}))",
-        f"- times: medians of the {'calling thread CPU time' if args.cpu_time else 'wall clock'}; "
-        "the affinity update per group update (averaged over a replayed sequence of "
-        f"{args.batches} batches × ~3 groups), affinity propagation per call (convergence_iter={CONVERGENCE_ITER}, "
-        "the official setting)",
-        "- both sides run in this one process on the same inputs (the reference side checked equal to the fused "
-        "one first, the partitions of affinity propagation too), affinity propagation's timings interleaved; "
-        "read the ratios: absolute times move with the machine's load",
-        "",
-        markdown(rows),
-        "",
-    ])
+    rows = [
+        row for device in devices for row in run(args.sizes, args.batches, args.repeats, device, args.propagation_only)
+    ]
+    report = "\n".join(
+        [
+            "# Fused affinity ops vs the reference code's way",
+            "",
+            f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
+            f"- machine: {cpu_model()}, {os.cpu_count()} logical cores"
+            + (f", GPU {torch.cuda.get_device_name()}" if "cuda" in devices else ", no GPU"),
+            f"- versions: python {platform.python_version()}, torch {torch.__version__}, scikit-learn {sklearn.__version__}, "
+            f"numpy {np.__version__}",
+            f"- command: `python {' '.join(sys.argv)}` (torch.set_num_threads({args.threads}))",
+            f"- times: medians of the {'calling thread CPU time' if args.cpu_time else 'wall clock'}; "
+            "the affinity update per group update (averaged over a replayed sequence of "
+            f"{args.batches} batches × ~3 groups), affinity propagation per call (convergence_iter={CONVERGENCE_ITER}, "
+            "the official setting)",
+            "- both sides run in this one process on the same inputs (the reference side checked equal to the fused "
+            "one first, the partitions of affinity propagation too), affinity propagation's timings interleaved; "
+            "read the ratios: absolute times move with the machine's load",
+            "",
+            markdown(rows),
+            "",
+        ]
+    )
     print(report)
     if args.output:
         with open(args.output, "w") as f:

@@ -24,8 +24,8 @@ import datetime
 import os
 import platform
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
 
 import torch
 from bench_methods import median_ms
@@ -37,7 +37,9 @@ from selgroup_fast.bench.report import cpu_model
 GRADIENT_METHODS = selgroup_fast.methods.available("gradient")
 
 
-def train_step(name: str, model: MultiTaskViT, batch: SyntheticBatch, lr: float, **options: object) -> Callable[[], object]:
+def train_step(
+    name: str, model: MultiTaskViT, batch: SyntheticBatch, lr: float, **options: object
+) -> Callable[[], object]:
     """One training step of method ``name``; its closure returns ``(losses, features)``."""
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
     shared = model.shared_parameters() if selgroup_fast.methods.kind(name) == "gradient" else None
@@ -60,12 +62,21 @@ def run(args: argparse.Namespace) -> str:
     batch = synthetic_batch(tasks, args.batch, args.img_size, "cpu", torch.float32, seed=0)
     seeded = {"pcgrad": {"seed": 0}, "graddrop": {"seed": 0}}
     labels = ["gd"]
-    steps: list[Optional[Callable[[], object]]] = [train_step("gd", copy.deepcopy(template), batch, args.lr)]
+    steps: list[Callable[[], object] | None] = [train_step("gd", copy.deepcopy(template), batch, args.lr)]
     for name in args.methods:
         for space in ("parameters", "representation"):
             labels.append(f"{name} ({space})")
-            steps.append(train_step(name, copy.deepcopy(template), batch, args.lr, space=space, jacobian=args.jacobian,
-                                    **seeded.get(name, {})))
+            steps.append(
+                train_step(
+                    name,
+                    copy.deepcopy(template),
+                    batch,
+                    args.lr,
+                    space=space,
+                    jacobian=args.jacobian,
+                    **seeded.get(name, {}),
+                )
+            )
     times = median_ms(*steps, warmup=args.warmup, steps=args.steps)
     gd = times[0]
     lines = [
@@ -79,20 +90,20 @@ def run(args: argparse.Namespace) -> str:
         f"- command: `python {' '.join(sys.argv)}`",
         f"- model: selgroup-bench's MultiTaskViT, timm vit_tiny_patch16_224 (random weights) at "
         f"{args.img_size}×{args.img_size}, patch {args.patch_size}, batch {args.batch}, tasks `{args.tasks}` "
-        f"(K = {len(tasks)}); SGD lr {args.lr}; `jacobian=\"{args.jacobian}\"`",
+        f'(K = {len(tasks)}); SGD lr {args.lr}; `jacobian="{args.jacobian}"`',
         f"- timing: {args.warmup} warm-up steps, then the median of {args.steps} steps (ms/step), every configuration's "
         "steps interleaved one by one in alternating order; ratio = time / GD's time",
         "",
         "| method | ms/step | × GD |",
         "|---|---:|---:|",
     ]
-    for label, time_ms in zip(labels, times):
+    for label, time_ms in zip(labels, times, strict=False):
         assert time_ms is not None and gd is not None
         lines.append(f"| {label} | {time_ms:.1f} | {time_ms / gd:.2f} |")
     return "\n".join(lines) + "\n"
 
 
-def main(argv: Optional[list[str]] = None) -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", default="taskonomy", help="a preset of selgroup-bench or a number K")
     parser.add_argument("--methods", nargs="+", default=["pcgrad"], choices=GRADIENT_METHODS)
@@ -104,9 +115,14 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--patch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
-    parser.add_argument("--load-note", default="the machine was shared with other jobs (loaded): read the ratios",
-                        help="what the result file says about the machine's load")
-    parser.add_argument("--output", default=str(Path(__file__).parent / "results" / "space_cpu.md"), help="'-': print only")
+    parser.add_argument(
+        "--load-note",
+        default="the machine was shared with other jobs (loaded): read the ratios",
+        help="what the result file says about the machine's load",
+    )
+    parser.add_argument(
+        "--output", default=str(Path(__file__).parent / "results" / "space_cpu.md"), help="'-': print only"
+    )
     args = parser.parse_args(argv)
     report = run(args)
     print(report)

@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, NamedTuple, Union
+from typing import Any, NamedTuple
 
 import torch
 
 #: The K task losses: K scalar tensors as a list/tuple, a dict in task order, or a 1-D tensor of K losses.
-TaskLosses = Union[Sequence[torch.Tensor], Mapping[str, torch.Tensor], torch.Tensor]
+TaskLosses = Sequence[torch.Tensor] | Mapping[str, torch.Tensor] | torch.Tensor
 #: What a closure may return: the task losses, or ``(losses, features)`` where ``features`` is the
 #: shared representation ``z`` (the encoder's output: a tensor, or a sequence of tensors for several
 #: shared outputs) that ``space="representation"`` differentiates with respect to.
-ClosureOutput = Union[TaskLosses, tuple[TaskLosses, Union[torch.Tensor, Sequence[torch.Tensor]]]]
+ClosureOutput = TaskLosses | tuple[TaskLosses, torch.Tensor | Sequence[torch.Tensor]]
 
 
 class ClosureResult(NamedTuple):
@@ -43,14 +43,16 @@ def parse_closure_output(output: ClosureOutput, num_tasks: int) -> ClosureResult
     first = output[0] if isinstance(output, tuple) and len(output) == 2 else None
     if isinstance(first, (Sequence, Mapping)) or (isinstance(first, torch.Tensor) and first.numel() > 1):
         shared: Any = output[1]  # type: ignore[index]
-        output = first  # type: ignore[assignment]
+        output = first
         features = (shared,) if isinstance(shared, torch.Tensor) else tuple(shared)
         for i, feature in enumerate(features):
             if not isinstance(feature, torch.Tensor) or not feature.is_floating_point():
                 raise TypeError(f"features {i} must be a floating-point tensor, got {type(feature).__name__}")
     if isinstance(output, torch.Tensor):
         if output.dim() != 1:
-            raise ValueError(f"a tensor of task losses must be 1-D with {num_tasks} entries, got shape {tuple(output.shape)}")
+            raise ValueError(
+                f"a tensor of task losses must be 1-D with {num_tasks} entries, got shape {tuple(output.shape)}"
+            )
         losses = list(output.unbind(0))
     elif isinstance(output, Mapping):
         losses = list(output.values())

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _C  # noqa: F401  (loads the library and registers the ops)
+from . import _C  # type: ignore[attr-defined,unused-ignore]  # noqa: F401  (loads the library and registers the ops)
 
 __all__ = ["affinity_propagation", "affinity_update_", "cuda_available", "group_similarity"]
 
@@ -100,8 +100,11 @@ def affinity_propagation(
         tensor([0, 0, 1])
     """
     return torch.ops.selgroup_fast.affinity_propagation(
-        similarity, None if preference is None else float(preference), float(damping), int(max_iter),
-        int(convergence_iter)
+        similarity,
+        None if preference is None else float(preference),
+        float(damping),
+        int(max_iter),
+        int(convergence_iter),
     )
 
 
@@ -112,8 +115,8 @@ def _affinity_update_fake(
     K = affinity.shape[0]
     torch._check(affinity.dim() == 2 and affinity.shape[1] == K, lambda: f"affinity must be K×K, got {affinity.shape}")
     for name, tensor in (("before", before), ("after", after), ("group_mask", group_mask)):
-        shape = tensor.shape
-        torch._check(shape == (K,), lambda name=name, shape=shape: f"{name} must have shape [{K}], got {shape}")
+        message = f"{name} must have shape [{K}], got {tensor.shape}"
+        torch._check(tensor.shape == (K,), lambda: message)  # noqa: B023  (checked before the next iteration)
     torch._check(group_mask.dtype == torch.bool, lambda: f"group_mask must be bool, got {group_mask.dtype}")
 
 
@@ -269,9 +272,13 @@ def graddrop(jacobian: torch.Tensor, leak: torch.Tensor, seed: int, offset: int)
 
 def _check_gram(gram: torch.Tensor) -> torch.Tensor:
     """The kernels' checks of a Gram matrix (square, float32/64, K ≥ 1), then an empty weight vector like it."""
-    torch._check(gram.dim() == 2 and gram.shape[0] == gram.shape[1], lambda: f"gram must be square (K×K), got {gram.shape}")
+    torch._check(
+        gram.dim() == 2 and gram.shape[0] == gram.shape[1], lambda: f"gram must be square (K×K), got {gram.shape}"
+    )
     torch._check(gram.shape[0] >= 1, lambda: "gram must have at least one row")
-    torch._check(gram.dtype in (torch.float32, torch.float64), lambda: f"gram must be float32 or float64, got {gram.dtype}")
+    torch._check(
+        gram.dtype in (torch.float32, torch.float64), lambda: f"gram must be float32 or float64, got {gram.dtype}"
+    )
     return gram.new_empty(gram.shape[:1])
 
 
@@ -301,7 +308,8 @@ def _nash_mtl_weights_fake(gram: torch.Tensor, alpha_init: torch.Tensor, *solver
 def _graddrop_fake(jacobian: torch.Tensor, leak: torch.Tensor, seed: int, offset: int) -> torch.Tensor:
     torch._check(jacobian.dim() == 2, lambda: f"jacobian must be 2-D, got shape {jacobian.shape}")
     torch._check(
-        jacobian.dtype in (torch.float32, torch.float64), lambda: f"jacobian must be float32 or float64, got {jacobian.dtype}"
+        jacobian.dtype in (torch.float32, torch.float64),
+        lambda: f"jacobian must be float32 or float64, got {jacobian.dtype}",
     )
     torch._check(leak.shape == jacobian.shape[:1], lambda: f"leak must have shape [K], got {leak.shape}")
     torch._check(leak.dtype == jacobian.dtype, lambda: f"leak is {leak.dtype}, jacobian {jacobian.dtype}")

@@ -60,7 +60,7 @@ class TinyMultiTask(torch.nn.Module):
         super().__init__()
         widths = [in_features] + [hidden] * layers
         blocks: list[torch.nn.Module] = []
-        for fan_in, fan_out in zip(widths[:-1], widths[1:]):
+        for fan_in, fan_out in zip(widths[:-1], widths[1:], strict=False):
             blocks += [torch.nn.Linear(fan_in, fan_out, dtype=dtype), torch.nn.Tanh()]
         self.encoder = torch.nn.Sequential(*blocks)
         self.heads = torch.nn.ModuleList(torch.nn.Linear(hidden, 1, dtype=dtype) for _ in range(num_tasks))

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from reference import group_similarity_reference, partition, sklearn_labels
 
 from selgroup_fast import ops
-from reference import group_similarity_reference, partition, sklearn_labels
 
 cuda_only = pytest.mark.skipif(
     not (torch.cuda.is_available() and ops.cuda_available()), reason="needs a GPU and the CUDA kernels"
@@ -59,8 +59,16 @@ def test_matches_sklearn_on_random_matrices(dtype: torch.dtype) -> None:
     assert mismatches == []
 
 
-@pytest.mark.parametrize("options", [dict(preference=-5.0), dict(damping=0.9), dict(convergence_iter=50),
-                                     dict(max_iter=5), dict(preference=-50.0, damping=0.7, convergence_iter=3)])
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(preference=-5.0),
+        dict(damping=0.9),
+        dict(convergence_iter=50),
+        dict(max_iter=5),
+        dict(preference=-50.0, damping=0.7, convergence_iter=3),
+    ],
+)
 def test_matches_sklearn_with_options(options: dict) -> None:
     for S in _random_similarities(seed=11, count=30):
         ours = ops.affinity_propagation(torch.from_numpy(S.copy()), **options)
@@ -69,9 +77,10 @@ def test_matches_sklearn_with_options(options: dict) -> None:
 
 
 def test_hand_checked_blobs() -> None:
-    points = torch.tensor([[0.0, 0.0], [0.1, 0.0], [0.0, 0.1], [10.0, 10.0], [10.1, 10.0], [-10.0, 10.0]],
-                          dtype=torch.float64)
-    S = -torch.cdist(points, points) ** 2
+    points = torch.tensor(
+        [[0.0, 0.0], [0.1, 0.0], [0.0, 0.1], [10.0, 10.0], [10.1, 10.0], [-10.0, 10.0]], dtype=torch.float64
+    )
+    S = -(torch.cdist(points, points) ** 2)
     assert ops.affinity_propagation(S).tolist() == [0, 0, 0, 1, 1, 2]
 
 
@@ -97,7 +106,9 @@ def test_equal_similarities_special_case(K: int) -> None:
     # A preference above the common similarity: every sample its own cluster.
     assert ops.affinity_propagation(S, preference=0.5).tolist() == list(range(K))
     for pref in (None, 0.5, -3.0):
-        assert partition(ops.affinity_propagation(S, preference=pref)) == partition(sklearn_labels(S.numpy(), preference=pref))
+        assert partition(ops.affinity_propagation(S, preference=pref)) == partition(
+            sklearn_labels(S.numpy(), preference=pref)
+        )
     # The all-zero similarity of an untrained affinity: one group.
     assert ops.affinity_propagation(torch.zeros(K, K)).tolist() == [0] * K
 
@@ -125,16 +136,28 @@ def test_non_finite_similarity_raises_on_cpu(bad: float) -> None:
 
 @pytest.mark.parametrize(
     "options, match",
-    [(dict(damping=0.4), "damping"), (dict(damping=1.0), "damping"), (dict(max_iter=0), "max_iter"),
-     (dict(convergence_iter=0), "convergence_iter"), (dict(preference=float("nan")), "preference")],
+    [
+        (dict(damping=0.4), "damping"),
+        (dict(damping=1.0), "damping"),
+        (dict(max_iter=0), "max_iter"),
+        (dict(convergence_iter=0), "convergence_iter"),
+        (dict(preference=float("nan")), "preference"),
+    ],
 )
 def test_rejects_bad_options(options: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         ops.affinity_propagation(torch.zeros(3, 3), **options)
 
 
-@pytest.mark.parametrize("similarity, match", [(torch.zeros(2, 3), "square"), (torch.zeros(0, 0), "at least one"),
-                                               (torch.zeros(3, 3, dtype=torch.int64), "float32"), (torch.zeros(4), "2-D")])
+@pytest.mark.parametrize(
+    "similarity, match",
+    [
+        (torch.zeros(2, 3), "square"),
+        (torch.zeros(0, 0), "at least one"),
+        (torch.zeros(3, 3, dtype=torch.int64), "float32"),
+        (torch.zeros(4), "2-D"),
+    ],
+)
 def test_rejects_bad_similarity(similarity, match) -> None:
     with pytest.raises(RuntimeError, match=match):
         ops.affinity_propagation(similarity)
@@ -149,7 +172,9 @@ def test_opcheck(device: str, dtype: torch.dtype) -> None:
 
 def test_under_torch_compile() -> None:
     S = torch.from_numpy(_random_similarities(seed=15, count=1)[0])
-    compiled = torch.compile(lambda s: ops.affinity_propagation(s, convergence_iter=50), fullgraph=True, backend="eager")
+    compiled = torch.compile(
+        lambda s: ops.affinity_propagation(s, convergence_iter=50), fullgraph=True, backend="eager"
+    )
     assert torch.equal(compiled(S), ops.affinity_propagation(S, convergence_iter=50))
 
 

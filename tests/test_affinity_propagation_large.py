@@ -7,10 +7,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from reference import partition, sklearn_labels
-from selgroup_fast import ops
 from test_affinity_propagation import _affinity_similarity, _points_similarity
+
+from selgroup_fast import ops
 
 
 def _similarities(seed: int, K: int, count: int) -> list[np.ndarray]:
@@ -41,8 +41,11 @@ def _check_openmp_team(K: int, dtype: torch.dtype, count: int, max_iter: int) ->
     threads = torch.get_num_threads()
 
     def labels() -> list[torch.Tensor]:
-        return [ops.affinity_propagation(S, preference=p, max_iter=max_iter, convergence_iter=2)
-                for S in similarities for p in (None, -40.0)]
+        return [
+            ops.affinity_propagation(S, preference=p, max_iter=max_iter, convergence_iter=2)
+            for S in similarities
+            for p in (None, -40.0)
+        ]
 
     try:
         torch.set_num_threads(1)
@@ -52,7 +55,7 @@ def _check_openmp_team(K: int, dtype: torch.dtype, count: int, max_iter: int) ->
     finally:
         torch.set_num_threads(threads)
     assert any(len(set(s.tolist())) > 1 for s in serial)  # real clusterings, not only the all −1 answer
-    for a, b in zip(serial, team):
+    for a, b in zip(serial, team, strict=False):
         assert torch.equal(a, b)
 
 

@@ -104,7 +104,7 @@ def test_main_writes_every_report(tmp_path, capsys):
             assert 1 <= result["groups_mean"] <= 3
         assert result["steps"] == 2 and len(result["round_totals_s"]) == 2
         gd_rounds = run["results"][0]["round_totals_s"]
-        ratios = [mine / gd for mine, gd in zip(result["round_totals_s"], gd_rounds)]
+        ratios = [mine / gd for mine, gd in zip(result["round_totals_s"], gd_rounds, strict=False)]
         assert result["round_ratios_to_gd"] == pytest.approx(ratios)
         assert result["ratio_to_gd"] == pytest.approx(sum(ratios) / 2)  # the median of two
         assert result["ratio_to_gd_mad"] == pytest.approx(abs(ratios[0] - ratios[1]) / 2)
@@ -288,7 +288,7 @@ def test_interleaved_rounds_rotate_the_order_and_keep_each_method_s_weights():
     assert [r.steps for r in results] == [4, 4] and [len(r.round_totals) for r in results] == [2, 2]
     assert results[0].round_ratios == [1.0, 1.0]
     assert results[1].round_ratios == pytest.approx(
-        [f / t for f, t in zip(results[1].round_totals, results[0].round_totals)]
+        [f / t for f, t in zip(results[1].round_totals, results[0].round_totals, strict=False)]
     )
 
 
@@ -466,7 +466,7 @@ def test_model_shapes_losses_and_head_isolation():
     batch = synthetic_batch(tasks, 3, 32, "cpu", torch.float32, seed=5)
     again = synthetic_batch(tasks, 3, 32, "cpu", torch.float32, seed=5)
     assert torch.equal(batch.images, again.images)
-    assert all(torch.equal(a, b) for a, b in zip(batch.targets, again.targets))
+    assert all(torch.equal(a, b) for a, b in zip(batch.targets, again.targets, strict=False))
     assert batch.targets[0].shape == (3, 32, 32) and batch.targets[0].dtype == torch.int64
     assert 0 <= batch.targets[0].min() and batch.targets[0].max() < 40
     assert batch.targets[1].shape == (3, 1, 32, 32) and batch.targets[2].shape == (3, 3, 32, 32)

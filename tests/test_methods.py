@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import scipy.optimize
 import torch
-
-import selgroup_fast
 from conftest import TinyMultiTask, regression_losses
 from conftest import make_problem as shared_problem
+
+import selgroup_fast
 from selgroup_fast.methods import aggregate, aggregator, available, create
 from selgroup_fast.methods.gradient import GradientMethod
 from selgroup_fast.methods.jacobian import TaskJacobian
@@ -34,15 +34,16 @@ class Closure:
     def __call__(self) -> list[torch.Tensor]:
         return regression_losses(self.model, self.x, self.y)
 
-    def on(self, model: TinyMultiTask) -> "Closure":
+    def on(self, model: TinyMultiTask) -> Closure:
         dtype = next(model.parameters()).dtype
         return Closure(model, self.x.to(dtype), self.y.to(dtype))
 
 
 def make_problem(device: str = "cpu", dtype: torch.dtype = torch.float64, num_tasks: int = K, seed: int = 0):
     """conftest's problem with a two-layer encoder (4 -> 8 -> 8) and partly conflicting targets."""
-    problem = shared_problem(num_tasks, seed, dtype, batch=32, device=device, in_features=4, hidden=8, layers=2,
-                             correlated=True)
+    problem = shared_problem(
+        num_tasks, seed, dtype, batch=32, device=device, in_features=4, hidden=8, layers=2, correlated=True
+    )
     return problem.model, Closure(problem.model, problem.x, problem.y)
 
 
@@ -119,7 +120,7 @@ def test_chunked_batched_jacobian_equals_the_whole_batch(chunk_size):
     twin = copy.deepcopy(model)
     build("mgda", model, chunk_size=chunk_size).step(closure)
     build("mgda", twin).step(closure.on(twin))
-    for p, q in zip(model.parameters(), twin.parameters()):
+    for p, q in zip(model.parameters(), twin.parameters(), strict=False):
         torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
 
 
@@ -163,7 +164,7 @@ def test_a_step_writes_aggregate_into_the_shared_grads_and_the_own_task_gradient
     else:
         weights = torch.ones(K, dtype=torch.float64)
     for k, head in enumerate(model.heads):
-        for p, g in zip(head.parameters(), reference_heads[k]):
+        for p, g in zip(head.parameters(), reference_heads[k], strict=False):
             torch.testing.assert_close(p.grad, weights[k] * g, rtol=1e-9, atol=1e-12)
 
 
@@ -223,14 +224,19 @@ def test_cagrad_with_c_zero_is_the_sum_and_matches_the_authors_problem():
     torch.testing.assert_close(aggregate("cagrad", J, c=0.0), J.sum(0))
     # Two orthogonal unit gradients: x = (½, ½), λ = c, d = K (1 + c)/(1 + c²) g0.
     c = 0.4
-    torch.testing.assert_close(aggregate("cagrad", t([[1.0, 0.0], [0.0, 1.0]]), c=c), t([1.0, 1.0]) * (1 + c) / (1 + c * c))
+    torch.testing.assert_close(
+        aggregate("cagrad", t([[1.0, 0.0], [0.0, 1.0]]), c=c), t([1.0, 1.0]) * (1 + c) / (1 + c * c)
+    )
     # Random 3 tasks against the authors' problem solved by scipy (float64, SLSQP).
     G = (J @ J.T).numpy()
     g0_norm = np.sqrt(G.mean())
     b = np.ones(3) / 3
     res = scipy.optimize.minimize(
         lambda x: x @ G @ b + c * g0_norm * np.sqrt(x @ G @ x),
-        b, bounds=[(0, 1)] * 3, constraints={"type": "eq", "fun": lambda x: 1 - x.sum()}, tol=1e-14,
+        b,
+        bounds=[(0, 1)] * 3,
+        constraints={"type": "eq", "fun": lambda x: 1 - x.sum()},
+        tol=1e-14,
     )
     gx = torch.from_numpy(res.x) @ J
     expected = 3 * (J.mean(0) + c * g0_norm / gx.norm() * gx) / (1 + c * c)
@@ -242,8 +248,13 @@ def test_mgda_by_hand_and_against_a_min_norm_solve():
     torch.testing.assert_close(aggregate("mgda", t([[1.0, 0.0], [0.0, 2.0]])), t([0.8, 0.4]), rtol=1e-6, atol=1e-7)
     J = torch.randn(3, 5, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     G = (J @ J.T).numpy()
-    res = scipy.optimize.minimize(lambda w: w @ G @ w, np.ones(3) / 3, bounds=[(0, 1)] * 3,
-                                  constraints={"type": "eq", "fun": lambda w: 1 - w.sum()}, tol=1e-15)
+    res = scipy.optimize.minimize(
+        lambda w: w @ G @ w,
+        np.ones(3) / 3,
+        bounds=[(0, 1)] * 3,
+        constraints={"type": "eq", "fun": lambda w: 1 - w.sum()},
+        tol=1e-15,
+    )
     torch.testing.assert_close(aggregate("mgda", J), torch.from_numpy(res.x) @ J, rtol=1e-3, atol=1e-5)
 
 
@@ -267,13 +278,15 @@ def test_aligned_mtl_by_hand_and_against_an_eigendecomposition():
     torch.testing.assert_close(aggregate("aligned_mtl", t([[2.0, 0.0], [0.0, 1.0]])), t([1.0, 1.0]))
     J = torch.randn(3, 6, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
     eigenvalues, eigenvectors = np.linalg.eigh((J @ J.T).numpy())
-    B = np.sqrt(eigenvalues.min()) * eigenvectors @ np.diag(eigenvalues ** -0.5) @ eigenvectors.T
+    B = np.sqrt(eigenvalues.min()) * eigenvectors @ np.diag(eigenvalues**-0.5) @ eigenvectors.T
     torch.testing.assert_close(aggregate("aligned_mtl", J), torch.from_numpy(B.sum(1)) @ J, rtol=1e-6, atol=1e-8)
 
 
 def test_nash_mtl_by_hand_fixed_point_and_max_norm():
     # Orthogonal gradients: α_k = 1/‖g_k‖, d = Σ g_k/‖g_k‖.
-    torch.testing.assert_close(aggregate("nash_mtl", t([[2.0, 0.0], [0.0, 0.5]]), max_norm=0.0), t([1.0, 1.0]), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(
+        aggregate("nash_mtl", t([[2.0, 0.0], [0.0, 0.5]]), max_norm=0.0), t([1.0, 1.0]), rtol=1e-6, atol=1e-7
+    )
     J = torch.randn(3, 6, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     G = J @ J.T
     alpha = aggregator("nash_mtl", 3, dtype=G.dtype).weights(G)
@@ -303,7 +316,9 @@ def test_graddrop_keeps_one_sign_per_coordinate():
 
 @pytest.mark.parametrize("name", GRADIENT_METHODS)
 def test_aggregate_returns_a_p_vector_on_the_inputs_device_and_dtype(name, device, dtype):
-    J = torch.randn(4, 9, generator=torch.Generator().manual_seed(7), dtype=torch.float64).to(device=device, dtype=dtype)
+    J = torch.randn(4, 9, generator=torch.Generator().manual_seed(7), dtype=torch.float64).to(
+        device=device, dtype=dtype
+    )
     d = aggregate(name, J)
     assert d.shape == (9,) and d.dtype == dtype and d.device.type == device
     assert torch.isfinite(d).all()
@@ -397,9 +412,9 @@ def test_state_dict_round_trip_resumes_identically(name):
     resumed.optimizer.load_state_dict(saved_optimizer)
     resumed.load_state_dict(saved_method)
     again = [resumed.step(closure.on(twin)) for _ in range(3)]
-    for a, b in zip(continued, again):
+    for a, b in zip(continued, again, strict=False):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
-    for p, q in zip(model.parameters(), twin.parameters()):
+    for p, q in zip(model.parameters(), twin.parameters(), strict=False):
         torch.testing.assert_close(p, q, rtol=0, atol=0)
 
 
@@ -467,7 +482,7 @@ def test_famo_matches_the_authors_update_written_out():
         logits.grad = torch.autograd.grad(torch.softmax(logits, 0), logits, grad_outputs=delta)[0]
         logits_opt.step()
     torch.testing.assert_close(famo.logits.detach(), logits.detach(), rtol=1e-12, atol=1e-14)
-    for p, q in zip(model.parameters(), twin.parameters()):
+    for p, q in zip(model.parameters(), twin.parameters(), strict=False):
         torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
 
 

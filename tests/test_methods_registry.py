@@ -19,7 +19,7 @@ def test_gd_step_matches_a_hand_written_step():
     expected.sum().backward()
     opt.step()
     torch.testing.assert_close(losses, expected.detach(), rtol=0, atol=0)
-    for p, q in zip(model.parameters(), twin.parameters()):
+    for p, q in zip(model.parameters(), twin.parameters(), strict=False):
         torch.testing.assert_close(p, q, rtol=0, atol=0)
 
 
@@ -78,7 +78,9 @@ def test_closure_outputs_with_features():
 
 def test_the_registry_lists_methods_by_kind_and_imports_them_loudly(monkeypatch):
     names = selgroup_fast.methods.available()
-    assert sorted(names) == sorted(n for kind in selgroup_fast.methods.KINDS for n in selgroup_fast.methods.available(kind))
+    assert sorted(names) == sorted(
+        n for kind in selgroup_fast.methods.KINDS for n in selgroup_fast.methods.available(kind)
+    )
     assert all(selgroup_fast.methods.kind(n) == "gradient" for n in selgroup_fast.methods.available("gradient"))
     with pytest.raises(ValueError, match="kind must be one of"):
         selgroup_fast.methods.available("nope")

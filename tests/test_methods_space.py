@@ -52,8 +52,10 @@ def reference_step(name: str, model, x, y, options: dict, split: bool):
         weights = aggregator(name, K, dtype=gram.dtype, **options).direction_weights(gram)[1]
     else:
         weights = torch.ones(K, dtype=torch.float64)
-    heads = [torch.autograd.grad(weights[k] * loss, list(model.heads[k].parameters()), retain_graph=True)
-             for k, loss in enumerate(losses)]
+    heads = [
+        torch.autograd.grad(weights[k] * loss, list(model.heads[k].parameters()), retain_graph=True)
+        for k, loss in enumerate(losses)
+    ]
     return encoder, heads
 
 
@@ -65,22 +67,34 @@ def test_representation_step_matches_the_float64_definition(name, mode, split, d
     model = problem.model
     reference_model = copy.deepcopy(model).to(torch.float64)
     options = SEEDED.get(name, {})
-    method = create(name, torch.optim.SGD(model.parameters(), lr=0.0), K, shared_params=model.encoder.parameters(),
-                    space="representation", jacobian=mode, **options)
+    method = create(
+        name,
+        torch.optim.SGD(model.parameters(), lr=0.0),
+        K,
+        shared_params=model.encoder.parameters(),
+        space="representation",
+        jacobian=mode,
+        **options,
+    )
     method.step(closure_with_features(model, problem.x, problem.y, split))
     encoder, heads = reference_step(name, reference_model, problem.x.double(), problem.y.double(), options, split)
     tol = {"rtol": 1e-9, "atol": 1e-12} if dtype == torch.float64 else {"rtol": 2e-4, "atol": 1e-6}
-    for p, g in zip(model.encoder.parameters(), encoder):
+    for p, g in zip(model.encoder.parameters(), encoder, strict=False):
         torch.testing.assert_close(p.grad.double(), g, **tol)
-    for head, grads in zip(model.heads, heads):
-        for p, g in zip(head.parameters(), grads):
+    for head, grads in zip(model.heads, heads, strict=False):
+        for p, g in zip(head.parameters(), grads, strict=False):
             torch.testing.assert_close(p.grad.double(), g, **tol)
 
 
 def test_representation_space_needs_features_from_the_closure():
     problem = make_problem(K)
-    method = create("pcgrad", torch.optim.SGD(problem.model.parameters(), lr=0.1), K,
-                    shared_params=problem.model.encoder.parameters(), space="representation")
+    method = create(
+        "pcgrad",
+        torch.optim.SGD(problem.model.parameters(), lr=0.1),
+        K,
+        shared_params=problem.model.encoder.parameters(),
+        space="representation",
+    )
     with pytest.raises(ValueError, match=r"closure to return \(losses, features\)"):
         method.step(problem.closure())
     detached = lambda: (problem.closure()(), problem.model.encoder(problem.x).detach())  # noqa: E731
@@ -91,16 +105,25 @@ def test_representation_space_needs_features_from_the_closure():
 def test_space_option_is_validated():
     problem = make_problem(K)
     with pytest.raises(ValueError, match="space must be one of"):
-        create("mgda", torch.optim.SGD(problem.model.parameters(), lr=0.1), K,
-               shared_params=problem.model.encoder.parameters(), space="z")
+        create(
+            "mgda",
+            torch.optim.SGD(problem.model.parameters(), lr=0.1),
+            K,
+            shared_params=problem.model.encoder.parameters(),
+            space="z",
+        )
 
 
 def test_parameter_space_accepts_a_closure_that_returns_features():
     problem = make_problem(K)
     plain, with_features = problem.model, problem.twin
-    for model, closure in ((plain, problem.closure(plain)),
-                           (with_features, closure_with_features(with_features, problem.x, problem.y))):
-        method = create("cagrad", torch.optim.SGD(model.parameters(), lr=0.1), K, shared_params=model.encoder.parameters())
+    for model, closure in (
+        (plain, problem.closure(plain)),
+        (with_features, closure_with_features(with_features, problem.x, problem.y)),
+    ):
+        method = create(
+            "cagrad", torch.optim.SGD(model.parameters(), lr=0.1), K, shared_params=model.encoder.parameters()
+        )
         method.step(closure)
-    for p, q in zip(plain.parameters(), with_features.parameters()):
+    for p, q in zip(plain.parameters(), with_features.parameters(), strict=False):
         torch.testing.assert_close(p, q, rtol=0, atol=0)

@@ -212,7 +212,10 @@ def test_saliency_matches_a_reference_loop() -> None:
         tp = (predicted & t).sum()
         precision, recall = tp / predicted.sum(), tp / t.sum()
         f = 1.3 * precision * recall / (0.3 * precision + recall) if tp else 0.0
-        ious = [((pi & ti).sum() / (pi | ti).sum()) if (pi | ti).any() else 1.0 for pi, ti in zip(predicted, t)]
+        ious = [
+            ((pi & ti).sum() / (pi | ti).sum()) if (pi | ti).any() else 1.0
+            for pi, ti in zip(predicted, t, strict=False)
+        ]
         best_f, best_iou = max(best_f, f), max(best_iou, float(np.mean(ious)))
     result = metric.compute()
     assert result["maxF"] == pytest.approx(100 * best_f)

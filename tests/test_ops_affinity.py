@@ -6,9 +6,9 @@ import math
 
 import pytest
 import torch
+from reference import affinity_update_reference, group_similarity_reference
 
 from selgroup_fast import ops
-from reference import affinity_update_reference, group_similarity_reference
 
 cuda_only = pytest.mark.skipif(
     not (torch.cuda.is_available() and ops.cuda_available()), reason="needs a GPU and the CUDA kernels"
@@ -93,8 +93,11 @@ def test_affinity_update_rule_branches(device: str, dtype: torch.dtype, before, 
     expected = affinity_update_reference(start, before, after, group, 0.25)
     A = start.to(device, dtype)
     ops.affinity_update_(
-        A, torch.tensor(before, dtype=dtype, device=device), torch.tensor(after, dtype=dtype, device=device),
-        _mask(group, 4, device), 0.25,
+        A,
+        torch.tensor(before, dtype=dtype, device=device),
+        torch.tensor(after, dtype=dtype, device=device),
+        _mask(group, 4, device),
+        0.25,
     )
     assert torch.isfinite(A).all()
     if dtype == torch.float64 or all(math.isfinite(x) and 1e-30 < abs(x) < 1e30 for x in before + after):
@@ -107,8 +110,13 @@ def test_affinity_update_rule_branches(device: str, dtype: torch.dtype, before, 
 def test_affinity_update_empty_group_is_a_no_op(device: str) -> None:
     A = torch.randn(4, 4, device=device)
     copy = A.clone()
-    ops.affinity_update_(A, torch.ones(4, device=device), torch.full((4,), 0.5, device=device),
-                         torch.zeros(4, dtype=torch.bool, device=device), 0.1)
+    ops.affinity_update_(
+        A,
+        torch.ones(4, device=device),
+        torch.full((4,), 0.5, device=device),
+        torch.zeros(4, dtype=torch.bool, device=device),
+        0.1,
+    )
     assert torch.equal(A, copy)
 
 
@@ -129,7 +137,9 @@ def test_affinity_update_non_contiguous(device: str) -> None:
     # A strided sub-view updates only its own entries.
     big = torch.zeros(10, 10, dtype=torch.float64, device=device)
     ops.affinity_update_(big[::2, ::2], before.to(device), after.to(device), _mask(group, 5, device), 0.2)
-    torch.testing.assert_close(big[::2, ::2].cpu(), affinity_update_reference(torch.zeros(5, 5), before, after, group, 0.2))
+    torch.testing.assert_close(
+        big[::2, ::2].cpu(), affinity_update_reference(torch.zeros(5, 5), before, after, group, 0.2)
+    )
     assert big[1::2].abs().sum() == 0 and big[:, 1::2].abs().sum() == 0
 
 
@@ -150,10 +160,22 @@ def test_affinity_update_decay_one_replaces() -> None:
     [
         (torch.zeros(3, 2), torch.ones(3), torch.ones(3), torch.ones(3, dtype=torch.bool), "square"),
         (torch.zeros(0, 0), torch.ones(0), torch.ones(0), torch.ones(0, dtype=torch.bool), "at least one"),
-        (torch.zeros(3, 3, dtype=torch.int32), torch.ones(3), torch.ones(3), torch.ones(3, dtype=torch.bool), "float32"),
+        (
+            torch.zeros(3, 3, dtype=torch.int32),
+            torch.ones(3),
+            torch.ones(3),
+            torch.ones(3, dtype=torch.bool),
+            "float32",
+        ),
         (torch.zeros(3, 3), torch.ones(4), torch.ones(3), torch.ones(3, dtype=torch.bool), "before"),
         (torch.zeros(3, 3), torch.ones(3), torch.ones(3, 1), torch.ones(3, dtype=torch.bool), "after"),
-        (torch.zeros(3, 3), torch.ones(3, dtype=torch.float64), torch.ones(3), torch.ones(3, dtype=torch.bool), "before"),
+        (
+            torch.zeros(3, 3),
+            torch.ones(3, dtype=torch.float64),
+            torch.ones(3),
+            torch.ones(3, dtype=torch.bool),
+            "before",
+        ),
         (torch.zeros(3, 3), torch.ones(3), torch.ones(3), torch.ones(3), "bool"),
         (torch.zeros(3, 3), torch.ones(3), torch.ones(3), torch.ones(2, dtype=torch.bool), "group_mask"),
         (torch.zeros(1, 3).expand(3, 3), torch.ones(3), torch.ones(3), torch.ones(3, dtype=torch.bool), "overlapping"),
@@ -167,13 +189,16 @@ def test_affinity_update_rejects_bad_inputs(affinity, before, after, mask, match
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_affinity_update_rejects_mixed_devices() -> None:
     with pytest.raises(RuntimeError, match="device|cuda"):
-        ops.affinity_update_(torch.zeros(2, 2), torch.ones(2, device="cuda"), torch.ones(2), torch.ones(2, dtype=torch.bool), 0.1)
+        ops.affinity_update_(
+            torch.zeros(2, 2), torch.ones(2, device="cuda"), torch.ones(2), torch.ones(2, dtype=torch.bool), 0.1
+        )
 
 
 def test_affinity_update_k1() -> None:
     A = torch.zeros(1, 1, dtype=torch.float64)
-    ops.affinity_update_(A, torch.tensor([2.0], dtype=torch.float64), torch.tensor([1.0], dtype=torch.float64),
-                         torch.tensor([True]), 0.5)
+    ops.affinity_update_(
+        A, torch.tensor([2.0], dtype=torch.float64), torch.tensor([1.0], dtype=torch.float64), torch.tensor([True]), 0.5
+    )
     assert A.item() == 0.25
 
 
@@ -219,8 +244,15 @@ def test_group_similarity_non_contiguous(dtype: torch.dtype) -> None:
     torch.testing.assert_close(ops.group_similarity(A.t()), ops.group_similarity(A.t().contiguous()))
 
 
-@pytest.mark.parametrize("affinity, match", [(torch.zeros(2, 3), "square"), (torch.zeros(3), "2-D"),
-                                             (torch.zeros(0, 0), "at least one"), (torch.zeros(2, 2, dtype=torch.half), "float32")])
+@pytest.mark.parametrize(
+    "affinity, match",
+    [
+        (torch.zeros(2, 3), "square"),
+        (torch.zeros(3), "2-D"),
+        (torch.zeros(0, 0), "at least one"),
+        (torch.zeros(2, 2, dtype=torch.half), "float32"),
+    ],
+)
 def test_group_similarity_rejects_bad_inputs(affinity, match) -> None:
     with pytest.raises(RuntimeError, match=match):
         ops.group_similarity(affinity)
@@ -235,11 +267,17 @@ def test_opcheck(device: str, dtype: torch.dtype) -> None:
     before, after = _random_losses(generator, 5)
     torch.library.opcheck(
         torch.ops.selgroup_fast.affinity_update_.default,
-        (torch.randn(5, 5, dtype=dtype, device=device), before.to(dtype).to(device), after.to(dtype).to(device),
-         _mask([0, 2], 5, device), 0.1),
+        (
+            torch.randn(5, 5, dtype=dtype, device=device),
+            before.to(dtype).to(device),
+            after.to(dtype).to(device),
+            _mask([0, 2], 5, device),
+            0.1,
+        ),
     )
-    torch.library.opcheck(torch.ops.selgroup_fast.group_similarity.default,
-                          (torch.rand(5, 5, dtype=dtype, device=device),))
+    torch.library.opcheck(
+        torch.ops.selgroup_fast.group_similarity.default, (torch.rand(5, 5, dtype=dtype, device=device),)
+    )
 
 
 def test_group_similarity_under_torch_compile() -> None:

@@ -14,12 +14,12 @@ import doctest
 import inspect
 import math
 
+import manipulation_reference as reference
 import numpy as np
 import pytest
 import scipy.linalg
 import torch
 
-import manipulation_reference as reference
 from selgroup_fast import ops
 
 WEIGHT_OPS = ["pcgrad", "mgda", "cagrad", "imtl", "aligned_mtl", "nash_mtl"]
@@ -71,8 +71,10 @@ def _t(values, dtype=torch.float64, device="cpu") -> torch.Tensor:
 
 def test_pcgrad_hand_two_tasks(device, dtype):
     # Orthogonal g1 = (1, 0), g2 = (0, 1): nothing to project, d = g1 + g2.
-    assert torch.equal(ops.pcgrad_weights(_t(np.eye(2), dtype, device), _t([[0, 1], [1, 0]], torch.long, device)),
-                       _t([1.0, 1.0], dtype, device))
+    assert torch.equal(
+        ops.pcgrad_weights(_t(np.eye(2), dtype, device), _t([[0, 1], [1, 0]], torch.long, device)),
+        _t([1.0, 1.0], dtype, device),
+    )
     # Conflicting g1 = (1, 0), g2 = (−1, 1), g1·g2 = −1:
     #   g1^PC = g1 − (−1/‖g2‖²)·g2 = g1 + ½·g2 = (½, ½),   g2^PC = g2 − (−1/‖g1‖²)·g1 = g2 + g1 = (0, 1)
     #   d = g1^PC + g2^PC = 2·g1 + 1.5·g2.
@@ -131,15 +133,17 @@ def test_pcgrad_matches_the_loop_over_J(K, dtype):
 
 def test_mgda_hand(device, dtype):
     # g1 = (1, 0), g2 = (0, 2): min over γ of ‖γ·g1 + (1 − γ)·g2‖² = γ² + 4(1 − γ)² → γ = 4/5.
-    torch.testing.assert_close(ops.mgda_weights(_t([[1.0, 0.0], [0.0, 4.0]], dtype, device)),
-                               _t([0.8, 0.2], dtype, device))
+    torch.testing.assert_close(
+        ops.mgda_weights(_t([[1.0, 0.0], [0.0, 4.0]], dtype, device)), _t([0.8, 0.2], dtype, device)
+    )
     # g1 = (1, 0), g2 = (2, 0): g1·g2 = 2 >= ‖g1‖² = 1, so g1 itself is the min-norm point: w = (1, 0)
     # exactly (the authors' 2-point solver would answer 0.999).
     assert torch.equal(ops.mgda_weights(_t([[1.0, 2.0], [2.0, 4.0]], dtype, device)), _t([1.0, 0.0], dtype, device))
     # Three orthonormal gradients: the centroid. Best pair (1, 2) at (½, ½, 0); Frank-Wolfe goes to
     # vertex 3 with γ = (1 − 0)/(½ + 1) = 2/3 → (⅓, ⅓, ⅓); the next line search returns γ = 1: stop.
-    torch.testing.assert_close(ops.mgda_weights(torch.eye(3, dtype=dtype, device=device)),
-                               torch.full((3,), 1 / 3, dtype=dtype, device=device))
+    torch.testing.assert_close(
+        ops.mgda_weights(torch.eye(3, dtype=dtype, device=device)), torch.full((3,), 1 / 3, dtype=dtype, device=device)
+    )
 
 
 @pytest.mark.parametrize("K", [3, 5, 8])
@@ -180,14 +184,16 @@ def test_cagrad_hand(device, dtype):
     eye = torch.eye(2, dtype=dtype, device=device)
     torch.testing.assert_close(ops.cagrad_weights(eye, c=c), torch.full_like(eye[0], 0.7 / 1.16), **CAGRAD_HAND)
     torch.testing.assert_close(ops.cagrad_weights(eye, c=c, rescale=0), torch.full_like(eye[0], 0.7), **CAGRAD_HAND)
-    torch.testing.assert_close(ops.cagrad_weights(eye, c=c, rescale=2), torch.full_like(eye[0], 0.7 / 1.4),
-                               **CAGRAD_HAND)
+    torch.testing.assert_close(
+        ops.cagrad_weights(eye, c=c, rescale=2), torch.full_like(eye[0], 0.7 / 1.4), **CAGRAD_HAND
+    )
     # Symmetric conflict g1 = (1, a), g2 = (−1, a): g_x = (2x₁ − 1, a), so g_xᵀg0 = a² for every x and
     # ‖g_x‖ is least at x = (½, ½), where g_x = g0: again λ = c and w = (½ + c/2)/(1 + c²).
     a = 0.5
     J = np.array([[1.0, a], [-1.0, a]])
-    torch.testing.assert_close(ops.cagrad_weights(_gram(J, dtype, device), c=c),
-                               _t([0.7 / 1.16] * 2, dtype, device), **CAGRAD_HAND)
+    torch.testing.assert_close(
+        ops.cagrad_weights(_gram(J, dtype, device), c=c), _t([0.7 / 1.16] * 2, dtype, device), **CAGRAD_HAND
+    )
 
 
 @pytest.mark.parametrize("K", [2, 3, 8])
@@ -230,17 +236,20 @@ def test_cagrad_float32_matches_float64():
 
 def test_imtl_hand(device, dtype):
     # g1 = (1, 0), g2 = (0, 2): d = (w1, 2·w2), d·u1 = w1 = d·u2 = 2·w2, w1 + w2 = 1 → (2/3, 1/3).
-    torch.testing.assert_close(ops.imtl_weights(_t([[1.0, 0.0], [0.0, 4.0]], dtype, device)),
-                               _t([2 / 3, 1 / 3], dtype, device))
+    torch.testing.assert_close(
+        ops.imtl_weights(_t([[1.0, 0.0], [0.0, 4.0]], dtype, device)), _t([2 / 3, 1 / 3], dtype, device)
+    )
     # Orthogonal gradients of norms 1, 2, 4: w1·1 = w2·2 = w3·4 → w ∝ (1, ½, ¼) = (4, 2, 1)/7.
-    torch.testing.assert_close(ops.imtl_weights(torch.diag(_t([1.0, 4.0, 16.0], dtype, device))),
-                               _t([4 / 7, 2 / 7, 1 / 7], dtype, device))
+    torch.testing.assert_close(
+        ops.imtl_weights(torch.diag(_t([1.0, 4.0, 16.0], dtype, device))), _t([4 / 7, 2 / 7, 1 / 7], dtype, device)
+    )
     # Conflicting g1 = (1, 0), g2 = (−1, 1): d = (w1 − w2, w2); d·u1 = w1 − w2, d·u2 = (2w2 − w1)/√2.
     # Equal: w1·(√2 + 1) = w2·(2 + √2) → w1/w2 = √2 → w = (√2, 1)/(1 + √2).
     J = np.array([[1.0, 0.0], [-1.0, 1.0]])
     root2 = math.sqrt(2)
-    torch.testing.assert_close(ops.imtl_weights(_gram(J, dtype, device)),
-                               _t([root2 / (1 + root2), 1 / (1 + root2)], dtype, device))
+    torch.testing.assert_close(
+        ops.imtl_weights(_gram(J, dtype, device)), _t([root2 / (1 + root2), 1 / (1 + root2)], dtype, device)
+    )
 
 
 @pytest.mark.parametrize("K", TASK_COUNTS)
@@ -261,12 +270,14 @@ def test_imtl_gives_equal_projections_on_the_unit_gradients(K, dtype):
 
 def test_aligned_mtl_hand(device, dtype):
     # G = diag(1, 4): V = I, σ = 1, W = diag(√(1/1), √(1/4)) → w = W·1 = (1, ½).
-    torch.testing.assert_close(ops.aligned_mtl_weights(_t([[1.0, 0.0], [0.0, 4.0]], dtype, device)),
-                               _t([1.0, 0.5], dtype, device))
+    torch.testing.assert_close(
+        ops.aligned_mtl_weights(_t([[1.0, 0.0], [0.0, 4.0]], dtype, device)), _t([1.0, 0.5], dtype, device)
+    )
     # G = [[1, −½], [−½, 1]]: eigenpairs (½, (1, 1)/√2) and (3/2, (1, −1)/√2); Vᵀ·1 = (√2, 0), so only
     # the first pair contributes: w = (1, 1)/√2 · √(½/½) · √2 = (1, 1).
-    torch.testing.assert_close(ops.aligned_mtl_weights(_t([[1.0, -0.5], [-0.5, 1.0]], dtype, device)),
-                               _t([1.0, 1.0], dtype, device))
+    torch.testing.assert_close(
+        ops.aligned_mtl_weights(_t([[1.0, -0.5], [-0.5, 1.0]], dtype, device)), _t([1.0, 1.0], dtype, device)
+    )
 
 
 @pytest.mark.parametrize("K", TASK_COUNTS)
@@ -290,8 +301,9 @@ def test_aligned_mtl_aligned_gradients_are_orthogonal_with_equal_norms(K, dtype)
 def test_aligned_mtl_drops_the_null_space_like_the_authors():
     # K = 5 gradients in 3 dimensions: rank 3, two eigenvalues dropped.
     J = _random_jacobian(5, 0, columns=3)
-    np.testing.assert_allclose(ops.aligned_mtl_weights(_gram(J)).numpy(), reference.aligned_mtl_weights(J),
-                               rtol=1e-9, atol=1e-10)
+    np.testing.assert_allclose(
+        ops.aligned_mtl_weights(_gram(J)).numpy(), reference.aligned_mtl_weights(J), rtol=1e-9, atol=1e-10
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -301,11 +313,13 @@ def test_aligned_mtl_drops_the_null_space_like_the_authors():
 def test_nash_mtl_hand(device, dtype):
     ones = torch.ones(2, dtype=dtype, device=device)
     # Orthogonal gradients: α_k·‖g_k‖²·α_k = 1 → α_k = 1/‖g_k‖ = (½, 1) for G = diag(4, 1).
-    torch.testing.assert_close(ops.nash_mtl_weights(_t([[4.0, 0.0], [0.0, 1.0]], dtype, device), ones),
-                               _t([0.5, 1.0], dtype, device))
+    torch.testing.assert_close(
+        ops.nash_mtl_weights(_t([[4.0, 0.0], [0.0, 1.0]], dtype, device), ones), _t([0.5, 1.0], dtype, device)
+    )
     # G = [[1, −½], [−½, 1]]: by symmetry α1 = α2 = a with a·(a − a/2) = 1 → a = √2.
-    torch.testing.assert_close(ops.nash_mtl_weights(_t([[1.0, -0.5], [-0.5, 1.0]], dtype, device), ones),
-                               _t([math.sqrt(2)] * 2, dtype, device))
+    torch.testing.assert_close(
+        ops.nash_mtl_weights(_t([[1.0, -0.5], [-0.5, 1.0]], dtype, device), ones), _t([math.sqrt(2)] * 2, dtype, device)
+    )
 
 
 @pytest.mark.parametrize("K", TASK_COUNTS)
@@ -317,8 +331,9 @@ def test_nash_mtl_solves_the_bargaining_equation(K, dtype):
         alpha = ops.nash_mtl_weights(G, start)
         # (G·α)·α = 1 elementwise, α > 0; the same α from any start (the solution is unique).
         assert torch.all(alpha > 0)
-        torch.testing.assert_close((G.double() @ alpha.double()) * alpha.double(),
-                                   torch.ones(K, dtype=torch.float64), **_tolerance(dtype))
+        torch.testing.assert_close(
+            (G.double() @ alpha.double()) * alpha.double(), torch.ones(K, dtype=torch.float64), **_tolerance(dtype)
+        )
         torch.testing.assert_close(ops.nash_mtl_weights(G, torch.ones(K, dtype=dtype)), alpha, **_tolerance(dtype))
         np.testing.assert_allclose(alpha.double().numpy(), reference.nash_mtl_weights(J @ J.T), **_tolerance(dtype))
 
@@ -340,8 +355,9 @@ def test_graddrop_hand(device, dtype):
     # depends on U), all negative (purity 0: the negative sign always wins), all zero (d = 0).
     J = _t([[1.0, 2.0, -1.0, 0.0], [3.0, -2.0, -4.0, 0.0]], dtype, device)
     expected = [4.0, 2.0 if u[1] < 0.5 else -2.0, -5.0, 0.0]
-    torch.testing.assert_close(ops.graddrop(J, torch.zeros(2, dtype=dtype, device=device), seed, offset),
-                               _t(expected, dtype, device))
+    torch.testing.assert_close(
+        ops.graddrop(J, torch.zeros(2, dtype=dtype, device=device), seed, offset), _t(expected, dtype, device)
+    )
     # Leak 1 keeps everything: the plain sum; leak ½ on task 2 in column 2 (+2 vs −2): the dropped entry
     # survives at half weight.
     torch.testing.assert_close(ops.graddrop(J, torch.ones(2, dtype=dtype, device=device), seed, offset), J.sum(0))
@@ -514,8 +530,10 @@ def _opcheck_cases(device: str, dtype: torch.dtype) -> list:
         (torch.ops.selgroup_fast.imtl_weights.default, (G,)),
         (torch.ops.selgroup_fast.aligned_mtl_weights.default, (G,)),
         (torch.ops.selgroup_fast.nash_mtl_weights.default, (G, torch.ones(K, dtype=dtype, device=device), 50, 1e-16)),
-        (torch.ops.selgroup_fast.graddrop.default,
-         (torch.randn(K, 64, dtype=dtype, device=device), torch.zeros(K, dtype=dtype, device=device), 3, 4)),
+        (
+            torch.ops.selgroup_fast.graddrop.default,
+            (torch.randn(K, 64, dtype=dtype, device=device), torch.zeros(K, dtype=dtype, device=device), 3, 4),
+        ),
     ]
 
 
@@ -524,9 +542,21 @@ def test_opcheck(device, dtype):
         torch.library.opcheck(op, args)
 
 
-@pytest.mark.parametrize("name", ["affinity_update_", "group_similarity", "affinity_propagation", "pcgrad_weights",
-                                  "mgda_weights", "cagrad_weights", "imtl_weights", "aligned_mtl_weights",
-                                  "nash_mtl_weights", "graddrop"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "affinity_update_",
+        "group_similarity",
+        "affinity_propagation",
+        "pcgrad_weights",
+        "mgda_weights",
+        "cagrad_weights",
+        "imtl_weights",
+        "aligned_mtl_weights",
+        "nash_mtl_weights",
+        "graddrop",
+    ],
+)
 def test_schema_defaults_match_the_wrapper(name):
     # The defaults live in two places only, the schema (csrc/ops.cpp) and the Python wrapper: they must agree.
     schema = getattr(torch.ops.selgroup_fast, name).default._schema
@@ -561,8 +591,15 @@ def test_fakes_check_inputs_like_the_kernels():
 
 
 def test_docstring_examples():
-    for function in (ops.pcgrad_weights, ops.mgda_weights, ops.cagrad_weights, ops.imtl_weights,
-                     ops.aligned_mtl_weights, ops.nash_mtl_weights, ops.graddrop):
+    for function in (
+        ops.pcgrad_weights,
+        ops.mgda_weights,
+        ops.cagrad_weights,
+        ops.imtl_weights,
+        ops.aligned_mtl_weights,
+        ops.nash_mtl_weights,
+        ops.graddrop,
+    ):
         runner = doctest.DocTestRunner(optionflags=doctest.NORMALIZE_WHITESPACE)
         for test in doctest.DocTestFinder().find(function, globs={"torch": torch, function.__name__: function}):
             runner.run(test)
@@ -579,8 +616,9 @@ def test_cuda_matches_cpu(K, dtype):
             # Same code on both (csrc/manipulation), but nvcc contracts a·b + c into fused multiply-adds
             # where the host compiler does not: the iterates differ by rounding, which the stopping rules
             # (MGDA's ‖Δw‖₁ < 1e-5, CAGrad's ‖Δx‖₁ < 1e-10) can turn into a step more or less.
-            torch.testing.assert_close(_weights(name, G.cuda(), seed).cpu(), _weights(name, G, seed),
-                                       rtol=1e-5, atol=1e-6, msg=name)
+            torch.testing.assert_close(
+                _weights(name, G.cuda(), seed).cpu(), _weights(name, G, seed), rtol=1e-5, atol=1e-6, msg=name
+            )
         J = torch.randn(K, 10007, dtype=dtype, generator=torch.Generator().manual_seed(seed))
         leak = torch.full((K,), 0.1, dtype=dtype)
         torch.testing.assert_close(ops.graddrop(J.cuda(), leak.cuda(), seed, 5).cpu(), ops.graddrop(J, leak, seed, 5))

@@ -24,14 +24,33 @@ def team_check(tmp_path_factory: pytest.TempPathFactory) -> Path:
         pytest.skip("needs a C++20 compiler")
     binary = tmp_path_factory.mktemp("team_check") / "team_check"
     # -fopenmp as the extension's CPU build: the same vectorised reductions (csrc/affinity/affinity_propagation.h).
-    subprocess.run(["c++", "-std=c++20", "-O2", "-fopenmp", "-pthread", "-I", str(ROOT / "csrc"),
-                    str(ROOT / "tests" / "team_check.cpp"), "-o", str(binary)], check=True)
+    subprocess.run(
+        [
+            "c++",
+            "-std=c++20",
+            "-O2",
+            "-fopenmp",
+            "-pthread",
+            "-I",
+            str(ROOT / "csrc"),
+            str(ROOT / "tests" / "team_check.cpp"),
+            "-o",
+            str(binary),
+        ],
+        check=True,
+    )
     return binary
 
 
 def _run(binary: Path, *args: str) -> str:
-    result = subprocess.run([str(binary), *args], check=False, capture_output=True, text=True, timeout=600,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    result = subprocess.run(
+        [str(binary), *args],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr
     return result.stdout
 

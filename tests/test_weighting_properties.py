@@ -58,8 +58,9 @@ def test_relabelling_the_tasks_relabels_the_weights(name, device, dtype):
     method, relabelled = make(name, num_tasks, device, dtype), make(name, num_tasks, device, dtype)
     if isinstance(method, Weighting):
         G = gram(J)
-        torch.testing.assert_close(relabelled.weights(G[perm][:, perm].contiguous()), method.weights(G)[perm],
-                                   **tolerance(dtype))
+        torch.testing.assert_close(
+            relabelled.weights(G[perm][:, perm].contiguous()), method.weights(G)[perm], **tolerance(dtype)
+        )
     else:
         torch.testing.assert_close(relabelled(J[perm].contiguous()), method(J), **tolerance(dtype))
 

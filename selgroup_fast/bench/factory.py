@@ -32,8 +32,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..losses import ClosureOutput
-from ..losses import parse_closure_output
+from ..losses import ClosureOutput, parse_closure_output
 
 
 class ModelError(ValueError):
@@ -107,7 +106,7 @@ def load_factory(spec: str) -> ModelFactory:
         target = getattr(target, name)
     if not callable(target):
         raise ModelError(f"--model {spec} is a {type(target).__name__}, not a callable factory")
-    return target  # type: ignore[return-value]
+    return target
 
 
 def factory_name(factory: ModelFactory) -> str:

@@ -37,7 +37,7 @@ def plot_breakdown(results: list[MethodResult], path: Path, title: str) -> Path:
     for label, heights in segments:
         if any(height > 0 for height in heights):
             ax.bar(names, heights, bottom=bottoms, label=label)
-            bottoms = [b + h for b, h in zip(bottoms, heights)]
+            bottoms = [b + h for b, h in zip(bottoms, heights, strict=False)]
     for x, result in enumerate(results):
         ax.annotate(f"{result.total:.3g}s", (x, bottoms[x]), ha="center", va="bottom", fontsize=8)
     ax.set_ylabel("seconds per batch (median)")
@@ -60,7 +60,7 @@ def plot_sweep(suite: Suite, path: Path, title: str) -> Path:
     fig, ax = plt.subplots(figsize=(8.0, 4.5))
     colours = plt.get_cmap("tab20").colors  # 13+ methods: the 10 default colours would repeat
     for index, (name, points) in enumerate(by_method.items()):
-        ks, totals = zip(*points)
+        ks, totals = zip(*points, strict=False)
         ax.plot(ks, totals, marker=_MARKERS[index % len(_MARKERS)], color=colours[index % len(colours)], label=name)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")

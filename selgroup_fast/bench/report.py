@@ -170,9 +170,7 @@ def sweep_rows(suite: Suite) -> tuple[list[str], list[list[str]]]:
     for k in ks:
         for result in suite.results[k]:
             by_method.setdefault(result.method, {})[k] = result
-    rows = [
-        [name, *(f"{per_k[k].total:.4f}" if k in per_k else "–" for k in ks)] for name, per_k in by_method.items()
-    ]
+    rows = [[name, *(f"{per_k[k].total:.4f}" if k in per_k else "–" for k in ks)] for name, per_k in by_method.items()]
     return header, rows
 
 
@@ -187,7 +185,9 @@ def text_table(header: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(line[i]) for line in [header, *rows]) for i in range(len(header))]
 
     def render(line: list[str]) -> str:
-        return "  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(line, widths)))
+        return "  ".join(
+            cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(line, widths, strict=False))
+        )
 
     return "\n".join([render(header), "  ".join("-" * w for w in widths), *(render(row) for row in rows)]) + "\n"
 

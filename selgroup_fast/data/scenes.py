@@ -86,7 +86,7 @@ class PrimitivesBuilder:
             labels = {name: np.zeros(0, np.int64) for name in ("instance", "label", "part", "part_lower")}
             vectors = {"center": np.zeros((0, 3)), "size": np.zeros((0, 3)), "albedo": np.zeros((0, 3))}
             return Primitives(**labels, **vectors, yaw=np.zeros(0), part_split=np.zeros(0), texture=np.zeros((0, 4)))
-        cols = list(zip(*self.rows))
+        cols = list(zip(*self.rows, strict=False))
         return Primitives(
             center=np.array(cols[0], float),
             size=np.array(cols[1], float),

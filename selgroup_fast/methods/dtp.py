@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence, Union
+from collections.abc import Sequence
 
 import torch
 
@@ -74,7 +74,7 @@ class DTP(LossWeightingMethod):
     def _smooth(self, kpis: torch.Tensor) -> None:
         self.kpis = self.alpha * kpis.to(self.kpis) + (1.0 - self.alpha) * self.kpis
 
-    def update_kpis(self, kpis: Union[torch.Tensor, Sequence[float]]) -> None:
+    def update_kpis(self, kpis: torch.Tensor | Sequence[float]) -> None:
         """Feeds the K task KPIs (values in (0, 1); clamped) into the moving average."""
         kpis = torch.as_tensor(kpis, dtype=self.kpis.dtype).to(self.device)
         if kpis.shape != (self.num_tasks,):
@@ -86,4 +86,3 @@ class DTP(LossWeightingMethod):
         if not self.user_kpis:
             self._smooth(torch.exp(-losses.detach()))
         return (self.weights.to(losses.dtype) * losses).sum()
-

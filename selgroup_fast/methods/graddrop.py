@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from collections.abc import Sequence
 
 import torch
 
 from .. import ops
 from .weighting import Aggregator
 
-Leak = Union[float, Sequence[float], torch.Tensor, None]
+Leak = float | Sequence[float] | torch.Tensor | None
 
 
 class GradDrop(Aggregator):
@@ -54,7 +54,7 @@ class GradDrop(Aggregator):
         dtype: torch.dtype = torch.float32,
         *,
         leak: Leak = None,
-        seed: Optional[int] = None,
+        seed: int | None = None,
         offset: int = 0,
     ) -> None:
         super().__init__(num_tasks, device, dtype)
@@ -67,8 +67,9 @@ class GradDrop(Aggregator):
         self.seed = int(torch.randint(0, 2**62, ()).item()) if seed is None else int(seed)
         self.offset = int(offset)
 
-    def combine(self, jacobian: torch.Tensor, out: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def combine(
+        self, jacobian: torch.Tensor, out: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         direction = ops.graddrop(jacobian.contiguous(), self.leak.to(jacobian.dtype), self.seed, self.offset)
         self.offset += 1
         return (direction if out is None else out.copy_(direction)), None
-

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -79,12 +79,11 @@ class NashMTL(Weighting):
         self.alpha = ops.nash_mtl_weights(gram, self.alpha.to(gram.dtype), **self.options)
         return self.alpha
 
-    def direction_weights(self, gram: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def direction_weights(self, gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         alpha = self.weights(gram)
         return clip_weights(alpha, gram, self.max_norm), alpha  # the authors clip the shared gradient only
 
-    def reused_weights(self) -> Optional[torch.Tensor]:
+    def reused_weights(self) -> torch.Tensor | None:
         update = self.steps % self.update_weights_every == 0
         self.steps += 1
         return None if update else self.alpha
-

@@ -2,22 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from .. import ops
 from .weighting import Weighting
 
 
-def seeded_generator(device: torch.device, seed: Optional[int]) -> torch.Generator:
+def seeded_generator(device: torch.device, seed: int | None) -> torch.Generator:
     """A generator on ``device``, seeded with ``seed`` or from torch's global RNG (reproducible under ``manual_seed``)."""
     if seed is None:
         seed = int(torch.randint(0, 2**62, ()).item())  # CPU RNG at construction only: no device sync
     return torch.Generator(device=device).manual_seed(seed)
 
 
-def projection_orders(num_tasks: int, device: torch.device, generator: Optional[torch.Generator]) -> torch.Tensor:
+def projection_orders(num_tasks: int, device: torch.device, generator: torch.Generator | None) -> torch.Tensor:
     """K random permutations of 0..K-1 (row i: the order task i is projected in), drawn on ``device``."""
     return torch.rand(num_tasks, num_tasks, generator=generator, device=device).argsort(dim=1)
 
@@ -67,8 +65,8 @@ class PCGrad(Weighting):
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
         *,
-        seed: Optional[int] = None,
-        generator: Optional[torch.Generator] = None,
+        seed: int | None = None,
+        generator: torch.Generator | None = None,
     ) -> None:
         super().__init__(num_tasks, device, dtype)
         if generator is not None and seed is not None:
@@ -77,4 +75,3 @@ class PCGrad(Weighting):
 
     def weights(self, gram: torch.Tensor) -> torch.Tensor:
         return ops.pcgrad_weights(gram, projection_orders(gram.shape[0], gram.device, self.generator))
-

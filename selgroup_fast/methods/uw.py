@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -43,7 +43,9 @@ class UW(LossWeightingMethod):
     name = "uw"
     saved_state = ("log_vars", "log_vars_optimizer")
 
-    def __init__(self, optimizer: torch.optim.Optimizer, num_tasks: int, *, lr: float = 0.025, profile: bool = False) -> None:
+    def __init__(
+        self, optimizer: torch.optim.Optimizer, num_tasks: int, *, lr: float = 0.025, profile: bool = False
+    ) -> None:
         super().__init__(optimizer, num_tasks, profile=profile)
         if lr <= 0:
             raise ValueError(f"lr must be > 0, got {lr}")
@@ -65,4 +67,3 @@ class UW(LossWeightingMethod):
     def _after_step(self, losses: torch.Tensor, closure: Callable[[], ClosureOutput]) -> None:
         with self._timer.phase("optimizer"):
             self.log_vars_optimizer.step()
-

@@ -9,7 +9,8 @@ An op's option defaults live in its schema and wrapper only (:mod:`selgroup_fast
 from __future__ import annotations
 
 import abc
-from typing import Any, Callable, ClassVar, Optional
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 import torch
 
@@ -70,7 +71,9 @@ class Aggregator(SavedState, abc.ABC):
         self.dtype = dtype
 
     @abc.abstractmethod
-    def combine(self, jacobian: torch.Tensor, out: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def combine(
+        self, jacobian: torch.Tensor, out: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The direction (written into ``out`` when given) and the heads' task weights (``None``: all ones)."""
 
     def __call__(self, jacobian: torch.Tensor) -> torch.Tensor:
@@ -80,10 +83,9 @@ class Aggregator(SavedState, abc.ABC):
             raise ValueError(f"{self.name}: expected {self.num_tasks} rows of task gradients, got {jacobian.shape[0]}")
         return self.combine(jacobian)[0]
 
-    def reused_weights(self) -> Optional[torch.Tensor]:
+    def reused_weights(self) -> torch.Tensor | None:
         """Called once per training step: weights to reuse without task gradients, or ``None`` (compute them)."""
         return None
-
 
 
 class Weighting(Aggregator):
@@ -97,12 +99,14 @@ class Weighting(Aggregator):
     def weights(self, gram: torch.Tensor) -> torch.Tensor:
         """The K task weights for the Gram matrix ``gram`` (K×K), with this object's options and state."""
 
-    def direction_weights(self, gram: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def direction_weights(self, gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The weights of the direction and those of the heads (``None``: all ones)."""
         weights = self.weights(gram)
         return weights, (weights if self.weights_task_params else None)
 
-    def combine(self, jacobian: torch.Tensor, out: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def combine(
+        self, jacobian: torch.Tensor, out: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         direction_weights, head_weights = self.direction_weights(gram(jacobian))
         direction_weights = direction_weights.to(jacobian.dtype)
         if out is None:
