@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import datetime
 import json
 import math
@@ -663,7 +664,7 @@ class _Run:
         metrics = [_make_metric(spec, self.custom) for spec in self.specs]
         loss_sums = [0.0] * len(self.specs)
         batches = 0
-        for images, targets in self.val_loader:
+        for images, targets in itertools.islice(self.val_loader, self.config.eval_batches):
             images = images.to(self.device, non_blocking=True)
             targets = [t.to(self.device, non_blocking=True) for t in _as_list(targets, self.specs)]
             with self.autocast:
