@@ -788,8 +788,12 @@ class _Run:
             base = {task: self.baseline["metrics"][task] for task in self.names}
             results["baseline"] = config.baseline
             results["baseline_metrics"] = base
-            results["delta_m"] = delta_m(final["metrics"], base, results["higher_is_better"], results["primary"])
-            results["delta_m_all"] = delta_m_all(final["metrics"], base, results["higher_is_better"])
+            try:
+                results["delta_m"] = delta_m(final["metrics"], base, results["higher_is_better"], results["primary"])
+                results["delta_m_all"] = delta_m_all(final["metrics"], base, results["higher_is_better"])
+            except ValueError as error:  # e.g. a baseline metric of 0: no relative change
+                results["delta_m"] = results["delta_m_all"] = None
+                results["delta_m_error"] = str(error)
         if self.selective:
             counts = self.history["groups"]
             batches = max(self.history["cogrouping_batches"], 1)
