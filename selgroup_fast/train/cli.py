@@ -19,11 +19,10 @@ from .loop import Interrupted, NonFiniteLoss, fit, fit_baseline
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse that reports a bad flag as one ``error:`` line (no usage dump), exit status 2."""
+    """argparse that reports a bad flag as a :class:`TrainError` (one ``error:`` line, no usage dump)."""
 
     def error(self, message: str) -> NoReturn:
-        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
-        sys.exit(2)
+        raise TrainError(f"{message} (see {self.prog} --help)")
 
 
 def _positive_int(text: str) -> int:
@@ -129,11 +128,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Runs the command line ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
     baseline = bool(argv) and argv[0] == "baseline"
-    args = build_parser(baseline).parse_args(argv[1:] if baseline else argv)
-    config = config_from_args(args)
     from ..data import DataError
 
     try:
+        config = config_from_args(build_parser(baseline).parse_args(argv[1:] if baseline else argv))
         if baseline:
             fit_baseline(config)
             print(f"baseline written to {config.out}/baseline.json", file=sys.stderr)
@@ -143,7 +141,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except NonFiniteLoss as error:
-        stop = "" if config.on_nonfinite != "stop" else f"; the last good state is in {config.out}/checkpoint.pt"
+        stop = f"; the last good state is in {config.out}/checkpoint.pt"
         print(f"error: {error}{stop}", file=sys.stderr)
         return 1
     except Interrupted as error:
