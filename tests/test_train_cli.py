@@ -7,7 +7,6 @@ import json
 
 import pytest
 import torch
-
 from train_helpers import TINY_ARGS, run_train
 
 
