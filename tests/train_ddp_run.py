@@ -55,3 +55,4 @@ def train(out: str, batch_size: int) -> None:
 if __name__ == "__main__":
     torch.set_num_threads(1)
     train(sys.argv[1], int(sys.argv[2]))
+    torch.distributed.destroy_process_group()

@@ -48,7 +48,7 @@ class CheckpointError(TrainError):
 
 def rng_states() -> dict[str, Any]:
     """The states of every generator the run draws from (torch CPU and CUDA, Python, NumPy)."""
-    np_state = np.random.get_state()
+    np_state: tuple[Any, ...] = np.random.get_state(legacy=True)  # type: ignore[assignment]
     return {
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],

@@ -14,6 +14,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
+import torch.distributed as dist
+
 from .config import (
     AMP_MODES,
     ON_NONFINITE,
@@ -156,4 +158,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Interrupted as error:
         print(f"interrupted: {error}", file=sys.stderr)
         return 128 + error.signum
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
     return 0

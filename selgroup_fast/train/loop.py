@@ -31,18 +31,11 @@ from .. import methods
 from ..bench.model import PRESETS, MultiTaskViT, TaskSpec, task_losses
 from ..bench.report import environment
 from . import checkpoint
-from .config import (
-    DDP_METHODS,
-    TrainConfig,
-    TrainError,
-    parse_method_option,
-    resolve,
-    resolve_device,
-)
+from .config import DDP_METHODS, TrainConfig, TrainError, resolve, resolve_device
 from .report import TensorBoardLog, append_jsonl, summary_table, write_json, write_plots
 
 #: ``loss_fn(outputs, targets, tasks) -> K scalar losses`` (outputs and targets in task order).
-LossFn = Callable[[Sequence[torch.Tensor], Sequence[torch.Tensor], Sequence[TaskSpec]], Sequence[torch.Tensor]]
+LossFn = Callable[..., Sequence[torch.Tensor]]
 
 _ALL_SPECS: dict[str, TaskSpec] = {spec.name: spec for preset in PRESETS.values() for spec in preset}
 
@@ -129,15 +122,6 @@ def task_specs(config: TrainConfig, tasks: Sequence[TaskSpec] | None) -> list[Ta
     return [_ALL_SPECS[name] for name in names]
 
 
-def method_options(config: TrainConfig) -> dict[str, Any]:
-    """``--method-option`` values (already parsed by the CLI, or given as a dict by API users)."""
-    options = dict(config.method_options)
-    for key, value in options.items():
-        if isinstance(value, str) and "=" in key:  # tolerate "key=value" strings from API users
-            options.update([parse_method_option(key)])
-    return options
-
-
 def _check_method(config: TrainConfig, env: _Distributed) -> None:
     available = methods.available()
     if config.method not in available:
@@ -185,12 +169,13 @@ def _build_schedule(config: TrainConfig, optimizer: torch.optim.Optimizer) -> to
 def _build_method(
     config: TrainConfig, optimizer: torch.optim.Optimizer, model: torch.nn.Module, num_tasks: int, scaler: Any
 ) -> methods.MultiTaskMethod:
-    options = method_options(config)
+    options = dict(config.method_options)
     if config.method == "selective":
         options.setdefault("generator", torch.Generator().manual_seed(config.seed))
         if scaler is not None:
             options["grad_scaler"] = scaler
-    shared = model.shared_parameters() if hasattr(model, "shared_parameters") else None
+    shared_parameters = getattr(model, "shared_parameters", None)
+    shared = shared_parameters() if callable(shared_parameters) else None
     try:
         return methods.create(config.method, optimizer, num_tasks, shared_params=shared, **options)
     except TypeError as error:
@@ -249,6 +234,15 @@ def _make_metric(spec: TaskSpec, custom: bool) -> Any:
     from ..metrics import make_metric
 
     return make_metric(spec.name)
+
+
+def _computed(task: str, metric: Any) -> dict[str, float]:
+    """The metric's values; NaN for its primary metric when the evaluation had nothing to score."""
+    try:
+        return {key: float(value) for key, value in metric.compute().items()}
+    except ValueError as error:  # e.g. no valid pixel in the evaluated batches
+        print(f"warning: task {task}: {error}", file=sys.stderr)
+        return {metric.primary: float("nan")}
 
 
 def _as_list(targets: Any, specs: list[TaskSpec]) -> list[torch.Tensor]:
@@ -331,15 +325,13 @@ def fit(
         model = _build_model(config, specs)
 
     if env.active and not dist.is_initialized():
+        # Initialised once per process and kept (for the next fit() of `baseline`, say): re-creating
+        # the default group over torchrun's store can hang. The CLI destroys it before exiting.
         dist.init_process_group(
             "nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(minutes=10)
         )
-    try:
-        return _Run(config, defaults_note, env, device, specs, model, train_data, val_data, loss_fn, baseline,
-                    custom, out, ckpt_path, resume_path).train()
-    finally:
-        if env.active and dist.is_initialized():
-            dist.destroy_process_group()
+    return _Run(config, defaults_note, env, device, specs, model, train_data, val_data, loss_fn, baseline,
+                custom, out, ckpt_path, resume_path).train()
 
 
 def _resume_path(config: TrainConfig, ckpt_path: Path) -> Path | None:
@@ -398,11 +390,12 @@ class _Run:
                 find_unused_parameters=config.method == "selective",
             )
         self.forward_model = torch.compile(self.model) if config.compile else self.model
-        self.method = _build_method(config, self.optimizer, self.raw_model, len(specs), self.scaler)
+        # Any: the selective method's groups, affinity and warm-up are read where it is the method
+        self.method: Any = _build_method(config, self.optimizer, self.raw_model, len(specs), self.scaler)
         self.selective = config.method == "selective"
         self.train_loader, self.sampler = self._train_loader(train_data)
         self.val_loader = val_data if isinstance(val_data, DataLoader) else DataLoader(
-            val_data, batch_size=config.batch_size, shuffle=False, num_workers=config.workers
+            val_data, batch_size=config.batch_size, shuffle=False, num_workers=config.workers or 0
         )
         self.autocast = (
             torch.autocast(device.type, dtype=torch.bfloat16 if config.amp == "bf16" else torch.float16)
@@ -430,7 +423,7 @@ class _Run:
 
     # ------------------------------------------------------------------ data
 
-    def _train_loader(self, data: Any) -> tuple[DataLoader, DistributedSampler | None]:
+    def _train_loader(self, data: Any) -> tuple[DataLoader, _ResumableSampler | None]:
         if isinstance(data, DataLoader):
             return data, None
         config = self.config
@@ -445,7 +438,7 @@ class _Run:
             batch_size=config.batch_size,
             sampler=sampler,
             drop_last=True,
-            num_workers=config.workers,
+            num_workers=config.workers or 0,
             pin_memory=self.device.type == "cuda",
             # its own generator: creating an iterator must not draw from the global RNG
             generator=torch.Generator().manual_seed(config.seed),
@@ -484,8 +477,8 @@ class _Run:
         progress = self._progress_bar() if main else None
         started = time.perf_counter()
         batches = self._batches()
-        iters = config.iters
-        assert iters is not None
+        iters, eval_every, checkpoint_every = config.iters, config.eval_every, config.checkpoint_every
+        assert iters is not None and eval_every is not None and checkpoint_every is not None
         try:
             with _StopFlag() as stop:
                 while self.iteration < iters:
@@ -507,9 +500,9 @@ class _Run:
                     self.times["step"] += t2 - t1
                     self.times["bookkeeping"] += t3 - t2
                     self.timed_iterations += 1
-                    if self.iteration % config.eval_every == 0 or self.iteration == iters:
+                    if self.iteration % eval_every == 0 or self.iteration == iters:
                         self._evaluate(log)
-                    if self.iteration % config.checkpoint_every == 0 or self.iteration == iters:
+                    if self.iteration % checkpoint_every == 0 or self.iteration == iters:
                         self._checkpoint()
                     if self._stop_requested(stop):
                         self._checkpoint()
@@ -714,7 +707,7 @@ class _Run:
             "higher_is_better": {name: dict(m.higher_is_better) for name, m in zip(self.names, metrics)},
             "primary": {name: m.primary for name, m in zip(self.names, metrics)},
         }
-        computed = {name: {key: float(v) for key, v in m.compute().items()} for name, m in zip(self.names, metrics)}
+        computed = {name: _computed(name, m) for name, m in zip(self.names, metrics)}
         return computed, {name: total / max(batches, 1) for name, total in zip(self.names, loss_sums)}
 
     # ------------------------------------------------------------------ checkpoints
