@@ -68,6 +68,14 @@ def test_every_method_trains_through_the_trainer(method, tmp_path):
         assert 1 <= results["groups_mean"] <= k
         for plot in ("affinity.png", "cogrouping.png", "groups.png", "affinity_entries.png"):
             assert (tmp_path / plot).stat().st_size > 1000
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        events = EventAccumulator(str(tmp_path / "tensorboard"))
+        events.Reload()
+        tags = set(events.Tags()["scalars"])
+        assert {"train/loss/semseg", "train/lr", "selective/groups", "affinity/semseg->depth", "time/forward_s",
+                "time/affinity_s", "val/semseg/mIoU", "val/loss/edge"} <= tags
+        assert [event.step for event in events.Scalars("train/lr")] == [1, 2, 3]
     else:
         assert not SELECTIVE_KEYS & set(results) and not (tmp_path / "affinity.png").exists()
 
@@ -217,3 +225,32 @@ def test_mixed_precision_and_compile(method, amp, tmp_path):
     assert state["model"]["decoders.0.weight"].dtype == torch.float32  # autocast leaves the parameters alone
     if amp == "fp16":
         assert state["scaler"] is not None and state["scaler"]["scale"] > 0
+
+
+def test_the_machine_defaults_are_said():
+    from selgroup_fast.train.config import CPU_DEFAULTS, GPU_DEFAULTS, resolve
+
+    config, note = resolve(TrainConfig(), torch.device("cpu"))
+    assert (config.backbone, config.img_size, config.patch_size, config.iters, config.lr) == (
+        "test_vit", 32, 8, 300, 1e-3)
+    assert (config.method, config.dataset, config.tasks, config.batch_size) == ("selective", "scenes", "nyud", 8)
+    assert note == CPU_DEFAULTS.note and "under 3 minutes on 2 cores" in note
+    # the paper's Table C.1 on a GPU (resolve only reads the device's type)
+    config, note = resolve(TrainConfig(), torch.device("cuda"))
+    assert (config.optimizer, config.lr, config.weight_decay, config.schedule, config.batch_size, config.img_size) == (
+        "adam", 2e-5, 1e-6, "poly", 8, 224)
+    assert note == GPU_DEFAULTS.note
+    # any size or length given: no note
+    assert resolve(TrainConfig(iters=5), torch.device("cpu"))[1] is None
+
+
+@pytest.mark.slow
+def test_no_arguments_trains_the_default_run(tmp_path):
+    from train_helpers import run_train
+
+    done = run_train("--out", str(tmp_path), timeout=1200)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "CPU defaults:" in done.stderr and "selective on scenes" in done.stderr
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["iterations"] == 300 and results["method"] == "selective"
+    assert 2 <= results["groups_mean"] <= 4 and len(results["groups_final"]) >= 1
