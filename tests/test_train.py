@@ -68,7 +68,9 @@ def test_every_method_trains_through_the_trainer(method, tmp_path):
         assert 1 <= results["groups_mean"] <= k
         for plot in ("affinity.png", "cogrouping.png", "groups.png", "affinity_entries.png"):
             assert (tmp_path / plot).stat().st_size > 1000
-        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+        from tensorboard.backend.event_processing.event_accumulator import (
+            EventAccumulator,
+        )
 
         events = EventAccumulator(str(tmp_path / "tensorboard"))
         events.Reload()
