@@ -303,6 +303,7 @@ def fit(
     if train_data is not None and config.workers is None:
         config = dataclasses.replace(config, workers=0)  # a user's data: no worker process unless asked
     config, defaults_note = resolve(config, device)
+    _share_cores_with_workers(config, device)
     custom = model is not None or tasks is not None
     if model is not None and tasks is None:
         raise TrainError("fit(model=...) needs tasks= (the TaskSpec of each of the model's outputs)")
@@ -332,6 +333,15 @@ def fit(
         )
     return _Run(config, defaults_note, env, device, specs, model, train_data, val_data, loss_fn, baseline,
                 custom, out, ckpt_path, resume_path).train()
+
+
+def _share_cores_with_workers(config: TrainConfig, device: torch.device) -> None:
+    """On the CPU, leaves one core per DataLoader worker: torch's threads spin-wait, and sharing the
+    cores with a rendering worker made the default run 10× slower on 2 cores. OMP_NUM_THREADS wins."""
+    if device.type != "cpu" or not config.workers or "OMP_NUM_THREADS" in os.environ:
+        return
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    torch.set_num_threads(max(1, min(torch.get_num_threads(), cores - config.workers)))
 
 
 def _resume_path(config: TrainConfig, ckpt_path: Path) -> Path | None:
