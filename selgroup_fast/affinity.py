@@ -3,11 +3,12 @@
 Jeong & Yoon, "Selective Task Group Updates for Multi-Task Optimization", ICLR 2025:
 Definition 2 (proximal inter-task affinity, tracked as an exponential moving average)
 and the regrouping of the official ``next_group`` (column-normalised, symmetrised
-affinity clustered by affinity propagation). See ``algorithm.md`` for every rule.
+affinity clustered by affinity propagation). The rules: ``docs/algorithm.md``.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -16,12 +17,14 @@ import torch
 from . import ops
 from .checks import check_decay, check_int
 
-__all__ = ["AffinityTracker"]
+__all__ = ["ATTRIBUTIONS", "AffinityTracker"]
 
 GroupSpec = torch.Tensor | Sequence[int]
 
-#: The official retry rule: without an exemplar, retry with convergence_iter += 100,
-#: at most this many tries in all.
+#: Which group a loss change is credited to (docs/algorithm.md §Attribution).
+ATTRIBUTIONS = ("paper", "reference")
+#: The official retry rule (docs/algorithm.md §Warm-up and retries): without an
+#: exemplar, retry with convergence_iter += 100, at most this many tries in all.
 MAX_GROUPING_TRIES = 10
 CONVERGENCE_ITER_STEP = 100
 #: Distinct index lists whose device masks AffinityTracker.group_mask keeps.
@@ -78,12 +81,17 @@ class AffinityTracker:
     def dtype(self) -> torch.dtype:
         return self._affinity.dtype
 
+    @property
+    def cached_masks(self) -> int:
+        """How many index-list masks :meth:`group_mask` holds (at most ``MAX_CACHED_MASKS``)."""
+        return len(self._mask_cache)
+
     def group_mask(self, group: GroupSpec) -> torch.Tensor:
         """The bool[K] mask of ``group`` on the tracker's device.
 
-        A sequence of task indices is turned into a mask without a device sync
-        (:func:`group_masks`, cached per distinct sequence); a bool tensor of K entries
-        is moved to the tracker's device as is.
+        A sequence of distinct task indices becomes a mask without a device sync (built on
+        the host, copied through pinned memory with ``non_blocking=True`` on CUDA) and is
+        cached per distinct sequence; a bool tensor of K entries is moved to the device as is.
         """
         if isinstance(group, torch.Tensor):
             if group.dtype != torch.bool or group.shape != (self.num_tasks,):
@@ -95,34 +103,75 @@ class AffinityTracker:
         key = tuple(group)  # the cache is keyed by the group as given: no sort on the hot path
         mask = self._mask_cache.get(key)
         if mask is None:
+            tasks = [int(task) for task in key]
+            if len(set(tasks)) != len(tasks) or any(not 0 <= task < self.num_tasks for task in tasks):
+                raise ValueError(f"group must hold distinct task indices in [0, {self.num_tasks}), got {list(key)}")
+            mask = torch.zeros(self.num_tasks, dtype=torch.bool)
+            mask[tasks] = True
+            # The caching host allocator holds the pinned block until the copy is done.
+            mask = mask.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else mask
             if len(self._mask_cache) >= MAX_CACHED_MASKS:
                 self._mask_cache.clear()  # groups drawn anew every batch must not grow it forever
-            mask = group_masks([key], self.num_tasks, self.device)[0]
             self._mask_cache[key] = mask
         return mask
 
-    def _losses(self, value: torch.Tensor, name: str) -> torch.Tensor:
+    def _losses(self, value: torch.Tensor, name: str, dim: int = 1) -> torch.Tensor:
         """``value`` detached, on the tracker's device and dtype (no copy when already there)."""
         if not isinstance(value, torch.Tensor):
             value = torch.as_tensor(value)
-        if value.shape != self._affinity.shape[:1]:
-            raise ValueError(f"{name} must hold {self.num_tasks} losses, got shape {tuple(value.shape)}")
-        value = value.detach()
-        if value.dtype != self._affinity.dtype or value.device != self._affinity.device:
-            value = value.to(device=self._affinity.device, dtype=self._affinity.dtype)
-        return value
+        if value.dim() != dim or value.shape[-1] != self.num_tasks:
+            rows = "" if dim == 1 else " per row"
+            raise ValueError(f"{name} must hold {self.num_tasks} losses{rows}, got shape {tuple(value.shape)}")
+        return value.detach().to(device=self.device, dtype=self.dtype)
 
     def update(self, group: GroupSpec, before: torch.Tensor, after: torch.Tensor) -> None:
         """Credits the loss change ``before -> after`` (K losses each) to ``group``'s step.
 
         ``group``: a bool mask[K] or a sequence of task indices. The losses are detached
         and moved to the tracker's device and dtype; losses that are not positive finite
-        numbers are skipped by the rules of ``affinity_update_``.
+        numbers are skipped by the rules of ``affinity_update_`` (docs/algorithm.md §Affinity update).
         """
-        ops.affinity_update_(
-            self._affinity, self._losses(before, "before"), self._losses(after, "after"), self.group_mask(group),
-            self.decay,
-        )
+        self.credit_batch(torch.stack([self._losses(before, "before"), self._losses(after, "after")]), [group])
+
+    def credit_batch(
+        self,
+        losses: torch.Tensor,
+        stepped: Sequence[GroupSpec],
+        *,
+        skipped: torch.Tensor | None = None,
+        attribution: str = "paper",
+    ) -> None:
+        """Credits every loss change of a batch, in order (docs/algorithm.md §Attribution).
+
+        ``losses`` (F×K): the K losses of each of the batch's F forwards; ``stepped``: the
+        groups stepped, in order, forwards ``m`` and ``m + 1`` bracketing step ``m``. With
+        ``attribution="paper"`` step ``m``'s group gets the change, with ``"reference"`` (the
+        public reference code) the group of step ``m + 1``. ``skipped`` (bool[len(stepped)],
+        optional): steps that changed nothing (a grad scaler skipped them); their change is
+        credited to no one. No host sync.
+
+        Example::
+
+            >>> tracker = AffinityTracker(2, decay=0.5)
+            >>> losses = torch.tensor([[1.0, 1.0], [0.5, 1.5], [0.5, 1.0]])
+            >>> tracker.credit_batch(losses, [[0], [1]])
+            >>> tracker.affinity
+            tensor([[ 0.2500, -0.2500],
+                    [ 0.0000,  0.1667]])
+        """
+        if attribution not in ATTRIBUTIONS:
+            raise ValueError(f"attribution must be one of {ATTRIBUTIONS}, got {attribution!r}")
+        losses = self._losses(losses, "losses", dim=2)
+        shift = ATTRIBUTIONS.index(attribution)  # "reference": the group stepped next
+        changes = len(losses) - 1
+        if changes + shift > len(stepped):
+            raise ValueError(f"{len(losses)} forwards and {attribution!r} crediting need {changes + shift} stepped groups")
+        before = losses[:-1]
+        if skipped is not None:  # NaN "before" losses are skipped by the update rule
+            before = before.masked_fill(skipped[:changes, None].to(self.device), math.nan)
+        for m in range(changes):
+            ops.affinity_update_(self._affinity, before[m], losses[m + 1], self.group_mask(stepped[m + shift]),
+                                 self.decay)
 
     def similarity(self) -> torch.Tensor:
         """``group_similarity(affinity)``: what :meth:`groups` clusters (always finite)."""
@@ -167,27 +216,6 @@ class AffinityTracker:
         self.decay = decay
 
 
-def group_masks(groups: Sequence[Sequence[int]], num_tasks: int, device: torch.device | str) -> torch.Tensor:
-    """The M×K bool masks of ``groups`` (sequences of distinct task indices) on ``device``.
-
-    Built on the host and copied without a host sync: through pinned memory with
-    ``non_blocking=True`` on CUDA (the pinned block is held until the copy is done).
-    """
-    masks = torch.zeros(len(groups), num_tasks, dtype=torch.bool)
-    for m, group in enumerate(groups):
-        tasks = [int(task) for task in group]
-        if len(set(tasks)) != len(tasks) or any(not 0 <= task < num_tasks for task in tasks):
-            raise ValueError(f"group must hold distinct task indices in [0, {num_tasks}), got {list(group)}")
-        masks[m, tasks] = True
-    device = torch.device(device)
-    if device.type == "cuda":
-        return masks.pin_memory().to(device, non_blocking=True)
-    return masks.to(device)
-
-
 def labels_to_groups(labels: Sequence[int]) -> list[list[int]]:
-    """Cluster labels (numbered by first appearance) -> groups of task indices."""
-    groups: list[list[int]] = [[] for _ in range(max(labels) + 1)]
-    for task, label in enumerate(labels):
-        groups[label].append(task)
-    return [group for group in groups if group]
+    """Cluster labels numbered 0..M-1 by first appearance -> the M groups of task indices."""
+    return [[task for task, label in enumerate(labels) if label == m] for m in range(max(labels) + 1)]
