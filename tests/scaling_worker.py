@@ -23,7 +23,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-import selgroup_fast
 from selgroup_fast import methods
 
 NUM_TASKS = 3
@@ -71,15 +70,25 @@ def batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
     return data
 
 
-def make_method(name: str, optimizer: torch.optim.Optimizer, model: torch.nn.Module, task_params: bool) -> Any:
-    """Method ``name`` over ``optimizer``, told the encoder's (and, if asked, each head's) parameters."""
-    shared = list(model.encoder.parameters())
-    ownership: dict[str, Any] = {"task_params": [list(head.parameters()) for head in model.heads]} if task_params else {}
+#: How a case builds its method: as is, with ``task_params=``, or without a seed (each rank's
+#: global RNG seeded differently: the method must still draw rank 0's numbers everywhere).
+VARIANTS = ("plain", "task_params", "unseeded")
+
+
+def make_method(name: str, optimizer: torch.optim.Optimizer, model: torch.nn.Module, variant: str, rank: int) -> Any:
+    """Method ``name`` over ``optimizer``, told the encoder's (and, for ``"task_params"``, each head's) parameters."""
+    options: dict[str, Any] = {"shared_params": list(model.encoder.parameters())}
+    if variant == "task_params":
+        options["task_params"] = [list(head.parameters()) for head in model.heads]
+    if variant == "unseeded":
+        torch.manual_seed(100 + rank)
+    else:
+        options.update(METHOD_OPTIONS.get(name, {}))
     if name == "selective":
-        return selgroup_fast.SelectiveGroupUpdate(
-            optimizer, NUM_TASKS, warmup_steps=1, decay=0.5, generator=torch.Generator().manual_seed(5), **ownership
-        )
-    return methods.create(name, optimizer, NUM_TASKS, shared_params=shared, **ownership, **METHOD_OPTIONS.get(name, {}))
+        options.update(warmup_steps=1, decay=0.5)
+        if variant != "unseeded":
+            options["generator"] = torch.Generator().manual_seed(5)
+    return methods.create(name, optimizer, NUM_TASKS, **options)
 
 
 def plain(value: Any) -> Any:
@@ -94,7 +103,7 @@ def plain(value: Any) -> Any:
     return value
 
 
-def run(name: str, config: str, rank: int = 0, world_size: int = 1, task_params: bool = False) -> dict[str, Any]:
+def run(name: str, config: str, variant: str = "plain", rank: int = 0, world_size: int = 1) -> dict[str, Any]:
     """Trains method ``name`` for :data:`STEPS` steps in ``config``; returns parameters and method state."""
     try:
         torch.manual_seed(0)  # the same initial parameters in every process
@@ -110,9 +119,12 @@ def run(name: str, config: str, rank: int = 0, world_size: int = 1, task_params:
         if config == "ddp":
             forward = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=name == "selective")
         elif config == "compiled":
+            # Dynamo caches compiled code by code object, across model instances: each case
+            # compiles afresh, as a new training script would.
+            torch._dynamo.reset()
             forward = torch.compile(model, backend=COMPILE_BACKEND)
         optimizer = torch.optim.Adam(model.parameters(), lr=0.05, weight_decay=0.1)
-        method = make_method(name, optimizer, model, task_params)
+        method = make_method(name, optimizer, model, variant, rank)
         for x, y in batches():
             rows = slice(rank * GLOBAL_BATCH // world_size, (rank + 1) * GLOBAL_BATCH // world_size)
             x, y = x[rows], y[rows]
@@ -132,8 +144,8 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def serve(rank: int, port: int, cases: list[tuple[str, str, bool]], out_dir: str) -> None:
-    """Runs ``cases`` (method, config, task_params) on rank ``rank``; saves the results to ``out_dir``."""
+def serve(rank: int, port: int, cases: list[tuple[str, str, str]], out_dir: str) -> None:
+    """Runs ``cases`` (method, config, variant) on rank ``rank``; saves the results to ``out_dir``."""
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD_SIZE,
@@ -141,8 +153,8 @@ def serve(rank: int, port: int, cases: list[tuple[str, str, bool]], out_dir: str
     results = {}
     try:
         for case in cases:
-            name, config, task_params = case
-            results[case] = run(name, config, rank, WORLD_SIZE, task_params)
+            name, config, variant = case
+            results[case] = run(name, config, variant, rank, WORLD_SIZE)
             dist.barrier()  # a failed case on both ranks leaves no collective pending for the next
     finally:
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))

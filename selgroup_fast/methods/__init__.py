@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from ..parallel import TaskParams
 from .base import MultiTaskMethod
 
 # name -> "module:Class", imported on first use so that one method's optional
@@ -63,22 +64,34 @@ def create(
     optimizer: torch.optim.Optimizer,
     num_tasks: int,
     shared_params: Any = None,
+    task_params: Any = None,
     **options: Any,
 ) -> MultiTaskMethod:
     """Creates method ``name`` driving ``optimizer`` over ``num_tasks`` task losses.
 
     ``shared_params`` (the encoder's parameters) is required by the methods that
     manipulate per-task gradients of the shared parameters; the others ignore it.
-    ``options`` are the method's own (see its class docstring).
+    ``task_params`` (K iterables, each task's own parameters; checked against
+    ``shared_params``) tells the methods which parameters belong to which task where
+    the autograd graph cannot (a ``torch.compile``d model, FSDP2): ``selective`` masks the
+    other tasks' parameters at every group step, the gradient methods take them as the
+    task-specific parameters; the loss-weighting methods need nothing (one backward of
+    all losses). ``options`` are the method's own (see its class docstring).
     """
     cls = _load(name)
+    owners = None if task_params is None else TaskParams(num_tasks, shared_params, task_params)
+    if getattr(cls, "accepts_task_params", False):
+        options["task_params"] = task_params
     if getattr(cls, "uses_shared_params", False):
         if shared_params is None:
             raise ValueError(f"method {name!r} needs shared_params= (the parameters shared by all tasks)")
         options["shared_params"] = shared_params
     elif shared_params is not None and getattr(cls, "accepts_shared_params", False):
         options["shared_params"] = shared_params  # optional use, e.g. FAMO's gradient clipping
-    return cls(optimizer, num_tasks, **options)
+    method = cls(optimizer, num_tasks, **options)
+    if owners is not None and hasattr(method, "use_task_params"):
+        method.use_task_params(owners)
+    return method
 
 
 def aggregate(name: str, jacobian: torch.Tensor, /, **options: Any) -> torch.Tensor:

@@ -74,7 +74,7 @@ class GradDrop(GradientMethod):
     ) -> None:
         super().__init__(optimizer, num_tasks, shared_params=shared_params, jacobian=jacobian, profile=profile)
         self.leak = leak_tensor(leak, num_tasks, self.device, self._jacobian.matrix.dtype)
-        self.seed = int(torch.randint(0, 2**62, ()).item()) if seed is None else int(seed)
+        self.seed = self._ranks.seed(seed)  # drawn from torch's global RNG if None; rank 0's on every rank
         self.offset = 0
 
     @classmethod

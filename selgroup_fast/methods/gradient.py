@@ -19,6 +19,19 @@ fused ops of :mod:`selgroup_fast.ops`. One step (:meth:`GradientMethod.step`):
 
 Nothing in it reads a value back to the host, so on CUDA the step queues
 without synchronising.
+
+Scaling out (README "Scaling out"):
+
+* ``torch.compile``: the Jacobian's backwards keep the graph for the next one, which
+  AOTAutograd forbids for a backward compiled with donated buffers; the forward runs with
+  ``torch._functorch.config.donated_buffer`` off, so a model compiled at its first
+  forward inside :meth:`GradientMethod.step` gets a backward that may be retained.
+* DDP: every gradient is computed with ``torch.autograd.grad``, which bypasses DDP's
+  reducer; ``J`` is averaged across the ranks with one all-reduce (K×P numbers) and the
+  task-specific gradients with a second (P_heads numbers), so the direction is the
+  global batch's and nothing reduces it again.
+* FSDP2 (DTensor parameters) is refused with a clear error: its graph holds unsharded
+  copies of the parameters, which ``torch.autograd.grad`` would have to target.
 """
 
 from __future__ import annotations
@@ -27,8 +40,10 @@ import abc
 from typing import Any, Callable, Optional
 
 import torch
+import torch._functorch.config
 
 from ..losses import ClosureOutput
+from ..parallel import TaskParams, is_sharded
 from .base import MultiTaskMethod, detached
 from .jacobian import JacobianMode, SharedParams, TaskJacobian
 
@@ -82,6 +97,12 @@ class GradientMethod(MultiTaskMethod):
         self._task_params = [
             p for group in optimizer.param_groups for p in group["params"] if p.requires_grad and id(p) not in shared_ids
         ]
+        if any(is_sharded(p) for p in [*self._jacobian.params, *self._task_params]):
+            raise ValueError(
+                f"{type(self).__name__} does not support sharded (FSDP2/DTensor) parameters: the per-task "
+                "gradients need the full parameters; train it with DistributedDataParallel (or use gd, selective "
+                "or a loss-weighting method with FSDP2)"
+            )
 
     @property
     def shared_params(self) -> list[torch.Tensor]:
@@ -89,8 +110,15 @@ class GradientMethod(MultiTaskMethod):
 
     @property
     def task_params(self) -> list[torch.Tensor]:
-        """The optimizer's parameters that are not shared (each task's own head)."""
+        """The task-specific parameters: ``task_params=`` of ``create``, else the optimizer's non-shared ones."""
         return self._task_params
+
+    def use_task_params(self, owners: TaskParams) -> None:
+        """Takes the task-specific parameters from ``create(..., task_params=)`` instead of the optimizer."""
+        if {id(p) for p in owners.shared} != {id(p) for p in self.shared_params}:
+            raise ValueError("task_params were validated against other shared_params than this method's")
+        owners.check_in_optimizer(self.optimizer)
+        self._task_params = owners.all_task_params()
 
     @abc.abstractmethod
     def _combine(self, jacobian: torch.Tensor, out: torch.Tensor) -> Optional[torch.Tensor]:
@@ -103,9 +131,20 @@ class GradientMethod(MultiTaskMethod):
     def step(self, closure: Callable[[], ClosureOutput]) -> torch.Tensor:
         self._timer.reset()
         self.optimizer.zero_grad(set_to_none=True)
-        losses = self._forward(closure)
+        with torch._functorch.config.patch(donated_buffer=False):  # see "Scaling out" above
+            losses = self._forward(closure)
         with self._timer.phase("backward"):
-            jacobian = self._jacobian.compute(losses, retain_graph=bool(self._task_params))
+            try:
+                jacobian = self._jacobian.compute(losses, retain_graph=bool(self._task_params))
+            except RuntimeError as error:
+                if "donated buffers" not in str(error):
+                    raise
+                raise RuntimeError(
+                    f"{type(self).__name__} back-propagates each task's loss through the same graph, but the model's "
+                    "backward was compiled with donated buffers before this method first ran it: compile it under "
+                    "torch._functorch.config.patch(donated_buffer=False), or call torch._dynamo.reset() first"
+                ) from error
+            jacobian = self._ranks.mean(jacobian)
         with self._timer.phase("manipulation"):
             task_weights = self._combine(jacobian, self._jacobian.direction)
             self._jacobian.assign_grads()
@@ -115,13 +154,18 @@ class GradientMethod(MultiTaskMethod):
         return detached(losses)
 
     def _backward_task_params(self, losses: list[torch.Tensor], task_weights: Optional[torch.Tensor]) -> None:
-        """One ordinary backward of the (weighted) loss sum into the task-specific parameters."""
+        """One backward of the (weighted) loss sum into the task-specific parameters, averaged across ranks."""
         if not self._task_params:
             return
         with self._timer.phase("backward"):
             stacked = torch.stack(losses)
             total = stacked.sum() if task_weights is None else (task_weights.detach().to(stacked.dtype) * stacked).sum()
-            torch.autograd.backward(total, inputs=self._task_params)
+            grads = torch.autograd.grad(total, self._task_params, allow_unused=True, materialize_grads=True)
+            if self._ranks.enabled:
+                flat = self._ranks.mean(torch.cat([g.reshape(-1) for g in grads]))
+                grads = flat.split([g.numel() for g in grads])
+            for param, grad in zip(self._task_params, grads):
+                param.grad = grad.view_as(param)
 
 
 class WeightingMethod(GradientMethod):

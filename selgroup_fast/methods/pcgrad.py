@@ -74,7 +74,12 @@ class PCGrad(WeightingMethod):
         super().__init__(optimizer, num_tasks, shared_params=shared_params, jacobian=jacobian, profile=profile)
         if generator is not None and seed is not None:
             raise ValueError("give seed= or generator=, not both")
-        self.generator = generator if generator is not None else seeded_generator(self.device, seed)
+        # The same projection orders on every rank: rank 0's seed or generator state.
+        if generator is None:
+            generator = seeded_generator(self.device, self._ranks.seed(seed))
+        else:
+            self._ranks.share_generator(generator)
+        self.generator = generator
 
     @staticmethod
     def projection_orders(num_tasks: int, device: torch.device, generator: Optional[torch.Generator]) -> torch.Tensor:
