@@ -47,9 +47,9 @@ from selgroup_fast.bench import MultiTaskViT, SyntheticBatch, parse_tasks, synth
 from selgroup_fast.bench.report import cpu_model
 from selgroup_fast.methods.jacobian import TaskJacobian
 
-GRADIENT_METHODS = ["pcgrad", "cagrad", "mgda", "graddrop", "imtl", "aligned_mtl", "nash_mtl"]
-LOSS_METHODS = ["uw", "dwa", "famo", "dtp"]
-ALL_METHODS = ["gd", *GRADIENT_METHODS, *LOSS_METHODS]
+GRADIENT_METHODS = selgroup_fast.methods.available("gradient")
+LOSS_METHODS = selgroup_fast.methods.available("loss")
+ALL_METHODS = [*selgroup_fast.methods.available("plain"), *GRADIENT_METHODS, *LOSS_METHODS]
 
 
 def losses_from(model: MultiTaskViT, features: torch.Tensor, batch: SyntheticBatch) -> list[torch.Tensor]:

@@ -108,7 +108,12 @@ def affinity_propagation(
 def _affinity_update_fake(
     affinity: torch.Tensor, before: torch.Tensor, after: torch.Tensor, group_mask: torch.Tensor, decay: float
 ) -> None:
-    return None
+    K = affinity.shape[0]
+    torch._check(affinity.dim() == 2 and affinity.shape[1] == K, lambda: f"affinity must be K×K, got {affinity.shape}")
+    for name, tensor in (("before", before), ("after", after), ("group_mask", group_mask)):
+        shape = tensor.shape
+        torch._check(shape == (K,), lambda name=name, shape=shape: f"{name} must have shape [{K}], got {shape}")
+    torch._check(group_mask.dtype == torch.bool, lambda: f"group_mask must be bool, got {group_mask.dtype}")
 
 
 @torch.library.register_fake("selgroup_fast::group_similarity")
@@ -118,16 +123,14 @@ def _group_similarity_fake(affinity: torch.Tensor) -> torch.Tensor:
 
 
 @torch.library.register_fake("selgroup_fast::affinity_propagation")
-def _affinity_propagation_fake(
-    similarity: torch.Tensor,
-    preference: float | None = None,
-    damping: float = 0.5,
-    max_iter: int = 200,
-    convergence_iter: int = 15,
-) -> torch.Tensor:
+def _affinity_propagation_fake(similarity: torch.Tensor, *solver_options: object) -> torch.Tensor:
     torch._check(similarity.dim() == 2 and similarity.shape[0] == similarity.shape[1], lambda: "similarity must be K×K")
     return similarity.new_empty(similarity.shape[:1], dtype=torch.int64)
 
+
+# The fakes take the solver options (whatever of them the dispatcher passes: it drops those equal to
+# the schema's defaults) as *solver_options: the output's shape does not depend on them, and their
+# defaults are declared once, in csrc/ops.cpp's schema and the wrappers here.
 
 # ---- baselines: gradient manipulation (csrc/manipulation, csrc/cpu/manipulation_cpu.cpp,
 # csrc/cuda/manipulation_*) -------------------------------------------------------------
@@ -264,20 +267,54 @@ def graddrop(jacobian: torch.Tensor, leak: torch.Tensor, seed: int, offset: int)
     return torch.ops.selgroup_fast.graddrop(jacobian, leak, seed, offset)
 
 
-def _weights_like_gram(gram: torch.Tensor) -> torch.Tensor:
+def _check_gram(gram: torch.Tensor) -> torch.Tensor:
+    """The kernels' checks of a Gram matrix (square, float32/64, K ≥ 1), then an empty weight vector like it."""
+    torch._check(gram.dim() == 2 and gram.shape[0] == gram.shape[1], lambda: f"gram must be square (K×K), got {gram.shape}")
+    torch._check(gram.shape[0] >= 1, lambda: "gram must have at least one row")
+    torch._check(gram.dtype in (torch.float32, torch.float64), lambda: f"gram must be float32 or float64, got {gram.dtype}")
     return gram.new_empty(gram.shape[:1])
 
 
-torch.library.register_fake("selgroup_fast::pcgrad_weights")(lambda gram, order: _weights_like_gram(gram))
-torch.library.register_fake("selgroup_fast::mgda_weights")(lambda gram, max_iter=250, tol=1e-5: _weights_like_gram(gram))
-torch.library.register_fake("selgroup_fast::cagrad_weights")(
-    lambda gram, c=0.4, rescale=1, max_iter=1000, tol=1e-10: _weights_like_gram(gram)
-)
-torch.library.register_fake("selgroup_fast::imtl_weights")(lambda gram: _weights_like_gram(gram))
-torch.library.register_fake("selgroup_fast::aligned_mtl_weights")(lambda gram: _weights_like_gram(gram))
-torch.library.register_fake("selgroup_fast::nash_mtl_weights")(
-    lambda gram, alpha_init, max_iter=50, tol=1e-16: _weights_like_gram(gram)
-)
-torch.library.register_fake("selgroup_fast::graddrop")(
-    lambda jacobian, leak, seed, offset: jacobian.new_empty(jacobian.shape[1:])
-)
+@torch.library.register_fake("selgroup_fast::pcgrad_weights")
+def _pcgrad_weights_fake(gram: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    torch._check(order.dtype == torch.int64, lambda: f"order must be int64, got {order.dtype}")
+    torch._check(order.shape == gram.shape, lambda: f"order must be K×K, got {order.shape}")
+    return _check_gram(gram)
+
+
+@torch.library.register_fake("selgroup_fast::mgda_weights")
+def _mgda_weights_fake(gram: torch.Tensor, *solver_options: object) -> torch.Tensor:
+    return _check_gram(gram)
+
+
+@torch.library.register_fake("selgroup_fast::cagrad_weights")
+def _cagrad_weights_fake(gram: torch.Tensor, *solver_options: object) -> torch.Tensor:
+    return _check_gram(gram)
+
+
+@torch.library.register_fake("selgroup_fast::imtl_weights")
+def _imtl_weights_fake(gram: torch.Tensor) -> torch.Tensor:
+    return _check_gram(gram)
+
+
+@torch.library.register_fake("selgroup_fast::aligned_mtl_weights")
+def _aligned_mtl_weights_fake(gram: torch.Tensor) -> torch.Tensor:
+    return _check_gram(gram)
+
+
+@torch.library.register_fake("selgroup_fast::nash_mtl_weights")
+def _nash_mtl_weights_fake(gram: torch.Tensor, alpha_init: torch.Tensor, *solver_options: object) -> torch.Tensor:
+    torch._check(alpha_init.shape == gram.shape[:1], lambda: f"alpha_init must have shape [K], got {alpha_init.shape}")
+    torch._check(alpha_init.dtype == gram.dtype, lambda: f"alpha_init is {alpha_init.dtype}, gram {gram.dtype}")
+    return _check_gram(gram)
+
+
+@torch.library.register_fake("selgroup_fast::graddrop")
+def _graddrop_fake(jacobian: torch.Tensor, leak: torch.Tensor, seed: int, offset: int) -> torch.Tensor:
+    torch._check(jacobian.dim() == 2, lambda: f"jacobian must be 2-D, got shape {jacobian.shape}")
+    torch._check(
+        jacobian.dtype in (torch.float32, torch.float64), lambda: f"jacobian must be float32 or float64, got {jacobian.dtype}"
+    )
+    torch._check(leak.shape == jacobian.shape[:1], lambda: f"leak must have shape [K], got {leak.shape}")
+    torch._check(leak.dtype == jacobian.dtype, lambda: f"leak is {leak.dtype}, jacobian {jacobian.dtype}")
+    return jacobian.new_empty(jacobian.shape[1:])

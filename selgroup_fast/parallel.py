@@ -52,15 +52,17 @@ class RankAgreement:
         dist.broadcast(carrier, group_src=0, group=self.process_group)
         generator.set_state(carrier.cpu())
 
-    def seed(self, seed: Optional[int]) -> int:
-        """``seed``, or one drawn from torch's global CPU RNG; the first rank's on every rank."""
-        if seed is None:
-            seed = int(torch.randint(0, 2**62, (), dtype=torch.int64).item())  # CPU RNG: no device sync
+    def first_rank(self, value: Any) -> Any:
+        """The first rank's ``value`` (any picklable object, e.g. a random state) on every rank.
+
+        For construction time: ``broadcast_object_list`` pickles and moves the value through the host.
+        """
         if not self.enabled:
-            return int(seed)
-        carrier = torch.tensor([seed], dtype=torch.int64, device=self.device if self.device.type == "cuda" else "cpu")
-        dist.broadcast(carrier, group_src=0, group=self.process_group)
-        return int(carrier.item())  # at construction only
+            return value
+        carrier = [value]
+        dist.broadcast_object_list(carrier, group_src=0, group=self.process_group,
+                                   device=self.device if self.device.type == "cuda" else None)
+        return carrier[0]
 
     def mean(self, tensor: torch.Tensor) -> torch.Tensor:
         """``tensor`` averaged across the ranks (one all-reduce, in place)."""

@@ -127,7 +127,7 @@ class ToyGroupedUpdate(MultiTaskMethod):
 
 
 def test_sweep_and_a_grouped_method(tmp_path, monkeypatch):
-    monkeypatch.setitem(selgroup_fast.methods._REGISTRY, "selective", f"{__name__}:ToyGroupedUpdate")
+    monkeypatch.setitem(selgroup_fast.methods._REGISTRY, "selective", ("grouping", f"{__name__}:ToyGroupedUpdate"))
     args = [*TINY, "--methods", "gd,selective", "--tasks", "3", "--steps", "1", "--warmup", "2"]
     assert main([*args, "--sweep-tasks", "2,3", "--out", str(tmp_path)]) == 0
     _assert_png(tmp_path / "sweep.png")

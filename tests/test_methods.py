@@ -10,53 +10,40 @@ import scipy.optimize
 import torch
 
 import selgroup_fast
-from selgroup_fast.methods import aggregate, create
+from conftest import TinyMultiTask, regression_losses
+from conftest import make_problem as shared_problem
+from selgroup_fast.methods import aggregate, aggregator, available, create
 from selgroup_fast.methods.gradient import GradientMethod
 from selgroup_fast.methods.jacobian import TaskJacobian
-from selgroup_fast.methods.pcgrad import PCGrad
+from selgroup_fast.methods.pcgrad import projection_orders
 
 K = 3
-METHOD_NAMES = ["gd", "selective", "pcgrad", "cagrad", "mgda", "graddrop", "imtl", "aligned_mtl", "nash_mtl", "uw", "dwa", "dtp", "famo"]
-GRADIENT_METHODS = ["pcgrad", "cagrad", "mgda", "graddrop", "imtl", "aligned_mtl", "nash_mtl"]
-LOSS_METHODS = ["uw", "dwa", "dtp", "famo"]
+METHOD_NAMES = available()
+GRADIENT_METHODS = available("gradient")
+LOSS_METHODS = available("loss")
 # Heads get Σ_k w_k ∇L_k for these (their authors back-propagate the weighted loss), ∇ Σ_k L_k otherwise.
 WEIGHTED_HEADS = {"mgda", "imtl", "nash_mtl"}
 
 
-class TinyMultiTask(torch.nn.Module):
-    """A shared encoder and one linear head per task (regression)."""
-
-    def __init__(self, num_tasks: int = K, width: int = 8) -> None:
-        super().__init__()
-        self.encoder = torch.nn.Sequential(torch.nn.Linear(4, width), torch.nn.Tanh(), torch.nn.Linear(width, width), torch.nn.Tanh())
-        self.heads = torch.nn.ModuleList(torch.nn.Linear(width, 1) for _ in range(num_tasks))
-
-    def losses(self, x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
-        features = self.encoder(x)
-        return [(head(features).squeeze(-1) - y[:, k]).pow(2).mean() for k, head in enumerate(self.heads)]
-
-
 class Closure:
-    """The training closure of a model on one fixed batch."""
+    """The training closure of a model on one fixed batch (conftest's regression losses)."""
 
     def __init__(self, model: TinyMultiTask, x: torch.Tensor, y: torch.Tensor) -> None:
         self.model, self.x, self.y = model, x, y
 
     def __call__(self) -> list[torch.Tensor]:
-        return self.model.losses(self.x, self.y)
+        return regression_losses(self.model, self.x, self.y)
 
     def on(self, model: TinyMultiTask) -> "Closure":
-        return Closure(model, self.x.to(next(model.parameters()).dtype), self.y.to(next(model.parameters()).dtype))
+        dtype = next(model.parameters()).dtype
+        return Closure(model, self.x.to(dtype), self.y.to(dtype))
 
 
 def make_problem(device: str = "cpu", dtype: torch.dtype = torch.float64, num_tasks: int = K, seed: int = 0):
-    gen = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    model = TinyMultiTask(num_tasks).to(device=device, dtype=dtype)
-    x = torch.randn(32, 4, generator=gen, dtype=torch.float64)
-    # Targets share structure (a common latent) so the tasks partly agree and partly conflict.
-    y = torch.tanh(x @ torch.randn(4, num_tasks, generator=gen, dtype=torch.float64))
-    return model, Closure(model, x.to(device=device, dtype=dtype), y.to(device=device, dtype=dtype))
+    """conftest's problem with a two-layer encoder (4 -> 8 -> 8) and partly conflicting targets."""
+    problem = shared_problem(num_tasks, seed, dtype, batch=32, device=device, in_features=4, hidden=8, layers=2,
+                             correlated=True)
+    return problem.model, Closure(problem.model, problem.x, problem.y)
 
 
 def build(name: str, model: TinyMultiTask, lr: float = 0.1, **options) -> selgroup_fast.methods.MultiTaskMethod:
@@ -84,8 +71,6 @@ def shared_grad(model: TinyMultiTask) -> torch.Tensor:
 
 @pytest.mark.parametrize("name", METHOD_NAMES)
 def test_every_method_decreases_the_loss_of_a_tiny_three_task_model(name, device, dtype):
-    if name not in selgroup_fast.methods.available():
-        pytest.skip(f"{name} is not available in this build")
     model, closure = make_problem(device, dtype)
     method = build(name, model, lr=0.1)
     first = method.step(closure)
@@ -122,6 +107,22 @@ def test_jacobian_matches_a_float64_autograd_reference(mode, device, dtype):
     assert jac.compute(closure()).data_ptr() == got.data_ptr()
 
 
+@pytest.mark.parametrize("chunk_size", [1, 2, 5])
+def test_chunked_batched_jacobian_equals_the_whole_batch(chunk_size):
+    model, closure = make_problem(num_tasks=5)
+    whole = TaskJacobian(model.encoder.parameters(), 5).compute(closure()).clone()
+    chunked = TaskJacobian(model.encoder.parameters(), 5, chunk_size=chunk_size)
+    torch.testing.assert_close(chunked.compute(closure()), whole, rtol=1e-12, atol=1e-14)
+    with pytest.raises(ValueError, match="chunk_size must be an int >= 1"):
+        TaskJacobian(model.encoder.parameters(), 5, chunk_size=0)
+    # The step takes the option too: the same update as the unchunked one.
+    twin = copy.deepcopy(model)
+    build("mgda", model, chunk_size=chunk_size).step(closure)
+    build("mgda", twin).step(closure.on(twin))
+    for p, q in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
+
+
 def test_jacobian_gives_zeros_to_a_shared_parameter_a_task_does_not_reach():
     a = torch.nn.Parameter(torch.tensor([1.0, 2.0], dtype=torch.float64))
     b = torch.nn.Parameter(torch.tensor([3.0], dtype=torch.float64))
@@ -144,7 +145,7 @@ def test_jacobian_option_is_validated():
 # --------------------------------------------------------------------------- one step, end to end
 
 
-@pytest.mark.parametrize("name", ["cagrad", "mgda", "imtl", "aligned_mtl", "nash_mtl", "graddrop", "pcgrad"])
+@pytest.mark.parametrize("name", GRADIENT_METHODS)
 @pytest.mark.parametrize("mode", ["batched", "loop"])
 def test_a_step_writes_aggregate_into_the_shared_grads_and_the_own_task_gradient_into_each_head(name, mode):
     model, closure = make_problem()
@@ -158,7 +159,7 @@ def test_a_step_writes_aggregate_into_the_shared_grads_and_the_own_task_gradient
     if name == "nash_mtl":  # the heads get α unclipped (the authors clip the shared gradient only)
         weights = selgroup_fast.ops.nash_mtl_weights(gram, torch.ones(K, dtype=gram.dtype))
     elif name in WEIGHTED_HEADS:
-        weights = type(method).gram_weights(gram)
+        weights = aggregator(name, K, dtype=gram.dtype).weights(gram)
     else:
         weights = torch.ones(K, dtype=torch.float64)
     for k, head in enumerate(model.heads):
@@ -213,7 +214,7 @@ def pcgrad_reference(J: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
 def test_pcgrad_matches_the_algorithm_in_the_drawn_order():
     gen = torch.Generator().manual_seed(0)
     J = torch.randn(5, 7, generator=gen, dtype=torch.float64)
-    order = PCGrad.projection_orders(5, J.device, torch.Generator().manual_seed(11))
+    order = projection_orders(5, J.device, torch.Generator().manual_seed(11))
     torch.testing.assert_close(aggregate("pcgrad", J, seed=11), pcgrad_reference(J, order))
 
 
@@ -258,7 +259,7 @@ def test_imtl_by_hand_and_equal_projections():
     d = aggregate("imtl", J)
     projections = (J / J.norm(dim=1, keepdim=True)) @ d
     torch.testing.assert_close(projections, projections[0].expand(3))
-    weights = selgroup_fast.methods.imtl.IMTL.gram_weights(J @ J.T)
+    weights = aggregator("imtl", 3, dtype=J.dtype).weights(J @ J.T)
     torch.testing.assert_close(weights.sum(), torch.tensor(1.0, dtype=torch.float64))
 
 
@@ -275,7 +276,7 @@ def test_nash_mtl_by_hand_fixed_point_and_max_norm():
     torch.testing.assert_close(aggregate("nash_mtl", t([[2.0, 0.0], [0.0, 0.5]]), max_norm=0.0), t([1.0, 1.0]), rtol=1e-6, atol=1e-7)
     J = torch.randn(3, 6, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     G = J @ J.T
-    alpha = selgroup_fast.methods.nash_mtl.NashMTL.gram_weights(G, max_norm=0.0)
+    alpha = aggregator("nash_mtl", 3, dtype=G.dtype).weights(G)
     assert (alpha > 0).all()
     torch.testing.assert_close(G @ alpha, 1 / alpha, rtol=1e-5, atol=1e-6)
     clipped = aggregate("nash_mtl", J, max_norm=0.5)
@@ -356,7 +357,7 @@ def test_bad_options_and_inputs_get_clear_errors():
     shared = model.encoder.parameters
     with pytest.raises(ValueError, match="jacobian must be one of"):
         create("cagrad", opt, K, shared_params=shared(), jacobian="fast")
-    with pytest.raises(ValueError, match="c must be >= 0"):
+    with pytest.raises(ValueError, match="c must be finite and >= 0"):
         create("cagrad", opt, K, shared_params=shared(), c=-1.0)
     with pytest.raises(ValueError, match="update_weights_every"):
         create("nash_mtl", opt, K, shared_params=shared(), update_weights_every=0)
@@ -452,7 +453,7 @@ def test_famo_matches_the_authors_update_written_out():
     opt = torch.optim.SGD(twin.parameters(), lr=0.05)
     for _ in range(3):
         famo.step(closure)
-        losses = torch.stack(twin.losses(x, y))
+        losses = torch.stack(regression_losses(twin, x, y))
         z = torch.softmax(logits.detach(), 0)
         shifted = losses + 1e-8
         opt.zero_grad()
@@ -460,7 +461,7 @@ def test_famo_matches_the_authors_update_written_out():
         torch.nn.utils.clip_grad_norm_(list(twin.encoder.parameters()), 1.0)
         opt.step()
         with torch.no_grad():
-            after = torch.stack(twin.losses(x, y))
+            after = torch.stack(regression_losses(twin, x, y))
         delta = shifted.detach().log() - (after + 1e-8).log()
         logits_opt.zero_grad()
         logits.grad = torch.autograd.grad(torch.softmax(logits, 0), logits, grad_outputs=delta)[0]
@@ -482,21 +483,21 @@ def test_nash_mtl_reuses_alpha_between_updates_with_one_backward():
     model, closure = make_problem()
     nash = build("nash_mtl", model, update_weights_every=3)
     nash.step(closure)
-    alpha = nash.alpha.clone()
+    alpha = nash.aggregator.alpha.clone()
     calls = []
     original = nash._jacobian.compute
     nash._jacobian.compute = lambda *a, **k: calls.append(1) or original(*a, **k)
     nash.step(closure)
     nash.step(closure)
-    assert calls == [] and torch.equal(nash.alpha, alpha)
+    assert calls == [] and torch.equal(nash.aggregator.alpha, alpha)
     nash.step(closure)
-    assert calls == [1] and not torch.equal(nash.alpha, alpha)
+    assert calls == [1] and not torch.equal(nash.aggregator.alpha, alpha)
 
 
 def test_gradient_methods_are_gradient_methods():
     for name in GRADIENT_METHODS:
-        assert issubclass(selgroup_fast.methods._load(name), GradientMethod)
-        assert selgroup_fast.methods._load(name).uses_shared_params
+        method = build(name, make_problem()[0])
+        assert isinstance(method, GradientMethod) and method.uses_shared_params and method.name == name
 
 
 @pytest.mark.parametrize("name", GRADIENT_METHODS)

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 import selgroup_fast
-from selgroup_fast.losses import task_losses
+from selgroup_fast.losses import parse_closure_output
 
 
 def test_gd_step_matches_a_hand_written_step():
@@ -54,12 +54,12 @@ def test_unknown_method_names_the_available_ones():
 )
 def test_bad_closure_outputs_get_clear_errors(output, error, match):
     with pytest.raises(error, match=match):
-        task_losses(output, 2)
+        parse_closure_output(output, 2)
 
 
 def test_closure_outputs_in_every_accepted_form():
     a, b = torch.tensor(1.0), torch.tensor([2.0])
     for output in ([a, b], (a, b), {"depth": a, "seg": b}, torch.tensor([1.0, 2.0])):
-        losses = task_losses(output, 2)
+        losses = parse_closure_output(output, 2).losses
         assert [loss.shape for loss in losses] == [torch.Size([]), torch.Size([])]
         assert [loss.item() for loss in losses] == [1.0, 2.0]

@@ -526,6 +526,26 @@ def test_opcheck(device, dtype):
         torch.library.opcheck(op, args)
 
 
+def test_fakes_check_inputs_like_the_kernels():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        G = torch.empty(4, 4)
+        for name in WEIGHT_OPS:
+            assert _weights(name, G).shape == (4,), name
+        assert ops.graddrop(torch.empty(4, 9), torch.zeros(4), 0, 0).shape == (9,)
+        with pytest.raises(RuntimeError, match="square"):
+            ops.imtl_weights(torch.empty(2, 3))
+        with pytest.raises(RuntimeError, match="float32 or float64"):
+            ops.mgda_weights(torch.empty(3, 3, dtype=torch.int64))
+        with pytest.raises(RuntimeError, match="order must be int64"):
+            ops.pcgrad_weights(G, torch.empty(4, 4, dtype=torch.int32))
+        with pytest.raises(RuntimeError, match="alpha_init must have shape"):
+            ops.nash_mtl_weights(G, torch.ones(3))
+        with pytest.raises(RuntimeError, match="leak must have shape"):
+            ops.graddrop(torch.empty(4, 9), torch.zeros(3), 0, 0)
+
+
 def test_docstring_examples():
     for function in (ops.pcgrad_weights, ops.mgda_weights, ops.cagrad_weights, ops.imtl_weights,
                      ops.aligned_mtl_weights, ops.nash_mtl_weights, ops.graddrop):

@@ -1,5 +1,11 @@
 """Multi-task methods behind one interface.
 
+Every method has a *kind* (:func:`kind`): ``"plain"`` (GD), ``"grouping"`` (selective
+task group updates), ``"gradient"`` (an :class:`Aggregator` of the task gradients,
+driven by the one training step :class:`GradientMethod`) or ``"loss"`` (a weighting
+of the task losses). Adding a gradient method means: its solver header and op, one
+line here, its aggregator object, one test row.
+
 >>> import torch, selgroup_fast
 >>> model = torch.nn.Linear(4, 3)
 >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -7,56 +13,92 @@
 >>> x = torch.randn(8, 4)
 >>> method.step(lambda: list(model(x).pow(2).mean(0))).shape
 torch.Size([3])
+>>> selgroup_fast.methods.available("gradient")[:3]
+['pcgrad', 'cagrad', 'mgda']
 """
 
 from __future__ import annotations
 
 import importlib
-from typing import Any
+import inspect
+from typing import Any, Optional
 
 import torch
 
 from ..parallel import TaskParams
 from .base import MultiTaskMethod
+from .gradient import GradientMethod
+from .jacobian import as_parameter_list
+from .weighting import Aggregator, Weighting, check_jacobian
 
-# name -> "module:Class", imported on first use so that one method's optional
-# pieces (or a method still missing from a partial install) never break the rest.
-_REGISTRY: dict[str, str] = {
-    "gd": "selgroup_fast.methods.gd:GD",
-    "selective": "selgroup_fast.selective:SelectiveGroupUpdate",
-    "pcgrad": "selgroup_fast.methods.pcgrad:PCGrad",
-    "cagrad": "selgroup_fast.methods.cagrad:CAGrad",
-    "mgda": "selgroup_fast.methods.mgda:MGDA",
-    "graddrop": "selgroup_fast.methods.graddrop:GradDrop",
-    "imtl": "selgroup_fast.methods.imtl:IMTL",
-    "aligned_mtl": "selgroup_fast.methods.aligned_mtl:AlignedMTL",
-    "nash_mtl": "selgroup_fast.methods.nash_mtl:NashMTL",
-    "uw": "selgroup_fast.methods.uw:UW",
-    "dwa": "selgroup_fast.methods.dwa:DWA",
-    "dtp": "selgroup_fast.methods.dtp:DTP",
-    "famo": "selgroup_fast.methods.famo:FAMO",
+# name -> (kind, "module:Class"), imported on first use.
+_REGISTRY: dict[str, tuple[str, str]] = {
+    "gd": ("plain", "selgroup_fast.methods.gd:GD"),
+    "selective": ("grouping", "selgroup_fast.selective:SelectiveGroupUpdate"),
+    "pcgrad": ("gradient", "selgroup_fast.methods.pcgrad:PCGrad"),
+    "cagrad": ("gradient", "selgroup_fast.methods.cagrad:CAGrad"),
+    "mgda": ("gradient", "selgroup_fast.methods.mgda:MGDA"),
+    "graddrop": ("gradient", "selgroup_fast.methods.graddrop:GradDrop"),
+    "imtl": ("gradient", "selgroup_fast.methods.imtl:IMTL"),
+    "aligned_mtl": ("gradient", "selgroup_fast.methods.aligned_mtl:AlignedMTL"),
+    "nash_mtl": ("gradient", "selgroup_fast.methods.nash_mtl:NashMTL"),
+    "uw": ("loss", "selgroup_fast.methods.uw:UW"),
+    "dwa": ("loss", "selgroup_fast.methods.dwa:DWA"),
+    "dtp": ("loss", "selgroup_fast.methods.dtp:DTP"),
+    "famo": ("loss", "selgroup_fast.methods.famo:FAMO"),
 }
+KINDS: tuple[str, ...] = ("plain", "grouping", "gradient", "loss")
+
+#: The options of ``create`` that belong to the training step of a gradient method, not to its aggregator.
+_STEP_OPTIONS = frozenset(
+    p.name for p in inspect.signature(GradientMethod.__init__).parameters.values() if p.kind is p.KEYWORD_ONLY
+)
+
+
+def kind(name: str) -> str:
+    """The kind of method ``name``: ``"plain"``, ``"grouping"``, ``"gradient"`` or ``"loss"``."""
+    try:
+        return _REGISTRY[name][0]
+    except KeyError:
+        raise ValueError(f"unknown method {name!r}; available: {', '.join(_REGISTRY)}") from None
 
 
 def _load(name: str) -> type:
-    try:
-        target = _REGISTRY[name]
-    except KeyError:
-        raise ValueError(f"unknown method {name!r}; available: {', '.join(available())}") from None
-    module_name, class_name = target.split(":")
+    kind(name)  # an unknown name raises, naming the known ones
+    module_name, class_name = _REGISTRY[name][1].split(":")
     return getattr(importlib.import_module(module_name), class_name)
 
 
-def available() -> list[str]:
-    """The names of the methods that can be created in this installation."""
-    names = []
-    for name in _REGISTRY:
-        try:
-            _load(name)
-        except ImportError:
-            continue
-        names.append(name)
+def available(kind: Optional[str] = None) -> list[str]:
+    """The names of the methods (of one kind, when given), in registry order.
+
+    Every method is imported: a broken import raises instead of hiding the method.
+    """
+    if kind is not None and kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    names = [name for name, (method_kind, _) in _REGISTRY.items() if kind in (None, method_kind)]
+    for name in names:
+        _load(name)
     return names
+
+
+def aggregator(
+    name: str, num_tasks: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, **options: Any
+) -> Aggregator:
+    """The aggregator of gradient method ``name`` for K = ``num_tasks``, its state on ``device`` in ``dtype``.
+
+    ``options`` are the method's own (see its class docstring).
+
+    Example::
+
+        >>> import torch, selgroup_fast
+        >>> mgda = selgroup_fast.methods.aggregator("mgda", 2, dtype=torch.float64)
+        >>> mgda.weights(torch.tensor([[1.0, 0.0], [0.0, 4.0]], dtype=torch.float64))
+        tensor([0.8000, 0.2000], dtype=torch.float64)
+    """
+    if kind(name) != "gradient":
+        raise ValueError(f"method {name!r} does not combine gradients (it is not gradient-based)")
+    return _load(name)(num_tasks, device, dtype, **options)
 
 
 def create(
@@ -71,39 +113,55 @@ def create(
 
     ``shared_params`` (the encoder's parameters) is required by the methods that
     manipulate per-task gradients of the shared parameters; the others ignore it.
+    ``options`` are the method's own (see its class docstring) and, for the gradient
+    methods, those of :class:`GradientMethod` (``jacobian``, ``space``, ``profile``).
+
     ``task_params`` (K iterables, each task's own parameters; checked against
-    ``shared_params``) tells the methods which parameters belong to which task where
-    the autograd graph cannot (a ``torch.compile``d model, FSDP2): ``selective`` masks the
-    other tasks' parameters at every group step, the gradient methods take them as the
-    task-specific parameters; the loss-weighting methods need nothing (one backward of
-    all losses). ``options`` are the method's own (see its class docstring).
+    ``shared_params``) says which parameters belong to which task where the autograd
+    graph cannot (a ``torch.compile``d model, FSDP2): ``selective`` masks the other tasks'
+    parameters at every group step, a gradient method takes them as its task-specific
+    parameters; the other methods only check them (one backward of all losses needs no mask).
     """
     cls = _load(name)
-    owners = None if task_params is None else TaskParams(num_tasks, shared_params, task_params)
-    if getattr(cls, "accepts_task_params", False):
-        options["task_params"] = task_params
-    if getattr(cls, "uses_shared_params", False):
+    if task_params is not None:
+        if kind(name) in ("gradient", "grouping"):
+            options["task_params"] = task_params  # checked by the method, which uses them
+        else:
+            TaskParams(num_tasks, shared_params, task_params)
+    if kind(name) == "gradient":
         if shared_params is None:
             raise ValueError(f"method {name!r} needs shared_params= (the parameters shared by all tasks)")
-        options["shared_params"] = shared_params
-    elif shared_params is not None and getattr(cls, "accepts_shared_params", False):
+        params = as_parameter_list(shared_params)
+        step = {key: options.pop(key) for key in list(options) if key in _STEP_OPTIONS}
+        method_aggregator = aggregator(name, num_tasks, params[0].device, params[0].dtype, **options)
+        return GradientMethod(optimizer, num_tasks, method_aggregator, shared_params=params, **step)
+    if shared_params is not None and getattr(cls, "accepts_shared_params", False):
         options["shared_params"] = shared_params  # optional use, e.g. FAMO's gradient clipping
-    method = cls(optimizer, num_tasks, **options)
-    if owners is not None and hasattr(method, "use_task_params"):
-        method.use_task_params(owners)
-    return method
+    return cls(optimizer, num_tasks, **options)
 
 
 def aggregate(name: str, jacobian: torch.Tensor, /, **options: Any) -> torch.Tensor:
     """Combines a K×P matrix of task gradients into one P-vector, as method ``name`` does.
 
     ``name`` and ``jacobian`` are positional-only, so that ``options`` can hold every
-    option of ``create`` (including the ``jacobian=`` mode, which ``aggregate`` ignores).
+    option of ``create`` (the training step's, such as ``jacobian=``, are ignored).
     """
-    cls = _load(name)
-    if not hasattr(cls, "aggregate"):
+    if kind(name) != "gradient":
         raise ValueError(f"method {name!r} does not combine gradients (it is not gradient-based)")
-    return cls.aggregate(jacobian, **options)
+    jacobian = check_jacobian(jacobian)
+    own = {key: value for key, value in options.items() if key not in _STEP_OPTIONS}
+    return aggregator(name, jacobian.shape[0], jacobian.device, jacobian.dtype, **own)(jacobian)
 
 
-__all__ = ["MultiTaskMethod", "aggregate", "available", "create"]
+__all__ = [
+    "Aggregator",
+    "GradientMethod",
+    "KINDS",
+    "MultiTaskMethod",
+    "Weighting",
+    "aggregate",
+    "aggregator",
+    "available",
+    "create",
+    "kind",
+]

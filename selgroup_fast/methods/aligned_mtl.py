@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 
 from .. import ops
-from .gradient import WeightingMethod
+from .weighting import Weighting
 
 
-class AlignedMTL(WeightingMethod):
+class AlignedMTL(Weighting):
     """Aligned-MTL: the task gradients made orthogonal and equally long, scaled by the smallest singular value.
 
     D. Senushkin, N. Patakin, A. Kuznetsov, A. Konushin, "Independent Component
@@ -22,10 +22,7 @@ class AlignedMTL(WeightingMethod):
     and returns those weights.
 
     Convention: the authors' (equal preferences, scaling by the smallest singular
-    value of the task-gradient matrix); the heads get ``∇ Σ_k L_k``.
-
-    Options: ``jacobian``. Cost per step: 1 forward, 1 vmapped backward (K with
-    ``jacobian="loop"``) + 1 for the heads, 1 optimizer step.
+    value of the task-gradient matrix); the heads get ``∇ Σ_k L_k``. No options.
 
     Example::
 
@@ -37,9 +34,5 @@ class AlignedMTL(WeightingMethod):
 
     name = "aligned_mtl"
 
-    @staticmethod
-    def gram_weights(gram: torch.Tensor) -> torch.Tensor:
+    def weights(self, gram: torch.Tensor) -> torch.Tensor:
         return ops.aligned_mtl_weights(gram)
-
-    def _weights(self, gram: torch.Tensor) -> torch.Tensor:
-        return self.gram_weights(gram)

@@ -8,7 +8,7 @@ from typing import Any, Callable
 import torch
 
 from ..checks import check_int
-from ..losses import ClosureOutput, task_losses
+from ..losses import ClosureOutput, ClosureResult, parse_closure_output
 from ..parallel import RankAgreement
 from ..profiling import PhaseTimer
 
@@ -61,8 +61,12 @@ class MultiTaskMethod(abc.ABC):
 
     def _forward(self, closure: Callable[[], ClosureOutput]) -> list[torch.Tensor]:
         """Runs the closure (phase ``forward``) and returns its K validated losses."""
+        return self._run_closure(closure).losses
+
+    def _run_closure(self, closure: Callable[[], ClosureOutput]) -> ClosureResult:
+        """Runs the closure (phase ``forward``) and returns its K validated losses and its shared features."""
         with self._timer.phase("forward"):
-            return task_losses(closure(), self.num_tasks)
+            return parse_closure_output(closure(), self.num_tasks)
 
     def state_dict(self) -> dict[str, Any]:
         """The method's own state (not the model's or the optimizer's)."""

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from .. import ops
-from .gradient import WeightingMethod
-from .jacobian import JacobianMode, SharedParams
+from .weighting import Weighting, validated_op_options
 
 
-class CAGrad(WeightingMethod):
+class CAGrad(Weighting):
     """CAGrad: the update that maximises the worst task improvement in a ball around the mean gradient.
 
     B. Liu, X. Liu, X. Jin, P. Stone, Q. Liu, "Conflict-Averse Gradient Descent for
@@ -27,9 +28,8 @@ class CAGrad(WeightingMethod):
     CAGrad is exactly GD on ``Σ_k L_k``. ``aggregate`` returns this same K-scaled
     vector. The heads get ``∇ Σ_k L_k``.
 
-    Options (the authors' names and defaults): ``c=0.4``, ``rescale=1``, and
-    ``jacobian``. Cost per step: 1 forward, 1 vmapped backward (K with
-    ``jacobian="loop"``) + 1 for the heads, 1 optimizer step.
+    Options: those of :func:`selgroup_fast.ops.cagrad_weights` (``c``, ``rescale``,
+    ``max_iter``, ``tol``; the authors' names and defaults).
 
     Example::
 
@@ -42,28 +42,11 @@ class CAGrad(WeightingMethod):
     name = "cagrad"
 
     def __init__(
-        self,
-        optimizer: torch.optim.Optimizer,
-        num_tasks: int,
-        *,
-        shared_params: SharedParams,
-        c: float = 0.4,
-        rescale: int = 1,
-        jacobian: JacobianMode = "batched",
-        profile: bool = False,
+        self, num_tasks: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, **options: Any
     ) -> None:
-        super().__init__(optimizer, num_tasks, shared_params=shared_params, jacobian=jacobian, profile=profile)
-        if c < 0:
-            raise ValueError(f"c must be >= 0, got {c}")
-        if rescale not in (0, 1, 2):
-            raise ValueError(f"rescale must be 0, 1 or 2, got {rescale}")
-        self.c = float(c)
-        self.rescale = int(rescale)
+        super().__init__(num_tasks, device, dtype)
+        self.options = validated_op_options(ops.cagrad_weights, **options)
 
-    @staticmethod
-    def gram_weights(gram: torch.Tensor, *, c: float = 0.4, rescale: int = 1) -> torch.Tensor:
+    def weights(self, gram: torch.Tensor) -> torch.Tensor:
         # The op's weights give the authors' mean-based direction; × K is their "match the sum loss".
-        return ops.cagrad_weights(gram, c=c, rescale=rescale) * gram.shape[0]
-
-    def _weights(self, gram: torch.Tensor) -> torch.Tensor:
-        return self.gram_weights(gram, c=self.c, rescale=self.rescale)
+        return ops.cagrad_weights(gram, **self.options) * gram.shape[0]

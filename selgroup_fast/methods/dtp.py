@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence, Union
+from typing import Any, Sequence, Union
 
 import torch
 
-from ..losses import ClosureOutput
 from .loss_weighting import LossWeightingMethod
 
 #: KPIs are clamped into [KPI_FLOOR, 1] so that ``log κ`` stays finite.

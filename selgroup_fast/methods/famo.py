@@ -6,7 +6,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from ..losses import ClosureOutput, task_losses
+from ..losses import ClosureOutput, parse_closure_output
 from .jacobian import SharedParams, as_parameter_list
 from .loss_weighting import LossWeightingMethod
 
@@ -101,7 +101,7 @@ class FAMO(LossWeightingMethod):
 
     def _after_step(self, losses: torch.Tensor, closure: Callable[[], ClosureOutput]) -> None:
         with self._timer.phase("forward"), torch.no_grad():
-            after = self._ranks.mean(torch.stack(task_losses(closure(), self.num_tasks)).detach())
+            after = self._ranks.mean(torch.stack(parse_closure_output(closure(), self.num_tasks).losses).detach())
         with self._timer.phase("manipulation"):
             delta = self._log_before - self._shifted(after.to(self._log_before.dtype)).log()
             with torch.enable_grad():

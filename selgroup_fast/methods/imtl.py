@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 
 from .. import ops
-from .gradient import WeightingMethod
+from .weighting import Weighting
 
 
-class IMTL(WeightingMethod):
+class IMTL(Weighting):
     """IMTL-G: the update whose projections onto every unit task gradient are equal.
 
     L. Liu, Y. Li, Z. Kuang, J.-H. Xue, Y. Chen, W. Yang, Q. Liao, W. Zhang, "Towards
@@ -21,10 +21,7 @@ class IMTL(WeightingMethod):
 
     Convention: the weights sum to 1 (a scaled mean, as in the paper and the
     Nash-MTL benchmark code). As there, the training loss is ``Σ_k α_k L_k``, so the
-    heads get ``α_k ∇L_k``.
-
-    Options: ``jacobian``. Cost per step: 1 forward, 1 vmapped backward (K with
-    ``jacobian="loop"``) + 1 for the heads, 1 optimizer step.
+    heads get ``α_k ∇L_k``. No options.
 
     Example::
 
@@ -37,9 +34,5 @@ class IMTL(WeightingMethod):
     name = "imtl"
     weights_task_params = True
 
-    @staticmethod
-    def gram_weights(gram: torch.Tensor) -> torch.Tensor:
+    def weights(self, gram: torch.Tensor) -> torch.Tensor:
         return ops.imtl_weights(gram)
-
-    def _weights(self, gram: torch.Tensor) -> torch.Tensor:
-        return self.gram_weights(gram)

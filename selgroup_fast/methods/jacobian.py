@@ -39,10 +39,11 @@ Example::
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
+from typing import Literal, Optional
 
 import torch
 
+from ..checks import check_int
 from ..parallel import Params, as_parameter_list
 
 JacobianMode = Literal["batched", "loop"]
@@ -59,22 +60,35 @@ class TaskJacobian:
         shared_params: the parameters shared by all tasks (a module or an iterable).
         num_tasks: K.
         mode: ``"batched"`` (one vmapped backward, the default) or ``"loop"`` (K backwards).
+        chunk_size: with ``"batched"``, vectorise over at most this many tasks per backward
+            (``ceil(K / chunk_size)`` backwards): the batched backward holds one copy of the
+            activation gradients per task of a chunk, so this bounds its peak memory for any K.
+            ``None``: all K at once.
+        allocate: allocate the K×P buffer (not needed when only :meth:`of_features` is used).
 
     Attributes:
-        matrix: the K×P buffer :meth:`compute` fills (reused across steps).
+        matrix: the K×P buffer :meth:`compute` fills (reused across steps; empty unless ``allocate``).
         direction: the P-vector whose slices :meth:`assign_grads` makes the ``.grad``
             of the shared parameters; methods write their update direction into it.
     """
 
-    def __init__(self, shared_params: SharedParams, num_tasks: int, mode: JacobianMode = "batched") -> None:
+    def __init__(
+        self,
+        shared_params: SharedParams,
+        num_tasks: int,
+        mode: JacobianMode = "batched",
+        chunk_size: Optional[int] = None,
+        allocate: bool = True,
+    ) -> None:
         if mode not in JACOBIAN_MODES:
             raise ValueError(f"jacobian must be one of {JACOBIAN_MODES}, got {mode!r}")
+        self.chunk_size = num_tasks if chunk_size is None else check_int("chunk_size", chunk_size)
         self.params = as_parameter_list(shared_params)
         self.num_tasks = num_tasks
         self.mode = mode
         first = self.params[0]
         self.num_params = sum(p.numel() for p in self.params)
-        self.matrix = torch.zeros(num_tasks, self.num_params, device=first.device, dtype=first.dtype)
+        self.matrix = torch.zeros(num_tasks, self.num_params if allocate else 0, device=first.device, dtype=first.dtype)
         self.direction = torch.zeros(self.num_params, device=first.device, dtype=first.dtype)
         self._grad_views: list[torch.Tensor] = []
         offset = 0
@@ -95,32 +109,55 @@ class TaskJacobian:
         Shared parameters that a task does not reach get zeros. ``retain_graph`` keeps
         the graph for a later backward (the task-specific parameters' one).
         """
+        return self._fill(losses, self.params, retain_graph, self.matrix)
+
+    def _fill(
+        self, losses: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor], retain_graph: bool, out: torch.Tensor
+    ) -> torch.Tensor:
+        """Writes into ``out`` (K×N) the gradients of every loss w.r.t. ``inputs`` (flattened, concatenated)."""
         if len(losses) != self.num_tasks:
             raise ValueError(f"expected {self.num_tasks} losses, got {len(losses)}")
+        common = {"allow_unused": True, "materialize_grads": True}
         if self.mode == "batched":
             stacked = torch.stack(list(losses))
-            grads = torch.autograd.grad(
-                stacked,
-                self.params,
-                grad_outputs=self._unit_cotangents(stacked.dtype),
-                is_grads_batched=True,
-                retain_graph=retain_graph,
-                allow_unused=True,
-                materialize_grads=True,
-            )
-            torch.cat([g.reshape(self.num_tasks, -1) for g in grads], dim=1, out=self.matrix)
-        else:
-            last = self.num_tasks - 1
-            for k, loss in enumerate(losses):
+            cotangents = self._unit_cotangents(stacked.dtype)
+            for start in range(0, self.num_tasks, self.chunk_size):
+                rows = cotangents[start : start + self.chunk_size]
+                keep = retain_graph or start + self.chunk_size < self.num_tasks
                 grads = torch.autograd.grad(
-                    loss,
-                    self.params,
-                    retain_graph=retain_graph or k < last,
-                    allow_unused=True,
-                    materialize_grads=True,
+                    stacked, inputs, grad_outputs=rows, is_grads_batched=True, retain_graph=keep, **common
                 )
-                torch.cat([g.reshape(-1) for g in grads], out=self.matrix[k])
-        return self.matrix
+                torch.cat([g.reshape(rows.shape[0], -1) for g in grads], dim=1, out=out[start : start + rows.shape[0]])
+            return out
+        last = self.num_tasks - 1
+        for k, loss in enumerate(losses):  # one task's gradients alive at a time
+            grads = torch.autograd.grad(loss, inputs, retain_graph=retain_graph or k < last, **common)
+            torch.cat([g.reshape(-1) for g in grads], out=out[k])
+        return out
+
+    def of_features(self, losses: Sequence[torch.Tensor], features: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The K×Z Jacobian of the losses w.r.t. the shared features (flattened, concatenated in order).
+
+        The graph is kept for the heads' backward and :meth:`pull_back`.
+        """
+        for i, feature in enumerate(features):
+            if not feature.requires_grad:
+                raise ValueError(f"features {i} does not require grad: return the encoder's output, not a detached copy")
+        size = sum(feature.numel() for feature in features)
+        out = torch.empty(self.num_tasks, size, device=features[0].device, dtype=features[0].dtype)
+        return self._fill(losses, features, True, out)
+
+    def pull_back(self, features: Sequence[torch.Tensor], direction: torch.Tensor) -> None:
+        """Writes into :attr:`direction` the gradient of ``Σ_i ⟨features_i, d_i⟩`` w.r.t. the shared parameters.
+
+        ONE backward through the encoder, with ``direction`` (a Z-vector) split over the features.
+        """
+        cotangents, offset = [], 0
+        for feature in features:
+            cotangents.append(direction[offset : offset + feature.numel()].view_as(feature).to(feature.dtype))
+            offset += feature.numel()
+        grads = torch.autograd.grad(features, self.params, cotangents, allow_unused=True, materialize_grads=True)
+        torch.cat([g.reshape(-1) for g in grads], out=self.direction)
 
     def assign_grads(self) -> None:
         """Makes the shared parameters' ``.grad`` the slices of :attr:`direction`."""

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from .. import ops
-from .gradient import WeightingMethod
-from .jacobian import JacobianMode, SharedParams
+from .weighting import Weighting, validated_op_options
 
 NORMALIZATIONS: tuple[str, ...] = ("none", "l2")
 
 
-class MGDA(WeightingMethod):
+class MGDA(Weighting):
     """MGDA: the minimum-norm point of the convex hull of the task gradients.
 
     O. Sener, V. Koltun, "Multi-Task Learning as Multi-Objective Optimization",
@@ -25,11 +26,10 @@ class MGDA(WeightingMethod):
     benchmark code) or ``"l2"`` (each gradient divided by its norm before the
     min-norm solve; the weights returned are then those of the raw gradients).
     The loss-based normalisations of the authors' code ("loss", "loss+") are not
-    offered: ``aggregate`` sees gradients only.
+    offered: a weighting sees gradients only.
 
-    Options: ``normalization="none"``, ``max_iter=250``, ``tol=1e-5`` (the
-    solver's), ``jacobian``. Cost per step: 1 forward, 1 vmapped backward (K with
-    ``jacobian="loop"``) + 1 for the heads, 1 optimizer step.
+    Options: ``normalization="none"`` and those of :func:`selgroup_fast.ops.mgda_weights`
+    (``max_iter``, ``tol``).
 
     Example::
 
@@ -44,33 +44,23 @@ class MGDA(WeightingMethod):
 
     def __init__(
         self,
-        optimizer: torch.optim.Optimizer,
         num_tasks: int,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
         *,
-        shared_params: SharedParams,
         normalization: str = "none",
-        max_iter: int = 250,
-        tol: float = 1e-5,
-        jacobian: JacobianMode = "batched",
-        profile: bool = False,
+        **options: Any,
     ) -> None:
-        super().__init__(optimizer, num_tasks, shared_params=shared_params, jacobian=jacobian, profile=profile)
+        super().__init__(num_tasks, device, dtype)
         if normalization not in NORMALIZATIONS:
             raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
         self.normalization = normalization
-        self.max_iter = int(max_iter)
-        self.tol = float(tol)
+        self.options = validated_op_options(ops.mgda_weights, **options)
 
-    @staticmethod
-    def gram_weights(gram: torch.Tensor, *, normalization: str = "none", max_iter: int = 250, tol: float = 1e-5) -> torch.Tensor:
-        if normalization not in NORMALIZATIONS:
-            raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
-        if normalization == "none":
-            return ops.mgda_weights(gram, max_iter=max_iter, tol=tol)
+    def weights(self, gram: torch.Tensor) -> torch.Tensor:
+        if self.normalization == "none":
+            return ops.mgda_weights(gram, **self.options)
         # Unit gradients u_k = g_k/‖g_k‖ have Gram D G D with D = diag(1/‖g_k‖); Σ w'_k u_k = Σ (w'_k/‖g_k‖) g_k.
         inv_norms = gram.diagonal().clamp_min(torch.finfo(gram.dtype).tiny).rsqrt()
         unit_gram = (gram * inv_norms[:, None] * inv_norms[None, :]).contiguous()
-        return ops.mgda_weights(unit_gram, max_iter=max_iter, tol=tol) * inv_norms
-
-    def _weights(self, gram: torch.Tensor) -> torch.Tensor:
-        return self.gram_weights(gram, normalization=self.normalization, max_iter=self.max_iter, tol=self.tol)
+        return ops.mgda_weights(unit_gram, **self.options) * inv_norms

@@ -7,8 +7,7 @@ from typing import Any, Optional
 import torch
 
 from .. import ops
-from .gradient import WeightingMethod
-from .jacobian import JacobianMode, SharedParams
+from .weighting import Weighting
 
 
 def seeded_generator(device: torch.device, seed: Optional[int]) -> torch.Generator:
@@ -18,7 +17,12 @@ def seeded_generator(device: torch.device, seed: Optional[int]) -> torch.Generat
     return torch.Generator(device=device).manual_seed(seed)
 
 
-class PCGrad(WeightingMethod):
+def projection_orders(num_tasks: int, device: torch.device, generator: Optional[torch.Generator]) -> torch.Tensor:
+    """K random permutations of 0..K-1 (row i: the order task i is projected in), drawn on ``device``."""
+    return torch.rand(num_tasks, num_tasks, generator=generator, device=device).argsort(dim=1)
+
+
+class PCGrad(Weighting):
     """PCGrad: each task gradient is projected off the others it conflicts with, then all are summed.
 
     T. Yu, S. Kumar, A. Gupta, S. Levine, K. Hausman, C. Finn, "Gradient Surgery for
@@ -29,20 +33,16 @@ class PCGrad(WeightingMethod):
     matrix, so the fused op ``ops.pcgrad_weights`` returns the weights ``w`` with
     ``d = wᵀJ = Σ_i g_i^PC``.
 
-    Convention: the **sum** of the projected gradients (the authors' code sums the
-    projected gradients, as do the Nash-MTL benchmark code, with ``reduction="sum"``
-    by default, and TorchJD), so with no conflict PCGrad equals GD on ``Σ_k L_k``.
-    The heads get ``∇ Σ_k L_k`` (their own task's gradient). The random orders are
-    drawn on the device from ``generator`` (one K×K uniform draw, arg-sorted per row),
-    so the method is reproducible and never syncs; its state is saved by
-    :meth:`state_dict`.
+    Convention: the **sum** of the projected gradients (the authors' code, the Nash-MTL
+    benchmark code with its default ``reduction="sum"``, and TorchJD), so with no
+    conflict PCGrad equals GD on ``Σ_k L_k``. The heads get ``∇ Σ_k L_k``. The random
+    orders are drawn on the device from the generator (one K×K uniform draw, arg-sorted
+    per row), so the method is reproducible and never syncs; the generator's state is
+    the method's state. Not permutation-equivariant for one draw (the orders are not
+    permuted with the tasks).
 
     Options: ``seed`` (int, default: drawn from torch's global RNG) or ``generator``
-    (a ``torch.Generator`` on the parameters' device), ``jacobian`` (see
-    :class:`~selgroup_fast.methods.jacobian.TaskJacobian`).
-
-    Cost per step: 1 forward, 1 vmapped backward (K with ``jacobian="loop"``) + 1 for
-    the heads, 1 optimizer step.
+    (a ``torch.Generator`` on the device).
 
     Example::
 
@@ -62,39 +62,20 @@ class PCGrad(WeightingMethod):
 
     def __init__(
         self,
-        optimizer: torch.optim.Optimizer,
         num_tasks: int,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
         *,
-        shared_params: SharedParams,
         seed: Optional[int] = None,
         generator: Optional[torch.Generator] = None,
-        jacobian: JacobianMode = "batched",
-        profile: bool = False,
     ) -> None:
-        super().__init__(optimizer, num_tasks, shared_params=shared_params, jacobian=jacobian, profile=profile)
+        super().__init__(num_tasks, device, dtype)
         if generator is not None and seed is not None:
             raise ValueError("give seed= or generator=, not both")
-        # The same projection orders on every rank: rank 0's seed or generator state.
-        if generator is None:
-            generator = seeded_generator(self.device, self._ranks.seed(seed))
-        else:
-            self._ranks.share_generator(generator)
-        self.generator = generator
+        self.generator = generator if generator is not None else seeded_generator(self.device, seed)
 
-    @staticmethod
-    def projection_orders(num_tasks: int, device: torch.device, generator: Optional[torch.Generator]) -> torch.Tensor:
-        """K random permutations of 0..K-1 (row i: the order task i is projected in), drawn on ``device``."""
-        return torch.rand(num_tasks, num_tasks, generator=generator, device=device).argsort(dim=1)
-
-    @staticmethod
-    def gram_weights(gram: torch.Tensor, *, seed: Optional[int] = None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        if seed is not None:
-            generator = torch.Generator(device=gram.device).manual_seed(seed)
-        order = PCGrad.projection_orders(gram.shape[0], gram.device, generator)
-        return ops.pcgrad_weights(gram, order)
-
-    def _weights(self, gram: torch.Tensor) -> torch.Tensor:
-        return self.gram_weights(gram, generator=self.generator)
+    def weights(self, gram: torch.Tensor) -> torch.Tensor:
+        return ops.pcgrad_weights(gram, projection_orders(gram.shape[0], gram.device, self.generator))
 
     def state_dict(self) -> dict[str, Any]:
         return {"generator": self.generator.get_state()}

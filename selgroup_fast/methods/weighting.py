@@ -1,0 +1,125 @@
+"""Weightings: the part of a gradient method that turns task gradients into one direction.
+
+After TorchJD's split of a *weighting* (Gram matrix to weights) from the aggregator
+and the training step: an :class:`Aggregator` holds one method's validated options and
+state on the device and maps the K×N matrix ``J`` of task gradients (rows: the tasks;
+columns: the shared parameters, or the shared representation) to one N-vector ``d``.
+A :class:`Weighting` is an aggregator whose ``d = wᵀJ`` with weights ``w`` that depend
+only on the Gram matrix ``G = J Jᵀ`` (every method here but GradDrop). The training step
+(:class:`~selgroup_fast.methods.gradient.GradientMethod`) is one class for all of them.
+
+The option defaults of a method's fused op live in the op's schema and its wrapper in
+:mod:`selgroup_fast.ops` only: the aggregators forward those options as ``**options`` and
+validate them by calling the op once on a 1×1 Gram matrix at construction.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Any, Callable, ClassVar, Optional
+
+import torch
+
+from ..checks import check_int
+
+
+def check_jacobian(jacobian: torch.Tensor) -> torch.Tensor:
+    """Validates a K×N matrix of task gradients (floating point, K ≥ 1, N ≥ 1)."""
+    if not isinstance(jacobian, torch.Tensor):
+        raise TypeError(f"jacobian must be a torch.Tensor, got {type(jacobian).__name__}")
+    if jacobian.dim() != 2 or jacobian.shape[0] < 1 or jacobian.shape[1] < 1:
+        raise ValueError(f"jacobian must be a non-empty K×P matrix, got shape {tuple(jacobian.shape)}")
+    if jacobian.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"jacobian must be float32 or float64, got {jacobian.dtype}")
+    return jacobian
+
+
+def gram(jacobian: torch.Tensor) -> torch.Tensor:
+    """``G = J Jᵀ`` (K×K), contiguous, on the Jacobian's device."""
+    return (jacobian @ jacobian.T).contiguous()
+
+
+def validated_op_options(op: Callable[..., torch.Tensor], *args: torch.Tensor, **options: Any) -> dict[str, Any]:
+    """Returns ``options`` once ``op(1×1 Gram, *args, **options)`` accepted them (a ``ValueError`` otherwise).
+
+    The op and its wrapper are where the options are declared and checked; a probe on
+    the CPU at construction turns a bad option into an error before the first step.
+    """
+    try:
+        op(torch.ones(1, 1, dtype=torch.float64), *args, **options)
+    except RuntimeError as error:
+        raise ValueError(str(error).splitlines()[0]) from None
+    return options
+
+
+class Aggregator(abc.ABC):
+    """One gradient method's options and state: maps J (K×N) to the update direction (an N-vector).
+
+    Args:
+        num_tasks: K.
+        device, dtype: where the method's state lives (the shared parameters').
+
+    Subclasses implement :meth:`combine`; :meth:`__call__` returns its direction.
+    """
+
+    #: The registry name of the method.
+    name: ClassVar[str] = ""
+    #: Whether the heads get ``Σ_k w_k ∇L_k`` (the authors back-propagate the weighted loss)
+    #: instead of ``Σ_k ∇L_k``.
+    weights_task_params: ClassVar[bool] = False
+    #: The norm the shared gradient is clipped to (0: never); see Nash-MTL.
+    max_norm: float = 0.0
+
+    def __init__(self, num_tasks: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> None:
+        self.num_tasks = check_int("num_tasks", num_tasks)
+        self.device = torch.device(device)
+        self.dtype = dtype
+
+    @abc.abstractmethod
+    def combine(self, jacobian: torch.Tensor, out: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The direction (written into ``out`` when given) and the heads' task weights (``None``: all ones)."""
+
+    def __call__(self, jacobian: torch.Tensor) -> torch.Tensor:
+        """The update direction of a K×N matrix of task gradients."""
+        jacobian = check_jacobian(jacobian)
+        if jacobian.shape[0] != self.num_tasks:
+            raise ValueError(f"{self.name}: expected {self.num_tasks} rows of task gradients, got {jacobian.shape[0]}")
+        return self.combine(jacobian)[0]
+
+    def reused_weights(self) -> Optional[torch.Tensor]:
+        """Called once per training step: weights to reuse without task gradients, or ``None`` (compute them)."""
+        return None
+
+    def state_dict(self) -> dict[str, Any]:
+        """The method's state (random generator, warm start, counters)."""
+        return {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restores what :meth:`state_dict` returned."""
+        if state_dict:
+            raise ValueError(f"{type(self).__name__} keeps no state, got keys {sorted(state_dict)}")
+
+
+class Weighting(Aggregator):
+    """An aggregator whose direction is ``d = wᵀJ``, ``w`` a function of ``G = J Jᵀ`` only.
+
+    Subclasses implement :meth:`weights`; the Gramian path of the training step calls
+    :meth:`direction_weights` on a Gram matrix accumulated without ``J``.
+    """
+
+    @abc.abstractmethod
+    def weights(self, gram: torch.Tensor) -> torch.Tensor:
+        """The K task weights for the Gram matrix ``gram`` (K×K), with this object's options and state."""
+
+    def direction_weights(self, gram: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The weights of the direction and those of the heads (``None``: all ones)."""
+        weights = self.weights(gram)
+        return weights, (weights if self.weights_task_params else None)
+
+    def combine(self, jacobian: torch.Tensor, out: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        direction_weights, head_weights = self.direction_weights(gram(jacobian))
+        direction_weights = direction_weights.to(jacobian.dtype)
+        if out is None:
+            return direction_weights @ jacobian, head_weights
+        torch.mv(jacobian.T, direction_weights, out=out)
+        return out, head_weights
