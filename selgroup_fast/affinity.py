@@ -36,10 +36,9 @@ class AffinityTracker:
 
     ``A[s, t]`` is how much updating source task ``s`` (as part of a group) lowered
     target task ``t``'s loss, an exponential moving average with rate ``decay``
-    (paper: 1e-3), starting at zero. :meth:`update` applies one measurement with the
-    fused ``selgroup_fast.ops.affinity_update_`` (one launch, no host sync);
-    :meth:`groups` clusters ``group_similarity(A)`` with ``affinity_propagation`` and
-    reads the labels back once.
+    (paper: 1e-3), starting at zero. :meth:`credit_batch` (and :meth:`update`, one
+    measurement) applies measurements with the fused ``ops.affinity_update_`` (no host
+    sync); :meth:`groups` clusters ``group_similarity(A)`` with ``affinity_propagation``.
 
     Example::
 
@@ -165,7 +164,7 @@ class AffinityTracker:
         shift = ATTRIBUTIONS.index(attribution)  # "reference": the group stepped next
         changes = len(losses) - 1
         if changes + shift > len(stepped):
-            raise ValueError(f"{len(losses)} forwards and {attribution!r} crediting need {changes + shift} stepped groups")
+            raise ValueError(f"{len(losses)} forwards with {attribution!r} crediting need {changes + shift} stepped groups")
         before = losses[:-1]
         if skipped is not None:  # NaN "before" losses are skipped by the update rule
             before = before.masked_fill(skipped[:changes, None].to(self.device), math.nan)
@@ -174,7 +173,7 @@ class AffinityTracker:
                                  self.decay)
 
     def similarity(self) -> torch.Tensor:
-        """``group_similarity(affinity)``: what :meth:`groups` clusters (always finite)."""
+        """``group_similarity(affinity)``, what :meth:`groups` clusters (docs/algorithm.md §Similarity)."""
         return ops.group_similarity(self._affinity)
 
     def groups(
@@ -187,10 +186,10 @@ class AffinityTracker:
     ) -> list[list[int]] | None:
         """Task groups from the tracked affinity, or ``None`` when no exemplar emerged.
 
-        The official rule: affinity propagation on :meth:`similarity`; if no exemplar
-        emerges, retry with ``convergence_iter + 100``, at most 10 tries in all, then give
-        up (``None``: the caller keeps its previous groups). Groups are listed in order of
-        their first task, each sorted. One host read of the labels per try.
+        Affinity propagation on :meth:`similarity`, with the official retries (``None`` when
+        all tries fail: the caller keeps its groups; docs/algorithm.md §Affinity propagation,
+        §Warm-up and retries). Groups in order of their first task, each sorted; one host
+        read of the labels per try.
         """
         similarity = self.similarity()
         for _ in range(MAX_GROUPING_TRIES):

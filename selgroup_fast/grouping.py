@@ -20,7 +20,7 @@ from __future__ import annotations
 import abc
 import operator
 from collections.abc import Sequence
-from typing import Any, Union
+from typing import Any
 
 import torch
 
@@ -133,7 +133,7 @@ class AffinityGrouping(SeparateGrouping):
 
 
 #: What ``grouping=`` accepts: a strategy, its name or a fixed partition of the tasks.
-GroupingSpec = Union[Grouping, str, Sequence[Sequence[int]]]
+GroupingSpec = Grouping | str | Sequence[Sequence[int]]
 
 
 def make_grouping(spec: GroupingSpec, **affinity_options: Any) -> Grouping:

@@ -7,7 +7,8 @@ agreement of DDP ranks; the rules are restated in ``docs/algorithm.md``.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -28,35 +29,28 @@ class SelectiveGroupUpdate(MultiTaskMethod):
     (the other heads get no gradient, the optimizer leaves them alone) and an optimizer
     step; the tracker then credits the loss changes and the grouping strategy may regroup.
 
-    Args:
+    Args (the README's options table has the details):
         optimizer: drives every parameter of the model (shared encoder and all heads).
         num_tasks: K, the number of task losses the closure returns.
         decay: the affinity's EMA rate β (paper 1e-3; official Taskonomy config 1e-4).
-        warmup_steps, regroup_every, preference, convergence_iter: the options of
-            :class:`~selgroup_fast.grouping.AffinityGrouping` (``grouping="affinity"`` only).
-        order: ``"random"`` (a permutation from ``generator`` every batch, the official
-            choice), ``"forward"`` (group list order) or ``"backward"`` (reversed).
-        grouping: a :class:`~selgroup_fast.grouping.Grouping` or what
-            :func:`~selgroup_fast.grouping.make_grouping` reads: ``"affinity"`` (the paper),
-            ``"joint"`` (GD), ``"separate"``, ``"random:M"`` or a fixed partition ``[[0, 2], [1]]``.
+        warmup_steps, regroup_every, preference, convergence_iter: build ``grouping="affinity"``.
+        order: ``"random"`` (from ``generator``, the official choice), ``"forward"`` or ``"backward"``.
+        grouping: a :class:`~selgroup_fast.grouping.Grouping`, ``"affinity"``, ``"joint"`` (GD),
+            ``"separate"``, ``"random:M"`` or a fixed partition such as ``[[0, 2], [1]]``.
         normalize_group_loss: back-propagate the group's mean loss instead of its sum.
         attribution: ``"paper"`` or ``"reference"`` (docs/algorithm.md §Attribution).
-        measure_last_group: one extra forward (under ``torch.no_grad``) per batch so that the
-            last group's step is measured too (``attribution="paper"`` only).
-        grad_scaler: a ``torch.amp.GradScaler``: group losses are scaled for the backward, every
-            group step goes through ``scaler.step`` and ``scaler.update``, the affinity sees
-            unscaled losses and a skipped step is credited to no one.
+        measure_last_group: one more forward per batch (no autograd) to measure the last step.
+        grad_scaler: a ``torch.amp.GradScaler``; a step it skips is credited to no one.
         process_group: the ``torch.distributed`` group training together (default: the world
-            group when initialised); construct the method on every rank (:class:`RankAgreement`).
-        generator: CPU ``torch.Generator`` for the order and random groupings; by default one
-            seeded from the global CPU RNG (so ``torch.manual_seed`` makes runs reproducible).
-        shared_params, task_params: the encoder's parameters and K iterables of each task's
-            own parameters (:class:`~selgroup_fast.parallel.TaskParams`). With ``task_params``
-            a group step drops the gradients of the other tasks' parameters before the
-            optimizer step (no host sync), so they and their optimizer state stay untouched
-            whatever the autograd graph says. Required where the graph cannot tell: a
-            ``torch.compile``d model (its backward gives every head a zero gradient) and
-            FSDP2 (the graph holds unsharded copies); without it those raise ``ValueError``.
+            group when initialised); build the method on every rank.
+        generator: CPU ``torch.Generator`` of the order and random groupings (default: one
+            seeded from the global CPU RNG, so ``torch.manual_seed`` makes runs reproducible).
+        shared_params, task_params: the encoder's parameters and K iterables of each task's own
+            parameters (:class:`~selgroup_fast.parallel.TaskParams`). With ``task_params`` a group
+            step drops the other tasks' gradients before the optimizer step (no host sync), so their
+            parameters and optimizer state stay untouched whatever the graph says. Required where the
+            graph cannot tell: a ``torch.compile``d model (its backward gives every head a zero
+            gradient) and FSDP2 (the graph holds unsharded copies); without it those raise.
         profile: record the phases ``forward``, ``backward``, ``optimizer``, ``affinity``.
 
     Example::
@@ -190,8 +184,8 @@ class SelectiveGroupUpdate(MultiTaskMethod):
             # Credited once the steps are done (nothing reads the affinity in between): one
             # move of the losses and, under DDP, one all-reduce per batch.
             with self._timer.phase("affinity"):
-                losses = self._ranks.mean(torch.stack(measured).to(self._tracker.dtype))
-                self._tracker.credit_batch(losses, stepped, skipped=torch.stack(skipped) if skipped else None,
+                batch_losses = self._ranks.mean(torch.stack(measured).to(self._tracker.dtype))
+                self._tracker.credit_batch(batch_losses, stepped, skipped=torch.stack(skipped) if skipped else None,
                                            attribution=self.attribution)
         self._batches += 1
         with self._timer.phase("affinity"):
@@ -201,7 +195,7 @@ class SelectiveGroupUpdate(MultiTaskMethod):
         return measured[0]
 
     def _visit_order(self) -> list[int]:
-        """Indices into ``self._groups`` in the order this batch steps them (a lone group repeated)."""
+        """Indices into ``self._groups`` in batch order, a lone group repeated (docs/algorithm.md §Groupings)."""
         count = len(self._groups)
         if self.order == "random":
             visits = torch.randperm(count, generator=self._generator).tolist()

@@ -1,4 +1,4 @@
-"""Float64 pure-Python references of the affinity rules, written from algorithm.md.
+"""Float64 pure-Python references of the affinity rules, written from docs/algorithm.md.
 
 Independent of the extension: plain loops over Python floats, the way the paper and
 the public reference code state the rules. Other test files may import these.
@@ -24,7 +24,7 @@ def affinity_update_reference(
     group: Sequence[int],
     decay: float,
 ) -> torch.Tensor:
-    """One proximal-affinity update (algorithm.md) as a float64 K×K tensor (input untouched)."""
+    """One proximal-affinity update (docs/algorithm.md §Affinity update) as a float64 K×K tensor (input untouched)."""
     A = torch.as_tensor(affinity, dtype=torch.float64).tolist()
     before = [float(x) for x in torch.as_tensor(before, dtype=torch.float64).tolist()]
     after = [float(x) for x in torch.as_tensor(after, dtype=torch.float64).tolist()]
@@ -67,7 +67,7 @@ def affinity_update_reference(
 
 def group_similarity_reference(affinity: Sequence[Sequence[float]] | torch.Tensor) -> torch.Tensor:
     """(N + Nᵀ)/2 with N[i, j] = A[i, j] / A[j, j]; a column with a diagonal that is not
-    positive finite is a zero column, a non-finite ratio is 0 (the library's documented rule)."""
+    positive finite is a zero column, a non-finite ratio is 0 (docs/algorithm.md §Similarity)."""
     A = torch.as_tensor(affinity, dtype=torch.float64).tolist()
     K = len(A)
     N = [[0.0] * K for _ in range(K)]

@@ -9,12 +9,12 @@ import math
 
 import pytest
 import torch
+from conftest import TinyMultiTask, make_problem, regression_losses
+from reference import affinity_update_reference
 
 import selgroup_fast
 from selgroup_fast import SelectiveGroupUpdate
 
-from conftest import TinyMultiTask, make_problem, regression_losses
-from reference import affinity_update_reference
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -249,7 +249,7 @@ def test_separate_and_random_groupings():
     assert len(seen) > 5  # redrawn every batch
 
 
-def test_affinity_grouping_warms_up_with_singletons_then_regroups_on_schedule():
+def test_affinity_grouping_warms_up_with_singletons_then_regroups_on_schedule(monkeypatch):
     model, _, x, y = make_problem(num_tasks=3)
     sel = SelectiveGroupUpdate(torch.optim.SGD(model.parameters(), lr=0.05), 3, warmup_steps=3, regroup_every=2,
                                decay=0.2)
@@ -260,7 +260,7 @@ def test_affinity_grouping_warms_up_with_singletons_then_regroups_on_schedule():
         regroups.append(sel.batches)
         return original_groups(*args, **kwargs)
 
-    sel._tracker.groups = counting_groups
+    monkeypatch.setattr(sel.tracker, "groups", counting_groups)
     for _ in range(8):
         assert sel.groups == [[0], [1], [2]] or sel.batches >= 3
         sel.step(closure_for(model, x, y))
@@ -348,7 +348,7 @@ def test_gradient_clipping_in_an_optimizer_pre_hook_clips_every_group_step(scale
     sel.step(closure)
     snapshots.append(torch.nn.utils.parameters_to_vector(model.parameters()).detach().clone())
     assert len(norms) == 3 and all(norm > 10 * max_norm for norm in norms)  # clipping was needed, unscaled
-    moves = [float((after - before).norm()) for before, after in zip(snapshots, snapshots[1:])]
+    moves = [float((after - before).norm()) for before, after in itertools.pairwise(snapshots)]
     assert all(max_norm * 0.99 < move <= max_norm * (1 + 1e-6) for move in moves), moves
 
 
@@ -494,7 +494,7 @@ def test_related_task_pairs_get_positive_affinity_and_are_grouped_together():
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_no_host_sync_in_a_step_except_reading_the_new_groups():
+def test_no_host_sync_in_a_step_except_reading_the_new_groups(monkeypatch):
     if not selgroup_fast.ops.cuda_available():
         pytest.skip("the CUDA kernels are not built")
     torch.manual_seed(0)
@@ -514,7 +514,7 @@ def test_no_host_sync_in_a_step_except_reading_the_new_groups():
         finally:
             torch.cuda.set_sync_debug_mode("error")
 
-    sel._tracker.groups = groups_outside_the_check
+    monkeypatch.setattr(sel.tracker, "groups", groups_outside_the_check)
     torch.cuda.set_sync_debug_mode("error")
     try:
         for _ in range(8):
@@ -546,3 +546,17 @@ def test_cuda_training_matches_the_cpu(attribution):
     torch.testing.assert_close(cuda_affinity, cpu_affinity, rtol=1e-9, atol=1e-12)
     for ours, theirs in zip(cuda_params, cpu_params):
         torch.testing.assert_close(ours, theirs, rtol=1e-9, atol=1e-12)
+
+
+def test_rank_agreement_is_a_no_op_without_torch_distributed():
+    """The distributed path is tested in test_selective_ddp.py (2 processes)."""
+    from selgroup_fast.selective import RankAgreement
+
+    ranks = RankAgreement(None, torch.device("cpu"))
+    assert not ranks.enabled and ranks.world_size == 1
+    losses = torch.tensor([[1.0, 2.0]])
+    assert ranks.mean(losses) is losses
+    generator = torch.Generator().manual_seed(3)
+    state = generator.get_state()
+    ranks.share_generator(generator)
+    assert torch.equal(generator.get_state(), state)

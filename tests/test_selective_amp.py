@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import pytest
 import torch
+from conftest import TinyMultiTask, make_problem, regression_losses
+from reference import affinity_update_reference
 
 from selgroup_fast import SelectiveGroupUpdate
 
-from conftest import TinyMultiTask, make_problem, regression_losses
-from reference import affinity_update_reference
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -25,7 +26,7 @@ def test_power_of_two_scaling_changes_nothing_and_the_affinity_sees_unscaled_los
         model, _, x, y = make_problem(num_tasks=3, dtype=torch.float32)
         sel = SelectiveGroupUpdate(torch.optim.SGD(model.parameters(), lr=0.1), 3, warmup_steps=2, decay=0.2,
                                    grad_scaler=scaler, generator=torch.Generator().manual_seed(0))
-        losses = [sel.step(lambda: regression_losses(model, x, y)) for _ in range(5)]
+        losses = [sel.step(partial(regression_losses, model, x, y)) for _ in range(5)]
         runs.append((losses, [p.detach().clone() for p in model.parameters()], sel.affinity.clone(), sel.groups))
     (plain_losses, plain_params, plain_affinity, plain_groups), (losses, params, affinity, groups) = runs
     for ours, theirs in zip(losses + params, plain_losses + plain_params):
@@ -122,7 +123,7 @@ def test_bf16_autocast_training_with_a_scaler():
     assert (last < 0.5 * first).all(), (first, last)
     assert sel.affinity.dtype == torch.float32 and torch.isfinite(sel.affinity).all()
     assert (sel.affinity.diagonal() > 0).all()
-    assert sorted(sum(sel.groups, [])) == [0, 1, 2, 3]
+    assert sorted(k for group in sel.groups for k in group) == [0, 1, 2, 3]
 
 
 def test_a_disabled_scaler_is_plain_training():
@@ -141,3 +142,21 @@ def test_a_disabled_scaler_is_plain_training():
 def test_something_that_is_not_a_scaler_is_refused():
     with pytest.raises(TypeError, match="GradScaler"):
         SelectiveGroupUpdate(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1), 2, grad_scaler=2.0)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["adam", "adam-fused"])
+def test_scaler_skipped_step_reads_the_skip_between_step_and_update(fused):
+    from selgroup_fast.selective import scaler_skipped_step
+
+    weight = torch.nn.Parameter(torch.ones(3))
+    optimizer = torch.optim.Adam([weight], lr=0.1, fused=fused)
+    scaler = cpu_scaler(init_scale=4.0)
+    for poison, expected in ((1.0, False), (math.inf, True), (math.nan, True), (1.0, False)):
+        optimizer.zero_grad()
+        before = weight.detach().clone()
+        scaler.scale((weight * poison).sum()).backward()
+        scaler.step(optimizer)
+        skipped = scaler_skipped_step(scaler, optimizer, weight.device)
+        assert skipped.shape == () and skipped.dtype == torch.bool and bool(skipped) is expected
+        assert torch.equal(weight.detach(), before) is expected  # a skipped step left the weight alone
+        scaler.update()

@@ -7,15 +7,15 @@ import datetime
 import os
 import socket
 import sys
+from functools import partial
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import TinyMultiTask, regression_losses
 
 from selgroup_fast import SelectiveGroupUpdate
-
-from conftest import TinyMultiTask, regression_losses
 
 WORLD_SIZE = 2
 WARMUP = 5
@@ -63,7 +63,7 @@ def worker(rank: int, port: int, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD_SIZE,
                             timeout=datetime.timedelta(seconds=60))
     try:
-        wrap = lambda m: torch.nn.parallel.DistributedDataParallel(m, find_unused_parameters=True)  # noqa: E731
+        wrap = lambda m: torch.nn.parallel.DistributedDataParallel(m, find_unused_parameters=True)
         model, sel = make_model_and_method(wrap)
         grads_seen: list[list[bool]] = []
         groups_history = []
@@ -73,7 +73,7 @@ def worker(rank: int, port: int, out_dir: str) -> None:
         # The same with an explicit process_group= (a new group of both ranks), a shorter run.
         explicit_model, explicit = make_model_and_method(wrap, process_group=dist.new_group(ranks=[0, 1]))
         for x, y in rank_batches(rank)[: WARMUP + 10]:
-            explicit.step(lambda: regression_losses(explicit_model, x, y))
+            explicit.step(partial(regression_losses, explicit_model, x, y))
         torch.save({
             "params": [p.detach().clone() for p in model.module.parameters()],
             "affinity": sel.affinity.clone(),

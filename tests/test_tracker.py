@@ -6,11 +6,16 @@ import itertools
 
 import pytest
 import torch
+from reference import (
+    affinity_update_reference,
+    group_similarity_reference,
+    partition,
+    sklearn_labels,
+)
 
 import selgroup_fast
 from selgroup_fast import affinity as affinity_module
 from selgroup_fast import ops
-from reference import affinity_update_reference, group_similarity_reference, partition, sklearn_labels
 
 
 def test_update_matches_reference_for_masks_and_index_lists(device: str, dtype: torch.dtype) -> None:
@@ -65,10 +70,11 @@ def test_retry_rule(monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[dict] = []
 
     def never_converges(similarity, preference=None, damping=0.5, max_iter=200, convergence_iter=15):
-        calls.append(dict(preference=preference, damping=damping, max_iter=max_iter, convergence_iter=convergence_iter))
+        calls.append({"preference": preference, "damping": damping, "max_iter": max_iter,
+                      "convergence_iter": convergence_iter})
         return torch.full((similarity.shape[0],), -1, dtype=torch.int64)
 
-    monkeypatch.setattr(affinity_module.ops, "affinity_propagation", never_converges)
+    monkeypatch.setattr(selgroup_fast.ops, "affinity_propagation", never_converges)
     tracker = selgroup_fast.AffinityTracker(4)
     assert tracker.groups(preference=-1.0, convergence_iter=50, damping=0.8, max_iter=300) is None
     assert [c["convergence_iter"] for c in calls] == [50 + 100 * i for i in range(10)]
@@ -77,7 +83,7 @@ def test_retry_rule(monkeypatch: pytest.MonkeyPatch) -> None:
     # Success on the third try stops the retries.
     calls.clear()
     answers = iter([[-1] * 4, [-1] * 4, [0, 1, 0, 1]])
-    monkeypatch.setattr(affinity_module.ops, "affinity_propagation",
+    monkeypatch.setattr(selgroup_fast.ops, "affinity_propagation",
                         lambda s, p=None, **kw: calls.append(kw) or torch.tensor(next(answers)))
     assert tracker.groups() == [[0, 2], [1, 3]]
     assert [c["convergence_iter"] for c in calls] == [50, 150, 250]
@@ -132,4 +138,56 @@ def test_group_mask_cache_stays_bounded_and_masks_stay_right() -> None:
     for group in groups:
         mask = tracker.group_mask(group)
         assert mask.tolist() == [k in group for k in range(11)]
-    assert len(groups) > affinity_module.MAX_CACHED_MASKS >= len(tracker._mask_cache) > 0
+    assert len(groups) > affinity_module.MAX_CACHED_MASKS >= tracker.cached_masks > 0
+
+
+@pytest.mark.parametrize("attribution, forwards", [("paper", 4), ("paper", 5), ("reference", 4)])
+def test_credit_batch_credits_each_change_to_the_right_group(device, dtype, attribution, forwards) -> None:
+    """Forwards m and m+1 bracket step m: "paper" credits step m's group, "reference" step m+1's."""
+    generator = torch.Generator().manual_seed(22)
+    K, decay = 5, 0.3
+    stepped = [[0, 3], [1], [2, 4], [1, 0]]  # groups as given: unsorted is fine
+    losses = torch.rand(forwards, K, generator=generator, dtype=torch.float64) + 0.5
+    tracker = selgroup_fast.AffinityTracker(K, decay=decay, device=device, dtype=dtype)
+    tracker.credit_batch(losses.to(device), stepped, attribution=attribution)
+    expected = torch.zeros(K, K, dtype=torch.float64)
+    shift = 0 if attribution == "paper" else 1
+    for m in range(forwards - 1):
+        expected = affinity_update_reference(expected, losses[m], losses[m + 1], stepped[m + shift], decay)
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    torch.testing.assert_close(tracker.affinity.cpu().double(), expected, rtol=tol, atol=tol)
+    assert expected.abs().sum() > 0
+
+
+def test_credit_batch_skips_the_changes_of_skipped_steps(device) -> None:
+    generator = torch.Generator().manual_seed(23)
+    K, decay = 4, 0.5
+    stepped = [[0], [1], [2, 3]]
+    losses = torch.rand(4, K, generator=generator, dtype=torch.float64) + 0.5
+    tracker = selgroup_fast.AffinityTracker(K, decay=decay, device=device, dtype=torch.float64)
+    tracker.credit_batch(losses.to(device), stepped, skipped=torch.tensor([False, True, False], device=device))
+    expected = torch.zeros(K, K, dtype=torch.float64)
+    for m in (0, 2):
+        expected = affinity_update_reference(expected, losses[m], losses[m + 1], stepped[m], decay)
+    torch.testing.assert_close(tracker.affinity.cpu(), expected, rtol=1e-12, atol=1e-15)
+    assert tracker.affinity[1].abs().sum() == 0  # group [1]'s step was skipped: its row saw nothing
+
+
+def test_update_is_a_one_change_batch() -> None:
+    before, after = torch.tensor([1.0, 2.0, 3.0]), torch.tensor([0.5, 2.5, 2.0])
+    one, batch = selgroup_fast.AffinityTracker(3, decay=0.4), selgroup_fast.AffinityTracker(3, decay=0.4)
+    one.update([0, 2], before, after)
+    batch.credit_batch(torch.stack([before, after]), [[0, 2]])
+    assert torch.equal(one.affinity, batch.affinity) and one.affinity.abs().sum() > 0
+
+
+@pytest.mark.parametrize("losses, stepped, options, match", [
+    (torch.ones(3), [[0]], {}, "losses must hold 3 losses per row"),
+    (torch.ones(2, 4), [[0]], {}, "losses must hold 3 losses per row"),
+    (torch.ones(3, 3), [[0]], {}, "3 forwards with 'paper' crediting need 2 stepped groups"),
+    (torch.ones(2, 3), [[0]], {"attribution": "reference"}, "need 2 stepped groups"),
+    (torch.ones(2, 3), [[0], [1]], {"attribution": "mine"}, "attribution must be one of"),
+])
+def test_credit_batch_rejects_bad_input(losses, stepped, options, match) -> None:
+    with pytest.raises(ValueError, match=match):
+        selgroup_fast.AffinityTracker(3).credit_batch(losses, stepped, **options)
