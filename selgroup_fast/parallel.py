@@ -21,13 +21,13 @@ Example::
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import Any, Optional, Union
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
 #: What ``shared_params=`` accepts: a module, a tensor or an iterable of tensors.
-Params = Union[torch.nn.Module, torch.Tensor, Iterable[torch.Tensor]]
+Params = torch.nn.Module | torch.Tensor | Iterable[torch.Tensor]
 
 
 class RankAgreement:
@@ -64,12 +64,15 @@ class RankAgreement:
                                    device=self.device if self.device.type == "cuda" else None)
         return carrier[0]
 
+    def sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` summed across the ranks (one all-reduce, in place)."""
+        if self.enabled:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.process_group)
+        return tensor
+
     def mean(self, tensor: torch.Tensor) -> torch.Tensor:
         """``tensor`` averaged across the ranks (one all-reduce, in place)."""
-        if not self.enabled:
-            return tensor
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.process_group)
-        return tensor.div_(self.world_size)
+        return self.sum(tensor).div_(self.world_size) if self.enabled else tensor
 
     def global_losses(self, losses: torch.Tensor) -> torch.Tensor:
         """The K losses with the ranks' mean as value and this rank's graph for gradients.
@@ -131,11 +134,11 @@ class TaskParams:
     that is both shared and a task's.
     """
 
-    def __init__(self, num_tasks: int, shared_params: Optional[Params] = None,
-                 task_params: Optional[Sequence[Params]] = None) -> None:
+    def __init__(self, num_tasks: int, shared_params: Params | None = None,
+                 task_params: Sequence[Params] | None = None) -> None:
         self.num_tasks = num_tasks
         self.shared: list[torch.Tensor] = [] if shared_params is None else as_parameter_list(shared_params)
-        self.per_task: Optional[list[list[torch.Tensor]]] = None
+        self.per_task: list[list[torch.Tensor]] | None = None
         if task_params is None:
             return
         if isinstance(task_params, (torch.nn.Module, torch.Tensor)) or not isinstance(task_params, Sequence):

@@ -70,9 +70,10 @@ def batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
     return data
 
 
-#: How a case builds its method: as is, with ``task_params=``, or without a seed (each rank's
-#: global RNG seeded differently: the method must still draw rank 0's numbers everywhere).
-VARIANTS = ("plain", "task_params", "unseeded")
+#: How a case builds its method: as is, with ``task_params=``, with ``jacobian="loop"``, or
+#: without a seed (each rank's global RNG seeded differently: the method must still draw rank
+#: 0's numbers everywhere).
+VARIANTS = ("plain", "task_params", "loop", "unseeded")
 
 
 def make_method(name: str, optimizer: torch.optim.Optimizer, model: torch.nn.Module, variant: str, rank: int) -> Any:
@@ -80,6 +81,8 @@ def make_method(name: str, optimizer: torch.optim.Optimizer, model: torch.nn.Mod
     options: dict[str, Any] = {"shared_params": list(model.encoder.parameters())}
     if variant == "task_params":
         options["task_params"] = [list(head.parameters()) for head in model.heads]
+    if variant == "loop":
+        options["jacobian"] = "loop"
     if variant == "unseeded":
         torch.manual_seed(100 + rank)
     else:
@@ -127,8 +130,7 @@ def run(name: str, config: str, variant: str = "plain", rank: int = 0, world_siz
         method = make_method(name, optimizer, model, variant, rank)
         for x, y in batches():
             rows = slice(rank * GLOBAL_BATCH // world_size, (rank + 1) * GLOBAL_BATCH // world_size)
-            x, y = x[rows], y[rows]
-            method.step(lambda: [(out - y[:, k]).pow(2).mean() for k, out in enumerate(forward(x))])
+            method.step(lambda x=x[rows], y=y[rows]: [(out - y[:, k]).pow(2).mean() for k, out in enumerate(forward(x))])
         return {
             "params": {key: plain(value) for key, value in model.named_parameters()},
             "state": plain(method.state_dict()),

@@ -33,8 +33,12 @@ Scaling out (README "Scaling out"):
   task-specific gradients with a second (P_heads numbers), so the direction is the global
   batch's and nothing reduces it again. The aggregator's state (its random generator) is
   rank 0's on every rank from construction on.
-* FSDP2 (DTensor parameters) and ``space="representation"`` under ``torch.distributed``
-  are refused with a clear error.
+* FSDP2 (DTensor parameters; weightings only): K ordinary backwards, one per task, each
+  reduce-scattered by FSDP2 into the sharded gradients (the global batch's gradient of
+  that task, this rank's shard); J holds the local shards (K × P/ranks), the Gram matrix
+  is the all-reduced sum of the local ones (K×K numbers), and the direction ``wᵀJ`` is
+  written into the local shards. GradDrop (per coordinate, not a weighting) and
+  ``space="representation"`` under ``torch.distributed`` are refused with a clear error.
 """
 
 from __future__ import annotations
@@ -49,7 +53,7 @@ from ..losses import ClosureOutput
 from ..parallel import TaskParams, is_sharded
 from .base import MultiTaskMethod, detached
 from .jacobian import JacobianMode, SharedParams, TaskJacobian
-from .weighting import Aggregator
+from .weighting import Aggregator, Weighting, gram
 
 Space = Literal["parameters", "representation"]
 SPACES: tuple[str, ...] = ("parameters", "representation")
@@ -96,7 +100,7 @@ class GradientMethod(MultiTaskMethod):
         jacobian: JacobianMode = "batched",
         chunk_size: Optional[int] = None,
         space: Space = "parameters",
-        task_params: Optional[Sequence[SharedParams]] = None,
+        task_params: Sequence[SharedParams] | None = None,
         profile: bool = False,
     ) -> None:
         super().__init__(optimizer, num_tasks, profile=profile)
@@ -121,11 +125,11 @@ class GradientMethod(MultiTaskMethod):
             owners = TaskParams(num_tasks, self._jacobian.params, task_params)
             owners.check_in_optimizer(optimizer)
             self._task_params = owners.all_task_params()
-        if any(is_sharded(p) for p in [*self._jacobian.params, *self._task_params]):
+        self._sharded = any(is_sharded(p) for p in [*self._jacobian.params, *self._task_params])
+        if self._sharded and not (isinstance(aggregator, Weighting) and space == "parameters"):
             raise ValueError(
-                f"{self.name} does not support sharded (FSDP2/DTensor) parameters: its per-task gradients need the "
-                "full parameters; train it with DistributedDataParallel (with FSDP2: gd, selective or a "
-                "loss-weighting method)"
+                f'{self.name} with space="{space}" does not support sharded (FSDP2/DTensor) parameters: it needs every '
+                "coordinate of the task gradients on one rank; train it with DistributedDataParallel"
             )
         if self._ranks.enabled and space != "parameters":
             raise ValueError(f'space="{space}" is not supported under torch.distributed: use space="parameters"')
@@ -149,6 +153,9 @@ class GradientMethod(MultiTaskMethod):
         if reused is not None:
             self._weighted_backward(losses, reused)
         elif self.space == "parameters":
+            if self._sharded:
+                self._sharded_step(losses)
+                return self._optimizer_step(losses)
             with self._timer.phase("backward"):
                 jacobian = self._ranks.mean(self._parameter_jacobian(losses))
             with self._timer.phase("manipulation"):
@@ -169,9 +176,38 @@ class GradientMethod(MultiTaskMethod):
             with self._timer.phase("backward"):
                 self._jacobian.pull_back(features, direction)
                 self._jacobian.assign_grads()
+        return self._optimizer_step(losses)
+
+    def _optimizer_step(self, losses: list[torch.Tensor]) -> torch.Tensor:
         with self._timer.phase("optimizer"):
             self.optimizer.step()
         return detached(losses)
+
+    def _sharded_step(self, losses: list[torch.Tensor]) -> None:
+        """The FSDP2 step: per-task sharded gradients by K ordinary backwards, the global Gram matrix, ``wᵀJ`` per shard."""
+        params = [*self.shared_params, *self._task_params]
+        rows = []
+        with self._timer.phase("backward"):
+            for k, loss in enumerate(losses):
+                loss.backward(retain_graph=k < len(losses) - 1)  # FSDP2 reduce-scatters: global batch, this shard
+                rows.append(torch.cat([_local(p.grad, p).reshape(-1) for p in params]))
+                for p in params:
+                    p.grad = None
+        jacobian = torch.stack(rows)
+        shared_width = sum(_local(None, p).numel() for p in self.shared_params)
+        with self._timer.phase("manipulation"):
+            total_gram = self._ranks.sum(gram(jacobian[:, :shared_width]))  # G = Σ_ranks J_r J_rᵀ
+            weights, head_weights = self.aggregator.direction_weights(total_gram)
+            if head_weights is None:
+                head_weights = torch.ones_like(weights)
+            flat = torch.cat([weights.to(jacobian.dtype) @ jacobian[:, :shared_width],
+                              head_weights.to(jacobian.dtype) @ jacobian[:, shared_width:]])
+            offset = 0
+            for p in params:
+                p.grad = torch.zeros_like(p)
+                local = _local(p.grad, p)
+                local.copy_(flat[offset : offset + local.numel()].view_as(local))
+                offset += local.numel()
 
     def _parameter_jacobian(self, losses: list[torch.Tensor]) -> torch.Tensor:
         """J of this rank's losses w.r.t. the shared parameters; a compiled backward that cannot be retained is named."""
@@ -217,3 +253,10 @@ class GradientMethod(MultiTaskMethod):
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.aggregator.load_state_dict(state_dict)
+
+
+def _local(grad: torch.Tensor | None, param: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of ``grad`` (zeros shaped like ``param``'s shard when there is none)."""
+    if grad is None:
+        return torch.zeros_like(param.to_local() if is_sharded(param) else param)
+    return grad.to_local() if is_sharded(grad) else grad
