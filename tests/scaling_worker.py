@@ -14,10 +14,12 @@ starts its 2 processes once.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import socket
 import traceback
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -128,16 +130,36 @@ def run(name: str, config: str, variant: str = "plain", rank: int = 0, world_siz
             forward = torch.compile(model, backend=COMPILE_BACKEND)
         optimizer = torch.optim.Adam(model.parameters(), lr=0.05, weight_decay=0.1)
         method = make_method(name, optimizer, model, variant, rank)
+        collectives: list[list[int]] = []  # per step: the numel of every all_reduce the method issued
         for x, y in batches():
             rows = slice(rank * GLOBAL_BATCH // world_size, (rank + 1) * GLOBAL_BATCH // world_size)
-            method.step(lambda x=x[rows], y=y[rows]: [(out - y[:, k]).pow(2).mean() for k, out in enumerate(forward(x))])
+            collectives.append([])
+            with counting_all_reduce(collectives[-1]):
+                method.step(lambda x=x[rows], y=y[rows]: [(out - y[:, k]).pow(2).mean() for k, out in enumerate(forward(x))])
         return {
             "params": {key: plain(value) for key, value in model.named_parameters()},
             "state": plain(method.state_dict()),
             "optimizer": plain(optimizer.state_dict()["state"]),
+            "collectives": collectives,
         }
     except Exception as error:  # noqa: BLE001 - reported to the test, which names the configuration
         return {"error": f"{type(error).__name__}: {error}", "traceback": traceback.format_exc()}
+
+
+@contextlib.contextmanager
+def counting_all_reduce(sizes: list[int]) -> Iterator[None]:
+    """Records the numel of every ``torch.distributed.all_reduce`` called from Python (not DDP's reducer's)."""
+    original = dist.all_reduce
+
+    def counted(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        sizes.append(tensor.numel())
+        return original(tensor, *args, **kwargs)
+
+    dist.all_reduce = counted
+    try:
+        yield
+    finally:
+        dist.all_reduce = original
 
 
 def free_port() -> int:

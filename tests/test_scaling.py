@@ -143,6 +143,21 @@ def test_two_ranks_train_as_one_process_on_the_global_batch(case, distributed):
         assert_same_training(rank0, reference(name))
 
 
+SHARED_SIZE = worker.HIDDEN * (worker.IN_FEATURES + 1)  # P_s: the encoder's weight and bias
+HEADS_SIZE = worker.NUM_TASKS * (worker.HIDDEN + 1)  # P_h
+
+
+@pytest.mark.parametrize("case, per_step", [
+    (("pcgrad", "ddp", "plain"), [worker.NUM_TASKS * SHARED_SIZE, HEADS_SIZE]),  # J, then the heads' gradients
+    (("famo", "ddp", "plain"), [worker.NUM_TASKS] * 2),  # the losses before and after the step
+    (("uw", "fsdp2", "plain"), [worker.NUM_TASKS]),
+    (("mgda", "fsdp2", "plain"), [worker.NUM_TASKS**2]),  # the Gram matrix (FSDP2 reduce-scatters the rest)
+])
+def test_the_methods_own_communication_is_what_the_readme_says(case, per_step, distributed):
+    """The all-reduces each method issues itself per step (DDP's and FSDP2's own are not counted)."""
+    assert distributed[0][case]["collectives"] == [per_step] * worker.STEPS
+
+
 UNSUPPORTED = [distributed_case(name, "fsdp2") for name in ["selective", "graddrop"]]
 
 
