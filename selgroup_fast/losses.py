@@ -22,15 +22,6 @@ class ClosureResult(NamedTuple):
     features: tuple[torch.Tensor, ...]
 
 
-def _is_losses_and_features(output: ClosureOutput) -> bool:
-    # A pair (losses, features) is told apart from two scalar losses by its first item, which is
-    # itself a collection of losses (a list, tuple, dict or a tensor of more than one element).
-    if not (isinstance(output, tuple) and len(output) == 2):
-        return False
-    first = output[0]
-    return isinstance(first, (Sequence, Mapping)) or (isinstance(first, torch.Tensor) and first.numel() > 1)
-
-
 def parse_closure_output(output: ClosureOutput, num_tasks: int) -> ClosureResult:
     """Reads a closure's output into its K task losses (0-d tensors) and its shared features.
 
@@ -47,7 +38,10 @@ def parse_closure_output(output: ClosureOutput, num_tasks: int) -> ClosureResult
         (2, True)
     """
     features: tuple[torch.Tensor, ...] = ()
-    if _is_losses_and_features(output):
+    # A pair (losses, features) is told apart from two scalar losses by its first item, itself a
+    # collection of losses (a list, tuple, dict or a tensor of more than one element).
+    first = output[0] if isinstance(output, tuple) and len(output) == 2 else None
+    if isinstance(first, (Sequence, Mapping)) or (isinstance(first, torch.Tensor) and first.numel() > 1):
         output, shared = output  # type: ignore[misc]
         features = (shared,) if isinstance(shared, torch.Tensor) else tuple(shared)
         for i, feature in enumerate(features):

@@ -275,30 +275,18 @@ def _check_gram(gram: torch.Tensor) -> torch.Tensor:
     return gram.new_empty(gram.shape[:1])
 
 
+def _gram_weights_fake(gram: torch.Tensor, *solver_options: object) -> torch.Tensor:
+    return _check_gram(gram)
+
+
+for _op in ("mgda_weights", "cagrad_weights", "imtl_weights", "aligned_mtl_weights"):
+    torch.library.register_fake(f"selgroup_fast::{_op}")(_gram_weights_fake)
+
+
 @torch.library.register_fake("selgroup_fast::pcgrad_weights")
 def _pcgrad_weights_fake(gram: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
     torch._check(order.dtype == torch.int64, lambda: f"order must be int64, got {order.dtype}")
     torch._check(order.shape == gram.shape, lambda: f"order must be K×K, got {order.shape}")
-    return _check_gram(gram)
-
-
-@torch.library.register_fake("selgroup_fast::mgda_weights")
-def _mgda_weights_fake(gram: torch.Tensor, *solver_options: object) -> torch.Tensor:
-    return _check_gram(gram)
-
-
-@torch.library.register_fake("selgroup_fast::cagrad_weights")
-def _cagrad_weights_fake(gram: torch.Tensor, *solver_options: object) -> torch.Tensor:
-    return _check_gram(gram)
-
-
-@torch.library.register_fake("selgroup_fast::imtl_weights")
-def _imtl_weights_fake(gram: torch.Tensor) -> torch.Tensor:
-    return _check_gram(gram)
-
-
-@torch.library.register_fake("selgroup_fast::aligned_mtl_weights")
-def _aligned_mtl_weights_fake(gram: torch.Tensor) -> torch.Tensor:
     return _check_gram(gram)
 
 

@@ -507,3 +507,11 @@ def test_a_single_task_steps_along_its_own_gradient(name):
     reference, _ = jacobian_reference(model, closure)
     method.step(closure)
     torch.testing.assert_close(shared_grad(model), reference[0], rtol=1e-9, atol=1e-12)
+
+
+def test_a_state_with_other_keys_is_refused():
+    model, _ = make_problem()
+    with pytest.raises(ValueError, match=r"state has keys \['alpha', 'steps'\], got \['alpha'\]"):
+        build("nash_mtl", model).load_state_dict({"alpha": torch.ones(K)})
+    with pytest.raises(ValueError, match=r"state has keys \[\], got \['x'\]"):
+        build("gd", model).load_state_dict({"x": 1})

@@ -85,9 +85,7 @@ def available(kind: Optional[str] = None) -> list[str]:
 def aggregator(
     name: str, num_tasks: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, **options: Any
 ) -> Aggregator:
-    """The aggregator of gradient method ``name`` for K = ``num_tasks``, its state on ``device`` in ``dtype``.
-
-    ``options`` are the method's own (see its class docstring).
+    """The aggregator of gradient method ``name`` (its own ``options``) for K tasks, its state on ``device``.
 
     Example::
 
@@ -146,8 +144,6 @@ def aggregate(name: str, jacobian: torch.Tensor, /, **options: Any) -> torch.Ten
     ``name`` and ``jacobian`` are positional-only, so that ``options`` can hold every
     option of ``create`` (the training step's, such as ``jacobian=``, are ignored).
     """
-    if kind(name) != "gradient":
-        raise ValueError(f"method {name!r} does not combine gradients (it is not gradient-based)")
     jacobian = check_jacobian(jacobian)
     own = {key: value for key, value in options.items() if key not in _STEP_OPTIONS}
     return aggregator(name, jacobian.shape[0], jacobian.device, jacobian.dtype, **own)(jacobian)

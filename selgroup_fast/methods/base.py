@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import abc
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 import torch
 
@@ -21,7 +21,49 @@ def optimizer_device(optimizer: torch.optim.Optimizer) -> torch.device:
     raise ValueError("the optimizer has no parameters")
 
 
-class MultiTaskMethod(abc.ABC):
+def _saved(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, torch.Generator):
+        return value.get_state()
+    return value.state_dict() if isinstance(value, torch.optim.Optimizer) else value
+
+
+class SavedState:
+    """``state_dict`` / ``load_state_dict`` over the attributes named in :attr:`saved_state`.
+
+    Tensors are saved as detached copies and restored on the attribute's device and dtype
+    (learned ones in place), optimizers and generators through their own state, other
+    values converted to the attribute's type.
+    """
+
+    #: The names of the attributes that make up the state (the keys of ``state_dict()``).
+    saved_state: ClassVar[tuple[str, ...]] = ()
+
+    def state_dict(self) -> dict[str, Any]:
+        """The method's own state (not the model's or the optimizer's)."""
+        return {name: _saved(getattr(self, name)) for name in self.saved_state}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restores what :meth:`state_dict` returned."""
+        if set(state_dict) != set(self.saved_state):
+            raise ValueError(f"{type(self).__name__} state has keys {sorted(self.saved_state)}, got {sorted(state_dict)}")
+        for name in self.saved_state:
+            current, value = getattr(self, name), state_dict[name]
+            if isinstance(current, torch.Tensor) and current.requires_grad:  # learned: an optimizer holds it
+                with torch.no_grad():
+                    current.copy_(value)
+            elif isinstance(current, torch.Tensor):
+                setattr(self, name, value.to(current).clone())
+            elif isinstance(current, torch.Generator):
+                current.set_state(value)
+            elif isinstance(current, torch.optim.Optimizer):
+                current.load_state_dict(value)
+            else:
+                setattr(self, name, type(current)(value))
+
+
+class MultiTaskMethod(SavedState, abc.ABC):
     """One training step over K task losses, with the phases of Table E.1 timed on request.
 
     Subclasses implement :meth:`step`; they call :meth:`_forward` to run the closure
@@ -67,15 +109,6 @@ class MultiTaskMethod(abc.ABC):
         """Runs the closure (phase ``forward``) and returns its K validated losses and its shared features."""
         with self._timer.phase("forward"):
             return parse_closure_output(closure(), self.num_tasks)
-
-    def state_dict(self) -> dict[str, Any]:
-        """The method's own state (not the model's or the optimizer's)."""
-        return {}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restores what :meth:`state_dict` returned."""
-        if state_dict:
-            raise ValueError(f"{type(self).__name__} keeps no state, got keys {sorted(state_dict)}")
 
 
 def detached(losses: list[torch.Tensor]) -> torch.Tensor:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence, Union
+from typing import Sequence, Union
 
 import torch
 
@@ -43,6 +43,7 @@ class DTP(LossWeightingMethod):
     """
 
     name = "dtp"
+    saved_state = ("kpis", "user_kpis")
 
     def __init__(
         self,
@@ -86,9 +87,3 @@ class DTP(LossWeightingMethod):
             self._smooth(torch.exp(-losses.detach()))
         return (self.weights.to(losses.dtype) * losses).sum()
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"kpis": self.kpis.clone(), "user_kpis": self.user_kpis}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.kpis = state_dict["kpis"].to(self.kpis).clone()
-        self.user_kpis = bool(state_dict["user_kpis"])

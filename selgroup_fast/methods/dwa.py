@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 
@@ -41,6 +41,7 @@ class DWA(LossWeightingMethod):
     """
 
     name = "dwa"
+    saved_state = ("steps", "window_sum", "last_means", "older_means", "weights")
 
     def __init__(
         self,
@@ -59,9 +60,9 @@ class DWA(LossWeightingMethod):
         self.steps = 0
         dtype = optimizer.param_groups[0]["params"][0].dtype
         zeros = torch.zeros(num_tasks, device=self.device, dtype=dtype)
-        self._window_sum = zeros.clone()
-        self._last_means = zeros.clone()  # L̄(t-1)
-        self._older_means = zeros.clone()  # L̄(t-2)
+        self.window_sum = zeros.clone()
+        self.last_means = zeros.clone()  # L̄(t-1)
+        self.older_means = zeros.clone()  # L̄(t-2)
         self.weights = torch.ones(num_tasks, device=self.device, dtype=dtype)
 
     def _combine_losses(self, losses: torch.Tensor) -> torch.Tensor:
@@ -69,29 +70,13 @@ class DWA(LossWeightingMethod):
 
     def _after_step(self, losses: torch.Tensor, closure: Callable[[], ClosureOutput]) -> None:
         with self._timer.phase("manipulation"):
-            self._window_sum += losses.to(self._window_sum.dtype)
+            self.window_sum += losses.to(self.window_sum.dtype)
             self.steps += 1
             if self.steps % self.window:
                 return
-            self._older_means, self._last_means = self._last_means, self._window_sum / self.window
-            self._window_sum = torch.zeros_like(self._window_sum)
+            self.older_means, self.last_means = self.last_means, self.window_sum / self.window
+            self.window_sum = torch.zeros_like(self.window_sum)
             if self.steps >= 2 * self.window:
-                ratios = self._last_means / self._older_means
+                ratios = self.last_means / self.older_means
                 self.weights = self.num_tasks * torch.softmax(ratios / self.temp, dim=0)
 
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "steps": self.steps,
-            "window_sum": self._window_sum.clone(),
-            "last_means": self._last_means.clone(),
-            "older_means": self._older_means.clone(),
-            "weights": self.weights.clone(),
-        }
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.steps = int(state_dict["steps"])
-        like = self.weights
-        self._window_sum = state_dict["window_sum"].to(like).clone()
-        self._last_means = state_dict["last_means"].to(like).clone()
-        self._older_means = state_dict["older_means"].to(like).clone()
-        self.weights = state_dict["weights"].to(like).clone()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -50,6 +50,7 @@ class FAMO(LossWeightingMethod):
     """
 
     name = "famo"
+    saved_state = ("logits", "logits_optimizer", "min_losses")
     accepts_shared_params = True
 
     def __init__(
@@ -110,15 +111,3 @@ class FAMO(LossWeightingMethod):
             self.logits.grad = grad
             self.logits_optimizer.step()
 
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "logits": self.logits.detach().clone(),
-            "optimizer": self.logits_optimizer.state_dict(),
-            "min_losses": self.min_losses.clone(),
-        }
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        with torch.no_grad():
-            self.logits.copy_(state_dict["logits"])
-        self.logits_optimizer.load_state_dict(state_dict["optimizer"])
-        self.min_losses = state_dict["min_losses"].to(self.min_losses).clone()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence, Union
+from typing import Optional, Sequence, Union
 
 import torch
 
@@ -45,6 +45,7 @@ class GradDrop(Aggregator):
     """
 
     name = "graddrop"
+    saved_state = ("seed", "offset")
 
     def __init__(
         self,
@@ -71,9 +72,3 @@ class GradDrop(Aggregator):
         self.offset += 1
         return (direction if out is None else out.copy_(direction)), None
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"seed": self.seed, "offset": self.offset}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.seed = int(state_dict["seed"])
-        self.offset = int(state_dict["offset"])

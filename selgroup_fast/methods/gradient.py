@@ -1,44 +1,11 @@
 """The one training step of every gradient method (PCGrad, CAGrad, MGDA, GradDrop, IMTL-G, Aligned-MTL, Nash-MTL).
 
-A method is an :class:`~selgroup_fast.methods.weighting.Aggregator` (its options and
-state: K×N task gradients to one direction) driven by :class:`GradientMethod`. One step:
-
-1. ``forward``: the closure, K losses (and the shared features, for ``space="representation"``);
-2. ``backward``: the task gradients J, into a preallocated buffer
-   (:class:`~selgroup_fast.methods.jacobian.TaskJacobian`, ``jacobian="batched"`` or ``"loop"``);
-3. ``manipulation``: the aggregator's direction ``d`` (for a weighting ``G = J Jᵀ``,
-   ``w = op(G)``, ``d = wᵀJ``), written straight into the flat buffer whose slices
-   are the shared parameters' ``.grad``;
-4. ``backward``: the task-specific parameters (every optimizer parameter that is
-   not shared) get their own task's gradient from one ordinary backward of
-   ``Σ_k L_k`` (of ``Σ_k w_k L_k`` for the methods whose authors back-propagate
-   the weighted loss through the heads: ``Aggregator.weights_task_params``);
-5. ``optimizer``: ``optimizer.step()``.
-
-``space="parameters"`` (the default) takes J with respect to the shared parameters
-(K×P). ``space="representation"`` takes it with respect to the shared features ``z``
-the closure returns as ``(losses, features)`` (K×Z, the "upper bound" of Sener & Koltun,
-NeurIPS 2018, §3.3): one backward through the heads for all K tasks, the aggregator on
-those gradients, then ONE backward through the encoder of ``zᵀ·d``. Nothing in the step
-reads a value back to the host, so on CUDA it queues without synchronising.
-
-Scaling out (README "Scaling out"):
-
-* ``torch.compile``: the Jacobian's backwards keep the graph for the next one, which
-  AOTAutograd forbids for a backward compiled with donated buffers; the closure runs with
-  ``torch._functorch.config.donated_buffer`` off, so a model compiled at its first forward
-  inside :meth:`GradientMethod.step` gets a backward that may be retained.
-* DDP: every gradient of the step is taken with ``torch.autograd.grad``, which bypasses
-  DDP's reducer; J is averaged across the ranks with one all-reduce (K×P numbers), the
-  task-specific gradients with a second (P_heads numbers), so the direction is the global
-  batch's and nothing reduces it again. The aggregator's state (its random generator) is
-  rank 0's on every rank from construction on.
-* FSDP2 (DTensor parameters; weightings only): K ordinary backwards, one per task, each
-  reduce-scattered by FSDP2 into the sharded gradients (the global batch's gradient of
-  that task, this rank's shard); J holds the local shards (K × P/ranks), the Gram matrix
-  is the all-reduced sum of the local ones (K×K numbers), and the direction ``wᵀJ`` is
-  written into the local shards. GradDrop (per coordinate, not a weighting) and
-  ``space="representation"`` under ``torch.distributed`` are refused with a clear error.
+Scaling out (README "Scaling out"): under ``torch.compile`` the closure runs with
+``torch._functorch.config.donated_buffer`` off (the per-task backwards retain the graph);
+under DDP every gradient is taken with ``torch.autograd.grad`` (outside DDP's reducer) and
+averaged here, J with one all-reduce (K×P), the heads' gradients with a second; under FSDP2
+(weightings only) one ordinary backward per task gives the sharded task gradients, the K×K
+Gram matrix of the local shards is all-reduced and ``wᵀJ`` is written into each shard.
 """
 
 from __future__ import annotations
@@ -60,7 +27,16 @@ SPACES: tuple[str, ...] = ("parameters", "representation")
 
 
 class GradientMethod(MultiTaskMethod):
-    """The training step of a gradient method: task gradients, the aggregator's direction, the optimizer step.
+    """The training step of a gradient method, driving its :class:`~selgroup_fast.methods.weighting.Aggregator`.
+
+    Phases: ``forward`` (the closure); ``backward`` (the task gradients J into a preallocated
+    buffer); ``manipulation`` (the aggregator's direction, written straight into the flat
+    buffer whose slices are the shared parameters' ``.grad``); ``backward`` (the heads: one
+    ordinary backward of ``Σ_k L_k``, of ``Σ_k w_k L_k`` where ``Aggregator.weights_task_params``);
+    ``optimizer``. ``space="representation"`` takes J w.r.t. the shared features z the closure
+    returns as ``(losses, features)`` (Sener & Koltun, NeurIPS 2018, §3.3): one backward through
+    the heads for all K tasks, then ONE backward through the encoder with the direction as
+    z's gradient. Nothing reads a value back to the host (no CUDA synchronisation).
 
     Args:
         optimizer: drives every parameter (shared and task-specific).
@@ -150,8 +126,12 @@ class GradientMethod(MultiTaskMethod):
         with torch._functorch.config.patch(donated_buffer=False):  # see "Scaling out" above
             losses, features = self._run_closure(closure)
         reused = self.aggregator.reused_weights()
-        if reused is not None:
-            self._weighted_backward(losses, reused)
+        if reused is not None:  # one ordinary backward of Σ w_k L_k, the shared gradient clipped (Nash-MTL)
+            with self._timer.phase("backward"):
+                self._weighted_backward(losses, reused)
+            with self._timer.phase("manipulation"):
+                if self.aggregator.max_norm > 0:
+                    torch.nn.utils.clip_grad_norm_(self.shared_params, self.aggregator.max_norm)
         elif self.space == "parameters":
             if self._sharded:
                 self._sharded_step(losses)
@@ -222,26 +202,23 @@ class GradientMethod(MultiTaskMethod):
                 "torch._functorch.config.patch(donated_buffer=False), or call torch._dynamo.reset() first"
             ) from error
 
-    def _weighted_backward(self, losses: list[torch.Tensor], weights: torch.Tensor) -> None:
-        """One ordinary backward of ``Σ_k w_k L_k`` into every parameter, the shared gradient clipped to ``max_norm``."""
-        with self._timer.phase("backward"):
-            stacked = torch.stack(losses)
-            (weights.to(stacked.dtype) * stacked).sum().backward()
-        with self._timer.phase("manipulation"):
-            if self.aggregator.max_norm > 0:
-                torch.nn.utils.clip_grad_norm_(self.shared_params, self.aggregator.max_norm)
+    @staticmethod
+    def _weighted_total(losses: list[torch.Tensor], weights: Optional[torch.Tensor]) -> torch.Tensor:
+        """``Σ_k w_k L_k`` (``Σ_k L_k`` without weights)."""
+        stacked = torch.stack(losses)
+        return stacked.sum() if weights is None else (weights.detach().to(stacked.dtype) * stacked).sum()
 
-    def _backward_task_params(
-        self, losses: list[torch.Tensor], task_weights: Optional[torch.Tensor], retain_graph: bool
-    ) -> None:
-        """One backward of the (weighted) loss sum into the task-specific parameters, averaged across ranks."""
+    def _weighted_backward(self, losses: list[torch.Tensor], weights: torch.Tensor) -> None:
+        """One ordinary backward of ``Σ_k w_k L_k`` into every parameter (DDP/FSDP2 reduce it as usual)."""
+        self._weighted_total(losses, weights).backward()
+
+    def _backward_task_params(self, losses: list[torch.Tensor], weights: Optional[torch.Tensor], retain_graph: bool) -> None:
+        """The task-specific parameters' gradients of ``Σ_k w_k L_k``, averaged across ranks (outside DDP's reducer)."""
         if not self._task_params:
             return
         with self._timer.phase("backward"):
-            stacked = torch.stack(losses)
-            total = stacked.sum() if task_weights is None else (task_weights.detach().to(stacked.dtype) * stacked).sum()
-            grads = torch.autograd.grad(total, self._task_params, retain_graph=retain_graph, allow_unused=True,
-                                        materialize_grads=True)
+            grads = torch.autograd.grad(self._weighted_total(losses, weights), self._task_params,
+                                        retain_graph=retain_graph, allow_unused=True, materialize_grads=True)
             if self._ranks.enabled:
                 flat = self._ranks.mean(torch.cat([grad.reshape(-1) for grad in grads]))
                 grads = flat.split([grad.numel() for grad in grads])

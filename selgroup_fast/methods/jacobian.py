@@ -12,18 +12,10 @@ either
 * ``"loop"``: K ordinary backwards, one task at a time (what the authors'
   reference implementations do; also the fallback for layers without vmap support).
 
-Measured on this project's idle 2-core CPU machine (``benchmarks/results/methods_cpu.md``,
-the benchmark's ViT, interleaved runs): with one thread the loop is 10–13 % faster,
-with two threads the two are equal. On the CPU, torch has no vmap batching rule for
-the flash-attention backward, so the batched mode falls back to a per-task loop
-inside every attention layer. The default stays ``"batched"`` because it issues one
-backward instead of K, which matters where kernel launches dominate (a GPU, not
-measured here); on the CPU, ``"loop"`` is the measured choice.
-
-The result is written into a buffer allocated once and reused at every step,
-on the parameters' device; nothing is copied through the host. The update
-direction ``d`` (a P-vector) lives in a second flat buffer whose slices are the
-shared parameters' ``.grad`` tensors, so writing ``d`` writes every gradient.
+The measured trade-off between the two (the loop is 10–13 % faster on one CPU thread:
+torch has no vmap rule for the CPU flash-attention backward) is in the README's
+"Baselines" section. J goes into a buffer allocated once, on the parameters' device; the
+direction ``d`` into a flat buffer whose slices are the shared parameters' ``.grad``.
 
 Example::
 
@@ -124,8 +116,11 @@ class TaskJacobian:
             for start in range(0, self.num_tasks, self.chunk_size):
                 rows = cotangents[start : start + self.chunk_size]
                 keep = retain_graph or start + self.chunk_size < self.num_tasks
+                # A chunk of one task is an ordinary backward: vmap over a batch of one only adds overhead.
+                single = rows.shape[0] == 1
                 grads = torch.autograd.grad(
-                    stacked, inputs, grad_outputs=rows, is_grads_batched=True, retain_graph=keep, **common
+                    stacked, inputs, grad_outputs=rows[0] if single else rows, is_grads_batched=not single,
+                    retain_graph=keep, **common
                 )
                 torch.cat([g.reshape(rows.shape[0], -1) for g in grads], dim=1, out=out[start : start + rows.shape[0]])
             return out

@@ -55,6 +55,7 @@ class NashMTL(Weighting):
 
     name = "nash_mtl"
     weights_task_params = True
+    saved_state = ("alpha", "steps")
 
     def __init__(
         self,
@@ -87,9 +88,3 @@ class NashMTL(Weighting):
         self.steps += 1
         return None if update else self.alpha
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"alpha": self.alpha.clone(), "steps": self.steps}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.alpha = state_dict["alpha"].to(device=self.device, dtype=self.alpha.dtype).clone()
-        self.steps = int(state_dict["steps"])

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 
@@ -59,6 +59,7 @@ class PCGrad(Weighting):
     """
 
     name = "pcgrad"
+    saved_state = ("generator",)
 
     def __init__(
         self,
@@ -77,8 +78,3 @@ class PCGrad(Weighting):
     def weights(self, gram: torch.Tensor) -> torch.Tensor:
         return ops.pcgrad_weights(gram, projection_orders(gram.shape[0], gram.device, self.generator))
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"generator": self.generator.get_state()}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.generator.set_state(state_dict["generator"])

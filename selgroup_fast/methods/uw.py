@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 
@@ -41,6 +41,7 @@ class UW(LossWeightingMethod):
     """
 
     name = "uw"
+    saved_state = ("log_vars", "log_vars_optimizer")
 
     def __init__(self, optimizer: torch.optim.Optimizer, num_tasks: int, *, lr: float = 0.025, profile: bool = False) -> None:
         super().__init__(optimizer, num_tasks, profile=profile)
@@ -65,10 +66,3 @@ class UW(LossWeightingMethod):
         with self._timer.phase("optimizer"):
             self.log_vars_optimizer.step()
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"log_vars": self.log_vars.detach().clone(), "optimizer": self.log_vars_optimizer.state_dict()}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        with torch.no_grad():
-            self.log_vars.copy_(state_dict["log_vars"])
-        self.log_vars_optimizer.load_state_dict(state_dict["optimizer"])

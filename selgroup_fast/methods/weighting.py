@@ -1,16 +1,9 @@
-"""Weightings: the part of a gradient method that turns task gradients into one direction.
+"""Aggregators and weightings: a gradient method's options and state, mapping task gradients to a direction.
 
-After TorchJD's split of a *weighting* (Gram matrix to weights) from the aggregator
-and the training step: an :class:`Aggregator` holds one method's validated options and
-state on the device and maps the K×N matrix ``J`` of task gradients (rows: the tasks;
-columns: the shared parameters, or the shared representation) to one N-vector ``d``.
-A :class:`Weighting` is an aggregator whose ``d = wᵀJ`` with weights ``w`` that depend
-only on the Gram matrix ``G = J Jᵀ`` (every method here but GradDrop). The training step
-(:class:`~selgroup_fast.methods.gradient.GradientMethod`) is one class for all of them.
-
-The option defaults of a method's fused op live in the op's schema and its wrapper in
-:mod:`selgroup_fast.ops` only: the aggregators forward those options as ``**options`` and
-validate them by calling the op once on a 1×1 Gram matrix at construction.
+As TorchJD splits a *weighting* (Gram matrix to weights) from the training step: an
+:class:`Aggregator` maps the K×N task gradients J (N: shared parameters or features) to
+one N-vector; a :class:`Weighting` does it as ``d = wᵀJ``, ``w`` a function of ``G = J Jᵀ``.
+An op's option defaults live in its schema and wrapper only (:mod:`selgroup_fast.ops`).
 """
 
 from __future__ import annotations
@@ -21,6 +14,7 @@ from typing import Any, Callable, ClassVar, Optional
 import torch
 
 from ..checks import check_int
+from .base import SavedState
 
 
 def check_jacobian(jacobian: torch.Tensor) -> torch.Tensor:
@@ -52,7 +46,7 @@ def validated_op_options(op: Callable[..., torch.Tensor], *args: torch.Tensor, *
     return options
 
 
-class Aggregator(abc.ABC):
+class Aggregator(SavedState, abc.ABC):
     """One gradient method's options and state: maps J (K×N) to the update direction (an N-vector).
 
     Args:
@@ -90,14 +84,6 @@ class Aggregator(abc.ABC):
         """Called once per training step: weights to reuse without task gradients, or ``None`` (compute them)."""
         return None
 
-    def state_dict(self) -> dict[str, Any]:
-        """The method's state (random generator, warm start, counters)."""
-        return {}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restores what :meth:`state_dict` returned."""
-        if state_dict:
-            raise ValueError(f"{type(self).__name__} keeps no state, got keys {sorted(state_dict)}")
 
 
 class Weighting(Aggregator):
