@@ -38,13 +38,18 @@ import selgroup_fast
 from selgroup_fast.bench import MultiTaskViT, SyntheticBatch, parse_tasks, synthetic_batch, task_losses
 from selgroup_fast.bench.report import cpu_model
 
-METHODS = ("gd", "selective", "pcgrad")
+#: The rows: a method name, or ``name:loop`` for a gradient method with ``jacobian="loop"`` (what
+#: the compiled model runs: a compiled backward cannot run under vmap, so the batched mode loops).
+METHODS = ("gd", "selective", "pcgrad", "pcgrad:loop")
 
 
 def training_step(name: str, model: MultiTaskViT, forward: Callable, batch: SyntheticBatch) -> Callable[[], object]:
     """One training step of method ``name`` on ``model``, its forward run through ``forward``."""
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
     options: dict = {"shared_params": model.shared_parameters()}
+    name, _, mode = name.partition(":")
+    if mode:
+        options["jacobian"] = mode
     if name == "selective":
         options["task_params"] = [list(decoder.parameters()) for decoder in model.decoders]
     if name == "pcgrad":

@@ -2,7 +2,8 @@
 
 The problem of issue 10: a shared ``Linear`` encoder, 3 ``Linear`` heads, Adam with weight
 decay, 3 steps, each step on a new batch. A configuration is ``"eager"`` (one process on
-the global batch: the reference), ``"compiled"`` (the same with ``torch.compile(model)``),
+the global batch: the reference), ``"compiled"`` (the same with ``torch.compile(model)``;
+``"inductor"`` with Inductor's code generation),
 ``"ddp"`` or ``"fsdp2"`` (2 gloo ranks on 127.0.0.1, each on its half of the global batch;
 FSDP2 shards each head and the encoder with ``fully_shard``, as the FSDP2 docs do).
 
@@ -123,11 +124,11 @@ def run(name: str, config: str, variant: str = "plain", rank: int = 0, world_siz
         forward: torch.nn.Module = model
         if config == "ddp":
             forward = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=name == "selective")
-        elif config == "compiled":
+        elif config in ("compiled", "inductor"):
             # Dynamo caches compiled code by code object, across model instances: each case
             # compiles afresh, as a new training script would.
             torch._dynamo.reset()
-            forward = torch.compile(model, backend=COMPILE_BACKEND)
+            forward = torch.compile(model, backend=COMPILE_BACKEND if config == "compiled" else "inductor")
         optimizer = torch.optim.Adam(model.parameters(), lr=0.05, weight_decay=0.1)
         method = make_method(name, optimizer, model, variant, rank)
         collectives: list[list[int]] = []  # per step: the numel of every all_reduce the method issued

@@ -83,6 +83,13 @@ def test_compiled_model_trains_as_the_eager_one(name, variant):
     assert_same_training(worker.run(name, "compiled", variant), reference(name))
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("name", ["gd", "selective", "pcgrad", "uw"])
+def test_inductor_compiled_model_trains_as_the_eager_one(name):
+    assert_same_training(worker.run(name, "inductor", "task_params" if name == "selective" else "plain"), reference(name))
+
+
 def test_selective_on_a_compiled_model_without_task_params_raises_naming_it():
     result = worker.run("selective", "compiled")
     assert result.get("error", "").startswith("ValueError") and "task_params=" in result["error"]

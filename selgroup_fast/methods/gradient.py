@@ -17,7 +17,7 @@ import torch
 import torch._functorch.config
 
 from ..losses import ClosureOutput
-from ..parallel import TaskParams, is_sharded
+from ..parallel import TaskParams, graph_parameters, is_sharded
 from .base import MultiTaskMethod, detached
 from .jacobian import JacobianMode, SharedParams, TaskJacobian
 from .weighting import Aggregator, Weighting, gram
@@ -110,6 +110,7 @@ class GradientMethod(MultiTaskMethod):
         if self._ranks.enabled and space != "parameters":
             raise ValueError(f'space="{space}" is not supported under torch.distributed: use space="parameters"')
         aggregator.load_state_dict(self._ranks.first_rank(aggregator.state_dict()))  # the same random draws
+        self._graph_checked = False
 
     @property
     def shared_params(self) -> list[torch.Tensor]:
@@ -191,6 +192,12 @@ class GradientMethod(MultiTaskMethod):
 
     def _parameter_jacobian(self, losses: list[torch.Tensor]) -> torch.Tensor:
         """J of this rank's losses w.r.t. the shared parameters; a compiled backward that cannot be retained is named."""
+        if not self._graph_checked:  # once: the graph walk runs on the host
+            self._graph_checked = True
+            if self._jacobian.mode == "batched" and graph_parameters(losses)[1]:
+                # A compiled backward cannot run under vmap (AOTAutograd's runtime wrapper copies a
+                # batched gradient into an unbatched buffer): K ordinary backwards, the same J.
+                self._jacobian.mode = "loop"
         try:
             return self._jacobian.compute(losses, retain_graph=bool(self._task_params))
         except RuntimeError as error:
