@@ -35,7 +35,13 @@ import torch
 from bench_methods import median_ms
 
 import selgroup_fast
-from selgroup_fast.bench import MultiTaskViT, SyntheticBatch, parse_tasks, synthetic_batch, task_losses
+from selgroup_fast.bench import (
+    MultiTaskViT,
+    SyntheticBatch,
+    parse_tasks,
+    synthetic_batch,
+    task_losses,
+)
 from selgroup_fast.bench.report import cpu_model
 
 #: The rows: a method name, or ``name:loop`` for a gradient method with ``jacobian="loop"`` (what
@@ -70,16 +76,16 @@ def run(args: argparse.Namespace) -> str:
         "# torch.compile: per-step time on the CPU, eager vs compiled model",
         "",
         f"- date: {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
-        f"- machine: {cpu_model()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch thread(s); "
+        (f"- machine: {cpu_model()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch thread(s); "
         "the machine was LOADED (other jobs running): the eager and compiled steps run interleaved, so read the "
-        "ratios, absolute times move with the load",
-        f"- versions: Python {platform.python_version()}, torch {torch.__version__}, timm {timm.__version__}, "
-        f"selgroup_fast {selgroup_fast.__version__}",
+        "ratios, absolute times move with the load"),
+        (f"- versions: Python {platform.python_version()}, torch {torch.__version__}, timm {timm.__version__}, "
+        f"selgroup_fast {selgroup_fast.__version__}"),
         f"- command: `python {' '.join(sys.argv)}`",
-        f"- model: selgroup-bench's MultiTaskViT (timm vit_tiny_patch16_224, random weights) at "
-        f"{args.img_size}×{args.img_size}, patch {args.patch_size}, batch {args.batch}, K = {args.tasks} tasks; Adam",
-        f"- timing: {args.warmup} warm-up steps (compilation included), then the median of {args.steps} steps, "
-        "eager and compiled interleaved one by one in alternating order; ratio = eager / compiled (> 1: compiled faster)",
+        (f"- model: selgroup-bench's MultiTaskViT (timm vit_tiny_patch16_224, random weights) at "
+        f"{args.img_size}×{args.img_size}, patch {args.patch_size}, batch {args.batch}, K = {args.tasks} tasks; Adam"),
+        (f"- timing: {args.warmup} warm-up steps (compilation included), then the median of {args.steps} steps, "
+        "eager and compiled interleaved one by one in alternating order; ratio = eager / compiled (> 1: compiled faster)"),
         "",
         "| method | eager (ms/step) | compiled (ms/step) | ratio | first compiled step (s) |",
         "|---|---:|---:|---:|---:|",
