@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import NamedTuple, Union
+from typing import Any, NamedTuple, Union
 
 import torch
 
@@ -42,7 +42,8 @@ def parse_closure_output(output: ClosureOutput, num_tasks: int) -> ClosureResult
     # collection of losses (a list, tuple, dict or a tensor of more than one element).
     first = output[0] if isinstance(output, tuple) and len(output) == 2 else None
     if isinstance(first, (Sequence, Mapping)) or (isinstance(first, torch.Tensor) and first.numel() > 1):
-        output, shared = output  # type: ignore[misc]
+        shared: Any = output[1]  # type: ignore[index]
+        output = first  # type: ignore[assignment]
         features = (shared,) if isinstance(shared, torch.Tensor) else tuple(shared)
         for i, feature in enumerate(features):
             if not isinstance(feature, torch.Tensor) or not feature.is_floating_point():
@@ -54,7 +55,7 @@ def parse_closure_output(output: ClosureOutput, num_tasks: int) -> ClosureResult
     elif isinstance(output, Mapping):
         losses = list(output.values())
     elif isinstance(output, Sequence) and not isinstance(output, (str, bytes)):
-        losses = list(output)
+        losses = list(output)  # type: ignore[arg-type]
     else:
         raise TypeError(
             "the closure must return the task losses as a list/tuple of scalar tensors, a dict of them "

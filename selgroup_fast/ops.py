@@ -19,7 +19,7 @@ def cuda_available() -> bool:
     return bool(torch.ops.selgroup_fast.cuda_available())
 
 
-# ---- proximal inter-task affinity and grouping (algorithm.md) ----
+# ---- affinity and grouping (docs/algorithm.md §Affinity update, §Similarity, §Affinity propagation) ----
 
 
 def affinity_update_(

@@ -63,3 +63,25 @@ def test_closure_outputs_in_every_accepted_form():
         losses = parse_closure_output(output, 2).losses
         assert [loss.shape for loss in losses] == [torch.Size([]), torch.Size([])]
         assert [loss.item() for loss in losses] == [1.0, 2.0]
+
+
+def test_closure_outputs_with_features():
+    a, b, z = torch.tensor(1.0), torch.tensor(2.0), torch.ones(2, 3)
+    for output, count in ((([a, b], z), 1), (({"x": a, "y": b}, [z, z]), 2), ((torch.tensor([1.0, 2.0]), (z,)), 1)):
+        result = parse_closure_output(output, 2)
+        assert [loss.item() for loss in result.losses] == [1.0, 2.0] and len(result.features) == count
+        assert all(feature is z for feature in result.features)
+    assert parse_closure_output((a, b), 2).features == ()  # two scalar losses, not (losses, features)
+    with pytest.raises(TypeError, match="features 0 must be a floating-point tensor"):
+        parse_closure_output(([a, b], torch.ones(2, dtype=torch.int64)), 2)
+
+
+def test_the_registry_lists_methods_by_kind_and_imports_them_loudly(monkeypatch):
+    names = selgroup_fast.methods.available()
+    assert sorted(names) == sorted(n for kind in selgroup_fast.methods.KINDS for n in selgroup_fast.methods.available(kind))
+    assert all(selgroup_fast.methods.kind(n) == "gradient" for n in selgroup_fast.methods.available("gradient"))
+    with pytest.raises(ValueError, match="kind must be one of"):
+        selgroup_fast.methods.available("nope")
+    monkeypatch.setitem(selgroup_fast.methods._REGISTRY, "broken", ("loss", "selgroup_fast.no_such_module:X"))
+    with pytest.raises(ModuleNotFoundError):
+        selgroup_fast.methods.available()

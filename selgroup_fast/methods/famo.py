@@ -103,8 +103,10 @@ class FAMO(LossWeightingMethod):
     def _after_step(self, losses: torch.Tensor, closure: Callable[[], ClosureOutput]) -> None:
         with self._timer.phase("forward"), torch.no_grad():
             after = self._ranks.mean(torch.stack(parse_closure_output(closure(), self.num_tasks).losses).detach())
+        log_before = self._log_before
+        assert log_before is not None, "_combine_losses runs before _after_step in every step"
         with self._timer.phase("manipulation"):
-            delta = self._log_before - self._shifted(after.to(self._log_before.dtype)).log()
+            delta = log_before - self._shifted(after.to(log_before.dtype)).log()
             with torch.enable_grad():
                 (grad,) = torch.autograd.grad(torch.softmax(self.logits, dim=0), self.logits, grad_outputs=delta.to(self.logits.dtype))
             self.logits_optimizer.zero_grad(set_to_none=True)

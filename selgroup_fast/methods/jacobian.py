@@ -109,7 +109,6 @@ class TaskJacobian:
         """Writes into ``out`` (K×N) the gradients of every loss w.r.t. ``inputs`` (flattened, concatenated)."""
         if len(losses) != self.num_tasks:
             raise ValueError(f"expected {self.num_tasks} losses, got {len(losses)}")
-        common = {"allow_unused": True, "materialize_grads": True}
         if self.mode == "batched":
             stacked = torch.stack(list(losses))
             cotangents = self._unit_cotangents(stacked.dtype)
@@ -120,13 +119,14 @@ class TaskJacobian:
                 single = rows.shape[0] == 1
                 grads = torch.autograd.grad(
                     stacked, inputs, grad_outputs=rows[0] if single else rows, is_grads_batched=not single,
-                    retain_graph=keep, **common
+                    retain_graph=keep, allow_unused=True, materialize_grads=True
                 )
                 torch.cat([g.reshape(rows.shape[0], -1) for g in grads], dim=1, out=out[start : start + rows.shape[0]])
             return out
         last = self.num_tasks - 1
         for k, loss in enumerate(losses):  # one task's gradients alive at a time
-            grads = torch.autograd.grad(loss, inputs, retain_graph=retain_graph or k < last, **common)
+            keep = retain_graph or k < last
+            grads = torch.autograd.grad(loss, inputs, retain_graph=keep, allow_unused=True, materialize_grads=True)
             torch.cat([g.reshape(-1) for g in grads], out=out[k])
         return out
 
