@@ -196,7 +196,7 @@ def graph_parameters(losses: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor]
     # Python node wrappers may be created afresh on each access: holding every visited
     # one alive keeps their ids unique while the walk runs.
     seen: dict[int, Any] = {}
-    pending = [loss.grad_fn for loss in losses if loss.grad_fn is not None]
+    pending: list[Any] = [loss.grad_fn for loss in losses if loss.grad_fn is not None]
     parameters: list[torch.Tensor] = []
     compiled = False
     while pending:

@@ -11,7 +11,7 @@ Gram matrix of the local shards is all-reduced and ``wᵀJ`` is written into eac
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Callable, Literal, Optional
+from typing import Any, Callable, Literal, Optional, cast
 
 import torch
 import torch._functorch.config
@@ -178,7 +178,7 @@ class GradientMethod(MultiTaskMethod):
         shared_width = sum(_local(None, p).numel() for p in self.shared_params)
         with self._timer.phase("manipulation"):
             total_gram = self._ranks.sum(gram(jacobian[:, :shared_width]))  # G = Σ_ranks J_r J_rᵀ
-            weights, head_weights = self.aggregator.direction_weights(total_gram)
+            weights, head_weights = cast(Weighting, self.aggregator).direction_weights(total_gram)  # checked at construction
             if head_weights is None:
                 head_weights = torch.ones_like(weights)
             flat = torch.cat([weights.to(jacobian.dtype) @ jacobian[:, :shared_width],
@@ -242,5 +242,5 @@ class GradientMethod(MultiTaskMethod):
 def _local(grad: torch.Tensor | None, param: torch.Tensor) -> torch.Tensor:
     """This rank's shard of ``grad`` (zeros shaped like ``param``'s shard when there is none)."""
     if grad is None:
-        return torch.zeros_like(param.to_local() if is_sharded(param) else param)
-    return grad.to_local() if is_sharded(grad) else grad
+        return torch.zeros_like(cast(Any, param).to_local() if is_sharded(param) else param)
+    return cast(Any, grad).to_local() if is_sharded(grad) else grad
