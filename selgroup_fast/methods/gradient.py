@@ -1,7 +1,8 @@
 """The one training step of every gradient method (PCGrad, CAGrad, MGDA, GradDrop, IMTL-G, Aligned-MTL, Nash-MTL).
 
-Scaling out (README "Scaling out"): under ``torch.compile`` the closure runs with
-``torch._functorch.config.donated_buffer`` off (the per-task backwards retain the graph);
+Scaling out (README "Scaling out"): under ``torch.compile`` the step runs with
+``torch._functorch.config.donated_buffer`` and Inductor's FX graph cache off
+(:func:`retainable_compiled_graphs`: the per-task backwards retain the graph);
 under DDP every gradient is taken with ``torch.autograd.grad`` (outside DDP's reducer) and
 averaged here, J with one all-reduce (K×P), the heads' gradients with a second; under FSDP2
 (weightings only) one ordinary backward per task gives the sharded task gradients, the K×K
@@ -10,11 +11,13 @@ Gram matrix of the local shards is all-reduced and ``wᵀJ`` is written into eac
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from typing import Any, Callable, Literal, Optional, cast
 
 import torch
 import torch._functorch.config
+import torch._inductor.config
 
 from ..losses import ClosureOutput
 from ..parallel import TaskParams, graph_parameters, is_sharded
@@ -122,10 +125,13 @@ class GradientMethod(MultiTaskMethod):
         return self._task_params
 
     def step(self, closure: Callable[[], ClosureOutput]) -> torch.Tensor:
+        with retainable_compiled_graphs():
+            return self._step(closure)
+
+    def _step(self, closure: Callable[[], ClosureOutput]) -> torch.Tensor:
         self._timer.reset()
         self.optimizer.zero_grad(set_to_none=True)
-        with torch._functorch.config.patch(donated_buffer=False):  # see "Scaling out" above
-            losses, features = self._run_closure(closure)
+        losses, features = self._run_closure(closure)
         reused = self.aggregator.reused_weights()
         if reused is not None:  # one ordinary backward of Σ w_k L_k, the shared gradient clipped (Nash-MTL)
             with self._timer.phase("backward"):
@@ -237,6 +243,23 @@ class GradientMethod(MultiTaskMethod):
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.aggregator.load_state_dict(state_dict)
+
+
+@contextlib.contextmanager
+def retainable_compiled_graphs() -> Iterator[None]:
+    """Makes what ``torch.compile`` compiles inside it safe to back-propagate several times.
+
+    The gradient methods back-propagate each task's loss through one graph (``retain_graph``).
+    AOTAutograd refuses that for a backward compiled with donated buffers (saved tensors
+    its code may overwrite), so they are turned off; and Inductor's FX graph cache would
+    hand back a backward compiled earlier WITH donated buffers (its key does not tell them
+    apart, torch 2.14): it overwrites the saved tensors without the refusal, and the next
+    task's gradient is silently wrong (tested in tests/test_scaling.py with Inductor). Both
+    are configuration patches, in force while the step runs (compilation is lazy: the
+    backward is compiled at its first call).
+    """
+    with torch._functorch.config.patch(donated_buffer=False), torch._inductor.config.patch(fx_graph_cache=False):
+        yield
 
 
 def _local(grad: torch.Tensor | None, param: torch.Tensor) -> torch.Tensor:
