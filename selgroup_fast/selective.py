@@ -11,12 +11,12 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from .affinity import ATTRIBUTIONS, AffinityTracker
 from .grouping import GroupingSpec, check_partition, make_grouping
 from .losses import ClosureOutput
 from .methods.base import MultiTaskMethod, detached
+from .parallel import Params, RankAgreement, TaskParams, graph_parameters, is_sharded
 
 ORDERS = ("random", "forward", "backward")
 
@@ -45,6 +45,12 @@ class SelectiveGroupUpdate(MultiTaskMethod):
             group when initialised); build the method on every rank.
         generator: CPU ``torch.Generator`` of the order and random groupings (default: one
             seeded from the global CPU RNG, so ``torch.manual_seed`` makes runs reproducible).
+        shared_params, task_params: the encoder's parameters and K iterables of each task's own
+            parameters (:class:`~selgroup_fast.parallel.TaskParams`). With ``task_params`` a group
+            step drops the other tasks' gradients before the optimizer step (no host sync), so their
+            parameters and optimizer state stay untouched whatever the graph says. Required where the
+            graph cannot tell: a ``torch.compile``d model (its backward gives every head a zero
+            gradient) and FSDP2 (the graph holds unsharded copies); without it those raise.
         profile: record the phases ``forward``, ``backward``, ``optimizer``, ``affinity``.
 
     Example::
@@ -66,6 +72,8 @@ class SelectiveGroupUpdate(MultiTaskMethod):
     """
 
     name = "selective"
+    accepts_shared_params = True
+    accepts_task_params = True
 
     def __init__(
         self,
@@ -85,6 +93,8 @@ class SelectiveGroupUpdate(MultiTaskMethod):
         grad_scaler: Any = None,
         process_group: Any = None,
         generator: torch.Generator | None = None,
+        shared_params: Params | None = None,
+        task_params: list[Params] | None = None,
         profile: bool = False,
     ) -> None:
         super().__init__(optimizer, num_tasks, profile=profile)
@@ -115,11 +125,13 @@ class SelectiveGroupUpdate(MultiTaskMethod):
         self.grad_scaler = grad_scaler
         self._generator = generator
         self._ranks = RankAgreement(process_group, self.device)
+        self._owners = TaskParams(num_tasks, shared_params, task_params)
+        self._owners.check_in_optimizer(optimizer)
         self._ranks.share_generator(generator)
         dtype = torch.float64 if optimizer.param_groups[0]["params"][0].dtype == torch.float64 else torch.float32
         self._tracker = AffinityTracker(num_tasks, decay=decay, device=self.device, dtype=dtype)
         self._batches = 0
-        self._parameters_checked = False
+        self._parameters_checked = self._owners.known  # the graph is only walked when it is the one source
         self._groups = check_partition(self.grouping.first_groups(num_tasks, generator), num_tasks)
         if len(self._groups) > 1:
             _check_partial_steps_supported(optimizer)
@@ -160,7 +172,7 @@ class SelectiveGroupUpdate(MultiTaskMethod):
         for group in stepped:
             losses = self._forward(closure)
             if not self._parameters_checked:
-                _check_optimizer_covers(self.optimizer, losses)
+                _check_graph(self.optimizer, losses)
                 self._parameters_checked = True
             measured.append(detached(losses))
             self._group_step(losses, group, skipped)
@@ -202,6 +214,8 @@ class SelectiveGroupUpdate(MultiTaskMethod):
             if scaler is not None:
                 group_loss = scaler.scale(group_loss)
             group_loss.backward()
+            for parameter in self._owners.outside(group):
+                parameter.grad = None  # the optimizer skips a parameter without a gradient
         with self._timer.phase("optimizer"):
             if scaler is None:
                 self.optimizer.step()
@@ -237,35 +251,6 @@ class SelectiveGroupUpdate(MultiTaskMethod):
         self._groups = groups
         self._batches = int(state_dict["batches"])
         self._generator.set_state(state_dict["generator"])
-
-
-class RankAgreement:
-    """Keeps DDP ranks on the same affinity, groups and orders (docs/algorithm.md §Batch loop).
-
-    No-ops without ``torch.distributed`` (no ``process_group``, no initialised default group).
-    """
-
-    def __init__(self, process_group: Any, device: torch.device) -> None:
-        self.process_group = process_group
-        self.enabled = process_group is not None or (dist.is_available() and dist.is_initialized())
-        self.world_size = dist.get_world_size(process_group) if self.enabled else 1
-        self.device = device
-
-    def share_generator(self, generator: torch.Generator) -> None:
-        """Gives ``generator`` the first rank's state on every rank."""
-        if not self.enabled:
-            return
-        state = generator.get_state()
-        carrier = state.to(self.device) if self.device.type == "cuda" else state.clone()
-        dist.broadcast(carrier, group_src=0, group=self.process_group)
-        generator.set_state(carrier.cpu())
-
-    def mean(self, tensor: torch.Tensor) -> torch.Tensor:
-        """``tensor`` averaged across the ranks (one all-reduce, in place)."""
-        if not self.enabled:
-            return tensor
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.process_group)
-        return tensor / self.world_size
 
 
 #: What ``grad_scaler=`` must provide (``_found_inf_per_device``: see :func:`scaler_skipped_step`).
@@ -316,30 +301,35 @@ def _check_partial_steps_supported(optimizer: torch.optim.Optimizer) -> None:
         )
 
 
-def _check_optimizer_covers(optimizer: torch.optim.Optimizer, losses: list[torch.Tensor]) -> None:
-    """Raises if an ``nn.Parameter`` the losses' autograd graph accumulates into is missing from the optimizer.
+def _check_graph(optimizer: torch.optim.Optimizer, losses: list[torch.Tensor]) -> None:
+    """Raises if the losses' autograd graph cannot show which heads a group's backward reaches.
 
-    Such a parameter would get a gradient every group step but never an update. Walks the
-    graph on the host (no device work).
+    Without ``task_params=`` a group step relies on the graph: the heads of the other tasks
+    get no gradient, so the optimizer leaves them alone. A ``torch.compile``d region gives
+    them zero gradients instead (weight decay and Adam's moments would move them), and
+    FSDP2 puts unsharded copies of the parameters in the graph; a parameter of the graph
+    missing from the optimizer would get gradients but never an update.
     """
+    parameters, compiled = graph_parameters(losses)
+    if compiled:
+        raise ValueError(
+            "the task losses come from a torch.compile'd model, whose backward gives every head a gradient "
+            "(zero for the tasks outside the group): pass task_params= (each task's own parameters) so that "
+            "the heads outside a group are masked explicitly"
+        )
     in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
-    # Python node wrappers may be created afresh on each access: holding every visited
-    # one alive keeps their ids unique while the walk runs.
-    seen: dict[int, Any] = {}
-    pending: list[Any] = [loss.grad_fn for loss in losses if loss.grad_fn is not None]
-    while pending:
-        node = pending.pop()
-        if node is None or id(node) in seen:
-            continue
-        seen[id(node)] = node
-        variable = getattr(node, "variable", None)  # set on AccumulateGrad nodes only
-        if isinstance(variable, torch.nn.Parameter) and id(variable) not in in_optimizer:
+    for parameter in parameters:
+        if id(parameter) not in in_optimizer:
+            if any(is_sharded(p) for group in optimizer.param_groups for p in group["params"]):
+                raise ValueError(
+                    "the optimizer holds sharded (FSDP2/DTensor) parameters, which the autograd graph does not "
+                    "show: pass shared_params= and task_params= (each task's own parameters)"
+                )
             raise ValueError(
-                f"a parameter of shape {tuple(variable.shape)} receives gradients from the task losses "
+                f"a parameter of shape {tuple(parameter.shape)} receives gradients from the task losses "
                 "but is not in the optimizer: pass every parameter of the model (shared encoder and all "
                 "task heads) to the optimizer, or set requires_grad=False on frozen ones"
             )
-        pending.extend(next_node for next_node, _ in node.next_functions)
 
 
 __all__ = ["RankAgreement", "SelectiveGroupUpdate", "scaler_skipped_step"]

@@ -25,6 +25,7 @@ from typing import Any, Optional
 
 import torch
 
+from ..parallel import TaskParams
 from .base import MultiTaskMethod
 from .gradient import GradientMethod
 from .jacobian import as_parameter_list
@@ -103,6 +104,7 @@ def create(
     optimizer: torch.optim.Optimizer,
     num_tasks: int,
     shared_params: Any = None,
+    task_params: Any = None,
     **options: Any,
 ) -> MultiTaskMethod:
     """Creates method ``name`` driving ``optimizer`` over ``num_tasks`` task losses.
@@ -111,8 +113,19 @@ def create(
     manipulate per-task gradients of the shared parameters; the others ignore it.
     ``options`` are the method's own (see its class docstring) and, for the gradient
     methods, those of :class:`GradientMethod` (``jacobian``, ``space``, ``profile``).
+
+    ``task_params`` (K iterables, each task's own parameters; checked against
+    ``shared_params``) says which parameters belong to which task where the autograd
+    graph cannot (a ``torch.compile``d model, FSDP2): ``selective`` masks the other tasks'
+    parameters at every group step, a gradient method takes them as its task-specific
+    parameters; the other methods only check them (one backward of all losses needs no mask).
     """
     cls = _load(name)
+    if task_params is not None:
+        if kind(name) in ("gradient", "grouping"):
+            options["task_params"] = task_params  # checked by the method, which uses them
+        else:
+            TaskParams(num_tasks, shared_params, task_params)
     if kind(name) == "gradient":
         if shared_params is None:
             raise ValueError(f"method {name!r} needs shared_params= (the parameters shared by all tasks)")

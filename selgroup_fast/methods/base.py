@@ -9,6 +9,7 @@ import torch
 
 from ..checks import check_int
 from ..losses import ClosureOutput, ClosureResult, parse_closure_output
+from ..parallel import RankAgreement
 from ..profiling import PhaseTimer
 
 
@@ -80,6 +81,8 @@ class MultiTaskMethod(SavedState, abc.ABC):
         self.num_tasks = num_tasks
         self.device = optimizer_device(optimizer)
         self._timer = PhaseTimer(enabled=profile, device=self.device)
+        #: The ranks training together under torch.distributed (the world group when initialised).
+        self._ranks = RankAgreement(None, self.device)
 
     @property
     def profile(self) -> bool:

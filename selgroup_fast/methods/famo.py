@@ -102,7 +102,7 @@ class FAMO(LossWeightingMethod):
 
     def _after_step(self, losses: torch.Tensor, closure: Callable[[], ClosureOutput]) -> None:
         with self._timer.phase("forward"), torch.no_grad():
-            after = torch.stack(parse_closure_output(closure(), self.num_tasks).losses).detach()
+            after = self._ranks.mean(torch.stack(parse_closure_output(closure(), self.num_tasks).losses).detach())
         log_before = self._log_before
         assert log_before is not None, "_combine_losses runs before _after_step in every step"
         with self._timer.phase("manipulation"):

@@ -1,15 +1,29 @@
-"""The one training step of every gradient method (PCGrad, CAGrad, MGDA, GradDrop, IMTL-G, Aligned-MTL, Nash-MTL)."""
+"""The one training step of every gradient method (PCGrad, CAGrad, MGDA, GradDrop, IMTL-G, Aligned-MTL, Nash-MTL).
+
+Scaling out (README "Scaling out"): under ``torch.compile`` the step runs with
+``torch._functorch.config.donated_buffer`` and Inductor's FX graph cache off
+(:func:`retainable_compiled_graphs`: the per-task backwards retain the graph);
+under DDP every gradient is taken with ``torch.autograd.grad`` (outside DDP's reducer) and
+averaged here, J with one all-reduce (K×P), the heads' gradients with a second; under FSDP2
+(weightings only) one ordinary backward per task gives the sharded task gradients, the K×K
+Gram matrix of the local shards is all-reduced and ``wᵀJ`` is written into each shard.
+"""
 
 from __future__ import annotations
 
-from typing import Callable, Literal, Optional
+import contextlib
+from collections.abc import Iterator, Sequence
+from typing import Any, Callable, Literal, Optional, cast
 
 import torch
+import torch._functorch.config
+import torch._inductor.config
 
 from ..losses import ClosureOutput
+from ..parallel import TaskParams, graph_parameters, is_sharded
 from .base import MultiTaskMethod, detached
 from .jacobian import JacobianMode, SharedParams, TaskJacobian
-from .weighting import Aggregator
+from .weighting import Aggregator, Weighting, gram
 
 Space = Literal["parameters", "representation"]
 SPACES: tuple[str, ...] = ("parameters", "representation")
@@ -35,6 +49,8 @@ class GradientMethod(MultiTaskMethod):
         jacobian: ``"batched"`` (one vmapped backward) or ``"loop"`` (K backwards).
         chunk_size: with ``"batched"``, at most this many tasks per vmapped backward (bounded peak memory).
         space: ``"parameters"`` or ``"representation"`` (the closure then returns ``(losses, features)``).
+        task_params: K iterables of each task's own parameters (checked against ``shared_params``); by
+            default every optimizer parameter that is not shared.
         profile: time the phases of every step (:attr:`timings`).
 
     Example::
@@ -63,6 +79,7 @@ class GradientMethod(MultiTaskMethod):
         jacobian: JacobianMode = "batched",
         chunk_size: Optional[int] = None,
         space: Space = "parameters",
+        task_params: Sequence[SharedParams] | None = None,
         profile: bool = False,
     ) -> None:
         super().__init__(optimizer, num_tasks, profile=profile)
@@ -83,6 +100,20 @@ class GradientMethod(MultiTaskMethod):
         self._task_params = [
             p for group in optimizer.param_groups for p in group["params"] if p.requires_grad and id(p) not in shared_ids
         ]
+        if task_params is not None:
+            owners = TaskParams(num_tasks, self._jacobian.params, task_params)
+            owners.check_in_optimizer(optimizer)
+            self._task_params = owners.all_task_params()
+        self._sharded = any(is_sharded(p) for p in [*self._jacobian.params, *self._task_params])
+        if self._sharded and not (isinstance(aggregator, Weighting) and space == "parameters"):
+            raise ValueError(
+                f'{self.name} with space="{space}" does not support sharded (FSDP2/DTensor) parameters: it needs every '
+                "coordinate of the task gradients on one rank; train it with DistributedDataParallel"
+            )
+        if self._ranks.enabled and space != "parameters":
+            raise ValueError(f'space="{space}" is not supported under torch.distributed: use space="parameters"')
+        aggregator.load_state_dict(self._ranks.first_rank(aggregator.state_dict()))  # the same random draws
+        self._graph_checked = False
 
     @property
     def shared_params(self) -> list[torch.Tensor]:
@@ -90,23 +121,30 @@ class GradientMethod(MultiTaskMethod):
 
     @property
     def task_params(self) -> list[torch.Tensor]:
-        """The optimizer's parameters that are not shared (each task's own head)."""
+        """The task-specific parameters (``task_params=``, else the optimizer's non-shared ones)."""
         return self._task_params
 
     def step(self, closure: Callable[[], ClosureOutput]) -> torch.Tensor:
+        with retainable_compiled_graphs():
+            return self._step(closure)
+
+    def _step(self, closure: Callable[[], ClosureOutput]) -> torch.Tensor:
         self._timer.reset()
         self.optimizer.zero_grad(set_to_none=True)
         losses, features = self._run_closure(closure)
         reused = self.aggregator.reused_weights()
         if reused is not None:  # one ordinary backward of Σ w_k L_k, the shared gradient clipped (Nash-MTL)
             with self._timer.phase("backward"):
-                self._weighted_backward(losses, reused, None, retain_graph=False)
+                self._weighted_backward(losses, reused)
             with self._timer.phase("manipulation"):
                 if self.aggregator.max_norm > 0:
                     torch.nn.utils.clip_grad_norm_(self.shared_params, self.aggregator.max_norm)
         elif self.space == "parameters":
+            if self._sharded:
+                self._sharded_step(losses)
+                return self._optimizer_step(losses)
             with self._timer.phase("backward"):
-                jacobian = self._jacobian.compute(losses, retain_graph=bool(self._task_params))
+                jacobian = self._ranks.mean(self._parameter_jacobian(losses))
             with self._timer.phase("manipulation"):
                 _, head_weights = self.aggregator.combine(jacobian, out=self._jacobian.direction)
                 self._jacobian.assign_grads()
@@ -125,26 +163,107 @@ class GradientMethod(MultiTaskMethod):
             with self._timer.phase("backward"):
                 self._jacobian.pull_back(features, direction)
                 self._jacobian.assign_grads()
+        return self._optimizer_step(losses)
+
+    def _optimizer_step(self, losses: list[torch.Tensor]) -> torch.Tensor:
         with self._timer.phase("optimizer"):
             self.optimizer.step()
         return detached(losses)
 
+    def _sharded_step(self, losses: list[torch.Tensor]) -> None:
+        """The FSDP2 step: per-task sharded gradients by K ordinary backwards, the global Gram matrix, ``wᵀJ`` per shard."""
+        params = [*self.shared_params, *self._task_params]
+        rows = []
+        with self._timer.phase("backward"):
+            for k, loss in enumerate(losses):
+                loss.backward(retain_graph=k < len(losses) - 1)  # FSDP2 reduce-scatters: global batch, this shard
+                rows.append(torch.cat([_local(p.grad, p).reshape(-1) for p in params]))
+                for p in params:
+                    p.grad = None
+        jacobian = torch.stack(rows)
+        shared_width = sum(_local(None, p).numel() for p in self.shared_params)
+        with self._timer.phase("manipulation"):
+            total_gram = self._ranks.sum(gram(jacobian[:, :shared_width]))  # G = Σ_ranks J_r J_rᵀ
+            weights, head_weights = cast(Weighting, self.aggregator).direction_weights(total_gram)  # checked at construction
+            if head_weights is None:
+                head_weights = torch.ones_like(weights)
+            flat = torch.cat([weights.to(jacobian.dtype) @ jacobian[:, :shared_width],
+                              head_weights.to(jacobian.dtype) @ jacobian[:, shared_width:]])
+            offset = 0
+            for p in params:
+                p.grad = torch.zeros_like(p)
+                local = _local(p.grad, p)
+                local.copy_(flat[offset : offset + local.numel()].view_as(local))
+                offset += local.numel()
+
+    def _parameter_jacobian(self, losses: list[torch.Tensor]) -> torch.Tensor:
+        """J of this rank's losses w.r.t. the shared parameters; a compiled backward that cannot be retained is named."""
+        if not self._graph_checked:  # once: the graph walk runs on the host
+            self._graph_checked = True
+            if self._jacobian.mode == "batched" and graph_parameters(losses)[1]:
+                # A compiled backward cannot run under vmap (AOTAutograd's runtime wrapper copies a
+                # batched gradient into an unbatched buffer): K ordinary backwards, the same J.
+                self._jacobian.mode = "loop"
+        try:
+            return self._jacobian.compute(losses, retain_graph=bool(self._task_params))
+        except RuntimeError as error:
+            if "donated buffers" not in str(error):
+                raise
+            raise RuntimeError(
+                f"{self.name} back-propagates each task's loss through the same graph, but the model's backward "
+                "was compiled with donated buffers before this method first ran it: compile it under "
+                "torch._functorch.config.patch(donated_buffer=False), or call torch._dynamo.reset() first"
+            ) from error
+
     @staticmethod
-    def _weighted_backward(
-        losses: list[torch.Tensor], weights: Optional[torch.Tensor], inputs: Optional[list[torch.Tensor]], retain_graph: bool
-    ) -> None:
-        """One ordinary backward of ``Σ_k w_k L_k`` (``Σ_k L_k`` without weights) into ``inputs`` (None: all)."""
+    def _weighted_total(losses: list[torch.Tensor], weights: Optional[torch.Tensor]) -> torch.Tensor:
+        """``Σ_k w_k L_k`` (``Σ_k L_k`` without weights)."""
         stacked = torch.stack(losses)
-        total = stacked.sum() if weights is None else (weights.detach().to(stacked.dtype) * stacked).sum()
-        torch.autograd.backward(total, inputs=inputs, retain_graph=retain_graph)
+        return stacked.sum() if weights is None else (weights.detach().to(stacked.dtype) * stacked).sum()
+
+    def _weighted_backward(self, losses: list[torch.Tensor], weights: torch.Tensor) -> None:
+        """One ordinary backward of ``Σ_k w_k L_k`` into every parameter (DDP/FSDP2 reduce it as usual)."""
+        self._weighted_total(losses, weights).backward()
 
     def _backward_task_params(self, losses: list[torch.Tensor], weights: Optional[torch.Tensor], retain_graph: bool) -> None:
-        if self._task_params:
-            with self._timer.phase("backward"):
-                self._weighted_backward(losses, weights, self._task_params, retain_graph)
+        """The task-specific parameters' gradients of ``Σ_k w_k L_k``, averaged across ranks (outside DDP's reducer)."""
+        if not self._task_params:
+            return
+        with self._timer.phase("backward"):
+            grads = torch.autograd.grad(self._weighted_total(losses, weights), self._task_params,
+                                        retain_graph=retain_graph, allow_unused=True, materialize_grads=True)
+            if self._ranks.enabled:
+                flat = self._ranks.mean(torch.cat([grad.reshape(-1) for grad in grads]))
+                grads = flat.split([grad.numel() for grad in grads])
+            for param, grad in zip(self._task_params, grads):
+                param.grad = grad.view_as(param)
 
     def state_dict(self) -> dict:
         return self.aggregator.state_dict()
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.aggregator.load_state_dict(state_dict)
+
+
+@contextlib.contextmanager
+def retainable_compiled_graphs() -> Iterator[None]:
+    """Makes what ``torch.compile`` compiles inside it safe to back-propagate several times.
+
+    The gradient methods back-propagate each task's loss through one graph (``retain_graph``).
+    AOTAutograd refuses that for a backward compiled with donated buffers (saved tensors
+    its code may overwrite), so they are turned off; and Inductor's FX graph cache would
+    hand back a backward compiled earlier WITH donated buffers (its key does not tell them
+    apart, torch 2.14): it overwrites the saved tensors without the refusal, and the next
+    task's gradient is silently wrong (tested in tests/test_scaling.py with Inductor). Both
+    are configuration patches, in force while the step runs (compilation is lazy: the
+    backward is compiled at its first call).
+    """
+    with torch._functorch.config.patch(donated_buffer=False), torch._inductor.config.patch(fx_graph_cache=False):
+        yield
+
+
+def _local(grad: torch.Tensor | None, param: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of ``grad`` (zeros shaped like ``param``'s shard when there is none)."""
+    if grad is None:
+        return torch.zeros_like(cast(Any, param).to_local() if is_sharded(param) else param)
+    return cast(Any, grad).to_local() if is_sharded(grad) else grad

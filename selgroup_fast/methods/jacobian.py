@@ -30,48 +30,19 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from typing import Literal, Optional, Union
+from collections.abc import Sequence
+from typing import Literal, Optional
 
 import torch
 
 from ..checks import check_int
+from ..parallel import Params, as_parameter_list
 
 JacobianMode = Literal["batched", "loop"]
 JACOBIAN_MODES: tuple[str, ...] = ("batched", "loop")
 
 #: What ``shared_params=`` accepts: a module or an iterable of parameters.
-SharedParams = Union[torch.nn.Module, Iterable[torch.Tensor]]
-
-
-def as_parameter_list(params: SharedParams, what: str = "shared_params") -> list[torch.Tensor]:
-    """The distinct tensors of ``params`` (a module's parameters or an iterable), validated."""
-    if isinstance(params, torch.nn.Module):
-        params = params.parameters()
-    elif isinstance(params, torch.Tensor):
-        params = [params]
-    tensors: list[torch.Tensor] = []
-    seen: set[int] = set()
-    for p in params:
-        if not isinstance(p, torch.Tensor):
-            raise TypeError(f"{what} must contain tensors, got a {type(p).__name__}")
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
-        tensors.append(p)
-    if not tensors:
-        raise ValueError(f"{what} is empty")
-    for p in tensors:
-        if not p.requires_grad:
-            raise ValueError(f"every tensor of {what} must require grad (got a frozen one of shape {tuple(p.shape)})")
-        if not p.is_floating_point():
-            raise TypeError(f"{what} must be floating-point, got {p.dtype}")
-        if p.device != tensors[0].device or p.dtype != tensors[0].dtype:
-            raise ValueError(
-                f"every tensor of {what} must share one device and dtype, got {tensors[0].device}/{tensors[0].dtype} "
-                f"and {p.device}/{p.dtype}"
-            )
-    return tensors
+SharedParams = Params
 
 
 class TaskJacobian:

@@ -4,6 +4,8 @@ These methods need no per-task gradients: one step is one forward, ONE backward
 of a weighted combination of the task losses, one optimizer step. The weights
 are computed on the device from the method's state (timed as ``manipulation``);
 no value is read back to the host, so on CUDA the step never synchronises.
+Under DDP/FSDP2 what the weights learn from is the global batch's losses (the
+ranks' mean, one all-reduce of K numbers: ``RankAgreement.global_losses``).
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ class LossWeightingMethod(MultiTaskMethod):
     def step(self, closure: Callable[[], ClosureOutput]) -> torch.Tensor:
         self._timer.reset()
         self.optimizer.zero_grad(set_to_none=True)
-        losses = torch.stack(self._forward(closure))
+        losses = self._ranks.global_losses(torch.stack(self._forward(closure)))
         with self._timer.phase("manipulation"):
             total = self._combine_losses(losses)
         with self._timer.phase("backward"):

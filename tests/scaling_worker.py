@@ -1,0 +1,186 @@
+"""Training runs for tests/test_scaling.py: one method, 3 steps, in one configuration.
+
+The problem of issue 10: a shared ``Linear`` encoder, 3 ``Linear`` heads, Adam with weight
+decay, 3 steps, each step on a new batch. A configuration is ``"eager"`` (one process on
+the global batch: the reference), ``"compiled"`` (the same with ``torch.compile(model)``;
+``"inductor"`` with Inductor's code generation),
+``"ddp"`` or ``"fsdp2"`` (2 gloo ranks on 127.0.0.1, each on its half of the global batch;
+FSDP2 shards each head and the encoder with ``fully_shard``, as the FSDP2 docs do).
+
+:func:`run` returns the parameters and the method's state as plain tensors (full tensors
+under FSDP2) or, if the run raised, ``{"error": "<type>: <message>"}``. :func:`serve` runs a
+list of cases on one rank of a process group, one after another, so that a test file
+starts its 2 processes once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+import socket
+import traceback
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from selgroup_fast import methods
+
+NUM_TASKS = 3
+STEPS = 3
+GLOBAL_BATCH = 16
+WORLD_SIZE = 2
+IN_FEATURES, HIDDEN = 6, 16
+#: The compile backend of the tests: AOTAutograd (where both compile bugs of issue 10 live)
+#: without Inductor's code generation, which takes ~40 s per graph on the 2-core CI machine.
+COMPILE_BACKEND = "aot_eager"
+
+#: Options that make each method's randomness reproducible (the same draws in every run).
+METHOD_OPTIONS: dict[str, dict[str, Any]] = {
+    "pcgrad": {"seed": 3},
+    "graddrop": {"seed": 3},
+}
+
+
+class SharedEncoderModel(torch.nn.Module):
+    """``Linear`` encoder + tanh, one ``Linear`` head per task; ``forward`` returns K ``[B]`` predictions.
+
+    Each task's loss depends on its own head only (a ``cat`` of the heads' outputs would
+    give every head a zero gradient from every task's loss).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = torch.nn.Linear(IN_FEATURES, HIDDEN)
+        self.heads = torch.nn.ModuleList(torch.nn.Linear(HIDDEN, 1) for _ in range(NUM_TASKS))
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        features = self.encoder(x).tanh()
+        return [head(features).squeeze(1) for head in self.heads]
+
+
+def batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The global batches of the run (the same in every process)."""
+    generator = torch.Generator().manual_seed(1234)
+    mixing = torch.randn(IN_FEATURES, NUM_TASKS, generator=generator)
+    data = []
+    for _ in range(STEPS):
+        x = torch.randn(GLOBAL_BATCH, IN_FEATURES, generator=generator)
+        y = (x @ mixing).sin() + 0.1 * torch.randn(GLOBAL_BATCH, NUM_TASKS, generator=generator)
+        data.append((x, y))
+    return data
+
+
+#: How a case builds its method: as is, with ``task_params=``, with ``jacobian="loop"``, or
+#: without a seed (each rank's global RNG seeded differently: the method must still draw rank
+#: 0's numbers everywhere).
+VARIANTS = ("plain", "task_params", "loop", "unseeded")
+
+
+def make_method(name: str, optimizer: torch.optim.Optimizer, model: torch.nn.Module, variant: str, rank: int) -> Any:
+    """Method ``name`` over ``optimizer``, told the encoder's (and, for ``"task_params"``, each head's) parameters."""
+    options: dict[str, Any] = {"shared_params": list(model.encoder.parameters())}
+    if variant == "task_params":
+        options["task_params"] = [list(head.parameters()) for head in model.heads]
+    if variant == "loop":
+        options["jacobian"] = "loop"
+    if variant == "unseeded":
+        torch.manual_seed(100 + rank)
+    else:
+        options.update(METHOD_OPTIONS.get(name, {}))
+    if name == "selective":
+        options.update(warmup_steps=1, decay=0.5)
+        if variant != "unseeded":
+            options["generator"] = torch.Generator().manual_seed(5)
+    return methods.create(name, optimizer, NUM_TASKS, **options)
+
+
+def plain(value: Any) -> Any:
+    """``value`` with every tensor detached, cloned and (for a DTensor) gathered in full."""
+    if isinstance(value, torch.Tensor):
+        full = value.full_tensor() if hasattr(value, "full_tensor") else value
+        return full.detach().clone()
+    if isinstance(value, dict):
+        return {key: plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(item) for item in value]
+    return value
+
+
+def run(name: str, config: str, variant: str = "plain", rank: int = 0, world_size: int = 1) -> dict[str, Any]:
+    """Trains method ``name`` for :data:`STEPS` steps in ``config``; returns parameters and method state."""
+    try:
+        torch.manual_seed(0)  # the same initial parameters in every process
+        model = SharedEncoderModel()
+        if config == "fsdp2":
+            from torch.distributed.fsdp import fully_shard
+
+            for head in model.heads:
+                fully_shard(head)
+            fully_shard(model.encoder)
+            fully_shard(model)
+        forward: torch.nn.Module = model
+        if config == "ddp":
+            forward = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=name == "selective")
+        elif config in ("compiled", "inductor"):
+            # Dynamo caches compiled code by code object, across model instances: each case
+            # compiles afresh, as a new training script would.
+            torch._dynamo.reset()
+            forward = torch.compile(model, backend=COMPILE_BACKEND if config == "compiled" else "inductor")
+        optimizer = torch.optim.Adam(model.parameters(), lr=0.05, weight_decay=0.1)
+        method = make_method(name, optimizer, model, variant, rank)
+        collectives: list[list[int]] = []  # per step: the numel of every all_reduce the method issued
+        for x, y in batches():
+            rows = slice(rank * GLOBAL_BATCH // world_size, (rank + 1) * GLOBAL_BATCH // world_size)
+            collectives.append([])
+            with counting_all_reduce(collectives[-1]):
+                method.step(lambda x=x[rows], y=y[rows]: [(out - y[:, k]).pow(2).mean() for k, out in enumerate(forward(x))])
+        return {
+            "params": {key: plain(value) for key, value in model.named_parameters()},
+            "state": plain(method.state_dict()),
+            "optimizer": plain(optimizer.state_dict()["state"]),
+            "collectives": collectives,
+        }
+    except Exception as error:  # noqa: BLE001 - reported to the test, which names the configuration
+        return {"error": f"{type(error).__name__}: {error}", "traceback": traceback.format_exc()}
+
+
+@contextlib.contextmanager
+def counting_all_reduce(sizes: list[int]) -> Iterator[None]:
+    """Records the numel of every ``torch.distributed.all_reduce`` called from Python (not DDP's reducer's)."""
+    original = dist.all_reduce
+
+    def counted(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        sizes.append(tensor.numel())
+        return original(tensor, *args, **kwargs)
+
+    dist.all_reduce = counted
+    try:
+        yield
+    finally:
+        dist.all_reduce = original
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def serve(rank: int, port: int, cases: list[tuple[str, str, str]], out_dir: str) -> None:
+    """Runs ``cases`` (method, config, variant) on rank ``rank``; saves the results to ``out_dir``."""
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD_SIZE,
+                            timeout=datetime.timedelta(seconds=60))
+    results = {}
+    try:
+        for case in cases:
+            name, config, variant = case
+            results[case] = run(name, config, variant, rank, WORLD_SIZE)
+            dist.barrier()  # a failed case on both ranks leaves no collective pending for the next
+    finally:
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.destroy_process_group()
