@@ -587,7 +587,8 @@ class _Run:
                      log: TensorBoardLog | None, progress: Any) -> None:
         if groups is not None:
             self.history["groups"].append(len(groups))
-            if self.method.batches > self.method.warmup_steps:
+            # Co-grouping counts the groups the strategy chose, not the affinity grouping's warm-up singletons.
+            if self.method.batches > getattr(self.method.grouping, "warmup_steps", 0):
                 cogrouped = self.history["cogrouped"]
                 for group in groups:
                     for s in group:
