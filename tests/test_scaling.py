@@ -46,7 +46,7 @@ def distributed_case(name: str, config: str, variant: str = "plain"):
 def distributed(request, tmp_path_factory) -> list[dict]:
     """The two ranks' results of every selected distributed case, from ONE pair of processes."""
     cases = sorted({item.callspec.params["case"] for item in request.session.items
-                    if item.module is request.module and "case" in getattr(getattr(item, "callspec", None), "params", {})})
+                    if getattr(item, "module", None) is request.module and "case" in getattr(getattr(item, "callspec", None), "params", {})})
     out_dir = tmp_path_factory.mktemp("scaling")
     context = mp.spawn(worker.serve, args=(worker.free_port(), cases, str(out_dir)), nprocs=worker.WORLD_SIZE,
                        join=False)
