@@ -80,16 +80,24 @@ def run(args: argparse.Namespace) -> str:
         "# torch.compile: per-step time on the CPU, eager vs compiled model",
         "",
         f"- date: {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
-        (f"- machine: {cpu_model()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch thread(s); "
-        "the machine was LOADED (other jobs running): the eager and compiled steps run interleaved, so read the "
-        "ratios, absolute times move with the load"),
-        (f"- versions: Python {platform.python_version()}, torch {torch.__version__}, timm {timm.__version__}, "
-        f"selgroup_fast {selgroup_fast.__version__}"),
+        (
+            f"- machine: {cpu_model()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch thread(s); "
+            "the machine was LOADED (other jobs running): the eager and compiled steps run interleaved, so read the "
+            "ratios, absolute times move with the load"
+        ),
+        (
+            f"- versions: Python {platform.python_version()}, torch {torch.__version__}, timm {timm.__version__}, "
+            f"selgroup_fast {selgroup_fast.__version__}"
+        ),
         f"- command: `python {' '.join(sys.argv)}`",
-        (f"- model: selgroup-bench's MultiTaskViT (timm vit_tiny_patch16_224, random weights) at "
-        f"{args.img_size}×{args.img_size}, patch {args.patch_size}, batch {args.batch}, K = {args.tasks} tasks; Adam"),
-        (f"- timing: {args.warmup} warm-up steps (compilation included), then the median of {args.steps} steps, "
-        "eager and compiled interleaved one by one in alternating order; ratio = eager / compiled (> 1: compiled faster)"),
+        (
+            f"- model: selgroup-bench's MultiTaskViT (timm vit_tiny_patch16_224, random weights) at "
+            f"{args.img_size}×{args.img_size}, patch {args.patch_size}, batch {args.batch}, K = {args.tasks} tasks; Adam"
+        ),
+        (
+            f"- timing: {args.warmup} warm-up steps (compilation included), then the median of {args.steps} steps, "
+            "eager and compiled interleaved one by one in alternating order; ratio = eager / compiled (> 1: compiled faster)"
+        ),
         "",
         "| method | eager (ms/step) | compiled (ms/step) | ratio | first compiled step (s) |",
         "|---|---:|---:|---:|---:|",
@@ -122,7 +130,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--img-size", type=int, default=32)
     parser.add_argument("--patch-size", type=int, default=8)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
-    parser.add_argument("--output", default=str(Path(__file__).parent / "results" / "compile_cpu.md"), help="'-': print only")
+    parser.add_argument(
+        "--output", default=str(Path(__file__).parent / "results" / "compile_cpu.md"), help="'-': print only"
+    )
     args = parser.parse_args(argv)
     report = run(args)
     if args.output != "-":

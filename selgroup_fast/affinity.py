@@ -164,13 +164,16 @@ class AffinityTracker:
         shift = ATTRIBUTIONS.index(attribution)  # "reference": the group stepped next
         changes = len(losses) - 1
         if changes + shift > len(stepped):
-            raise ValueError(f"{len(losses)} forwards with {attribution!r} crediting need {changes + shift} stepped groups")
+            raise ValueError(
+                f"{len(losses)} forwards with {attribution!r} crediting need {changes + shift} stepped groups"
+            )
         before = losses[:-1]
         if skipped is not None:  # NaN "before" losses are skipped by the update rule
             before = before.masked_fill(skipped[:changes, None].to(self.device), math.nan)
         for m in range(changes):
-            ops.affinity_update_(self._affinity, before[m], losses[m + 1], self.group_mask(stepped[m + shift]),
-                                 self.decay)
+            ops.affinity_update_(
+                self._affinity, before[m], losses[m + 1], self.group_mask(stepped[m + shift]), self.decay
+            )
 
     def similarity(self) -> torch.Tensor:
         """``group_similarity(affinity)``, what :meth:`groups` clusters (docs/algorithm.md §Similarity)."""

@@ -28,8 +28,14 @@ from .affinity import AffinityTracker
 from .checks import check_int
 
 __all__ = [
-    "AffinityGrouping", "FixedGrouping", "Grouping", "JointGrouping", "RandomGrouping", "SeparateGrouping",
-    "check_partition", "make_grouping",
+    "AffinityGrouping",
+    "FixedGrouping",
+    "Grouping",
+    "JointGrouping",
+    "RandomGrouping",
+    "SeparateGrouping",
+    "check_partition",
+    "make_grouping",
 ]
 
 Partition = list[list[int]]
@@ -117,7 +123,11 @@ class AffinityGrouping(SeparateGrouping):
     name = "affinity"
 
     def __init__(
-        self, *, warmup_steps: int = 100, regroup_every: int = 1, preference: float | None = None,
+        self,
+        *,
+        warmup_steps: int = 100,
+        regroup_every: int = 1,
+        preference: float | None = None,
         convergence_iter: int = 50,
     ) -> None:
         self.warmup_steps = check_int("warmup_steps", warmup_steps, minimum=0)
@@ -166,8 +176,10 @@ def check_partition(groups: Sequence[Sequence[Any]], num_tasks: int) -> Partitio
         >>> check_partition([[3, 1], [0, 2]], 4)
         [[1, 3], [0, 2]]
     """
-    if isinstance(groups, (str, torch.Tensor)) or not isinstance(groups, Sequence) or not all(
-        isinstance(group, Sequence) and not isinstance(group, str) for group in groups
+    if (
+        isinstance(groups, (str, torch.Tensor))
+        or not isinstance(groups, Sequence)
+        or not all(isinstance(group, Sequence) and not isinstance(group, str) for group in groups)
     ):
         raise ValueError(f"groups must be a list of lists of task indices, got {groups!r}")
     flat = [k for group in groups for k in group]

@@ -60,8 +60,9 @@ class RankAgreement:
         if not self.enabled:
             return value
         carrier = [value]
-        dist.broadcast_object_list(carrier, group_src=0, group=self.process_group,
-                                   device=self.device if self.device.type == "cuda" else None)
+        dist.broadcast_object_list(
+            carrier, group_src=0, group=self.process_group, device=self.device if self.device.type == "cuda" else None
+        )
         return carrier[0]
 
     def sum(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -134,28 +135,38 @@ class TaskParams:
     that is both shared and a task's.
     """
 
-    def __init__(self, num_tasks: int, shared_params: Params | None = None,
-                 task_params: Sequence[Params] | None = None) -> None:
+    def __init__(
+        self, num_tasks: int, shared_params: Params | None = None, task_params: Sequence[Params] | None = None
+    ) -> None:
         self.num_tasks = num_tasks
         self.shared: list[torch.Tensor] = [] if shared_params is None else as_parameter_list(shared_params)
         self.per_task: list[list[torch.Tensor]] | None = None
         if task_params is None:
             return
         if isinstance(task_params, (torch.nn.Module, torch.Tensor)) or not isinstance(task_params, Sequence):
-            raise TypeError("task_params must be a list of K iterables of parameters (one per task), "
-                            f"got a {type(task_params).__name__}")
+            raise TypeError(
+                "task_params must be a list of K iterables of parameters (one per task), "
+                f"got a {type(task_params).__name__}"
+            )
         if len(task_params) != num_tasks:
-            raise ValueError(f"task_params must hold one iterable of parameters per task: got {len(task_params)} "
-                             f"for num_tasks={num_tasks}")
+            raise ValueError(
+                f"task_params must hold one iterable of parameters per task: got {len(task_params)} "
+                f"for num_tasks={num_tasks}"
+            )
         owner: dict[int, str] = {id(p): "shared_params" for p in self.shared}
         self.per_task = []
         for k, params in enumerate(task_params):
-            own = [] if isinstance(params, Sequence) and len(params) == 0 else as_parameter_list(
-                params, f"task_params[{k}]")
+            own = (
+                []
+                if isinstance(params, Sequence) and len(params) == 0
+                else as_parameter_list(params, f"task_params[{k}]")
+            )
             for p in own:
                 if id(p) in owner:
-                    raise ValueError(f"a parameter of shape {tuple(p.shape)} is in task_params[{k}] and in "
-                                     f"{owner[id(p)]}: each parameter is shared or one task's, not both")
+                    raise ValueError(
+                        f"a parameter of shape {tuple(p.shape)} is in task_params[{k}] and in "
+                        f"{owner[id(p)]}: each parameter is shared or one task's, not both"
+                    )
                 owner[id(p)] = f"task_params[{k}]"
             self.per_task.append(own)
 
@@ -178,8 +189,10 @@ class TaskParams:
         in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
         for p in [*self.shared, *self.all_task_params()]:
             if id(p) not in in_optimizer:
-                raise ValueError(f"a parameter of shape {tuple(p.shape)} from shared_params/task_params is not in "
-                                 "the optimizer: give the optimizer every parameter of the model")
+                raise ValueError(
+                    f"a parameter of shape {tuple(p.shape)} from shared_params/task_params is not in "
+                    "the optimizer: give the optimizer every parameter of the model"
+                )
 
 
 #: The autograd node types behind which a ``torch.compile``d region hides its graph.

@@ -98,8 +98,13 @@ class SelectiveGroupUpdate(MultiTaskMethod):
         profile: bool = False,
     ) -> None:
         super().__init__(optimizer, num_tasks, profile=profile)
-        self.grouping = make_grouping(grouping, warmup_steps=warmup_steps, regroup_every=regroup_every,
-                                      preference=preference, convergence_iter=convergence_iter)
+        self.grouping = make_grouping(
+            grouping,
+            warmup_steps=warmup_steps,
+            regroup_every=regroup_every,
+            preference=preference,
+            convergence_iter=convergence_iter,
+        )
         if order not in ORDERS:
             raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
         if attribution not in ATTRIBUTIONS:
@@ -185,8 +190,12 @@ class SelectiveGroupUpdate(MultiTaskMethod):
             # move of the losses and, under DDP, one all-reduce per batch.
             with self._timer.phase("affinity"):
                 batch_losses = self._ranks.mean(torch.stack(measured).to(self._tracker.dtype))
-                self._tracker.credit_batch(batch_losses, stepped, skipped=torch.stack(skipped) if skipped else None,
-                                           attribution=self.attribution)
+                self._tracker.credit_batch(
+                    batch_losses,
+                    stepped,
+                    skipped=torch.stack(skipped) if skipped else None,
+                    attribution=self.attribution,
+                )
         self._batches += 1
         with self._timer.phase("affinity"):
             groups = self.grouping.next_groups(self._tracker, self._batches, self._generator)
@@ -243,7 +252,9 @@ class SelectiveGroupUpdate(MultiTaskMethod):
         """Restores :meth:`state_dict`; training then continues exactly where it stopped."""
         expected = {"num_tasks", "tracker", "groups", "batches", "generator"}
         if set(state_dict) != expected:
-            raise ValueError(f"not a SelectiveGroupUpdate state: keys {sorted(state_dict)}, expected {sorted(expected)}")
+            raise ValueError(
+                f"not a SelectiveGroupUpdate state: keys {sorted(state_dict)}, expected {sorted(expected)}"
+            )
         if state_dict["num_tasks"] != self.num_tasks:
             raise ValueError(f"the state is for {state_dict['num_tasks']} tasks, this method has {self.num_tasks}")
         groups = check_partition(state_dict["groups"], self.num_tasks)

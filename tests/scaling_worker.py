@@ -136,7 +136,9 @@ def run(name: str, config: str, variant: str = "plain", rank: int = 0, world_siz
             rows = slice(rank * GLOBAL_BATCH // world_size, (rank + 1) * GLOBAL_BATCH // world_size)
             collectives.append([])
             with counting_all_reduce(collectives[-1]):
-                method.step(lambda x=x[rows], y=y[rows]: [(out - y[:, k]).pow(2).mean() for k, out in enumerate(forward(x))])
+                method.step(
+                    lambda x=x[rows], y=y[rows]: [(out - y[:, k]).pow(2).mean() for k, out in enumerate(forward(x))]
+                )
         return {
             "params": {key: plain(value) for key, value in model.named_parameters()},
             "state": plain(method.state_dict()),
@@ -173,8 +175,13 @@ def serve(rank: int, port: int, cases: list[tuple[str, str, str]], out_dir: str)
     """Runs ``cases`` (method, config, variant) on rank ``rank``; saves the results to ``out_dir``."""
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD_SIZE,
-                            timeout=datetime.timedelta(seconds=60))
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=WORLD_SIZE,
+        timeout=datetime.timedelta(seconds=60),
+    )
     results = {}
     try:
         for case in cases:

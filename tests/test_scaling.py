@@ -25,11 +25,18 @@ NAMES = methods.available()
 GRADIENT = ["pcgrad", "cagrad", "mgda", "graddrop", "imtl", "aligned_mtl", "nash_mtl"]
 LOSS_WEIGHTING = ["uw", "dwa", "dtp", "famo"]
 #: One DDP and one FSDP2 case per family runs in the default suite.
-DEFAULT_DISTRIBUTED = {("selective", "ddp"), ("pcgrad", "ddp"), ("famo", "ddp"),
-                       ("selective", "fsdp2"), ("mgda", "fsdp2"), ("uw", "fsdp2")}
+DEFAULT_DISTRIBUTED = {
+    ("selective", "ddp"),
+    ("pcgrad", "ddp"),
+    ("famo", "ddp"),
+    ("selective", "fsdp2"),
+    ("mgda", "fsdp2"),
+    ("uw", "fsdp2"),
+}
 
-needs_gloo = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
-                                reason="needs torch.distributed with gloo")
+needs_gloo = pytest.mark.skipif(
+    not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo"
+)
 
 
 def test_the_registry_is_what_the_families_cover():
@@ -45,11 +52,18 @@ def distributed_case(name: str, config: str, variant: str = "plain"):
 @pytest.fixture(scope="module")
 def distributed(request, tmp_path_factory) -> list[dict]:
     """The two ranks' results of every selected distributed case, from ONE pair of processes."""
-    cases = sorted({item.callspec.params["case"] for item in request.session.items
-                    if getattr(item, "module", None) is request.module and "case" in getattr(getattr(item, "callspec", None), "params", {})})
+    cases = sorted(
+        {
+            item.callspec.params["case"]
+            for item in request.session.items
+            if getattr(item, "module", None) is request.module
+            and "case" in getattr(getattr(item, "callspec", None), "params", {})
+        }
+    )
     out_dir = tmp_path_factory.mktemp("scaling")
-    context = mp.spawn(worker.serve, args=(worker.free_port(), cases, str(out_dir)), nprocs=worker.WORLD_SIZE,
-                       join=False)
+    context = mp.spawn(
+        worker.serve, args=(worker.free_port(), cases, str(out_dir)), nprocs=worker.WORLD_SIZE, join=False
+    )
     while not context.join(timeout=300):
         pass
     return [torch.load(out_dir / f"rank{rank}.pt") for rank in range(worker.WORLD_SIZE)]
@@ -76,9 +90,11 @@ def assert_same_training(result: dict, expected: dict, exact: bool = False) -> N
 # ---------------------------------------------------------------------- torch.compile
 
 
-@pytest.mark.parametrize("name, variant", [(name, "task_params" if name == "selective" else "plain") for name in NAMES]
-                         + [pytest.param(name, "loop", marks=[] if name == "pcgrad" else [pytest.mark.slow])
-                            for name in GRADIENT])
+@pytest.mark.parametrize(
+    "name, variant",
+    [(name, "task_params" if name == "selective" else "plain") for name in NAMES]
+    + [pytest.param(name, "loop", marks=[] if name == "pcgrad" else [pytest.mark.slow]) for name in GRADIENT],
+)
 def test_compiled_model_trains_as_the_eager_one(name, variant):
     assert_same_training(worker.run(name, "compiled", variant), reference(name))
 
@@ -87,7 +103,9 @@ def test_compiled_model_trains_as_the_eager_one(name, variant):
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("name", ["gd", "selective", "pcgrad", "uw"])
 def test_inductor_compiled_model_trains_as_the_eager_one(name):
-    assert_same_training(worker.run(name, "inductor", "task_params" if name == "selective" else "plain"), reference(name))
+    assert_same_training(
+        worker.run(name, "inductor", "task_params" if name == "selective" else "plain"), reference(name)
+    )
 
 
 def test_selective_on_a_compiled_model_without_task_params_raises_naming_it():
@@ -103,13 +121,20 @@ def test_selective_compiled_leaves_heads_outside_the_group_and_their_state_bitwi
     compiled = torch.compile(model, backend=worker.COMPILE_BACKEND)
     optimizer = optimizer_class(model.parameters(), lr=0.05, weight_decay=0.1)
     heads = [list(head.parameters()) for head in model.heads]
-    sel = selgroup_fast.SelectiveGroupUpdate(optimizer, worker.NUM_TASKS, grouping=[[0], [1, 2]], order="forward",
-                                             shared_params=model.encoder, task_params=heads)
+    sel = selgroup_fast.SelectiveGroupUpdate(
+        optimizer,
+        worker.NUM_TASKS,
+        grouping=[[0], [1, 2]],
+        order="forward",
+        shared_params=model.encoder,
+        task_params=heads,
+    )
     snapshots = []  # at every forward: each head's parameters and optimizer state
 
     def snapshot(k):
         return [p.detach().clone() for p in heads[k]], [
-            {key: value.clone() for key, value in optimizer.state[p].items()} for p in heads[k]]
+            {key: value.clone() for key, value in optimizer.state[p].items()} for p in heads[k]
+        ]
 
     x, y = worker.batches()[0]
 
@@ -132,12 +157,16 @@ def test_selective_compiled_leaves_heads_outside_the_group_and_their_state_bitwi
 
 # ---------------------------------------------------------------------- DDP and FSDP2
 
-SUPPORTED = [distributed_case(name, "ddp") for name in NAMES] + [
-    distributed_case(name, "fsdp2", "task_params" if name == "selective" else "plain")
-    for name in NAMES if name != "graddrop"
-] + [distributed_case(name, "ddp", "loop") for name in GRADIENT] + [
-    distributed_case(name, "ddp", "unseeded") for name in ["pcgrad", "graddrop", "selective"]
-]  # under FSDP2 the gradient methods always run K backwards: jacobian= does not apply
+SUPPORTED = (
+    [distributed_case(name, "ddp") for name in NAMES]
+    + [
+        distributed_case(name, "fsdp2", "task_params" if name == "selective" else "plain")
+        for name in NAMES
+        if name != "graddrop"
+    ]
+    + [distributed_case(name, "ddp", "loop") for name in GRADIENT]
+    + [distributed_case(name, "ddp", "unseeded") for name in ["pcgrad", "graddrop", "selective"]]
+)  # under FSDP2 the gradient methods always run K backwards: jacobian= does not apply
 
 
 @pytest.mark.timeout(600)
@@ -154,12 +183,15 @@ SHARED_SIZE = worker.HIDDEN * (worker.IN_FEATURES + 1)  # P_s: the encoder's wei
 HEADS_SIZE = worker.NUM_TASKS * (worker.HIDDEN + 1)  # P_h
 
 
-@pytest.mark.parametrize("case, per_step", [
-    (("pcgrad", "ddp", "plain"), [worker.NUM_TASKS * SHARED_SIZE, HEADS_SIZE]),  # J, then the heads' gradients
-    (("famo", "ddp", "plain"), [worker.NUM_TASKS] * 2),  # the losses before and after the step
-    (("uw", "fsdp2", "plain"), [worker.NUM_TASKS]),
-    (("mgda", "fsdp2", "plain"), [worker.NUM_TASKS**2]),  # the Gram matrix (FSDP2 reduce-scatters the rest)
-])
+@pytest.mark.parametrize(
+    "case, per_step",
+    [
+        (("pcgrad", "ddp", "plain"), [worker.NUM_TASKS * SHARED_SIZE, HEADS_SIZE]),  # J, then the heads' gradients
+        (("famo", "ddp", "plain"), [worker.NUM_TASKS] * 2),  # the losses before and after the step
+        (("uw", "fsdp2", "plain"), [worker.NUM_TASKS]),
+        (("mgda", "fsdp2", "plain"), [worker.NUM_TASKS**2]),  # the Gram matrix (FSDP2 reduce-scatters the rest)
+    ],
+)
 def test_the_methods_own_communication_is_what_the_readme_says(case, per_step, distributed):
     """The all-reduces each method issues itself per step (DDP's and FSDP2's own are not counted)."""
     assert distributed[0][case]["collectives"] == [per_step] * worker.STEPS
@@ -185,10 +217,18 @@ def bad_task_params_cases():
     model = worker.SharedEncoderModel()
     heads = [list(head.parameters()) for head in model.heads]
     return [
-        pytest.param(model, [*heads[:2], heads[2] + [model.encoder.weight]], "in task_params[2] and in shared_params",
-                     id="overlap-with-shared"),
-        pytest.param(model, [heads[0], heads[1] + heads[0][:1], heads[2]], "in task_params[1] and in task_params[0]",
-                     id="in-two-tasks"),
+        pytest.param(
+            model,
+            [*heads[:2], heads[2] + [model.encoder.weight]],
+            "in task_params[2] and in shared_params",
+            id="overlap-with-shared",
+        ),
+        pytest.param(
+            model,
+            [heads[0], heads[1] + heads[0][:1], heads[2]],
+            "in task_params[1] and in task_params[0]",
+            id="in-two-tasks",
+        ),
         pytest.param(model, heads[:2], "got 2 for num_tasks=3", id="wrong-K"),
         pytest.param(model, model.heads[0], "must be a list of K iterables", id="not-a-list"),
     ]
@@ -206,5 +246,9 @@ def test_task_params_outside_the_optimizer_are_refused():
     model = worker.SharedEncoderModel()
     optimizer = torch.optim.Adam([*model.encoder.parameters(), *model.heads[0].parameters()])
     with pytest.raises(ValueError, match="not in the optimizer"):
-        selgroup_fast.SelectiveGroupUpdate(optimizer, worker.NUM_TASKS, shared_params=model.encoder,
-                                           task_params=[list(head.parameters()) for head in model.heads])
+        selgroup_fast.SelectiveGroupUpdate(
+            optimizer,
+            worker.NUM_TASKS,
+            shared_params=model.encoder,
+            task_params=[list(head.parameters()) for head in model.heads],
+        )

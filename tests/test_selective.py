@@ -33,7 +33,9 @@ def hand_written_batch(model, optimizer, x, y, visits: list[list[int]], normaliz
     return recorded
 
 
-def reference_affinity(recorded: list[list[float]], visits: list[list[int]], attribution: str, decay: float, start=None):
+def reference_affinity(
+    recorded: list[list[float]], visits: list[list[int]], attribution: str, decay: float, start=None
+):
     """The affinity after crediting consecutive forwards of one batch as ``attribution`` says."""
     num_tasks = len(recorded[0])
     affinity = torch.zeros(num_tasks, num_tasks, dtype=torch.float64) if start is None else start.clone()
@@ -58,16 +60,27 @@ def closure_for(model, x, y, calls: list | None = None):
 @pytest.mark.parametrize("order", ["forward", "backward"])
 @pytest.mark.parametrize("attribution", ["paper", "reference"])
 @pytest.mark.parametrize("normalize", [False, True])
-@pytest.mark.parametrize("make_optimizer", [
-    lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=1e-2),
-    lambda params: torch.optim.Adam(params, lr=1e-2),
-], ids=["sgd", "adam"])
+@pytest.mark.parametrize(
+    "make_optimizer",
+    [
+        lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=1e-2),
+        lambda params: torch.optim.Adam(params, lr=1e-2),
+    ],
+    ids=["sgd", "adam"],
+)
 def test_one_step_equals_a_hand_written_sequence_of_group_steps(order, attribution, normalize, make_optimizer):
     model, twin, x, y = make_problem(num_tasks=4)
     groups = [[0, 2], [1], [3]]
     decay = 0.1
-    sel = SelectiveGroupUpdate(make_optimizer(model.parameters()), 4, grouping=groups, order=order,
-                               attribution=attribution, normalize_group_loss=normalize, decay=decay)
+    sel = SelectiveGroupUpdate(
+        make_optimizer(model.parameters()),
+        4,
+        grouping=groups,
+        order=order,
+        attribution=attribution,
+        normalize_group_loss=normalize,
+        decay=decay,
+    )
     twin_optimizer = make_optimizer(twin.parameters())
     affinity = None
     for _ in range(3):
@@ -76,7 +89,7 @@ def test_one_step_equals_a_hand_written_sequence_of_group_steps(order, attributi
         recorded = hand_written_batch(twin, twin_optimizer, x, y, visits, normalize)
         affinity = reference_affinity(recorded, visits, attribution, decay, start=affinity)
         assert losses.tolist() == recorded[0]
-        for ours, theirs in zip(model.parameters(), twin.parameters()):
+        for ours, theirs in zip(model.parameters(), twin.parameters(), strict=False):
             torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
         torch.testing.assert_close(sel.affinity, affinity, rtol=1e-12, atol=1e-15)
     assert sel.affinity.abs().sum() > 0
@@ -88,8 +101,14 @@ def test_the_two_credit_modes_differ_exactly_by_the_group_credited():
     results = {}
     for attribution in ("paper", "reference"):
         model, _, x, y = make_problem(num_tasks=3)
-        sel = SelectiveGroupUpdate(torch.optim.SGD(model.parameters(), lr=0.2), 3, grouping=[[0], [1], [2]],
-                                   order="forward", attribution=attribution, decay=0.5)
+        sel = SelectiveGroupUpdate(
+            torch.optim.SGD(model.parameters(), lr=0.2),
+            3,
+            grouping=[[0], [1], [2]],
+            order="forward",
+            attribution=attribution,
+            decay=0.5,
+        )
         sel.step(closure_for(model, x, y))
         results[attribution] = sel.affinity.clone()
     # Group [2] is stepped last: never measured by the paper's crediting, so its row stays 0;
@@ -108,8 +127,14 @@ def test_measure_last_group_adds_one_forward_that_credits_the_last_group():
     model, twin, x, y = make_problem(num_tasks=3)
     calls: list = []
     groups = [[0, 1], [2]]
-    sel = SelectiveGroupUpdate(torch.optim.SGD(model.parameters(), lr=0.1), 3, grouping=groups, order="forward",
-                               measure_last_group=True, decay=0.2)
+    sel = SelectiveGroupUpdate(
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        3,
+        grouping=groups,
+        order="forward",
+        measure_last_group=True,
+        decay=0.2,
+    )
     sel.step(closure_for(model, x, y, calls))
     assert len(calls) == 3
     opt = torch.optim.SGD(twin.parameters(), lr=0.1)
@@ -119,8 +144,9 @@ def test_measure_last_group_adds_one_forward_that_credits_the_last_group():
     torch.testing.assert_close(sel.affinity, expected, rtol=1e-12, atol=1e-15)
     assert sel.affinity[2].abs().sum() > 0  # the last group is measured
     with pytest.raises(ValueError, match="measure_last_group=True needs attribution='paper'"):
-        SelectiveGroupUpdate(torch.optim.SGD(model.parameters(), lr=0.1), 3, attribution="reference",
-                             measure_last_group=True)
+        SelectiveGroupUpdate(
+            torch.optim.SGD(model.parameters(), lr=0.1), 3, attribution="reference", measure_last_group=True
+        )
 
 
 def test_a_single_group_is_updated_twice_and_joint_once_like_gd():
@@ -131,10 +157,11 @@ def test_a_single_group_is_updated_twice_and_joint_once_like_gd():
     assert len(calls) == 2  # the official rule: updated twice, the second forward measures the first step
     opt = torch.optim.SGD(twin.parameters(), lr=0.1)
     recorded = hand_written_batch(twin, opt, x, y, [[0, 1, 2]] * 2)
-    for ours, theirs in zip(model.parameters(), twin.parameters()):
+    for ours, theirs in zip(model.parameters(), twin.parameters(), strict=False):
         torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
-    torch.testing.assert_close(single.affinity, reference_affinity(recorded, [[0, 1, 2]] * 2, "paper", 0.3),
-                               rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(
+        single.affinity, reference_affinity(recorded, [[0, 1, 2]] * 2, "paper", 0.3), rtol=1e-12, atol=1e-15
+    )
 
     # grouping="joint" is GD (Table 4's "Joint (GD)"): one forward, one step, bitwise the gd method.
     model, twin, x, y = make_problem(num_tasks=3)
@@ -142,10 +169,11 @@ def test_a_single_group_is_updated_twice_and_joint_once_like_gd():
     joint = SelectiveGroupUpdate(torch.optim.Adam(model.parameters(), lr=0.01), 3, grouping="joint")
     gd = selgroup_fast.methods.create("gd", torch.optim.Adam(twin.parameters(), lr=0.01), 3)
     for _ in range(3):
-        torch.testing.assert_close(joint.step(closure_for(model, x, y, calls)), gd.step(closure_for(twin, x, y)),
-                                   rtol=0, atol=0)
+        torch.testing.assert_close(
+            joint.step(closure_for(model, x, y, calls)), gd.step(closure_for(twin, x, y)), rtol=0, atol=0
+        )
     assert len(calls) == 3
-    for ours, theirs in zip(model.parameters(), twin.parameters()):
+    for ours, theirs in zip(model.parameters(), twin.parameters(), strict=False):
         torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
     assert joint.groups == [[0, 1, 2]] and joint.affinity.abs().sum() == 0
 
@@ -162,7 +190,7 @@ def _snapshot(module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list
 
 
 def _assert_bitwise_same(before: list, after: list) -> None:
-    for (p0, s0), (p1, s1) in zip(before, after):
+    for (p0, s0), (p1, s1) in zip(before, after, strict=False):
         assert torch.equal(p0, p1)
         assert s0.keys() == s1.keys()
         for key in s0:
@@ -192,15 +220,23 @@ def test_heads_outside_the_group_keep_parameters_grads_and_optimizer_state(optim
     snapshots = []
 
     def recording_closure():
-        snapshots.append({k: _snapshot(model.heads[k], optimizer) for k in range(3)}
-                         | {"grads": [[p.grad for p in head.parameters()] for head in model.heads],
-                            "encoder": _snapshot(model.encoder, optimizer)})
+        snapshots.append(
+            {k: _snapshot(model.heads[k], optimizer) for k in range(3)}
+            | {
+                "grads": [[p.grad for p in head.parameters()] for head in model.heads],
+                "encoder": _snapshot(model.encoder, optimizer),
+            }
+        )
         return regression_losses(model, x, y)
 
     sel.step(recording_closure)
-    snapshots.append({k: _snapshot(model.heads[k], optimizer) for k in range(3)}
-                     | {"grads": [[p.grad for p in head.parameters()] for head in model.heads],
-                        "encoder": _snapshot(model.encoder, optimizer)})
+    snapshots.append(
+        {k: _snapshot(model.heads[k], optimizer) for k in range(3)}
+        | {
+            "grads": [[p.grad for p in head.parameters()] for head in model.heads],
+            "encoder": _snapshot(model.encoder, optimizer),
+        }
+    )
     for m, group in enumerate(groups):  # between snapshots m and m+1 only `group` was stepped
         before, after = snapshots[m], snapshots[m + 1]
         for k in range(3):
@@ -228,15 +264,17 @@ def test_fused_sgd_with_momentum_is_refused_with_a_clear_error():
 def test_separate_and_random_groupings():
     model, _, x, y = make_problem(num_tasks=5)
     calls: list = []
-    separate = SelectiveGroupUpdate(torch.optim.SGD(model.parameters(), lr=0.01), 5, grouping="separate",
-                                    warmup_steps=0)
+    separate = SelectiveGroupUpdate(
+        torch.optim.SGD(model.parameters(), lr=0.01), 5, grouping="separate", warmup_steps=0
+    )
     for _ in range(2):
         separate.step(closure_for(model, x, y, calls))
     assert len(calls) == 10 and separate.groups == [[k] for k in range(5)]
 
     generator = torch.Generator().manual_seed(3)
-    rand = SelectiveGroupUpdate(torch.optim.SGD(model.parameters(), lr=0.01), 5, grouping="random:2",
-                                generator=generator)
+    rand = SelectiveGroupUpdate(
+        torch.optim.SGD(model.parameters(), lr=0.01), 5, grouping="random:2", generator=generator
+    )
     seen = set()
     for _ in range(20):
         groups = rand.groups
@@ -251,8 +289,9 @@ def test_separate_and_random_groupings():
 
 def test_affinity_grouping_warms_up_with_singletons_then_regroups_on_schedule(monkeypatch):
     model, _, x, y = make_problem(num_tasks=3)
-    sel = SelectiveGroupUpdate(torch.optim.SGD(model.parameters(), lr=0.05), 3, warmup_steps=3, regroup_every=2,
-                               decay=0.2)
+    sel = SelectiveGroupUpdate(
+        torch.optim.SGD(model.parameters(), lr=0.05), 3, warmup_steps=3, regroup_every=2, decay=0.2
+    )
     regroups = []
     original_groups = sel.tracker.groups
 
@@ -267,27 +306,37 @@ def test_affinity_grouping_warms_up_with_singletons_then_regroups_on_schedule(mo
     assert regroups == [3, 5, 7]
 
 
-@pytest.mark.parametrize("grouping, match", [
-    ([[0, 1], [1, 2]], "partition"),
-    ([[0, 1]], "partition"),
-    ([[0, 1, 2], []], "partition"),
-    ([[0, 1, 3]], "partition"),
-    ([[True, 1, 2]], "partition"),
-    ("random:0", "random:M"),
-    ("random:4", "random:M"),
-    ("random:x", "random:M"),
-    ("clusters", "grouping must be"),
-    ([0, 1, 2], "list of lists"),
-])
+@pytest.mark.parametrize(
+    "grouping, match",
+    [
+        ([[0, 1], [1, 2]], "partition"),
+        ([[0, 1]], "partition"),
+        ([[0, 1, 2], []], "partition"),
+        ([[0, 1, 3]], "partition"),
+        ([[True, 1, 2]], "partition"),
+        ("random:0", "random:M"),
+        ("random:4", "random:M"),
+        ("random:x", "random:M"),
+        ("clusters", "grouping must be"),
+        ([0, 1, 2], "list of lists"),
+    ],
+)
 def test_bad_groupings_are_rejected(grouping, match):
     with pytest.raises(ValueError, match=match):
         SelectiveGroupUpdate(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1), 3, grouping=grouping)
 
 
-@pytest.mark.parametrize("option, value", [
-    ("order", "sideways"), ("attribution", "mine"), ("warmup_steps", -1), ("regroup_every", 0),
-    ("convergence_iter", 0), ("generator", "seed"),
-])
+@pytest.mark.parametrize(
+    "option, value",
+    [
+        ("order", "sideways"),
+        ("attribution", "mine"),
+        ("warmup_steps", -1),
+        ("regroup_every", 0),
+        ("convergence_iter", 0),
+        ("generator", "seed"),
+    ],
+)
 def test_bad_options_are_rejected(option, value):
     with pytest.raises(ValueError, match=option if option != "generator" else "CPU torch.Generator"):
         SelectiveGroupUpdate(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1), 3, **{option: value})
@@ -295,8 +344,9 @@ def test_bad_options_are_rejected(option, value):
 
 def test_create_builds_it_through_the_registry():
     model, _, x, y = make_problem(num_tasks=3)
-    sel = selgroup_fast.methods.create("selective", torch.optim.SGD(model.parameters(), lr=0.1), 3,
-                                       grouping="separate", order="forward")
+    sel = selgroup_fast.methods.create(
+        "selective", torch.optim.SGD(model.parameters(), lr=0.1), 3, grouping="separate", order="forward"
+    )
     assert isinstance(sel, SelectiveGroupUpdate) and "selective" in selgroup_fast.methods.available()
     assert sel.step(closure_for(model, x, y)).shape == (3,)
 
@@ -306,8 +356,12 @@ def test_random_order_comes_from_the_generator():
 
     def train(seed: int):
         model, _, x, y = make_problem(num_tasks=4)
-        sel = SelectiveGroupUpdate(torch.optim.SGD(model.parameters(), lr=0.1), 4, grouping="separate",
-                                   generator=torch.Generator().manual_seed(seed))
+        sel = SelectiveGroupUpdate(
+            torch.optim.SGD(model.parameters(), lr=0.1),
+            4,
+            grouping="separate",
+            generator=torch.Generator().manual_seed(seed),
+        )
         seen: list[tuple[bool, ...]] = []
 
         def closure():  # the heads holding a gradient at each forward reveal the group stepped before it
@@ -319,9 +373,9 @@ def test_random_order_comes_from_the_generator():
         return seen, [p.detach().clone() for p in model.parameters()]
 
     (seen_a, params_a), (seen_b, params_b), (seen_c, params_c) = train(5), train(5), train(6)
-    assert seen_a == seen_b and all(torch.equal(p, q) for p, q in zip(params_a, params_b))
-    assert seen_a != seen_c and not all(torch.equal(p, q) for p, q in zip(params_a, params_c))
-    orders = {tuple(seen_a[i:i + 4]) for i in range(0, 16, 4)}
+    assert seen_a == seen_b and all(torch.equal(p, q) for p, q in zip(params_a, params_b, strict=False))
+    assert seen_a != seen_c and not all(torch.equal(p, q) for p, q in zip(params_a, params_c, strict=False))
+    orders = {tuple(seen_a[i : i + 4]) for i in range(0, 16, 4)}
     assert len(orders) > 1  # redrawn every batch
 
 
@@ -379,8 +433,9 @@ def test_a_parameter_missing_from_the_optimizer_is_reported_before_any_update():
 def test_non_finite_and_negative_losses_never_reach_the_affinity():
     """NaN/inf/negative losses are skipped by the affinity update (documented); the rest is tracked."""
     model, _, x, y = make_problem(num_tasks=4)
-    sel = SelectiveGroupUpdate(torch.optim.SGD(model.parameters(), lr=0.05), 4, warmup_steps=2, decay=0.2,
-                               grouping="separate", order="forward")
+    sel = SelectiveGroupUpdate(
+        torch.optim.SGD(model.parameters(), lr=0.05), 4, warmup_steps=2, decay=0.2, grouping="separate", order="forward"
+    )
     for _ in range(2):
         sel.step(closure_for(model, x, y))
     clean = sel.affinity.clone()
@@ -412,8 +467,9 @@ def test_resuming_from_a_checkpoint_continues_bitwise_identically():
         torch.manual_seed(0)
         model = TinyMultiTask(num_tasks=4)
         optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
-        sel = SelectiveGroupUpdate(optimizer, 4, warmup_steps=3, decay=0.05,
-                                   generator=torch.Generator().manual_seed(seed))
+        sel = SelectiveGroupUpdate(
+            optimizer, 4, warmup_steps=3, decay=0.05, generator=torch.Generator().manual_seed(seed)
+        )
         return model, optimizer, sel
 
     data = [(torch.randn(8, 5, dtype=torch.float64), torch.randn(8, 4, dtype=torch.float64)) for _ in range(12)]
@@ -433,11 +489,11 @@ def test_resuming_from_a_checkpoint_continues_bitwise_identically():
     resumed_optimizer.load_state_dict(checkpoint["optimizer"])
     resumed.load_state_dict(checkpoint["sel"])
     assert resumed.batches == 6
-    for (x, y), (losses, groups) in zip(data[6:], history):
+    for (x, y), (losses, groups) in zip(data[6:], history, strict=False):
         torch.testing.assert_close(resumed.step(closure_for(resumed_model, x, y)), losses, rtol=0, atol=0)
         assert resumed.groups == groups
     torch.testing.assert_close(resumed.affinity, sel.affinity, rtol=0, atol=0)
-    for ours, theirs in zip(resumed_model.parameters(), model.parameters()):
+    for ours, theirs in zip(resumed_model.parameters(), model.parameters(), strict=False):
         torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
     with pytest.raises(ValueError, match="for 4 tasks, this method has 3"):
         SelectiveGroupUpdate(torch.optim.SGD(model.parameters(), lr=1), 3).load_state_dict(checkpoint["sel"])
@@ -468,8 +524,13 @@ def test_related_task_pairs_get_positive_affinity_and_are_grouped_together():
     num_tasks, in_features, warmup, steps = 4, 8, 30, 120
     model = TinyMultiTask(in_features=in_features, hidden=3, num_tasks=num_tasks, dtype=torch.float32)
     directions = torch.randn(4, in_features)
-    sel = SelectiveGroupUpdate(torch.optim.SGD(model.parameters(), lr=0.02), num_tasks, warmup_steps=warmup,
-                               decay=0.05, generator=torch.Generator().manual_seed(0))
+    sel = SelectiveGroupUpdate(
+        torch.optim.SGD(model.parameters(), lr=0.02),
+        num_tasks,
+        warmup_steps=warmup,
+        decay=0.05,
+        generator=torch.Generator().manual_seed(0),
+    )
     together = torch.zeros(num_tasks, num_tasks)
     for step in range(steps):
         x = torch.randn(32, in_features)
@@ -500,8 +561,9 @@ def test_no_host_sync_in_a_step_except_reading_the_new_groups(monkeypatch):
     torch.manual_seed(0)
     model = TinyMultiTask(num_tasks=4, dtype=torch.float32).cuda()
     x, y = torch.randn(16, 5, device="cuda"), torch.randn(16, 4, device="cuda")
-    sel = SelectiveGroupUpdate(torch.optim.Adam(model.parameters(), lr=1e-3, fused=True), 4, warmup_steps=2,
-                               regroup_every=4, decay=0.1)
+    sel = SelectiveGroupUpdate(
+        torch.optim.Adam(model.parameters(), lr=1e-3, fused=True), 4, warmup_steps=2, regroup_every=4, decay=0.1
+    )
     sel.step(closure_for(model, x, y))  # first step: the optimizer's lazy state and the parameter check
     groups_calls = []
     original_groups = sel.tracker.groups
@@ -534,8 +596,14 @@ def test_cuda_training_matches_the_cpu(attribution):
     for device in ("cpu", "cuda"):
         model, _, x, y = make_problem(num_tasks=4)
         model, x, y = model.to(device), x.to(device), y.to(device)
-        sel = SelectiveGroupUpdate(torch.optim.Adam(model.parameters(), lr=0.01), 4, warmup_steps=3, decay=0.1,
-                                   attribution=attribution, generator=torch.Generator().manual_seed(0))
+        sel = SelectiveGroupUpdate(
+            torch.optim.Adam(model.parameters(), lr=0.01),
+            4,
+            warmup_steps=3,
+            decay=0.1,
+            attribution=attribution,
+            generator=torch.Generator().manual_seed(0),
+        )
         groups = []
         for _ in range(8):
             sel.step(closure_for(model, x, y))
@@ -544,7 +612,7 @@ def test_cuda_training_matches_the_cpu(attribution):
     (cpu_params, cpu_affinity, cpu_groups), (cuda_params, cuda_affinity, cuda_groups) = runs["cpu"], runs["cuda"]
     assert cpu_groups == cuda_groups
     torch.testing.assert_close(cuda_affinity, cpu_affinity, rtol=1e-9, atol=1e-12)
-    for ours, theirs in zip(cuda_params, cpu_params):
+    for ours, theirs in zip(cuda_params, cpu_params, strict=False):
         torch.testing.assert_close(ours, theirs, rtol=1e-9, atol=1e-12)
 
 

@@ -24,12 +24,18 @@ def test_power_of_two_scaling_changes_nothing_and_the_affinity_sees_unscaled_los
     runs = []
     for scaler in (None, cpu_scaler(init_scale=2.0**12)):
         model, _, x, y = make_problem(num_tasks=3, dtype=torch.float32)
-        sel = SelectiveGroupUpdate(torch.optim.SGD(model.parameters(), lr=0.1), 3, warmup_steps=2, decay=0.2,
-                                   grad_scaler=scaler, generator=torch.Generator().manual_seed(0))
+        sel = SelectiveGroupUpdate(
+            torch.optim.SGD(model.parameters(), lr=0.1),
+            3,
+            warmup_steps=2,
+            decay=0.2,
+            grad_scaler=scaler,
+            generator=torch.Generator().manual_seed(0),
+        )
         losses = [sel.step(partial(regression_losses, model, x, y)) for _ in range(5)]
         runs.append((losses, [p.detach().clone() for p in model.parameters()], sel.affinity.clone(), sel.groups))
     (plain_losses, plain_params, plain_affinity, plain_groups), (losses, params, affinity, groups) = runs
-    for ours, theirs in zip(losses + params, plain_losses + plain_params):
+    for ours, theirs in zip(losses + params, plain_losses + plain_params, strict=False):
         torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
     torch.testing.assert_close(affinity, plain_affinity, rtol=0, atol=0)
     assert groups == plain_groups and affinity.abs().sum() > 0
@@ -39,8 +45,15 @@ def test_a_skipped_step_is_not_credited_and_the_others_are():
     model, _, x, y = make_problem(num_tasks=3, dtype=torch.float32)
     scaler = cpu_scaler(init_scale=2.0**10)
     groups = [[0], [1], [2]]
-    sel = SelectiveGroupUpdate(torch.optim.SGD(model.parameters(), lr=0.1), 3, grouping=groups, order="forward",
-                               decay=0.3, grad_scaler=scaler, measure_last_group=True)
+    sel = SelectiveGroupUpdate(
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        3,
+        grouping=groups,
+        order="forward",
+        decay=0.3,
+        grad_scaler=scaler,
+        measure_last_group=True,
+    )
     recorded: list[list[float]] = []
     poison_step: list[int] = []  # the group steps (0-based within the batch) whose gradients become inf
     backward_count = [0]
@@ -83,8 +96,9 @@ def test_a_batch_of_only_skipped_steps_leaves_everything_unchanged(fused):
     model, _, x, y = make_problem(num_tasks=3, dtype=torch.float32)
     scaler = cpu_scaler(init_scale=2.0**10)
     optimizer = torch.optim.Adam(model.parameters(), lr=0.01, fused=fused)
-    sel = SelectiveGroupUpdate(optimizer, 3, warmup_steps=0, decay=0.3,
-                               grad_scaler=scaler, generator=torch.Generator().manual_seed(1))
+    sel = SelectiveGroupUpdate(
+        optimizer, 3, warmup_steps=0, decay=0.3, grad_scaler=scaler, generator=torch.Generator().manual_seed(1)
+    )
     for _ in range(3):
         sel.step(lambda: regression_losses(model, x, y))
     affinity, params = sel.affinity.clone(), [p.detach().clone() for p in model.parameters()]
@@ -94,7 +108,7 @@ def test_a_batch_of_only_skipped_steps_leaves_everything_unchanged(fused):
     handle.remove()
     assert scaler.get_scale() == 2.0 ** (10 - steps)
     torch.testing.assert_close(sel.affinity, affinity, rtol=0, atol=0)
-    for ours, theirs in zip(model.parameters(), params):
+    for ours, theirs in zip(model.parameters(), params, strict=False):
         torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
 
 
@@ -103,8 +117,14 @@ def test_bf16_autocast_training_with_a_scaler():
     model = TinyMultiTask(num_tasks=4, dtype=torch.float32)
     directions = torch.randn(2, 5)
     scaler = cpu_scaler(init_scale=2.0**8)
-    sel = SelectiveGroupUpdate(torch.optim.Adam(model.parameters(), lr=0.02), 4, warmup_steps=5, decay=0.1,
-                               grad_scaler=scaler, generator=torch.Generator().manual_seed(0))
+    sel = SelectiveGroupUpdate(
+        torch.optim.Adam(model.parameters(), lr=0.02),
+        4,
+        warmup_steps=5,
+        decay=0.1,
+        grad_scaler=scaler,
+        generator=torch.Generator().manual_seed(0),
+    )
     x = torch.randn(64, 5)
     a, b = (x @ directions.T).unbind(1)
     y = torch.stack([a, 1.1 * a, b, -b], 1)
@@ -128,13 +148,18 @@ def test_bf16_autocast_training_with_a_scaler():
 
 def test_a_disabled_scaler_is_plain_training():
     model, twin, x, y = make_problem(num_tasks=3, dtype=torch.float32)
-    scaled = SelectiveGroupUpdate(torch.optim.SGD(model.parameters(), lr=0.1), 3, grouping="separate",
-                                  order="forward", grad_scaler=cpu_scaler(enabled=False))
+    scaled = SelectiveGroupUpdate(
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        3,
+        grouping="separate",
+        order="forward",
+        grad_scaler=cpu_scaler(enabled=False),
+    )
     plain = SelectiveGroupUpdate(torch.optim.SGD(twin.parameters(), lr=0.1), 3, grouping="separate", order="forward")
     for _ in range(2):
         scaled.step(lambda: regression_losses(model, x, y))
         plain.step(lambda: regression_losses(twin, x, y))
-    for ours, theirs in zip(model.parameters(), twin.parameters()):
+    for ours, theirs in zip(model.parameters(), twin.parameters(), strict=False):
         torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
     torch.testing.assert_close(scaled.affinity, plain.affinity, rtol=0, atol=0)
 

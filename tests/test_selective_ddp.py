@@ -42,8 +42,7 @@ def make_model_and_method(module_wrapper=lambda m: m, **options):
     # Seeds the default order generator from the global RNG: different on every rank on
     # purpose, the method must broadcast rank 0's generator state.
     torch.manual_seed(100 + int(dist.get_rank() if dist.is_initialized() else 0))
-    sel = SelectiveGroupUpdate(optimizer, NUM_TASKS, warmup_steps=WARMUP, decay=0.1, measure_last_group=True,
-                               **options)
+    sel = SelectiveGroupUpdate(optimizer, NUM_TASKS, warmup_steps=WARMUP, decay=0.1, measure_last_group=True, **options)
     return model, sel
 
 
@@ -60,10 +59,18 @@ def recording_closure(model, heads, x, y, grads_seen: list[list[bool]]):
 def worker(rank: int, port: int, out_dir: str) -> None:
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD_SIZE,
-                            timeout=datetime.timedelta(seconds=60))
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=WORLD_SIZE,
+        timeout=datetime.timedelta(seconds=60),
+    )
     try:
-        wrap = lambda m: torch.nn.parallel.DistributedDataParallel(m, find_unused_parameters=True)
+
+        def wrap(m):
+            return torch.nn.parallel.DistributedDataParallel(m, find_unused_parameters=True)
+
         model, sel = make_model_and_method(wrap)
         grads_seen: list[list[bool]] = []
         groups_history = []
@@ -74,13 +81,16 @@ def worker(rank: int, port: int, out_dir: str) -> None:
         explicit_model, explicit = make_model_and_method(wrap, process_group=dist.new_group(ranks=[0, 1]))
         for x, y in rank_batches(rank)[: WARMUP + 10]:
             explicit.step(partial(regression_losses, explicit_model, x, y))
-        torch.save({
-            "params": [p.detach().clone() for p in model.module.parameters()],
-            "affinity": sel.affinity.clone(),
-            "groups": groups_history,
-            "grads_seen": grads_seen,
-            "explicit": [explicit.affinity.clone(), explicit.groups, *explicit_model.module.parameters()],
-        }, os.path.join(out_dir, f"rank{rank}.pt"))
+        torch.save(
+            {
+                "params": [p.detach().clone() for p in model.module.parameters()],
+                "affinity": sel.affinity.clone(),
+                "groups": groups_history,
+                "grads_seen": grads_seen,
+                "explicit": [explicit.affinity.clone(), explicit.groups, *explicit_model.module.parameters()],
+            },
+            os.path.join(out_dir, f"rank{rank}.pt"),
+        )
     finally:
         dist.destroy_process_group()
 
@@ -110,26 +120,26 @@ def test_two_ranks_with_different_data_agree_on_affinity_groups_and_parameters(t
     ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(WORLD_SIZE)]
     assert ranks[0]["groups"] == ranks[1]["groups"]
     torch.testing.assert_close(ranks[0]["affinity"], ranks[1]["affinity"], rtol=0, atol=0)
-    for ours, theirs in zip(ranks[0]["params"], ranks[1]["params"]):
+    for ours, theirs in zip(ranks[0]["params"], ranks[1]["params"], strict=False):
         torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
     assert any(len(groups) < NUM_TASKS for groups in ranks[0]["groups"][WARMUP:])  # it did regroup
     explicit_0, explicit_1 = ranks[0]["explicit"], ranks[1]["explicit"]
     assert explicit_0[1] == explicit_1[1] and explicit_0[0].abs().sum() > 0
-    for ours, theirs in zip(explicit_0[:1] + explicit_0[2:], explicit_1[:1] + explicit_1[2:]):
+    for ours, theirs in zip(explicit_0[:1] + explicit_0[2:], explicit_1[:1] + explicit_1[2:], strict=False):
         torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
 
     # The distributed run is the single-process run on both ranks' data: DDP averages the
     # gradients, the method averages the measured losses, rank 0's generator orders the groups.
     model, sel = make_model_and_method()
     grads_seen: list[list[bool]] = []
-    for (x0, y0), (x1, y1) in zip(rank_batches(0), rank_batches(1)):
+    for (x0, y0), (x1, y1) in zip(rank_batches(0), rank_batches(1), strict=False):
         sel.step(recording_closure(model, model.heads, torch.cat([x0, x1]), torch.cat([y0, y1]), grads_seen))
     # DDP left the heads outside each group without gradient, as a single process does.
     assert ranks[0]["grads_seen"] == ranks[1]["grads_seen"] == grads_seen
     assert any(not all(seen) for seen in grads_seen) and any(any(seen) for seen in grads_seen)
     torch.testing.assert_close(ranks[0]["affinity"], sel.affinity, rtol=1e-4, atol=1e-6)
     assert ranks[0]["groups"][-1] == sel.groups
-    for ours, theirs in zip(ranks[0]["params"], model.parameters()):
+    for ours, theirs in zip(ranks[0]["params"], model.parameters(), strict=False):
         torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
 
 

@@ -69,18 +69,21 @@ def test_fixed_grouping_sorts_and_keeps_its_partition():
     assert FixedGrouping([[0, 1, 2]]).lone_group_steps == 2
 
 
-@pytest.mark.parametrize("groups, match", [
-    ([[0, 1], [1, 2]], "partition"),       # a task twice
-    ([[0, 1]], "partition"),               # a task missing
-    ([[0, 1, 2], []], "partition"),        # an empty group
-    ([[0, 1, 3]], "partition"),            # an index out of range
-    ([[True, 1, 2]], "partition"),         # a bool is not a task index
-    ([[0.0, 1, 2]], "partition"),          # nor is a float
-    ([], "partition"),                     # no group at all
-    ([0, 1, 2], "list of lists"),
-    ("012", "list of lists"),
-    (torch.tensor([[0, 1, 2]]), "list of lists"),
-])
+@pytest.mark.parametrize(
+    "groups, match",
+    [
+        ([[0, 1], [1, 2]], "partition"),  # a task twice
+        ([[0, 1]], "partition"),  # a task missing
+        ([[0, 1, 2], []], "partition"),  # an empty group
+        ([[0, 1, 3]], "partition"),  # an index out of range
+        ([[True, 1, 2]], "partition"),  # a bool is not a task index
+        ([[0.0, 1, 2]], "partition"),  # nor is a float
+        ([], "partition"),  # no group at all
+        ([0, 1, 2], "list of lists"),
+        ("012", "list of lists"),
+        (torch.tensor([[0, 1, 2]]), "list of lists"),
+    ],
+)
 def test_fixed_partitions_are_validated(groups, match):
     with pytest.raises(ValueError, match=match):
         FixedGrouping(groups).first_groups(3, generator())
@@ -179,8 +182,8 @@ def test_the_method_takes_strategy_objects_and_a_lone_group_stepped_once_is_gd()
         runs.append((len(calls), [p.detach().clone() for p in model.parameters()]))
     (joint_calls, joint_params), (once_calls, once_params), (twice_calls, twice_params) = runs
     assert (joint_calls, once_calls, twice_calls) == (1, 1, 2)
-    assert all(torch.equal(p, q) for p, q in zip(joint_params, once_params))
-    assert not all(torch.equal(p, q) for p, q in zip(joint_params, twice_params))
+    assert all(torch.equal(p, q) for p, q in zip(joint_params, once_params, strict=False))
+    assert not all(torch.equal(p, q) for p, q in zip(joint_params, twice_params, strict=False))
 
 
 def test_a_strategy_returning_a_bad_partition_is_stopped():
@@ -195,8 +198,15 @@ def test_a_strategy_returning_a_bad_partition_is_stopped():
 
 
 def test_grouping_classes_are_exported():
-    for name in ("AffinityGrouping", "FixedGrouping", "Grouping", "JointGrouping", "RandomGrouping",
-                 "SeparateGrouping", "make_grouping"):
+    for name in (
+        "AffinityGrouping",
+        "FixedGrouping",
+        "Grouping",
+        "JointGrouping",
+        "RandomGrouping",
+        "SeparateGrouping",
+        "make_grouping",
+    ):
         assert name in selgroup_fast.__all__ and getattr(selgroup_fast, name) is getattr(selgroup_fast.grouping, name)
 
 

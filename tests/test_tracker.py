@@ -35,8 +35,9 @@ def test_update_matches_reference_for_masks_and_index_lists(device: str, dtype: 
     assert tracker.affinity.device.type == device and tracker.affinity.dtype == dtype
     tol = 1e-5 if dtype == torch.float32 else 1e-12
     torch.testing.assert_close(tracker.affinity.cpu().double(), expected, rtol=tol, atol=tol)
-    torch.testing.assert_close(tracker.similarity().cpu().double(), group_similarity_reference(expected), rtol=10 * tol,
-                               atol=10 * tol)
+    torch.testing.assert_close(
+        tracker.similarity().cpu().double(), group_similarity_reference(expected), rtol=10 * tol, atol=10 * tol
+    )
     # Repeated groups reuse one cached mask; orderings of the same group give the same mask.
     assert tracker.group_mask([5, 3, 4]) is tracker.group_mask([5, 3, 4])
     assert torch.equal(tracker.group_mask([5, 3, 4]), tracker.group_mask([3, 4, 5]))
@@ -70,8 +71,9 @@ def test_retry_rule(monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[dict] = []
 
     def never_converges(similarity, preference=None, damping=0.5, max_iter=200, convergence_iter=15):
-        calls.append({"preference": preference, "damping": damping, "max_iter": max_iter,
-                      "convergence_iter": convergence_iter})
+        calls.append(
+            {"preference": preference, "damping": damping, "max_iter": max_iter, "convergence_iter": convergence_iter}
+        )
         return torch.full((similarity.shape[0],), -1, dtype=torch.int64)
 
     monkeypatch.setattr(selgroup_fast.ops, "affinity_propagation", never_converges)
@@ -83,8 +85,11 @@ def test_retry_rule(monkeypatch: pytest.MonkeyPatch) -> None:
     # Success on the third try stops the retries.
     calls.clear()
     answers = iter([[-1] * 4, [-1] * 4, [0, 1, 0, 1]])
-    monkeypatch.setattr(selgroup_fast.ops, "affinity_propagation",
-                        lambda s, p=None, **kw: calls.append(kw) or torch.tensor(next(answers)))
+    monkeypatch.setattr(
+        selgroup_fast.ops,
+        "affinity_propagation",
+        lambda s, p=None, **kw: calls.append(kw) or torch.tensor(next(answers)),
+    )
     assert tracker.groups() == [[0, 2], [1, 3]]
     assert [c["convergence_iter"] for c in calls] == [50, 150, 250]
 
@@ -106,8 +111,13 @@ def test_state_dict_round_trip(device: str) -> None:
 
 @pytest.mark.parametrize(
     "group, match",
-    [([0, 0], "distinct"), ([4], r"\[0, 4\)"), ([-1], r"\[0, 4\)"), (torch.ones(3, dtype=torch.bool), "shape"),
-     (torch.ones(4), "bool")],
+    [
+        ([0, 0], "distinct"),
+        ([4], r"\[0, 4\)"),
+        ([-1], r"\[0, 4\)"),
+        (torch.ones(3, dtype=torch.bool), "shape"),
+        (torch.ones(4), "bool"),
+    ],
 )
 def test_rejects_bad_groups(group, match) -> None:
     with pytest.raises(ValueError, match=match):
@@ -181,13 +191,16 @@ def test_update_is_a_one_change_batch() -> None:
     assert torch.equal(one.affinity, batch.affinity) and one.affinity.abs().sum() > 0
 
 
-@pytest.mark.parametrize("losses, stepped, options, match", [
-    (torch.ones(3), [[0]], {}, "losses must hold 3 losses per row"),
-    (torch.ones(2, 4), [[0]], {}, "losses must hold 3 losses per row"),
-    (torch.ones(3, 3), [[0]], {}, "3 forwards with 'paper' crediting need 2 stepped groups"),
-    (torch.ones(2, 3), [[0]], {"attribution": "reference"}, "need 2 stepped groups"),
-    (torch.ones(2, 3), [[0], [1]], {"attribution": "mine"}, "attribution must be one of"),
-])
+@pytest.mark.parametrize(
+    "losses, stepped, options, match",
+    [
+        (torch.ones(3), [[0]], {}, "losses must hold 3 losses per row"),
+        (torch.ones(2, 4), [[0]], {}, "losses must hold 3 losses per row"),
+        (torch.ones(3, 3), [[0]], {}, "3 forwards with 'paper' crediting need 2 stepped groups"),
+        (torch.ones(2, 3), [[0]], {"attribution": "reference"}, "need 2 stepped groups"),
+        (torch.ones(2, 3), [[0], [1]], {"attribution": "mine"}, "attribution must be one of"),
+    ],
+)
 def test_credit_batch_rejects_bad_input(losses, stepped, options, match) -> None:
     with pytest.raises(ValueError, match=match):
         selgroup_fast.AffinityTracker(3).credit_batch(losses, stepped, **options)

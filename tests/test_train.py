@@ -23,8 +23,17 @@ from selgroup_fast.train import (
 )
 
 RESULT_KEYS = {
-    "config", "versions", "machine", "metrics", "higher_is_better", "primary", "time_per_batch_s", "wall_time_s",
-    "iterations", "tasks", "overhead",
+    "config",
+    "versions",
+    "machine",
+    "metrics",
+    "higher_is_better",
+    "primary",
+    "time_per_batch_s",
+    "wall_time_s",
+    "iterations",
+    "tasks",
+    "overhead",
 }
 SELECTIVE_KEYS = {"groups_mean", "cogrouping", "affinity"}
 
@@ -75,8 +84,16 @@ def test_every_method_trains_through_the_trainer(method, tmp_path):
         events = EventAccumulator(str(tmp_path / "tensorboard"))
         events.Reload()
         tags = set(events.Tags()["scalars"])
-        assert {"train/loss/semseg", "train/lr", "selective/groups", "affinity/semseg->depth", "time/forward_s",
-                "time/affinity_s", "val/semseg/mIoU", "val/loss/edge"} <= tags
+        assert {
+            "train/loss/semseg",
+            "train/lr",
+            "selective/groups",
+            "affinity/semseg->depth",
+            "time/forward_s",
+            "time/affinity_s",
+            "val/semseg/mIoU",
+            "val/loss/edge",
+        } <= tags
         assert [event.step for event in events.Scalars("train/lr")] == [1, 2, 3]
     else:
         assert not SELECTIVE_KEYS & set(results) and not (tmp_path / "affinity.png").exists()
@@ -94,8 +111,14 @@ def test_baseline_then_delta_m(tmp_path):
         single = json.loads((tmp_path / "base" / task / "results.json").read_text())
         assert single["tasks"] == [task] and single["metrics"][task] == on_disk["metrics"][task]
 
-    config = TrainConfig(method="gd", tasks="depth,normals", iters=2, out=str(tmp_path / "mt"),
-                         baseline=str(tmp_path / "base" / "baseline.json"), **TINY)
+    config = TrainConfig(
+        method="gd",
+        tasks="depth,normals",
+        iters=2,
+        out=str(tmp_path / "mt"),
+        baseline=str(tmp_path / "base" / "baseline.json"),
+        **TINY,
+    )
     results = fit(config)
     # Δm by hand from the two files: the mean over tasks of ±(M - M_b) / M_b × 100 on the primary metrics
     terms = []
@@ -105,8 +128,9 @@ def test_baseline_then_delta_m(tmp_path):
         m, b = results["metrics"][task][metric], on_disk["metrics"][task][metric]
         terms.append(sign * (m - b) / b * 100)
     assert results["delta_m"] == pytest.approx(sum(terms) / len(terms), rel=1e-12)
-    assert results["delta_m"] == delta_m(results["metrics"], on_disk["metrics"], results["higher_is_better"],
-                                         results["primary"])
+    assert results["delta_m"] == delta_m(
+        results["metrics"], on_disk["metrics"], results["higher_is_better"], results["primary"]
+    )
     assert results["delta_m_all"] == delta_m_all(results["metrics"], on_disk["metrics"], results["higher_is_better"])
     saved = json.loads((tmp_path / "mt" / "results.json").read_text())
     assert saved["delta_m"] == results["delta_m"] and saved["delta_m_all"] == results["delta_m_all"]
@@ -118,8 +142,16 @@ def test_baseline_then_delta_m(tmp_path):
 
     # a baseline for other tasks is refused before anything trains
     with pytest.raises(TrainError, match="other tasks.*'semseg'"):
-        fit(TrainConfig(method="gd", tasks="semseg,depth", iters=2, out=str(tmp_path / "other"),
-                        baseline=str(tmp_path / "base" / "baseline.json"), **TINY))
+        fit(
+            TrainConfig(
+                method="gd",
+                tasks="semseg,depth",
+                iters=2,
+                out=str(tmp_path / "other"),
+                baseline=str(tmp_path / "base" / "baseline.json"),
+                **TINY,
+            )
+        )
     assert not (tmp_path / "other").exists()
 
 
@@ -191,8 +223,16 @@ def test_own_model_tasks_and_data(method, tmp_path):
     tasks = [TaskSpec("square", "regression", 1), TaskSpec("negated", "regression", 1)]
     torch.manual_seed(0)
     model = _PairModel()
-    config = TrainConfig(method=method, iters=40, lr=1e-2, batch_size=8, eval_every=40, out=str(tmp_path),
-                         progress=False, method_options={"warmup_steps": 5} if method == "selective" else {})
+    config = TrainConfig(
+        method=method,
+        iters=40,
+        lr=1e-2,
+        batch_size=8,
+        eval_every=40,
+        out=str(tmp_path),
+        progress=False,
+        method_options={"warmup_steps": 5} if method == "selective" else {},
+    )
     results = fit(config, model=model, train_data=_PairData(64, 0), val_data=_PairData(16, 1), tasks=tasks)
     assert results["dataset"] == "custom" and results["tasks"] == ["square", "negated"]
     # tasks unknown to selgroup_fast.metrics are evaluated by their mean validation loss
@@ -218,8 +258,15 @@ def test_own_model_needs_its_tasks(tmp_path):
     [("gd", "bf16"), ("selective", "fp16"), pytest.param("selective", "off", marks=pytest.mark.slow, id="compile")],
 )
 def test_mixed_precision_and_compile(method, amp, tmp_path):
-    config = TrainConfig(method=method, amp=amp, compile=amp == "off", iters=2, out=str(tmp_path),
-                         method_options={"warmup_steps": 1} if method == "selective" else {}, **TINY)
+    config = TrainConfig(
+        method=method,
+        amp=amp,
+        compile=amp == "off",
+        iters=2,
+        out=str(tmp_path),
+        method_options={"warmup_steps": 1} if method == "selective" else {},
+        **TINY,
+    )
     results = fit(config)
     assert results["iterations"] == 2 and results["config"]["amp"] == amp
     state = load_checkpoint(tmp_path / "checkpoint.pt")
@@ -234,13 +281,24 @@ def test_the_machine_defaults_are_said():
 
     config, note = resolve(TrainConfig(), torch.device("cpu"))
     assert (config.backbone, config.img_size, config.patch_size, config.iters, config.lr) == (
-        "test_vit", 32, 8, 300, 1e-3)
+        "test_vit",
+        32,
+        8,
+        300,
+        1e-3,
+    )
     assert (config.method, config.dataset, config.tasks, config.batch_size) == ("selective", "scenes", "nyud", 8)
     assert note == CPU_DEFAULTS.note and "under 3 minutes on 2 cores" in note
     # the paper's Table C.1 on a GPU (resolve only reads the device's type)
     config, note = resolve(TrainConfig(), torch.device("cuda"))
     assert (config.optimizer, config.lr, config.weight_decay, config.schedule, config.batch_size, config.img_size) == (
-        "adam", 2e-5, 1e-6, "poly", 8, 224)
+        "adam",
+        2e-5,
+        1e-6,
+        "poly",
+        8,
+        224,
+    )
     assert note == GPU_DEFAULTS.note
     # any size or length given: no note
     assert resolve(TrainConfig(iters=5), torch.device("cpu"))[1] is None

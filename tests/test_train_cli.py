@@ -58,8 +58,16 @@ def test_a_malformed_data_root(capsys, tmp_path):
 
 def test_a_baseline_for_other_tasks(capsys, tmp_path):
     baseline = tmp_path / "baseline.json"
-    baseline.write_text(json.dumps({"metrics": {"depth": {"rmse": 1.0}}, "higher_is_better": {"depth": {"rmse": False}},
-                                    "primary": {"depth": "rmse"}, "tasks": ["depth"]}))
+    baseline.write_text(
+        json.dumps(
+            {
+                "metrics": {"depth": {"rmse": 1.0}},
+                "higher_is_better": {"depth": {"rmse": False}},
+                "primary": {"depth": "rmse"},
+                "tasks": ["depth"],
+            }
+        )
+    )
     assert "is for other tasks (depth); it has no 'semseg'" in _error(capsys, tmp_path, "--baseline", str(baseline))
     baseline.write_text("{not json")
     assert "not valid JSON" in _error(capsys, tmp_path, "--baseline", str(baseline))

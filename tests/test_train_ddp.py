@@ -24,8 +24,18 @@ def _torchrun(*args: str) -> subprocess.CompletedProcess:
     env = subprocess_env()
     env["PYTHONPATH"] = f"{ROOT / 'tests'}:{env['PYTHONPATH']}"
     env["GLOO_SOCKET_IFNAME"] = "lo"
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr",
-               "127.0.0.1", "--master-port", str(_free_port()), *args]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(_free_port()),
+        *args,
+    ]
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT, check=False)
 
 
@@ -46,14 +56,26 @@ def test_ddp_with_two_processes_matches_one_process_with_both_batches(tmp_path, 
         assert len((tmp_path / "ddp" / method / "metrics.jsonl").read_text().splitlines()) == 1
         if method == "selective":
             assert ddp["method"]["groups"] == single["method"]["groups"]
-            torch.testing.assert_close(ddp["method"]["tracker"]["affinity"], single["method"]["tracker"]["affinity"],
-                                       rtol=1e-4, atol=1e-6)
+            torch.testing.assert_close(
+                ddp["method"]["tracker"]["affinity"], single["method"]["tracker"]["affinity"], rtol=1e-4, atol=1e-6
+            )
 
 
 @pytest.mark.slow
 def test_the_cli_under_torchrun_on_scenes(tmp_path):
-    done = _torchrun("-m", "selgroup_fast.train", *TINY_ARGS, "--method", "selective", "--method-option",
-                     "warmup_steps=1", "--iters", "3", "--out", str(tmp_path))
+    done = _torchrun(
+        "-m",
+        "selgroup_fast.train",
+        *TINY_ARGS,
+        "--method",
+        "selective",
+        "--method-option",
+        "warmup_steps=1",
+        "--iters",
+        "3",
+        "--out",
+        str(tmp_path),
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["world_size"] == 2 and results["iterations"] == 3

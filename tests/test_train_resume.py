@@ -23,8 +23,19 @@ ITERS = 8
 HALF = ITERS // 2
 # selective with a 2-batch warm-up: the affinity, the groups and the order generator all cross the
 # resume; poly decay: so does the LR schedule; batch 2 over 4000 scenes: the data position too.
-RUN = [*TINY_ARGS, "--method", "selective", "--method-option", "warmup_steps=2", "--iters", str(ITERS),
-       "--eval-every", str(ITERS), "--checkpoint-every", str(HALF)]
+RUN = [
+    *TINY_ARGS,
+    "--method",
+    "selective",
+    "--method-option",
+    "warmup_steps=2",
+    "--iters",
+    str(ITERS),
+    "--eval-every",
+    str(ITERS),
+    "--checkpoint-every",
+    str(HALF),
+]
 
 
 def _assert_same_state(a: dict, b: dict) -> None:
@@ -50,8 +61,14 @@ def straight(tmp_path_factory) -> dict:
 
 
 def _start_and_kill_after_first_checkpoint(out: Path, signum: int) -> subprocess.CompletedProcess:
-    process = subprocess.Popen(train_command(*RUN, "--out", str(out)), env=subprocess_env(), cwd=ROOT,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        train_command(*RUN, "--out", str(out)),
+        env=subprocess_env(),
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     checkpoint = out / "checkpoint.pt"
     deadline = time.monotonic() + 300
     while not checkpoint.exists():  # appears complete, by rename, at iteration HALF

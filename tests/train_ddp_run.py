@@ -47,8 +47,17 @@ class MapModel(torch.nn.Module):
 def train(out: str, batch_size: int) -> None:
     for method, options in METHODS.items():
         torch.manual_seed(0)
-        config = TrainConfig(method=method, method_options=options, iters=ITERS, batch_size=batch_size, lr=1e-2,
-                             eval_every=ITERS, out=f"{out}/{method}", progress=False, log_every=1)
+        config = TrainConfig(
+            method=method,
+            method_options=options,
+            iters=ITERS,
+            batch_size=batch_size,
+            lr=1e-2,
+            eval_every=ITERS,
+            out=f"{out}/{method}",
+            progress=False,
+            log_every=1,
+        )
         fit(config, model=MapModel(), train_data=MapData(64, 0), val_data=MapData(16, 1), tasks=TASKS)
 
 

@@ -12,10 +12,30 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 #: A tiny run: the CPU default backbone (test_vit) on 16 px images (4 patches), batch 2, 2 eval batches, no workers.
-TINY = {"img_size": 16, "patch_size": 8, "batch_size": 2, "eval_batches": 2, "progress": False, "log_every": 1,
-        "workers": 0}
-TINY_ARGS = ["--img-size", "16", "--patch-size", "8", "--batch-size", "2", "--eval-batches", "2", "--quiet", "--workers", "0",
-             "--log-every", "1"]
+TINY = {
+    "img_size": 16,
+    "patch_size": 8,
+    "batch_size": 2,
+    "eval_batches": 2,
+    "progress": False,
+    "log_every": 1,
+    "workers": 0,
+}
+TINY_ARGS = [
+    "--img-size",
+    "16",
+    "--patch-size",
+    "8",
+    "--batch-size",
+    "2",
+    "--eval-batches",
+    "2",
+    "--quiet",
+    "--workers",
+    "0",
+    "--log-every",
+    "1",
+]
 
 
 def subprocess_env() -> dict[str, str]:
@@ -33,8 +53,15 @@ def train_command(*args: str) -> list[str]:
 
 
 def run_train(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(train_command(*args), env=subprocess_env(), capture_output=True, text=True,
-                          timeout=timeout, cwd=ROOT, check=False)
+    return subprocess.run(
+        train_command(*args),
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+        check=False,
+    )
 
 
 def load_checkpoint(path: Path) -> dict:

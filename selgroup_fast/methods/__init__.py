@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -69,7 +69,7 @@ def _load(name: str) -> type:
     return getattr(importlib.import_module(module_name), class_name)
 
 
-def available(kind: Optional[str] = None) -> list[str]:
+def available(kind: str | None = None) -> list[str]:
     """The names of the methods (of one kind, when given), in registry order.
 
     Every method is imported: a broken import raises instead of hiding the method.

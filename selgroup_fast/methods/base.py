@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import abc
-from typing import Any, Callable, ClassVar
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 import torch
 
@@ -47,7 +48,9 @@ class SavedState:
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restores what :meth:`state_dict` returned."""
         if set(state_dict) != set(self.saved_state):
-            raise ValueError(f"{type(self).__name__} state has keys {sorted(self.saved_state)}, got {sorted(state_dict)}")
+            raise ValueError(
+                f"{type(self).__name__} state has keys {sorted(self.saved_state)}, got {sorted(state_dict)}"
+            )
         for name in self.saved_state:
             current, value = getattr(self, name), state_dict[name]
             if isinstance(current, torch.Tensor) and current.requires_grad:  # learned: an optimizer holds it

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 
@@ -61,7 +61,7 @@ class FAMO(LossWeightingMethod):
         gamma: float = 0.01,
         w_lr: float = 0.025,
         max_norm: float = 1.0,
-        shared_params: Optional[SharedParams] = None,
+        shared_params: SharedParams | None = None,
         profile: bool = False,
     ) -> None:
         super().__init__(optimizer, num_tasks, profile=profile)
@@ -72,7 +72,7 @@ class FAMO(LossWeightingMethod):
         self.logits = torch.zeros(num_tasks, device=self.device, dtype=dtype, requires_grad=True)
         self.logits_optimizer = torch.optim.Adam([self.logits], lr=w_lr, weight_decay=gamma)
         self.min_losses = torch.zeros(num_tasks, device=self.device, dtype=dtype)
-        self._log_before: Optional[torch.Tensor] = None
+        self._log_before: torch.Tensor | None = None
 
     @property
     def weights(self) -> torch.Tensor:
@@ -108,8 +108,9 @@ class FAMO(LossWeightingMethod):
         with self._timer.phase("manipulation"):
             delta = log_before - self._shifted(after.to(log_before.dtype)).log()
             with torch.enable_grad():
-                (grad,) = torch.autograd.grad(torch.softmax(self.logits, dim=0), self.logits, grad_outputs=delta.to(self.logits.dtype))
+                (grad,) = torch.autograd.grad(
+                    torch.softmax(self.logits, dim=0), self.logits, grad_outputs=delta.to(self.logits.dtype)
+                )
             self.logits_optimizer.zero_grad(set_to_none=True)
             self.logits.grad = grad
             self.logits_optimizer.step()
-

@@ -12,8 +12,8 @@ Gram matrix of the local shards is all-reduced and ``wᵀJ`` is written into eac
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
-from typing import Any, Callable, Literal, Optional, cast
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Literal, cast
 
 import torch
 import torch._functorch.config
@@ -77,7 +77,7 @@ class GradientMethod(MultiTaskMethod):
         *,
         shared_params: SharedParams,
         jacobian: JacobianMode = "batched",
-        chunk_size: Optional[int] = None,
+        chunk_size: int | None = None,
         space: Space = "parameters",
         task_params: Sequence[SharedParams] | None = None,
         profile: bool = False,
@@ -98,7 +98,10 @@ class GradientMethod(MultiTaskMethod):
             raise ValueError(f"shared_params are on {self._jacobian.direction.device}, the optimizer on {self.device}")
         shared_ids = {id(p) for p in self._jacobian.params}
         self._task_params = [
-            p for group in optimizer.param_groups for p in group["params"] if p.requires_grad and id(p) not in shared_ids
+            p
+            for group in optimizer.param_groups
+            for p in group["params"]
+            if p.requires_grad and id(p) not in shared_ids
         ]
         if task_params is not None:
             owners = TaskParams(num_tasks, self._jacobian.params, task_params)
@@ -184,11 +187,17 @@ class GradientMethod(MultiTaskMethod):
         shared_width = sum(_local(None, p).numel() for p in self.shared_params)
         with self._timer.phase("manipulation"):
             total_gram = self._ranks.sum(gram(jacobian[:, :shared_width]))  # G = Σ_ranks J_r J_rᵀ
-            weights, head_weights = cast(Weighting, self.aggregator).direction_weights(total_gram)  # checked at construction
+            weights, head_weights = cast(Weighting, self.aggregator).direction_weights(
+                total_gram
+            )  # checked at construction
             if head_weights is None:
                 head_weights = torch.ones_like(weights)
-            flat = torch.cat([weights.to(jacobian.dtype) @ jacobian[:, :shared_width],
-                              head_weights.to(jacobian.dtype) @ jacobian[:, shared_width:]])
+            flat = torch.cat(
+                [
+                    weights.to(jacobian.dtype) @ jacobian[:, :shared_width],
+                    head_weights.to(jacobian.dtype) @ jacobian[:, shared_width:],
+                ]
+            )
             offset = 0
             for p in params:
                 p.grad = torch.zeros_like(p)
@@ -216,7 +225,7 @@ class GradientMethod(MultiTaskMethod):
             ) from error
 
     @staticmethod
-    def _weighted_total(losses: list[torch.Tensor], weights: Optional[torch.Tensor]) -> torch.Tensor:
+    def _weighted_total(losses: list[torch.Tensor], weights: torch.Tensor | None) -> torch.Tensor:
         """``Σ_k w_k L_k`` (``Σ_k L_k`` without weights)."""
         stacked = torch.stack(losses)
         return stacked.sum() if weights is None else (weights.detach().to(stacked.dtype) * stacked).sum()
@@ -225,17 +234,24 @@ class GradientMethod(MultiTaskMethod):
         """One ordinary backward of ``Σ_k w_k L_k`` into every parameter (DDP/FSDP2 reduce it as usual)."""
         self._weighted_total(losses, weights).backward()
 
-    def _backward_task_params(self, losses: list[torch.Tensor], weights: Optional[torch.Tensor], retain_graph: bool) -> None:
+    def _backward_task_params(
+        self, losses: list[torch.Tensor], weights: torch.Tensor | None, retain_graph: bool
+    ) -> None:
         """The task-specific parameters' gradients of ``Σ_k w_k L_k``, averaged across ranks (outside DDP's reducer)."""
         if not self._task_params:
             return
         with self._timer.phase("backward"):
-            grads = torch.autograd.grad(self._weighted_total(losses, weights), self._task_params,
-                                        retain_graph=retain_graph, allow_unused=True, materialize_grads=True)
+            grads = torch.autograd.grad(
+                self._weighted_total(losses, weights),
+                self._task_params,
+                retain_graph=retain_graph,
+                allow_unused=True,
+                materialize_grads=True,
+            )
             if self._ranks.enabled:
                 flat = self._ranks.mean(torch.cat([grad.reshape(-1) for grad in grads]))
                 grads = flat.split([grad.numel() for grad in grads])
-            for param, grad in zip(self._task_params, grads):
+            for param, grad in zip(self._task_params, grads, strict=False):
                 param.grad = grad.view_as(param)
 
     def state_dict(self) -> dict:

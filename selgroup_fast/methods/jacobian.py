@@ -31,7 +31,7 @@ Example::
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal, Optional
+from typing import Literal
 
 import torch
 
@@ -69,7 +69,7 @@ class TaskJacobian:
         shared_params: SharedParams,
         num_tasks: int,
         mode: JacobianMode = "batched",
-        chunk_size: Optional[int] = None,
+        chunk_size: int | None = None,
         allocate: bool = True,
     ) -> None:
         if mode not in JACOBIAN_MODES:
@@ -118,8 +118,13 @@ class TaskJacobian:
                 # A chunk of one task is an ordinary backward: vmap over a batch of one only adds overhead.
                 single = rows.shape[0] == 1
                 grads = torch.autograd.grad(
-                    stacked, inputs, grad_outputs=rows[0] if single else rows, is_grads_batched=not single,
-                    retain_graph=keep, allow_unused=True, materialize_grads=True
+                    stacked,
+                    inputs,
+                    grad_outputs=rows[0] if single else rows,
+                    is_grads_batched=not single,
+                    retain_graph=keep,
+                    allow_unused=True,
+                    materialize_grads=True,
                 )
                 torch.cat([g.reshape(rows.shape[0], -1) for g in grads], dim=1, out=out[start : start + rows.shape[0]])
             return out
@@ -137,7 +142,9 @@ class TaskJacobian:
         """
         for i, feature in enumerate(features):
             if not feature.requires_grad:
-                raise ValueError(f"features {i} does not require grad: return the encoder's output, not a detached copy")
+                raise ValueError(
+                    f"features {i} does not require grad: return the encoder's output, not a detached copy"
+                )
         size = sum(feature.numel() for feature in features)
         out = torch.empty(self.num_tasks, size, device=features[0].device, dtype=features[0].dtype)
         return self._fill(losses, features, True, out)
@@ -156,5 +163,5 @@ class TaskJacobian:
 
     def assign_grads(self) -> None:
         """Makes the shared parameters' ``.grad`` the slices of :attr:`direction`."""
-        for p, view in zip(self.params, self._grad_views):
+        for p, view in zip(self.params, self._grad_views, strict=False):
             p.grad = view

@@ -11,7 +11,7 @@ ranks' mean, one all-reduce of K numbers: ``RankAgreement.global_losses``).
 from __future__ import annotations
 
 import abc
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

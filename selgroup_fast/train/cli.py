@@ -66,12 +66,25 @@ def build_parser(baseline: bool = False) -> argparse.ArgumentParser:
     add = parser.add_argument
     add("--dataset", default="scenes", help="scenes (built-in, default), nyud or nyud_npy (from --data-root)")
     add("--data-root", help="the dataset's folder on disk (real datasets)")
-    add("--tasks", default="nyud", help="a preset (nyud, pascal, taskonomy) or comma-separated task names (default nyud)")
+    add(
+        "--tasks",
+        default="nyud",
+        help="a preset (nyud, pascal, taskonomy) or comma-separated task names (default nyud)",
+    )
     if not baseline:
         add("--method", default="selective", help="a name of selgroup_fast.methods.available() (default selective)")
-        add("--method-option", type=_method_option, action="append", default=[], metavar="KEY=VALUE",
-            help="an option of the method, repeatable (e.g. decay=1e-4, warmup_steps=50, c=0.4)")
-    add("--backbone", help="a timm ViT name, randomly initialised (default: test_vit on a CPU, vit_small_patch16_224 on a GPU)")
+        add(
+            "--method-option",
+            type=_method_option,
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="an option of the method, repeatable (e.g. decay=1e-4, warmup_steps=50, c=0.4)",
+        )
+    add(
+        "--backbone",
+        help="a timm ViT name, randomly initialised (default: test_vit on a CPU, vit_small_patch16_224 on a GPU)",
+    )
     add("--img-size", type=_positive_int, help="image side in pixels (default: 32 on a CPU, 224 on a GPU)")
     add("--patch-size", type=_positive_int, help="ViT patch side (default: 8 on a CPU, 16 on a GPU)")
     add("--batch-size", type=_positive_int, default=8, help="images per batch and process (default 8)")
@@ -83,19 +96,32 @@ def build_parser(baseline: bool = False) -> argparse.ArgumentParser:
     add("--eval-every", type=_positive_int, help="evaluate every N iterations (default: iters / 5)")
     add("--eval-batches", type=_positive_int, help="evaluate on the first N validation batches (default: all)")
     add("--checkpoint-every", type=_positive_int, help="checkpoint every N iterations (default: 100 CPU, 1000 GPU)")
-    add("--resume", nargs="?", const="auto", metavar="FILE",
-        help="continue from FILE, or without FILE from OUT/checkpoint.pt when it exists")
+    add(
+        "--resume",
+        nargs="?",
+        const="auto",
+        metavar="FILE",
+        help="continue from FILE, or without FILE from OUT/checkpoint.pt when it exists",
+    )
     add("--amp", choices=AMP_MODES, default="off", help="mixed precision (fp16 uses a grad scaler: selective only)")
     add("--compile", action="store_true", help="torch.compile the model")
     add("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
     add("--seed", type=int, default=0)
-    add("--workers", type=int, help="DataLoader worker processes rendering/reading batches ahead of the step "
-        "(default: 1 on a CPU, 4 on a GPU; 0: in the training process)")
+    add(
+        "--workers",
+        type=int,
+        help="DataLoader worker processes rendering/reading batches ahead of the step "
+        "(default: 1 on a CPU, 4 on a GPU; 0: in the training process)",
+    )
     add("--out", default="baseline_out" if baseline else "train_out", help="output folder")
     if not baseline:
         add("--baseline", metavar="FILE", help="a baseline.json from 'selgroup-train baseline': adds Δm to the results")
-    add("--on-nonfinite", choices=ON_NONFINITE, default="stop",
-        help="a NaN/inf loss: stop (default; after checkpointing the last good state) or skip the batch")
+    add(
+        "--on-nonfinite",
+        choices=ON_NONFINITE,
+        default="stop",
+        help="a NaN/inf loss: stop (default; after checkpointing the last good state) or skip the batch",
+    )
     add("--log-every", type=_positive_int, default=10, help="log losses, affinity and timings every N iterations")
     add("--quiet", action="store_true", help="no progress bar, no summary")
     return parser

@@ -189,9 +189,7 @@ def _check(config: TrainConfig) -> None:
         raise TrainError(f"--workers must be >= 0, got {config.workers}")
     assert config.img_size is not None and config.patch_size is not None
     if config.img_size % config.patch_size:
-        raise TrainError(
-            f"--img-size {config.img_size} is not a multiple of --patch-size {config.patch_size}"
-        )
+        raise TrainError(f"--img-size {config.img_size} is not a multiple of --patch-size {config.patch_size}")
     assert config.lr is not None and config.weight_decay is not None
     if not config.lr > 0:
         raise TrainError(f"--lr must be positive, got {config.lr}")
@@ -204,7 +202,9 @@ def _check(config: TrainConfig) -> None:
         ("on_nonfinite", ON_NONFINITE),
     ):
         if getattr(config, name) not in allowed:
-            raise TrainError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, got {getattr(config, name)!r}")
+            raise TrainError(
+                f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, got {getattr(config, name)!r}"
+            )
     if config.amp == "fp16" and config.method != "selective":
         raise TrainError(
             f"--amp fp16 needs a gradient scaler inside the method, which only selective takes; use --amp bf16 "

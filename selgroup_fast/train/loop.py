@@ -328,11 +328,23 @@ def fit(
     if env.active and not dist.is_initialized():
         # Initialised once per process and kept (for the next fit() of `baseline`, say): re-creating
         # the default group over torchrun's store can hang. The CLI destroys it before exiting.
-        dist.init_process_group(
-            "nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(minutes=10)
-        )
-    return _Run(config, defaults_note, env, device, specs, model, train_data, val_data, loss_fn, baseline,
-                custom, out, ckpt_path, resume_path).train()
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(minutes=10))
+    return _Run(
+        config,
+        defaults_note,
+        env,
+        device,
+        specs,
+        model,
+        train_data,
+        val_data,
+        loss_fn,
+        baseline,
+        custom,
+        out,
+        ckpt_path,
+        resume_path,
+    ).train()
 
 
 def _share_cores_with_workers(config: TrainConfig, device: torch.device) -> None:
@@ -385,7 +397,11 @@ class _Run:
         self.specs, self.names = specs, [spec.name for spec in specs]
         self.loss_fn: LossFn = loss_fn or task_losses
         self.baseline, self.custom, self.out, self.ckpt_path, self.resume_path = (
-            baseline, custom, out, ckpt_path, resume_path
+            baseline,
+            custom,
+            out,
+            ckpt_path,
+            resume_path,
         )
         self.raw_model = model.to(device)
         self.optimizer = _build_optimizer(config, self.raw_model)
@@ -404,8 +420,10 @@ class _Run:
         self.method: Any = _build_method(config, self.optimizer, self.raw_model, len(specs), self.scaler)
         self.selective = config.method == "selective"
         self.train_loader, self.sampler = self._train_loader(train_data)
-        self.val_loader = val_data if isinstance(val_data, DataLoader) else DataLoader(
-            val_data, batch_size=config.batch_size, shuffle=False, num_workers=config.workers or 0
+        self.val_loader = (
+            val_data
+            if isinstance(val_data, DataLoader)
+            else DataLoader(val_data, batch_size=config.batch_size, shuffle=False, num_workers=config.workers or 0)
         )
         self.autocast = (
             torch.autocast(device.type, dtype=torch.bfloat16 if config.amp == "bf16" else torch.float16)
@@ -528,8 +546,9 @@ class _Run:
         if main:
             write_json(self.out / "results.json", results)
             if self.selective:
-                write_plots(self.out, self.names, self.history, np.array(results["affinity"]),
-                            np.array(results["cogrouping"]))
+                write_plots(
+                    self.out, self.names, self.history, np.array(results["affinity"]), np.array(results["cogrouping"])
+                )
             if config.progress:
                 print(summary_table(results), end="", file=sys.stderr)
         return results
@@ -583,8 +602,14 @@ class _Run:
             k = int((~finite).nonzero()[0])
             raise NonFiniteLoss(self.names[k], iteration, float(values[k]))
 
-    def _bookkeeping(self, groups: list[list[int]] | None, losses: torch.Tensor | None, log_now: bool,
-                     log: TensorBoardLog | None, progress: Any) -> None:
+    def _bookkeeping(
+        self,
+        groups: list[list[int]] | None,
+        losses: torch.Tensor | None,
+        log_now: bool,
+        log: TensorBoardLog | None,
+        progress: Any,
+    ) -> None:
         if groups is not None:
             self.history["groups"].append(len(groups))
             # Co-grouping counts the groups the strategy chose, not the affinity grouping's warm-up singletons.
@@ -600,7 +625,7 @@ class _Run:
         if not log_now or losses is None:
             return
         values = losses.float().tolist()
-        scalars = {f"train/loss/{name}": value for name, value in zip(self.names, values)}
+        scalars = {f"train/loss/{name}": value for name, value in zip(self.names, values, strict=False)}
         scalars["train/lr"] = self.optimizer.param_groups[0]["lr"]
         for phase, seconds in self.method.timings.items():
             scalars[f"time/{phase}_s"] = seconds
@@ -660,7 +685,9 @@ class _Run:
             self.history["evaluations"].append(record)
             append_jsonl(self.out / "metrics.jsonl", record)
             if log is not None:
-                scalars = {f"val/{task}/{name}": value for task, values in metrics.items() for name, value in values.items()}
+                scalars = {
+                    f"val/{task}/{name}": value for task, values in metrics.items() for name, value in values.items()
+                }
                 scalars.update({f"val/loss/{task}": value for task, value in val_losses.items()})
                 log.scalars(scalars, self.iteration)
         if self.env.active:
@@ -706,7 +733,7 @@ class _Run:
             with self.autocast:
                 outputs = net(images)
                 losses = self.loss_fn(outputs, targets, self.specs)
-            for k, (metric, output, target, loss) in enumerate(zip(metrics, outputs, targets, losses)):
+            for k, (metric, output, target, loss) in enumerate(zip(metrics, outputs, targets, losses, strict=False)):
                 metric.update(output.float(), target)
                 loss_value = float(loss)
                 loss_sums[k] += loss_value
@@ -715,11 +742,11 @@ class _Run:
             batches += 1
         net.train()
         self.metric_info = {
-            "higher_is_better": {name: dict(m.higher_is_better) for name, m in zip(self.names, metrics)},
-            "primary": {name: m.primary for name, m in zip(self.names, metrics)},
+            "higher_is_better": {name: dict(m.higher_is_better) for name, m in zip(self.names, metrics, strict=False)},
+            "primary": {name: m.primary for name, m in zip(self.names, metrics, strict=False)},
         }
-        computed = {name: _computed(name, m) for name, m in zip(self.names, metrics)}
-        return computed, {name: total / max(batches, 1) for name, total in zip(self.names, loss_sums)}
+        computed = {name: _computed(name, m) for name, m in zip(self.names, metrics, strict=False)}
+        return computed, {name: total / max(batches, 1) for name, total in zip(self.names, loss_sums, strict=False)}
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -784,8 +811,10 @@ class _Run:
         if not hasattr(self, "metric_info"):  # only rank 0 evaluates: the others rebuild the directions
             metrics = [_make_metric(spec, self.custom) for spec in self.specs]
             self.metric_info = {
-                "higher_is_better": {name: dict(m.higher_is_better) for name, m in zip(self.names, metrics)},
-                "primary": {name: m.primary for name, m in zip(self.names, metrics)},
+                "higher_is_better": {
+                    name: dict(m.higher_is_better) for name, m in zip(self.names, metrics, strict=False)
+                },
+                "primary": {name: m.primary for name, m in zip(self.names, metrics, strict=False)},
             }
         timed = max(self.timed_iterations, 1)
         step_s = self.times["step"] / timed
@@ -809,9 +838,9 @@ class _Run:
                 "eval_s_total": self.times["eval"],
                 "checkpoint_s_total": self.times["checkpoint"],
             },
-            "phase_s_per_batch": {
-                phase: total / self.phase_count for phase, total in self.phase_sums.items()
-            } if self.phase_count else {},
+            "phase_s_per_batch": {phase: total / self.phase_count for phase, total in self.phase_sums.items()}
+            if self.phase_count
+            else {},
             "skipped_iterations": self.history["skipped"],
             "world_size": self.env.world_size,
             "config": config.to_dict(),
@@ -886,8 +915,7 @@ def fit_baseline(config: TrainConfig) -> dict[str, Any]:
         if done.is_file():
             runs[spec.name] = json.loads(done.read_text())
             continue
-        task_config = dataclasses.replace(config, tasks=spec.name, out=str(task_out),
-                                          resume="auto")
+        task_config = dataclasses.replace(config, tasks=spec.name, out=str(task_out), resume="auto")
         if env.main and config.progress:
             print(f"baseline: task {spec.name}", file=sys.stderr)
         runs[spec.name] = fit(task_config)

@@ -74,11 +74,17 @@ def _heat_map(matrix: np.ndarray, names: list[str], title: str, label: str, path
     plt.close(fig)
 
 
-def write_plots(out: Path, names: list[str], history: dict[str, Any], affinity: np.ndarray, cogrouping: np.ndarray) -> list[str]:
+def write_plots(
+    out: Path, names: list[str], history: dict[str, Any], affinity: np.ndarray, cogrouping: np.ndarray
+) -> list[str]:
     """The selective method's figures (the paper's Figures 3 and 4c) as PNG files; returns their names."""
     plt = _pyplot()
-    _heat_map(affinity, names, "final proximal inter-task affinity A[source, target]", "affinity", out / "affinity.png", True)
-    _heat_map(cogrouping, names, "co-grouping frequency after warm-up", "fraction of batches", out / "cogrouping.png", False)
+    _heat_map(
+        affinity, names, "final proximal inter-task affinity A[source, target]", "affinity", out / "affinity.png", True
+    )
+    _heat_map(
+        cogrouping, names, "co-grouping frequency after warm-up", "fraction of batches", out / "cogrouping.png", False
+    )
 
     fig, ax = plt.subplots(figsize=(6, 3.2))
     counts = history["groups"]
@@ -131,8 +137,10 @@ def summary_table(results: dict[str, Any]) -> str:
         rows.append(row)
     lines = [text_table(header, rows).rstrip("\n")]
     if results.get("delta_m") is not None:
-        lines.append(f"Δm = {results['delta_m']:+.2f} % (primary metrics; higher is better), "
-                     f"over all metrics {results['delta_m_all']:+.2f} %")
+        lines.append(
+            f"Δm = {results['delta_m']:+.2f} % (primary metrics; higher is better), "
+            f"over all metrics {results['delta_m_all']:+.2f} %"
+        )
     lines.append(
         f"{results['method']}: {results['iterations']} iterations, {results['time_per_batch_s'] * 1000:.1f} ms per batch, "
         f"wall time {results['wall_time_s']:.1f} s"
