@@ -1,7 +1,8 @@
-"""Argument checks shared by the package's constructors."""
+"""Argument checks shared by the package's constructors and command lines."""
 
 from __future__ import annotations
 
+import argparse
 from typing import Any
 
 
@@ -17,3 +18,14 @@ def check_decay(decay: Any) -> float:
     if not 0.0 < float(decay) <= 1.0:
         raise ValueError(f"decay must be in (0, 1], got {decay!r}")
     return float(decay)
+
+
+def positive_int_arg(text: str) -> int:
+    """``type=`` of an argparse flag that takes a positive integer (one clear error line otherwise)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value

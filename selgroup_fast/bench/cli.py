@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from .. import methods, ops
+from ..checks import positive_int_arg
 from .factory import ModelError, ModelFactory, load_factory
 from .model import PRESETS, parse_tasks, vit_bench_model
 from .report import write_outputs
@@ -64,16 +65,6 @@ CPU_DEFAULTS = MachineDefaults(
 BUILT_IN_MODEL = "selgroup_fast.bench.model:vit_bench_model"
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
 def _int_list(text: str) -> list[int]:
     try:
         values = [int(part) for part in text.split(",") if part.strip()]
@@ -106,33 +97,33 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     )
     model.add_argument(
         "--img-size",
-        type=_positive_int,
+        type=positive_int_arg,
         help=f"built-in model: image side in pixels (default: {CPU_DEFAULTS.img_size} on a CPU, "
         f"{GPU_DEFAULTS.img_size} on a GPU)",
     )
     model.add_argument(
         "--patch-size",
-        type=_positive_int,
+        type=positive_int_arg,
         help=f"built-in model: ViT patch side (default: {CPU_DEFAULTS.patch_size} on a CPU, "
         f"{GPU_DEFAULTS.patch_size} on a GPU)",
     )
     timing = parser.add_argument_group("timing")
-    timing.add_argument("--batch-size", type=_positive_int, default=8)
+    timing.add_argument("--batch-size", type=positive_int_arg, default=8)
     timing.add_argument(
         "--rounds",
-        type=_positive_int,
+        type=positive_int_arg,
         help=f"interleaved rounds, each running every method for --steps steps (default: {CPU_DEFAULTS.rounds} on "
         f"a CPU, {GPU_DEFAULTS.rounds} on a GPU)",
     )
     timing.add_argument(
         "--steps",
-        type=_positive_int,
+        type=positive_int_arg,
         help=f"measured steps per method in each round (default: {CPU_DEFAULTS.steps} on a CPU, "
         f"{GPU_DEFAULTS.steps} on a GPU)",
     )
     timing.add_argument(
         "--warmup",
-        type=_positive_int,
+        type=positive_int_arg,
         help=f"discarded steps per method (default: {CPU_DEFAULTS.warmup} on a CPU, {GPU_DEFAULTS.warmup} on a GPU)",
     )
     timing.add_argument("--device", help="cpu or cuda[:N] (default: cuda if usable, else cpu)")

@@ -16,6 +16,7 @@ from typing import Any, NoReturn
 
 import torch.distributed as dist
 
+from ..checks import positive_int_arg
 from .config import (
     AMP_MODES,
     ON_NONFINITE,
@@ -33,16 +34,6 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         raise TrainError(f"{message} (see {self.prog} --help)")
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
 
 
 def _method_option(text: str) -> tuple[str, Any]:
@@ -85,17 +76,17 @@ def build_parser(baseline: bool = False) -> argparse.ArgumentParser:
         "--backbone",
         help="a timm ViT name, randomly initialised (default: test_vit on a CPU, vit_small_patch16_224 on a GPU)",
     )
-    add("--img-size", type=_positive_int, help="image side in pixels (default: 32 on a CPU, 224 on a GPU)")
-    add("--patch-size", type=_positive_int, help="ViT patch side (default: 8 on a CPU, 16 on a GPU)")
-    add("--batch-size", type=_positive_int, default=8, help="images per batch and process (default 8)")
-    add("--iters", type=_positive_int, help="training iterations (default: 300 on a CPU, 40000 on a GPU)")
+    add("--img-size", type=positive_int_arg, help="image side in pixels (default: 32 on a CPU, 224 on a GPU)")
+    add("--patch-size", type=positive_int_arg, help="ViT patch side (default: 8 on a CPU, 16 on a GPU)")
+    add("--batch-size", type=positive_int_arg, default=8, help="images per batch and process (default 8)")
+    add("--iters", type=positive_int_arg, help="training iterations (default: 300 on a CPU, 40000 on a GPU)")
     add("--lr", type=float, help="learning rate (default: 1e-3 on a CPU, the paper's 2e-5 on a GPU)")
     add("--weight-decay", type=float, help="weight decay (default 1e-6)")
     add("--optimizer", choices=OPTIMIZERS, default="adam")
     add("--schedule", choices=SCHEDULES, default="poly", help="poly (power 0.9, the paper's) or constant")
-    add("--eval-every", type=_positive_int, help="evaluate every N iterations (default: iters / 5)")
-    add("--eval-batches", type=_positive_int, help="evaluate on the first N validation batches (default: all)")
-    add("--checkpoint-every", type=_positive_int, help="checkpoint every N iterations (default: 100 CPU, 1000 GPU)")
+    add("--eval-every", type=positive_int_arg, help="evaluate every N iterations (default: iters / 5)")
+    add("--eval-batches", type=positive_int_arg, help="evaluate on the first N validation batches (default: all)")
+    add("--checkpoint-every", type=positive_int_arg, help="checkpoint every N iterations (default: 100 CPU, 1000 GPU)")
     add(
         "--resume",
         nargs="?",
@@ -122,7 +113,7 @@ def build_parser(baseline: bool = False) -> argparse.ArgumentParser:
         default="stop",
         help="a NaN/inf loss: stop (default; after checkpointing the last good state) or skip the batch",
     )
-    add("--log-every", type=_positive_int, default=10, help="log losses, affinity and timings every N iterations")
+    add("--log-every", type=positive_int_arg, default=10, help="log losses, affinity and timings every N iterations")
     add("--quiet", action="store_true", help="no progress bar, no summary")
     return parser
 
