@@ -80,14 +80,3 @@ def test_the_cli_under_torchrun_on_scenes(tmp_path):
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["world_size"] == 2 and results["iterations"] == 3
     assert load_checkpoint(tmp_path / "checkpoint.pt")["world_size"] == 2
-
-
-def test_methods_without_ddp_support_are_refused_under_torchrun(monkeypatch, capsys, tmp_path):
-    from selgroup_fast.train.cli import main
-
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setenv("RANK", "0")
-    assert main([*TINY_ARGS, "--method", "pcgrad", "--out", str(tmp_path)]) == 2
-    error = capsys.readouterr().err
-    assert error.startswith("error: --method pcgrad does not train under DDP yet (issue 10")
-    assert "gd, selective, dwa" in error and len(error.strip().splitlines()) == 1

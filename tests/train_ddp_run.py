@@ -1,5 +1,5 @@
 """Run by tests/test_train_ddp.py under torchrun (and imported by it for the one-process reference):
-gd and selective through fit() on a small model and data of the user's own, where the mean of the
+gd, selective, a gradient method (pcgrad) and a loss-weighting one (uw) through fit() on a small model and data of the user's own, where the mean of the
 ranks' batch losses is the loss of their union (equal pixel counts), so that DDP over 2 processes
 of batch B must match one process of batch 2B."""
 
@@ -14,7 +14,7 @@ from selgroup_fast.bench.model import TaskSpec
 from selgroup_fast.train import TrainConfig, fit
 
 TASKS = [TaskSpec("square", "regression", 1), TaskSpec("negated", "regression", 1), TaskSpec("shift", "regression", 1)]
-METHODS = {"gd": {}, "selective": {"warmup_steps": 2, "decay": 0.1}}
+METHODS = {"gd": {}, "selective": {"warmup_steps": 2, "decay": 0.1}, "pcgrad": {}, "uw": {}}
 ITERS = 6
 
 

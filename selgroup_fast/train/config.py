@@ -15,8 +15,6 @@ from typing import Any
 
 import torch
 
-#: Methods that train under DDP today; every method under DDP is issue 10.
-DDP_METHODS = ("gd", "selective", "dwa")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("poly", "constant")
 AMP_MODES = ("off", "bf16", "fp16")

@@ -31,7 +31,7 @@ from .. import methods
 from ..bench.model import PRESETS, MultiTaskViT, TaskSpec, task_losses
 from ..bench.report import environment
 from . import checkpoint
-from .config import DDP_METHODS, TrainConfig, TrainError, resolve, resolve_device
+from .config import TrainConfig, TrainError, resolve, resolve_device
 from .report import TensorBoardLog, append_jsonl, summary_table, write_json, write_plots
 
 #: ``loss_fn(outputs, targets, tasks) -> K scalar losses`` (outputs and targets in task order).
@@ -122,15 +122,10 @@ def task_specs(config: TrainConfig, tasks: Sequence[TaskSpec] | None) -> list[Ta
     return [_ALL_SPECS[name] for name in names]
 
 
-def _check_method(config: TrainConfig, env: _Distributed) -> None:
+def _check_method(config: TrainConfig) -> None:
     available = methods.available()
     if config.method not in available:
         raise TrainError(f"--method: unknown method {config.method!r}; available: {', '.join(available)}")
-    if env.active and config.method not in DDP_METHODS:
-        raise TrainError(
-            f"--method {config.method} does not train under DDP yet (issue 10: every method under "
-            f"torch.compile, DDP and FSDP2); under torchrun use one of {', '.join(DDP_METHODS)}"
-        )
 
 
 def _build_model(config: TrainConfig, specs: list[TaskSpec]) -> torch.nn.Module:
@@ -308,7 +303,7 @@ def fit(
     if model is not None and tasks is None:
         raise TrainError("fit(model=...) needs tasks= (the TaskSpec of each of the model's outputs)")
     specs = task_specs(config, tasks)
-    _check_method(config, env)
+    _check_method(config)
     baseline = _load_baseline(config.baseline, specs) if config.baseline else None
     out = Path(config.out)
     ckpt_path = out / checkpoint.FILENAME
