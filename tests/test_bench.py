@@ -389,7 +389,7 @@ def test_load_factory_and_the_built_in_factory():
     built = vit_bench_model(ModelRequest("pascal", batch_size=2, seed=3), backbone="test_vit", img_size=32)
     again = vit_bench_model(ModelRequest("pascal", batch_size=2, seed=3), backbone="test_vit", img_size=32)
     assert built.task_names == ["semseg", "human_parts", "sal", "normals", "edge"]
-    torch.testing.assert_close(torch.stack(built.closure()), torch.stack(again.closure()))  # same seed, same losses
+    torch.testing.assert_close(torch.stack(built.closure()[0]), torch.stack(again.closure()[0]))  # same seed, same losses
     assert {id(p) for p in built.shared_params} == {id(p) for p in built.model.encoder.parameters()}
     assert len(built.task_params) == 2 * 5  # one 1x1 convolution (weight, bias) per task
 
@@ -457,6 +457,18 @@ def test_default_methods_put_gd_first_and_selective_gets_its_warmup():
     assert names[0] == "gd" and sorted(names) == sorted(selgroup_fast.methods.available())
     assert method_options("selective", 7) == {"warmup_steps": 7}
     assert method_options("pcgrad", 7) == {}
+    assert method_options("pcgrad", 7, "representation") == {"space": "representation"}
+    assert method_options("uw", 7, "representation") == {} and method_options("gd", 7, "representation") == {}
+
+
+def test_gradient_methods_in_representation_space(tmp_path, capsys):
+    args = [*TINY, "--methods", "gd,pcgrad", "--tasks", "2", "--rounds", "1", "--steps", "1", "--warmup", "1"]
+    assert main([*args, "--space", "representation", "--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr()
+    assert "gradient methods in representation space" in printed.out + printed.err
+    record = json.loads((tmp_path / "results.json").read_text())
+    assert record["config"]["space"] == "representation"
+    assert [result["method"] for result in record["runs"][0]["results"]] == ["gd", "pcgrad"]
 
 
 def test_model_shapes_losses_and_head_isolation():

@@ -18,7 +18,7 @@ from ..checks import positive_int_arg
 from .factory import ModelError, ModelFactory, load_factory
 from .model import PRESETS, parse_tasks, vit_bench_model
 from .report import write_outputs
-from .timing import AMP_DTYPES, BenchConfig, default_methods, run_suite
+from .timing import AMP_DTYPES, SPACES, BenchConfig, default_methods, run_suite
 
 
 class UsageError(ValueError):
@@ -132,6 +132,13 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
         "--amp", choices=sorted(AMP_DTYPES), help="run the forward pass under torch.autocast in this dtype"
     )
     timing.add_argument("--seed", type=int, default=0)
+    timing.add_argument(
+        "--space",
+        choices=SPACES,
+        default="parameters",
+        help="where the gradient methods take the per-task gradients: the shared parameters (default) or the "
+        "shared representation (the model's closure must return (losses, features); the built-in model does)",
+    )
 
 
 @dataclass(frozen=True)
@@ -209,6 +216,7 @@ def run_settings(args: argparse.Namespace) -> RunSettings:
         dtype=dtype,
         seed=args.seed,
         amp=args.amp,
+        space=args.space,
     )
     return RunSettings(config, factory, tasks, defaults.why if used_defaults else None)
 
@@ -224,6 +232,7 @@ def describe(settings: RunSettings) -> str:
         else getattr(factory, "__qualname__", repr(factory))
     )
     amp = f" (autocast {config.amp})" if config.amp else ""
+    amp += ", gradient methods in representation space" if config.space == "representation" else ""
     line = (
         f"tasks {settings.tasks or 'default'}, {model}, batch {config.batch_size}, "
         f"{str(config.dtype).removeprefix('torch.')}{amp} on {config.device}, {config.warmup} warm-up steps per "

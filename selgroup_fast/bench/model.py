@@ -184,8 +184,9 @@ def vit_bench_model(
         >>> import torch
         >>> from selgroup_fast.bench import ModelRequest, vit_bench_model
         >>> built = vit_bench_model(ModelRequest(tasks="3", batch_size=2), backbone="test_vit", img_size=32)
-        >>> built.task_names, len(built.closure())
-        (['semseg', 'depth', 'normals'], 3)
+        >>> losses, features = built.closure()  # the K losses and the encoder's output z
+        >>> built.task_names, len(losses), tuple(features.shape)
+        (['semseg', 'depth', 'normals'], 3, (2, 64, 4, 4))
     """
     try:
         tasks = parse_tasks(request.tasks or "nyud")
@@ -195,8 +196,10 @@ def vit_bench_model(
     model = MultiTaskViT(tasks, backbone, img_size, patch_size).to(request.device, request.dtype)
     batch = synthetic_batch(tasks, request.batch_size, img_size, request.device, request.dtype, request.seed)
 
-    def closure() -> list[torch.Tensor]:
-        return task_losses(model(batch.images), batch.targets, tasks)
+    def closure() -> tuple[list[torch.Tensor], torch.Tensor]:
+        # The shared representation goes with the losses, for --space representation.
+        features = model.features(batch.images)
+        return task_losses(model.decode(features), batch.targets, tasks), features
 
     return BenchModel(
         model=model,

@@ -96,6 +96,7 @@ def run_record(suite: Suite, command: str, notes: list[str]) -> dict[str, Any]:
             "device": str(config.device),
             "dtype": str(config.dtype).removeprefix("torch."),
             "amp": config.amp,
+            "space": config.space,
             "seed": config.seed,
         },
         "notes": notes,
@@ -263,6 +264,7 @@ def summary_markdown(record: dict[str, Any], tables: str, images: list[str]) -> 
     gpu = f", GPU {machine['gpu']}" if machine["gpu"] else ""
     version_text = ", ".join(f"{name} {value}" for name, value in versions.items() if value is not None)
     amp = f" under autocast {config['amp']}" if config["amp"] else ""
+    amp += ", gradient methods in representation space" if config.get("space") == "representation" else ""
     lines = [
         "## selgroup-bench results",
         "",

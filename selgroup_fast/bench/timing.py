@@ -54,6 +54,8 @@ PREFERRED_ORDER = ("gd", "selective", "pcgrad", "cagrad")
 
 #: ``--amp`` choices: the autocast dtype of the forward pass (the closure).
 AMP_DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16}
+#: Where the gradient methods take the per-task gradients: the shared parameters or the shared features.
+SPACES = ("parameters", "representation")
 
 
 class Progress(Protocol):
@@ -91,6 +93,7 @@ class BenchConfig:
     dtype: torch.dtype = torch.float32
     seed: int = 0
     amp: str | None = None
+    space: str = "parameters"
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "rounds", "steps", "warmup"):
@@ -98,6 +101,8 @@ class BenchConfig:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         if self.amp is not None and self.amp not in AMP_DTYPES:
             raise ValueError(f"amp must be None or one of {', '.join(AMP_DTYPES)}, got {self.amp!r}")
+        if self.space not in SPACES:
+            raise ValueError(f"space must be one of {', '.join(SPACES)}, got {self.space!r}")
         if self.amp is not None and self.dtype != torch.float32:
             raise ValueError(f"autocast (amp={self.amp}) needs float32 weights, got {self.dtype}")
 
@@ -186,14 +191,17 @@ def default_methods() -> list[str]:
     return first + [name for name in available if name not in first]
 
 
-def method_options(name: str, warmup: int) -> dict[str, Any]:
+def method_options(name: str, warmup: int, space: str = "parameters") -> dict[str, Any]:
     """Options the bench passes to ``methods.create`` besides the common ones.
 
     The selective method gets ``warmup_steps`` equal to the bench's warm-up steps, so
     that its own warm-up (one group per task) is over when the measured steps start
-    and the measured steps really run the regrouped updates.
+    and the measured steps really run the regrouped updates. The gradient methods get
+    ``space`` (``"representation"``: per-task gradients with respect to the shared features).
     """
-    return {"warmup_steps": warmup} if name == "selective" else {}
+    if name == "selective":
+        return {"warmup_steps": warmup}
+    return {"space": space} if space != "parameters" and methods.kind(name) == "gradient" else {}
 
 
 class _PeakRSS:
@@ -354,7 +362,7 @@ def run_methods(
             workload.num_tasks,
             shared_params=bench.shared_params,
             profile=True,
-            **method_options(name, config.warmup),
+            **method_options(name, config.warmup, config.space),
         )
 
     # The first optimizer step of a process (or on a new model) pays one-time costs (lazy
