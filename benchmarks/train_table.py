@@ -251,6 +251,22 @@ def custom_plan(presets: Sequence[str], variants: Sequence[Variant], seeds: Sequ
     return Plan(tuple(runs))
 
 
+def timing_plan(preset: str, variants: Sequence[Variant], rounds: int) -> Plan:
+    """``rounds`` rounds of every variant, one run each at seed = the round, the order rotated every round.
+
+    Run one at a time, the rounds interleave the methods so that a change of the machine's
+    load hits all of them alike; each round's ratios to GD are taken within the round.
+
+    >>> [(run.variant.label, run.seed) for run in timing_plan("nyud", [Variant("gd"), Variant("pcgrad")], 2).runs]
+    [('gd', 0), ('pcgrad', 0), ('pcgrad', 1), ('gd', 1)]
+    """
+    runs = []
+    for round_ in range(rounds):
+        shift = round_ % len(variants)
+        runs += [Run(preset, variant, round_) for variant in [*variants[shift:], *variants[:shift]]]
+    return Plan(tuple(runs))
+
+
 def check_variant(variant: Variant) -> None:
     """Refuses an unknown method or an option its constructor does not take (before anything runs)."""
     from selgroup_fast import methods
@@ -707,6 +723,70 @@ def render_markdown(summary: dict[str, Any], command: str, notes: Sequence[str])
     return "\n".join(lines).rstrip() + "\n"
 
 
+def timing_summary(plan: Plan, root: Path) -> dict[str, Any]:
+    """Per variant: the median time per batch over rounds and the median of each round's ratio to GD."""
+    records = {(run.variant.label, run.seed): read_json(run.result_file(root)) for run in plan.runs if run.variant}
+    rounds = sorted({run.seed for run in plan.runs})
+    rows = []
+    environment: dict[str, Any] = {}
+    for label in dict.fromkeys(run.variant.label for run in plan.runs if run.variant):
+        times, ratios, groups = [], [], []
+        for round_ in rounds:
+            record, gd = records.get((label, round_)), records.get(("gd", round_))
+            if record is None or "time_per_batch_s" not in record:
+                continue
+            environment = environment or {key: record.get(key) for key in ("machine", "versions")}
+            times.append(record["time_per_batch_s"])
+            if gd is not None and "time_per_batch_s" in gd:
+                ratios.append(record["time_per_batch_s"] / gd["time_per_batch_s"])
+            if record.get("groups_mean") is not None:
+                groups.append(record["groups_mean"])
+        rows.append(
+            {
+                "label": label,
+                "rounds": len(times),
+                "time_per_batch_s": statistics.median(times) if times else None,
+                "times_gd": statistics.median(ratios) if ratios else None,
+                "times_gd_per_round": ratios,
+                "groups_mean": statistics.fmean(groups) if groups else None,
+            }
+        )
+    return {"rows": rows, **environment}
+
+
+def render_timing(summary: dict[str, Any], command: str, notes: Sequence[str]) -> str:
+    header = ["method", "rounds", "s / batch (median)", "× GD (median of rounds)", "× GD per round", "groups"]
+    rows = [
+        [
+            row["label"],
+            str(row["rounds"]),
+            _number(row["time_per_batch_s"], 4),
+            "–" if row["times_gd"] is None else f"{row['times_gd']:.2f}",
+            ", ".join(f"{ratio:.2f}" for ratio in row["times_gd_per_round"]) or "–",
+            "–" if row["groups_mean"] is None else f"{row['groups_mean']:.2f}",
+        ]
+        for row in summary["rows"]
+    ]
+    lines = [
+        "# selgroup-train: time per training batch, methods interleaved",
+        "",
+        f"* Command: `{command}`",
+        f"* Date: {summary['date']}",
+        f"* Machine: {json.dumps(summary.get('machine') or {}, sort_keys=True)}",
+        f"* Versions: {json.dumps(summary.get('versions') or {}, sort_keys=True)}",
+        f"* Size (every run): `{summary['size']}`",
+        (
+            "* Every round runs each method once (one at a time, the order rotated every round, the round number "
+            "as the seed); s / batch is the trainer's mean training-step time (no evaluation, no data loading); "
+            "× GD is taken within each round, so that a load change between rounds cancels."
+        ),
+        *(f"* {note}" for note in notes),
+        "",
+        markdown_table(header, rows),
+    ]
+    return "\n".join(lines).rstrip() + "\n"
+
+
 def write_table(summary: dict[str, Any], root: Path, command: str, notes: Sequence[str]) -> None:
     """``table.md``, ``table.csv`` (one line per preset and variant) and ``table.json`` under ``root``."""
     root.mkdir(parents=True, exist_ok=True)
@@ -796,6 +876,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time (default 1)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads per run (default: cores / jobs)")
+    parser.add_argument(
+        "--timing",
+        type=int,
+        default=0,
+        metavar="ROUNDS",
+        help="time the methods instead: ROUNDS interleaved rounds on the first preset, one run at a time",
+    )
     parser.add_argument("--table-only", action="store_true", help="write the table from the finished runs; run nothing")
     parser.add_argument("--dry-run", action="store_true", help="print the commands of the unfinished runs; run nothing")
     parser.add_argument("--note", action="append", default=[], help="a line for the table's header (repeatable)")
@@ -816,7 +903,14 @@ def main(argv: Sequence[str] | None = None, runner: Runner = subprocess_runner) 
             seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
             if not presets or not variants or not seeds:
                 raise ValueError("--presets, --methods and --seeds each need at least one entry")
-            plan = custom_plan(presets, variants, seeds)
+            if args.timing:
+                plan = timing_plan(presets[0], variants, args.timing)
+            else:
+                plan = custom_plan(presets, variants, seeds)
+        if args.timing and (args.plan or args.jobs != 1):
+            raise ValueError("--timing runs one method at a time over --presets/--methods: no --plan, no --jobs")
+        if args.timing < 0:
+            raise ValueError(f"--timing must be a positive number of rounds, got {args.timing}")
         for variant in dict.fromkeys(run.variant for run in plan.runs if run.variant):
             check_variant(variant)
         for name, value in (("--iters", args.iters), ("--jobs", args.jobs), ("--img-size", args.img_size)):
@@ -845,11 +939,19 @@ def main(argv: Sequence[str] | None = None, runner: Runner = subprocess_runner) 
     outcomes = (
         [] if args.table_only else execute(plan, args.out, size, jobs=args.jobs, threads=args.threads, runner=runner)
     )
-    summary = summarize(plan, args.out)
+    summary = timing_summary(plan, args.out) if args.timing else summarize(plan, args.out)
     summary["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     summary["size"] = shlex.join(size.flags())
-    write_table(summary, args.out, command, args.note)
-    print((args.out / "table.md").read_text())
+    if args.timing:
+        markdown = render_timing(summary, command, args.note)
+        (args.out / "timing.json").write_text(
+            json.dumps({"command": command, "notes": args.note, **summary}, indent=1) + "\n"
+        )
+        (args.out / "timing.md").write_text(markdown)
+    else:
+        write_table(summary, args.out, command, args.note)
+        markdown = (args.out / "table.md").read_text()
+    print(markdown)
     failed = [outcome for outcome in outcomes if outcome.status == "failed"]
     if failed:
         print(f"{len(failed)} runs failed (see their {LOG_NAME})", file=sys.stderr)

@@ -340,3 +340,23 @@ def test_a_tiny_real_sweep_through_the_cli(tmp_path):
         assert math.isfinite(rows[label]["delta_m"]) and rows[label]["time_per_batch_s"] > 0
     assert rows["selective:warmup_steps=1"]["groups_mean"] >= 1
     assert not list(tmp_path.rglob("*.pt")) and not list(tmp_path.rglob("events.out.tfevents.*"))
+
+
+def test_timing_interleaves_rounds_and_takes_ratios_within_each_round(tmp_path):
+    runner = FakeTrainer()
+    arguments = ["--methods", "gd,selective,pcgrad", "--timing", "3", "--out", str(tmp_path), *SIZE]
+    assert tt.main(arguments, runner=runner) == 0
+    order = [(_argument(call, "--method"), _argument(call, "--seed")) for call in runner.calls]
+    assert order == [
+        ("gd", "0"), ("selective", "0"), ("pcgrad", "0"),
+        ("selective", "1"), ("pcgrad", "1"), ("gd", "1"),
+        ("pcgrad", "2"), ("gd", "2"), ("selective", "2"),
+    ]  # fmt: skip
+    rows = {row["label"]: row for row in json.loads((tmp_path / "timing.json").read_text())["rows"]}
+    # The fake's time grows by 10 % a round for every method alike: the per-round ratio is constant.
+    assert rows["pcgrad"]["times_gd_per_round"] == pytest.approx([4.0, 4.0, 4.0])
+    assert rows["pcgrad"]["time_per_batch_s"] == pytest.approx(0.4 * 1.1)
+    assert rows["selective"]["groups_mean"] == pytest.approx(4.0) and rows["gd"]["times_gd"] == pytest.approx(1.0)
+    assert "| pcgrad | 3 | 0.4400 | 4.00 | 4.00, 4.00, 4.00 | – |" in (tmp_path / "timing.md").read_text()
+    with pytest.raises(SystemExit):
+        tt.main([*arguments, "--jobs", "2"], runner=runner)
