@@ -1,0 +1,82 @@
+"""Multi-task datasets for the trainer: the built-in rendered ``scenes`` and NYUD-v2 from disk.
+
+Every dataset yields ``(image, targets)``: ``image`` float32 ``[3, S, S]`` normalised with the
+ImageNet mean and standard deviation, ``targets`` a dict from task name to a tensor:
+int64 ``[S, S]`` labels for segmentation-kind tasks (255 = ignore) or float32 ``[C, S, S]``
+for regression-kind tasks (NaN = invalid pixel), as ``selgroup_fast.bench.model.PRESETS``
+defines the tasks. ``docs/datasets.md`` describes the datasets and their targets.
+
+>>> from selgroup_fast.data import build_dataset
+>>> data = build_dataset("scenes", "train", ["semseg", "depth"], img_size=16)
+>>> image, targets = data[0]
+>>> tuple(image.shape), tuple(targets["semseg"].shape), tuple(targets["depth"].shape)
+((3, 16, 16), (16, 16), (1, 16, 16))
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from torch.utils.data import Dataset
+
+from .common import IMAGENET_MEAN, IMAGENET_STD, DataError, check_common
+from .scenes_dataset import SCENES_LENGTHS, SCENES_TASKS, ScenesDataset
+
+DATASETS = ("scenes", "nyud", "nyud_npy")
+
+
+def dataset_tasks(name: str) -> tuple[str, ...]:
+    """The task names dataset ``name`` provides.
+
+    >>> dataset_tasks("nyud")
+    ('semseg', 'depth', 'normals', 'edge')
+    """
+    if name == "scenes":
+        return SCENES_TASKS
+    if name in ("nyud", "nyud_npy"):
+        from .nyud import NYUD_NPY_TASKS, NYUD_TASKS
+
+        return NYUD_TASKS if name == "nyud" else NYUD_NPY_TASKS
+    raise DataError(f"unknown dataset {name!r}; available: {', '.join(DATASETS)}")
+
+
+def build_dataset(
+    name: str,
+    split: str,
+    tasks: Sequence[str],
+    img_size: int,
+    root: str | Path | None = None,
+    seed: int = 0,
+) -> Dataset:
+    """Dataset ``name``'s ``split`` ("train" or "val") with the targets of ``tasks`` at ``img_size`` pixels.
+
+    ``scenes`` is rendered on the fly, deterministic from ``(seed, split, index)`` (``root`` unused);
+    ``nyud`` and ``nyud_npy`` read NYUD-v2 under ``root`` (``seed`` unused). Raises
+    :class:`DataError` (one line) for an unknown dataset, split or task, a bad size, or a
+    malformed data root.
+    """
+    provided = dataset_tasks(name)
+    tasks = check_common(name, split, tasks, img_size, provided)
+    if name == "scenes":
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise DataError(f"seed must be a non-negative int, got {seed!r}")
+        return ScenesDataset(split, tasks, img_size, seed)
+    from .nyud import NyudDataset, NyudNpyDataset
+
+    if root is None:
+        raise DataError(f"dataset {name!r} needs a data root (--data-root DIR)")
+    dataset_class = NyudDataset if name == "nyud" else NyudNpyDataset
+    return dataset_class(Path(root), split, tasks, img_size)
+
+
+__all__ = [
+    "DATASETS",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "SCENES_LENGTHS",
+    "DataError",
+    "ScenesDataset",
+    "build_dataset",
+    "dataset_tasks",
+]
