@@ -187,9 +187,32 @@ def synthetic_batch(
     return SyntheticBatch(images, targets)
 
 
+#: The label of pixels that no segmentation loss or metric counts (the datasets' "ignore" value).
+IGNORE_INDEX = 255
+
+
 def task_losses(outputs: list[torch.Tensor], targets: list[torch.Tensor], tasks: list[TaskSpec]) -> list[torch.Tensor]:
-    """The K scalar losses: cross-entropy for segmentation tasks, L1 for regression tasks."""
-    return [
-        F.cross_entropy(output, target) if spec.kind == "segmentation" else F.l1_loss(output, target)
-        for output, target, spec in zip(outputs, targets, tasks, strict=True)
-    ]
+    """The K scalar losses: cross-entropy for segmentation tasks, L1 for regression tasks.
+
+    Segmentation pixels labelled :data:`IGNORE_INDEX` (255) and regression pixels whose target
+    is NaN (invalid depth, missing normals) are left out; each loss is the mean over the counted
+    pixels (0 when a batch has none, never NaN). Nothing is read on the host.
+
+    >>> import torch
+    >>> tasks = [TaskSpec("seg", "segmentation", 2), TaskSpec("depth", "regression", 1)]
+    >>> outputs = [torch.zeros(1, 2, 1, 2), torch.zeros(1, 1, 1, 2)]
+    >>> targets = [torch.tensor([[[0, 255]]]), torch.tensor([[[[2.0, float("nan")]]]])]
+    >>> [round(float(loss), 4) for loss in task_losses(outputs, targets, tasks)]
+    [0.6931, 2.0]
+    """
+    losses = []
+    for output, target, spec in zip(outputs, targets, tasks, strict=True):
+        if spec.kind == "segmentation":
+            counted = (target != IGNORE_INDEX).sum().clamp(min=1)
+            total = F.cross_entropy(output, target, ignore_index=IGNORE_INDEX, reduction="sum")
+        else:
+            valid = ~torch.isnan(target)
+            counted = valid.sum().clamp(min=1)
+            total = ((output - target.nan_to_num()).abs() * valid).sum()
+        losses.append(total / counted)
+    return losses

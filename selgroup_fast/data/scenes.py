@@ -131,7 +131,7 @@ def _albedo(rng: np.random.Generator) -> np.ndarray:
 def draw_scene(rng: np.random.Generator) -> Scene:
     """Draws a room, its furniture and people, the camera and the lights."""
     boxes, spheres, cylinders = _Builder(), _Builder(), _Builder()
-    width, depth, height = rng.uniform(4.0, 7.0), rng.uniform(5.0, 9.0), rng.uniform(2.4, 3.2)
+    width, depth, height = rng.uniform(3.5, 6.0), rng.uniform(4.0, 7.0), rng.uniform(2.4, 3.2)
     half = width / 2
     wall_albedo = _albedo(rng) * 0.5 + 0.4
     instance = 1  # 0 is the floor; -1 the sky
@@ -146,7 +146,7 @@ def draw_scene(rng: np.random.Generator) -> Scene:
         instance += 1
 
     def place(radius: float) -> tuple[float, float]:
-        return rng.uniform(-half + radius, half - radius), rng.uniform(1.5, depth - radius)
+        return rng.uniform(-half + radius, half - radius), rng.uniform(1.2, depth - radius)
 
     for _ in range(int(rng.integers(0, 3))):  # paintings on the back wall
         w, h = rng.uniform(0.3, 0.9), rng.uniform(0.3, 0.7)
@@ -159,7 +159,7 @@ def draw_scene(rng: np.random.Generator) -> Scene:
         boxes.add((x, 0.005, z), (w / 2, 0.005, d / 2), rng.uniform(0, np.pi), instance, RUG, _albedo(rng),
                   _texture(rng, 0.1))
         instance += 1
-    for _ in range(int(rng.integers(2, 8))):
+    for _ in range(int(rng.integers(3, 10))):
         kind = int(rng.integers(0, 7))
         x, z = place(0.6)
         yaw = rng.uniform(0, np.pi)
@@ -241,14 +241,100 @@ def _add_person(boxes: _Builder, spheres: _Builder, cylinders: _Builder, rng: np
 
 
 # --------------------------------------------------------------------------- ray casting
-@dataclass
-class _Hits:
-    """Per primitive and pixel: distance (inf = miss), world normal, curvatures, facet."""
+# Each ``_distance_*`` returns the distance along every ray to every primitive of a kind,
+# [N, P] (inf = miss). ``origin`` is one point [3] (the camera) or one per ray [P, 3]
+# (shadow rays); ``direction`` [P, 3] is unit length. Only the nearest hit of a pixel
+# needs its normal, so ``_surface_*`` computes normals, curvatures and facets afterwards,
+# from the hit points and the primitive of each pixel.
 
-    t: np.ndarray  # [N, P]
-    normal: np.ndarray  # [N, P, 3]
-    curvature: np.ndarray  # [N, P, 2]
-    facet: np.ndarray  # [N, P] facet of the primitive (box face, cylinder side/cap)
+
+def _relative(origin: np.ndarray, center: np.ndarray, axis: int) -> np.ndarray:
+    """``origin - center`` along ``axis``: [N, 1] for one origin, [N, P] for one per ray."""
+    if origin.ndim == 1:
+        return (origin[axis] - center[:, axis])[:, None]
+    return origin[None, :, axis] - center[:, axis][:, None]
+
+
+def _guard(d: np.ndarray) -> np.ndarray:
+    """Direction components bounded away from 0, so that slab divisions stay finite."""
+    return np.where(np.abs(d) < 1e-12, 1e-12, d)
+
+
+def _distance_boxes(boxes: Primitives, origin: np.ndarray, direction: np.ndarray) -> np.ndarray:
+    """Slab test in each box's frame (rotated by its yaw about the vertical axis)."""
+    c, s = np.cos(boxes.yaw)[:, None], np.sin(boxes.yaw)[:, None]
+    rx, ry, rz = (_relative(origin, boxes.center, axis) for axis in range(3))
+    dx, dy, dz = (direction[None, :, axis] for axis in range(3))
+    local = ((c * rx - s * rz, c * dx - s * dz), (ry, dy), (s * rx + c * rz, s * dx + c * dz))
+    entry, leave = None, None
+    for axis, (o, d) in enumerate(local):
+        inverse = 1.0 / _guard(d)
+        half = boxes.size[:, axis][:, None]
+        low, high = (-half - o) * inverse, (half - o) * inverse
+        near, far = np.minimum(low, high), np.maximum(low, high)
+        entry = near if entry is None else np.maximum(entry, near)
+        leave = far if leave is None else np.minimum(leave, far)
+    return np.where((entry <= leave) & (entry > _EPS), entry, np.inf)
+
+
+def _distance_spheres(spheres: Primitives, origin: np.ndarray, direction: np.ndarray) -> np.ndarray:
+    radius = spheres.size[:, 0][:, None]
+    rel = [_relative(origin, spheres.center, axis) for axis in range(3)]
+    b = sum(r * direction[None, :, axis] for axis, r in enumerate(rel))
+    discriminant = b * b - (sum(r * r for r in rel) - radius**2)
+    t = -b - np.sqrt(np.maximum(discriminant, 0.0))
+    return np.where((discriminant > 0) & (t > _EPS), t, np.inf)
+
+
+def _distance_cylinders(cylinders: Primitives, origin: np.ndarray, direction: np.ndarray) -> np.ndarray:
+    """Vertical capped cylinders: ``size`` = (radius, bottom y, top y), axis through ``center``'s x, z."""
+    radius = cylinders.size[:, 0][:, None]
+    bottom, top = cylinders.size[:, 1][:, None], cylinders.size[:, 2][:, None]
+    ox, oz = _relative(origin, cylinders.center, 0), _relative(origin, cylinders.center, 2)
+    oy = origin[1] if origin.ndim == 1 else origin[None, :, 1]
+    dx, dy, dz = (direction[None, :, axis] for axis in range(3))
+    a = np.maximum(dx * dx + dz * dz, 1e-12)
+    b = ox * dx + oz * dz
+    discriminant = b * b - a * (ox * ox + oz * oz - radius**2)
+    t_side = (-b - np.sqrt(np.maximum(discriminant, 0.0))) / a
+    y_side = oy + t_side * dy
+    t = np.where((discriminant > 0) & (t_side > _EPS) & (y_side >= bottom) & (y_side <= top), t_side, np.inf)
+    inverse_dy = 1.0 / _guard(dy)
+    for level in (top, bottom):
+        t_cap = (level - oy) * inverse_dy
+        cx, cz = ox + t_cap * dx, oz + t_cap * dz
+        t = np.where((t_cap > _EPS) & (cx * cx + cz * cz <= radius**2) & (t_cap < t), t_cap, t)
+    return t
+
+
+def _surface_boxes(boxes: Primitives, point: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Normals, curvatures and facets at points [P, 3] on boxes (one row of ``boxes`` per point)."""
+    local = _rotate_y(point - boxes.center, -boxes.yaw)
+    ratio = local / boxes.size
+    axis = np.abs(ratio).argmax(-1)  # the face the point lies on
+    sign = np.sign(np.take_along_axis(ratio, axis[:, None], -1)[:, 0])
+    normal = np.zeros_like(point)
+    normal[np.arange(len(point)), axis] = sign
+    return _rotate_y(normal, boxes.yaw), np.zeros((len(point), 2)), axis * 2 + (sign > 0)
+
+
+def _surface_spheres(spheres: Primitives, point: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    radius = spheres.size[:, 0]
+    normal = (point - spheres.center) / radius[:, None]
+    return normal, np.repeat((1.0 / radius)[:, None], 2, axis=1), np.zeros(len(point), np.int64)
+
+
+def _surface_cylinders(cylinders: Primitives, point: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    radius, bottom, top = cylinders.size.T
+    rx, rz = point[:, 0] - cylinders.center[:, 0], point[:, 2] - cylinders.center[:, 2]
+    # The nearest of the side and the two caps is the surface the point lies on.
+    gaps = np.stack([np.abs(np.hypot(rx, rz) - radius), np.abs(point[:, 1] - top), np.abs(point[:, 1] - bottom)])
+    facet = gaps.argmin(0)
+    side = facet == 0
+    normal = np.stack([np.where(side, rx / radius, 0.0), np.select([side, facet == 1], [0.0, 1.0], -1.0),
+                       np.where(side, rz / radius, 0.0)], axis=-1)
+    curvature = np.stack([np.where(side, 1.0 / radius, 0.0), np.zeros(len(point))], axis=-1)
+    return normal, curvature, facet
 
 
 def _rotate_y(v: np.ndarray, yaw: np.ndarray) -> np.ndarray:
@@ -258,89 +344,20 @@ def _rotate_y(v: np.ndarray, yaw: np.ndarray) -> np.ndarray:
     return np.stack([c * x + s * z, y, -s * x + c * z], axis=-1)
 
 
-def _hit_boxes(boxes: Primitives, origin: np.ndarray, direction: np.ndarray, need: bool) -> _Hits | np.ndarray:
-    """Slab test in each box's yaw-rotated frame."""
-    n, p = len(boxes.yaw), len(direction)
-    local_o = _rotate_y(origin[None] - boxes.center[:, None], -boxes.yaw[:, None])
-    local_d = _rotate_y(np.broadcast_to(direction, (n, p, 3)), -boxes.yaw[:, None])
-    local_d = np.where(np.abs(local_d) < 1e-12, 1e-12, local_d)
-    inverse = 1.0 / local_d
-    half = boxes.size[:, None]
-    t_low, t_high = (-half - local_o) * inverse, (half - local_o) * inverse
-    t_near, t_far = np.minimum(t_low, t_high), np.maximum(t_low, t_high)
-    entry, leave = t_near.max(-1), t_far.min(-1)
-    t = np.where((entry <= leave) & (entry > _EPS), entry, np.inf)
-    if not need:
-        return t
-    axis = t_near.argmax(-1)
-    sign = -np.sign(np.take_along_axis(local_d, axis[..., None], -1)[..., 0])
-    local_n = np.zeros((n, p, 3))
-    np.put_along_axis(local_n, axis[..., None], sign[..., None], -1)
-    normal = _rotate_y(local_n, boxes.yaw[:, None])
-    facet = axis * 2 + (sign > 0)
-    return _Hits(t, normal, np.zeros((n, p, 2)), facet)
-
-
-def _hit_spheres(spheres: Primitives, origin: np.ndarray, direction: np.ndarray, need: bool) -> _Hits | np.ndarray:
-    offset = origin[None] - spheres.center[:, None]  # [N, P, 3]
-    radius = spheres.size[:, 0][:, None]
-    b = (offset * direction[None]).sum(-1)
-    discriminant = b * b - ((offset * offset).sum(-1) - radius**2)
-    t = -b - np.sqrt(np.maximum(discriminant, 0.0))
-    t = np.where((discriminant > 0) & (t > _EPS), t, np.inf)
-    if not need:
-        return t
-    point = origin[None] + np.where(np.isfinite(t), t, 0.0)[..., None] * direction[None]
-    normal = (point - spheres.center[:, None]) / radius[..., None]
-    curvature = np.broadcast_to((1.0 / radius)[..., None], (*t.shape, 2))
-    return _Hits(t, normal, curvature, np.zeros(t.shape, np.int64))
-
-
-def _hit_cylinders(cylinders: Primitives, origin: np.ndarray, direction: np.ndarray,
-                   need: bool) -> _Hits | np.ndarray:
-    """Vertical capped cylinders: ``size`` = (radius, bottom y, top y), axis through ``center``'s x, z."""
-    radius = cylinders.size[:, 0][:, None]
-    bottom, top = cylinders.size[:, 1][:, None], cylinders.size[:, 2][:, None]
-    ox = origin[None, :, 0] - cylinders.center[:, 0][:, None]
-    oz = origin[None, :, 2] - cylinders.center[:, 2][:, None]
-    oy = np.broadcast_to(origin[None, :, 1], ox.shape)
-    dx, dy, dz = direction[None, :, 0], direction[None, :, 1], direction[None, :, 2]
-    a = np.maximum(dx * dx + dz * dz, 1e-12)
-    b = ox * dx + oz * dz
-    discriminant = b * b - a * (ox * ox + oz * oz - radius**2)
-    t_side = (-b - np.sqrt(np.maximum(discriminant, 0.0))) / a
-    y_side = oy + t_side * dy
-    t_side = np.where((discriminant > 0) & (t_side > _EPS) & (y_side >= bottom) & (y_side <= top), t_side, np.inf)
-    safe_dy = np.where(np.abs(dy) < 1e-12, 1e-12, dy)
-    t_caps = []
-    for level in (top, bottom):
-        t_cap = (level - oy) / safe_dy
-        cx, cz = ox + t_cap * dx, oz + t_cap * dz
-        t_caps.append(np.where((t_cap > _EPS) & (cx * cx + cz * cz <= radius**2), t_cap, np.inf))
-    t = np.minimum(t_side, np.minimum(*t_caps))
-    if not need:
-        return t
-    side = t == t_side
-    finite_t = np.where(np.isfinite(t), t, 0.0)
-    px, pz = ox + finite_t * dx, oz + finite_t * dz
-    cap_sign = np.where(t == t_caps[0], 1.0, -1.0)
-    normal = np.stack([np.where(side, px / radius, 0.0), np.where(side, 0.0, cap_sign),
-                       np.where(side, pz / radius, 0.0)], axis=-1)
-    curvature = np.stack([np.where(side, 1.0 / radius, 0.0), np.zeros_like(t)], axis=-1)
-    facet = np.where(side, 0, np.where(cap_sign > 0, 1, 2))
-    return _Hits(t, normal, curvature, facet)
-
-
-_KINDS = (("boxes", _hit_boxes), ("spheres", _hit_spheres), ("cylinders", _hit_cylinders))
+_KINDS = (
+    ("boxes", _distance_boxes, _surface_boxes),
+    ("spheres", _distance_spheres, _surface_spheres),
+    ("cylinders", _distance_cylinders, _surface_cylinders),
+)
 
 
 def _occluded(scene: Scene, origin: np.ndarray, direction: np.ndarray) -> np.ndarray:
     """Whether each ray (origin [P, 3], direction [P, 3]) hits any primitive (the floor casts no shadow)."""
     blocked = np.zeros(len(origin), bool)
-    for name, hit in _KINDS:
+    for name, distance, _ in _KINDS:
         primitives = getattr(scene, name)
         if len(primitives.yaw):
-            blocked |= np.isfinite(hit(primitives, origin, direction, False)).any(0)
+            blocked |= np.isfinite(distance(primitives, origin, direction)).any(0)
     return blocked
 
 
@@ -367,8 +384,8 @@ class Render:
     zdepth: np.ndarray  # distance along the optical axis (NaN on sky)
     normal: np.ndarray  # [S, S, 3] camera frame, unit, facing the camera (NaN on sky)
     curvature: np.ndarray  # [S, S, 2] principal curvatures k1 >= k2 in 1/m (NaN on sky)
-    instance: np.ndarray  # int: object id (-1 sky)
-    facet: np.ndarray  # int: primitive facet id, unique in the image (-1 sky)
+    instance: np.ndarray  # int: object id (0 floor, -1 sky)
+    facet: np.ndarray  # int: surface facet id, unique in the image (0 floor, -1 sky)
     label: np.ndarray  # int: class (IGNORE on sky)
     part: np.ndarray  # int: human part (0 elsewhere)
     ray: np.ndarray  # [S, S, 3] camera-frame unit ray directions
@@ -388,54 +405,47 @@ def render(scene: Scene, size: int, rng: np.random.Generator) -> Render:
     camera_rays = camera_rays / ray_norm[:, None]
     direction = camera_rays @ scene.camera_basis.T
     pixels = len(direction)
-    origin = np.broadcast_to(scene.camera_position, (pixels, 3))
+    origin = scene.camera_position
+    table = _concat([getattr(scene, name) for name, _, _ in _KINDS])
+    kinds = np.concatenate([np.full(len(getattr(scene, name).yaw), k) for k, (name, _, _) in enumerate(_KINDS)])
 
-    # Floor (y = 0) first, then every primitive kind; the nearest hit wins.
+    # Row 0: the floor (y = 0); then every primitive. The nearest hit wins.
     dy = direction[:, 1]
-    floor_t = np.where(dy < -1e-9, -origin[:, 1] / np.where(dy < -1e-9, dy, -1.0), np.inf)
-    best_t = floor_t.copy()
-    normal = np.zeros((pixels, 3))
-    normal[:, 1] = 1.0
-    curvature = np.zeros((pixels, 2))
-    source = np.full(pixels, -1)  # -1 floor, else a row of the stacked primitive tables below
-    facet = np.zeros(pixels, np.int64)
-    offset = 0
-    tables = []
-    crossed = []  # per primitive: which pixels' rays hit it anywhere (the occlusion test needs it)
-    for name, hit in _KINDS:
-        primitives = getattr(scene, name)
-        count = len(primitives.yaw)
-        if count:
-            hits = hit(primitives, origin, direction, True)
-            crossed.append(np.isfinite(hits.t))
-            index = hits.t.argmin(0)
-            t = hits.t[index, np.arange(pixels)]
-            closer = t < best_t
-            best_t = np.where(closer, t, best_t)
-            cols = np.arange(pixels)
-            normal = np.where(closer[:, None], hits.normal[index, cols], normal)
-            curvature = np.where(closer[:, None], hits.curvature[index, cols], curvature)
-            facet = np.where(closer, (offset + index) * 8 + 1 + hits.facet[index, cols], facet)
-            source = np.where(closer, offset + index, source)
-            tables.append(primitives)
-        offset += count
-    table = _concat(tables)
+    floor_t = np.where(dy < -1e-9, -origin[1] / np.where(dy < -1e-9, dy, -1.0), np.inf)
+    distances = [floor_t[None]] + [
+        distance(getattr(scene, name), origin, direction) for name, distance, _ in _KINDS if len(getattr(scene, name).yaw)
+    ]
+    distances = np.concatenate(distances)
+    nearest = distances.argmin(0)
+    best_t = distances[nearest, np.arange(pixels)]
     hit_mask = np.isfinite(best_t)
+    source = np.where(hit_mask, nearest - 1, -1)  # -1: floor or sky
     on_object = source >= 0
     point = origin + np.where(hit_mask, best_t, 0.0)[:, None] * direction
     row = np.maximum(source, 0)
 
+    # Surface geometry: the floor's, then each kind's at its pixels.
+    normal = np.zeros((pixels, 3))
+    normal[:, 1] = 1.0
+    curvature = np.zeros((pixels, 2))
+    facet = np.where(hit_mask, 0, -1)
+    for k, (_, _, surface) in enumerate(_KINDS):
+        pick = np.flatnonzero(on_object & (kinds[row] == k)) if len(kinds) else np.zeros(0, np.int64)
+        if len(pick):
+            rows = _take(table, row[pick])
+            normal[pick], curvature[pick], kind_facet = surface(rows, point[pick])
+            facet[pick] = row[pick] * 8 + 1 + kind_facet
+
     # Labels.
-    instance = np.where(on_object, table.instance[row] if len(table.yaw) else 0, 0)
-    instance = np.where(hit_mask, instance, -1)
-    label = np.where(on_object, table.label[row] if len(table.yaw) else FLOOR, FLOOR)
-    label = np.where(hit_mask, label, IGNORE)
     if len(table.yaw):
+        instance = np.where(on_object, table.instance[row], 0)
+        label = np.where(on_object, table.label[row], FLOOR)
         part = np.where(point[:, 1] >= table.part_split[row], table.part[row], table.part_lower[row])
-        part = np.where(on_object & hit_mask, part, 0)
+        part = np.where(on_object, part, 0)
     else:
-        part = np.zeros(pixels, np.int64)
-    facet = np.where(hit_mask, facet, -1)
+        instance, label, part = (np.zeros(pixels, np.int64) for _ in range(3))
+    instance = np.where(hit_mask, instance, -1)
+    label = np.where(hit_mask, label, IGNORE)
 
     # Appearance: textured albedo, ambient + directional light with cast shadows.
     floor_tex = np.broadcast_to(scene.floor_texture, (pixels, 4))
@@ -481,15 +491,19 @@ def render(scene: Scene, size: int, rng: np.random.Generator) -> Render:
         label=label.reshape(shape2),
         part=part.reshape(shape2),
         ray=camera_rays.reshape(*shape2, 3),
-        source=np.where(hit_mask, source, -1).reshape(shape2),
-        crossed=(np.concatenate(crossed) if crossed else np.zeros((0, pixels), bool)).reshape(-1, *shape2),
+        source=source.reshape(shape2),
+        crossed=np.isfinite(distances[1:]).reshape(-1, *shape2),
         structure=table.label == WALL,
         decal=(table.label == RUG) | (table.label == PAINTING),
     )
 
 
+_FIELDS = tuple(Primitives.__dataclass_fields__)
+
+
 def _concat(tables: list[Primitives]) -> Primitives:
-    if not tables:
-        return _Builder().build()
-    fields = Primitives.__dataclass_fields__
-    return Primitives(**{name: np.concatenate([getattr(t, name) for t in tables]) for name in fields})
+    return Primitives(**{name: np.concatenate([getattr(t, name) for t in tables]) for name in _FIELDS})
+
+
+def _take(table: Primitives, rows: np.ndarray) -> Primitives:
+    return Primitives(**{name: getattr(table, name)[rows] for name in _FIELDS})

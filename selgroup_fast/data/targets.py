@@ -96,6 +96,7 @@ def occlusion_mask(r: Render) -> np.ndarray:
     decal = np.where(is_object, r.decal[rows] if len(r.decal) else False, False)
     contour = np.zeros(r.hit.shape, bool)
     ii, jj = np.indices(r.hit.shape)
+    h, w = r.hit.shape
     for dy, dx in _SHIFTS:
         inside = _neighbour(np.ones(r.hit.shape, bool), dy, dx, False)
         q_distance = _neighbour(distance, dy, dx, 0.0)
@@ -107,7 +108,7 @@ def occlusion_mask(r: Render) -> np.ndarray:
             crossing = np.where(approach < 0, offset / np.where(approach < 0, approach, -1.0), np.inf)
         behind_plane = crossing < q_distance / (1 + OCCLUSION_JUMP)
         if len(r.crossed):
-            q_crossed = _neighbour(r.crossed, dy, dx, False)[rows, ii, jj]
+            q_crossed = r.crossed[rows, np.clip(ii + dy, 0, h - 1), np.clip(jj + dx, 0, w - 1)]
         else:
             q_crossed = np.zeros(r.hit.shape, bool)
         behind = np.where(structure, behind_plane, ~q_crossed) & ~decal
