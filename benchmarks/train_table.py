@@ -40,6 +40,7 @@ import csv
 import datetime
 import inspect
 import io
+import itertools
 import json
 import math
 import os
@@ -80,6 +81,7 @@ KNOWN_RELATIONS: dict[str, tuple[tuple[str, str], ...]] = {
 #: The files a finished run keeps; checkpoints and event files go (they are large and
 #: only serve a resume, which a finished run no longer needs).
 PRUNED_PATTERNS = ("*.pt", "*.pth", "*.ckpt", "*.ckpt.tmp", "*.tmp", "events.out.tfevents.*")
+HISTORY_NAME = "history.json"
 LOG_NAME = "train.log"
 LOG_TAIL_LINES = 40
 COMMAND_NAME = "command.json"
@@ -324,6 +326,55 @@ def check_resumable(plan: Plan, root: Path, size: Size) -> None:
             )
 
 
+def keep_history(folder: Path) -> None:
+    """Saves a grouping run's number of groups per batch and affinity snapshots as ``history.json``.
+
+    They come from the trainer's final checkpoint (its ``history``), which :func:`prune` deletes next.
+    """
+    record = read_json(folder / "results.json")
+    checkpoint = folder / "checkpoint.pt"
+    if not record or "cogrouping" not in record or not checkpoint.is_file():
+        return
+    import torch
+
+    try:
+        history = json.loads(torch.load(checkpoint, map_location="cpu", weights_only=True)["history"])
+    except (OSError, RuntimeError, KeyError, TypeError, ValueError):
+        return
+    snapshots = [[float(f"{value:.5g}") for value in snapshot] for snapshot in history.get("affinity", [])]
+    kept = {
+        "tasks": record.get("tasks"),
+        "groups": history.get("groups", []),
+        "affinity_steps": history.get("affinity_steps", []),
+        "affinity": snapshots,
+    }
+    (folder / HISTORY_NAME).write_text(json.dumps(kept) + "\n")
+
+
+def grouping_dynamics(history: dict[str, Any], post_warmup_batches: int) -> dict[str, float | None]:
+    """How settled the grouping was after warm-up, and how much the tracked affinity moved.
+
+    ``groups_after_warmup``: the mean number of groups per batch after warm-up;
+    ``group_count_changes``: the fraction of consecutive post-warm-up batches whose number of
+    groups differs; ``affinity_fluctuation``: the mean absolute change of an affinity entry
+    between consecutive snapshots over the mean absolute entry (0: frozen).
+
+    >>> grouping_dynamics({"groups": [4, 4, 2, 2, 3, 3], "affinity": [[1.0, -1.0], [1.0, -3.0]]}, 4)
+    {'groups_after_warmup': 2.5, 'group_count_changes': 0.3333333333333333, 'affinity_fluctuation': 0.6666666666666666}
+    """
+    groups = history.get("groups") or []
+    after = groups[len(groups) - post_warmup_batches :] if post_warmup_batches else []
+    changes = [a != b for a, b in itertools.pairwise(after)]
+    snapshots = history.get("affinity") or []
+    steps = [abs(b - a) for before, now in itertools.pairwise(snapshots) for a, b in zip(before, now)]
+    scale = statistics.fmean(abs(value) for snapshot in snapshots for value in snapshot) if snapshots else 0.0
+    return {
+        "groups_after_warmup": statistics.fmean(after) if after else None,
+        "group_count_changes": statistics.fmean(changes) if changes else None,
+        "affinity_fluctuation": statistics.fmean(steps) / scale if steps and scale > 0 else None,
+    }
+
+
 def prune(folder: Path) -> None:
     """Deletes checkpoints and event files; keeps the log's tail only."""
     for pattern in PRUNED_PATTERNS:
@@ -396,6 +447,7 @@ def execute(
         seconds = time.perf_counter() - begin
         ok = status == 0 and is_complete(run, root)
         message = "" if ok else f"exit status {status}: {last_error_line(folder)}"
+        keep_history(folder)
         prune(folder)
         outcome = Outcome(run, "done" if ok else "failed", seconds, message)
         with lock:
@@ -497,6 +549,13 @@ def summarize(plan: Plan, root: Path) -> dict[str, Any]:
                 row["cogrouping"] = _mean_matrix(cogrouping)
                 row["cogrouping_per_seed"] = cogrouping
                 row["affinity"] = _mean_matrix([record["affinity"] for _, record in records if record.get("affinity")])
+                dynamics = [
+                    grouping_dynamics(history, record.get("cogrouping_batches", 0))
+                    for run, (_, record) in zip([run for run in runs if is_complete(run, root)], records)
+                    if (history := read_json(run.folder(root) / HISTORY_NAME)) is not None
+                ]
+                for key in ("groups_after_warmup", "group_count_changes", "affinity_fluctuation"):
+                    row[key], row[f"{key}_std"] = _mean_std([d[key] for d in dynamics if d[key] is not None])
             rows[label] = row
         gd_time = rows.get("gd", {}).get("time_per_batch_s")
         for row in rows.values():
@@ -610,7 +669,7 @@ def preset_rows(preset: dict[str, Any], labels: Iterable[str]) -> tuple[list[str
         metric = primary.get(task, "?")
         arrow = "" if task not in hib else (" ↑" if hib[task].get(metric) else " ↓")
         header.append(f"{task} {metric}{arrow}")
-    header += ["s / batch", "× GD", "groups"]
+    header += ["s / batch", "× GD", "groups", "groups after warm-up", "group-count changes", "affinity fluctuation"]
     rows = []
     for label in labels:
         row = preset["rows"].get(label)
@@ -634,6 +693,12 @@ def preset_rows(preset: dict[str, Any], labels: Iterable[str]) -> tuple[list[str
             _number(row.get("time_per_batch_s"), 3),
             "–" if row.get("times_gd") is None else f"{row['times_gd']:.2f}",
             "–" if row.get("groups_mean") is None else f"{row['groups_mean']:.2f}",
+            *(
+                "–"
+                if row.get(key) is None
+                else f"{row[key]:.2f}" + ("" if row.get(f"{key}_std") is None else f" ± {row[f'{key}_std']:.2f}")
+                for key in ("groups_after_warmup", "group_count_changes", "affinity_fluctuation")
+            ),
         ]
         rows.append(cells)
     return header, rows
@@ -682,7 +747,10 @@ def render_markdown(summary: dict[str, Any], command: str, notes: Sequence[str])
             "higher is better; mean ± sample std over seeds. Δm all: over every metric (LibMTL's convention). "
             "Metric columns: mean ± std over seeds (↑ higher is better, ↓ lower). s / batch: mean training-step "
             "time; × GD: its ratio to GD's on the same preset; groups: the selective method's average number of "
-            "groups per batch."
+            "groups per batch (warm-up included: K groups a batch); after warm-up: the same over the batches "
+            "after warm-up; group-count changes: the fraction of consecutive post-warm-up batches whose number "
+            "of groups differs; affinity fluctuation: the mean absolute change of an affinity entry between "
+            "snapshots (every 10 iterations) over its mean absolute value."
         ),
         *(f"* {note}" for note in notes),
         "",

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from selgroup_fast.bench.model import PRESETS
 from selgroup_fast.selective import SelectiveGroupUpdate
@@ -101,6 +102,16 @@ class FakeTrainer:
             cogrouping[0][1] = cogrouping[1][0] = 0.9
             cogrouping[1][2] = cogrouping[2][1] = 0.1 * seed
             record.update(groups_mean=3.0 + seed, cogrouping=cogrouping, affinity=[[0.0] * k for _ in range(k)])
+            record["cogrouping_batches"] = 3
+            # The trainer's checkpoint keeps the history as JSON text: 2 warm-up batches of K groups, then
+            # 2, 2 and 3 + seed groups; two affinity snapshots whose entries move by 1 from 1 or -1.
+            history = {
+                "groups": [k, k, 2, 2, 3 + seed],
+                "affinity_steps": [1, 2],
+                "affinity": [[1.0] * (k * k), [1.0, *[-2.0] * (k * k - 1)]],
+                "evaluations": [],
+            }
+            torch.save({"model": {}, "history": json.dumps(history)}, out / "checkpoint.pt")
             (out / "cogrouping.png").write_bytes(b"\x89PNG")
         (out / "results.json").write_text(json.dumps(record))
         return 0
@@ -210,6 +221,11 @@ def test_sweep_table_numbers_against_hand_computed_values(tmp_path):
     assert rows["selective:order=backward"]["delta_m"] == pytest.approx(100 * 0.08 + 1.0)
     assert rows["selective"]["groups_mean"] == pytest.approx(4.0) and rows["gd"]["groups_mean"] is None
     assert rows["single-task"]["delta_m"] == 0.0
+    # From history.json: after warm-up 2, 2, 3 + seed groups (one change in two steps); every one of the
+    # 16 affinity entries but the first moves by 3 from a mean absolute entry of (16 + 1 + 15 * 2) / 32.
+    assert rows["selective"]["groups_after_warmup"] == pytest.approx(statistics.fmean((7 + s) / 3 for s in range(3)))
+    assert rows["selective"]["group_count_changes"] == pytest.approx(0.5)
+    assert rows["selective"]["affinity_fluctuation"] == pytest.approx((15 * 3 / 16) / (47 / 32))
     claims = summary["claims"]["nyud"]
     assert [entry["method"] for entry in claims["delta_m_ranking"]] == ["selective", "gd", "pcgrad"]
     assert claims["selective_rank"] == 1
@@ -241,9 +257,12 @@ def test_finished_runs_keep_results_and_plots_and_lose_checkpoints(tmp_path):
     assert sorted(path.name for path in folder.iterdir()) == [
         "cogrouping.png",
         "command.json",
+        "history.json",
         "results.json",
         "train.log",
     ]
+    history = json.loads((folder / "history.json").read_text())
+    assert history["groups"] == [4, 4, 2, 2, 4] and len(history["affinity"]) == 2
     assert (folder / "train.log").read_text().splitlines() == [f"line {i}" for i in range(100 - tt.LOG_TAIL_LINES, 100)]
     command = json.loads((folder / "command.json").read_text())
     assert command["argv"][1:3] == ["-m", "selgroup_fast.train"] and "--seed" in command["arguments"]
