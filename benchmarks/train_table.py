@@ -791,6 +791,57 @@ def render_markdown(summary: dict[str, Any], command: str, notes: Sequence[str])
     return "\n".join(lines).rstrip() + "\n"
 
 
+def decay_figure(plan: Plan, root: Path, preset: str) -> Path | None:
+    """Figure D.6 / 4c at this scale: every affinity entry (top) and the number of groups (bottom) over
+    training for each decay β of the preset's decay ablation (its first seed); None without histories."""
+    ablation = next((a for a in plan.ablations.get(preset, ()) if a[1] == "decay"), None)
+    if ablation is None:
+        return None
+    _, key, default, labels = ablation
+    panels = []
+    for label in ["selective", *labels]:
+        run = next((r for r in plan.runs if r.preset == preset and r.variant and r.variant.label == label), None)
+        history = read_json(run.folder(root) / HISTORY_NAME) if run else None
+        if history and history.get("affinity"):
+            variant = Variant.parse(label)
+            panels.append((dict(variant.options).get(key, default), history, run.seed))
+    if not panels:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels.sort(key=lambda panel: -float(panel[0]))
+    fig, axes = plt.subplots(2, len(panels), figsize=(4.2 * len(panels), 6), squeeze=False, sharex=True)
+    for column, (value, history, seed) in enumerate(panels):
+        names = history["tasks"]
+        k = len(names)
+        snapshots = history["affinity"]
+        for s in range(k):
+            for t in range(k):
+                if s != t:
+                    axes[0][column].plot(
+                        history["affinity_steps"],
+                        [snap[s * k + t] for snap in snapshots],
+                        lw=0.8,
+                        label=f"{names[s]} → {names[t]}",
+                    )
+        axes[0][column].axhline(0, color="black", lw=0.5)
+        axes[0][column].set_title(f"β = {value} (seed {seed})")
+        axes[1][column].plot(range(1, len(history["groups"]) + 1), history["groups"], lw=0.8)
+        axes[1][column].set_xlabel("iteration")
+    axes[0][0].set_ylabel("affinity A[source → target]")
+    axes[1][0].set_ylabel("number of groups")
+    axes[0][-1].legend(fontsize=6, ncol=2)
+    fig.suptitle(f"{preset}: tracked affinity and number of groups for each affinity decay β")
+    fig.tight_layout()
+    path = root / f"{preset}_decay.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def timing_summary(plan: Plan, root: Path) -> dict[str, Any]:
     """Per variant: the median time per batch over rounds and the median of each round's ratio to GD."""
     records = {(run.variant.label, run.seed): read_json(run.result_file(root)) for run in plan.runs if run.variant}
@@ -1018,6 +1069,8 @@ def main(argv: Sequence[str] | None = None, runner: Runner = subprocess_runner) 
         (args.out / "timing.md").write_text(markdown)
     else:
         write_table(summary, args.out, command, args.note)
+        for preset in summary["presets"]:
+            decay_figure(plan, args.out, preset)
         markdown = (args.out / "table.md").read_text()
     print(markdown)
     failed = [outcome for outcome in outcomes if outcome.status == "failed"]

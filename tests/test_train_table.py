@@ -379,3 +379,16 @@ def test_timing_interleaves_rounds_and_takes_ratios_within_each_round(tmp_path):
     assert "| pcgrad | 3 | 0.4400 | 4.00 | 4.00, 4.00, 4.00 | – |" in (tmp_path / "timing.md").read_text()
     with pytest.raises(SystemExit):
         tt.main([*arguments, "--jobs", "2"], runner=runner)
+
+
+def test_decay_figure_from_the_histories(tmp_path):
+    ablations = {"nyud": (("affinity decay β", "decay", "1e-3", ("selective:decay=1e-2",)),)}
+    runs = (tt.Run("nyud", tt.Variant("selective"), 0), tt.Run("nyud", tt.Variant.parse("selective:decay=1e-2"), 0))
+    plan = tt.Plan(runs, ablations)
+    size = tt.Size("test_vit", 16, 8, 2, 2, 1e-3, 2)
+    assert [o.status for o in tt.execute(plan, tmp_path, size, runner=FakeTrainer(), echo=lambda _: None)] == [
+        "done"
+    ] * 2
+    path = tt.decay_figure(plan, tmp_path, "nyud")
+    assert path == tmp_path / "nyud_decay.png" and path.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+    assert tt.decay_figure(tt.Plan(runs), tmp_path, "nyud") is None  # no decay ablation in the plan
