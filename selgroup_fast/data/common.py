@@ -11,13 +11,17 @@ import torch
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 SPLITS = ("train", "val")
+# Label of void pixels in segmentation-kind targets (the paper's ignore index).
+IGNORE_LABEL = 255
 
 
 class DataError(ValueError):
     """A dataset cannot be built: unknown name, split or task, bad size, or a malformed data root."""
 
 
-def check_common(name: str, split: str, tasks: Sequence[str], img_size: int, provided: Sequence[str]) -> tuple[str, ...]:
+def check_common(
+    name: str, split: str, tasks: Sequence[str], img_size: int, provided: Sequence[str]
+) -> tuple[str, ...]:
     """Checks the arguments every dataset takes; returns ``tasks`` as a tuple."""
     if split not in SPLITS:
         raise DataError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")

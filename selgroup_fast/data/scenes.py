@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .common import IGNORE_LABEL
+
 # Semantic classes (their labels are below 21, so they fit the 21-class PASCAL head and the
 # 40-class NYUD head alike). Sky pixels are void: 255 in the label maps.
 CLASS_NAMES = (
@@ -37,7 +39,6 @@ CLASS_NAMES = (
 FLOOR, WALL, TABLE, CABINET, CRATE, BALL, PILLAR, BARREL, PERSON, RUG, PAINTING = range(len(CLASS_NAMES))
 # PASCAL's human-part labels: 0 background, then head, torso, upper/lower arm, upper/lower leg.
 PART_NAMES = ("background", "head", "torso", "upper_arm", "lower_arm", "upper_leg", "lower_leg")
-IGNORE = 255
 SPLIT_CODES = {"train": 0, "val": 1}
 # Camera-frame light of the ``reshading`` target (x right, y down, z forward; it points from
 # the surface towards the light: up-left behind the camera).
@@ -83,8 +84,15 @@ class _Builder:
     def build(self) -> Primitives:
         if not self.rows:
             empty = np.zeros((0, 3))
-            return Primitives(empty, empty, np.zeros(0), *(np.zeros(0, np.int64) for _ in range(4)),
-                              np.zeros(0), empty, np.zeros((0, 4)))
+            return Primitives(
+                empty,
+                empty,
+                np.zeros(0),
+                *(np.zeros(0, np.int64) for _ in range(4)),
+                np.zeros(0),
+                empty,
+                np.zeros((0, 4)),
+            )
         cols = list(zip(*self.rows))
         return Primitives(
             center=np.array(cols[0], float),
@@ -156,8 +164,9 @@ def draw_scene(rng: np.random.Generator) -> Scene:
     for _ in range(int(rng.integers(0, 3))):  # rugs: a texture boundary without a depth jump
         w, d = rng.uniform(0.8, 2.0), rng.uniform(0.8, 2.0)
         x, z = place(max(w, d) / 2)
-        boxes.add((x, 0.005, z), (w / 2, 0.005, d / 2), rng.uniform(0, np.pi), instance, RUG, _albedo(rng),
-                  _texture(rng, 0.1))
+        boxes.add(
+            (x, 0.005, z), (w / 2, 0.005, d / 2), rng.uniform(0, np.pi), instance, RUG, _albedo(rng), _texture(rng, 0.1)
+        )
         instance += 1
     for _ in range(int(rng.integers(3, 10))):
         kind = int(rng.integers(0, 7))
@@ -175,19 +184,22 @@ def draw_scene(rng: np.random.Generator) -> Scene:
             if rng.random() < 0.4:
                 instance += 1
                 t = s * rng.uniform(0.5, 0.9)
-                boxes.add((x, 2 * s + t, z), (t, t, t), yaw + rng.uniform(0, 1), instance, CRATE, _albedo(rng),
-                          _texture(rng))
+                boxes.add(
+                    (x, 2 * s + t, z), (t, t, t), yaw + rng.uniform(0, 1), instance, CRATE, _albedo(rng), _texture(rng)
+                )
         elif kind == 3:  # ball
             r = rng.uniform(0.15, 0.45)
             spheres.add((x, r, z), (r, 0, 0), 0.0, instance, BALL, _albedo(rng), _texture(rng))
         elif kind == 4:  # pillar: tall and thin
             r = rng.uniform(0.08, 0.18)
-            cylinders.add((x, 0, z), (r, 0.0, rng.uniform(1.2, height)), 0.0, instance, PILLAR, _albedo(rng),
-                          _texture(rng))
+            cylinders.add(
+                (x, 0, z), (r, 0.0, rng.uniform(1.2, height)), 0.0, instance, PILLAR, _albedo(rng), _texture(rng)
+            )
         elif kind == 5:  # barrel: short and wide
             r = rng.uniform(0.25, 0.4)
-            cylinders.add((x, 0, z), (r, 0.0, rng.uniform(0.4, 0.9)), 0.0, instance, BARREL, _albedo(rng),
-                          _texture(rng))
+            cylinders.add(
+                (x, 0, z), (r, 0.0, rng.uniform(0.4, 0.9)), 0.0, instance, BARREL, _albedo(rng), _texture(rng)
+            )
         else:
             _add_person(boxes, spheres, cylinders, rng, x, z, yaw, instance)
         instance += 1
@@ -218,8 +230,16 @@ def draw_scene(rng: np.random.Generator) -> Scene:
     )
 
 
-def _add_person(boxes: _Builder, spheres: _Builder, cylinders: _Builder, rng: np.random.Generator, x: float,
-                z: float, yaw: float, instance: int) -> None:
+def _add_person(
+    boxes: _Builder,
+    spheres: _Builder,
+    cylinders: _Builder,
+    rng: np.random.Generator,
+    x: float,
+    z: float,
+    yaw: float,
+    instance: int,
+) -> None:
     """A standing person of primitives, facing ``yaw``: sphere head, box torso, cylinder limbs."""
     h = rng.uniform(1.4, 1.85)
     c, s = np.cos(yaw), np.sin(yaw)
@@ -233,11 +253,31 @@ def _add_person(boxes: _Builder, spheres: _Builder, cylinders: _Builder, rng: np
     boxes.add((x, 0.635 * h, z), (0.15 * h, 0.165 * h, 0.08 * h), yaw, instance, PERSON, shirt, _texture(rng), part=2)
     for side in (-1, 1):
         ax, az = at(side * 0.2 * h)
-        cylinders.add((ax, 0, az), (0.04 * h, 0.42 * h, 0.8 * h), 0.0, instance, PERSON, shirt, plain, part=3,
-                      part_lower=4, part_split=0.61 * h)
+        cylinders.add(
+            (ax, 0, az),
+            (0.04 * h, 0.42 * h, 0.8 * h),
+            0.0,
+            instance,
+            PERSON,
+            shirt,
+            plain,
+            part=3,
+            part_lower=4,
+            part_split=0.61 * h,
+        )
         lx, lz = at(side * 0.075 * h)
-        cylinders.add((lx, 0, lz), (0.06 * h, 0.0, 0.47 * h), 0.0, instance, PERSON, trousers, plain, part=5,
-                      part_lower=6, part_split=0.235 * h)
+        cylinders.add(
+            (lx, 0, lz),
+            (0.06 * h, 0.0, 0.47 * h),
+            0.0,
+            instance,
+            PERSON,
+            trousers,
+            plain,
+            part=5,
+            part_lower=6,
+            part_split=0.235 * h,
+        )
 
 
 # --------------------------------------------------------------------------- ray casting
@@ -331,8 +371,14 @@ def _surface_cylinders(cylinders: Primitives, point: np.ndarray) -> tuple[np.nda
     gaps = np.stack([np.abs(np.hypot(rx, rz) - radius), np.abs(point[:, 1] - top), np.abs(point[:, 1] - bottom)])
     facet = gaps.argmin(0)
     side = facet == 0
-    normal = np.stack([np.where(side, rx / radius, 0.0), np.select([side, facet == 1], [0.0, 1.0], -1.0),
-                       np.where(side, rz / radius, 0.0)], axis=-1)
+    normal = np.stack(
+        [
+            np.where(side, rx / radius, 0.0),
+            np.select([side, facet == 1], [0.0, 1.0], -1.0),
+            np.where(side, rz / radius, 0.0),
+        ],
+        axis=-1,
+    )
     curvature = np.stack([np.where(side, 1.0 / radius, 0.0), np.zeros(len(point))], axis=-1)
     return normal, curvature, facet
 
@@ -386,7 +432,7 @@ class Render:
     curvature: np.ndarray  # [S, S, 2] principal curvatures k1 >= k2 in 1/m (NaN on sky)
     instance: np.ndarray  # int: object id (0 floor, -1 sky)
     facet: np.ndarray  # int: surface facet id, unique in the image (0 floor, -1 sky)
-    label: np.ndarray  # int: class (IGNORE on sky)
+    label: np.ndarray  # int: class (IGNORE_LABEL on sky)
     part: np.ndarray  # int: human part (0 elsewhere)
     ray: np.ndarray  # [S, S, 3] camera-frame unit ray directions
     source: np.ndarray  # int: row of the hit primitive in ``crossed`` (-1 floor or sky)
@@ -413,7 +459,9 @@ def render(scene: Scene, size: int, rng: np.random.Generator) -> Render:
     dy = direction[:, 1]
     floor_t = np.where(dy < -1e-9, -origin[1] / np.where(dy < -1e-9, dy, -1.0), np.inf)
     distances = [floor_t[None]] + [
-        distance(getattr(scene, name), origin, direction) for name, distance, _ in _KINDS if len(getattr(scene, name).yaw)
+        distance(getattr(scene, name), origin, direction)
+        for name, distance, _ in _KINDS
+        if len(getattr(scene, name).yaw)
     ]
     distances = np.concatenate(distances)
     nearest = distances.argmin(0)
@@ -445,7 +493,7 @@ def render(scene: Scene, size: int, rng: np.random.Generator) -> Render:
     else:
         instance, label, part = (np.zeros(pixels, np.int64) for _ in range(3))
     instance = np.where(hit_mask, instance, -1)
-    label = np.where(hit_mask, label, IGNORE)
+    label = np.where(hit_mask, label, IGNORE_LABEL)
 
     # Appearance: textured albedo, ambient + directional light with cast shadows.
     floor_tex = np.broadcast_to(scene.floor_texture, (pixels, 4))

@@ -11,7 +11,8 @@ from collections.abc import Callable
 
 import numpy as np
 
-from .scenes import FLOOR, IGNORE, OCCLUSION_JUMP, PAINTING, RESHADING_LIGHT, RUG, WALL, Render
+from .common import IGNORE_LABEL
+from .scenes import FLOOR, OCCLUSION_JUMP, PAINTING, RESHADING_LIGHT, RUG, WALL, Render
 
 _SHIFTS = ((-1, 0), (1, 0), (0, -1), (0, 1))
 # Luminance weights (ITU-R BT.601) for the grey images of the appearance targets.
@@ -22,7 +23,7 @@ _KEYPOINTS3D_SCALE = 5e-2
 _SEGMENT_LEVELS = 8
 
 
-def _neighbour(a: np.ndarray, dy: int, dx: int, fill: float | int | bool) -> np.ndarray:
+def _neighbour(a: np.ndarray, dy: int, dx: int, fill: float | bool) -> np.ndarray:
     """``out[..., i, j] = a[..., i + dy, j + dx]``, ``fill`` outside the image."""
     out = np.full_like(a, fill)
     h, w = a.shape[-2:]
@@ -48,7 +49,7 @@ def human_parts(r: Render) -> np.ndarray:
 
 def sal(r: Render) -> np.ndarray:
     """Salient = the free-standing objects (furniture, balls, pillars, barrels, people): 1, else 0."""
-    background = np.isin(r.label, (FLOOR, WALL, RUG, PAINTING, IGNORE))
+    background = np.isin(r.label, (FLOOR, WALL, RUG, PAINTING, IGNORE_LABEL))
     return (~background).astype(np.int64)
 
 
@@ -123,10 +124,12 @@ def edge_occlusion(r: Render) -> np.ndarray:
 
 def _sobel_magnitude(grey: np.ndarray) -> np.ndarray:
     padded = np.pad(grey, 1, mode="edge")
-    gx = (padded[:-2, 2:] + 2 * padded[1:-1, 2:] + padded[2:, 2:]) - (padded[:-2, :-2] + 2 * padded[1:-1, :-2] +
-                                                                       padded[2:, :-2])
-    gy = (padded[2:, :-2] + 2 * padded[2:, 1:-1] + padded[2:, 2:]) - (padded[:-2, :-2] + 2 * padded[:-2, 1:-1] +
-                                                                       padded[:-2, 2:])
+    gx = (padded[:-2, 2:] + 2 * padded[1:-1, 2:] + padded[2:, 2:]) - (
+        padded[:-2, :-2] + 2 * padded[1:-1, :-2] + padded[2:, :-2]
+    )
+    gy = (padded[2:, :-2] + 2 * padded[2:, 1:-1] + padded[2:, 2:]) - (
+        padded[:-2, :-2] + 2 * padded[:-2, 1:-1] + padded[:-2, 2:]
+    )
     return np.hypot(gx, gy) / 8.0
 
 
@@ -181,9 +184,7 @@ def segment_unsup25d(r: Render) -> np.ndarray:
     """Geometric segments: each visible facet (plane, box face, curved surface) valued by its depth rank in [0, 1]."""
     facets, inverse = np.unique(r.facet, return_inverse=True)
     inverse = inverse.reshape(r.facet.shape)
-    mean_depth = np.bincount(inverse.ravel(), np.nan_to_num(r.distance, nan=0.0).ravel()) / np.bincount(
-        inverse.ravel()
-    )
+    mean_depth = np.bincount(inverse.ravel(), np.nan_to_num(r.distance, nan=0.0).ravel()) / np.bincount(inverse.ravel())
     mean_depth[facets < 0] = -np.inf
     rank = np.argsort(np.argsort(mean_depth, kind="stable"), kind="stable").astype(float)
     surfaces = int((facets >= 0).sum())

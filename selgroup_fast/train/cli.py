@@ -72,6 +72,7 @@ def build_parser(baseline: bool = False) -> argparse.ArgumentParser:
     add("--optimizer", choices=OPTIMIZERS, default="adam")
     add("--schedule", choices=SCHEDULES, default="poly", help="poly (power 0.9, the paper's) or constant")
     add("--eval-every", type=_positive_int, help="evaluate every N iterations (default: iters / 5)")
+    add("--eval-batches", type=_positive_int, help="evaluate on the first N validation batches (default: all)")
     add("--checkpoint-every", type=_positive_int, help="checkpoint every N iterations (default: 100 CPU, 1000 GPU)")
     add("--resume", nargs="?", const="auto", metavar="FILE",
         help="continue from FILE, or without FILE from OUT/checkpoint.pt when it exists")
@@ -108,6 +109,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         optimizer=args.optimizer,
         schedule=args.schedule,
         eval_every=args.eval_every,
+        eval_batches=args.eval_batches,
         checkpoint_every=args.checkpoint_every,
         resume=args.resume,
         amp=args.amp,

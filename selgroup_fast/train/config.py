@@ -95,6 +95,7 @@ class TrainConfig:
     optimizer: str = "adam"
     schedule: str = "poly"
     eval_every: int | None = None
+    eval_batches: int | None = None
     checkpoint_every: int | None = None
     resume: str | None = None
     amp: str = "off"
@@ -177,6 +178,8 @@ def _check(config: TrainConfig) -> None:
         value = getattr(config, name)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise TrainError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
+    if config.eval_batches is not None and (isinstance(config.eval_batches, bool) or config.eval_batches < 1):
+        raise TrainError(f"--eval-batches must be a positive integer, got {config.eval_batches!r}")
     if config.workers < 0:
         raise TrainError(f"--workers must be >= 0, got {config.workers}")
     assert config.img_size is not None and config.patch_size is not None

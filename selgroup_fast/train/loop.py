@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import datetime
 import json
 import math
@@ -663,7 +664,7 @@ class _Run:
         metrics = [_make_metric(spec, self.custom) for spec in self.specs]
         loss_sums = [0.0] * len(self.specs)
         batches = 0
-        for images, targets in self.val_loader:
+        for images, targets in itertools.islice(self.val_loader, self.config.eval_batches):
             images = images.to(self.device, non_blocking=True)
             targets = [t.to(self.device, non_blocking=True) for t in _as_list(targets, self.specs)]
             with self.autocast:
@@ -787,8 +788,12 @@ class _Run:
             base = {task: self.baseline["metrics"][task] for task in self.names}
             results["baseline"] = config.baseline
             results["baseline_metrics"] = base
-            results["delta_m"] = delta_m(final["metrics"], base, results["higher_is_better"], results["primary"])
-            results["delta_m_all"] = delta_m_all(final["metrics"], base, results["higher_is_better"])
+            try:
+                results["delta_m"] = delta_m(final["metrics"], base, results["higher_is_better"], results["primary"])
+                results["delta_m_all"] = delta_m_all(final["metrics"], base, results["higher_is_better"])
+            except ValueError as error:  # e.g. a baseline metric of 0: no relative change
+                results["delta_m"] = results["delta_m_all"] = None
+                results["delta_m_error"] = str(error)
         if self.selective:
             counts = self.history["groups"]
             batches = max(self.history["cogrouping_batches"], 1)

@@ -130,7 +130,7 @@ def summary_table(results: dict[str, Any]) -> str:
             row += [f"{base:.4g}", f"{sign * (value - base) / base * 100:+.2f}"]
         rows.append(row)
     lines = [text_table(header, rows).rstrip("\n")]
-    if "delta_m" in results:
+    if results.get("delta_m") is not None:
         lines.append(f"Δm = {results['delta_m']:+.2f} % (primary metrics; higher is better), "
                      f"over all metrics {results['delta_m_all']:+.2f} %")
     lines.append(

@@ -1,0 +1,198 @@
+"""selgroup-train's Python API: every method through the trainer, results.json, baseline and Δm,
+non-finite losses, a user's own model and data."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from torch.utils.data import Dataset
+
+import selgroup_fast
+from selgroup_fast.bench.model import PRESETS, MultiTaskViT, TaskSpec
+from selgroup_fast.metrics import delta_m, delta_m_all
+from selgroup_fast.train import NonFiniteLoss, TrainConfig, TrainError, fit, fit_baseline
+
+from train_helpers import TINY, load_checkpoint
+
+RESULT_KEYS = {
+    "config", "versions", "machine", "metrics", "higher_is_better", "primary", "time_per_batch_s", "wall_time_s",
+    "iterations", "tasks", "overhead",
+}
+SELECTIVE_KEYS = {"groups_mean", "cogrouping", "affinity"}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(one_thread):
+    """The trainer tests share the 2-core machine."""
+
+
+@pytest.mark.parametrize("method", selgroup_fast.methods.available())
+def test_every_method_trains_through_the_trainer(method, tmp_path):
+    options = {"warmup_steps": 1} if method == "selective" else {}
+    config = TrainConfig(method=method, method_options=options, iters=3, eval_every=3, out=str(tmp_path), **TINY)
+    results = fit(config)
+    on_disk = json.loads((tmp_path / "results.json").read_text())
+    assert on_disk["metrics"] == results["metrics"]
+    assert RESULT_KEYS <= set(results)
+    assert results["iterations"] == 3 and results["tasks"] == ["semseg", "depth", "normals", "edge"]
+    for task in results["tasks"]:
+        primary = results["primary"][task]
+        assert math.isfinite(results["metrics"][task][primary])
+        assert set(results["higher_is_better"][task]) == set(results["metrics"][task])
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [line["iteration"] for line in lines] == [3]
+    state = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert state["iteration"] == 3
+    # training moved the encoder and every task's decoder away from the seeded initial model
+    torch.manual_seed(0)
+    initial = MultiTaskViT(list(PRESETS["nyud"]), "vit_tiny_patch16_224", 16, 8).state_dict()
+    for name in ["encoder.patch_embed.proj.weight"] + [f"decoders.{k}.weight" for k in range(4)]:
+        assert not torch.equal(state["model"][name], initial[name]), name
+    assert any(name.startswith("tensorboard") for name in (p.name for p in tmp_path.iterdir()))
+    if method == "selective":
+        assert SELECTIVE_KEYS <= set(results)
+        k = len(results["tasks"])
+        assert len(results["affinity"]) == k and len(results["cogrouping"]) == k
+        # after warm-up (1 batch) the two remaining batches used the affinity's groups: the diagonal
+        # of the co-grouping frequency is 1 and it is symmetric
+        cogrouping = torch.tensor(results["cogrouping"])
+        assert torch.equal(cogrouping.diagonal(), torch.ones(k)) and torch.equal(cogrouping, cogrouping.T)
+        assert 1 <= results["groups_mean"] <= k
+        for plot in ("affinity.png", "cogrouping.png", "groups.png", "affinity_entries.png"):
+            assert (tmp_path / plot).stat().st_size > 1000
+    else:
+        assert not SELECTIVE_KEYS & set(results) and not (tmp_path / "affinity.png").exists()
+
+
+def test_baseline_then_delta_m(tmp_path):
+    base_config = TrainConfig(method="gd", tasks="depth,normals", iters=2, out=str(tmp_path / "base"), **TINY)
+    baseline = fit_baseline(base_config)
+    on_disk = json.loads((tmp_path / "base" / "baseline.json").read_text())
+    assert on_disk["metrics"] == baseline["metrics"]
+    assert {"metrics", "higher_is_better", "primary", "tasks", "config"} <= set(on_disk)
+    assert on_disk["tasks"] == ["depth", "normals"]
+    # one single-task run per task, each trained on its own task only
+    for task in ("depth", "normals"):
+        single = json.loads((tmp_path / "base" / task / "results.json").read_text())
+        assert single["tasks"] == [task] and single["metrics"][task] == on_disk["metrics"][task]
+
+    config = TrainConfig(method="gd", tasks="depth,normals", iters=2, out=str(tmp_path / "mt"),
+                         baseline=str(tmp_path / "base" / "baseline.json"), **TINY)
+    results = fit(config)
+    # Δm by hand from the two files: the mean over tasks of ±(M - M_b) / M_b × 100 on the primary metrics
+    terms = []
+    for task in ("depth", "normals"):
+        metric = results["primary"][task]
+        sign = 1 if results["higher_is_better"][task][metric] else -1
+        m, b = results["metrics"][task][metric], on_disk["metrics"][task][metric]
+        terms.append(sign * (m - b) / b * 100)
+    assert results["delta_m"] == pytest.approx(sum(terms) / len(terms), rel=1e-12)
+    assert results["delta_m"] == delta_m(results["metrics"], on_disk["metrics"], results["higher_is_better"],
+                                         results["primary"])
+    assert results["delta_m_all"] == delta_m_all(results["metrics"], on_disk["metrics"], results["higher_is_better"])
+    saved = json.loads((tmp_path / "mt" / "results.json").read_text())
+    assert saved["delta_m"] == results["delta_m"] and saved["delta_m_all"] == results["delta_m_all"]
+
+    # a finished baseline is not trained again (each task's results.json is reused)
+    before = (tmp_path / "base" / "depth" / "results.json").stat().st_mtime_ns
+    fit_baseline(base_config)
+    assert (tmp_path / "base" / "depth" / "results.json").stat().st_mtime_ns == before
+
+    # a baseline for other tasks is refused before anything trains
+    with pytest.raises(TrainError, match="other tasks.*'semseg'"):
+        fit(TrainConfig(method="gd", tasks="semseg,depth", iters=2, out=str(tmp_path / "other"),
+                        baseline=str(tmp_path / "base" / "baseline.json"), **TINY))
+    assert not (tmp_path / "other").exists()
+
+
+@pytest.mark.parametrize("mode", ["stop", "skip"])
+def test_a_nonfinite_loss_is_reported_with_task_and_iteration(mode, tmp_path, monkeypatch):
+    from selgroup_fast.bench.model import task_losses
+    from selgroup_fast.train import loop
+
+    seen = {"iteration": 0}
+    original_step = loop._Run._step
+
+    def counting_step(self, images, targets):
+        seen["iteration"] = self.iteration + 1
+        return original_step(self, images, targets)
+
+    monkeypatch.setattr(loop._Run, "_step", counting_step)
+
+    def loss_fn(outputs, targets, tasks):
+        losses = task_losses(outputs, targets, tasks)
+        if seen["iteration"] == 3:  # only the third batch: the depth loss is NaN
+            losses[1] = losses[1] * float("nan")
+        return losses
+
+    config = TrainConfig(method="gd", iters=5, on_nonfinite=mode, out=str(tmp_path), **TINY)
+    if mode == "stop":
+        with pytest.raises(NonFiniteLoss, match="task 'depth' at iteration 3") as error:
+            fit(config, loss_fn=loss_fn)
+        assert (error.value.task, error.value.iteration) == ("depth", 3)
+        state = load_checkpoint(tmp_path / "checkpoint.pt")  # the last good state: after iteration 2
+        assert state["iteration"] == 2
+        assert all(torch.isfinite(p).all() for p in state["model"].values())
+    else:
+        results = fit(config, loss_fn=loss_fn)
+        assert results["skipped_iterations"] == [3] and results["iterations"] == 5
+        state = load_checkpoint(tmp_path / "checkpoint.pt")
+        assert all(torch.isfinite(p).all() for p in state["model"].values())
+
+
+class _PairData(Dataset):
+    """A user's own data: 8×8 single-channel maps with two regression targets (x² and -x)."""
+
+    def __init__(self, count: int, seed: int) -> None:
+        self.x = torch.randn(count, 1, 8, 8, generator=torch.Generator().manual_seed(seed))
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, index: int):
+        x = self.x[index]
+        return x, {"square": x.pow(2), "negated": -x}
+
+
+class _PairModel(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.Tanh())
+        self.heads = torch.nn.ModuleList(torch.nn.Conv2d(8, 1, 1) for _ in range(2))
+
+    def shared_parameters(self):
+        return list(self.encoder.parameters())
+
+    def forward(self, x):
+        features = self.encoder(x)
+        return [head(features) for head in self.heads]
+
+
+@pytest.mark.parametrize("method", ["selective", "pcgrad"])
+def test_own_model_tasks_and_data(method, tmp_path):
+    tasks = [TaskSpec("square", "regression", 1), TaskSpec("negated", "regression", 1)]
+    torch.manual_seed(0)
+    model = _PairModel()
+    config = TrainConfig(method=method, iters=40, lr=1e-2, batch_size=8, eval_every=40, out=str(tmp_path),
+                         progress=False, method_options={"warmup_steps": 5} if method == "selective" else {})
+    results = fit(config, model=model, train_data=_PairData(64, 0), val_data=_PairData(16, 1), tasks=tasks)
+    assert results["dataset"] == "custom" and results["tasks"] == ["square", "negated"]
+    # tasks unknown to selgroup_fast.metrics are evaluated by their mean validation loss
+    assert results["primary"] == {"square": "loss", "negated": "loss"}
+    assert results["higher_is_better"]["square"] == {"loss": False}
+    # training helped: the validation losses fell below those of the initial model
+    torch.manual_seed(0)
+    initial = _PairModel()
+    val = _PairData(16, 1)
+    with torch.no_grad():
+        outputs = initial(val.x)
+    initial_negated = (outputs[1] + val.x).abs().mean().item()
+    assert results["metrics"]["negated"]["loss"] < initial_negated
+
+
+def test_own_model_needs_its_tasks(tmp_path):
+    with pytest.raises(TrainError, match="needs tasks="):
+        fit(TrainConfig(out=str(tmp_path), **TINY), model=_PairModel())
