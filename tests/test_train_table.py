@@ -220,7 +220,8 @@ def test_sweep_table_numbers_against_hand_computed_values(tmp_path):
         assert rows[method]["primary"]["depth"] == pytest.approx(statistics.fmean(depth))
     assert rows["selective:order=backward"]["delta_m"] == pytest.approx(100 * 0.08 + 1.0)
     assert rows["selective"]["groups_mean"] == pytest.approx(4.0) and rows["gd"]["groups_mean"] is None
-    assert rows["single-task"]["delta_m"] == 0.0
+    assert rows["single-task"]["delta_m"] == 0.0 and rows["single-task"]["vs_gd"] is None
+    assert rows["selective"]["vs_gd_per_seed"] == pytest.approx([5.0, 5.0, 5.0])  # paired with GD's seed
     # From history.json: after warm-up 2, 2, 3 + seed groups (one change in two steps); every one of the
     # 16 affinity entries but the first moves by 3 from a mean absolute entry of (16 + 1 + 15 * 2) / 32.
     assert rows["selective"]["groups_after_warmup"] == pytest.approx(statistics.fmean((7 + s) / 3 for s in range(3)))
@@ -244,7 +245,8 @@ def test_sweep_table_numbers_against_hand_computed_values(tmp_path):
     assert summary["presets"]["nyud"]["relations"]["ranking"][0]["pair"] == ["semseg", "depth"]
     # The Markdown and CSV hold the same numbers.
     markdown = (tmp_path / "table.md").read_text()
-    assert "| selective | 3 | +6.00 ± 1.00 |" in markdown and "| pcgrad | 3 | -1.00 ± 1.00 |" in markdown
+    assert "| selective | 3 | +6.00 ± 1.00 | +5.00 ± 0.00 |" in markdown
+    assert "| pcgrad | 3 | -1.00 ± 1.00 | -2.00 ± 0.00 |" in markdown
     assert "| depth – normals | 0.100 | 0.000, 0.100, 0.200 | 2 of 6 |" in markdown
     with open(tmp_path / "table.csv") as stream:
         lines = [line for line in csv.DictReader(stream) if line["variant"] == "selective" and line["task"] == "semseg"]
@@ -350,7 +352,6 @@ def test_a_tiny_real_sweep_through_the_cli(tmp_path):
         "3",
         "--lr",
         "1e-3",
-        "--train-arg=--val-size=4",
     ]
     assert tt.main(arguments) == 0, (tmp_path / "nyud" / "gd" / "seed0" / "train.log").read_text()
     summary = json.loads((tmp_path / "table.json").read_text())
