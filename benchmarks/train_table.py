@@ -758,6 +758,7 @@ def render_markdown(summary: dict[str, Any], command: str, notes: Sequence[str])
         f"* Machine: {json.dumps(machine, sort_keys=True)}",
         f"* Versions: {json.dumps(versions, sort_keys=True)}",
         f"* Size (every run): `{summary['size']}`",
+        f"* Code: {summary.get('code', 'unknown')}",
         (
             "* Δm (%): Maninis et al. over each task's primary metric against the single-task baselines, "
             "higher is better; mean ± sample std over seeds. Δm − GD's: each seed's Δm minus GD's Δm at the same seed "
@@ -911,6 +912,7 @@ def render_timing(summary: dict[str, Any], command: str, notes: Sequence[str]) -
         f"* Machine: {json.dumps(summary.get('machine') or {}, sort_keys=True)}",
         f"* Versions: {json.dumps(summary.get('versions') or {}, sort_keys=True)}",
         f"* Size (every run): `{summary['size']}`",
+        f"* Code: {summary.get('code', 'unknown')}",
         (
             "* Every round runs each method once (one at a time, the order rotated every round, the round number "
             "as the seed); s / batch is the trainer's mean training-step time (no evaluation, no data loading); "
@@ -977,6 +979,21 @@ def write_table(summary: dict[str, Any], root: Path, command: str, notes: Sequen
 # --------------------------------------------------------------------------- command line
 
 
+def code_version() -> str:
+    """The checkout's commit (with ``-dirty`` when tracked files differ from it), or ``unknown``."""
+    try:
+        describe = subprocess.run(
+            ["git", "describe", "--always", "--dirty", "--abbrev=12"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return describe.stdout.strip()
+
+
 def _fail(message: str) -> None:
     print(f"error: {message}", file=sys.stderr)
     raise SystemExit(2)
@@ -1018,6 +1035,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=0,
         metavar="ROUNDS",
         help="time the methods instead: ROUNDS interleaved rounds on the first preset, one run at a time",
+    )
+    parser.add_argument(
+        "--baselines-only", action="store_true", help="run only the plan's single-task baselines (then the table)"
     )
     parser.add_argument("--table-only", action="store_true", help="write the table from the finished runs; run nothing")
     parser.add_argument("--dry-run", action="store_true", help="print the commands of the unfinished runs; run nothing")
@@ -1072,12 +1092,14 @@ def main(argv: Sequence[str] | None = None, runner: Runner = subprocess_runner) 
             if not is_complete(run, args.out):
                 print(shlex.join(["selgroup-train", *run.arguments(args.out, size)]))
         return 0
+    to_run = Plan(tuple(run for run in plan.runs if run.is_baseline or not args.baselines_only), plan.ablations)
     outcomes = (
-        [] if args.table_only else execute(plan, args.out, size, jobs=args.jobs, threads=args.threads, runner=runner)
+        [] if args.table_only else execute(to_run, args.out, size, jobs=args.jobs, threads=args.threads, runner=runner)
     )
     summary = timing_summary(plan, args.out) if args.timing else summarize(plan, args.out)
     summary["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     summary["size"] = shlex.join(size.flags())
+    summary["code"] = code_version()
     if args.timing:
         markdown = render_timing(summary, command, args.note)
         (args.out / "timing.json").write_text(

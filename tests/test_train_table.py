@@ -393,3 +393,14 @@ def test_decay_figure_from_the_histories(tmp_path):
     path = tt.decay_figure(plan, tmp_path, "nyud")
     assert path == tmp_path / "nyud_decay.png" and path.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
     assert tt.decay_figure(tt.Plan(runs), tmp_path, "nyud") is None  # no decay ablation in the plan
+
+
+def test_baselines_only_runs_the_baselines_and_the_sweep_reuses_them(tmp_path):
+    runner = FakeTrainer()
+    assert _sweep(tmp_path, runner, "--baselines-only") == 0
+    assert [call[call.index("selgroup_fast.train") + 1] for call in runner.calls] == ["baseline"]
+    runner = FakeTrainer()
+    assert _sweep(tmp_path, runner) == 0
+    assert len(runner.calls) == 4 * 3 and "baseline" not in {
+        call[call.index("selgroup_fast.train") + 1] for call in runner.calls
+    }
