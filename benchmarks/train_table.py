@@ -143,6 +143,10 @@ class Size:
     lr: float
     eval_every: int
     dataset: str = "scenes"
+    # The trainer's defaults, written out so that a later change of a default cannot mix two settings.
+    weight_decay: float = 1e-6
+    optimizer: str = "adam"
+    schedule: str = "poly"
     extra: tuple[str, ...] = ()
 
     def flags(self) -> list[str]:
@@ -161,6 +165,12 @@ class Size:
             str(self.iters),
             "--lr",
             repr(self.lr),
+            "--weight-decay",
+            repr(self.weight_decay),
+            "--optimizer",
+            self.optimizer,
+            "--schedule",
+            self.schedule,
             "--eval-every",
             str(self.eval_every),
             "--checkpoint-every",
@@ -1015,7 +1025,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--out", required=True, type=Path, help="the sweep's folder (one sub-folder per run, the tables)"
     )
     parser.add_argument("--dataset", default="scenes")
-    parser.add_argument("--backbone", default="vit_tiny_patch16_224")
+    # The CPU sweep's size (benchmarks/results/train_sweep/README.md says why): timm's 6-block, 64-wide
+    # test ViT at 32 px with 8 px patches, the trainer's CPU schedule (300 Adam iterations, lr 1e-3, poly).
+    parser.add_argument("--backbone", default="test_vit")
     parser.add_argument("--img-size", type=int, default=32)
     parser.add_argument("--patch-size", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=8)
