@@ -352,6 +352,7 @@ def test_a_tiny_real_sweep_through_the_cli(tmp_path):
         "3",
         "--lr",
         "1e-3",
+        "--train-arg=--eval-batches=2",
     ]
     assert tt.main(arguments) == 0, (tmp_path / "nyud" / "gd" / "seed0" / "train.log").read_text()
     summary = json.loads((tmp_path / "table.json").read_text())
