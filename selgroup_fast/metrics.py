@@ -63,12 +63,12 @@ def _check_batch(task: str, output: torch.Tensor, target: torch.Tensor, label_ta
     if label_target:
         if target.dim() != 3 or target.dtype not in (torch.int64, torch.int32, torch.uint8):
             raise ValueError(f"{task}: target must be integer labels [B, H, W], got {_describe(target)}")
-        spatial = target.shape
+        spatial = tuple(target.shape)
     else:
         if target.dim() != 4 or not target.is_floating_point():
             raise ValueError(f"{task}: target must be a float tensor [B, C, H, W], got {_describe(target)}")
         spatial = (target.shape[0], *target.shape[2:])
-    if (output.shape[0], *output.shape[2:]) != tuple(spatial):
+    if (output.shape[0], *output.shape[2:]) != spatial:
         raise ValueError(
             f"{task}: output {tuple(output.shape)} and target {tuple(target.shape)} differ in batch or spatial size"
         )

@@ -272,3 +272,24 @@ def test_bad_arguments_raise_one_line_data_errors(kwargs, message) -> None:
     with pytest.raises(DataError, match=message) as error:
         build_dataset(**arguments)
     assert "\n" not in str(error.value)
+
+
+def test_the_cache_returns_what_was_rendered_and_survives_a_broken_file(tmp_path, monkeypatch) -> None:
+    tasks = ["semseg", "depth", "normals", "edge"]
+    rendered = build_dataset("scenes", "val", tasks, img_size=SIZE)[3]
+    writer = build_dataset("scenes", "val", tasks, img_size=SIZE, cache_dir=tmp_path)
+    first = writer[3]
+    (folder,) = tmp_path.iterdir()
+    assert sorted(path.name for path in folder.iterdir()) == ["3.npz"]
+    monkeypatch.setenv("SELGROUP_SCENES_CACHE", str(tmp_path))
+    reader = build_dataset("scenes", "val", tasks, img_size=SIZE)
+    assert reader.cache == folder
+    for image, targets in (first, reader[3]):
+        assert torch.equal(image, rendered[0])
+        for task in tasks:
+            assert targets[task].dtype == rendered[1][task].dtype
+            assert torch.equal(targets[task].nan_to_num(-1), rendered[1][task].nan_to_num(-1))
+    (folder / "3.npz").write_bytes(b"truncated")
+    assert torch.equal(reader[3][0], rendered[0])
+    with pytest.raises(DataError, match="cannot create the cache folder"):
+        build_dataset("scenes", "val", tasks, img_size=SIZE, cache_dir=folder / "3.npz")

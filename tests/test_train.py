@@ -9,13 +9,18 @@ import math
 import pytest
 import torch
 from torch.utils.data import Dataset
+from train_helpers import TINY, load_checkpoint
 
 import selgroup_fast
 from selgroup_fast.bench.model import PRESETS, MultiTaskViT, TaskSpec
 from selgroup_fast.metrics import delta_m, delta_m_all
-from selgroup_fast.train import NonFiniteLoss, TrainConfig, TrainError, fit, fit_baseline
-
-from train_helpers import TINY, load_checkpoint
+from selgroup_fast.train import (
+    NonFiniteLoss,
+    TrainConfig,
+    TrainError,
+    fit,
+    fit_baseline,
+)
 
 RESULT_KEYS = {
     "config", "versions", "machine", "metrics", "higher_is_better", "primary", "time_per_batch_s", "wall_time_s",

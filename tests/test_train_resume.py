@@ -10,8 +10,14 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from train_helpers import ROOT, TINY_ARGS, load_checkpoint, run_train, subprocess_env, train_command
+from train_helpers import (
+    ROOT,
+    TINY_ARGS,
+    load_checkpoint,
+    run_train,
+    subprocess_env,
+    train_command,
+)
 
 ITERS = 8
 HALF = ITERS // 2

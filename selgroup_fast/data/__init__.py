@@ -15,12 +15,14 @@ defines the tasks. ``docs/datasets.md`` describes the datasets and their targets
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
 from torch.utils.data import Dataset
 
 from .common import IMAGENET_MEAN, IMAGENET_STD, DataError, check_common
+from .nyud import NYUD_NPY_TASKS, NYUD_TASKS, NyudDataset, NyudNpyDataset
 from .scenes_dataset import SCENES_LENGTHS, SCENES_TASKS, ScenesDataset
 
 DATASETS = ("scenes", "nyud", "nyud_npy")
@@ -35,8 +37,6 @@ def dataset_tasks(name: str) -> tuple[str, ...]:
     if name == "scenes":
         return SCENES_TASKS
     if name in ("nyud", "nyud_npy"):
-        from .nyud import NYUD_NPY_TASKS, NYUD_TASKS
-
         return NYUD_TASKS if name == "nyud" else NYUD_NPY_TASKS
     raise DataError(f"unknown dataset {name!r}; available: {', '.join(DATASETS)}")
 
@@ -48,11 +48,14 @@ def build_dataset(
     img_size: int,
     root: str | Path | None = None,
     seed: int = 0,
+    cache_dir: str | Path | None = None,
 ) -> Dataset:
     """Dataset ``name``'s ``split`` ("train" or "val") with the targets of ``tasks`` at ``img_size`` pixels.
 
     ``scenes`` is rendered on the fly, deterministic from ``(seed, split, index)`` (``root`` unused);
-    ``nyud`` and ``nyud_npy`` read NYUD-v2 under ``root`` (``seed`` unused). Raises
+    with ``cache_dir`` (default: the environment variable ``SELGROUP_SCENES_CACHE``, if set) each
+    rendered item is also written there and read back by later epochs and runs.
+    ``nyud`` and ``nyud_npy`` read NYUD-v2 under ``root`` (``seed`` and ``cache_dir`` unused). Raises
     :class:`DataError` (one line) for an unknown dataset, split or task, a bad size, or a
     malformed data root.
     """
@@ -61,9 +64,9 @@ def build_dataset(
     if name == "scenes":
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise DataError(f"seed must be a non-negative int, got {seed!r}")
-        return ScenesDataset(split, tasks, img_size, seed)
-    from .nyud import NyudDataset, NyudNpyDataset
-
+        if cache_dir is None and os.environ.get("SELGROUP_SCENES_CACHE"):
+            cache_dir = os.environ["SELGROUP_SCENES_CACHE"]
+        return ScenesDataset(split, tasks, img_size, seed, None if cache_dir is None else Path(cache_dir))
     if root is None:
         raise DataError(f"dataset {name!r} needs a data root (--data-root DIR)")
     dataset_class = NyudDataset if name == "nyud" else NyudNpyDataset

@@ -83,16 +83,9 @@ class _Builder:
 
     def build(self) -> Primitives:
         if not self.rows:
-            empty = np.zeros((0, 3))
-            return Primitives(
-                empty,
-                empty,
-                np.zeros(0),
-                *(np.zeros(0, np.int64) for _ in range(4)),
-                np.zeros(0),
-                empty,
-                np.zeros((0, 4)),
-            )
+            labels = {name: np.zeros(0, np.int64) for name in ("instance", "label", "part", "part_lower")}
+            vectors = {"center": np.zeros((0, 3)), "size": np.zeros((0, 3)), "albedo": np.zeros((0, 3))}
+            return Primitives(**labels, **vectors, yaw=np.zeros(0), part_split=np.zeros(0), texture=np.zeros((0, 4)))
         cols = list(zip(*self.rows))
         return Primitives(
             center=np.array(cols[0], float),
@@ -281,18 +274,13 @@ def _add_person(
 
 
 # --------------------------------------------------------------------------- ray casting
-# Each ``_distance_*`` returns the distance along every ray to every primitive of a kind,
-# [N, P] (inf = miss). ``origin`` is one point [3] (the camera) or one per ray [P, 3]
-# (shadow rays); ``direction`` [P, 3] is unit length. Only the nearest hit of a pixel
-# needs its normal, so ``_surface_*`` computes normals, curvatures and facets afterwards,
-# from the hit points and the primitive of each pixel.
-
-
-def _relative(origin: np.ndarray, center: np.ndarray, axis: int) -> np.ndarray:
-    """``origin - center`` along ``axis``: [N, 1] for one origin, [N, P] for one per ray."""
-    if origin.ndim == 1:
-        return (origin[axis] - center[:, axis])[:, None]
-    return origin[None, :, axis] - center[:, axis][:, None]
+# Rays are tested against primitives in pairs: a ray and a primitive whose bounding sphere
+# it may cross (see ``_candidates``), gathered over all pixels and primitives of a kind so
+# that the number of numpy calls does not grow with the scene. Each ``_distance_*`` takes
+# per-pair geometry (``center`` [M, 3], ``size`` [M, 3], ``yaw`` [M]), ray origins (one
+# point [3] or [M, 3]) and unit directions [M, 3], and returns the distance to the hit
+# (inf = miss). Only the nearest hit of a pixel needs its normal, so ``_surface_*`` computes
+# normals, curvatures and facets afterwards from the hit points.
 
 
 def _guard(d: np.ndarray) -> np.ndarray:
@@ -300,39 +288,48 @@ def _guard(d: np.ndarray) -> np.ndarray:
     return np.where(np.abs(d) < 1e-12, 1e-12, d)
 
 
-def _distance_boxes(boxes: Primitives, origin: np.ndarray, direction: np.ndarray) -> np.ndarray:
+def _distance_boxes(
+    center: np.ndarray, size: np.ndarray, yaw: np.ndarray, origin: np.ndarray, direction: np.ndarray
+) -> np.ndarray:
     """Slab test in each box's frame (rotated by its yaw about the vertical axis)."""
-    c, s = np.cos(boxes.yaw)[:, None], np.sin(boxes.yaw)[:, None]
-    rx, ry, rz = (_relative(origin, boxes.center, axis) for axis in range(3))
-    dx, dy, dz = (direction[None, :, axis] for axis in range(3))
-    local = ((c * rx - s * rz, c * dx - s * dz), (ry, dy), (s * rx + c * rz, s * dx + c * dz))
-    entry, leave = None, None
-    for axis, (o, d) in enumerate(local):
-        inverse = 1.0 / _guard(d)
-        half = boxes.size[:, axis][:, None]
+    c, s = np.cos(yaw), np.sin(yaw)
+    r = origin - center
+    d = direction
+    local = (
+        (c * r[:, 0] - s * r[:, 2], c * d[:, 0] - s * d[:, 2]),
+        (r[:, 1], d[:, 1]),
+        (s * r[:, 0] + c * r[:, 2], s * d[:, 0] + c * d[:, 2]),
+    )
+    nears, fars = [], []
+    for axis, (o, dl) in enumerate(local):
+        inverse = 1.0 / _guard(dl)
+        half = size[:, axis]
         low, high = (-half - o) * inverse, (half - o) * inverse
-        near, far = np.minimum(low, high), np.maximum(low, high)
-        entry = near if entry is None else np.maximum(entry, near)
-        leave = far if leave is None else np.minimum(leave, far)
+        nears.append(np.minimum(low, high))
+        fars.append(np.maximum(low, high))
+    entry, leave = np.maximum.reduce(nears), np.minimum.reduce(fars)
     return np.where((entry <= leave) & (entry > _EPS), entry, np.inf)
 
 
-def _distance_spheres(spheres: Primitives, origin: np.ndarray, direction: np.ndarray) -> np.ndarray:
-    radius = spheres.size[:, 0][:, None]
-    rel = [_relative(origin, spheres.center, axis) for axis in range(3)]
-    b = sum(r * direction[None, :, axis] for axis, r in enumerate(rel))
-    discriminant = b * b - (sum(r * r for r in rel) - radius**2)
+def _distance_spheres(
+    center: np.ndarray, size: np.ndarray, yaw: np.ndarray, origin: np.ndarray, direction: np.ndarray
+) -> np.ndarray:
+    r = origin - center
+    b = (r * direction).sum(1)
+    discriminant = b * b - ((r * r).sum(1) - size[:, 0] ** 2)
     t = -b - np.sqrt(np.maximum(discriminant, 0.0))
     return np.where((discriminant > 0) & (t > _EPS), t, np.inf)
 
 
-def _distance_cylinders(cylinders: Primitives, origin: np.ndarray, direction: np.ndarray) -> np.ndarray:
+def _distance_cylinders(
+    center: np.ndarray, size: np.ndarray, yaw: np.ndarray, origin: np.ndarray, direction: np.ndarray
+) -> np.ndarray:
     """Vertical capped cylinders: ``size`` = (radius, bottom y, top y), axis through ``center``'s x, z."""
-    radius = cylinders.size[:, 0][:, None]
-    bottom, top = cylinders.size[:, 1][:, None], cylinders.size[:, 2][:, None]
-    ox, oz = _relative(origin, cylinders.center, 0), _relative(origin, cylinders.center, 2)
-    oy = origin[1] if origin.ndim == 1 else origin[None, :, 1]
-    dx, dy, dz = (direction[None, :, axis] for axis in range(3))
+    radius, bottom, top = size[:, 0], size[:, 1], size[:, 2]
+    r = origin - center
+    ox, oz = r[:, 0], r[:, 2]
+    oy = origin[..., 1]
+    dx, dy, dz = direction[:, 0], direction[:, 1], direction[:, 2]
     a = np.maximum(dx * dx + dz * dz, 1e-12)
     b = ox * dx + oz * dz
     discriminant = b * b - a * (ox * ox + oz * oz - radius**2)
@@ -397,14 +394,66 @@ _KINDS = (
 )
 
 
-def _occluded(scene: Scene, origin: np.ndarray, direction: np.ndarray) -> np.ndarray:
-    """Whether each ray (origin [P, 3], direction [P, 3]) hits any primitive (the floor casts no shadow)."""
-    blocked = np.zeros(len(origin), bool)
-    for name, distance, _ in _KINDS:
-        primitives = getattr(scene, name)
-        if len(primitives.yaw):
-            blocked |= np.isfinite(distance(primitives, origin, direction)).any(0)
-    return blocked
+def _bounding_spheres(table: Primitives, kinds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Centre [N, 3] and radius [N] of a sphere around each primitive."""
+    center = table.center.copy()
+    box_radius = np.linalg.norm(table.size, axis=1)
+    sphere_radius = table.size[:, 0]
+    half_height = (table.size[:, 2] - table.size[:, 1]) / 2
+    cylinder = kinds == 2
+    center[cylinder, 1] = (table.size[cylinder, 1] + table.size[cylinder, 2]) / 2
+    radius = np.select([kinds == 0, kinds == 1], [box_radius, sphere_radius], np.hypot(sphere_radius, half_height))
+    return center, radius * (1 + 1e-6) + 1e-9
+
+
+def _candidates(
+    center: np.ndarray, radius: np.ndarray, origin: np.ndarray, direction: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """The (primitive, ray) pairs whose ray passes within a primitive's bounding sphere, as index arrays.
+
+    One origin [3]: the angle between the ray and the sphere's centre is at most asin(r / d).
+    One origin per ray [P, 3]: the sphere's centre lies within r of the ray's line, not behind it.
+    """
+    if len(direction) == 0 or len(center) == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    if origin.ndim == 1:
+        to_center = center - origin
+        distance = np.linalg.norm(to_center, axis=1)
+        inside = distance <= radius
+        cos_limit = np.where(inside, -np.inf, np.sqrt(np.maximum(1 - (radius / distance) ** 2, 0.0)))
+        cosine = direction @ (to_center / np.maximum(distance, 1e-12)[:, None]).T  # [P, N]
+        mask = cosine >= cos_limit
+    else:
+        light = direction[0]  # one direction for all rays
+        along = center @ light - (origin @ light)[:, None]  # [P, N]
+        distance2 = (center * center).sum(1) - 2 * origin @ center.T + (origin * origin).sum(1)[:, None]
+        mask = (distance2 - along * along <= radius**2) & (along > -radius)
+    rays, primitives = np.nonzero(mask)
+    return primitives, rays
+
+
+def _pair_distances(
+    geometry: tuple[np.ndarray, np.ndarray, np.ndarray],
+    kinds: np.ndarray,
+    primitives: np.ndarray,
+    rays: np.ndarray,
+    origin: np.ndarray,
+    direction: np.ndarray,
+) -> np.ndarray:
+    """Distance along ray ``rays[m]`` to primitive ``primitives[m]`` for every pair m (inf = miss).
+
+    ``geometry`` is the primitives' (center, size, yaw).
+    """
+    center, size, yaw = geometry
+    t = np.full(len(primitives), np.inf, center.dtype)
+    pair_kinds = kinds[primitives]
+    for k, (_, distance, _) in enumerate(_KINDS):
+        pick = np.flatnonzero(pair_kinds == k)
+        if len(pick):
+            rows, ray = primitives[pick], rays[pick]
+            ray_origin = origin if origin.ndim == 1 else origin[ray]
+            t[pick] = distance(center[rows], size[rows], yaw[rows], ray_origin, direction[ray])
+    return t
 
 
 def _solid_texture(texture: np.ndarray, point: np.ndarray) -> np.ndarray:
@@ -454,16 +503,16 @@ def render(scene: Scene, size: int, rng: np.random.Generator) -> Render:
     origin = scene.camera_position
     table = _concat([getattr(scene, name) for name, _, _ in _KINDS])
     kinds = np.concatenate([np.full(len(getattr(scene, name).yaw), k) for k, (name, _, _) in enumerate(_KINDS)])
+    bound_center, bound_radius = _bounding_spheres(table, kinds)
+    geometry = (table.center, table.size, table.yaw)
 
     # Row 0: the floor (y = 0); then every primitive. The nearest hit wins.
     dy = direction[:, 1]
     floor_t = np.where(dy < -1e-9, -origin[1] / np.where(dy < -1e-9, dy, -1.0), np.inf)
-    distances = [floor_t[None]] + [
-        distance(getattr(scene, name), origin, direction)
-        for name, distance, _ in _KINDS
-        if len(getattr(scene, name).yaw)
-    ]
-    distances = np.concatenate(distances)
+    distances = np.full((1 + len(kinds), pixels), np.inf)
+    distances[0] = floor_t
+    primitives, rays = _candidates(bound_center, bound_radius, origin, direction)
+    distances[1 + primitives, rays] = _pair_distances(geometry, kinds, primitives, rays, origin, direction)
     nearest = distances.argmin(0)
     best_t = distances[nearest, np.arange(pixels)]
     hit_mask = np.isfinite(best_t)
@@ -509,10 +558,19 @@ def render(scene: Scene, size: int, rng: np.random.Generator) -> Render:
     facing = (normal * direction).sum(-1) > 0  # thin boxes seen from behind: face the camera
     normal = np.where(facing[:, None], -normal, normal)
     lambert = np.maximum(normal @ scene.light, 0.0)
-    lit = hit_mask & (lambert > 0)
+    # Shadows: walls, rugs and paintings cast none (the light is inside the room).
+    lit = np.flatnonzero(hit_mask & (lambert > 0))
+    casters = np.flatnonzero((table.label != WALL) & (table.label != RUG) & (table.label != PAINTING))
     shadow_origin = point[lit] + normal[lit] * 1e-4
+    shadow_direction = np.broadcast_to(scene.light, shadow_origin.shape)
+    pair_primitives, pair_rays = _candidates(
+        bound_center[casters], bound_radius[casters], shadow_origin, shadow_direction
+    )
+    blocked = np.isfinite(
+        _pair_distances(geometry, kinds, casters[pair_primitives], pair_rays, shadow_origin, shadow_direction)
+    )
     shadowed = np.zeros(pixels, bool)
-    shadowed[lit] = _occluded(scene, shadow_origin, np.broadcast_to(scene.light, shadow_origin.shape))
+    shadowed[lit[pair_rays[blocked]]] = True
     lambert = np.where(shadowed, 0.0, lambert)
     shading = scene.ambient + (1 - scene.ambient) * lambert
     height = np.clip(-direction[:, 1] * 0.5 + 0.5, 0, 1)[:, None]
@@ -523,7 +581,7 @@ def render(scene: Scene, size: int, rng: np.random.Generator) -> Render:
 
     nan = np.nan
     camera_normal = normal @ scene.camera_basis
-    k = np.sort(curvature, axis=-1)[:, ::-1]
+    principal = np.sort(curvature, axis=-1)[:, ::-1]
     shape2 = (size, size)
     return Render(
         image=image.reshape(*shape2, 3),
@@ -533,7 +591,7 @@ def render(scene: Scene, size: int, rng: np.random.Generator) -> Render:
         distance=np.where(hit_mask, best_t, nan).reshape(shape2),
         zdepth=np.where(hit_mask, best_t / ray_norm, nan).reshape(shape2),
         normal=np.where(hit_mask[:, None], camera_normal, nan).reshape(*shape2, 3),
-        curvature=np.where(hit_mask[:, None], k, nan).reshape(*shape2, 2),
+        curvature=np.where(hit_mask[:, None], principal, nan).reshape(*shape2, 2),
         instance=instance.reshape(shape2),
         facet=facet.reshape(shape2),
         label=label.reshape(shape2),

@@ -141,7 +141,7 @@ def edge_texture(r: Render) -> np.ndarray:
 def _box3(a: np.ndarray) -> np.ndarray:
     padded = np.pad(a, 1, mode="edge")
     h, w = a.shape
-    return sum(padded[i : i + h, j : j + w] for i in range(3) for j in range(3)) / 9.0
+    return np.add.reduce([padded[i : i + h, j : j + w] for i in range(3) for j in range(3)]) / 9.0
 
 
 def harris(channels: np.ndarray) -> np.ndarray:

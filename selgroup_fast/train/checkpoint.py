@@ -97,7 +97,7 @@ def load(path: Path, identity: dict[str, Any]) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises many types for a damaged file
+    except Exception as error:  # noqa: BLE001 (torch raises many types for a damaged file)
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise CheckpointError(f"checkpoint {path} is corrupted or not a checkpoint ({first_line})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:

@@ -14,16 +14,23 @@ import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
-from .config import AMP_MODES, ON_NONFINITE, OPTIMIZERS, SCHEDULES, TrainConfig, TrainError, parse_method_option
+from .config import (
+    AMP_MODES,
+    ON_NONFINITE,
+    OPTIMIZERS,
+    SCHEDULES,
+    TrainConfig,
+    TrainError,
+    parse_method_option,
+)
 from .loop import Interrupted, NonFiniteLoss, fit, fit_baseline
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse that reports a bad flag as one ``error:`` line (no usage dump), exit status 2."""
+    """argparse that reports a bad flag as a :class:`TrainError` (one ``error:`` line, no usage dump)."""
 
     def error(self, message: str) -> NoReturn:
-        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
-        sys.exit(2)
+        raise TrainError(f"{message} (see {self.prog} --help)")
 
 
 def _positive_int(text: str) -> int:
@@ -62,7 +69,7 @@ def build_parser(baseline: bool = False) -> argparse.ArgumentParser:
         add("--method", default="selective", help="a name of selgroup_fast.methods.available() (default selective)")
         add("--method-option", type=_method_option, action="append", default=[], metavar="KEY=VALUE",
             help="an option of the method, repeatable (e.g. decay=1e-4, warmup_steps=50, c=0.4)")
-    add("--backbone", help="a timm ViT name, randomly initialised (default: vit_tiny on a CPU, vit_small on a GPU)")
+    add("--backbone", help="a timm ViT name, randomly initialised (default: test_vit on a CPU, vit_small_patch16_224 on a GPU)")
     add("--img-size", type=_positive_int, help="image side in pixels (default: 32 on a CPU, 224 on a GPU)")
     add("--patch-size", type=_positive_int, help="ViT patch side (default: 8 on a CPU, 16 on a GPU)")
     add("--batch-size", type=_positive_int, default=8, help="images per batch and process (default 8)")
@@ -80,7 +87,8 @@ def build_parser(baseline: bool = False) -> argparse.ArgumentParser:
     add("--compile", action="store_true", help="torch.compile the model")
     add("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
     add("--seed", type=int, default=0)
-    add("--workers", type=int, default=0, help="DataLoader worker processes (default 0)")
+    add("--workers", type=int, help="DataLoader worker processes rendering/reading batches ahead of the step "
+        "(default: 1 on a CPU, 4 on a GPU; 0: in the training process)")
     add("--out", default="baseline_out" if baseline else "train_out", help="output folder")
     if not baseline:
         add("--baseline", metavar="FILE", help="a baseline.json from 'selgroup-train baseline': adds Δm to the results")
@@ -129,11 +137,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Runs the command line ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
     baseline = bool(argv) and argv[0] == "baseline"
-    args = build_parser(baseline).parse_args(argv[1:] if baseline else argv)
-    config = config_from_args(args)
     from ..data import DataError
 
     try:
+        config = config_from_args(build_parser(baseline).parse_args(argv[1:] if baseline else argv))
         if baseline:
             fit_baseline(config)
             print(f"baseline written to {config.out}/baseline.json", file=sys.stderr)
@@ -143,7 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except NonFiniteLoss as error:
-        stop = "" if config.on_nonfinite != "stop" else f"; the last good state is in {config.out}/checkpoint.pt"
+        stop = f"; the last good state is in {config.out}/checkpoint.pt"
         print(f"error: {error}{stop}", file=sys.stderr)
         return 1
     except Interrupted as error:

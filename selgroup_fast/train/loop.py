@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import itertools
 import datetime
+import itertools
 import json
 import math
 import os
@@ -20,7 +20,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -31,13 +31,24 @@ from .. import methods
 from ..bench.model import PRESETS, MultiTaskViT, TaskSpec, task_losses
 from ..bench.report import environment
 from . import checkpoint
-from .config import DDP_METHODS, TrainConfig, TrainError, parse_method_option, resolve, resolve_device
+from .config import (
+    DDP_METHODS,
+    TrainConfig,
+    TrainError,
+    parse_method_option,
+    resolve,
+    resolve_device,
+)
 from .report import TensorBoardLog, append_jsonl, summary_table, write_json, write_plots
 
 #: ``loss_fn(outputs, targets, tasks) -> K scalar losses`` (outputs and targets in task order).
 LossFn = Callable[[Sequence[torch.Tensor], Sequence[torch.Tensor], Sequence[TaskSpec]], Sequence[torch.Tensor]]
 
 _ALL_SPECS: dict[str, TaskSpec] = {spec.name: spec for preset in PRESETS.values() for spec in preset}
+
+
+#: The most memory the validation batches may take to be kept between evaluations.
+VAL_CACHE_BYTES = 512 * 2**20
 
 
 class NonFiniteLoss(RuntimeError):
@@ -213,7 +224,7 @@ class _LossMetric:
     """For tasks without a metric in selgroup_fast.metrics (a user's own task): the mean validation loss."""
 
     primary = "loss"
-    higher_is_better = {"loss": False}
+    higher_is_better: ClassVar[dict[str, bool]] = {"loss": False}
 
     def __init__(self) -> None:
         self.reset()
@@ -256,7 +267,7 @@ class _StopFlag:
         self.signum = 0
         self._previous: dict[int, Any] = {}
 
-    def __enter__(self) -> _StopFlag:
+    def __enter__(self) -> _StopFlag:  # noqa: PYI034 (typing.Self needs Python 3.11)
         for signum in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(ValueError):  # not the main thread: no handlers
                 self._previous[signum] = signal.signal(signum, self._handle)
@@ -265,7 +276,7 @@ class _StopFlag:
     def _handle(self, signum: int, frame: Any) -> None:
         self.signum = signum
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
 
@@ -411,6 +422,7 @@ class _Run:
         }
         self.times = {"data": 0.0, "step": 0.0, "bookkeeping": 0.0, "eval": 0.0, "checkpoint": 0.0}
         self.timed_iterations = 0
+        self.val_cache: list[Any] | None = None
         self.phase_sums: dict[str, float] = {}
         self.phase_count = 0
 
@@ -449,8 +461,7 @@ class _Run:
                 iterator = iter(self.train_loader)
                 for _ in range(self.batch_in_epoch):  # a user's DataLoader: replay up to the position
                     next(iterator)
-            for batch in iterator:
-                yield batch
+            yield from iterator
             self.epoch += 1
             self.batch_in_epoch = 0
 
@@ -657,6 +668,25 @@ class _Run:
         if not self.env.main:
             self.history["evaluations"].append(box[0])
 
+    def _validation_batches(self) -> Any:
+        """The validation batches; kept in memory after the first evaluation when they take under
+        VAL_CACHE_BYTES (the fixed validation set is then rendered or read once, not at every evaluation)."""
+        if self.val_cache is not None:
+            yield from self.val_cache
+            return
+        kept: list[Any] | None = []
+        size = 0
+        for batch in itertools.islice(self.val_loader, self.config.eval_batches):
+            if kept is not None:
+                images, targets = batch
+                size += images.nbytes + sum(t.nbytes for t in _as_list(targets, self.specs))
+                if size <= VAL_CACHE_BYTES:
+                    kept.append(batch)
+                else:
+                    kept = None
+            yield batch
+        self.val_cache = kept
+
     @torch.no_grad()
     def _validation_metrics(self) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
         net = self.raw_model
@@ -664,7 +694,7 @@ class _Run:
         metrics = [_make_metric(spec, self.custom) for spec in self.specs]
         loss_sums = [0.0] * len(self.specs)
         batches = 0
-        for images, targets in itertools.islice(self.val_loader, self.config.eval_batches):
+        for images, targets in self._validation_batches():
             images = images.to(self.device, non_blocking=True)
             targets = [t.to(self.device, non_blocking=True) for t in _as_list(targets, self.specs)]
             with self.autocast:

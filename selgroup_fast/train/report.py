@@ -47,7 +47,7 @@ class TensorBoardLog:
             self._writer.close()
 
 
-def _pyplot():  # noqa: ANN202 (matplotlib.pyplot has no public type)
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
