@@ -147,6 +147,8 @@ class Size:
     weight_decay: float = 1e-6
     optimizer: str = "adam"
     schedule: str = "poly"
+    # Data loaded in the training process, between the timed steps: no worker competes with the step.
+    workers: int = 0
     extra: tuple[str, ...] = ()
 
     def flags(self) -> list[str]:
@@ -175,6 +177,8 @@ class Size:
             str(self.eval_every),
             "--checkpoint-every",
             str(self.iters),
+            "--workers",
+            str(self.workers),
             *self.extra,
         ]
 
@@ -277,6 +281,53 @@ def timing_plan(preset: str, variants: Sequence[Variant], rounds: int) -> Plan:
         shift = round_ % len(variants)
         runs += [Run(preset, variant, round_) for variant in [*variants[shift:], *variants[:shift]]]
     return Plan(tuple(runs))
+
+
+def _render_split(dataset: str, tasks: tuple[str, ...], img_size: int, seed: int, split: str, cache: str) -> int:
+    from selgroup_fast.data import build_dataset
+
+    data = build_dataset(dataset, split, tasks, img_size, seed=seed, cache_dir=cache)
+    for index in range(len(data)):  # type: ignore[arg-type]
+        data[index]
+    return len(data)  # type: ignore[arg-type]
+
+
+def splits_to_render(plan: Plan) -> list[tuple[tuple[str, ...], int, str]]:
+    """(task set, seed, split) of every ``scenes`` split the plan's runs read, once each.
+
+    The trainer draws the scenes from ``--seed`` and the cache is keyed by the task set: one train and
+    one val split per preset and seed of the methods, and per task for the single-task baselines.
+
+    >>> plan = custom_plan(["nyud"], [Variant("gd")], [0, 1])
+    >>> [(len(tasks), seed, split) for tasks, seed, split in splits_to_render(plan)][::2]
+    [(1, 0, 'train'), (1, 0, 'train'), (1, 0, 'train'), (1, 0, 'train'), (4, 0, 'train'), (4, 1, 'train')]
+    """
+    wanted: dict[tuple[tuple[str, ...], int], None] = {}
+    for run in plan.runs:
+        names = tuple(spec.name for spec in PRESETS[run.preset])
+        for tasks in [(name,) for name in names] if run.is_baseline else [names]:
+            wanted[(tasks, run.seed)] = None
+    return [(tasks, seed, split) for tasks, seed in wanted for split in ("train", "val")]
+
+
+def prerender(plan: Plan, size: Size, cache: Path, jobs: int, echo: Callable[[str], None]) -> None:
+    """Renders every ``scenes`` split the plan's runs will read into the on-disk cache, ``jobs`` at a time.
+
+    Rendering is deterministic: a cached scene is the scene, and the runs then only read files.
+    """
+    from concurrent.futures import ProcessPoolExecutor
+
+    work = splits_to_render(plan)
+    echo(f"rendering {len(work)} splits into {cache}, {jobs} at a time")
+    with ProcessPoolExecutor(max_workers=jobs) as pool:
+        futures = [
+            pool.submit(_render_split, size.dataset, tasks, size.img_size, seed, split, str(cache))
+            for tasks, seed, split in work
+        ]
+        for (tasks, seed, split), future in zip(work, futures):
+            echo(
+                f"  {'+'.join(tasks) if len(tasks) < 3 else f'{len(tasks)} tasks'} seed {seed} {split}: {future.result()} scenes"
+            )
 
 
 def check_variant(variant: Variant) -> None:
@@ -1051,6 +1102,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--baselines-only", action="store_true", help="run only the plan's single-task baselines (then the table)"
     )
+    parser.add_argument(
+        "--scenes-cache",
+        type=Path,
+        help="render each scene once into this folder and read it back in every run (SELGROUP_SCENES_CACHE)",
+    )
+    parser.add_argument(
+        "--prerender", action="store_true", help="render the plan's scenes into --scenes-cache first (--jobs at a time)"
+    )
     parser.add_argument("--table-only", action="store_true", help="write the table from the finished runs; run nothing")
     parser.add_argument("--dry-run", action="store_true", help="print the commands of the unfinished runs; run nothing")
     parser.add_argument("--note", action="append", default=[], help="a line for the table's header (repeatable)")
@@ -1075,6 +1134,8 @@ def main(argv: Sequence[str] | None = None, runner: Runner = subprocess_runner) 
                 plan = timing_plan(presets[0], variants, args.timing)
             else:
                 plan = custom_plan(presets, variants, seeds)
+        if args.prerender and not args.scenes_cache:
+            raise ValueError("--prerender needs --scenes-cache DIR")
         if args.timing and (args.plan or args.jobs != 1):
             raise ValueError("--timing runs one method at a time over --presets/--methods: no --plan, no --jobs")
         if args.timing < 0:
@@ -1104,6 +1165,10 @@ def main(argv: Sequence[str] | None = None, runner: Runner = subprocess_runner) 
             if not is_complete(run, args.out):
                 print(shlex.join(["selgroup-train", *run.arguments(args.out, size)]))
         return 0
+    if args.scenes_cache:
+        os.environ["SELGROUP_SCENES_CACHE"] = str(args.scenes_cache.resolve())
+    if args.prerender and not args.table_only:
+        prerender(plan, size, args.scenes_cache, args.jobs, lambda line: print(line, flush=True))
     to_run = Plan(tuple(run for run in plan.runs if run.is_baseline or not args.baselines_only), plan.ablations)
     outcomes = (
         [] if args.table_only else execute(to_run, args.out, size, jobs=args.jobs, threads=args.threads, runner=runner)
