@@ -293,20 +293,19 @@ def _render_split(dataset: str, tasks: tuple[str, ...], img_size: int, seed: int
 
 
 def splits_to_render(plan: Plan) -> list[tuple[tuple[str, ...], int, str]]:
-    """(task set, seed, split) of every ``scenes`` split the plan's runs read, once each.
+    """(task set, seed, split) of every ``scenes`` split that the plan's method runs share, once each.
 
     The trainer draws the scenes from ``--seed`` and the cache is keyed by the task set: one train and
-    one val split per preset and seed of the methods, and per task for the single-task baselines.
+    one val split per preset and seed. The single-task baselines' splits (one task each) are read by
+    one run only, so they are rendered as that run goes.
 
-    >>> plan = custom_plan(["nyud"], [Variant("gd")], [0, 1])
-    >>> [(len(tasks), seed, split) for tasks, seed, split in splits_to_render(plan)][::2]
-    [(1, 0, 'train'), (1, 0, 'train'), (1, 0, 'train'), (1, 0, 'train'), (4, 0, 'train'), (4, 1, 'train')]
+    >>> plan = custom_plan(["nyud", "taskonomy"], [Variant("gd"), Variant("selective")], [0, 1])
+    >>> [(len(tasks), seed, split) for tasks, seed, split in splits_to_render(plan)]
+    [(4, 0, 'train'), (4, 0, 'val'), (4, 1, 'train'), (4, 1, 'val'), (11, 0, 'train'), (11, 0, 'val'), (11, 1, 'train'), (11, 1, 'val')]
     """
-    wanted: dict[tuple[tuple[str, ...], int], None] = {}
-    for run in plan.runs:
-        names = tuple(spec.name for spec in PRESETS[run.preset])
-        for tasks in [(name,) for name in names] if run.is_baseline else [names]:
-            wanted[(tasks, run.seed)] = None
+    wanted = {
+        (tuple(spec.name for spec in PRESETS[run.preset]), run.seed): None for run in plan.runs if not run.is_baseline
+    }
     return [(tasks, seed, split) for tasks, seed in wanted for split in ("train", "val")]
 
 
@@ -1108,7 +1107,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="render each scene once into this folder and read it back in every run (SELGROUP_SCENES_CACHE)",
     )
     parser.add_argument(
-        "--prerender", action="store_true", help="render the plan's scenes into --scenes-cache first (--jobs at a time)"
+        "--prerender",
+        action="store_true",
+        help="render the scenes the plan's method runs share into --scenes-cache first (--jobs at a time)",
     )
     parser.add_argument("--table-only", action="store_true", help="write the table from the finished runs; run nothing")
     parser.add_argument("--dry-run", action="store_true", help="print the commands of the unfinished runs; run nothing")
