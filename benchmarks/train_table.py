@@ -488,7 +488,32 @@ def execute(
     python: str = sys.executable,
     echo: Callable[[str], None] = lambda line: print(line, flush=True),
 ) -> list[Outcome]:
-    """Runs every unfinished run of ``plan`` (``jobs`` at a time), each in a fresh folder."""
+    """Runs every unfinished run of ``plan`` (``jobs`` at a time), each in a fresh folder.
+
+    Holds an exclusive lock on ``root/.lock`` meanwhile: a second sweep on the same folder would
+    take the first one's runs in progress for unfinished ones and delete them.
+    """
+    import fcntl
+
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".lock", "w") as lock_file:
+        try:
+            fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ValueError(f"another train_table.py is running on {root}") from None
+        return _execute(plan, root, size, jobs, threads, runner, python, echo)
+
+
+def _execute(
+    plan: Plan,
+    root: Path,
+    size: Size,
+    jobs: int,
+    threads: int | None,
+    runner: Runner,
+    python: str,
+    echo: Callable[[str], None],
+) -> list[Outcome]:
     check_resumable(plan, root, size)
     threads = threads or max(1, (os.cpu_count() or 1) // jobs)
     env = dict(os.environ)
@@ -1180,9 +1205,14 @@ def main(argv: Sequence[str] | None = None, runner: Runner = subprocess_runner) 
     if args.prerender and not args.table_only:
         prerender(plan, size, args.scenes_cache, args.jobs, lambda line: print(line, flush=True))
     to_run = Plan(tuple(run for run in plan.runs if run.is_baseline or not args.baselines_only), plan.ablations)
-    outcomes = (
-        [] if args.table_only else execute(to_run, args.out, size, jobs=args.jobs, threads=args.threads, runner=runner)
-    )
+    try:
+        outcomes = (
+            []
+            if args.table_only
+            else execute(to_run, args.out, size, jobs=args.jobs, threads=args.threads, runner=runner)
+        )
+    except ValueError as error:
+        _fail(str(error))
     summary = timing_summary(plan, args.out) if args.timing else summarize(plan, args.out)
     summary["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     summary["size"] = shlex.join(size.flags())

@@ -405,3 +405,15 @@ def test_baselines_only_runs_the_baselines_and_the_sweep_reuses_them(tmp_path):
     assert len(runner.calls) == 4 * 3 and "baseline" not in {
         call[call.index("selgroup_fast.train") + 1] for call in runner.calls
     }
+
+
+def test_a_second_sweep_on_a_folder_in_use_is_refused(tmp_path, capsys):
+    import fcntl
+
+    tmp_path.mkdir(exist_ok=True)
+    with open(tmp_path / ".lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a sweep in progress
+        with pytest.raises(SystemExit) as exit_info:
+            _sweep(tmp_path, FakeTrainer())
+    assert exit_info.value.code == 2 and "another train_table.py is running on" in capsys.readouterr().err
+    assert _sweep(tmp_path, FakeTrainer()) == 0  # released: the sweep runs
