@@ -120,6 +120,15 @@ def test_nyud_items_decode_every_target(tmp_path: Path, mti_net: bool) -> None:
     assert targets["edge"].dtype == torch.int64 and np.array_equal(targets["edge"].numpy(), arrays["edge"])
 
 
+def test_nyud_reads_one_bit_edge_pngs(tmp_path: Path) -> None:
+    stored = make_nyud(tmp_path)
+    Image.fromarray(stored["0003"]["edge"].astype(bool)).save(tmp_path / "edge" / "0003.png")
+    with Image.open(tmp_path / "edge" / "0003.png") as saved:
+        assert saved.mode == "1"
+    targets = build_dataset("nyud", "val", ["edge"], img_size=H, root=tmp_path)[0][1]
+    assert np.array_equal(targets["edge"].numpy(), stored["0003"]["edge"])
+
+
 def test_nyud_resizes_every_map_to_img_size(tmp_path: Path) -> None:
     make_nyud(tmp_path)
     image, targets = build_dataset("nyud", "train", NYUD_TASKS, img_size=16, root=tmp_path)[0]

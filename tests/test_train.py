@@ -53,7 +53,7 @@ def test_every_method_trains_through_the_trainer(method, tmp_path):
     assert state["iteration"] == 3
     # training moved the encoder and every task's decoder away from the seeded initial model
     torch.manual_seed(0)
-    initial = MultiTaskViT(list(PRESETS["nyud"]), "vit_tiny_patch16_224", 16, 8).state_dict()
+    initial = MultiTaskViT(list(PRESETS["nyud"]), "test_vit", 16, 8).state_dict()
     for name in ["encoder.patch_embed.proj.weight"] + [f"decoders.{k}.weight" for k in range(4)]:
         assert not torch.equal(state["model"][name], initial[name]), name
     assert any(name.startswith("tensorboard") for name in (p.name for p in tmp_path.iterdir()))
@@ -201,3 +201,19 @@ def test_own_model_tasks_and_data(method, tmp_path):
 def test_own_model_needs_its_tasks(tmp_path):
     with pytest.raises(TrainError, match="needs tasks="):
         fit(TrainConfig(out=str(tmp_path), **TINY), model=_PairModel())
+
+
+@pytest.mark.parametrize(
+    "method, amp",
+    [("gd", "bf16"), ("selective", "fp16"), pytest.param("selective", "off", marks=pytest.mark.slow, id="compile")],
+)
+def test_mixed_precision_and_compile(method, amp, tmp_path):
+    config = TrainConfig(method=method, amp=amp, compile=amp == "off", iters=2, out=str(tmp_path),
+                         method_options={"warmup_steps": 1} if method == "selective" else {}, **TINY)
+    results = fit(config)
+    assert results["iterations"] == 2 and results["config"]["amp"] == amp
+    state = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert all(torch.isfinite(value).all() for value in state["model"].values())
+    assert state["model"]["decoders.0.weight"].dtype == torch.float32  # autocast leaves the parameters alone
+    if amp == "fp16":
+        assert state["scaler"] is not None and state["scaler"]["scale"] > 0

@@ -11,9 +11,10 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
-#: The smallest run the trainer accepts: vit_tiny on 16 px images (4 patches), batch 2, 2 eval batches.
-TINY = {"img_size": 16, "patch_size": 8, "batch_size": 2, "eval_batches": 2, "progress": False, "log_every": 1}
-TINY_ARGS = ["--img-size", "16", "--patch-size", "8", "--batch-size", "2", "--eval-batches", "2", "--quiet",
+#: A tiny run: the CPU default backbone (test_vit) on 16 px images (4 patches), batch 2, 2 eval batches, no workers.
+TINY = {"img_size": 16, "patch_size": 8, "batch_size": 2, "eval_batches": 2, "progress": False, "log_every": 1,
+        "workers": 0}
+TINY_ARGS = ["--img-size", "16", "--patch-size", "8", "--batch-size", "2", "--eval-batches", "2", "--quiet", "--workers", "0",
              "--log-every", "1"]
 
 

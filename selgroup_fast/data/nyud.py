@@ -24,6 +24,7 @@ the targets by nearest neighbour, so labels stay labels and NaN stays NaN).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
 
@@ -128,7 +129,7 @@ class _NyudBase(Dataset):
         return array
 
 
-def _labels(task: str, raw: np.ndarray, void: int, offset: int, path: Path, fail) -> np.ndarray:
+def _labels(raw: np.ndarray, void: int, offset: int, path: Path, fail: Callable[[str], NoReturn]) -> np.ndarray:
     """Integer labels ``raw - offset`` with ``void`` mapped to 255, as [H, W, 1]."""
     if raw.ndim != 2:
         fail(f"{path} must be a 2-D label map, got shape {raw.shape}")
@@ -141,7 +142,7 @@ def _labels(task: str, raw: np.ndarray, void: int, offset: int, path: Path, fail
     return out[..., None]
 
 
-def _normals(raw: np.ndarray, path: Path, fail) -> np.ndarray:
+def _normals(raw: np.ndarray, path: Path, fail: Callable[[str], NoReturn]) -> np.ndarray:
     if raw.ndim != 3 or raw.shape[2] != 3:
         fail(f"{path} must be [H, W, 3] normals, got shape {raw.shape}")
     normals = raw.astype(np.float32)
@@ -149,7 +150,7 @@ def _normals(raw: np.ndarray, path: Path, fail) -> np.ndarray:
     return np.where(missing[..., None], np.nan, normals)
 
 
-def _depth(raw: np.ndarray, path: Path, fail) -> np.ndarray:
+def _depth(raw: np.ndarray, path: Path, fail: Callable[[str], NoReturn]) -> np.ndarray:
     if raw.ndim == 3 and raw.shape[2] == 1:
         raw = raw[..., 0]
     if raw.ndim != 2:
@@ -193,7 +194,7 @@ class NyudDataset(_NyudBase):
                 self._fail(f"{path} must be an RGB image, got shape {raw.shape}")
             return raw[..., :3].astype(np.float32) / 255.0
         if key == "semseg":
-            return _labels(key, raw, void=0, offset=1, path=path, fail=self._fail)
+            return _labels(raw, void=0, offset=1, path=path, fail=self._fail)
         if key == "depth":
             return _depth(raw, path, self._fail)
         if key == "normals":
@@ -206,7 +207,7 @@ class NyudDataset(_NyudBase):
             raw = raw[..., 0]
         if raw.ndim != 2:
             self._fail(f"{path} must be a 2-D edge map, got shape {raw.shape}")
-        scale = 255.0 if path.suffix == ".png" else 1.0
+        scale = 255.0 if path.suffix == ".png" and raw.dtype != bool else 1.0  # 1-bit PNGs read as bool
         return (raw.astype(np.float32) / scale > 0.5).astype(np.int64)[..., None]
 
 
@@ -243,7 +244,7 @@ class NyudNpyDataset(_NyudBase):
             image = raw.astype(np.float32)
             return image / 255.0 if raw.dtype == np.uint8 else image
         if key == "semseg":
-            return _labels(key, raw, void=-1, offset=0, path=path, fail=self._fail)
+            return _labels(raw, void=-1, offset=0, path=path, fail=self._fail)
         if key == "depth":
             return _depth(raw, path, self._fail)
         return _normals(raw, path, self._fail)

@@ -71,7 +71,7 @@ class Primitives:
     texture: np.ndarray  # [N, 4]: kind, frequency, phase, contrast
 
 
-class _Builder:
+class PrimitivesBuilder:
     """Collects primitives of one kind while a scene is drawn."""
 
     def __init__(self) -> None:
@@ -131,7 +131,7 @@ def _albedo(rng: np.random.Generator) -> np.ndarray:
 
 def draw_scene(rng: np.random.Generator) -> Scene:
     """Draws a room, its furniture and people, the camera and the lights."""
-    boxes, spheres, cylinders = _Builder(), _Builder(), _Builder()
+    boxes, spheres, cylinders = PrimitivesBuilder(), PrimitivesBuilder(), PrimitivesBuilder()
     width, depth, height = rng.uniform(3.5, 6.0), rng.uniform(4.0, 7.0), rng.uniform(2.4, 3.2)
     half = width / 2
     wall_albedo = _albedo(rng) * 0.5 + 0.4
@@ -224,9 +224,9 @@ def draw_scene(rng: np.random.Generator) -> Scene:
 
 
 def _add_person(
-    boxes: _Builder,
-    spheres: _Builder,
-    cylinders: _Builder,
+    boxes: PrimitivesBuilder,
+    spheres: PrimitivesBuilder,
+    cylinders: PrimitivesBuilder,
     rng: np.random.Generator,
     x: float,
     z: float,

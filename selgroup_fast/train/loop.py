@@ -304,6 +304,10 @@ def fit(
     device = resolve_device(config.device)
     if env.active and device.type == "cuda":
         device = torch.device("cuda", env.local_rank)
+    if (train_data is None) != (val_data is None):
+        raise TrainError("fit() needs both train_data= and val_data=, or neither")
+    if train_data is not None and config.workers is None:
+        config = dataclasses.replace(config, workers=0)  # a user's data: no worker process unless asked
     config, defaults_note = resolve(config, device)
     custom = model is not None or tasks is not None
     if model is not None and tasks is None:
@@ -311,8 +315,6 @@ def fit(
     specs = task_specs(config, tasks)
     _check_method(config, env)
     baseline = _load_baseline(config.baseline, specs) if config.baseline else None
-    if (train_data is None) != (val_data is None):
-        raise TrainError("fit() needs both train_data= and val_data=, or neither")
     out = Path(config.out)
     ckpt_path = out / checkpoint.FILENAME
     resume_path = _resume_path(config, ckpt_path)
