@@ -523,6 +523,7 @@ def _execute(
         PYTHONUNBUFFERED="1",
         PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])),
     )
+    code = code_version()
     pending = [run for run in plan.runs if not is_complete(run, root)]
     outcomes = [Outcome(run, "skipped") for run in plan.runs if is_complete(run, root)]
     echo(f"{len(outcomes)} of {len(plan.runs)} runs already finished; {len(pending)} to run, {jobs} at a time")
@@ -535,7 +536,8 @@ def _execute(
         folder.mkdir(parents=True)
         arguments = run.arguments(root, size)
         argv = [python, "-m", "selgroup_fast.train", *arguments]
-        (folder / COMMAND_NAME).write_text(json.dumps({"arguments": arguments, "argv": argv}, indent=1) + "\n")
+        record = {"arguments": arguments, "argv": argv, "code": code}
+        (folder / COMMAND_NAME).write_text(json.dumps(record, indent=1) + "\n")
         begin = time.perf_counter()
         status = runner(argv, env, folder / LOG_NAME)
         seconds = time.perf_counter() - begin
@@ -1088,6 +1090,15 @@ def code_version() -> str:
     return describe.stdout.strip()
 
 
+def runs_code(plan: Plan, root: Path) -> str:
+    """The commits the plan's finished runs were made with (from their command.json), or this checkout's."""
+    codes = {
+        (read_json(run.folder(root) / COMMAND_NAME) or {}).get("code") for run in plan.runs if is_complete(run, root)
+    }
+    codes.discard(None)
+    return ", ".join(sorted(codes)) if codes else code_version()
+
+
 def _fail(message: str) -> None:
     print(f"error: {message}", file=sys.stderr)
     raise SystemExit(2)
@@ -1216,7 +1227,7 @@ def main(argv: Sequence[str] | None = None, runner: Runner = subprocess_runner) 
     summary = timing_summary(plan, args.out) if args.timing else summarize(plan, args.out)
     summary["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     summary["size"] = shlex.join(size.flags())
-    summary["code"] = code_version()
+    summary["code"] = runs_code(plan, args.out)
     if args.timing:
         markdown = render_timing(summary, command, args.note)
         (args.out / "timing.json").write_text(
