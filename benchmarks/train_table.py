@@ -384,11 +384,19 @@ def _recorded_command(folder: Path) -> list[str] | None:
         return None
 
 
+def _settings(arguments: list[str] | None) -> list[str] | None:
+    """A run's arguments less its ``--out`` folder (a sweep folder may be moved or read from elsewhere)."""
+    if arguments is None or "--out" not in arguments:
+        return arguments
+    at = arguments.index("--out")
+    return arguments[:at] + arguments[at + 2 :]
+
+
 def check_resumable(plan: Plan, root: Path, size: Size) -> None:
     """Refuses to mix runs: a finished folder must hold this sweep's command."""
     for run in plan.runs:
         folder = run.folder(root)
-        if is_complete(run, root) and _recorded_command(folder) != run.arguments(root, size):
+        if is_complete(run, root) and _settings(_recorded_command(folder)) != _settings(run.arguments(root, size)):
             raise ValueError(
                 f"{folder} holds a finished run of another command (see its {COMMAND_NAME}); "
                 "use another --out or delete that folder"
@@ -787,8 +795,8 @@ def preset_rows(preset: dict[str, Any], labels: Iterable[str]) -> tuple[list[str
         if row is None:
             continue
         if not row.get("primary"):
-            reason = "; ".join(f"seed {f['seed']}: {f['error']}" for f in row.get("failed", [])) or "not run"
-            rows.append([label, "0", f"failed ({reason})", *["–"] * (len(header) - 3)])
+            reason = "; ".join(f"seed {f['seed']}: {f['error']}" for f in row.get("failed", []))
+            rows.append([label, "0", f"failed ({reason})" if reason else "not run", *["–"] * (len(header) - 3)])
             continue
         seeds = str(len(row["seeds"])) + (f" ({len(row['failed'])} failed)" if row.get("failed") else "")
         cells = [
