@@ -417,3 +417,14 @@ def test_a_second_sweep_on_a_folder_in_use_is_refused(tmp_path, capsys):
             _sweep(tmp_path, FakeTrainer())
     assert exit_info.value.code == 2 and "another train_table.py is running on" in capsys.readouterr().err
     assert _sweep(tmp_path, FakeTrainer()) == 0  # released: the sweep runs
+
+
+def test_a_moved_sweep_folder_still_reads(tmp_path):
+    import shutil
+
+    assert _sweep(tmp_path / "a", FakeTrainer()) == 0
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    runner = FakeTrainer()
+    assert _sweep(tmp_path / "b", runner) == 0 and runner.calls == []  # every run counts as finished
+    rows = json.loads((tmp_path / "b" / "table.json").read_text())["presets"]["nyud"]["rows"]
+    assert rows["selective"]["delta_m"] == pytest.approx(6.0)
