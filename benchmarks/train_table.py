@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
-import inspect
 import io
 import itertools
 import json
@@ -332,27 +331,39 @@ def prerender(plan: Plan, size: Size, cache: Path, jobs: int, echo: Callable[[st
             pool.submit(_render_split, size.dataset, tasks, size.img_size, seed, split, str(cache))
             for tasks, seed, split in work
         ]
-        for (tasks, seed, split), future in zip(work, futures):
+        for (tasks, seed, split), future in zip(work, futures, strict=False):
             echo(
                 f"  {'+'.join(tasks) if len(tasks) < 3 else f'{len(tasks)} tasks'} seed {seed} {split}: {future.result()} scenes"
             )
 
 
 def check_variant(variant: Variant) -> None:
-    """Refuses an unknown method or an option its constructor does not take (before anything runs)."""
+    """Refuses an unknown method or an option it does not take (before anything runs).
+
+    The method is built once, as the trainer builds it, on a tiny stand-in model: the
+    options are then checked by the method itself (its constructor or its op), not by a
+    second list of them here.
+    """
+    import torch
+
     from selgroup_fast import methods
+    from selgroup_fast.train.config import parse_method_option
 
     if variant.method not in methods.available():
         raise ValueError(f"unknown method {variant.method!r}; available: {', '.join(methods.available())}")
-    cls = methods._load(variant.method)
-    accepted = [
-        name
-        for name, parameter in inspect.signature(cls.__init__).parameters.items()
-        if parameter.kind is inspect.Parameter.KEYWORD_ONLY
-    ]
-    for key, _ in variant.options:
-        if key not in accepted:
-            raise ValueError(f"method {variant.method!r} takes no option {key!r}; its options: {', '.join(accepted)}")
+    options = dict(parse_method_option(f"{key}={value}") for key, value in variant.options)
+    encoder, heads = torch.nn.Linear(2, 2), torch.nn.Linear(2, 3)
+    optimizer = torch.optim.SGD([*encoder.parameters(), *heads.parameters()], lr=0.1)
+    try:
+        methods.create(variant.method, optimizer, 3, shared_params=list(encoder.parameters()), **options)
+    except TypeError as error:
+        message = str(error)
+        if "unexpected keyword argument" in message:
+            key = message.split("unexpected keyword argument")[-1].strip(" '\"")
+            raise ValueError(f"method {variant.method!r} takes no option {key!r}") from None
+        raise ValueError(f"method {variant.method!r}: {message}") from None
+    except ValueError as error:
+        raise ValueError(f"method {variant.method!r}: {error}") from None
 
 
 # --------------------------------------------------------------------------- running
@@ -443,7 +454,7 @@ def grouping_dynamics(history: dict[str, Any], post_warmup_batches: int) -> dict
     after = groups[len(groups) - post_warmup_batches :] if post_warmup_batches else []
     changes = [a != b for a, b in itertools.pairwise(after)]
     snapshots = history.get("affinity") or []
-    steps = [abs(b - a) for before, now in itertools.pairwise(snapshots) for a, b in zip(before, now)]
+    steps = [abs(b - a) for before, now in itertools.pairwise(snapshots) for a, b in zip(before, now, strict=False)]
     scale = statistics.fmean(abs(value) for snapshot in snapshots for value in snapshot) if snapshots else 0.0
     return {
         "groups_after_warmup": statistics.fmean(after) if after else None,
@@ -655,7 +666,7 @@ def summarize(plan: Plan, root: Path) -> dict[str, Any]:
                 row["affinity"] = _mean_matrix([record["affinity"] for _, record in records if record.get("affinity")])
                 dynamics = [
                     grouping_dynamics(history, record.get("cogrouping_batches", 0))
-                    for run, (_, record) in zip([run for run in runs if is_complete(run, root)], records)
+                    for run, (_, record) in zip([run for run in runs if is_complete(run, root)], records, strict=False)
                     if (history := read_json(run.folder(root) / HISTORY_NAME)) is not None
                 ]
                 for key in ("groups_after_warmup", "group_count_changes", "affinity_fluctuation"):
@@ -663,7 +674,7 @@ def summarize(plan: Plan, root: Path) -> dict[str, Any]:
             rows[label] = row
         gd = rows.get("gd", {})
         gd_time = gd.get("time_per_batch_s")
-        gd_by_seed = dict(zip(gd.get("seeds", []), gd.get("delta_m_per_seed", [])))
+        gd_by_seed = dict(zip(gd.get("seeds", []), gd.get("delta_m_per_seed", []), strict=False))
         for row in rows.values():
             time_per_batch = row.get("time_per_batch_s")
             row["times_gd"] = time_per_batch / gd_time if time_per_batch is not None and gd_time else None
@@ -671,7 +682,7 @@ def summarize(plan: Plan, root: Path) -> dict[str, Any]:
             # scenes (the trainer draws them from --seed), so their difference cancels what the seed adds.
             paired = [
                 value - gd_by_seed[seed]
-                for seed, value in zip(row.get("seeds", []), row.get("delta_m_per_seed", []))
+                for seed, value in zip(row.get("seeds", []), row.get("delta_m_per_seed", []), strict=False)
                 if seed in gd_by_seed and row["label"] != "single-task"
             ]
             row["vs_gd_per_seed"] = paired

@@ -389,7 +389,9 @@ def test_load_factory_and_the_built_in_factory():
     built = vit_bench_model(ModelRequest("pascal", batch_size=2, seed=3), backbone="test_vit", img_size=32)
     again = vit_bench_model(ModelRequest("pascal", batch_size=2, seed=3), backbone="test_vit", img_size=32)
     assert built.task_names == ["semseg", "human_parts", "sal", "normals", "edge"]
-    torch.testing.assert_close(torch.stack(built.closure()[0]), torch.stack(again.closure()[0]))  # same seed, same losses
+    torch.testing.assert_close(
+        torch.stack(built.closure()[0]), torch.stack(again.closure()[0])
+    )  # same seed, same losses
     assert {id(p) for p in built.shared_params} == {id(p) for p in built.model.encoder.parameters()}
     assert len(built.task_params) == 2 * 5  # one 1x1 convolution (weight, bias) per task
 

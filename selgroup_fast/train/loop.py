@@ -122,6 +122,10 @@ def task_specs(config: TrainConfig, tasks: Sequence[TaskSpec] | None) -> list[Ta
     return [_ALL_SPECS[name] for name in names]
 
 
+#: The seed of the built-in ``scenes`` dataset's content (fixed: see :func:`fit`).
+DATASET_SEED = 0
+
+
 def _check_method(config: TrainConfig) -> None:
     available = methods.available()
     if config.method not in available:
@@ -314,8 +318,11 @@ def fit(
 
         assert config.img_size is not None
         names = [spec.name for spec in specs]
-        train_data = build_dataset(config.dataset, "train", names, config.img_size, config.data_root, config.seed)
-        val_data = build_dataset(config.dataset, "val", names, config.img_size, config.data_root, config.seed)
+        # The built-in dataset is one fixed dataset, like a real one: --seed draws the model's
+        # initialisation, the data order and the methods' randomness, never other scenes (so runs of
+        # any seed, and their baselines, are scored on the same validation images).
+        train_data = build_dataset(config.dataset, "train", names, config.img_size, config.data_root, DATASET_SEED)
+        val_data = build_dataset(config.dataset, "val", names, config.img_size, config.data_root, DATASET_SEED)
     if model is None:
         torch.manual_seed(config.seed)  # the same initial parameters on every rank and every run
         model = _build_model(config, specs)
