@@ -143,6 +143,10 @@ class MultiTaskViT(nn.Module):
         """The encoder's parameters (what gradient-manipulation methods operate on)."""
         return list(self.encoder.parameters())
 
+    def task_parameters(self) -> list[list[nn.Parameter]]:
+        """Each task's own parameters (its decoder), in task order: ``task_params=`` of the methods."""
+        return [list(decoder.parameters()) for decoder in self.decoders]
+
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """The encoder's patch tokens as a feature map ``[B, D, H/patch, W/patch]``."""
         tokens = self.encoder.forward_features(images)

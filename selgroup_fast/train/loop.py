@@ -175,6 +175,11 @@ def _build_method(
             options["grad_scaler"] = scaler
     shared_parameters = getattr(model, "shared_parameters", None)
     shared = shared_parameters() if callable(shared_parameters) else None
+    # Each task's own parameters, where the model says them: a compiled model's graph hides them
+    # (README, "Scaling out").
+    task_parameters = getattr(model, "task_parameters", None)
+    if callable(task_parameters):
+        options.setdefault("task_params", task_parameters())
     try:
         return methods.create(config.method, optimizer, num_tasks, shared_params=shared, **options)
     except TypeError as error:
