@@ -146,6 +146,9 @@ class GradientMethod(MultiTaskMethod):
             if self._sharded:
                 self._sharded_step(losses)
                 return self._optimizer_step(losses)
+            if self._ranks.enabled and self._task_params:
+                self._distributed_parameter_step(losses)
+                return self._optimizer_step(losses)
             with self._timer.phase("backward"):
                 jacobian = self._ranks.mean(self._parameter_jacobian(losses))
             with self._timer.phase("manipulation"):
@@ -172,6 +175,42 @@ class GradientMethod(MultiTaskMethod):
         with self._timer.phase("optimizer"):
             self.optimizer.step()
         return detached(losses)
+
+    def _distributed_parameter_step(self, losses: list[torch.Tensor]) -> None:
+        """The DDP step: this rank's J of the shared and of the task parameters, averaged in ONE all-reduce.
+
+        The heads' per-task gradients (K×P_h, K small backwards through the heads only) travel
+        with J (K×P_s), so that the weights and the heads' update both come from the global
+        batch after a single collective; the gradients are written outside DDP's reducer.
+        """
+        with self._timer.phase("backward"):
+            shared = self._parameter_jacobian(losses)
+            heads = torch.stack(
+                [
+                    torch.cat(
+                        [
+                            grad.reshape(-1)
+                            for grad in torch.autograd.grad(
+                                loss,
+                                self._task_params,
+                                retain_graph=k < len(losses) - 1,
+                                allow_unused=True,
+                                materialize_grads=True,
+                            )
+                        ]
+                    )
+                    for k, loss in enumerate(losses)
+                ]
+            ).to(shared.dtype)
+            both = self._ranks.mean(torch.cat([shared, heads], dim=1))
+        with self._timer.phase("manipulation"):
+            jacobian, heads = both.split([shared.shape[1], heads.shape[1]], dim=1)
+            _, head_weights = self.aggregator.combine(jacobian.contiguous(), out=self._jacobian.direction)
+            self._jacobian.assign_grads()
+            weights = torch.ones(len(losses), dtype=heads.dtype, device=heads.device)
+            flat = (weights if head_weights is None else head_weights.to(heads.dtype)) @ heads
+            for param, grad in zip(self._task_params, flat.split([p.numel() for p in self._task_params]), strict=True):
+                param.grad = grad.view_as(param).to(param.dtype)
 
     def _sharded_step(self, losses: list[torch.Tensor]) -> None:
         """The FSDP2 step: per-task sharded gradients by K ordinary backwards, the global Gram matrix, ``wᵀJ`` per shard."""
@@ -237,7 +276,7 @@ class GradientMethod(MultiTaskMethod):
     def _backward_task_params(
         self, losses: list[torch.Tensor], weights: torch.Tensor | None, retain_graph: bool
     ) -> None:
-        """The task-specific parameters' gradients of ``Σ_k w_k L_k``, averaged across ranks (outside DDP's reducer)."""
+        """The task-specific parameters' gradients of ``Σ_k w_k L_k`` (one process; DDP: :meth:`_distributed_parameter_step`)."""
         if not self._task_params:
             return
         with self._timer.phase("backward"):
@@ -248,9 +287,6 @@ class GradientMethod(MultiTaskMethod):
                 allow_unused=True,
                 materialize_grads=True,
             )
-            if self._ranks.enabled:
-                flat = self._ranks.mean(torch.cat([grad.reshape(-1) for grad in grads]))
-                grads = flat.split([grad.numel() for grad in grads])
             for param, grad in zip(self._task_params, grads, strict=False):
                 param.grad = grad.view_as(param)
 
