@@ -347,7 +347,7 @@ def check_variant(variant: Variant) -> None:
     import torch
 
     from selgroup_fast import methods
-    from selgroup_fast.train.config import parse_method_option
+    from selgroup_fast.train.config import parse_method_option, unknown_option
 
     if variant.method not in methods.available():
         raise ValueError(f"unknown method {variant.method!r}; available: {', '.join(methods.available())}")
@@ -357,11 +357,10 @@ def check_variant(variant: Variant) -> None:
     try:
         methods.create(variant.method, optimizer, 3, shared_params=list(encoder.parameters()), **options)
     except TypeError as error:
-        message = str(error)
-        if "unexpected keyword argument" in message:
-            key = message.split("unexpected keyword argument")[-1].strip(" '\"")
+        key = unknown_option(error)
+        if key is not None:
             raise ValueError(f"method {variant.method!r} takes no option {key!r}") from None
-        raise ValueError(f"method {variant.method!r}: {message}") from None
+        raise ValueError(f"method {variant.method!r}: {error}") from None
     except ValueError as error:
         raise ValueError(f"method {variant.method!r}: {error}") from None
 

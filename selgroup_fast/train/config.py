@@ -130,6 +130,18 @@ def parse_method_option(text: str) -> tuple[str, Any]:
         return key, value.strip()
 
 
+def unknown_option(error: TypeError) -> str | None:
+    """The option a method refused (``unexpected keyword argument 'x'``), or None for another TypeError.
+
+    >>> unknown_option(TypeError("__init__() got an unexpected keyword argument 'ordering'"))
+    'ordering'
+    """
+    message = str(error)
+    if "unexpected keyword argument" not in message:
+        return None
+    return message.split("unexpected keyword argument")[-1].strip(" '\"")
+
+
 def resolve_device(name: str | None) -> torch.device:
     """The device named by ``--device`` (default: cuda when available), refused when absent."""
     if name is None:

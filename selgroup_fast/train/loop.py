@@ -31,7 +31,7 @@ from .. import methods
 from ..bench.model import PRESETS, MultiTaskViT, TaskSpec, task_losses
 from ..bench.report import environment
 from . import checkpoint
-from .config import TrainConfig, TrainError, resolve, resolve_device
+from .config import TrainConfig, TrainError, resolve, resolve_device, unknown_option
 from .report import TensorBoardLog, append_jsonl, summary_table, write_json, write_plots
 
 #: ``loss_fn(outputs, targets, tasks) -> K scalar losses`` (outputs and targets in task order).
@@ -183,11 +183,10 @@ def _build_method(
     try:
         return methods.create(config.method, optimizer, num_tasks, shared_params=shared, **options)
     except TypeError as error:
-        message = str(error)
-        if "unexpected keyword argument" in message:
-            option = message.split("unexpected keyword argument")[-1].strip(" '\"")
+        option = unknown_option(error)
+        if option is not None:
             raise TrainError(f"--method-option: method {config.method!r} has no option {option!r}") from None
-        raise TrainError(f"--method {config.method}: {message}") from None
+        raise TrainError(f"--method {config.method}: {error}") from None
     except ValueError as error:
         raise TrainError(f"--method {config.method}: {error}") from None
 
