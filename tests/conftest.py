@@ -7,10 +7,18 @@ Test files import the model and problem helpers with ``from conftest import ...`
 
 from __future__ import annotations
 
+import datetime
+import importlib.util
+import os
+import socket
+import sys
+from pathlib import Path
+from types import ModuleType
 from typing import NamedTuple
 
 import pytest
 import torch
+import torch.distributed as dist
 
 import selgroup_fast
 
@@ -123,3 +131,35 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now, for a test's process group."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def init_gloo(rank: int, port: int, world_size: int) -> None:
+    """Joins a gloo process group on 127.0.0.1 (one torch thread: the ranks share 2 cores)."""
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world_size,
+        timeout=datetime.timedelta(seconds=60),
+    )
+
+
+def load_benchmark(name: str) -> ModuleType:
+    """The script ``benchmarks/<name>.py`` imported as module ``name`` (benchmarks/ is no package)."""
+    spec = importlib.util.spec_from_file_location(
+        name, Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module

@@ -16,15 +16,14 @@ starts its 2 processes once.
 from __future__ import annotations
 
 import contextlib
-import datetime
 import os
-import socket
 import traceback
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from conftest import init_gloo
 
 from selgroup_fast import methods
 
@@ -165,23 +164,9 @@ def counting_all_reduce(sizes: list[int]) -> Iterator[None]:
         dist.all_reduce = original
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def serve(rank: int, port: int, cases: list[tuple[str, str, str]], out_dir: str) -> None:
     """Runs ``cases`` (method, config, variant) on rank ``rank``; saves the results to ``out_dir``."""
-    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=WORLD_SIZE,
-        timeout=datetime.timedelta(seconds=60),
-    )
+    init_gloo(rank, port, WORLD_SIZE)
     results = {}
     try:
         for case in cases:

@@ -17,6 +17,7 @@ import scaling_worker as worker
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import free_port
 
 import selgroup_fast
 from selgroup_fast import methods
@@ -61,9 +62,7 @@ def distributed(request, tmp_path_factory) -> list[dict]:
         }
     )
     out_dir = tmp_path_factory.mktemp("scaling")
-    context = mp.spawn(
-        worker.serve, args=(worker.free_port(), cases, str(out_dir)), nprocs=worker.WORLD_SIZE, join=False
-    )
+    context = mp.spawn(worker.serve, args=(free_port(), cases, str(out_dir)), nprocs=worker.WORLD_SIZE, join=False)
     while not context.join(timeout=300):
         pass
     return [torch.load(out_dir / f"rank{rank}.pt") for rank in range(worker.WORLD_SIZE)]

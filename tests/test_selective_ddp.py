@@ -3,9 +3,7 @@ data on each rank, DistributedDataParallel(find_unused_parameters=True)."""
 
 from __future__ import annotations
 
-import datetime
 import os
-import socket
 import sys
 from functools import partial
 
@@ -13,7 +11,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import TinyMultiTask, regression_losses
+from conftest import TinyMultiTask, free_port, init_gloo, regression_losses
 
 from selgroup_fast import SelectiveGroupUpdate
 
@@ -57,15 +55,7 @@ def recording_closure(model, heads, x, y, grads_seen: list[list[bool]]):
 
 
 def worker(rank: int, port: int, out_dir: str) -> None:
-    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=WORLD_SIZE,
-        timeout=datetime.timedelta(seconds=60),
-    )
+    init_gloo(rank, port, WORLD_SIZE)
     try:
 
         def wrap(m):
@@ -93,12 +83,6 @@ def worker(rank: int, port: int, out_dir: str) -> None:
         )
     finally:
         dist.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.mark.timeout(180)

@@ -4,20 +4,14 @@ together; only rank 0 writes; methods not yet supported under DDP are refused.""
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 
 import pytest
 import torch
 import train_ddp_run
+from conftest import free_port
 from train_helpers import ROOT, TINY_ARGS, load_checkpoint, subprocess_env
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _torchrun(*args: str) -> subprocess.CompletedProcess:
@@ -33,7 +27,7 @@ def _torchrun(*args: str) -> subprocess.CompletedProcess:
         "--master-addr",
         "127.0.0.1",
         "--master-port",
-        str(_free_port()),
+        str(free_port()),
         *args,
     ]
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT, check=False)
