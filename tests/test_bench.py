@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import math
 import os
@@ -15,6 +14,7 @@ import bench_toy_factory
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import load_benchmark
 
 import selgroup_fast
 from selgroup_fast.bench import (
@@ -50,15 +50,7 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _load_reference_loop():
-    spec = importlib.util.spec_from_file_location("reference_loop", REPO / "benchmarks" / "reference_loop.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["reference_loop"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-reference_loop = _load_reference_loop()
+reference_loop = load_benchmark("reference_loop")
 
 
 def _assert_png(path: Path) -> None:
@@ -600,9 +592,7 @@ def test_reference_script_compares_both_loops(tmp_path):
 
 
 def test_micro_summary_pairs_each_fused_op_with_its_reference(tmp_path):
-    spec = importlib.util.spec_from_file_location("summarize_micro", REPO / "benchmarks" / "summarize_micro.py")
-    summarize = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(summarize)
+    summarize = load_benchmark("summarize_micro")
 
     def bench(op, side, num_tasks, device, median):
         info = {"op": op, "side": side, "num_tasks": num_tasks, "device": device}

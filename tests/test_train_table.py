@@ -4,32 +4,20 @@ one tiny real sweep through the CLI (slow)."""
 from __future__ import annotations
 
 import csv
-import importlib.util
 import inspect
 import json
 import math
 import statistics
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_benchmark
 
 from selgroup_fast.bench.model import PRESETS
 from selgroup_fast.selective import SelectiveGroupUpdate
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _load_train_table():
-    spec = importlib.util.spec_from_file_location("train_table", REPO / "benchmarks" / "train_table.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["train_table"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-tt = _load_train_table()
+tt = load_benchmark("train_table")
 
 # The fake trainer's metrics: a segmentation task scores mIoU (higher is better), a regression task RMSE (lower).
 BASELINE_VALUE = {"segmentation": 0.5, "regression": 0.2}
