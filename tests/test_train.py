@@ -8,8 +8,7 @@ import math
 
 import pytest
 import torch
-from torch.utils.data import Dataset
-from train_helpers import TINY, load_checkpoint
+from train_helpers import TINY, MapData, MapModel, load_checkpoint
 
 import selgroup_fast
 from selgroup_fast.bench.model import PRESETS, MultiTaskViT, TaskSpec
@@ -190,39 +189,15 @@ def test_a_nonfinite_loss_is_reported_with_task_and_iteration(mode, tmp_path, mo
         assert all(torch.isfinite(p).all() for p in state["model"].values())
 
 
-class _PairData(Dataset):
-    """A user's own data: 8×8 single-channel maps with two regression targets (x² and -x)."""
-
-    def __init__(self, count: int, seed: int) -> None:
-        self.x = torch.randn(count, 1, 8, 8, generator=torch.Generator().manual_seed(seed))
-
-    def __len__(self) -> int:
-        return len(self.x)
-
-    def __getitem__(self, index: int):
-        x = self.x[index]
-        return x, {"square": x.pow(2), "negated": -x}
-
-
-class _PairModel(torch.nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.encoder = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.Tanh())
-        self.heads = torch.nn.ModuleList(torch.nn.Conv2d(8, 1, 1) for _ in range(2))
-
-    def shared_parameters(self):
-        return list(self.encoder.parameters())
-
-    def forward(self, x):
-        features = self.encoder(x)
-        return [head(features) for head in self.heads]
+#: The two tasks of the own-model test: x² and -x.
+PAIR = ["square", "negated"]
 
 
 @pytest.mark.parametrize("method", ["selective", "pcgrad"])
 def test_own_model_tasks_and_data(method, tmp_path):
-    tasks = [TaskSpec("square", "regression", 1), TaskSpec("negated", "regression", 1)]
+    tasks = [TaskSpec(name, "regression", 1) for name in PAIR]
     torch.manual_seed(0)
-    model = _PairModel()
+    model = MapModel(2)
     config = TrainConfig(
         method=method,
         iters=40,
@@ -233,15 +208,15 @@ def test_own_model_tasks_and_data(method, tmp_path):
         progress=False,
         method_options={"warmup_steps": 5} if method == "selective" else {},
     )
-    results = fit(config, model=model, train_data=_PairData(64, 0), val_data=_PairData(16, 1), tasks=tasks)
+    results = fit(config, model=model, train_data=MapData(64, 0, PAIR), val_data=MapData(16, 1, PAIR), tasks=tasks)
     assert results["dataset"] == "custom" and results["tasks"] == ["square", "negated"]
     # tasks unknown to selgroup_fast.metrics are evaluated by their mean validation loss
     assert results["primary"] == {"square": "loss", "negated": "loss"}
     assert results["higher_is_better"]["square"] == {"loss": False}
     # training helped: the validation losses fell below those of the initial model
     torch.manual_seed(0)
-    initial = _PairModel()
-    val = _PairData(16, 1)
+    initial = MapModel(2)
+    val = MapData(16, 1, PAIR)
     with torch.no_grad():
         outputs = initial(val.x)
     initial_negated = (outputs[1] + val.x).abs().mean().item()
@@ -250,7 +225,7 @@ def test_own_model_tasks_and_data(method, tmp_path):
 
 def test_own_model_needs_its_tasks(tmp_path):
     with pytest.raises(TrainError, match="needs tasks="):
-        fit(TrainConfig(out=str(tmp_path), **TINY), model=_PairModel())
+        fit(TrainConfig(out=str(tmp_path), **TINY), model=MapModel(2))
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,5 @@
-"""Shared pieces of the trainer tests: tiny run settings, a subprocess runner, checkpoint reading."""
+"""Shared pieces of the trainer tests: tiny run settings, a subprocess runner, checkpoint reading,
+a user's own small model and data."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import sys
 from pathlib import Path
 
 import torch
+from torch.utils.data import Dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -66,3 +68,38 @@ def run_train(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
 
 def load_checkpoint(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+#: Regression targets computed from the input map: a user's own tasks, unknown to selgroup_fast.metrics.
+MAP_TARGETS = {"square": lambda x: x.pow(2), "negated": lambda x: -x, "shift": lambda x: x + 1}
+
+
+class MapData(Dataset):
+    """A user's own data: 8×8 single-channel maps, with the targets of ``tasks`` (names of MAP_TARGETS)."""
+
+    def __init__(self, count: int, seed: int, tasks: list[str]) -> None:
+        self.tasks = list(tasks)
+        self.x = torch.randn(count, 1, 8, 8, generator=torch.Generator().manual_seed(seed))
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, index: int):
+        x = self.x[index]
+        return x, {task: MAP_TARGETS[task](x) for task in self.tasks}
+
+
+class MapModel(torch.nn.Module):
+    """A user's own model: a conv encoder shared by ``num_tasks`` 1×1 conv heads."""
+
+    def __init__(self, num_tasks: int) -> None:
+        super().__init__()
+        self.encoder = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.Tanh())
+        self.heads = torch.nn.ModuleList(torch.nn.Conv2d(8, 1, 1) for _ in range(num_tasks))
+
+    def shared_parameters(self):
+        return list(self.encoder.parameters())
+
+    def forward(self, x):
+        features = self.encoder(x)
+        return [head(features) for head in self.heads]
