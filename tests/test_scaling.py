@@ -154,6 +154,32 @@ def test_selective_compiled_leaves_heads_outside_the_group_and_their_state_bitwi
                 torch.testing.assert_close(after, before, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("name", ["pcgrad", "mgda"])  # the heads' gradient unweighted, and weighted
+def test_a_gradient_method_runs_one_compiled_backward_per_task(name):
+    # A compiled backward computes every gradient of its region: the heads' must come from the
+    # K task backwards, not from one more (benchmarks/results/compile_cpu.md).
+    torch._dynamo.reset()
+    model = worker.SharedEncoderModel()
+    compiled = torch.compile(model, backend=worker.COMPILE_BACKEND)
+    method = methods.create(
+        name, torch.optim.SGD(model.parameters(), lr=0.1), worker.NUM_TASKS, shared_params=model.encoder
+    )
+    x, y = worker.batches()[0]
+    calls = []
+
+    def closure():
+        losses = [(out - y[:, k]).pow(2).mean() for k, out in enumerate(compiled(x))]
+        node = losses[0].grad_fn
+        while type(node).__name__ != "CompiledFunctionBackward":
+            node = next(next_node for next_node, _ in node.next_functions if next_node is not None)
+        node.register_prehook(lambda grad_outputs: calls.append(len(grad_outputs)))
+        return losses
+
+    for _ in range(2):
+        method.step(closure)
+    assert len(calls) == 2 * worker.NUM_TASKS
+
+
 # ---------------------------------------------------------------------- DDP and FSDP2
 
 SUPPORTED = (

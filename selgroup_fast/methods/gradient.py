@@ -116,7 +116,8 @@ class GradientMethod(MultiTaskMethod):
         if self._ranks.enabled and space != "parameters":
             raise ValueError(f'space="{space}" is not supported under torch.distributed: use space="parameters"')
         aggregator.load_state_dict(self._ranks.first_rank(aggregator.state_dict()))  # the same random draws
-        self._graph_checked = False
+        self._compiled: bool | None = None  # whether a compiled region makes the losses (the graph walk, once)
+        self._task_jacobian = torch.empty(0)  # compiled models: the heads' per-task gradients (K×P_h), allocated once
 
     @property
     def shared_params(self) -> list[torch.Tensor]:
@@ -148,6 +149,9 @@ class GradientMethod(MultiTaskMethod):
                 return self._optimizer_step(losses)
             if self._ranks.enabled and self._task_params:
                 self._distributed_parameter_step(losses)
+                return self._optimizer_step(losses)
+            if self._task_params and self._from_compiled_region(losses):
+                self._compiled_parameter_step(losses)
                 return self._optimizer_step(losses)
             with self._timer.phase("backward"):
                 jacobian = self._ranks.mean(self._parameter_jacobian(losses))
@@ -207,10 +211,43 @@ class GradientMethod(MultiTaskMethod):
             jacobian, heads = both.split([shared.shape[1], heads.shape[1]], dim=1)
             _, head_weights = self.aggregator.combine(jacobian.contiguous(), out=self._jacobian.direction)
             self._jacobian.assign_grads()
-            weights = torch.ones(len(losses), dtype=heads.dtype, device=heads.device)
-            flat = (weights if head_weights is None else head_weights.to(heads.dtype)) @ heads
-            for param, grad in zip(self._task_params, flat.split([p.numel() for p in self._task_params]), strict=True):
-                param.grad = grad.view_as(param).to(param.dtype)
+            self._assign_task_grads(heads, head_weights)
+
+    def _compiled_parameter_step(self, losses: list[torch.Tensor]) -> None:
+        """The step on a compiled model: J and the heads' per-task gradients from the same K backwards.
+
+        AOTAutograd compiles ONE backward per compiled region, which computes the gradient of
+        every parameter of the region whatever ``torch.autograd.grad`` asks for: the eager step's
+        separate backward for the heads would run the whole model's backward once more (K + 1
+        instead of K; benchmarks/results/compile_cpu.md). Asking for the shared and the task
+        parameters in each task's backward costs nothing more and gives the heads' K×P_h rows.
+        """
+        shared, last = len(self.shared_params), len(losses) - 1
+        if self._task_jacobian.numel() == 0:
+            width = sum(p.numel() for p in self._task_params)
+            self._task_jacobian = self._jacobian.matrix.new_empty(len(losses), width)
+        with self._timer.phase("backward"):
+            for k, loss in enumerate(losses):
+                grads = torch.autograd.grad(
+                    loss,
+                    [*self.shared_params, *self._task_params],
+                    retain_graph=k < last,
+                    allow_unused=True,
+                    materialize_grads=True,
+                )
+                torch.cat([g.reshape(-1) for g in grads[:shared]], out=self._jacobian.matrix[k])
+                torch.cat([g.reshape(-1) for g in grads[shared:]], out=self._task_jacobian[k])
+        with self._timer.phase("manipulation"):
+            _, head_weights = self.aggregator.combine(self._jacobian.matrix, out=self._jacobian.direction)
+            self._jacobian.assign_grads()
+            self._assign_task_grads(self._task_jacobian, head_weights)
+
+    def _assign_task_grads(self, task_jacobian: torch.Tensor, head_weights: torch.Tensor | None) -> None:
+        """Makes ``Σ_k w_k t_k`` (``t_k``: row k of ``task_jacobian``) the task parameters' ``.grad`` (``w = 1`` without weights)."""
+        weights = torch.ones(len(task_jacobian), dtype=task_jacobian.dtype, device=task_jacobian.device)
+        flat = (weights if head_weights is None else head_weights.to(task_jacobian.dtype)) @ task_jacobian
+        for param, grad in zip(self._task_params, flat.split([p.numel() for p in self._task_params]), strict=True):
+            param.grad = grad.view_as(param).to(param.dtype)
 
     def _sharded_step(self, losses: list[torch.Tensor]) -> None:
         """The FSDP2 step: per-task sharded gradients by K ordinary backwards, the global Gram matrix, ``wᵀJ`` per shard."""
@@ -246,12 +283,7 @@ class GradientMethod(MultiTaskMethod):
 
     def _parameter_jacobian(self, losses: list[torch.Tensor]) -> torch.Tensor:
         """J of this rank's losses w.r.t. the shared parameters; a compiled backward that cannot be retained is named."""
-        if not self._graph_checked:  # once: the graph walk runs on the host
-            self._graph_checked = True
-            if self._jacobian.mode == "batched" and graph_parameters(losses)[1]:
-                # A compiled backward cannot run under vmap (AOTAutograd's runtime wrapper copies a
-                # batched gradient into an unbatched buffer): K ordinary backwards, the same J.
-                self._jacobian.mode = "loop"
+        self._from_compiled_region(losses)
         try:
             return self._jacobian.compute(losses, retain_graph=bool(self._task_params))
         except RuntimeError as error:
@@ -262,6 +294,16 @@ class GradientMethod(MultiTaskMethod):
                 "was compiled with donated buffers before this method first ran it: compile it under "
                 "torch._functorch.config.patch(donated_buffer=False), or call torch._dynamo.reset() first"
             ) from error
+
+    def _from_compiled_region(self, losses: list[torch.Tensor]) -> bool:
+        """Whether a compiled region makes the losses; found once (the graph walk runs on the host)."""
+        if self._compiled is None:
+            self._compiled = graph_parameters(losses)[1]
+            if self._compiled:
+                # A compiled backward cannot run under vmap (AOTAutograd's runtime wrapper copies a
+                # batched gradient into an unbatched buffer): K ordinary backwards, the same J.
+                self._jacobian.mode = "loop"
+        return self._compiled
 
     @staticmethod
     def _weighted_total(losses: list[torch.Tensor], weights: torch.Tensor | None) -> torch.Tensor:
