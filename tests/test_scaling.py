@@ -180,6 +180,43 @@ def test_a_gradient_method_runs_one_compiled_backward_per_task(name):
     assert len(calls) == 2 * worker.NUM_TASKS
 
 
+def test_representation_space_with_a_compiled_encoder_and_heads_trains_as_the_eager_one():
+    # The closure returns the features z, so encoder and heads are compiled apart (z is the
+    # boundary). J w.r.t. z runs the heads' compiled backward, which cannot run under vmap: the
+    # default jacobian="batched" must loop. Inductor: aot_eager's backward happens to run under vmap.
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    initial = worker.SharedEncoderModel().encoder.weight.detach().clone()
+    trained = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        model = worker.SharedEncoderModel()
+
+        def encode(x, model=model):
+            return model.encoder(x).tanh()
+
+        def decode(z, model=model):
+            return [head(z).squeeze(1) for head in model.heads]
+
+        if compiled:
+            encode = torch.compile(encode, backend="inductor")
+            decode = torch.compile(decode, backend="inductor")
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        method = methods.create(
+            "mgda", optimizer, worker.NUM_TASKS, shared_params=model.encoder, space="representation"
+        )
+        for x, y in worker.batches():
+
+            def closure(x=x, y=y, encode=encode, decode=decode):
+                z = encode(x)
+                return [(out - y[:, k]).pow(2).mean() for k, out in enumerate(decode(z))], z
+
+            method.step(closure)
+        trained.append([p.detach().clone() for p in model.parameters()])
+    torch.testing.assert_close(trained[1], trained[0])
+    assert not torch.equal(trained[0][0], initial)  # it did train
+
+
 # ---------------------------------------------------------------------- DDP and FSDP2
 
 SUPPORTED = (

@@ -165,6 +165,7 @@ class GradientMethod(MultiTaskMethod):
                     'space="representation" needs the closure to return (losses, features), features being the '
                     "shared representation (the encoder's output)"
                 )
+            self._from_compiled_region(losses)  # the heads' compiled backward cannot run under vmap either
             with self._timer.phase("backward"):
                 jacobian = self._jacobian.of_features(losses, features)
             with self._timer.phase("manipulation"):
