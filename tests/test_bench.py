@@ -627,3 +627,14 @@ def test_micro_summary_pairs_each_fused_op_with_its_reference(tmp_path):
         "| `imtl_weights` | 4 | cpu | 7.0 | 35.0 | 5.0× |",
     ]
     assert "- loaded" in text and "Test CPU" in text and str(path.as_posix()) in text
+
+
+@pytest.mark.parametrize("flag, value", [("--steps", "0"), ("--warmup", "-1")])
+def test_bench_compile_refuses_bad_counts_in_one_line(flag, value, capsys):
+    load_benchmark("bench_methods")  # what bench_compile imports from its own folder
+    bench_compile = load_benchmark("bench_compile")
+    with pytest.raises(SystemExit) as exited:
+        bench_compile.main([flag, value, "--output", "-"])
+    least = 0 if flag == "--warmup" else 1
+    assert exited.value.code == 2
+    assert capsys.readouterr().err == f"error: {flag} must be at least {least}, got {value}\n"
