@@ -2,7 +2,8 @@
 
 Scaling out (README "Scaling out"): under ``torch.compile`` the step runs with
 ``torch._functorch.config.donated_buffer`` and Inductor's FX graph cache off
-(:func:`retainable_compiled_graphs`: the per-task backwards retain the graph);
+(:func:`retainable_compiled_graphs`: the per-task backwards retain the graph), and the
+heads' gradients come from the same K backwards as J (a compiled backward computes them anyway);
 under DDP every gradient is taken with ``torch.autograd.grad`` (outside DDP's reducer) and
 averaged here, J with one all-reduce (K×P), the heads' gradients with a second; under FSDP2
 (weightings only) one ordinary backward per task gives the sharded task gradients, the K×K
