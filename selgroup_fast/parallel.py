@@ -129,6 +129,67 @@ def flat_column_start(param: torch.Tensor) -> int:
     return global_offset[0] * math.prod(full_shape[1:]) if full_shape else 0
 
 
+def fsdp2_records(params: Sequence[torch.Tensor]) -> list[Any]:
+    """FSDP2's record (``FSDPParam``) of each of ``params``: it holds the unsharded parameter of the autograd graph.
+
+    FSDP2 offers no public link from a sharded parameter to the unsharded one its forward
+    uses; its records are reached through the modules' composable state (torch's private
+    ``_module_state_mapping``, torch 2.14). Raises a ``ValueError`` for a DTensor that no
+    ``fully_shard`` call manages, or one not sharded by whole rows on a 1-D mesh.
+    """
+    from torch.distributed import _composable_state
+    from torch.distributed.tensor import Shard
+
+    records: dict[int, Any] = {}
+    for state_ref in list(_composable_state._module_state_mapping.values()):
+        state = state_ref()
+        for group in getattr(state, "_fsdp_param_groups", None) or []:
+            for record in group.fsdp_params:
+                records[id(record.sharded_param)] = record
+    found = []
+    for param in params:
+        if id(param) not in records:
+            raise ValueError(
+                f"a parameter of shape {tuple(param.shape)} is not sharded by FSDP2's fully_shard: under FSDP2 every "
+                "shared and task parameter must be (fully_shard each head and the encoder)"
+            )
+        sharded: Any = param
+        if sharded.device_mesh.ndim != 1 or tuple(sharded.placements) != (Shard(0),):
+            raise ValueError(
+                f"a parameter of shape {tuple(param.shape)} is placed {tuple(sharded.placements)} on a "
+                f"{sharded.device_mesh.ndim}-D mesh: the gradient methods support FSDP2's default Shard(0) on a 1-D mesh"
+            )
+        found.append(records[id(param)])
+    return found
+
+
+def reduce_scatter_rows(grads: Sequence[torch.Tensor], params: Sequence[torch.Tensor], group: Any) -> torch.Tensor:
+    """Each rank's shard of the ranks' summed K-row gradients, in ONE reduce-scatter.
+
+    ``grads[i]`` is ``K × params[i].shape`` (full, unsharded gradients on this rank);
+    ``params`` are sharded by whole rows (FSDP2's ``Shard(0)``: ``torch.chunk`` along dim 0,
+    ⌈n₀/W⌉ rows per rank, the last ranks' chunks short or empty). Returns
+    ``K × Σ_i local_numel(params[i])``: this rank's columns, in the order of ``params``.
+    """
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    blocks, widths = [], []
+    for grad, param in zip(grads, params, strict=True):
+        rows = param.shape[0]
+        chunk = -(-rows // world)  # FSDP2 pads every rank's chunk to this many rows
+        per_row = grad[0].numel() // rows
+        padded = torch.nn.functional.pad(grad.reshape(grad.shape[0], rows, per_row), (0, 0, 0, chunk * world - rows))
+        blocks.append(padded.reshape(grad.shape[0], world, chunk * per_row).transpose(0, 1))  # W × K × chunk
+        widths.append((chunk * per_row, max(0, min(chunk, rows - rank * chunk)) * per_row))
+    stacked = torch.cat(blocks, dim=2).contiguous()  # W × K × S: rank r's block is what it receives
+    received = stacked.new_empty(stacked.shape[1:])
+    dist.reduce_scatter_single(received.view(-1), stacked.view(-1), op=dist.ReduceOp.SUM, group=group)
+    columns, start = [], 0
+    for padded_width, local_width in widths:
+        columns.append(received[:, start : start + local_width])
+        start += padded_width
+    return torch.cat(columns, dim=1)
+
+
 def is_sharded(tensor: torch.Tensor) -> bool:
     """Whether ``tensor`` is a DTensor (an FSDP2 / tensor-parallel parameter)."""
     return hasattr(tensor, "device_mesh") and hasattr(tensor, "to_local")
@@ -272,6 +333,8 @@ __all__ = [
     "as_parameter_list",
     "check_process_group",
     "flat_column_start",
+    "fsdp2_records",
     "graph_parameters",
     "is_sharded",
+    "reduce_scatter_rows",
 ]

@@ -5,9 +5,10 @@ Scaling out (README "Scaling out"): under ``torch.compile`` the step runs with
 (:func:`retainable_compiled_graphs`: the per-task backwards retain the graph);
 under DDP every gradient is taken with ``torch.autograd.grad`` (outside DDP's reducer) and
 averaged here, J and the heads' gradients in one all-reduce (K×P); under FSDP2 (weightings
-and GradDrop) one ordinary backward per task gives the sharded task gradients, the K×K
-Gram matrix of the local shards is all-reduced and ``wᵀJ`` is written into each shard
-(GradDrop: each rank combines its own columns, with their global indices).
+and GradDrop) the K task gradients are taken w.r.t. the unsharded parameters, reduce-scattered
+in one collective (K×P), the K×K Gram matrix of the local shards is all-reduced and ``wᵀJ``
+is written into each shard (GradDrop: each rank combines its own columns, with their global
+indices).
 """
 
 from __future__ import annotations
@@ -19,9 +20,17 @@ from typing import Any, Literal, cast
 import torch
 import torch._functorch.config
 import torch._inductor.config
+import torch.distributed as dist
 
 from ..losses import ClosureOutput
-from ..parallel import TaskParams, flat_column_start, graph_parameters, is_sharded
+from ..parallel import (
+    TaskParams,
+    flat_column_start,
+    fsdp2_records,
+    graph_parameters,
+    is_sharded,
+    reduce_scatter_rows,
+)
 from .base import MultiTaskMethod, detached
 from .graddrop import GradDrop
 from .jacobian import JacobianMode, SharedParams, TaskJacobian
@@ -123,8 +132,10 @@ class GradientMethod(MultiTaskMethod):
         if self._ranks.enabled and space != "parameters":
             raise ValueError(f'space="{space}" is not supported under torch.distributed: use space="parameters"')
         aggregator.load_state_dict(self._ranks.first_rank(aggregator.state_dict()))  # the same random draws
-        #: Under FSDP2: (first global column of J, width) of each shared parameter's local shard.
+        #: Under FSDP2: (first global column of J, width) of each shared parameter's local shard, and
+        #: FSDP2's record of every parameter (its unsharded parameter is the graph's).
         self._column_runs = _column_runs(self.shared_params) if self._sharded else []
+        self._fsdp2_records = fsdp2_records([*self.shared_params, *self._task_params]) if self._sharded else []
         self._graph_checked = False
 
     @property
@@ -222,21 +233,42 @@ class GradientMethod(MultiTaskMethod):
                 param.grad = grad.view_as(param).to(param.dtype)
 
     def _sharded_step(self, losses: list[torch.Tensor]) -> None:
-        """The FSDP2 step: per-task sharded gradients by K ordinary backwards, then the direction per shard.
+        """The FSDP2 step: the per-task gradients of this rank's shards in ONE reduce-scatter, then the direction.
 
-        A weighting gets the global Gram matrix (``G = Σ_ranks J_r J_rᵀ``, one K×K all-reduce) and
-        each rank writes ``wᵀJ_r``; GradDrop, column by column, needs no collective of its own: each
-        rank combines its columns, drawing with their global indices (the one-process run's U).
+        The K task gradients are taken with ``torch.autograd.grad`` w.r.t. the unsharded parameters
+        of the graph (FSDP2 re-gathers them as usual but, with no ``.grad`` written, reduces
+        nothing), stacked K×P and reduce-scattered once: each rank gets the global batch's K rows
+        of its columns. A weighting then needs the global Gram matrix (``G = Σ_ranks J_r J_rᵀ``,
+        one K×K all-reduce) and writes ``wᵀJ_r``; GradDrop, column by column, needs no other
+        collective: each rank combines its columns, drawing with their global indices. The
+        direction goes into the sharded ``.grad``, which FSDP2 does not reduce again.
         """
         params = [*self.shared_params, *self._task_params]
-        rows = []
+        unsharded = [record.unsharded_param for record in self._fsdp2_records]
         with self._timer.phase("backward"):
-            for k, loss in enumerate(losses):
-                loss.backward(retain_graph=k < len(losses) - 1)  # FSDP2 reduce-scatters: global batch, this shard
-                rows.append(torch.cat([_local(p.grad, p).reshape(-1) for p in params]))
-                for p in params:
-                    p.grad = None
-        jacobian = torch.stack(rows)
+            if self._jacobian.mode == "batched":  # one vmapped backward: FSDP2 re-gathers each unit once
+                stacked = torch.stack(losses)
+                batched = torch.autograd.grad(
+                    stacked,
+                    unsharded,
+                    grad_outputs=torch.eye(len(losses), dtype=stacked.dtype, device=stacked.device),
+                    is_grads_batched=True,
+                    allow_unused=True,
+                )
+                grads = [
+                    p.new_zeros(len(losses), *p.shape) if grad is None else grad.to(p.dtype)
+                    for grad, p in zip(batched, params, strict=True)
+                ]
+            else:  # K backwards (FSDP2 re-gathers a unit for each task's backward that reaches it)
+                per_task = [
+                    torch.autograd.grad(
+                        loss, unsharded, retain_graph=k < len(losses) - 1, allow_unused=True, materialize_grads=True
+                    )
+                    for k, loss in enumerate(losses)
+                ]
+                grads = [torch.stack([task[i] for task in per_task]).to(p.dtype) for i, p in enumerate(params)]
+            group = cast(Any, params[0]).device_mesh.get_group()
+            jacobian = reduce_scatter_rows(grads, params, group).div_(dist.get_world_size(group))
         shared_width = sum(_local(None, p).numel() for p in self.shared_params)
         shared, heads = jacobian[:, :shared_width], jacobian[:, shared_width:]
         with self._timer.phase("manipulation"):
