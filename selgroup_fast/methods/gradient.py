@@ -244,31 +244,8 @@ class GradientMethod(MultiTaskMethod):
         direction goes into the sharded ``.grad``, which FSDP2 does not reduce again.
         """
         params = [*self.shared_params, *self._task_params]
-        unsharded = [record.unsharded_param for record in self._fsdp2_records]
         with self._timer.phase("backward"):
-            if self._jacobian.mode == "batched":  # one vmapped backward: FSDP2 re-gathers each unit once
-                stacked = torch.stack(losses)
-                batched = torch.autograd.grad(
-                    stacked,
-                    unsharded,
-                    grad_outputs=torch.eye(len(losses), dtype=stacked.dtype, device=stacked.device),
-                    is_grads_batched=True,
-                    allow_unused=True,
-                )
-                grads = [
-                    p.new_zeros(len(losses), *p.shape) if grad is None else grad.to(p.dtype)
-                    for grad, p in zip(batched, params, strict=True)
-                ]
-            else:  # K backwards (FSDP2 re-gathers a unit for each task's backward that reaches it)
-                per_task = [
-                    torch.autograd.grad(
-                        loss, unsharded, retain_graph=k < len(losses) - 1, allow_unused=True, materialize_grads=True
-                    )
-                    for k, loss in enumerate(losses)
-                ]
-                grads = [torch.stack([task[i] for task in per_task]).to(p.dtype) for i, p in enumerate(params)]
-            group = cast(Any, params[0]).device_mesh.get_group()
-            jacobian = reduce_scatter_rows(grads, params, group).div_(dist.get_world_size(group))
+            jacobian = self._sharded_task_gradients(losses, params)
         shared_width = sum(_local(None, p).numel() for p in self.shared_params)
         shared, heads = jacobian[:, :shared_width], jacobian[:, shared_width:]
         with self._timer.phase("manipulation"):
@@ -287,6 +264,33 @@ class GradientMethod(MultiTaskMethod):
                 local = _local(p.grad, p)
                 local.copy_(flat[offset : offset + local.numel()].view_as(local))
                 offset += local.numel()
+
+    def _sharded_task_gradients(self, losses: list[torch.Tensor], params: list[torch.Tensor]) -> torch.Tensor:
+        """J of the global batch, this rank's columns of ``params`` (K × Σ local numel): ONE reduce-scatter."""
+        unsharded = [record.unsharded_param for record in self._fsdp2_records]
+        if self._jacobian.mode == "batched":  # one vmapped backward: FSDP2 re-gathers each unit once
+            stacked = torch.stack(losses)
+            batched = torch.autograd.grad(
+                stacked,
+                unsharded,
+                grad_outputs=torch.eye(len(losses), dtype=stacked.dtype, device=stacked.device),
+                is_grads_batched=True,
+                allow_unused=True,
+            )
+            grads = [
+                torch.zeros(len(losses), *p.shape, dtype=p.dtype, device=p.device) if grad is None else grad.to(p.dtype)
+                for grad, p in zip(batched, params, strict=True)
+            ]
+        else:  # K backwards (FSDP2 re-gathers a unit for each task's backward that reaches it)
+            per_task = [
+                torch.autograd.grad(
+                    loss, unsharded, retain_graph=k < len(losses) - 1, allow_unused=True, materialize_grads=True
+                )
+                for k, loss in enumerate(losses)
+            ]
+            grads = [torch.stack([task[i] for task in per_task]).to(p.dtype) for i, p in enumerate(params)]
+        group = cast(Any, params[0]).device_mesh.get_group()
+        return reduce_scatter_rows(grads, params, group).div_(dist.get_world_size(group))
 
     def _parameter_jacobian(self, losses: list[torch.Tensor]) -> torch.Tensor:
         """J of this rank's losses w.r.t. the shared parameters; a compiled backward that cannot be retained is named."""
