@@ -20,17 +20,9 @@ from typing import Any, Literal, cast
 import torch
 import torch._functorch.config
 import torch._inductor.config
-import torch.distributed as dist
 
 from ..losses import ClosureOutput
-from ..parallel import (
-    TaskParams,
-    flat_column_start,
-    fsdp2_records,
-    graph_parameters,
-    is_sharded,
-    reduce_scatter_rows,
-)
+from ..parallel import FSDP2Shards, TaskParams, as_parameter_list, graph_parameters, is_sharded
 from .base import MultiTaskMethod, detached
 from .graddrop import GradDrop
 from .jacobian import JacobianMode, SharedParams, TaskJacobian
@@ -104,9 +96,14 @@ class GradientMethod(MultiTaskMethod):
         self.aggregator = aggregator
         self.name = aggregator.name
         self.space = space
-        # The K×P buffer is only needed in parameter space.
+        shared = as_parameter_list(shared_params)
+        # The K×P buffer is only needed in parameter space, and not under FSDP2 (K × this rank's shards).
         self._jacobian = TaskJacobian(
-            shared_params, num_tasks, mode=jacobian, chunk_size=chunk_size, allocate=space == "parameters"
+            shared,
+            num_tasks,
+            mode=jacobian,
+            chunk_size=chunk_size,
+            allocate=space == "parameters" and not any(is_sharded(p) for p in shared),
         )
         if self._jacobian.direction.device != self.device:
             raise ValueError(f"shared_params are on {self._jacobian.direction.device}, the optimizer on {self.device}")
@@ -127,15 +124,11 @@ class GradientMethod(MultiTaskMethod):
                 f'{self.name} with space="{space}" does not support sharded (FSDP2/DTensor) parameters: it needs every '
                 "coordinate of the task gradients on one rank; train it with DistributedDataParallel"
             )
-        if self._sharded and process_group is not None:
-            _check_mesh_is_the_group(self.shared_params, process_group)
         if self._ranks.enabled and space != "parameters":
             raise ValueError(f'space="{space}" is not supported under torch.distributed: use space="parameters"')
         aggregator.load_state_dict(self._ranks.first_rank(aggregator.state_dict()))  # the same random draws
-        #: Under FSDP2: (first global column of J, width) of each shared parameter's local shard, and
-        #: FSDP2's record of every parameter (its unsharded parameter is the graph's).
-        self._column_runs = _column_runs(self.shared_params) if self._sharded else []
-        self._fsdp2_records = fsdp2_records([*self.shared_params, *self._task_params]) if self._sharded else []
+        #: Under FSDP2: how the parameters are sharded (J's columns on this rank, the reduce-scatter).
+        self._shards = FSDP2Shards([*self.shared_params, *self._task_params], process_group) if self._sharded else None
         self._graph_checked = False
 
     @property
@@ -250,7 +243,8 @@ class GradientMethod(MultiTaskMethod):
         shared, heads = jacobian[:, :shared_width], jacobian[:, shared_width:]
         with self._timer.phase("manipulation"):
             if isinstance(self.aggregator, GradDrop):
-                direction, head_weights = self.aggregator.combine_columns(shared, self._column_runs), None
+                runs = cast(FSDP2Shards, self._shards).column_runs(len(self.shared_params))
+                direction, head_weights = self.aggregator.combine_columns(shared, runs), None
             else:  # a Weighting (checked at construction)
                 total_gram = self._ranks.sum(gram(shared))  # G = Σ_ranks J_r J_rᵀ
                 weights, head_weights = cast(Weighting, self.aggregator).direction_weights(total_gram)
@@ -267,7 +261,8 @@ class GradientMethod(MultiTaskMethod):
 
     def _sharded_task_gradients(self, losses: list[torch.Tensor], params: list[torch.Tensor]) -> torch.Tensor:
         """J of the global batch, this rank's columns of ``params`` (K × Σ local numel): ONE reduce-scatter."""
-        unsharded = [record.unsharded_param for record in self._fsdp2_records]
+        shards = cast(FSDP2Shards, self._shards)
+        unsharded = shards.unsharded
         if self._jacobian.mode == "batched":  # one vmapped backward: FSDP2 re-gathers each unit once
             stacked = torch.stack(losses)
             batched = torch.autograd.grad(
@@ -289,8 +284,7 @@ class GradientMethod(MultiTaskMethod):
                 for k, loss in enumerate(losses)
             ]
             grads = [torch.stack([task[i] for task in per_task]).to(p.dtype) for i, p in enumerate(params)]
-        group = cast(Any, params[0]).device_mesh.get_group()
-        return reduce_scatter_rows(grads, params, group).div_(dist.get_world_size(group))
+        return shards.reduce_scatter(grads).div_(shards.world)
 
     def _parameter_jacobian(self, losses: list[torch.Tensor]) -> torch.Tensor:
         """J of this rank's losses w.r.t. the shared parameters; a compiled backward that cannot be retained is named."""
@@ -360,28 +354,6 @@ def retainable_compiled_graphs() -> Iterator[None]:
     """
     with torch._functorch.config.patch(donated_buffer=False), torch._inductor.config.patch(fx_graph_cache=False):
         yield
-
-
-def _check_mesh_is_the_group(shared_params: Sequence[torch.Tensor], process_group: Any) -> None:
-    """Raises unless FSDP2 shards ``shared_params`` over the ranks of ``process_group`` (the Gram matrix sums those)."""
-    group_ranks = torch.distributed.get_process_group_ranks(process_group)
-    for param in shared_params:
-        if is_sharded(param):
-            mesh_ranks = cast(Any, param).device_mesh.mesh.flatten().tolist()
-            if mesh_ranks != group_ranks:
-                raise ValueError(
-                    f"the shared parameters are sharded over ranks {mesh_ranks}, process_group holds {group_ranks}: "
-                    "give the group of the FSDP2 mesh"
-                )
-
-
-def _column_runs(shared_params: Sequence[torch.Tensor]) -> list[tuple[int, int]]:
-    """(first global column of J, width) of this rank's part of each shared parameter, in J's column order."""
-    runs, first_column = [], 0
-    for param in shared_params:
-        runs.append((first_column + flat_column_start(param), _local(None, param).numel()))
-        first_column += param.numel()  # the full parameter's size (a DTensor's numel is global)
-    return runs
 
 
 def _local(grad: torch.Tensor | None, param: torch.Tensor) -> torch.Tensor:
