@@ -72,15 +72,25 @@ def batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
     return data
 
 
-#: How a case builds its method: as is, with ``task_params=``, with ``jacobian="loop"``, or
+#: How a case builds its method: as is, with ``task_params=``, with ``jacobian="loop"``,
 #: without a seed (each rank's global RNG seeded differently: the method must still draw rank
-#: 0's numbers everywhere).
-VARIANTS = ("plain", "task_params", "loop", "unseeded")
+#: 0's numbers everywhere), reusing its weights every other step (Nash-MTL's
+#: ``update_weights_every=2``), or with ``process_group=`` a group of its own (a new group of
+#: the same ranks: the method's collectives must go through it).
+VARIANTS = ("plain", "task_params", "loop", "unseeded", "reuse", "process_group")
+#: The variants that change what is computed: their reference is the eager run of the same variant.
+ALGORITHM_VARIANTS = ("reuse",)
 
 
-def make_method(name: str, optimizer: torch.optim.Optimizer, model: torch.nn.Module, variant: str, rank: int) -> Any:
+def make_method(
+    name: str, optimizer: torch.optim.Optimizer, model: torch.nn.Module, variant: str, rank: int, group: Any = None
+) -> Any:
     """Method ``name`` over ``optimizer``, told the encoder's (and, for ``"task_params"``, each head's) parameters."""
     options: dict[str, Any] = {"shared_params": list(model.encoder.parameters())}
+    if group is not None:
+        options["process_group"] = group
+    if variant == "reuse":
+        options["update_weights_every"] = 2
     if variant == "task_params":
         options["task_params"] = [list(head.parameters()) for head in model.heads]
     if variant == "loop":
@@ -129,12 +139,14 @@ def run(name: str, config: str, variant: str = "plain", rank: int = 0, world_siz
             torch._dynamo.reset()
             forward = torch.compile(model, backend=COMPILE_BACKEND if config == "compiled" else "inductor")
         optimizer = torch.optim.Adam(model.parameters(), lr=0.05, weight_decay=0.1)
-        method = make_method(name, optimizer, model, variant, rank)
-        collectives: list[list[int]] = []  # per step: the numel of every all_reduce the method issued
+        group = dist.new_group(list(range(world_size))) if variant == "process_group" else None
+        method = make_method(name, optimizer, model, variant, rank, group)
+        collectives: list[list[tuple[str, int]]] = []  # per step: (kind, numel) of each collective from Python
+        groups: list[Any] = []  # the group= of each all_reduce
         for x, y in batches():
             rows = slice(rank * GLOBAL_BATCH // world_size, (rank + 1) * GLOBAL_BATCH // world_size)
             collectives.append([])
-            with counting_all_reduce(collectives[-1]):
+            with counting_collectives(collectives[-1], groups):
                 method.step(
                     lambda x=x[rows], y=y[rows]: [(out - y[:, k]).pow(2).mean() for k, out in enumerate(forward(x))]
                 )
@@ -143,25 +155,35 @@ def run(name: str, config: str, variant: str = "plain", rank: int = 0, world_siz
             "state": plain(method.state_dict()),
             "optimizer": plain(optimizer.state_dict()["state"]),
             "collectives": collectives,
+            "through_the_group": [g is group for g in groups],
         }
     except Exception as error:  # noqa: BLE001 - reported to the test, which names the configuration
         return {"error": f"{type(error).__name__}: {error}", "traceback": traceback.format_exc()}
 
 
 @contextlib.contextmanager
-def counting_all_reduce(sizes: list[int]) -> Iterator[None]:
-    """Records the numel of every ``torch.distributed.all_reduce`` called from Python (not DDP's reducer's)."""
-    original = dist.all_reduce
+def counting_collectives(calls: list[tuple[str, int]], groups: list[Any]) -> Iterator[None]:
+    """Records (kind, input numel) of every all-reduce and reduce-scatter called from Python, and each all-reduce's group.
 
-    def counted(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        sizes.append(tensor.numel())
-        return original(tensor, *args, **kwargs)
+    DDP's reducer all-reduces from C++ (not recorded); FSDP2's reduce-scatters and the methods'
+    collectives go through ``torch.distributed``'s Python functions.
+    """
+    all_reduce, reduce_scatter = dist.all_reduce, dist.reduce_scatter_single
 
-    dist.all_reduce = counted
+    def counted_all_reduce(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        calls.append(("all_reduce", tensor.numel()))
+        groups.append(kwargs.get("group"))
+        return all_reduce(tensor, *args, **kwargs)
+
+    def counted_reduce_scatter(output: torch.Tensor, input: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        calls.append(("reduce_scatter", input.numel()))
+        return reduce_scatter(output, input, *args, **kwargs)
+
+    dist.all_reduce, dist.reduce_scatter_single = counted_all_reduce, counted_reduce_scatter
     try:
         yield
     finally:
-        dist.all_reduce = original
+        dist.all_reduce, dist.reduce_scatter_single = all_reduce, reduce_scatter
 
 
 def serve(rank: int, port: int, cases: list[tuple[str, str, str]], out_dir: str) -> None:

@@ -4,9 +4,11 @@ Scaling out (README "Scaling out"): under ``torch.compile`` the step runs with
 ``torch._functorch.config.donated_buffer`` and Inductor's FX graph cache off
 (:func:`retainable_compiled_graphs`: the per-task backwards retain the graph);
 under DDP every gradient is taken with ``torch.autograd.grad`` (outside DDP's reducer) and
-averaged here, J with one all-reduce (K×P), the heads' gradients with a second; under FSDP2
-(weightings only) one ordinary backward per task gives the sharded task gradients, the K×K
-Gram matrix of the local shards is all-reduced and ``wᵀJ`` is written into each shard.
+averaged here, J and the heads' gradients in one all-reduce (K×P); under FSDP2 (weightings
+and GradDrop) the K task gradients are taken w.r.t. the unsharded parameters, reduce-scattered
+in one collective (K×P), the K×K Gram matrix of the local shards is all-reduced and ``wᵀJ``
+is written into each shard (GradDrop: each rank combines its own columns, with their global
+indices).
 """
 
 from __future__ import annotations
@@ -20,8 +22,9 @@ import torch._functorch.config
 import torch._inductor.config
 
 from ..losses import ClosureOutput
-from ..parallel import TaskParams, graph_parameters, is_sharded
+from ..parallel import FSDP2Shards, TaskParams, as_parameter_list, graph_parameters, is_sharded
 from .base import MultiTaskMethod, detached
+from .graddrop import GradDrop
 from .jacobian import JacobianMode, SharedParams, TaskJacobian
 from .weighting import Aggregator, Weighting, gram
 
@@ -52,6 +55,8 @@ class GradientMethod(MultiTaskMethod):
         task_params: K iterables of each task's own parameters (checked against ``shared_params``); by
             default every optimizer parameter that is not shared.
         profile: time the phases of every step (:attr:`timings`).
+        process_group: the ``torch.distributed`` group training together, which the method's
+            collectives go through (default: the world group when initialised).
 
     Example::
 
@@ -81,8 +86,9 @@ class GradientMethod(MultiTaskMethod):
         space: Space = "parameters",
         task_params: Sequence[SharedParams] | None = None,
         profile: bool = False,
+        process_group: Any = None,
     ) -> None:
-        super().__init__(optimizer, num_tasks, profile=profile)
+        super().__init__(optimizer, num_tasks, profile=profile, process_group=process_group)
         if space not in SPACES:
             raise ValueError(f"space must be one of {SPACES}, got {space!r}")
         if aggregator.num_tasks != num_tasks:
@@ -90,9 +96,14 @@ class GradientMethod(MultiTaskMethod):
         self.aggregator = aggregator
         self.name = aggregator.name
         self.space = space
-        # The K×P buffer is only needed in parameter space.
+        shared = as_parameter_list(shared_params)
+        # The K×P buffer is only needed in parameter space, and not under FSDP2 (K × this rank's shards).
         self._jacobian = TaskJacobian(
-            shared_params, num_tasks, mode=jacobian, chunk_size=chunk_size, allocate=space == "parameters"
+            shared,
+            num_tasks,
+            mode=jacobian,
+            chunk_size=chunk_size,
+            allocate=space == "parameters" and not any(is_sharded(p) for p in shared),
         )
         if self._jacobian.direction.device != self.device:
             raise ValueError(f"shared_params are on {self._jacobian.direction.device}, the optimizer on {self.device}")
@@ -108,7 +119,7 @@ class GradientMethod(MultiTaskMethod):
             owners.check_in_optimizer(optimizer)
             self._task_params = owners.all_task_params()
         self._sharded = any(is_sharded(p) for p in [*self._jacobian.params, *self._task_params])
-        if self._sharded and not (isinstance(aggregator, Weighting) and space == "parameters"):
+        if self._sharded and not (isinstance(aggregator, (Weighting, GradDrop)) and space == "parameters"):
             raise ValueError(
                 f'{self.name} with space="{space}" does not support sharded (FSDP2/DTensor) parameters: it needs every '
                 "coordinate of the task gradients on one rank; train it with DistributedDataParallel"
@@ -116,6 +127,8 @@ class GradientMethod(MultiTaskMethod):
         if self._ranks.enabled and space != "parameters":
             raise ValueError(f'space="{space}" is not supported under torch.distributed: use space="parameters"')
         aggregator.load_state_dict(self._ranks.first_rank(aggregator.state_dict()))  # the same random draws
+        #: Under FSDP2: how the parameters are sharded (J's columns on this rank, the reduce-scatter).
+        self._shards = FSDP2Shards([*self.shared_params, *self._task_params], process_group) if self._sharded else None
         self._graph_checked = False
 
     @property
@@ -213,29 +226,31 @@ class GradientMethod(MultiTaskMethod):
                 param.grad = grad.view_as(param).to(param.dtype)
 
     def _sharded_step(self, losses: list[torch.Tensor]) -> None:
-        """The FSDP2 step: per-task sharded gradients by K ordinary backwards, the global Gram matrix, ``wᵀJ`` per shard."""
+        """The FSDP2 step: the per-task gradients of this rank's shards in ONE reduce-scatter, then the direction.
+
+        The K task gradients are taken with ``torch.autograd.grad`` w.r.t. the unsharded parameters
+        of the graph (FSDP2 re-gathers them as usual but, with no ``.grad`` written, reduces
+        nothing), stacked K×P and reduce-scattered once: each rank gets the global batch's K rows
+        of its columns. A weighting then needs the global Gram matrix (``G = Σ_ranks J_r J_rᵀ``,
+        one K×K all-reduce) and writes ``wᵀJ_r``; GradDrop, column by column, needs no other
+        collective: each rank combines its columns, drawing with their global indices. The
+        direction goes into the sharded ``.grad``, which FSDP2 does not reduce again.
+        """
         params = [*self.shared_params, *self._task_params]
-        rows = []
         with self._timer.phase("backward"):
-            for k, loss in enumerate(losses):
-                loss.backward(retain_graph=k < len(losses) - 1)  # FSDP2 reduce-scatters: global batch, this shard
-                rows.append(torch.cat([_local(p.grad, p).reshape(-1) for p in params]))
-                for p in params:
-                    p.grad = None
-        jacobian = torch.stack(rows)
+            jacobian = self._sharded_task_gradients(losses, params)
         shared_width = sum(_local(None, p).numel() for p in self.shared_params)
+        shared, heads = jacobian[:, :shared_width], jacobian[:, shared_width:]
         with self._timer.phase("manipulation"):
-            total_gram = self._ranks.sum(gram(jacobian[:, :shared_width]))  # G = Σ_ranks J_r J_rᵀ
-            weights, head_weights = cast(Weighting, self.aggregator).direction_weights(
-                total_gram
-            )  # checked at construction
-            if head_weights is None:
-                head_weights = torch.ones_like(weights)
+            if isinstance(self.aggregator, GradDrop):
+                runs = cast(FSDP2Shards, self._shards).column_runs(len(self.shared_params))
+                direction, head_weights = self.aggregator.combine_columns(shared, runs), None
+            else:  # a Weighting (checked at construction)
+                total_gram = self._ranks.sum(gram(shared))  # G = Σ_ranks J_r J_rᵀ
+                weights, head_weights = cast(Weighting, self.aggregator).direction_weights(total_gram)
+                direction = weights.to(jacobian.dtype) @ shared
             flat = torch.cat(
-                [
-                    weights.to(jacobian.dtype) @ jacobian[:, :shared_width],
-                    head_weights.to(jacobian.dtype) @ jacobian[:, shared_width:],
-                ]
+                [direction, heads.sum(0) if head_weights is None else head_weights.to(heads.dtype) @ heads]
             )
             offset = 0
             for p in params:
@@ -243,6 +258,33 @@ class GradientMethod(MultiTaskMethod):
                 local = _local(p.grad, p)
                 local.copy_(flat[offset : offset + local.numel()].view_as(local))
                 offset += local.numel()
+
+    def _sharded_task_gradients(self, losses: list[torch.Tensor], params: list[torch.Tensor]) -> torch.Tensor:
+        """J of the global batch, this rank's columns of ``params`` (K × Σ local numel): ONE reduce-scatter."""
+        shards = cast(FSDP2Shards, self._shards)
+        unsharded = shards.unsharded
+        if self._jacobian.mode == "batched":  # one vmapped backward: FSDP2 re-gathers each unit once
+            stacked = torch.stack(losses)
+            batched = torch.autograd.grad(
+                stacked,
+                unsharded,
+                grad_outputs=torch.eye(len(losses), dtype=stacked.dtype, device=stacked.device),
+                is_grads_batched=True,
+                allow_unused=True,
+            )
+            grads = [
+                torch.zeros(len(losses), *p.shape, dtype=p.dtype, device=p.device) if grad is None else grad.to(p.dtype)
+                for grad, p in zip(batched, params, strict=True)
+            ]
+        else:  # K backwards (FSDP2 re-gathers a unit for each task's backward that reaches it)
+            per_task = [
+                torch.autograd.grad(
+                    loss, unsharded, retain_graph=k < len(losses) - 1, allow_unused=True, materialize_grads=True
+                )
+                for k, loss in enumerate(losses)
+            ]
+            grads = [torch.stack([task[i] for task in per_task]).to(p.dtype) for i, p in enumerate(params)]
+        return shards.reduce_scatter(grads).div_(shards.world)
 
     def _parameter_jacobian(self, losses: list[torch.Tensor]) -> torch.Tensor:
         """J of this rank's losses w.r.t. the shared parameters; a compiled backward that cannot be retained is named."""
