@@ -25,10 +25,12 @@ from selgroup_fast import methods
 NAMES = methods.available()
 GRADIENT = ["pcgrad", "cagrad", "mgda", "graddrop", "imtl", "aligned_mtl", "nash_mtl"]
 LOSS_WEIGHTING = ["uw", "dwa", "dtp", "famo"]
-#: One DDP and one FSDP2 case per family runs in the default suite.
+#: One DDP and one FSDP2 case per family (each variant) runs in the default suite, and DDP of a compiled model.
 DEFAULT_DISTRIBUTED = {
     ("selective", "ddp"),
     ("pcgrad", "ddp"),
+    ("selective", "ddp_compiled"),
+    ("pcgrad", "ddp_compiled"),
     ("famo", "ddp"),
     ("selective", "fsdp2"),
     ("mgda", "fsdp2"),
@@ -68,15 +70,16 @@ def distributed(request, tmp_path_factory) -> list[dict]:
     return [torch.load(out_dir / f"rank{rank}.pt") for rank in range(worker.WORLD_SIZE)]
 
 
-_references: dict[str, dict] = {}
+_references: dict[tuple[str, str], dict] = {}
 
 
-def reference(name: str) -> dict:
-    """One eager process on the global batch (computed once per method)."""
-    if name not in _references:
-        _references[name] = worker.run(name, "eager")
-        assert "error" not in _references[name], _references[name]["traceback"]
-    return _references[name]
+def reference(name: str, variant: str = "plain") -> dict:
+    """One eager process on the global batch (computed once per method and space)."""
+    key = (name, "representation" if variant == "representation" else "plain")
+    if key not in _references:
+        _references[key] = worker.run(name, "eager", key[1])
+        assert "error" not in _references[key], _references[key]["traceback"]
+    return _references[key]
 
 
 def assert_same_training(result: dict, expected: dict, exact: bool = False) -> None:
@@ -92,10 +95,23 @@ def assert_same_training(result: dict, expected: dict, exact: bool = False) -> N
 @pytest.mark.parametrize(
     "name, variant",
     [(name, "task_params" if name == "selective" else "plain") for name in NAMES]
-    + [pytest.param(name, "loop", marks=[] if name == "pcgrad" else [pytest.mark.slow]) for name in GRADIENT],
+    + [pytest.param(name, "loop", marks=[] if name == "pcgrad" else [pytest.mark.slow]) for name in GRADIENT]
+    + [pytest.param(name, "representation", marks=[] if name == "pcgrad" else [pytest.mark.slow]) for name in GRADIENT],
 )
 def test_compiled_model_trains_as_the_eager_one(name, variant):
-    assert_same_training(worker.run(name, "compiled", variant), reference(name))
+    assert_same_training(worker.run(name, "compiled", variant), reference(name, variant))
+
+
+def test_representation_space_on_a_model_compiled_whole_raises_naming_the_fix():
+    # One compiled region returns the features beside the predictions: the losses do not reach them.
+    torch._dynamo.reset()
+    model = worker.SharedEncoderModel(with_features=True)
+    compiled = torch.compile(model, backend=worker.COMPILE_BACKEND)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    method = methods.create("mgda", optimizer, worker.NUM_TASKS, shared_params=model.encoder, space="representation")
+    x, y = worker.batches()[0]
+    with pytest.raises(ValueError, match="compile the encoder and the heads separately"):
+        method.step(lambda: worker.squared_errors(compiled(x), y))
 
 
 @pytest.mark.slow
@@ -165,6 +181,17 @@ SUPPORTED = (
     ]
     + [distributed_case(name, "ddp", "loop") for name in GRADIENT]
     + [distributed_case(name, "ddp", "unseeded") for name in ["pcgrad", "graddrop", "selective"]]
+    + [
+        distributed_case(name, config, "representation")
+        for name in GRADIENT
+        if name != "graddrop"
+        for config in ("ddp", "fsdp2")
+    ]
+    + [
+        distributed_case("selective", "ddp_compiled", "task_params"),
+        distributed_case("pcgrad", "ddp_compiled"),
+        distributed_case("mgda", "ddp_compiled", "representation"),
+    ]
 )  # under FSDP2 the gradient methods always run K backwards: jacobian= does not apply
 
 
@@ -175,7 +202,7 @@ def test_two_ranks_train_as_one_process_on_the_global_batch(case, distributed):
     rank0, rank1 = (ranks[case] for ranks in distributed)
     assert_same_training(rank1, rank0, exact=True)  # the ranks agree bitwise (random draws included)
     if variant != "unseeded":
-        assert_same_training(rank0, reference(name))
+        assert_same_training(rank0, reference(name, variant))
 
 
 SHARED_SIZE = worker.HIDDEN * (worker.IN_FEATURES + 1)  # P_s: the encoder's weight and bias
@@ -190,6 +217,9 @@ HEADS_SIZE = worker.NUM_TASKS * (worker.HIDDEN + 1)  # P_h
         (("famo", "ddp", "plain"), [worker.NUM_TASKS] * 2),  # the losses before and after the step
         (("uw", "fsdp2", "plain"), [worker.NUM_TASKS]),
         (("mgda", "fsdp2", "plain"), [worker.NUM_TASKS**2]),  # the Gram matrix (FSDP2 reduce-scatters the rest)
+        # the features' Gram matrix (the reducer / FSDP2 averages the one backward's gradients)
+        (("pcgrad", "ddp", "representation"), [worker.NUM_TASKS**2]),
+        (("mgda", "fsdp2", "representation"), [worker.NUM_TASKS**2]),
     ],
 )
 def test_the_methods_own_communication_is_what_the_readme_says(case, per_step, distributed):
@@ -197,17 +227,21 @@ def test_the_methods_own_communication_is_what_the_readme_says(case, per_step, d
     assert distributed[0][case]["collectives"] == [per_step] * worker.STEPS
 
 
-UNSUPPORTED = [distributed_case(name, "fsdp2") for name in ["selective", "graddrop"]]
+UNSUPPORTED = [
+    *(distributed_case(name, "fsdp2") for name in ["selective", "graddrop"]),
+    *(distributed_case("graddrop", config, "representation") for config in ("ddp", "fsdp2")),
+]
 
 
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("case", UNSUPPORTED)
-def test_unsupported_fsdp2_configurations_raise_a_clear_error(case, distributed):
-    name = case[0]
+def test_unsupported_distributed_configurations_raise_a_clear_error(case, distributed):
+    name, _, variant = case
+    fix = "task_params=" if name == "selective" else "DistributedDataParallel"
     for ranks in distributed:
         error = ranks[case].get("error", "")
         assert error.startswith("ValueError"), error
-        assert ("task_params=" if name == "selective" else "DistributedDataParallel") in error
+        assert ('space="parameters"' if variant == "representation" else fix) in error
 
 
 # ---------------------------------------------------------------------- task_params= checks

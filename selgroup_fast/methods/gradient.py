@@ -20,7 +20,7 @@ import torch._functorch.config
 import torch._inductor.config
 
 from ..losses import ClosureOutput
-from ..parallel import TaskParams, graph_parameters, is_sharded
+from ..parallel import TaskParams, graph_parameters, graph_reaches, is_sharded
 from .base import MultiTaskMethod, detached
 from .jacobian import JacobianMode, SharedParams, TaskJacobian
 from .weighting import Aggregator, Weighting, gram
@@ -108,13 +108,16 @@ class GradientMethod(MultiTaskMethod):
             owners.check_in_optimizer(optimizer)
             self._task_params = owners.all_task_params()
         self._sharded = any(is_sharded(p) for p in [*self._jacobian.params, *self._task_params])
-        if self._sharded and not (isinstance(aggregator, Weighting) and space == "parameters"):
+        if self._sharded and space == "parameters" and not isinstance(aggregator, Weighting):
             raise ValueError(
                 f'{self.name} with space="{space}" does not support sharded (FSDP2/DTensor) parameters: it needs every '
                 "coordinate of the task gradients on one rank; train it with DistributedDataParallel"
             )
-        if self._ranks.enabled and space != "parameters":
-            raise ValueError(f'space="{space}" is not supported under torch.distributed: use space="parameters"')
+        if self._ranks.enabled and space == "representation" and not isinstance(aggregator, Weighting):
+            raise ValueError(
+                f'{self.name} with space="representation" is not supported under torch.distributed yet: its '
+                'per-coordinate draws need the global column index of each feature; use space="parameters"'
+            )
         aggregator.load_state_dict(self._ranks.first_rank(aggregator.state_dict()))  # the same random draws
         self._graph_checked = False
 
@@ -161,6 +164,10 @@ class GradientMethod(MultiTaskMethod):
                     'space="representation" needs the closure to return (losses, features), features being the '
                     "shared representation (the encoder's output)"
                 )
+            self._check_graph(losses, features)
+            if self._ranks.enabled:
+                self._distributed_representation_step(losses, features)
+                return self._optimizer_step(losses)
             with self._timer.phase("backward"):
                 jacobian = self._jacobian.of_features(losses, features)
             with self._timer.phase("manipulation"):
@@ -212,6 +219,44 @@ class GradientMethod(MultiTaskMethod):
             for param, grad in zip(self._task_params, flat.split([p.numel() for p in self._task_params]), strict=True):
                 param.grad = grad.view_as(param).to(param.dtype)
 
+    def _distributed_representation_step(self, losses: list[torch.Tensor], features: Sequence[torch.Tensor]) -> None:
+        """DDP and FSDP2 with ``space="representation"`` (docs/algorithm.md §Representation space across ranks).
+
+        This rank's K×Z_r Jacobian of the features (one backward through the heads), the
+        global batch's direction restricted to this rank's samples (:meth:`_global_feature_cotangent`:
+        one all-reduce of K×K), then ONE ordinary backward of ``Σ_k h_k L_k``
+        whose gradient at the features is replaced by that direction (a tensor hook): the heads
+        get ``h_k ∇L_k``, the encoder the direction pulled back, and DDP's reducer or FSDP2's
+        reduce-scatter averages both across the ranks as for GD.
+        """
+        with self._timer.phase("backward"):
+            jacobian = self._jacobian.of_features(losses, features)
+        with self._timer.phase("manipulation"):
+            cotangent, head_weights = self._global_feature_cotangent(jacobian)
+        with self._timer.phase("backward"):
+            handles, offset = [], 0
+            for feature in features:
+                part = cotangent[offset : offset + feature.numel()].view_as(feature).to(feature.dtype)
+                handles.append(feature.register_hook(lambda _gradient, part=part: part))
+                offset += feature.numel()
+            try:
+                self._weighted_total(losses, head_weights).backward()
+            finally:
+                for handle in handles:
+                    handle.remove()
+
+    def _global_feature_cotangent(self, jacobian: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The cotangent of this rank's features whose ranks' mean is the global batch's direction, and the heads' weights.
+
+        The global batch's loss is the ranks' mean (DDP's and FSDP2's convention), so its
+        feature Jacobian stacks the ranks' ``J_r / W`` and its Gram matrix is ``Σ_r G_r / W²``
+        (one all-reduce of K×K). A weighting's direction on this rank's samples is then
+        ``wᵀJ_r / W``: the cotangent ``wᵀJ_r``, which the reducer averages.
+        """
+        total = self._ranks.sum(gram(jacobian)).div_(self._ranks.world_size**2)
+        weights, head_weights = cast(Weighting, self.aggregator).direction_weights(total)  # checked at construction
+        return weights.to(jacobian.dtype) @ jacobian, head_weights
+
     def _sharded_step(self, losses: list[torch.Tensor]) -> None:
         """The FSDP2 step: per-task sharded gradients by K ordinary backwards, the global Gram matrix, ``wᵀJ`` per shard."""
         params = [*self.shared_params, *self._task_params]
@@ -246,12 +291,7 @@ class GradientMethod(MultiTaskMethod):
 
     def _parameter_jacobian(self, losses: list[torch.Tensor]) -> torch.Tensor:
         """J of this rank's losses w.r.t. the shared parameters; a compiled backward that cannot be retained is named."""
-        if not self._graph_checked:  # once: the graph walk runs on the host
-            self._graph_checked = True
-            if self._jacobian.mode == "batched" and graph_parameters(losses)[1]:
-                # A compiled backward cannot run under vmap (AOTAutograd's runtime wrapper copies a
-                # batched gradient into an unbatched buffer): K ordinary backwards, the same J.
-                self._jacobian.mode = "loop"
+        self._check_graph(losses)
         try:
             return self._jacobian.compute(losses, retain_graph=bool(self._task_params))
         except RuntimeError as error:
@@ -262,6 +302,23 @@ class GradientMethod(MultiTaskMethod):
                 "was compiled with donated buffers before this method first ran it: compile it under "
                 "torch._functorch.config.patch(donated_buffer=False), or call torch._dynamo.reset() first"
             ) from error
+
+    def _check_graph(self, losses: list[torch.Tensor], features: Sequence[torch.Tensor] = ()) -> None:
+        """Once, on the host: K ordinary backwards for a compiled graph; features the losses do not reach raise."""
+        if self._graph_checked:
+            return
+        if self._jacobian.mode == "batched" and graph_parameters(losses)[1]:
+            # A compiled backward cannot run under vmap (AOTAutograd's runtime wrapper copies a
+            # batched gradient into an unbatched buffer): K ordinary backwards, the same J.
+            self._jacobian.mode = "loop"
+        for i, reached in enumerate(graph_reaches(losses, features)):
+            if not reached and features[i].requires_grad:  # a detached one: TaskJacobian.of_features says so
+                raise ValueError(
+                    f"the losses do not back-propagate through features {i}: return the tensor the heads are computed "
+                    "from (a torch.compile'd model that returns it beside the predictions hides that edge: compile "
+                    "the encoder and the heads separately)"
+                )
+        self._graph_checked = all(feature.requires_grad for feature in features)  # checked again after an error
 
     @staticmethod
     def _weighted_total(losses: list[torch.Tensor], weights: torch.Tensor | None) -> torch.Tensor:
