@@ -20,6 +20,7 @@ Example::
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -34,13 +35,18 @@ class RankAgreement:
     """Keeps the ranks of a ``torch.distributed`` group on the same method state and random draws.
 
     ``process_group=None`` means the world group when ``torch.distributed`` is initialised;
-    without it every method is a no-op (one process). Construct the method on every rank.
+    without it every method is a no-op (one process). Construct the method on every rank
+    of ``process_group``; every collective of the method goes through it. Anything but a
+    ``torch.distributed.ProcessGroup`` holding this rank raises a ``ValueError``.
     """
 
     def __init__(self, process_group: Any, device: torch.device) -> None:
+        if process_group is not None:
+            check_process_group(process_group)
         self.process_group = process_group
         self.enabled = process_group is not None or (dist.is_available() and dist.is_initialized())
         self.world_size = dist.get_world_size(process_group) if self.enabled else 1
+        self.rank = dist.get_rank(process_group) if self.enabled else 0
         self.device = device
 
     def share_generator(self, generator: torch.Generator) -> None:
@@ -86,6 +92,42 @@ class RankAgreement:
             return losses
         average = self.mean(losses.detach().clone())
         return losses + (average - losses).detach()
+
+
+def check_process_group(process_group: Any) -> None:
+    """Raises a one-line ``ValueError`` unless ``process_group`` is a group of ``torch.distributed`` holding this rank."""
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ValueError("process_group= needs torch.distributed initialised (torch.distributed.init_process_group)")
+    if not isinstance(process_group, dist.ProcessGroup):
+        # torch.distributed.new_group gives the ranks outside the group GroupMember.NON_GROUP_MEMBER
+        raise ValueError(
+            "process_group must be a torch.distributed.ProcessGroup holding this rank (build the method on the "
+            f"group's ranks only), got {process_group!r}"
+        )
+
+
+def flat_column_start(param: torch.Tensor) -> int:
+    """Where this rank's local part of ``param`` starts in ``param``'s flattened full tensor (0 unsharded).
+
+    A gradient method concatenates the flattened shared parameters into the columns of J;
+    a rank holding a shard (FSDP2: a block of dim-0 rows) holds a contiguous run of them.
+    Raises a ``ValueError`` for a shard that is not one run (sharded along another dim).
+    """
+    if not is_sharded(param):
+        return 0
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    full_shape = tuple(param.shape)
+    sharded: Any = param  # a DTensor
+    local_shape, global_offset = compute_local_shape_and_global_offset(
+        full_shape, sharded.device_mesh, sharded.placements
+    )
+    if math.prod(local_shape) > 0 and tuple(local_shape[1:]) != full_shape[1:]:
+        raise ValueError(
+            f"a parameter of shape {full_shape} is sharded into {tuple(local_shape)} blocks: a rank's shard must be "
+            "whole rows of dim 0 (FSDP2's default Shard(0)) for its columns of J to be one run"
+        )
+    return global_offset[0] * math.prod(full_shape[1:]) if full_shape else 0
 
 
 def is_sharded(tensor: torch.Tensor) -> bool:
@@ -254,4 +296,13 @@ def graph_reaches(losses: Sequence[torch.Tensor], tensors: Sequence[torch.Tensor
     return reached
 
 
-__all__ = ["RankAgreement", "TaskParams", "as_parameter_list", "graph_parameters", "graph_reaches", "is_sharded"]
+__all__ = [
+    "RankAgreement",
+    "TaskParams",
+    "as_parameter_list",
+    "check_process_group",
+    "flat_column_start",
+    "graph_parameters",
+    "graph_reaches",
+    "is_sharded",
+]

@@ -80,13 +80,24 @@ def batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 #: How a case builds its method: as is, with ``task_params=``, with ``jacobian="loop"``,
 #: without a seed (each rank's global RNG seeded differently: the method must still draw rank
-#: 0's numbers everywhere), or with ``space="representation"`` (the closure returns the features).
-VARIANTS = ("plain", "task_params", "loop", "unseeded", "representation")
+#: 0's numbers everywhere), reusing its weights every other step (Nash-MTL's
+#: ``update_weights_every=2``), with ``process_group=`` a group of its own (a new group of
+#: the same ranks: the method's collectives must go through it), or with
+#: ``space="representation"`` (the model returns its features too).
+VARIANTS = ("plain", "task_params", "loop", "unseeded", "reuse", "process_group", "representation")
+#: The variants that change what is computed: their reference is the eager run of the same variant.
+ALGORITHM_VARIANTS = ("reuse", "representation")
 
 
-def make_method(name: str, optimizer: torch.optim.Optimizer, model: torch.nn.Module, variant: str, rank: int) -> Any:
+def make_method(
+    name: str, optimizer: torch.optim.Optimizer, model: torch.nn.Module, variant: str, rank: int, group: Any = None
+) -> Any:
     """Method ``name`` over ``optimizer``, told the encoder's (and, for ``"task_params"``, each head's) parameters."""
     options: dict[str, Any] = {"shared_params": list(model.encoder.parameters())}
+    if group is not None:
+        options["process_group"] = group
+    if variant == "reuse":
+        options["update_weights_every"] = 2
     if variant == "task_params":
         options["task_params"] = [list(head.parameters()) for head in model.heads]
     if variant == "loop":
@@ -142,18 +153,21 @@ def run(name: str, config: str, variant: str = "plain", rank: int = 0, world_siz
             else:
                 forward = torch.compile(forward, backend=backend)
         optimizer = torch.optim.Adam(model.parameters(), lr=0.05, weight_decay=0.1)
-        method = make_method(name, optimizer, model, variant, rank)
+        group = dist.new_group(list(range(world_size))) if variant == "process_group" else None
+        method = make_method(name, optimizer, model, variant, rank, group)
         collectives: list[list[int]] = []  # per step: the numel of every all_reduce the method issued
+        groups: list[Any] = []  # the group= of each
         for x, y in batches():
             rows = slice(rank * GLOBAL_BATCH // world_size, (rank + 1) * GLOBAL_BATCH // world_size)
             collectives.append([])
-            with counting_all_reduce(collectives[-1]):
+            with counting_all_reduce(collectives[-1], groups):
                 method.step(lambda x=x[rows], y=y[rows]: squared_errors(forward(x), y))
         return {
             "params": {key: plain(value) for key, value in model.named_parameters()},
             "state": plain(method.state_dict()),
             "optimizer": plain(optimizer.state_dict()["state"]),
             "collectives": collectives,
+            "through_the_group": [g is group for g in groups],
         }
     except Exception as error:  # noqa: BLE001 - reported to the test, which names the configuration
         return {"error": f"{type(error).__name__}: {error}", "traceback": traceback.format_exc()}
@@ -167,12 +181,13 @@ def squared_errors(output: Any, y: torch.Tensor) -> Any:
 
 
 @contextlib.contextmanager
-def counting_all_reduce(sizes: list[int]) -> Iterator[None]:
-    """Records the numel of every ``torch.distributed.all_reduce`` called from Python (not DDP's reducer's)."""
+def counting_all_reduce(sizes: list[int], groups: list[Any]) -> Iterator[None]:
+    """Records the numel and group of every ``torch.distributed.all_reduce`` called from Python (not DDP's reducer's)."""
     original = dist.all_reduce
 
     def counted(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         sizes.append(tensor.numel())
+        groups.append(kwargs.get("group"))
         return original(tensor, *args, **kwargs)
 
     dist.all_reduce = counted

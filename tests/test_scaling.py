@@ -25,16 +25,28 @@ from selgroup_fast import methods
 NAMES = methods.available()
 GRADIENT = ["pcgrad", "cagrad", "mgda", "graddrop", "imtl", "aligned_mtl", "nash_mtl"]
 LOSS_WEIGHTING = ["uw", "dwa", "dtp", "famo"]
-#: One DDP and one FSDP2 case per family (each variant) runs in the default suite, and DDP of a compiled model.
+#: One DDP and one FSDP2 case per family runs in the default suite, with GradDrop under FSDP2 (its
+#: own path: each rank draws for its columns), Nash-MTL's reused weights, one process_group= case,
+#: one representation-space case under each, and DDP of a compiled model.
 DEFAULT_DISTRIBUTED = {
-    ("selective", "ddp"),
-    ("pcgrad", "ddp"),
-    ("selective", "ddp_compiled"),
-    ("pcgrad", "ddp_compiled"),
-    ("famo", "ddp"),
-    ("selective", "fsdp2"),
-    ("mgda", "fsdp2"),
-    ("uw", "fsdp2"),
+    ("selective", "ddp", "plain"),
+    ("selective", "ddp", "unseeded"),
+    ("pcgrad", "ddp", "plain"),
+    ("pcgrad", "ddp", "loop"),
+    ("pcgrad", "ddp", "unseeded"),
+    ("famo", "ddp", "plain"),
+    ("selective", "fsdp2", "task_params"),
+    ("selective", "fsdp2", "plain"),
+    ("mgda", "fsdp2", "plain"),
+    ("graddrop", "fsdp2", "plain"),
+    ("uw", "fsdp2", "plain"),
+    ("nash_mtl", "ddp", "reuse"),
+    ("nash_mtl", "fsdp2", "reuse"),
+    ("pcgrad", "ddp", "process_group"),
+    ("pcgrad", "ddp", "representation"),
+    ("mgda", "fsdp2", "representation"),
+    ("selective", "ddp_compiled", "task_params"),
+    ("pcgrad", "ddp_compiled", "plain"),
 }
 
 needs_gloo = pytest.mark.skipif(
@@ -48,7 +60,7 @@ def test_the_registry_is_what_the_families_cover():
 
 
 def distributed_case(name: str, config: str, variant: str = "plain"):
-    marks = [needs_gloo] + ([] if (name, config) in DEFAULT_DISTRIBUTED else [pytest.mark.slow])
+    marks = [needs_gloo] + ([] if (name, config, variant) in DEFAULT_DISTRIBUTED else [pytest.mark.slow])
     return pytest.param((name, config, variant), marks=marks, id=f"{name}-{config}-{variant}")
 
 
@@ -74,8 +86,8 @@ _references: dict[tuple[str, str], dict] = {}
 
 
 def reference(name: str, variant: str = "plain") -> dict:
-    """One eager process on the global batch (computed once per method and space)."""
-    key = (name, "representation" if variant == "representation" else "plain")
+    """One eager process on the global batch (computed once per method and algorithm variant)."""
+    key = (name, variant if variant in worker.ALGORITHM_VARIANTS else "plain")
     if key not in _references:
         _references[key] = worker.run(name, "eager", key[1])
         assert "error" not in _references[key], _references[key]["traceback"]
@@ -174,19 +186,16 @@ def test_selective_compiled_leaves_heads_outside_the_group_and_their_state_bitwi
 
 SUPPORTED = (
     [distributed_case(name, "ddp") for name in NAMES]
-    + [
-        distributed_case(name, "fsdp2", "task_params" if name == "selective" else "plain")
-        for name in NAMES
-        if name != "graddrop"
-    ]
+    + [distributed_case(name, "fsdp2", "task_params" if name == "selective" else "plain") for name in NAMES]
     + [distributed_case(name, "ddp", "loop") for name in GRADIENT]
     + [distributed_case(name, "ddp", "unseeded") for name in ["pcgrad", "graddrop", "selective"]]
+    + [distributed_case("graddrop", "fsdp2", "unseeded")]
+    + [distributed_case("nash_mtl", config, "reuse") for config in ("ddp", "fsdp2")]
     + [
-        distributed_case(name, config, "representation")
-        for name in GRADIENT
-        if name != "graddrop"
-        for config in ("ddp", "fsdp2")
+        distributed_case(name, config, "process_group")
+        for name, config in [("pcgrad", "ddp"), ("selective", "ddp"), ("famo", "ddp"), ("mgda", "fsdp2")]
     ]
+    + [distributed_case(name, config, "representation") for name in GRADIENT for config in ("ddp", "fsdp2")]
     + [
         distributed_case("selective", "ddp_compiled", "task_params"),
         distributed_case("pcgrad", "ddp_compiled"),
@@ -202,7 +211,11 @@ def test_two_ranks_train_as_one_process_on_the_global_batch(case, distributed):
     rank0, rank1 = (ranks[case] for ranks in distributed)
     assert_same_training(rank1, rank0, exact=True)  # the ranks agree bitwise (random draws included)
     if variant != "unseeded":
+        # GradDrop under FSDP2: each rank draws U for its own columns; one draw unlike the one-process
+        # run's flips a conflicting column's sign, far beyond the float32 tolerance.
         assert_same_training(rank0, reference(name, variant))
+    if variant == "process_group":
+        assert all(rank0["through_the_group"]) and rank0["through_the_group"], "a collective bypassed process_group="
 
 
 SHARED_SIZE = worker.HIDDEN * (worker.IN_FEATURES + 1)  # P_s: the encoder's weight and bias
@@ -220,6 +233,9 @@ HEADS_SIZE = worker.NUM_TASKS * (worker.HIDDEN + 1)  # P_h
         # the features' Gram matrix (the reducer / FSDP2 averages the one backward's gradients)
         (("pcgrad", "ddp", "representation"), [worker.NUM_TASKS**2]),
         (("mgda", "fsdp2", "representation"), [worker.NUM_TASKS**2]),
+        (("graddrop", "fsdp2", "plain"), []),  # each rank combines its own columns
+        # each rank combines its own samples' feature columns
+        pytest.param(("graddrop", "ddp", "representation"), [], marks=pytest.mark.slow),
     ],
 )
 def test_the_methods_own_communication_is_what_the_readme_says(case, per_step, distributed):
@@ -227,21 +243,20 @@ def test_the_methods_own_communication_is_what_the_readme_says(case, per_step, d
     assert distributed[0][case]["collectives"] == [per_step] * worker.STEPS
 
 
-UNSUPPORTED = [
-    *(distributed_case(name, "fsdp2") for name in ["selective", "graddrop"]),
-    *(distributed_case("graddrop", config, "representation") for config in ("ddp", "fsdp2")),
-]
-
-
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("case", UNSUPPORTED)
-def test_unsupported_distributed_configurations_raise_a_clear_error(case, distributed):
-    name, _, variant = case
-    fix = "task_params=" if name == "selective" else "DistributedDataParallel"
+@pytest.mark.parametrize("case", [distributed_case("selective", "fsdp2")])
+def test_selective_under_fsdp2_without_task_params_raises_naming_it(case, distributed):
     for ranks in distributed:
         error = ranks[case].get("error", "")
-        assert error.startswith("ValueError"), error
-        assert ('space="parameters"' if variant == "representation" else fix) in error
+        assert error.startswith("ValueError") and "task_params=" in error, error
+
+
+def test_process_group_without_torch_distributed_is_refused():
+    model = worker.SharedEncoderModel()
+    optimizer = torch.optim.Adam(model.parameters())
+    for name in ["selective", "pcgrad", "uw", "gd"]:
+        with pytest.raises(ValueError, match="process_group= needs torch.distributed initialised"):
+            methods.create(name, optimizer, worker.NUM_TASKS, shared_params=model.encoder, process_group=object())
 
 
 # ---------------------------------------------------------------------- task_params= checks

@@ -4,9 +4,13 @@ Scaling out (README "Scaling out"): under ``torch.compile`` the step runs with
 ``torch._functorch.config.donated_buffer`` and Inductor's FX graph cache off
 (:func:`retainable_compiled_graphs`: the per-task backwards retain the graph);
 under DDP every gradient is taken with ``torch.autograd.grad`` (outside DDP's reducer) and
-averaged here, J with one all-reduce (K×P), the heads' gradients with a second; under FSDP2
-(weightings only) one ordinary backward per task gives the sharded task gradients, the K×K
-Gram matrix of the local shards is all-reduced and ``wᵀJ`` is written into each shard.
+averaged here, J and the heads' gradients in one all-reduce (K×P); under FSDP2 (weightings
+and GradDrop) one ordinary backward per task gives the sharded task gradients, the K×K
+Gram matrix of the local shards is all-reduced and ``wᵀJ`` is written into each shard
+(GradDrop: each rank combines its own columns, with their global indices). With
+``space="representation"`` under either, the K×K Gram matrix of the features is
+all-reduced and ONE ordinary backward, which DDP/FSDP2 reduce as for GD, carries the
+direction (docs/algorithm.md §Representation space across ranks).
 """
 
 from __future__ import annotations
@@ -20,8 +24,9 @@ import torch._functorch.config
 import torch._inductor.config
 
 from ..losses import ClosureOutput
-from ..parallel import TaskParams, graph_parameters, graph_reaches, is_sharded
+from ..parallel import TaskParams, flat_column_start, graph_parameters, graph_reaches, is_sharded
 from .base import MultiTaskMethod, detached
+from .graddrop import GradDrop
 from .jacobian import JacobianMode, SharedParams, TaskJacobian
 from .weighting import Aggregator, Weighting, gram
 
@@ -52,6 +57,8 @@ class GradientMethod(MultiTaskMethod):
         task_params: K iterables of each task's own parameters (checked against ``shared_params``); by
             default every optimizer parameter that is not shared.
         profile: time the phases of every step (:attr:`timings`).
+        process_group: the ``torch.distributed`` group training together, which the method's
+            collectives go through (default: the world group when initialised).
 
     Example::
 
@@ -81,8 +88,9 @@ class GradientMethod(MultiTaskMethod):
         space: Space = "parameters",
         task_params: Sequence[SharedParams] | None = None,
         profile: bool = False,
+        process_group: Any = None,
     ) -> None:
-        super().__init__(optimizer, num_tasks, profile=profile)
+        super().__init__(optimizer, num_tasks, profile=profile, process_group=process_group)
         if space not in SPACES:
             raise ValueError(f"space must be one of {SPACES}, got {space!r}")
         if aggregator.num_tasks != num_tasks:
@@ -108,17 +116,18 @@ class GradientMethod(MultiTaskMethod):
             owners.check_in_optimizer(optimizer)
             self._task_params = owners.all_task_params()
         self._sharded = any(is_sharded(p) for p in [*self._jacobian.params, *self._task_params])
-        if self._sharded and space == "parameters" and not isinstance(aggregator, Weighting):
+        split_columns = self._sharded or (self._ranks.enabled and space == "representation")  # J split over ranks
+        if split_columns and not isinstance(aggregator, (Weighting, GradDrop)):
             raise ValueError(
-                f'{self.name} with space="{space}" does not support sharded (FSDP2/DTensor) parameters: it needs every '
-                "coordinate of the task gradients on one rank; train it with DistributedDataParallel"
+                f'{self.name} with space="{space}" does not support sharded (FSDP2/DTensor) parameters or features '
+                "split over ranks: it needs every coordinate of the task gradients on one rank; train it with "
+                'DistributedDataParallel and space="parameters"'
             )
-        if self._ranks.enabled and space == "representation" and not isinstance(aggregator, Weighting):
-            raise ValueError(
-                f'{self.name} with space="representation" is not supported under torch.distributed yet: its '
-                'per-coordinate draws need the global column index of each feature; use space="parameters"'
-            )
+        if self._sharded and process_group is not None:
+            _check_mesh_is_the_group(self.shared_params, process_group)
         aggregator.load_state_dict(self._ranks.first_rank(aggregator.state_dict()))  # the same random draws
+        #: Under FSDP2: (first global column of J, width) of each shared parameter's local shard.
+        self._column_runs = _column_runs(self.shared_params) if self._sharded else []
         self._graph_checked = False
 
     @property
@@ -224,7 +233,7 @@ class GradientMethod(MultiTaskMethod):
 
         This rank's K×Z_r Jacobian of the features (one backward through the heads), the
         global batch's direction restricted to this rank's samples (:meth:`_global_feature_cotangent`:
-        one all-reduce of K×K), then ONE ordinary backward of ``Σ_k h_k L_k``
+        one all-reduce of K×K, none for GradDrop), then ONE ordinary backward of ``Σ_k h_k L_k``
         whose gradient at the features is replaced by that direction (a tensor hook): the heads
         get ``h_k ∇L_k``, the encoder the direction pulled back, and DDP's reducer or FSDP2's
         reduce-scatter averages both across the ranks as for GD.
@@ -232,7 +241,7 @@ class GradientMethod(MultiTaskMethod):
         with self._timer.phase("backward"):
             jacobian = self._jacobian.of_features(losses, features)
         with self._timer.phase("manipulation"):
-            cotangent, head_weights = self._global_feature_cotangent(jacobian)
+            cotangent, head_weights = self._global_feature_cotangent(jacobian, features)
         with self._timer.phase("backward"):
             handles, offset = [], 0
             for feature in features:
@@ -245,20 +254,36 @@ class GradientMethod(MultiTaskMethod):
                 for handle in handles:
                     handle.remove()
 
-    def _global_feature_cotangent(self, jacobian: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _global_feature_cotangent(
+        self, jacobian: torch.Tensor, features: Sequence[torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The cotangent of this rank's features whose ranks' mean is the global batch's direction, and the heads' weights.
 
         The global batch's loss is the ranks' mean (DDP's and FSDP2's convention), so its
-        feature Jacobian stacks the ranks' ``J_r / W`` and its Gram matrix is ``Σ_r G_r / W²``
-        (one all-reduce of K×K). A weighting's direction on this rank's samples is then
-        ``wᵀJ_r / W``: the cotangent ``wᵀJ_r``, which the reducer averages.
+        feature Jacobian holds the ranks' ``J_r / W`` side by side and its Gram matrix is
+        ``Σ_r G_r / W²`` (one all-reduce of K×K). A weighting's direction on this rank's
+        samples is then ``wᵀJ_r / W``: the cotangent ``wᵀJ_r``, which the reducer averages.
+        GradDrop combines each column alone (its purity is scale-free and its sum linear), so
+        it needs no collective: it runs on ``J_r``, drawing with each column's index in the
+        global features (the ranks' equal-sized, batch-first features end to end in rank order).
         """
+        if isinstance(self.aggregator, GradDrop):
+            runs, first_column = [], 0
+            for feature in features:
+                runs.append((first_column + self._ranks.rank * feature.numel(), feature.numel()))
+                first_column += self._ranks.world_size * feature.numel()
+            return self.aggregator.combine_columns(jacobian, runs), None
         total = self._ranks.sum(gram(jacobian)).div_(self._ranks.world_size**2)
-        weights, head_weights = cast(Weighting, self.aggregator).direction_weights(total)  # checked at construction
+        weights, head_weights = cast(Weighting, self.aggregator).direction_weights(total)  # a Weighting otherwise
         return weights.to(jacobian.dtype) @ jacobian, head_weights
 
     def _sharded_step(self, losses: list[torch.Tensor]) -> None:
-        """The FSDP2 step: per-task sharded gradients by K ordinary backwards, the global Gram matrix, ``wᵀJ`` per shard."""
+        """The FSDP2 step: per-task sharded gradients by K ordinary backwards, then the direction per shard.
+
+        A weighting gets the global Gram matrix (``G = Σ_ranks J_r J_rᵀ``, one K×K all-reduce) and
+        each rank writes ``wᵀJ_r``; GradDrop, column by column, needs no collective of its own: each
+        rank combines its columns, drawing with their global indices (the one-process run's U).
+        """
         params = [*self.shared_params, *self._task_params]
         rows = []
         with self._timer.phase("backward"):
@@ -269,18 +294,16 @@ class GradientMethod(MultiTaskMethod):
                     p.grad = None
         jacobian = torch.stack(rows)
         shared_width = sum(_local(None, p).numel() for p in self.shared_params)
+        shared, heads = jacobian[:, :shared_width], jacobian[:, shared_width:]
         with self._timer.phase("manipulation"):
-            total_gram = self._ranks.sum(gram(jacobian[:, :shared_width]))  # G = Σ_ranks J_r J_rᵀ
-            weights, head_weights = cast(Weighting, self.aggregator).direction_weights(
-                total_gram
-            )  # checked at construction
-            if head_weights is None:
-                head_weights = torch.ones_like(weights)
+            if isinstance(self.aggregator, GradDrop):
+                direction, head_weights = self.aggregator.combine_columns(shared, self._column_runs), None
+            else:  # a Weighting (checked at construction)
+                total_gram = self._ranks.sum(gram(shared))  # G = Σ_ranks J_r J_rᵀ
+                weights, head_weights = cast(Weighting, self.aggregator).direction_weights(total_gram)
+                direction = weights.to(jacobian.dtype) @ shared
             flat = torch.cat(
-                [
-                    weights.to(jacobian.dtype) @ jacobian[:, :shared_width],
-                    head_weights.to(jacobian.dtype) @ jacobian[:, shared_width:],
-                ]
+                [direction, heads.sum(0) if head_weights is None else head_weights.to(heads.dtype) @ heads]
             )
             offset = 0
             for p in params:
@@ -369,6 +392,28 @@ def retainable_compiled_graphs() -> Iterator[None]:
     """
     with torch._functorch.config.patch(donated_buffer=False), torch._inductor.config.patch(fx_graph_cache=False):
         yield
+
+
+def _check_mesh_is_the_group(shared_params: Sequence[torch.Tensor], process_group: Any) -> None:
+    """Raises unless FSDP2 shards ``shared_params`` over the ranks of ``process_group`` (the Gram matrix sums those)."""
+    group_ranks = torch.distributed.get_process_group_ranks(process_group)
+    for param in shared_params:
+        if is_sharded(param):
+            mesh_ranks = cast(Any, param).device_mesh.mesh.flatten().tolist()
+            if mesh_ranks != group_ranks:
+                raise ValueError(
+                    f"the shared parameters are sharded over ranks {mesh_ranks}, process_group holds {group_ranks}: "
+                    "give the group of the FSDP2 mesh"
+                )
+
+
+def _column_runs(shared_params: Sequence[torch.Tensor]) -> list[tuple[int, int]]:
+    """(first global column of J, width) of this rank's part of each shared parameter, in J's column order."""
+    runs, first_column = [], 0
+    for param in shared_params:
+        runs.append((first_column + flat_column_start(param), _local(None, param).numel()))
+        first_column += param.numel()  # the full parameter's size (a DTensor's numel is global)
+    return runs
 
 
 def _local(grad: torch.Tensor | None, param: torch.Tensor) -> torch.Tensor:
