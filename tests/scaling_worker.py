@@ -51,7 +51,9 @@ class SharedEncoderModel(torch.nn.Module):
 
     Each task's loss depends on its own head only (a ``cat`` of the heads' outputs would
     give every head a zero gradient from every task's loss). With ``with_features`` it
-    returns ``(predictions, features)``: the shared representation for ``space="representation"``.
+    returns ``(predictions, features)``: the shared representation for ``space="representation"``,
+    as two tensors (its halves, which the heads read concatenated) so that the features' order
+    in the global Jacobian is exercised too.
     """
 
     def __init__(self, with_features: bool = False) -> None:
@@ -60,10 +62,12 @@ class SharedEncoderModel(torch.nn.Module):
         self.heads = torch.nn.ModuleList(torch.nn.Linear(HIDDEN, 1) for _ in range(NUM_TASKS))
         self.with_features = with_features
 
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor] | tuple[list[torch.Tensor], torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor] | tuple[list[torch.Tensor], tuple[torch.Tensor, ...]]:
         features = self.encoder(x).tanh()
-        predictions = [head(features).squeeze(1) for head in self.heads]
-        return (predictions, features) if self.with_features else predictions
+        if not self.with_features:
+            return [head(features).squeeze(1) for head in self.heads]
+        halves = features.chunk(2, dim=1)
+        return [head(torch.cat(halves, dim=1)).squeeze(1) for head in self.heads], halves
 
 
 def batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
