@@ -20,9 +20,8 @@ Example::
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -106,28 +105,106 @@ def check_process_group(process_group: Any) -> None:
         )
 
 
-def flat_column_start(param: torch.Tensor) -> int:
-    """Where this rank's local part of ``param`` starts in ``param``'s flattened full tensor (0 unsharded).
+class FSDP2Shards:
+    """How FSDP2 shards a gradient method's parameters, and the per-task gradients' ONE reduce-scatter.
 
-    A gradient method concatenates the flattened shared parameters into the columns of J;
-    a rank holding a shard (FSDP2: a block of dim-0 rows) holds a contiguous run of them.
-    Raises a ``ValueError`` for a shard that is not one run (sharded along another dim).
+    FSDP2 shards each parameter by whole rows (``Shard(0)``: ``torch.chunk`` along dim 0,
+    ⌈n₀/W⌉ rows per rank, the last ranks' chunks short or empty) on a 1-D mesh. FSDP2 offers
+    no public link from a sharded parameter to the unsharded one its forward puts in the
+    autograd graph: its records (``FSDPParam``) are reached through the modules' composable
+    state (torch's private ``_module_state_mapping``, torch 2.14).
+
+    Args:
+        params: the sharded parameters, in the order of J's columns (shared first).
+        process_group: the method's group (``None``: the world); it must hold the mesh's ranks.
+
+    Raises a ``ValueError`` for a parameter no ``fully_shard`` call manages, another placement
+    or mesh, or a mesh whose ranks are not ``process_group``'s.
     """
-    if not is_sharded(param):
-        return 0
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-    full_shape = tuple(param.shape)
-    sharded: Any = param  # a DTensor
-    local_shape, global_offset = compute_local_shape_and_global_offset(
-        full_shape, sharded.device_mesh, sharded.placements
-    )
-    if math.prod(local_shape) > 0 and tuple(local_shape[1:]) != full_shape[1:]:
-        raise ValueError(
-            f"a parameter of shape {full_shape} is sharded into {tuple(local_shape)} blocks: a rank's shard must be "
-            "whole rows of dim 0 (FSDP2's default Shard(0)) for its columns of J to be one run"
-        )
-    return global_offset[0] * math.prod(full_shape[1:]) if full_shape else 0
+    def __init__(self, params: Sequence[torch.Tensor], process_group: Any) -> None:
+        from torch.distributed import _composable_state
+        from torch.distributed.tensor import Shard
+
+        records: dict[int, Any] = {}
+        for state_ref in list(_composable_state._module_state_mapping.values()):
+            for group in getattr(state_ref(), "_fsdp_param_groups", None) or []:
+                for record in group.fsdp_params:
+                    records[id(record.sharded_param)] = record
+        group_ranks = dist.get_process_group_ranks(dist.group.WORLD if process_group is None else process_group)
+        self.params = list(params)
+        self.records = []
+        for param in self.params:
+            sharded: Any = param  # a DTensor
+            if id(param) not in records:
+                raise ValueError(
+                    f"a parameter of shape {tuple(param.shape)} is not sharded by FSDP2's fully_shard: under FSDP2 "
+                    "every shared and task parameter must be (fully_shard each head and the encoder)"
+                )
+            if sharded.device_mesh.ndim != 1 or tuple(sharded.placements) != (Shard(0),):
+                raise ValueError(
+                    f"a parameter of shape {tuple(param.shape)} is placed {tuple(sharded.placements)} on a "
+                    f"{sharded.device_mesh.ndim}-D mesh: the gradient methods support FSDP2's Shard(0) on a 1-D mesh"
+                )
+            mesh_ranks = sharded.device_mesh.mesh.flatten().tolist()
+            if mesh_ranks != group_ranks:
+                raise ValueError(
+                    f"a parameter is sharded over ranks {mesh_ranks}, the method's process_group holds {group_ranks}: "
+                    "give the group of the FSDP2 mesh"
+                )
+            self.records.append(records[id(param)])
+        self.group = cast(Any, self.params[0]).device_mesh.get_group()
+        self.world, self.rank = dist.get_world_size(self.group), dist.get_rank(self.group)
+        #: Per parameter: rows of a rank's chunk, this rank's first row and row count, numel of a row.
+        self.chunks = [-(-p.shape[0] // self.world) for p in self.params]
+        self.first_rows = [
+            min(self.rank * chunk, p.shape[0]) for chunk, p in zip(self.chunks, self.params, strict=True)
+        ]
+        self.local_rows = [
+            min(chunk, p.shape[0] - first)
+            for chunk, first, p in zip(self.chunks, self.first_rows, self.params, strict=True)
+        ]
+        self.row_numel = [p.numel() // p.shape[0] if p.shape[0] else 0 for p in self.params]
+        for param, rows in zip(self.params, self.local_rows, strict=True):
+            if cast(Any, param).to_local().shape[0] != rows:
+                raise ValueError(f"a parameter of shape {tuple(param.shape)} is not sharded as torch.chunk shards it")
+
+    @property
+    def unsharded(self) -> list[torch.Tensor]:
+        """The unsharded parameters of the autograd graph (FSDP2 creates them at the first forward)."""
+        return [record.unsharded_param for record in self.records]
+
+    def column_runs(self, count: int) -> list[tuple[int, int]]:
+        """(first global column, width) of this rank's shard of each of the first ``count`` parameters, in J's order."""
+        runs, first_column = [], 0
+        for param, first_row, rows, row_numel in list(
+            zip(self.params, self.first_rows, self.local_rows, self.row_numel, strict=True)
+        )[:count]:
+            runs.append((first_column + first_row * row_numel, rows * row_numel))
+            first_column += param.numel()  # the full parameter's size (a DTensor's numel is global)
+        return runs
+
+    def reduce_scatter(self, grads: Sequence[torch.Tensor]) -> torch.Tensor:
+        """This rank's columns of the ranks' summed ``grads`` (``grads[i]``: K × ``params[i]``'s full shape).
+
+        ONE reduce-scatter of K × Σ_i W·⌈n₀/W⌉·row_numel: the rows of every rank's chunk,
+        padded to the chunk size. Returns K × Σ_i local numel, in the order of ``params``.
+        """
+        blocks = []
+        for grad, param, chunk, row_numel in zip(grads, self.params, self.chunks, self.row_numel, strict=True):
+            rows = param.shape[0]
+            padded = torch.nn.functional.pad(
+                grad.reshape(grad.shape[0], rows, row_numel), (0, 0, 0, chunk * self.world - rows)
+            )
+            blocks.append(padded.reshape(grad.shape[0], self.world, chunk * row_numel).transpose(0, 1))
+        stacked = torch.cat(blocks, dim=2).contiguous()  # W × K × S: rank r's block is what it receives
+        received = stacked.new_empty(stacked.shape[1:])
+        dist.reduce_scatter_single(received.view(-1), stacked.view(-1), op=dist.ReduceOp.SUM, group=self.group)
+        columns, start = [], 0
+        for chunk, rows, row_numel in zip(self.chunks, self.local_rows, self.row_numel, strict=True):
+            columns.append(received[:, start : start + rows * row_numel])
+            start += chunk * row_numel
+        return torch.cat(columns, dim=1)
 
 
 def is_sharded(tensor: torch.Tensor) -> bool:
@@ -297,11 +374,11 @@ def graph_reaches(losses: Sequence[torch.Tensor], tensors: Sequence[torch.Tensor
 
 
 __all__ = [
+    "FSDP2Shards",
     "RankAgreement",
     "TaskParams",
     "as_parameter_list",
     "check_process_group",
-    "flat_column_start",
     "graph_parameters",
     "graph_reaches",
     "is_sharded",

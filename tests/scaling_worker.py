@@ -159,12 +159,12 @@ def run(name: str, config: str, variant: str = "plain", rank: int = 0, world_siz
         optimizer = torch.optim.Adam(model.parameters(), lr=0.05, weight_decay=0.1)
         group = dist.new_group(list(range(world_size))) if variant == "process_group" else None
         method = make_method(name, optimizer, model, variant, rank, group)
-        collectives: list[list[int]] = []  # per step: the numel of every all_reduce the method issued
-        groups: list[Any] = []  # the group= of each
+        collectives: list[list[tuple[str, int]]] = []  # per step: (kind, numel) of each collective from Python
+        groups: list[Any] = []  # the group= of each all_reduce
         for x, y in batches():
             rows = slice(rank * GLOBAL_BATCH // world_size, (rank + 1) * GLOBAL_BATCH // world_size)
             collectives.append([])
-            with counting_all_reduce(collectives[-1], groups):
+            with counting_collectives(collectives[-1], groups):
                 method.step(lambda x=x[rows], y=y[rows]: squared_errors(forward(x), y))
         return {
             "params": {key: plain(value) for key, value in model.named_parameters()},
@@ -185,20 +185,28 @@ def squared_errors(output: Any, y: torch.Tensor) -> Any:
 
 
 @contextlib.contextmanager
-def counting_all_reduce(sizes: list[int], groups: list[Any]) -> Iterator[None]:
-    """Records the numel and group of every ``torch.distributed.all_reduce`` called from Python (not DDP's reducer's)."""
-    original = dist.all_reduce
+def counting_collectives(calls: list[tuple[str, int]], groups: list[Any]) -> Iterator[None]:
+    """Records (kind, input numel) of every all-reduce and reduce-scatter called from Python, and each all-reduce's group.
 
-    def counted(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        sizes.append(tensor.numel())
+    DDP's reducer all-reduces from C++ (not recorded); FSDP2's reduce-scatters and the methods'
+    collectives go through ``torch.distributed``'s Python functions.
+    """
+    all_reduce, reduce_scatter = dist.all_reduce, dist.reduce_scatter_single
+
+    def counted_all_reduce(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        calls.append(("all_reduce", tensor.numel()))
         groups.append(kwargs.get("group"))
-        return original(tensor, *args, **kwargs)
+        return all_reduce(tensor, *args, **kwargs)
 
-    dist.all_reduce = counted
+    def counted_reduce_scatter(output: torch.Tensor, input: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        calls.append(("reduce_scatter", input.numel()))
+        return reduce_scatter(output, input, *args, **kwargs)
+
+    dist.all_reduce, dist.reduce_scatter_single = counted_all_reduce, counted_reduce_scatter
     try:
         yield
     finally:
-        dist.all_reduce = original
+        dist.all_reduce, dist.reduce_scatter_single = all_reduce, reduce_scatter
 
 
 def serve(rank: int, port: int, cases: list[tuple[str, str, str]], out_dir: str) -> None:

@@ -38,6 +38,7 @@ DEFAULT_DISTRIBUTED = {
     ("selective", "fsdp2", "task_params"),
     ("selective", "fsdp2", "plain"),
     ("mgda", "fsdp2", "plain"),
+    ("mgda", "fsdp2", "loop"),
     ("graddrop", "fsdp2", "plain"),
     ("uw", "fsdp2", "plain"),
     ("nash_mtl", "ddp", "reuse"),
@@ -187,7 +188,7 @@ def test_selective_compiled_leaves_heads_outside_the_group_and_their_state_bitwi
 SUPPORTED = (
     [distributed_case(name, "ddp") for name in NAMES]
     + [distributed_case(name, "fsdp2", "task_params" if name == "selective" else "plain") for name in NAMES]
-    + [distributed_case(name, "ddp", "loop") for name in GRADIENT]
+    + [distributed_case(name, config, "loop") for name in GRADIENT for config in ("ddp", "fsdp2")]
     + [distributed_case(name, "ddp", "unseeded") for name in ["pcgrad", "graddrop", "selective"]]
     + [distributed_case("graddrop", "fsdp2", "unseeded")]
     + [distributed_case("nash_mtl", config, "reuse") for config in ("ddp", "fsdp2")]
@@ -201,7 +202,7 @@ SUPPORTED = (
         distributed_case("pcgrad", "ddp_compiled"),
         distributed_case("mgda", "ddp_compiled", "representation"),
     ]
-)  # under FSDP2 the gradient methods always run K backwards: jacobian= does not apply
+)
 
 
 @pytest.mark.timeout(600)
@@ -220,27 +221,36 @@ def test_two_ranks_train_as_one_process_on_the_global_batch(case, distributed):
 
 SHARED_SIZE = worker.HIDDEN * (worker.IN_FEATURES + 1)  # P_s: the encoder's weight and bias
 HEADS_SIZE = worker.NUM_TASKS * (worker.HIDDEN + 1)  # P_h
+#: Under FSDP2 the gradient methods' ONE reduce-scatter of the K task gradients: every rank's K rows of
+#: its shards, each parameter's shard padded to ⌈rows / W⌉ rows (a head's single row: one row per rank).
+TASK_GRADIENTS_SCATTERED = worker.WORLD_SIZE * worker.NUM_TASKS * (SHARED_SIZE // worker.WORLD_SIZE + HEADS_SIZE)
 
 
 @pytest.mark.parametrize(
     "case, per_step",
     [
         # J and the heads' per-task gradients, in one all-reduce
-        (("pcgrad", "ddp", "plain"), [worker.NUM_TASKS * (SHARED_SIZE + HEADS_SIZE)]),
-        (("famo", "ddp", "plain"), [worker.NUM_TASKS] * 2),  # the losses before and after the step
-        (("uw", "fsdp2", "plain"), [worker.NUM_TASKS]),
-        (("mgda", "fsdp2", "plain"), [worker.NUM_TASKS**2]),  # the Gram matrix (FSDP2 reduce-scatters the rest)
+        (("pcgrad", "ddp", "plain"), {"all_reduce": [worker.NUM_TASKS * (SHARED_SIZE + HEADS_SIZE)]}),
+        (("famo", "ddp", "plain"), {"all_reduce": [worker.NUM_TASKS] * 2}),  # the losses before and after the step
+        (("uw", "fsdp2", "plain"), {"all_reduce": [worker.NUM_TASKS]}),  # (and FSDP2's own reduce-scatters)
+        # the task gradients in one reduce-scatter (FSDP2 reduces none), the Gram matrix
+        (
+            ("mgda", "fsdp2", "plain"),
+            {"reduce_scatter": [TASK_GRADIENTS_SCATTERED], "all_reduce": [worker.NUM_TASKS**2]},
+        ),
+        (("graddrop", "fsdp2", "plain"), {"reduce_scatter": [TASK_GRADIENTS_SCATTERED], "all_reduce": []}),
         # the features' Gram matrix (the reducer / FSDP2 averages the one backward's gradients)
-        (("pcgrad", "ddp", "representation"), [worker.NUM_TASKS**2]),
-        (("mgda", "fsdp2", "representation"), [worker.NUM_TASKS**2]),
-        (("graddrop", "fsdp2", "plain"), []),  # each rank combines its own columns
+        (("pcgrad", "ddp", "representation"), {"all_reduce": [worker.NUM_TASKS**2]}),
+        (("mgda", "fsdp2", "representation"), {"all_reduce": [worker.NUM_TASKS**2]}),  # (and FSDP2's own)
         # each rank combines its own samples' feature columns
-        pytest.param(("graddrop", "ddp", "representation"), [], marks=pytest.mark.slow),
+        pytest.param(("graddrop", "ddp", "representation"), {"all_reduce": []}, marks=pytest.mark.slow),
     ],
 )
 def test_the_methods_own_communication_is_what_the_readme_says(case, per_step, distributed):
-    """The all-reduces each method issues itself per step (DDP's and FSDP2's own are not counted)."""
-    assert distributed[0][case]["collectives"] == [per_step] * worker.STEPS
+    """The collectives issued from Python per step (DDP's reducer's are not counted), of the kinds listed."""
+    for step in distributed[0][case]["collectives"]:
+        assert {kind: [numel for called, numel in step if called == kind] for kind in per_step} == per_step
+    assert len(distributed[0][case]["collectives"]) == worker.STEPS
 
 
 @pytest.mark.timeout(600)

@@ -5,11 +5,11 @@ Scaling out (README "Scaling out"): under ``torch.compile`` the step runs with
 (:func:`retainable_compiled_graphs`: the per-task backwards retain the graph);
 under DDP every gradient is taken with ``torch.autograd.grad`` (outside DDP's reducer) and
 averaged here, J and the heads' gradients in one all-reduce (K×P); under FSDP2 (weightings
-and GradDrop) one ordinary backward per task gives the sharded task gradients, the K×K
-Gram matrix of the local shards is all-reduced and ``wᵀJ`` is written into each shard
-(GradDrop: each rank combines its own columns, with their global indices). With
-``space="representation"`` under either, the K×K Gram matrix of the features is
-all-reduced and ONE ordinary backward, which DDP/FSDP2 reduce as for GD, carries the
+and GradDrop) the K task gradients are taken w.r.t. the unsharded parameters, reduce-scattered
+in one collective (K×P), the K×K Gram matrix of the local shards is all-reduced and ``wᵀJ``
+is written into each shard (GradDrop: each rank combines its own columns, with their global
+indices). With ``space="representation"`` under either, the K×K Gram matrix of the features
+is all-reduced and ONE ordinary backward, which DDP/FSDP2 reduce as for GD, carries the
 direction (docs/algorithm.md §Representation space across ranks).
 """
 
@@ -24,7 +24,7 @@ import torch._functorch.config
 import torch._inductor.config
 
 from ..losses import ClosureOutput
-from ..parallel import TaskParams, flat_column_start, graph_parameters, graph_reaches, is_sharded
+from ..parallel import FSDP2Shards, TaskParams, as_parameter_list, graph_parameters, graph_reaches, is_sharded
 from .base import MultiTaskMethod, detached
 from .graddrop import GradDrop
 from .jacobian import JacobianMode, SharedParams, TaskJacobian
@@ -98,9 +98,14 @@ class GradientMethod(MultiTaskMethod):
         self.aggregator = aggregator
         self.name = aggregator.name
         self.space = space
-        # The K×P buffer is only needed in parameter space.
+        shared = as_parameter_list(shared_params)
+        # The K×P buffer is only needed in parameter space, and not under FSDP2 (K × this rank's shards).
         self._jacobian = TaskJacobian(
-            shared_params, num_tasks, mode=jacobian, chunk_size=chunk_size, allocate=space == "parameters"
+            shared,
+            num_tasks,
+            mode=jacobian,
+            chunk_size=chunk_size,
+            allocate=space == "parameters" and not any(is_sharded(p) for p in shared),
         )
         if self._jacobian.direction.device != self.device:
             raise ValueError(f"shared_params are on {self._jacobian.direction.device}, the optimizer on {self.device}")
@@ -123,11 +128,9 @@ class GradientMethod(MultiTaskMethod):
                 "split over ranks: it needs every coordinate of the task gradients on one rank; train it with "
                 'DistributedDataParallel and space="parameters"'
             )
-        if self._sharded and process_group is not None:
-            _check_mesh_is_the_group(self.shared_params, process_group)
         aggregator.load_state_dict(self._ranks.first_rank(aggregator.state_dict()))  # the same random draws
-        #: Under FSDP2: (first global column of J, width) of each shared parameter's local shard.
-        self._column_runs = _column_runs(self.shared_params) if self._sharded else []
+        #: Under FSDP2: how the parameters are sharded (J's columns on this rank, the reduce-scatter).
+        self._shards = FSDP2Shards([*self.shared_params, *self._task_params], process_group) if self._sharded else None
         self._graph_checked = False
 
     @property
@@ -278,26 +281,25 @@ class GradientMethod(MultiTaskMethod):
         return weights.to(jacobian.dtype) @ jacobian, head_weights
 
     def _sharded_step(self, losses: list[torch.Tensor]) -> None:
-        """The FSDP2 step: per-task sharded gradients by K ordinary backwards, then the direction per shard.
+        """The FSDP2 step: the per-task gradients of this rank's shards in ONE reduce-scatter, then the direction.
 
-        A weighting gets the global Gram matrix (``G = Σ_ranks J_r J_rᵀ``, one K×K all-reduce) and
-        each rank writes ``wᵀJ_r``; GradDrop, column by column, needs no collective of its own: each
-        rank combines its columns, drawing with their global indices (the one-process run's U).
+        The K task gradients are taken with ``torch.autograd.grad`` w.r.t. the unsharded parameters
+        of the graph (FSDP2 re-gathers them as usual but, with no ``.grad`` written, reduces
+        nothing), stacked K×P and reduce-scattered once: each rank gets the global batch's K rows
+        of its columns. A weighting then needs the global Gram matrix (``G = Σ_ranks J_r J_rᵀ``,
+        one K×K all-reduce) and writes ``wᵀJ_r``; GradDrop, column by column, needs no other
+        collective: each rank combines its columns, drawing with their global indices. The
+        direction goes into the sharded ``.grad``, which FSDP2 does not reduce again.
         """
         params = [*self.shared_params, *self._task_params]
-        rows = []
         with self._timer.phase("backward"):
-            for k, loss in enumerate(losses):
-                loss.backward(retain_graph=k < len(losses) - 1)  # FSDP2 reduce-scatters: global batch, this shard
-                rows.append(torch.cat([_local(p.grad, p).reshape(-1) for p in params]))
-                for p in params:
-                    p.grad = None
-        jacobian = torch.stack(rows)
+            jacobian = self._sharded_task_gradients(losses, params)
         shared_width = sum(_local(None, p).numel() for p in self.shared_params)
         shared, heads = jacobian[:, :shared_width], jacobian[:, shared_width:]
         with self._timer.phase("manipulation"):
             if isinstance(self.aggregator, GradDrop):
-                direction, head_weights = self.aggregator.combine_columns(shared, self._column_runs), None
+                runs = cast(FSDP2Shards, self._shards).column_runs(len(self.shared_params))
+                direction, head_weights = self.aggregator.combine_columns(shared, runs), None
             else:  # a Weighting (checked at construction)
                 total_gram = self._ranks.sum(gram(shared))  # G = Σ_ranks J_r J_rᵀ
                 weights, head_weights = cast(Weighting, self.aggregator).direction_weights(total_gram)
@@ -311,6 +313,33 @@ class GradientMethod(MultiTaskMethod):
                 local = _local(p.grad, p)
                 local.copy_(flat[offset : offset + local.numel()].view_as(local))
                 offset += local.numel()
+
+    def _sharded_task_gradients(self, losses: list[torch.Tensor], params: list[torch.Tensor]) -> torch.Tensor:
+        """J of the global batch, this rank's columns of ``params`` (K × Σ local numel): ONE reduce-scatter."""
+        shards = cast(FSDP2Shards, self._shards)
+        unsharded = shards.unsharded
+        if self._jacobian.mode == "batched":  # one vmapped backward: FSDP2 re-gathers each unit once
+            stacked = torch.stack(losses)
+            batched = torch.autograd.grad(
+                stacked,
+                unsharded,
+                grad_outputs=torch.eye(len(losses), dtype=stacked.dtype, device=stacked.device),
+                is_grads_batched=True,
+                allow_unused=True,
+            )
+            grads = [
+                torch.zeros(len(losses), *p.shape, dtype=p.dtype, device=p.device) if grad is None else grad.to(p.dtype)
+                for grad, p in zip(batched, params, strict=True)
+            ]
+        else:  # K backwards (FSDP2 re-gathers a unit for each task's backward that reaches it)
+            per_task = [
+                torch.autograd.grad(
+                    loss, unsharded, retain_graph=k < len(losses) - 1, allow_unused=True, materialize_grads=True
+                )
+                for k, loss in enumerate(losses)
+            ]
+            grads = [torch.stack([task[i] for task in per_task]).to(p.dtype) for i, p in enumerate(params)]
+        return shards.reduce_scatter(grads).div_(shards.world)
 
     def _parameter_jacobian(self, losses: list[torch.Tensor]) -> torch.Tensor:
         """J of this rank's losses w.r.t. the shared parameters; a compiled backward that cannot be retained is named."""
@@ -392,28 +421,6 @@ def retainable_compiled_graphs() -> Iterator[None]:
     """
     with torch._functorch.config.patch(donated_buffer=False), torch._inductor.config.patch(fx_graph_cache=False):
         yield
-
-
-def _check_mesh_is_the_group(shared_params: Sequence[torch.Tensor], process_group: Any) -> None:
-    """Raises unless FSDP2 shards ``shared_params`` over the ranks of ``process_group`` (the Gram matrix sums those)."""
-    group_ranks = torch.distributed.get_process_group_ranks(process_group)
-    for param in shared_params:
-        if is_sharded(param):
-            mesh_ranks = cast(Any, param).device_mesh.mesh.flatten().tolist()
-            if mesh_ranks != group_ranks:
-                raise ValueError(
-                    f"the shared parameters are sharded over ranks {mesh_ranks}, process_group holds {group_ranks}: "
-                    "give the group of the FSDP2 mesh"
-                )
-
-
-def _column_runs(shared_params: Sequence[torch.Tensor]) -> list[tuple[int, int]]:
-    """(first global column of J, width) of this rank's part of each shared parameter, in J's column order."""
-    runs, first_column = [], 0
-    for param in shared_params:
-        runs.append((first_column + flat_column_start(param), _local(None, param).numel()))
-        first_column += param.numel()  # the full parameter's size (a DTensor's numel is global)
-    return runs
 
 
 def _local(grad: torch.Tensor | None, param: torch.Tensor) -> torch.Tensor:
