@@ -7,9 +7,13 @@ collective issued through ``torch.distributed`` from Python (FSDP2's all-gathers
 reduce-scatters, the methods' all-reduces) and, under DDP, the reducer's bucket all-reduces
 (its default communication hook, labelled): their number, kind and bytes. ``fsdp2-keep``
 is FSDP2 with ``reshard_after_forward=False``. Step time is the
-median over the timed steps (rank 0).
+median over the timed steps (rank 0). ``--space representation`` runs the gradient methods
+with ``space="representation"`` (the model returns its features; the rows of the former
+FSDP2 path are left out).
 
     python benchmarks/bench_distributed_comm.py --out benchmarks/results/distributed_comm_cpu.md
+    python benchmarks/bench_distributed_comm.py --space representation \
+        --out benchmarks/results/distributed_comm_representation_cpu.md
 """
 
 from __future__ import annotations
@@ -53,14 +57,23 @@ COUNTED = ("all_reduce", "all_gather_single", "reduce_scatter_single", "broadcas
 
 
 class Model(torch.nn.Module):
-    def __init__(self, in_features: int, hidden: int, num_tasks: int, head_out: int) -> None:
+    def __init__(self, in_features: int, hidden: int, num_tasks: int, head_out: int, with_features: bool) -> None:
         super().__init__()
         self.encoder = torch.nn.Linear(in_features, hidden)
         self.heads = torch.nn.ModuleList(torch.nn.Linear(hidden, head_out) for _ in range(num_tasks))
+        self.with_features = with_features
 
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor] | tuple[list[torch.Tensor], torch.Tensor]:
         features = self.encoder(x).tanh()
-        return [head(features) for head in self.heads]
+        predictions = [head(features) for head in self.heads]
+        return (predictions, features) if self.with_features else predictions
+
+
+def squared_errors(output: Any, targets: torch.Tensor) -> Any:
+    """The K mean squared errors (with the features, for ``space="representation"``, when the model returns them)."""
+    predictions, features = output if isinstance(output, tuple) else (output, None)
+    losses = [(o - t).pow(2).mean() for o, t in zip(predictions, targets, strict=True)]
+    return losses if features is None else (losses, features)
 
 
 @contextlib.contextmanager
@@ -125,7 +138,7 @@ CONFIGS = ("ddp", "fsdp2", "fsdp2-keep")
 
 def build(label: str, name: str, options: dict[str, Any], config: str, args: argparse.Namespace) -> tuple[Any, Any]:
     torch.manual_seed(0)
-    model = Model(args.in_features, args.hidden, args.tasks, args.head_out)
+    model = Model(args.in_features, args.hidden, args.tasks, args.head_out, args.space == "representation")
     forward: torch.nn.Module = model
     if config.startswith("fsdp2"):
         from torch.distributed.fsdp import fully_shard
@@ -136,6 +149,8 @@ def build(label: str, name: str, options: dict[str, Any], config: str, args: arg
         forward = torch.nn.parallel.DistributedDataParallel(model)
         forward.register_comm_hook(None, labelling_ddp_hook)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    if name in methods.available("gradient"):
+        options = {**options, "space": args.space}
     method = methods.create(name, optimizer, args.tasks, shared_params=list(model.encoder.parameters()), **options)
     if label.endswith("before"):
         method.__class__ = FSDP2Backwards
@@ -153,7 +168,8 @@ def serve(rank: int, rendezvous: str, args: argparse.Namespace, out: str) -> Non
         runs = {
             label: build(label, name, options, config, args)
             for label, name, options in METHODS
-            if config.startswith("fsdp2") or "," not in label or "reuse" in label
+            if (config.startswith("fsdp2") or "," not in label or "reuse" in label)
+            and not (args.space == "representation" and label.endswith("before"))
         }
         times: dict[str, list[float]] = {name: [] for name in runs}
         calls: dict[str, list[tuple[str, int]]] = {name: [] for name in runs}
@@ -163,9 +179,7 @@ def serve(rank: int, rendezvous: str, args: argparse.Namespace, out: str) -> Non
                 dist.barrier()
                 start = time.perf_counter()
                 with counting(step_calls):
-                    method.step(
-                        lambda forward=forward: [(o - t).pow(2).mean() for o, t in zip(forward(x), y, strict=True)]
-                    )
+                    method.step(lambda forward=forward: squared_errors(forward(x), y))
                 elapsed = time.perf_counter() - start
                 if step >= args.warmup:
                     times[name].append(elapsed)
@@ -194,7 +208,8 @@ def table(rows: list, args: argparse.Namespace) -> str:
         f"Command: `python {' '.join(sys.argv)}`",
         f"Model: Linear({args.in_features}, {args.hidden}) + tanh, K = {args.tasks} heads "
         f"Linear({args.hidden}, {args.head_out}); P_s = {sizes['P_s']}, P_h = {sizes['P_h']} (float32); "
-        f"batch {args.batch} per rank; {args.steps} timed steps after {args.warmup} (median, rank 0).",
+        f"batch {args.batch} per rank; {args.steps} timed steps after {args.warmup} (median, rank 0); "
+        f'the gradient methods with space="{args.space}".',
         "Collectives per step per rank: count × kind (MB sent into them, the input's size). ",
         "`ddp all_reduce`: DDP's reducer (its buckets); the others are called from Python "
         "(FSDP2's all-gathers and reduce-scatters, the methods' own all-reduces).",
@@ -220,6 +235,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--space", choices=["parameters", "representation"], default="parameters")
     parser.add_argument("--out", help="also write the table to this markdown file")
     args = parser.parse_args()
     if not dist.is_available() or not dist.is_gloo_available():

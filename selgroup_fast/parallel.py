@@ -45,6 +45,7 @@ class RankAgreement:
         self.process_group = process_group
         self.enabled = process_group is not None or (dist.is_available() and dist.is_initialized())
         self.world_size = dist.get_world_size(process_group) if self.enabled else 1
+        self.rank = dist.get_rank(process_group) if self.enabled else 0
         self.device = device
 
     def share_generator(self, generator: torch.Generator) -> None:
@@ -343,6 +344,35 @@ def graph_parameters(losses: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor]
     return parameters, compiled
 
 
+def graph_reaches(losses: Sequence[torch.Tensor], tensors: Sequence[torch.Tensor]) -> list[bool]:
+    """Whether the losses' autograd graph back-propagates into each of ``tensors`` (host only).
+
+    A tensor is reached when some node's edge leads to its ``grad_fn`` at its output index. A
+    ``torch.compile``d region that computes both a tensor and, from it, the losses returns
+    them as separate outputs of one node: the losses then do not reach the tensor.
+
+    >>> x = torch.ones(2, requires_grad=True)
+    >>> z, other = x * 2, x * 3
+    >>> graph_reaches([z.sum()], [z, other])
+    [True, False]
+    """
+    # Hold every visited node wrapper alive (as graph_parameters does) so that identity checks are valid.
+    targets = [(tensor.grad_fn, tensor.output_nr) for tensor in tensors]
+    reached = [any(loss is tensor for loss in losses) for tensor in tensors]
+    seen: dict[int, Any] = {}
+    pending: list[Any] = [loss.grad_fn for loss in losses if loss.grad_fn is not None]
+    while pending and not all(reached):
+        node = pending.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen[id(node)] = node
+        for next_node, input_nr in node.next_functions:
+            for i, (grad_fn, output_nr) in enumerate(targets):
+                reached[i] = reached[i] or (next_node is grad_fn and grad_fn is not None and input_nr == output_nr)
+            pending.append(next_node)
+    return reached
+
+
 __all__ = [
     "FSDP2Shards",
     "RankAgreement",
@@ -350,5 +380,6 @@ __all__ = [
     "as_parameter_list",
     "check_process_group",
     "graph_parameters",
+    "graph_reaches",
     "is_sharded",
 ]

@@ -8,7 +8,9 @@ averaged here, J and the heads' gradients in one all-reduce (K×P); under FSDP2 
 and GradDrop) the K task gradients are taken w.r.t. the unsharded parameters, reduce-scattered
 in one collective (K×P), the K×K Gram matrix of the local shards is all-reduced and ``wᵀJ``
 is written into each shard (GradDrop: each rank combines its own columns, with their global
-indices).
+indices). With ``space="representation"`` under either, the K×K Gram matrix of the features
+is all-reduced and ONE ordinary backward, which DDP/FSDP2 reduce as for GD, carries the
+direction (docs/algorithm.md §Representation space across ranks).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import torch._functorch.config
 import torch._inductor.config
 
 from ..losses import ClosureOutput
-from ..parallel import FSDP2Shards, TaskParams, as_parameter_list, graph_parameters, is_sharded
+from ..parallel import FSDP2Shards, TaskParams, as_parameter_list, graph_parameters, graph_reaches, is_sharded
 from .base import MultiTaskMethod, detached
 from .graddrop import GradDrop
 from .jacobian import JacobianMode, SharedParams, TaskJacobian
@@ -119,13 +121,13 @@ class GradientMethod(MultiTaskMethod):
             owners.check_in_optimizer(optimizer)
             self._task_params = owners.all_task_params()
         self._sharded = any(is_sharded(p) for p in [*self._jacobian.params, *self._task_params])
-        if self._sharded and not (isinstance(aggregator, (Weighting, GradDrop)) and space == "parameters"):
+        split_columns = self._sharded or (self._ranks.enabled and space == "representation")  # J split over ranks
+        if split_columns and not isinstance(aggregator, (Weighting, GradDrop)):
             raise ValueError(
-                f'{self.name} with space="{space}" does not support sharded (FSDP2/DTensor) parameters: it needs every '
-                "coordinate of the task gradients on one rank; train it with DistributedDataParallel"
+                f'{self.name} with space="{space}" does not support sharded (FSDP2/DTensor) parameters or features '
+                "split over ranks: it needs every coordinate of the task gradients on one rank; train it with "
+                'DistributedDataParallel and space="parameters"'
             )
-        if self._ranks.enabled and space != "parameters":
-            raise ValueError(f'space="{space}" is not supported under torch.distributed: use space="parameters"')
         aggregator.load_state_dict(self._ranks.first_rank(aggregator.state_dict()))  # the same random draws
         #: Under FSDP2: how the parameters are sharded (J's columns on this rank, the reduce-scatter).
         self._shards = FSDP2Shards([*self.shared_params, *self._task_params], process_group) if self._sharded else None
@@ -174,6 +176,10 @@ class GradientMethod(MultiTaskMethod):
                     'space="representation" needs the closure to return (losses, features), features being the '
                     "shared representation (the encoder's output)"
                 )
+            self._check_graph(losses, features)
+            if self._ranks.enabled:
+                self._distributed_representation_step(losses, features)
+                return self._optimizer_step(losses)
             with self._timer.phase("backward"):
                 jacobian = self._jacobian.of_features(losses, features)
             with self._timer.phase("manipulation"):
@@ -224,6 +230,55 @@ class GradientMethod(MultiTaskMethod):
             flat = (weights if head_weights is None else head_weights.to(heads.dtype)) @ heads
             for param, grad in zip(self._task_params, flat.split([p.numel() for p in self._task_params]), strict=True):
                 param.grad = grad.view_as(param).to(param.dtype)
+
+    def _distributed_representation_step(self, losses: list[torch.Tensor], features: Sequence[torch.Tensor]) -> None:
+        """DDP and FSDP2 with ``space="representation"`` (docs/algorithm.md §Representation space across ranks).
+
+        This rank's K×Z_r Jacobian of the features (one backward through the heads), the
+        global batch's direction restricted to this rank's samples (:meth:`_global_feature_cotangent`:
+        one all-reduce of K×K, none for GradDrop), then ONE ordinary backward of ``Σ_k h_k L_k``
+        whose gradient at the features is replaced by that direction (a tensor hook): the heads
+        get ``h_k ∇L_k``, the encoder the direction pulled back, and DDP's reducer or FSDP2's
+        reduce-scatter averages both across the ranks as for GD.
+        """
+        with self._timer.phase("backward"):
+            jacobian = self._jacobian.of_features(losses, features)
+        with self._timer.phase("manipulation"):
+            cotangent, head_weights = self._global_feature_cotangent(jacobian, features)
+        with self._timer.phase("backward"):
+            handles, offset = [], 0
+            for feature in features:
+                part = cotangent[offset : offset + feature.numel()].view_as(feature).to(feature.dtype)
+                handles.append(feature.register_hook(lambda _gradient, part=part: part))
+                offset += feature.numel()
+            try:
+                self._weighted_total(losses, head_weights).backward()
+            finally:
+                for handle in handles:
+                    handle.remove()
+
+    def _global_feature_cotangent(
+        self, jacobian: torch.Tensor, features: Sequence[torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The cotangent of this rank's features whose ranks' mean is the global batch's direction, and the heads' weights.
+
+        The global batch's loss is the ranks' mean (DDP's and FSDP2's convention), so its
+        feature Jacobian holds the ranks' ``J_r / W`` side by side and its Gram matrix is
+        ``Σ_r G_r / W²`` (one all-reduce of K×K). A weighting's direction on this rank's
+        samples is then ``wᵀJ_r / W``: the cotangent ``wᵀJ_r``, which the reducer averages.
+        GradDrop combines each column alone (its purity is scale-free and its sum linear), so
+        it needs no collective: it runs on ``J_r``, drawing with each column's index in the
+        global features (the ranks' equal-sized, batch-first features end to end in rank order).
+        """
+        if isinstance(self.aggregator, GradDrop):
+            runs, first_column = [], 0
+            for feature in features:
+                runs.append((first_column + self._ranks.rank * feature.numel(), feature.numel()))
+                first_column += self._ranks.world_size * feature.numel()
+            return self.aggregator.combine_columns(jacobian, runs), None
+        total = self._ranks.sum(gram(jacobian)).div_(self._ranks.world_size**2)
+        weights, head_weights = cast(Weighting, self.aggregator).direction_weights(total)  # a Weighting otherwise
+        return weights.to(jacobian.dtype) @ jacobian, head_weights
 
     def _sharded_step(self, losses: list[torch.Tensor]) -> None:
         """The FSDP2 step: the per-task gradients of this rank's shards in ONE reduce-scatter, then the direction.
@@ -288,12 +343,7 @@ class GradientMethod(MultiTaskMethod):
 
     def _parameter_jacobian(self, losses: list[torch.Tensor]) -> torch.Tensor:
         """J of this rank's losses w.r.t. the shared parameters; a compiled backward that cannot be retained is named."""
-        if not self._graph_checked:  # once: the graph walk runs on the host
-            self._graph_checked = True
-            if self._jacobian.mode == "batched" and graph_parameters(losses)[1]:
-                # A compiled backward cannot run under vmap (AOTAutograd's runtime wrapper copies a
-                # batched gradient into an unbatched buffer): K ordinary backwards, the same J.
-                self._jacobian.mode = "loop"
+        self._check_graph(losses)
         try:
             return self._jacobian.compute(losses, retain_graph=bool(self._task_params))
         except RuntimeError as error:
@@ -304,6 +354,23 @@ class GradientMethod(MultiTaskMethod):
                 "was compiled with donated buffers before this method first ran it: compile it under "
                 "torch._functorch.config.patch(donated_buffer=False), or call torch._dynamo.reset() first"
             ) from error
+
+    def _check_graph(self, losses: list[torch.Tensor], features: Sequence[torch.Tensor] = ()) -> None:
+        """Once, on the host: K ordinary backwards for a compiled graph; features the losses do not reach raise."""
+        if self._graph_checked:
+            return
+        if self._jacobian.mode == "batched" and graph_parameters(losses)[1]:
+            # A compiled backward cannot run under vmap (AOTAutograd's runtime wrapper copies a
+            # batched gradient into an unbatched buffer): K ordinary backwards, the same J.
+            self._jacobian.mode = "loop"
+        for i, reached in enumerate(graph_reaches(losses, features)):
+            if not reached and features[i].requires_grad:  # a detached one: TaskJacobian.of_features says so
+                raise ValueError(
+                    f"the losses do not back-propagate through features {i}: return the tensor the heads are computed "
+                    "from (a torch.compile'd model that returns it beside the predictions hides that edge: compile "
+                    "the encoder and the heads separately)"
+                )
+        self._graph_checked = all(feature.requires_grad for feature in features)  # checked again after an error
 
     @staticmethod
     def _weighted_total(losses: list[torch.Tensor], weights: torch.Tensor | None) -> torch.Tensor:
