@@ -17,9 +17,11 @@ from pathlib import Path
 from typing import Any
 
 STORAGE = Path("benchmarks/results/pytest-benchmark")
+#: What made the committed CPU run (ops_micro_cpu.md); ``--command`` says it for another run.
 COMMAND = (
     "python -m pytest benchmarks/test_fused_ops.py --benchmark-max-time=0.5 "
-    "--benchmark-storage=benchmarks/results/pytest-benchmark --benchmark-save=cpu"
+    "--benchmark-storage=benchmarks/results/pytest-benchmark --benchmark-save=cpu`, then "
+    "`python benchmarks/summarize_micro.py --output benchmarks/results/ops_micro_cpu.md"
 )
 
 
@@ -39,8 +41,8 @@ def _ratio(value: float) -> str:
     return f"{value:,.0f}×" if value >= 10 else f"{value:.1f}×" if value >= 1 else f"{value:.2f}×"
 
 
-def summary(run: dict[str, Any], source: str, notes: Sequence[str] = ()) -> str:
-    """The Markdown report of one saved run (``source``: where it was read from)."""
+def summary(run: dict[str, Any], source: str, notes: Sequence[str] = (), command: str = COMMAND) -> str:
+    """The Markdown report of one saved run (``source``: where it was read from; ``command``: what made it)."""
     fused: dict[tuple[str, int, str], float] = {}  # (op, K, device) -> median seconds
     reference: dict[tuple[str, int], float] = {}  # (op, K) -> median seconds (the references run on the CPU)
     for bench in run["benchmarks"]:
@@ -59,8 +61,7 @@ def summary(run: dict[str, Any], source: str, notes: Sequence[str] = ()) -> str:
         f"{machine.get('torch_threads')} torch threads"
         + (f", GPU {machine['gpu']}" if machine.get("gpu") else ", no GPU"),
         f"- versions: python {machine['python_version']}, {versions}",
-        f"- command: `{COMMAND}`, then "
-        "`python benchmarks/summarize_micro.py --output benchmarks/results/ops_micro_cpu.md`",
+        f"- command: `{command}`",
         f"- data: `{source}`; times are pytest-benchmark's medians per call (µs); ratio = reference / fused",
         "- references: `.item()` double loop (`ReferenceAffinity.update`) for the affinity update, the reference "
         "code's tensor expression for the similarity, scikit-learn for affinity propagation, the float64 "
@@ -84,9 +85,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--storage", type=Path, default=STORAGE)
     parser.add_argument("--note", action="append", default=[], help="a line to add to the header (repeatable)")
     parser.add_argument("--output", type=Path, help="also write the Markdown here")
+    parser.add_argument("--command", default=COMMAND, help="the command(s) that made the run, for the header")
     args = parser.parse_args(argv)
     path = args.run or newest_run(args.storage)
-    text = summary(json.loads(path.read_text()), path.as_posix(), args.note)
+    text = summary(json.loads(path.read_text()), path.as_posix(), args.note, args.command)
     print(text)
     if args.output:
         args.output.write_text(text)

@@ -210,8 +210,10 @@ at::Tensor nash_mtl_weights(const at::Tensor& gram, const at::Tensor& alpha_init
 
 // GradDrop: K×P task gradients -> the update d[P].
 template <typename Backend>
-at::Tensor graddrop(const at::Tensor& jacobian_in, const at::Tensor& leak_in, int64_t seed, int64_t offset) {
+at::Tensor graddrop(const at::Tensor& jacobian_in, const at::Tensor& leak_in, int64_t seed, int64_t offset,
+                    int64_t column_offset) {
   check_float(jacobian_in, "jacobian");
+  TORCH_CHECK(column_offset >= 0, "column_offset must be >= 0, got ", column_offset);
   check_dim(jacobian_in, 2, "jacobian");
   const int64_t K = jacobian_in.size(0);
   TORCH_CHECK(K >= 1, "jacobian must have at least one task row, got shape ", jacobian_in.sizes());
@@ -222,7 +224,7 @@ at::Tensor graddrop(const at::Tensor& jacobian_in, const at::Tensor& leak_in, in
   at::Tensor update = at::empty({P}, jacobian.options());
   AT_DISPATCH_FLOATING_TYPES(jacobian.scalar_type(), "graddrop", [&] {
     Backend::map(GradDrop<scalar_t>{jacobian.const_data_ptr<scalar_t>(), leak.const_data_ptr<scalar_t>(),
-                                    update.mutable_data_ptr<scalar_t>(), K, P, seed, offset},
+                                    update.mutable_data_ptr<scalar_t>(), K, P, seed, offset, column_offset},
                  "graddrop");
   });
   return update;

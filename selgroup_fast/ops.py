@@ -254,20 +254,28 @@ def nash_mtl_weights(
     return torch.ops.selgroup_fast.nash_mtl_weights(gram, alpha_init, max_iter, tol)
 
 
-def graddrop(jacobian: torch.Tensor, leak: torch.Tensor, seed: int, offset: int) -> torch.Tensor:
+def graddrop(
+    jacobian: torch.Tensor, leak: torch.Tensor, seed: int, offset: int, column_offset: int = 0
+) -> torch.Tensor:
     """GradDrop (Chen et al., "Just Pick a Sign", NeurIPS 2020), fused over the K×P matrix J.
 
     Per column p: purity ``P = ½(1 + Σ_k J_kp / Σ_k |J_kp|)`` (½ for a zero column),
-    a uniform U from a counter-based generator of (seed, offset, p) that the CPU
+    a uniform U from a counter-based generator of (seed, offset, column_offset + p) that the CPU
     and CUDA kernels compute identically (SplitMix64, csrc/manipulation/graddrop.h),
     keep the positive entries when U < P and the negative ones otherwise, and sum:
     ``d_p = Σ_k (ℓ_k + (1 − ℓ_k)·M_kp)·J_kp`` with ``leak`` ℓ[K] (0 = the paper's
     default; its values are not checked). A column with a non-finite entry gives NaN.
+    ``column_offset`` (≥ 0) is the global index of J's first column when J holds a slice
+    of the columns (an FSDP2 rank's shard): the slice draws what the whole matrix would.
 
-    >>> graddrop(torch.tensor([[1.0, 2.0], [3.0, -2.0]]), torch.zeros(2), seed=0, offset=0)[0]
+    >>> J = torch.tensor([[1.0, 2.0, -1.0], [3.0, -2.0, 1.0]])
+    >>> graddrop(J, torch.zeros(2), seed=0, offset=0)[0]
     tensor(4.)
+    >>> whole = graddrop(J, torch.zeros(2), seed=0, offset=0)
+    >>> torch.equal(graddrop(J[:, 1:].contiguous(), torch.zeros(2), 0, 0, column_offset=1), whole[1:])
+    True
     """
-    return torch.ops.selgroup_fast.graddrop(jacobian, leak, seed, offset)
+    return torch.ops.selgroup_fast.graddrop(jacobian, leak, seed, offset, column_offset)
 
 
 def _check_gram(gram: torch.Tensor) -> torch.Tensor:
@@ -305,7 +313,10 @@ def _nash_mtl_weights_fake(gram: torch.Tensor, alpha_init: torch.Tensor, *solver
 
 
 @torch.library.register_fake("selgroup_fast::graddrop")
-def _graddrop_fake(jacobian: torch.Tensor, leak: torch.Tensor, seed: int, offset: int) -> torch.Tensor:
+def _graddrop_fake(
+    jacobian: torch.Tensor, leak: torch.Tensor, seed: int, offset: int, column_offset: int = 0
+) -> torch.Tensor:
+    torch._check(column_offset >= 0, lambda: f"column_offset must be >= 0, got {column_offset}")
     torch._check(jacobian.dim() == 2, lambda: f"jacobian must be 2-D, got shape {jacobian.shape}")
     torch._check(
         jacobian.dtype in (torch.float32, torch.float64),

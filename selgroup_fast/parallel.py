@@ -21,7 +21,7 @@ Example::
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -34,13 +34,18 @@ class RankAgreement:
     """Keeps the ranks of a ``torch.distributed`` group on the same method state and random draws.
 
     ``process_group=None`` means the world group when ``torch.distributed`` is initialised;
-    without it every method is a no-op (one process). Construct the method on every rank.
+    without it every method is a no-op (one process). Construct the method on every rank
+    of ``process_group``; every collective of the method goes through it. Anything but a
+    ``torch.distributed.ProcessGroup`` holding this rank raises a ``ValueError``.
     """
 
     def __init__(self, process_group: Any, device: torch.device) -> None:
+        if process_group is not None:
+            check_process_group(process_group)
         self.process_group = process_group
         self.enabled = process_group is not None or (dist.is_available() and dist.is_initialized())
         self.world_size = dist.get_world_size(process_group) if self.enabled else 1
+        self.rank = dist.get_rank(process_group) if self.enabled else 0
         self.device = device
 
     def share_generator(self, generator: torch.Generator) -> None:
@@ -86,6 +91,120 @@ class RankAgreement:
             return losses
         average = self.mean(losses.detach().clone())
         return losses + (average - losses).detach()
+
+
+def check_process_group(process_group: Any) -> None:
+    """Raises a one-line ``ValueError`` unless ``process_group`` is a group of ``torch.distributed`` holding this rank."""
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ValueError("process_group= needs torch.distributed initialised (torch.distributed.init_process_group)")
+    if not isinstance(process_group, dist.ProcessGroup):
+        # torch.distributed.new_group gives the ranks outside the group GroupMember.NON_GROUP_MEMBER
+        raise ValueError(
+            "process_group must be a torch.distributed.ProcessGroup holding this rank (build the method on the "
+            f"group's ranks only), got {process_group!r}"
+        )
+
+
+class FSDP2Shards:
+    """How FSDP2 shards a gradient method's parameters, and the per-task gradients' ONE reduce-scatter.
+
+    FSDP2 shards each parameter by whole rows (``Shard(0)``: ``torch.chunk`` along dim 0,
+    ⌈n₀/W⌉ rows per rank, the last ranks' chunks short or empty) on a 1-D mesh. FSDP2 offers
+    no public link from a sharded parameter to the unsharded one its forward puts in the
+    autograd graph: its records (``FSDPParam``) are reached through the modules' composable
+    state (torch's private ``_module_state_mapping``, torch 2.14).
+
+    Args:
+        params: the sharded parameters, in the order of J's columns (shared first).
+        process_group: the method's group (``None``: the world); it must hold the mesh's ranks.
+
+    Raises a ``ValueError`` for a parameter no ``fully_shard`` call manages, another placement
+    or mesh, or a mesh whose ranks are not ``process_group``'s.
+    """
+
+    def __init__(self, params: Sequence[torch.Tensor], process_group: Any) -> None:
+        from torch.distributed import _composable_state
+        from torch.distributed.tensor import Shard
+
+        records: dict[int, Any] = {}
+        for state_ref in list(_composable_state._module_state_mapping.values()):
+            for group in getattr(state_ref(), "_fsdp_param_groups", None) or []:
+                for record in group.fsdp_params:
+                    records[id(record.sharded_param)] = record
+        group_ranks = dist.get_process_group_ranks(dist.group.WORLD if process_group is None else process_group)
+        self.params = list(params)
+        self.records = []
+        for param in self.params:
+            sharded: Any = param  # a DTensor
+            if id(param) not in records:
+                raise ValueError(
+                    f"a parameter of shape {tuple(param.shape)} is not sharded by FSDP2's fully_shard: under FSDP2 "
+                    "every shared and task parameter must be (fully_shard each head and the encoder)"
+                )
+            if sharded.device_mesh.ndim != 1 or tuple(sharded.placements) != (Shard(0),):
+                raise ValueError(
+                    f"a parameter of shape {tuple(param.shape)} is placed {tuple(sharded.placements)} on a "
+                    f"{sharded.device_mesh.ndim}-D mesh: the gradient methods support FSDP2's Shard(0) on a 1-D mesh"
+                )
+            mesh_ranks = sharded.device_mesh.mesh.flatten().tolist()
+            if mesh_ranks != group_ranks:
+                raise ValueError(
+                    f"a parameter is sharded over ranks {mesh_ranks}, the method's process_group holds {group_ranks}: "
+                    "give the group of the FSDP2 mesh"
+                )
+            self.records.append(records[id(param)])
+        self.group = cast(Any, self.params[0]).device_mesh.get_group()
+        self.world, self.rank = dist.get_world_size(self.group), dist.get_rank(self.group)
+        #: Per parameter: rows of a rank's chunk, this rank's first row and row count, numel of a row.
+        self.chunks = [-(-p.shape[0] // self.world) for p in self.params]
+        self.first_rows = [
+            min(self.rank * chunk, p.shape[0]) for chunk, p in zip(self.chunks, self.params, strict=True)
+        ]
+        self.local_rows = [
+            min(chunk, p.shape[0] - first)
+            for chunk, first, p in zip(self.chunks, self.first_rows, self.params, strict=True)
+        ]
+        self.row_numel = [p.numel() // p.shape[0] if p.shape[0] else 0 for p in self.params]
+        for param, rows in zip(self.params, self.local_rows, strict=True):
+            if cast(Any, param).to_local().shape[0] != rows:
+                raise ValueError(f"a parameter of shape {tuple(param.shape)} is not sharded as torch.chunk shards it")
+
+    @property
+    def unsharded(self) -> list[torch.Tensor]:
+        """The unsharded parameters of the autograd graph (FSDP2 creates them at the first forward)."""
+        return [record.unsharded_param for record in self.records]
+
+    def column_runs(self, count: int) -> list[tuple[int, int]]:
+        """(first global column, width) of this rank's shard of each of the first ``count`` parameters, in J's order."""
+        runs, first_column = [], 0
+        for param, first_row, rows, row_numel in list(
+            zip(self.params, self.first_rows, self.local_rows, self.row_numel, strict=True)
+        )[:count]:
+            runs.append((first_column + first_row * row_numel, rows * row_numel))
+            first_column += param.numel()  # the full parameter's size (a DTensor's numel is global)
+        return runs
+
+    def reduce_scatter(self, grads: Sequence[torch.Tensor]) -> torch.Tensor:
+        """This rank's columns of the ranks' summed ``grads`` (``grads[i]``: K × ``params[i]``'s full shape).
+
+        ONE reduce-scatter of K × Σ_i W·⌈n₀/W⌉·row_numel: the rows of every rank's chunk,
+        padded to the chunk size. Returns K × Σ_i local numel, in the order of ``params``.
+        """
+        blocks = []
+        for grad, param, chunk, row_numel in zip(grads, self.params, self.chunks, self.row_numel, strict=True):
+            rows = param.shape[0]
+            padded = torch.nn.functional.pad(
+                grad.reshape(grad.shape[0], rows, row_numel), (0, 0, 0, chunk * self.world - rows)
+            )
+            blocks.append(padded.reshape(grad.shape[0], self.world, chunk * row_numel).transpose(0, 1))
+        stacked = torch.cat(blocks, dim=2).contiguous()  # W × K × S: rank r's block is what it receives
+        received = stacked.new_empty(stacked.shape[1:])
+        dist.reduce_scatter_single(received.view(-1), stacked.view(-1), op=dist.ReduceOp.SUM, group=self.group)
+        columns, start = [], 0
+        for chunk, rows, row_numel in zip(self.chunks, self.local_rows, self.row_numel, strict=True):
+            columns.append(received[:, start : start + rows * row_numel])
+            start += chunk * row_numel
+        return torch.cat(columns, dim=1)
 
 
 def is_sharded(tensor: torch.Tensor) -> bool:
@@ -225,4 +344,42 @@ def graph_parameters(losses: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor]
     return parameters, compiled
 
 
-__all__ = ["RankAgreement", "TaskParams", "as_parameter_list", "graph_parameters", "is_sharded"]
+def graph_reaches(losses: Sequence[torch.Tensor], tensors: Sequence[torch.Tensor]) -> list[bool]:
+    """Whether the losses' autograd graph back-propagates into each of ``tensors`` (host only).
+
+    A tensor is reached when some node's edge leads to its ``grad_fn`` at its output index. A
+    ``torch.compile``d region that computes both a tensor and, from it, the losses returns
+    them as separate outputs of one node: the losses then do not reach the tensor.
+
+    >>> x = torch.ones(2, requires_grad=True)
+    >>> z, other = x * 2, x * 3
+    >>> graph_reaches([z.sum()], [z, other])
+    [True, False]
+    """
+    # Hold every visited node wrapper alive (as graph_parameters does) so that identity checks are valid.
+    targets = [(tensor.grad_fn, tensor.output_nr) for tensor in tensors]
+    reached = [any(loss is tensor for loss in losses) for tensor in tensors]
+    seen: dict[int, Any] = {}
+    pending: list[Any] = [loss.grad_fn for loss in losses if loss.grad_fn is not None]
+    while pending and not all(reached):
+        node = pending.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen[id(node)] = node
+        for next_node, input_nr in node.next_functions:
+            for i, (grad_fn, output_nr) in enumerate(targets):
+                reached[i] = reached[i] or (next_node is grad_fn and grad_fn is not None and input_nr == output_nr)
+            pending.append(next_node)
+    return reached
+
+
+__all__ = [
+    "FSDP2Shards",
+    "RankAgreement",
+    "TaskParams",
+    "as_parameter_list",
+    "check_process_group",
+    "graph_parameters",
+    "graph_reaches",
+    "is_sharded",
+]

@@ -97,7 +97,7 @@ class SelectiveGroupUpdate(MultiTaskMethod):
         task_params: list[Params] | None = None,
         profile: bool = False,
     ) -> None:
-        super().__init__(optimizer, num_tasks, profile=profile)
+        super().__init__(optimizer, num_tasks, profile=profile, process_group=process_group)
         self.grouping = make_grouping(
             grouping,
             warmup_steps=warmup_steps,
@@ -129,7 +129,6 @@ class SelectiveGroupUpdate(MultiTaskMethod):
         self.measure_last_group = bool(measure_last_group)
         self.grad_scaler = grad_scaler
         self._generator = generator
-        self._ranks = RankAgreement(process_group, self.device)
         self._owners = TaskParams(num_tasks, shared_params, task_params)
         self._owners.check_in_optimizer(optimizer)
         self._ranks.share_generator(generator)

@@ -5,7 +5,10 @@ decay, 3 steps, each step on a new batch. A configuration is ``"eager"`` (one pr
 the global batch: the reference), ``"compiled"`` (the same with ``torch.compile(model)``;
 ``"inductor"`` with Inductor's code generation),
 ``"ddp"`` or ``"fsdp2"`` (2 gloo ranks on 127.0.0.1, each on its half of the global batch;
-FSDP2 shards each head and the encoder with ``fully_shard``, as the FSDP2 docs do).
+FSDP2 shards each head and the encoder with ``fully_shard``, as the FSDP2 docs do), or
+``"ddp_compiled"`` (``torch.compile`` of the DDP-wrapped model, as the DDP docs do). With
+``space="representation"`` the encoder and each head are compiled separately instead (the
+losses must back-propagate through the features).
 
 :func:`run` returns the parameters and the method's state as plain tensors (full tensors
 under FSDP2) or, if the run raised, ``{"error": "<type>: <message>"}``. :func:`serve` runs a
@@ -47,17 +50,24 @@ class SharedEncoderModel(torch.nn.Module):
     """``Linear`` encoder + tanh, one ``Linear`` head per task; ``forward`` returns K ``[B]`` predictions.
 
     Each task's loss depends on its own head only (a ``cat`` of the heads' outputs would
-    give every head a zero gradient from every task's loss).
+    give every head a zero gradient from every task's loss). With ``with_features`` it
+    returns ``(predictions, features)``: the shared representation for ``space="representation"``,
+    as two tensors (its halves, which the heads read concatenated) so that the features' order
+    in the global Jacobian is exercised too.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, with_features: bool = False) -> None:
         super().__init__()
         self.encoder = torch.nn.Linear(IN_FEATURES, HIDDEN)
         self.heads = torch.nn.ModuleList(torch.nn.Linear(HIDDEN, 1) for _ in range(NUM_TASKS))
+        self.with_features = with_features
 
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor] | tuple[list[torch.Tensor], tuple[torch.Tensor, ...]]:
         features = self.encoder(x).tanh()
-        return [head(features).squeeze(1) for head in self.heads]
+        if not self.with_features:
+            return [head(features).squeeze(1) for head in self.heads]
+        halves = features.chunk(2, dim=1)
+        return [head(torch.cat(halves, dim=1)).squeeze(1) for head in self.heads], halves
 
 
 def batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -72,19 +82,32 @@ def batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
     return data
 
 
-#: How a case builds its method: as is, with ``task_params=``, with ``jacobian="loop"``, or
+#: How a case builds its method: as is, with ``task_params=``, with ``jacobian="loop"``,
 #: without a seed (each rank's global RNG seeded differently: the method must still draw rank
-#: 0's numbers everywhere).
-VARIANTS = ("plain", "task_params", "loop", "unseeded")
+#: 0's numbers everywhere), reusing its weights every other step (Nash-MTL's
+#: ``update_weights_every=2``), with ``process_group=`` a group of its own (a new group of
+#: the same ranks: the method's collectives must go through it), or with
+#: ``space="representation"`` (the model returns its features too).
+VARIANTS = ("plain", "task_params", "loop", "unseeded", "reuse", "process_group", "representation")
+#: The variants that change what is computed: their reference is the eager run of the same variant.
+ALGORITHM_VARIANTS = ("reuse", "representation")
 
 
-def make_method(name: str, optimizer: torch.optim.Optimizer, model: torch.nn.Module, variant: str, rank: int) -> Any:
+def make_method(
+    name: str, optimizer: torch.optim.Optimizer, model: torch.nn.Module, variant: str, rank: int, group: Any = None
+) -> Any:
     """Method ``name`` over ``optimizer``, told the encoder's (and, for ``"task_params"``, each head's) parameters."""
     options: dict[str, Any] = {"shared_params": list(model.encoder.parameters())}
+    if group is not None:
+        options["process_group"] = group
+    if variant == "reuse":
+        options["update_weights_every"] = 2
     if variant == "task_params":
         options["task_params"] = [list(head.parameters()) for head in model.heads]
     if variant == "loop":
         options["jacobian"] = "loop"
+    if variant == "representation":
+        options["space"] = "representation"
     if variant == "unseeded":
         torch.manual_seed(100 + rank)
     else:
@@ -112,7 +135,7 @@ def run(name: str, config: str, variant: str = "plain", rank: int = 0, world_siz
     """Trains method ``name`` for :data:`STEPS` steps in ``config``; returns parameters and method state."""
     try:
         torch.manual_seed(0)  # the same initial parameters in every process
-        model = SharedEncoderModel()
+        model = SharedEncoderModel(with_features=variant == "representation")
         if config == "fsdp2":
             from torch.distributed.fsdp import fully_shard
 
@@ -121,47 +144,69 @@ def run(name: str, config: str, variant: str = "plain", rank: int = 0, world_siz
             fully_shard(model.encoder)
             fully_shard(model)
         forward: torch.nn.Module = model
-        if config == "ddp":
+        if config in ("ddp", "ddp_compiled"):
             forward = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=name == "selective")
-        elif config in ("compiled", "inductor"):
+        if config in ("compiled", "inductor", "ddp_compiled"):
             # Dynamo caches compiled code by code object, across model instances: each case
             # compiles afresh, as a new training script would.
             torch._dynamo.reset()
-            forward = torch.compile(model, backend=COMPILE_BACKEND if config == "compiled" else "inductor")
+            backend = "inductor" if config == "inductor" else COMPILE_BACKEND
+            if variant == "representation":  # the features must stay an edge between compiled regions
+                for module in (model.encoder, *model.heads):
+                    module.compile(backend=backend)
+            else:
+                forward = torch.compile(forward, backend=backend)
         optimizer = torch.optim.Adam(model.parameters(), lr=0.05, weight_decay=0.1)
-        method = make_method(name, optimizer, model, variant, rank)
-        collectives: list[list[int]] = []  # per step: the numel of every all_reduce the method issued
+        group = dist.new_group(list(range(world_size))) if variant == "process_group" else None
+        method = make_method(name, optimizer, model, variant, rank, group)
+        collectives: list[list[tuple[str, int]]] = []  # per step: (kind, numel) of each collective from Python
+        groups: list[Any] = []  # the group= of each all_reduce
         for x, y in batches():
             rows = slice(rank * GLOBAL_BATCH // world_size, (rank + 1) * GLOBAL_BATCH // world_size)
             collectives.append([])
-            with counting_all_reduce(collectives[-1]):
-                method.step(
-                    lambda x=x[rows], y=y[rows]: [(out - y[:, k]).pow(2).mean() for k, out in enumerate(forward(x))]
-                )
+            with counting_collectives(collectives[-1], groups):
+                method.step(lambda x=x[rows], y=y[rows]: squared_errors(forward(x), y))
         return {
             "params": {key: plain(value) for key, value in model.named_parameters()},
             "state": plain(method.state_dict()),
             "optimizer": plain(optimizer.state_dict()["state"]),
             "collectives": collectives,
+            "through_the_group": [g is group for g in groups],
         }
     except Exception as error:  # noqa: BLE001 - reported to the test, which names the configuration
         return {"error": f"{type(error).__name__}: {error}", "traceback": traceback.format_exc()}
 
 
+def squared_errors(output: Any, y: torch.Tensor) -> Any:
+    """The K mean squared errors of the model's output (with its features when it returns them)."""
+    predictions, features = output if isinstance(output, tuple) else (output, None)
+    losses = [(out - y[:, k]).pow(2).mean() for k, out in enumerate(predictions)]
+    return losses if features is None else (losses, features)
+
+
 @contextlib.contextmanager
-def counting_all_reduce(sizes: list[int]) -> Iterator[None]:
-    """Records the numel of every ``torch.distributed.all_reduce`` called from Python (not DDP's reducer's)."""
-    original = dist.all_reduce
+def counting_collectives(calls: list[tuple[str, int]], groups: list[Any]) -> Iterator[None]:
+    """Records (kind, input numel) of every all-reduce and reduce-scatter called from Python, and each all-reduce's group.
 
-    def counted(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        sizes.append(tensor.numel())
-        return original(tensor, *args, **kwargs)
+    DDP's reducer all-reduces from C++ (not recorded); FSDP2's reduce-scatters and the methods'
+    collectives go through ``torch.distributed``'s Python functions.
+    """
+    all_reduce, reduce_scatter = dist.all_reduce, dist.reduce_scatter_single
 
-    dist.all_reduce = counted
+    def counted_all_reduce(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        calls.append(("all_reduce", tensor.numel()))
+        groups.append(kwargs.get("group"))
+        return all_reduce(tensor, *args, **kwargs)
+
+    def counted_reduce_scatter(output: torch.Tensor, input: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        calls.append(("reduce_scatter", input.numel()))
+        return reduce_scatter(output, input, *args, **kwargs)
+
+    dist.all_reduce, dist.reduce_scatter_single = counted_all_reduce, counted_reduce_scatter
     try:
         yield
     finally:
-        dist.all_reduce = original
+        dist.all_reduce, dist.reduce_scatter_single = all_reduce, reduce_scatter
 
 
 def serve(rank: int, port: int, cases: list[tuple[str, str, str]], out_dir: str) -> None:

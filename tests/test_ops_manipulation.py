@@ -377,6 +377,32 @@ def test_graddrop_equals_the_readable_reference(K, device, dtype):
         torch.testing.assert_close(d.cpu().double(), expected, **_tolerance(dtype))
 
 
+def test_graddrop_with_a_column_offset_draws_the_columns_of_the_whole_matrix(device, dtype):
+    # A slice of J's columns starting at global column c draws what the whole matrix draws there: the
+    # reference on J with c zero columns in front of it (a zero column does not change the others), shifted.
+    generator = torch.Generator().manual_seed(4)
+    J = torch.randn(3, 700, generator=generator, dtype=torch.float64)
+    leak = torch.tensor([0.0, 0.2, 0.0], dtype=torch.float64)
+    for column_offset in (1, 513, 12345):
+        padded = torch.cat([torch.zeros(3, column_offset, dtype=torch.float64), J], dim=1)
+        expected = reference.graddrop_update(padded.to(dtype).double(), leak.to(dtype).double(), 9, 2)[column_offset:]
+        d = ops.graddrop(J.to(dtype=dtype, device=device), leak.to(dtype=dtype, device=device), 9, 2, column_offset)
+        torch.testing.assert_close(d.cpu().double(), expected, **_tolerance(dtype))
+    # Slices with their offsets give the whole matrix's update bitwise (the FSDP2 shards of one parameter).
+    whole = ops.graddrop(J.to(dtype=dtype, device=device), leak.to(dtype=dtype, device=device), 9, 2)
+    pieces = [
+        ops.graddrop(
+            J[:, start:stop].to(dtype=dtype, device=device).contiguous(),
+            leak.to(dtype=dtype, device=device),
+            9,
+            2,
+            start,
+        )
+        for start, stop in [(0, 1), (1, 350), (350, 700)]
+    ]
+    assert torch.equal(torch.cat(pieces), whole)
+
+
 def test_graddrop_uniforms_are_uniform_and_keyed():
     # The kernel's choices follow U: on columns of purity 0.3 the positive sign is kept in 30% of them.
     P = 20000
@@ -491,6 +517,8 @@ def test_bad_input_is_rejected():
         ops.graddrop(torch.ones(3, 5), torch.zeros(3, dtype=torch.float64), 0, 0)
     with pytest.raises(RuntimeError, match="2-D"):
         ops.graddrop(torch.ones(5), torch.zeros(1), 0, 0)
+    with pytest.raises(RuntimeError, match="column_offset must be >= 0"):
+        ops.graddrop(torch.ones(3, 5), torch.zeros(3), 0, 0, -1)
 
 
 def test_non_contiguous_inputs(dtype):
@@ -532,7 +560,7 @@ def _opcheck_cases(device: str, dtype: torch.dtype) -> list:
         (torch.ops.selgroup_fast.nash_mtl_weights.default, (G, torch.ones(K, dtype=dtype, device=device), 50, 1e-16)),
         (
             torch.ops.selgroup_fast.graddrop.default,
-            (torch.randn(K, 64, dtype=dtype, device=device), torch.zeros(K, dtype=dtype, device=device), 3, 4),
+            (torch.randn(K, 64, dtype=dtype, device=device), torch.zeros(K, dtype=dtype, device=device), 3, 4, 100),
         ),
     ]
 
@@ -575,6 +603,8 @@ def test_fakes_check_inputs_like_the_kernels():
             ops.nash_mtl_weights(G, torch.ones(3))
         with pytest.raises(RuntimeError, match="leak must have shape"):
             ops.graddrop(torch.empty(4, 9), torch.zeros(3), 0, 0)
+        with pytest.raises(RuntimeError, match="column_offset must be >= 0"):
+            ops.graddrop(torch.empty(4, 9), torch.zeros(4), 0, 0, -1)
 
 
 def test_docstring_examples():
@@ -609,3 +639,6 @@ def test_cuda_matches_cpu(K, dtype):
         J = torch.randn(K, 10007, dtype=dtype, generator=torch.Generator().manual_seed(seed))
         leak = torch.full((K,), 0.1, dtype=dtype)
         torch.testing.assert_close(ops.graddrop(J.cuda(), leak.cuda(), seed, 5).cpu(), ops.graddrop(J, leak, seed, 5))
+        torch.testing.assert_close(
+            ops.graddrop(J.cuda(), leak.cuda(), seed, 5, 777).cpu(), ops.graddrop(J, leak, seed, 5, 777)
+        )

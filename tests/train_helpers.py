@@ -42,8 +42,11 @@ TINY_ARGS = [
 
 def subprocess_env() -> dict[str, str]:
     """The environment of a trainer subprocess: this checkout importable, one thread (the runs compared
-    bitwise must use the same thread count, and the shared CI machine has 2 cores)."""
+    bitwise must use the same thread count, and the shared CI machine has 2 cores), and no GPU: the
+    commands' defaults depend on the device (on a GPU the no-argument run is the paper's 40,000
+    iterations), and these runs are sized and compared for the CPU."""
     env = dict(os.environ)
+    env["CUDA_VISIBLE_DEVICES"] = ""
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     env["OMP_NUM_THREADS"] = "1"
     env["MKL_NUM_THREADS"] = "1"

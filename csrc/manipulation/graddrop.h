@@ -11,7 +11,10 @@
 // U comes from a counter-based generator, a function of (seed, offset, column)
 // only, so that the CPU and CUDA kernels draw the same numbers, in any order and
 // with any number of threads, and a step is reproducible from (seed, offset):
-//   U = (h >> 11)·2⁻⁵³,  h = mix(mix(mix(seed) ^ offset) ^ column)
+//   U = (h >> 11)·2⁻⁵³,  h = mix(mix(mix(seed) ^ offset) ^ (column_offset + p))
+// for the column p of J: `column_offset` is the global index of J's first column
+// when J holds a slice of the columns (an FSDP2 rank's shard of a parameter), so
+// that the slices of all ranks draw the numbers of the whole matrix.
 // where mix is SplitMix64's finaliser (Steele, Lea & Flood 2014), a bijection of
 // 64-bit words with full avalanche. The 53 high bits give a double in [0, 1).
 #pragma once
@@ -47,7 +50,7 @@ SELGROUP_HD_INLINE double graddrop_uniform(int64_t seed, int64_t offset, int64_t
 template <typename scalar_t>
 SELGROUP_HD_INLINE void graddrop_columns(const scalar_t* __restrict__ jacobian, const scalar_t* __restrict__ leak,
                                          int64_t K, int64_t P, int64_t begin, int64_t n, int64_t seed, int64_t offset,
-                                         scalar_t* __restrict__ update, scalar_t* __restrict__ sums,
+                                         int64_t column_offset, scalar_t* __restrict__ update, scalar_t* __restrict__ sums,
                                          scalar_t* __restrict__ signs) {
   for (int64_t i = 0; i < n; ++i) sums[i] = signs[i] = 0;
   for (int64_t k = 0; k < K; ++k) {
@@ -63,7 +66,7 @@ SELGROUP_HD_INLINE void graddrop_columns(const scalar_t* __restrict__ jacobian, 
     const scalar_t sum_abs = signs[i];
     const double purity = sum_abs > 0 ? 0.5 * (1.0 + static_cast<double>(sums[i]) / static_cast<double>(sum_abs)) : 0.5;
     // ±1 by integer arithmetic: a branch on this coin flip would be mispredicted.
-    const int keep_positive = graddrop_uniform(seed, offset, begin + i) < purity;
+    const int keep_positive = graddrop_uniform(seed, offset, column_offset + begin + i) < purity;
     const scalar_t sign = static_cast<scalar_t>(2 * keep_positive - 1);
     signs[i] = isfinite(static_cast<double>(sum_abs)) ? sign : static_cast<scalar_t>(NAN);
     sums[i] = 0;
@@ -92,7 +95,7 @@ struct GradDrop {
   const scalar_t* jacobian;
   const scalar_t* leak;
   scalar_t* update;
-  int64_t K, P, seed, offset;
+  int64_t K, P, seed, offset, column_offset;
 
 #if defined(__CUDA_ARCH__)
   static constexpr int64_t kChunk = 1;
@@ -106,8 +109,8 @@ struct GradDrop {
   SELGROUP_HD_INLINE void operator()(Shared, int64_t begin, int64_t end) const {
     scalar_t sums[kChunk], signs[kChunk];
     for (int64_t chunk = begin; chunk < end; chunk += kChunk)
-      graddrop_columns(jacobian, leak, K, P, chunk, end - chunk < kChunk ? end - chunk : kChunk, seed, offset, update,
-                       sums, signs);
+      graddrop_columns(jacobian, leak, K, P, chunk, end - chunk < kChunk ? end - chunk : kChunk, seed, offset,
+                       column_offset, update, sums, signs);
   }
 };
 

@@ -113,6 +113,8 @@ def create(
     manipulate per-task gradients of the shared parameters; the others ignore it.
     ``options`` are the method's own (see its class docstring) and, for the gradient
     methods, those of :class:`GradientMethod` (``jacobian``, ``space``, ``profile``).
+    Every method takes ``process_group=``: the ``torch.distributed`` group its collectives go
+    through (default: the world group when initialised; validated, one ``ValueError`` line).
 
     ``task_params`` (K iterables, each task's own parameters; checked against
     ``shared_params``) says which parameters belong to which task where the autograd

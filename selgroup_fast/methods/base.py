@@ -71,12 +71,16 @@ class MultiTaskMethod(SavedState, abc.ABC):
 
     Subclasses implement :meth:`step`; they call :meth:`_forward` to run the closure
     (timed as ``forward``) and wrap their other work in ``self._timer.phase(...)``.
+    ``process_group``: the ``torch.distributed`` group training together, which every
+    collective of the method goes through (default: the world group when initialised).
     """
 
     #: The registry name of the method (``selgroup_fast.methods.available()``).
     name: str = ""
 
-    def __init__(self, optimizer: torch.optim.Optimizer, num_tasks: int, *, profile: bool = False) -> None:
+    def __init__(
+        self, optimizer: torch.optim.Optimizer, num_tasks: int, *, profile: bool = False, process_group: Any = None
+    ) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         check_int("num_tasks", num_tasks)
@@ -85,7 +89,7 @@ class MultiTaskMethod(SavedState, abc.ABC):
         self.device = optimizer_device(optimizer)
         self._timer = PhaseTimer(enabled=profile, device=self.device)
         #: The ranks training together under torch.distributed (the world group when initialised).
-        self._ranks = RankAgreement(None, self.device)
+        self._ranks = RankAgreement(process_group, self.device)
 
     @property
     def profile(self) -> bool:

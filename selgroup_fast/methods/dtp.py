@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -53,8 +54,9 @@ class DTP(LossWeightingMethod):
         gamma: float = 1.0,
         alpha: float = 0.9,
         profile: bool = False,
+        process_group: Any = None,
     ) -> None:
-        super().__init__(optimizer, num_tasks, profile=profile)
+        super().__init__(optimizer, num_tasks, profile=profile, process_group=process_group)
         if gamma < 0:
             raise ValueError(f"gamma must be >= 0, got {gamma}")
         if not 0 < alpha <= 1:

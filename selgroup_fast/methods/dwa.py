@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -51,8 +52,9 @@ class DWA(LossWeightingMethod):
         temp: float = 2.0,
         window: int = 100,
         profile: bool = False,
+        process_group: Any = None,
     ) -> None:
-        super().__init__(optimizer, num_tasks, profile=profile)
+        super().__init__(optimizer, num_tasks, profile=profile, process_group=process_group)
         if temp <= 0:
             raise ValueError(f"temp must be > 0, got {temp}")
         self.temp = float(temp)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -63,8 +64,9 @@ class FAMO(LossWeightingMethod):
         max_norm: float = 1.0,
         shared_params: SharedParams | None = None,
         profile: bool = False,
+        process_group: Any = None,
     ) -> None:
-        super().__init__(optimizer, num_tasks, profile=profile)
+        super().__init__(optimizer, num_tasks, profile=profile, process_group=process_group)
         dtype = optimizer.param_groups[0]["params"][0].dtype
         self.max_norm = float(max_norm)
         self.shared_params = None if shared_params is None else as_parameter_list(shared_params)

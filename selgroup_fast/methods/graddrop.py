@@ -36,6 +36,10 @@ class GradDrop(Aggregator):
     Options: ``leak=0.0`` (a float or K floats), ``seed`` (default: drawn from torch's
     global RNG), ``offset=0``. State: ``seed`` and ``offset``.
 
+    Each column of the direction depends on that column of J only: under FSDP2 every rank
+    combines the columns of its shards (:meth:`combine_columns`, with their global column
+    indices, so that it draws the one-process run's U).
+
     Example::
 
         >>> import torch, selgroup_fast
@@ -73,3 +77,26 @@ class GradDrop(Aggregator):
         direction = ops.graddrop(jacobian.contiguous(), self.leak.to(jacobian.dtype), self.seed, self.offset)
         self.offset += 1
         return (direction if out is None else out.copy_(direction)), None
+
+    def combine_columns(self, jacobian: torch.Tensor, runs: Sequence[tuple[int, int]]) -> torch.Tensor:
+        """The direction of some columns of a wider J: ``jacobian``'s columns are ``runs`` of the global ones.
+
+        ``runs`` holds (first global column, width) per run, in ``jacobian``'s column order
+        (widths summing to its width). One step: ``offset`` advances once, as in :meth:`combine`.
+
+        >>> J = torch.tensor([[1.0, -2.0, 3.0], [-1.0, 2.0, 1.0]])
+        >>> whole = GradDrop(2, seed=4).combine(J)[0]
+        >>> torch.equal(GradDrop(2, seed=4).combine_columns(J[:, [0, 2]], [(0, 1), (2, 1)]), whole[[0, 2]])
+        True
+        """
+        leak = self.leak.to(jacobian.dtype)
+        pieces, start = [], 0
+        for first_column, width in runs:
+            if width > 0:  # a rank's shard may be empty
+                columns = jacobian[:, start : start + width].contiguous()
+                pieces.append(ops.graddrop(columns, leak, self.seed, self.offset, first_column))
+            start += width
+        if start != jacobian.shape[1]:
+            raise ValueError(f"the runs cover {start} columns, the jacobian has {jacobian.shape[1]}")
+        self.offset += 1
+        return torch.cat(pieces) if pieces else jacobian.new_zeros(0)

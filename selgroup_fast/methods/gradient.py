@@ -5,9 +5,13 @@ Scaling out (README "Scaling out"): under ``torch.compile`` the step runs with
 (:func:`retainable_compiled_graphs`: the per-task backwards retain the graph), and the
 heads' gradients come from the same K backwards as J (a compiled backward computes them anyway);
 under DDP every gradient is taken with ``torch.autograd.grad`` (outside DDP's reducer) and
-averaged here, J with one all-reduce (K×P), the heads' gradients with a second; under FSDP2
-(weightings only) one ordinary backward per task gives the sharded task gradients, the K×K
-Gram matrix of the local shards is all-reduced and ``wᵀJ`` is written into each shard.
+averaged here, J and the heads' gradients in one all-reduce (K×P); under FSDP2 (weightings
+and GradDrop) the K task gradients are taken w.r.t. the unsharded parameters, reduce-scattered
+in one collective (K×P), the K×K Gram matrix of the local shards is all-reduced and ``wᵀJ``
+is written into each shard (GradDrop: each rank combines its own columns, with their global
+indices). With ``space="representation"`` under either, the K×K Gram matrix of the features
+is all-reduced and ONE ordinary backward, which DDP/FSDP2 reduce as for GD, carries the
+direction (docs/algorithm.md §Representation space across ranks).
 """
 
 from __future__ import annotations
@@ -21,8 +25,9 @@ import torch._functorch.config
 import torch._inductor.config
 
 from ..losses import ClosureOutput
-from ..parallel import TaskParams, graph_parameters, is_sharded
+from ..parallel import FSDP2Shards, TaskParams, as_parameter_list, graph_parameters, graph_reaches, is_sharded
 from .base import MultiTaskMethod, detached
+from .graddrop import GradDrop
 from .jacobian import JacobianMode, SharedParams, TaskJacobian
 from .weighting import Aggregator, Weighting, gram
 
@@ -53,6 +58,8 @@ class GradientMethod(MultiTaskMethod):
         task_params: K iterables of each task's own parameters (checked against ``shared_params``); by
             default every optimizer parameter that is not shared.
         profile: time the phases of every step (:attr:`timings`).
+        process_group: the ``torch.distributed`` group training together, which the method's
+            collectives go through (default: the world group when initialised).
 
     Example::
 
@@ -82,8 +89,9 @@ class GradientMethod(MultiTaskMethod):
         space: Space = "parameters",
         task_params: Sequence[SharedParams] | None = None,
         profile: bool = False,
+        process_group: Any = None,
     ) -> None:
-        super().__init__(optimizer, num_tasks, profile=profile)
+        super().__init__(optimizer, num_tasks, profile=profile, process_group=process_group)
         if space not in SPACES:
             raise ValueError(f"space must be one of {SPACES}, got {space!r}")
         if aggregator.num_tasks != num_tasks:
@@ -91,9 +99,14 @@ class GradientMethod(MultiTaskMethod):
         self.aggregator = aggregator
         self.name = aggregator.name
         self.space = space
-        # The K×P buffer is only needed in parameter space.
+        shared = as_parameter_list(shared_params)
+        # The K×P buffer is only needed in parameter space, and not under FSDP2 (K × this rank's shards).
         self._jacobian = TaskJacobian(
-            shared_params, num_tasks, mode=jacobian, chunk_size=chunk_size, allocate=space == "parameters"
+            shared,
+            num_tasks,
+            mode=jacobian,
+            chunk_size=chunk_size,
+            allocate=space == "parameters" and not any(is_sharded(p) for p in shared),
         )
         if self._jacobian.direction.device != self.device:
             raise ValueError(f"shared_params are on {self._jacobian.direction.device}, the optimizer on {self.device}")
@@ -109,15 +122,18 @@ class GradientMethod(MultiTaskMethod):
             owners.check_in_optimizer(optimizer)
             self._task_params = owners.all_task_params()
         self._sharded = any(is_sharded(p) for p in [*self._jacobian.params, *self._task_params])
-        if self._sharded and not (isinstance(aggregator, Weighting) and space == "parameters"):
+        split_columns = self._sharded or (self._ranks.enabled and space == "representation")  # J split over ranks
+        if split_columns and not isinstance(aggregator, (Weighting, GradDrop)):
             raise ValueError(
-                f'{self.name} with space="{space}" does not support sharded (FSDP2/DTensor) parameters: it needs every '
-                "coordinate of the task gradients on one rank; train it with DistributedDataParallel"
+                f'{self.name} with space="{space}" does not support sharded (FSDP2/DTensor) parameters or features '
+                "split over ranks: it needs every coordinate of the task gradients on one rank; train it with "
+                'DistributedDataParallel and space="parameters"'
             )
-        if self._ranks.enabled and space != "parameters":
-            raise ValueError(f'space="{space}" is not supported under torch.distributed: use space="parameters"')
         aggregator.load_state_dict(self._ranks.first_rank(aggregator.state_dict()))  # the same random draws
-        self._compiled: bool | None = None  # whether a compiled region makes the losses (the graph walk, once)
+        #: Under FSDP2: how the parameters are sharded (J's columns on this rank, the reduce-scatter).
+        self._shards = FSDP2Shards([*self.shared_params, *self._task_params], process_group) if self._sharded else None
+        self._graph_checked = False
+        self._compiled = False  # whether a compiled region makes the losses (:meth:`_check_graph`)
         self._task_jacobian = torch.empty(0)  # compiled models: the heads' per-task gradients (K×P_h), allocated once
 
     @property
@@ -151,7 +167,8 @@ class GradientMethod(MultiTaskMethod):
             if self._ranks.enabled and self._task_params:
                 self._distributed_parameter_step(losses)
                 return self._optimizer_step(losses)
-            if self._task_params and self._from_compiled_region(losses):
+            self._check_graph(losses)
+            if self._task_params and self._compiled:
                 self._compiled_parameter_step(losses)
                 return self._optimizer_step(losses)
             with self._timer.phase("backward"):
@@ -166,7 +183,10 @@ class GradientMethod(MultiTaskMethod):
                     'space="representation" needs the closure to return (losses, features), features being the '
                     "shared representation (the encoder's output)"
                 )
-            self._from_compiled_region(losses)  # the heads' compiled backward cannot run under vmap either
+            self._check_graph(losses, features)
+            if self._ranks.enabled:
+                self._distributed_representation_step(losses, features)
+                return self._optimizer_step(losses)
             with self._timer.phase("backward"):
                 jacobian = self._jacobian.of_features(losses, features)
             with self._timer.phase("manipulation"):
@@ -251,30 +271,81 @@ class GradientMethod(MultiTaskMethod):
         for param, grad in zip(self._task_params, flat.split([p.numel() for p in self._task_params]), strict=True):
             param.grad = grad.view_as(param).to(param.dtype)
 
-    def _sharded_step(self, losses: list[torch.Tensor]) -> None:
-        """The FSDP2 step: per-task sharded gradients by K ordinary backwards, the global Gram matrix, ``wᵀJ`` per shard."""
-        params = [*self.shared_params, *self._task_params]
-        rows = []
+    def _distributed_representation_step(self, losses: list[torch.Tensor], features: Sequence[torch.Tensor]) -> None:
+        """DDP and FSDP2 with ``space="representation"`` (docs/algorithm.md §Representation space across ranks).
+
+        This rank's K×Z_r Jacobian of the features (one backward through the heads), the
+        global batch's direction restricted to this rank's samples (:meth:`_global_feature_cotangent`:
+        one all-reduce of K×K, none for GradDrop), then ONE ordinary backward of ``Σ_k h_k L_k``
+        whose gradient at the features is replaced by that direction (a tensor hook): the heads
+        get ``h_k ∇L_k``, the encoder the direction pulled back, and DDP's reducer or FSDP2's
+        reduce-scatter averages both across the ranks as for GD.
+        """
         with self._timer.phase("backward"):
-            for k, loss in enumerate(losses):
-                loss.backward(retain_graph=k < len(losses) - 1)  # FSDP2 reduce-scatters: global batch, this shard
-                rows.append(torch.cat([_local(p.grad, p).reshape(-1) for p in params]))
-                for p in params:
-                    p.grad = None
-        jacobian = torch.stack(rows)
-        shared_width = sum(_local(None, p).numel() for p in self.shared_params)
+            jacobian = self._jacobian.of_features(losses, features)
         with self._timer.phase("manipulation"):
-            total_gram = self._ranks.sum(gram(jacobian[:, :shared_width]))  # G = Σ_ranks J_r J_rᵀ
-            weights, head_weights = cast(Weighting, self.aggregator).direction_weights(
-                total_gram
-            )  # checked at construction
-            if head_weights is None:
-                head_weights = torch.ones_like(weights)
+            cotangent, head_weights = self._global_feature_cotangent(jacobian, features)
+        with self._timer.phase("backward"):
+            handles, offset = [], 0
+            for feature in features:
+                part = cotangent[offset : offset + feature.numel()].view_as(feature).to(feature.dtype)
+                handles.append(feature.register_hook(lambda _gradient, part=part: part))
+                offset += feature.numel()
+            try:
+                self._weighted_total(losses, head_weights).backward()
+            finally:
+                for handle in handles:
+                    handle.remove()
+
+    def _global_feature_cotangent(
+        self, jacobian: torch.Tensor, features: Sequence[torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The cotangent of this rank's features whose ranks' mean is the global batch's direction, and the heads' weights.
+
+        The global batch's loss is the ranks' mean (DDP's and FSDP2's convention), so its
+        feature Jacobian holds the ranks' ``J_r / W`` side by side and its Gram matrix is
+        ``Σ_r G_r / W²`` (one all-reduce of K×K). A weighting's direction on this rank's
+        samples is then ``wᵀJ_r / W``: the cotangent ``wᵀJ_r``, which the reducer averages.
+        GradDrop combines each column alone (its purity is scale-free and its sum linear), so
+        it needs no collective: it runs on ``J_r``, drawing with each column's index in the
+        global features (the ranks' equal-sized, batch-first features end to end in rank order).
+        """
+        if isinstance(self.aggregator, GradDrop):
+            runs, first_column = [], 0
+            for feature in features:
+                runs.append((first_column + self._ranks.rank * feature.numel(), feature.numel()))
+                first_column += self._ranks.world_size * feature.numel()
+            return self.aggregator.combine_columns(jacobian, runs), None
+        total = self._ranks.sum(gram(jacobian)).div_(self._ranks.world_size**2)
+        weights, head_weights = cast(Weighting, self.aggregator).direction_weights(total)  # a Weighting otherwise
+        return weights.to(jacobian.dtype) @ jacobian, head_weights
+
+    def _sharded_step(self, losses: list[torch.Tensor]) -> None:
+        """The FSDP2 step: the per-task gradients of this rank's shards in ONE reduce-scatter, then the direction.
+
+        The K task gradients are taken with ``torch.autograd.grad`` w.r.t. the unsharded parameters
+        of the graph (FSDP2 re-gathers them as usual but, with no ``.grad`` written, reduces
+        nothing), stacked K×P and reduce-scattered once: each rank gets the global batch's K rows
+        of its columns. A weighting then needs the global Gram matrix (``G = Σ_ranks J_r J_rᵀ``,
+        one K×K all-reduce) and writes ``wᵀJ_r``; GradDrop, column by column, needs no other
+        collective: each rank combines its columns, drawing with their global indices. The
+        direction goes into the sharded ``.grad``, which FSDP2 does not reduce again.
+        """
+        params = [*self.shared_params, *self._task_params]
+        with self._timer.phase("backward"):
+            jacobian = self._sharded_task_gradients(losses, params)
+        shared_width = sum(_local(None, p).numel() for p in self.shared_params)
+        shared, heads = jacobian[:, :shared_width], jacobian[:, shared_width:]
+        with self._timer.phase("manipulation"):
+            if isinstance(self.aggregator, GradDrop):
+                runs = cast(FSDP2Shards, self._shards).column_runs(len(self.shared_params))
+                direction, head_weights = self.aggregator.combine_columns(shared, runs), None
+            else:  # a Weighting (checked at construction)
+                total_gram = self._ranks.sum(gram(shared))  # G = Σ_ranks J_r J_rᵀ
+                weights, head_weights = cast(Weighting, self.aggregator).direction_weights(total_gram)
+                direction = weights.to(jacobian.dtype) @ shared
             flat = torch.cat(
-                [
-                    weights.to(jacobian.dtype) @ jacobian[:, :shared_width],
-                    head_weights.to(jacobian.dtype) @ jacobian[:, shared_width:],
-                ]
+                [direction, heads.sum(0) if head_weights is None else head_weights.to(heads.dtype) @ heads]
             )
             offset = 0
             for p in params:
@@ -283,9 +354,36 @@ class GradientMethod(MultiTaskMethod):
                 local.copy_(flat[offset : offset + local.numel()].view_as(local))
                 offset += local.numel()
 
+    def _sharded_task_gradients(self, losses: list[torch.Tensor], params: list[torch.Tensor]) -> torch.Tensor:
+        """J of the global batch, this rank's columns of ``params`` (K × Σ local numel): ONE reduce-scatter."""
+        shards = cast(FSDP2Shards, self._shards)
+        unsharded = shards.unsharded
+        if self._jacobian.mode == "batched":  # one vmapped backward: FSDP2 re-gathers each unit once
+            stacked = torch.stack(losses)
+            batched = torch.autograd.grad(
+                stacked,
+                unsharded,
+                grad_outputs=torch.eye(len(losses), dtype=stacked.dtype, device=stacked.device),
+                is_grads_batched=True,
+                allow_unused=True,
+            )
+            grads = [
+                torch.zeros(len(losses), *p.shape, dtype=p.dtype, device=p.device) if grad is None else grad.to(p.dtype)
+                for grad, p in zip(batched, params, strict=True)
+            ]
+        else:  # K backwards (FSDP2 re-gathers a unit for each task's backward that reaches it)
+            per_task = [
+                torch.autograd.grad(
+                    loss, unsharded, retain_graph=k < len(losses) - 1, allow_unused=True, materialize_grads=True
+                )
+                for k, loss in enumerate(losses)
+            ]
+            grads = [torch.stack([task[i] for task in per_task]).to(p.dtype) for i, p in enumerate(params)]
+        return shards.reduce_scatter(grads).div_(shards.world)
+
     def _parameter_jacobian(self, losses: list[torch.Tensor]) -> torch.Tensor:
         """J of this rank's losses w.r.t. the shared parameters; a compiled backward that cannot be retained is named."""
-        self._from_compiled_region(losses)
+        self._check_graph(losses)
         try:
             return self._jacobian.compute(losses, retain_graph=bool(self._task_params))
         except RuntimeError as error:
@@ -297,15 +395,23 @@ class GradientMethod(MultiTaskMethod):
                 "torch._functorch.config.patch(donated_buffer=False), or call torch._dynamo.reset() first"
             ) from error
 
-    def _from_compiled_region(self, losses: list[torch.Tensor]) -> bool:
-        """Whether a compiled region makes the losses; found once (the graph walk runs on the host)."""
-        if self._compiled is None:
-            self._compiled = graph_parameters(losses)[1]
-            if self._compiled:
-                # A compiled backward cannot run under vmap (AOTAutograd's runtime wrapper copies a
-                # batched gradient into an unbatched buffer): K ordinary backwards, the same J.
-                self._jacobian.mode = "loop"
-        return self._compiled
+    def _check_graph(self, losses: list[torch.Tensor], features: Sequence[torch.Tensor] = ()) -> None:
+        """Once, on the host: whether a compiled region makes the losses (then K ordinary backwards); features the losses do not reach raise."""
+        if self._graph_checked:
+            return
+        self._compiled = graph_parameters(losses)[1]
+        if self._compiled:
+            # A compiled backward cannot run under vmap (AOTAutograd's runtime wrapper copies a
+            # batched gradient into an unbatched buffer): K ordinary backwards, the same J.
+            self._jacobian.mode = "loop"
+        for i, reached in enumerate(graph_reaches(losses, features)):
+            if not reached and features[i].requires_grad:  # a detached one: TaskJacobian.of_features says so
+                raise ValueError(
+                    f"the losses do not back-propagate through features {i}: return the tensor the heads are computed "
+                    "from (a torch.compile'd model that returns it beside the predictions hides that edge: compile "
+                    "the encoder and the heads separately)"
+                )
+        self._graph_checked = all(feature.requires_grad for feature in features)  # checked again after an error
 
     @staticmethod
     def _weighted_total(losses: list[torch.Tensor], weights: torch.Tensor | None) -> torch.Tensor:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -44,9 +45,15 @@ class UW(LossWeightingMethod):
     saved_state = ("log_vars", "log_vars_optimizer")
 
     def __init__(
-        self, optimizer: torch.optim.Optimizer, num_tasks: int, *, lr: float = 0.025, profile: bool = False
+        self,
+        optimizer: torch.optim.Optimizer,
+        num_tasks: int,
+        *,
+        lr: float = 0.025,
+        profile: bool = False,
+        process_group: Any = None,
     ) -> None:
-        super().__init__(optimizer, num_tasks, profile=profile)
+        super().__init__(optimizer, num_tasks, profile=profile, process_group=process_group)
         if lr <= 0:
             raise ValueError(f"lr must be > 0, got {lr}")
         dtype = optimizer.param_groups[0]["params"][0].dtype
