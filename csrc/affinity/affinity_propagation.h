@@ -118,13 +118,15 @@ struct LegacyNormalStream {
   }
 };
 
-// NaN-free max reductions the compiler may vectorise (max is exact in any order).
+// Reductions the compiler may vectorise: NaN-free maxima (exact in any order) and
+// counts.
 #if defined(__CUDA_ARCH__) || !defined(_OPENMP)
-#define SELGROUP_SIMD_MAX(variable)
+#define SELGROUP_SIMD(clauses)
 #else
 #define SELGROUP_PRAGMA(text) _Pragma(#text)
-#define SELGROUP_SIMD_MAX(variable) SELGROUP_PRAGMA(omp simd reduction(max : variable))
+#define SELGROUP_SIMD(clauses) SELGROUP_PRAGMA(omp simd clauses)
 #endif
+#define SELGROUP_SIMD_MAX(variable) SELGROUP_SIMD(reduction(max : variable))
 
 // In-place ascending bitonic sort of `values[0, padded)`, padded a power of two.
 template <Team Workers, typename T>
@@ -202,10 +204,13 @@ SELGROUP_HD T team_median(const Workers& team, const T* values, int64_t count, T
         // The entry just below: `middle` again if fewer than `upper` entries are
         // smaller, else the largest smaller one.
         int64_t smaller = 0;
-        T below = -T(1) / T(0);
+        const T minus_infinity = -T(1) / T(0);
+        T below = minus_infinity;
+        SELGROUP_SIMD(reduction(+ : smaller) reduction(max : below))
         for (int64_t i = 0; i < count; ++i) {
-          smaller += values[i] < middle;
-          below = values[i] < middle && values[i] > below ? values[i] : below;
+          const T candidate = values[i] < middle ? values[i] : minus_infinity;
+          smaller += values[i] < middle ? 1 : 0;
+          below = below > candidate ? below : candidate;
         }
         *result = ((smaller < upper ? middle : below) + middle) / T(2);
       }
@@ -356,22 +361,6 @@ template <int Bytes, typename T>
 struct StoredRow {
   const T* values;
   SELGROUP_HD_INLINE T operator()(int64_t k) const { return values[k]; }
-  SELGROUP_HD_INLINE T max(int64_t begin, int64_t end, T start) const {
-    int64_t k = begin;
-#if SELGROUP_HOST_LANES
-    using L = Lanes<T, Bytes>;
-    if (end - k >= L::kCount) {
-      auto lanes = L::broadcast(start);
-      for (; k + L::kCount <= end; k += L::kCount) {
-        const auto v = L::load(values + k);
-        lanes = lanes > v ? lanes : v;
-      }
-      start = L::max(lanes, start);
-    }
-#endif
-    for (; k < end; ++k) start = start > values[k] ? start : values[k];
-    return start;
-  }
   SELGROUP_HD_INLINE int64_t first_equal(int64_t K, T target) const {
     int64_t k = 0;
 #if SELGROUP_HOST_LANES
@@ -382,9 +371,10 @@ struct StoredRow {
       const auto hits = (L::load(values + k) == wanted) | (L::load(values + k + L::kCount) == wanted) |
                         (L::load(values + k + 2 * L::kCount) == wanted) |
                         (L::load(values + k + 3 * L::kCount) == wanted);
-      bool any = false;
-      for (int64_t l = 0; l < L::kCount; ++l) any |= hits[l] != 0;
-      if (any) break;
+      uint64_t words[sizeof hits / 8], any = 0;  // the lanes' compare masks, ORed 64 bits at a time
+      __builtin_memcpy(words, &hits, sizeof hits);
+      for (uint64_t word : words) any |= word;
+      if (any != 0) break;
     }
 #endif
     while (k < K - 1 && !(values[k] == target)) ++k;
@@ -393,19 +383,17 @@ struct StoredRow {
 };
 
 // One row's competitors for the responsibility rule: numpy.argmax of the row (the
-// first position of its maximum), the maximum, and the maximum of the others (the
-// runner-up, equal to the maximum on a tie). `maximum` is the row's max, reduced
-// by the caller; both values are read back from the row, so that even the sign of
-// a zero is the one a sequential scan keeps (reductions in lanes may pick either zero).
+// first position of its maximum, `best`), the maximum, and the maximum of the
+// others (the runner-up, `second`: equal to the maximum on a tie), found by the
+// caller. Both values are read back from the row, so that even the sign of a zero
+// is the one a sequential scan keeps (reductions in lanes may pick either zero).
 template <typename T>
 struct Competitors {
   int64_t best;
   T first, second;
 };
 template <typename T, typename Row>
-SELGROUP_HD_INLINE Competitors<T> row_competitors(int64_t K, const Row& row, T maximum) {
-  const int64_t best = row.first_equal(K, maximum);
-  T second = row.max(best + 1, K, row.max(int64_t(0), best, -T(1) / T(0)));
+SELGROUP_HD_INLINE Competitors<T> row_competitors(int64_t K, const Row& row, int64_t best, T second) {
   if (second == T(0)) {
     for (int64_t k = 0; k < K; ++k)
       if (k != best && row(k) == second) {
@@ -416,36 +404,51 @@ SELGROUP_HD_INLINE Competitors<T> row_competitors(int64_t K, const Row& row, T m
   return {best, row(best), second};
 }
 
+// The largest two values of a multiset (equal on a tie), lane by lane for vectors.
+template <typename V>
+struct TopTwo {
+  V first, second;
+  SELGROUP_HD_INLINE void add(V v) {
+    const V lower = first < v ? first : v;
+    second = second > lower ? second : lower;
+    first = first > v ? first : v;
+  }
+};
+
 // The serial loop's passes over a row, SIMD lanes first, then the scalar tail.
 // availability_run: A[i, begin:end) from R and the column sums (k ≠ i), A + S into
-// `row`; returns the max of `maximum` and those A + S.
+// `row`, whose values it adds to `top`.
 template <int Bytes, typename T>
-SELGROUP_HD_INLINE T availability_run(int64_t begin, int64_t end, T* __restrict__ a_row, const T* __restrict__ r_row,
-                                      const T* __restrict__ s_row, const T* __restrict__ column_sum,
-                                      T* __restrict__ row, T keep, T take, T maximum) {
+SELGROUP_HD_INLINE void availability_run(int64_t begin, int64_t end, T* __restrict__ a_row,
+                                         const T* __restrict__ r_row, const T* __restrict__ s_row,
+                                         const T* __restrict__ column_sum, T* __restrict__ row, T keep, T take,
+                                         TopTwo<T>& top) {
   int64_t k = begin;
 #if SELGROUP_HOST_LANES
   using L = Lanes<T, Bytes>;
   if (end - k >= L::kCount) {
     const auto keep_lanes = L::broadcast(keep), take_lanes = L::broadcast(take);
-    auto maximum_lanes = L::broadcast(maximum);
+    const auto minus_infinity = L::broadcast(-T(1) / T(0));
+    TopTwo<typename L::Vector> lanes{minus_infinity, minus_infinity};
     for (; k + L::kCount <= end; k += L::kCount) {
       const auto a = damped_availability(L::load(a_row + k), L::load(r_row + k), L::load(column_sum + k),
                                          keep_lanes, take_lanes);
       L::store(a_row + k, a);
       const auto sum = a + L::load(s_row + k);
       L::store(row + k, sum);
-      maximum_lanes = maximum_lanes > sum ? maximum_lanes : sum;
+      lanes.add(sum);
     }
-    maximum = L::max(maximum_lanes, maximum);
+    for (int64_t l = 0; l < L::kCount; ++l) {  // the top two of the union are among the lanes' top twos
+      top.add(lanes.first[l]);
+      top.add(lanes.second[l]);
+    }
   }
 #endif
   for (; k < end; ++k) {
     a_row[k] = damped_availability(a_row[k], r_row[k], column_sum[k], keep, take);
     row[k] = a_row[k] + s_row[k];
-    maximum = maximum > row[k] ? maximum : row[k];
+    top.add(row[k]);
   }
-  return maximum;
 }
 // R[i, begin:end) against `competitor`, adding max(0, R) to the column sums.
 template <int Bytes, typename T>
@@ -471,12 +474,31 @@ SELGROUP_HD_INLINE void responsibility_run(int64_t begin, int64_t end, T* __rest
     column_sum[k] += positive_part(r_row[k]);
   }
 }
-// A + S of a row into `row`; returns its max.
+// A + S of a row into `row`; returns its top two.
 template <int Bytes, typename T>
-SELGROUP_HD_INLINE T sum_run(int64_t K, const T* __restrict__ a_row, const T* __restrict__ s_row,
-                             T* __restrict__ row) {
-  for (int64_t k = 0; k < K; ++k) row[k] = a_row[k] + s_row[k];
-  return StoredRow<Bytes, T>{row}.max(0, K, -T(1) / T(0));
+SELGROUP_HD_INLINE TopTwo<T> sum_run(int64_t K, const T* __restrict__ a_row, const T* __restrict__ s_row,
+                                     T* __restrict__ row) {
+  const T minus_infinity = -T(1) / T(0);
+  TopTwo<T> top{minus_infinity, minus_infinity};
+  int64_t k = 0;
+#if SELGROUP_HOST_LANES
+  using L = Lanes<T, Bytes>;
+  TopTwo<typename L::Vector> lanes{L::broadcast(minus_infinity), L::broadcast(minus_infinity)};
+  for (; k + L::kCount <= K; k += L::kCount) {
+    const auto sum = L::load(a_row + k) + L::load(s_row + k);
+    L::store(row + k, sum);
+    lanes.add(sum);
+  }
+  for (int64_t l = 0; l < L::kCount; ++l) {
+    top.add(lanes.first[l]);
+    top.add(lanes.second[l]);
+  }
+#endif
+  for (; k < K; ++k) {
+    row[k] = a_row[k] + s_row[k];
+    top.add(row[k]);
+  }
+  return top;
 }
 
 // Indices of the team-wide integers of the workspace.
@@ -575,7 +597,10 @@ struct AffinityPropagation {
           const T* __restrict__ a_row = A + i * K;
           T* __restrict__ r_row = R + i * K;
           const SummedRow<T> row{a_row, s_row};
-          const Competitors<T> c = row_competitors(K, row, row.max(0, K, minus_infinity));
+          const T maximum = row.max(0, K, minus_infinity);
+          const int64_t best = row.first_equal(K, maximum);
+          const Competitors<T> c =
+              row_competitors(K, row, best, row.max(best + 1, K, row.max(int64_t(0), best, minus_infinity)));
           split_at_diagonal(
               0, K, c.best, [&](int64_t k) { r_row[k] = damped_responsibility(r_row[k], s_row[k], c.first, keep, take); },
               [&](int64_t k) { r_row[k] = damped_responsibility(r_row[k], s_row[k], c.second, keep, take); });
@@ -626,10 +651,11 @@ struct AffinityPropagation {
     T* column_sum = ws.column_sum;
     T* next_column_sum = ws.column_sum + K;
     const T minus_infinity = -T(1) / T(0);
-    const auto responsibilities = [&](int64_t i, T maximum) {
+    const auto responsibilities = [&](int64_t i, const TopTwo<T>& top) {
       const T* s_row = S + i * K;
       T* r_row = R + i * K;
-      const Competitors<T> c = row_competitors(K, StoredRow<Bytes, T>{row}, maximum);
+      const StoredRow<Bytes, T> stored{row};
+      const Competitors<T> c = row_competitors(K, stored, stored.first_equal(K, top.first), top.second);
       const int64_t low = c.best < i ? c.best : i, high = c.best < i ? i : c.best;
       responsibility_run<Bytes>(int64_t(0), low, r_row, s_row, c.first, next_column_sum, keep, take);
       responsibility_run<Bytes>(low + 1, high, r_row, s_row, c.first, next_column_sum, keep, take);
@@ -658,14 +684,14 @@ struct AffinityPropagation {
         const T* s_row = S + i * K;
         const T* r_row = R + i * K;
         T* a_row = A + i * K;
-        T maximum =
-            availability_run<Bytes>(int64_t(0), i, a_row, r_row, s_row, column_sum, row, keep, take, minus_infinity);
+        TopTwo<T> top{minus_infinity, minus_infinity};
+        availability_run<Bytes>(int64_t(0), i, a_row, r_row, s_row, column_sum, row, keep, take, top);
         a_row[i] = damped_self_availability(a_row[i], r_row[i], column_sum[i], keep, take);
         row[i] = a_row[i] + s_row[i];
-        maximum = maximum > row[i] ? maximum : row[i];
-        maximum = availability_run<Bytes>(i + 1, K, a_row, r_row, s_row, column_sum, row, keep, take, maximum);
+        top.add(row[i]);
+        availability_run<Bytes>(i + 1, K, a_row, r_row, s_row, column_sum, row, keep, take, top);
         record_flag(ws, it, i);
-        if (!may_stop) responsibilities(i, maximum);
+        if (!may_stop) responsibilities(i, top);
       }
       responsibilities_made = !may_stop;
       if (converged(ws, it)) break;
