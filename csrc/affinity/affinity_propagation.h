@@ -22,13 +22,16 @@
 // * a similarity with a non-finite entry yields all −1 (csrc/bindings.h raises
 //   before calling on the CPU, where the check needs no sync).
 //
-// Speed (benchmarks/results/affinity_propagation_large_k.md): the message updates walk rows of contiguous
-// memory in branch-free loops the compiler vectorises, the availabilities'
-// column sums are accumulated row by row (the same additions in the same order
-// as a column walk), the median is a selection on host teams, and the CPU
-// bindings pass the tie-breaking noise in from a cache. Each element's arithmetic
-// is the same whatever the team, so every team gives the same labels bit for bit
-// (tests/team_check.cpp).
+// Speed (benchmarks/results/affinity_propagation_large_k.md). Teams walk rows of
+// contiguous memory in branch-free loops the compiler vectorises and accumulate
+// the availabilities' column sums row by row (the same additions in the same order
+// as a column walk). One host thread (SoloTeam, the CPU below K = 1024) makes one
+// pass over the matrices per iteration instead of four (iterate_serial) in
+// explicit SIMD lanes (Lanes: 16 bytes portably, 32 in the CPU backend's AVX2
+// version), with each entry's arithmetic that of the teams. The median is a radix
+// selection on host teams, and the CPU bindings pass the tie-breaking noise in from
+// a cache. Every team, and every lane width, gives the same labels and messages bit
+// for bit (tests/team_check.cpp).
 #pragma once
 
 #include <algorithm>
@@ -293,12 +296,8 @@ struct Lanes {
     __builtin_memcpy(&v, from, sizeof v);
     return v;
   }
-  static void store(T* to, Vector v) { __builtin_memcpy(to, &v, sizeof v); }
+  static void store(T* to, const Vector& v) { __builtin_memcpy(to, &v, sizeof v); }
   static Vector broadcast(T x) { return x - Vector{}; }  // x − (+0) is x, even −0
-  static T max(Vector v, T start) {
-    for (int64_t l = 0; l < kCount; ++l) start = start > v[l] ? start : v[l];
-    return start;
-  }
 };
 #else
 #define SELGROUP_HOST_LANES 0
@@ -308,11 +307,11 @@ struct Lanes {
 // each as it was first written, so that even zeros keep their sign). T here and in
 // the rules below: a scalar, or a vector of SIMD lanes.
 template <typename T>
-SELGROUP_HD_INLINE T positive_part(T x) {
+SELGROUP_HD_INLINE T positive_part(const T& x) {
   return x > T{} ? x : T{};
 }
 template <typename T>
-SELGROUP_HD_INLINE T clip_below_zero(T x) {
+SELGROUP_HD_INLINE T clip_below_zero(const T& x) {
   return x < T{} ? T{} : x;
 }
 
@@ -321,18 +320,19 @@ SELGROUP_HD_INLINE T clip_below_zero(T x) {
 // same arithmetic whatever the traversal. Responsibility R[i,k] against its
 // competitor max_{k'≠k}(A + S)[i,k']:
 template <typename T>
-SELGROUP_HD_INLINE T damped_responsibility(T r, T s, T competitor, T keep, T take) {
+SELGROUP_HD_INLINE T damped_responsibility(const T& r, const T& s, const T& competitor, const T& keep, const T& take) {
   return r * keep + (s - competitor) * take;
 }
 // Availability A[i,k], k ≠ i, from R[i,k] and column k's sum (R[k,k] + Σ_{i'≠k} max(0, R[i',k])):
 // −A_new before clipping is max(0, R[i,k]) − sum.
 template <typename T>
-SELGROUP_HD_INLINE T damped_availability(T a, T r, T column_sum, T keep, T take) {
+SELGROUP_HD_INLINE T damped_availability(const T& a, const T& r, const T& column_sum, const T& keep, const T& take) {
   return a * keep - clip_below_zero(positive_part(r) - column_sum) * take;
 }
 // Self-availability A[k,k] = Σ_{i'≠k} max(0, R[i',k]) = sum − R[k,k].
 template <typename T>
-SELGROUP_HD_INLINE T damped_self_availability(T a, T r, T column_sum, T keep, T take) {
+SELGROUP_HD_INLINE T damped_self_availability(const T& a, const T& r, const T& column_sum, const T& keep,
+                                             const T& take) {
   return a * keep - (r - column_sum) * take;
 }
 
@@ -408,7 +408,7 @@ SELGROUP_HD_INLINE Competitors<T> row_competitors(int64_t K, const Row& row, int
 template <typename V>
 struct TopTwo {
   V first, second;
-  SELGROUP_HD_INLINE void add(V v) {
+  SELGROUP_HD_INLINE void add(const V& v) {
     const V lower = first < v ? first : v;
     second = second > lower ? second : lower;
     first = first > v ? first : v;
