@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import load_benchmark
 from manipulation_reference import pcgrad_update
 
 from selgroup_fast.methods import aggregate, aggregator, available, create
@@ -179,3 +180,12 @@ def test_what_the_gramian_cannot_do_is_refused_in_one_line():
         task_jacobian.gramian(closure()[:2])
     with pytest.raises(ValueError, match='jacobian="gramian" never forms J'):
         task_jacobian.compute(closure())
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+def test_the_jacobian_benchmark_refuses_cuda_without_a_gpu_in_one_line(capsys):
+    bench = load_benchmark("bench_jacobian")
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--device", "cuda"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == "error: --device cuda: no usable CUDA device\n"

@@ -47,7 +47,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 
@@ -254,11 +254,24 @@ class TaskJacobian:
             dtype=torch.promote_types(self.params[0].dtype, torch.float32),
         )
 
+        level = -1  # torch.vmap's level of the cotangents, set when the vectorised backward starts
+
         def reduce_block(grad: torch.Tensor) -> torch.Tensor:
-            _AddBlockGram.apply(grad, accumulator)
+            # Inside the vectorised backward ``grad`` looks like one task's; its K rows are the batched
+            # tensor's value. Unwrapping it here costs a quarter of what an autograd.Function with a
+            # vmap rule (the public route) costs per parameter (~0.3 against ~1.4 ms on the CPU).
+            value, batch_dim = torch._C._functorch._unwrap_batched(grad, level)
+            if batch_dim is None:  # the same gradient for every task
+                block = value.reshape(1, -1).expand(self.num_tasks, -1)
+            else:
+                block = value.movedim(batch_dim, 0).reshape(self.num_tasks, -1)
+            block = block.to(accumulator.dtype)
+            accumulator.addmm_(block, block.T)
             return torch.zeros((), dtype=grad.dtype, device=grad.device).expand(grad.shape)
 
         def backward(cotangent: torch.Tensor) -> torch.Tensor:
+            nonlocal level
+            level = torch._C._functorch.maybe_get_level(cotangent)
             # The gradients returned are the hooks' zeros (or None where unreached): only G is kept.
             torch.autograd.grad(stacked, self.params, cotangent, retain_graph=retain_graph, allow_unused=True)
             return cotangent
@@ -274,28 +287,3 @@ class TaskJacobian:
             for handle in handles:
                 handle.remove()
         return accumulator
-
-
-class _AddBlockGram(torch.autograd.Function):
-    """Adds ``B·Bᵀ`` to a K×K accumulator, B the K×|p| gradient block of one parameter under ``torch.vmap``.
-
-    A custom function because only its vmap rule sees the K tasks at once (inside the
-    vectorised backward every tensor looks like one task's).
-    """
-
-    @staticmethod
-    def forward(grad: torch.Tensor, accumulator: torch.Tensor) -> torch.Tensor:
-        raise RuntimeError("_AddBlockGram runs inside TaskJacobian.gramian's vectorised backward only")
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
-        pass
-
-    @staticmethod
-    def vmap(info: Any, in_dims: tuple, grad: torch.Tensor, accumulator: torch.Tensor) -> tuple[torch.Tensor, None]:
-        num_tasks = info.batch_size
-        # A block that does not depend on the task (in_dims None) is the same for all K.
-        block = grad.expand(num_tasks, *grad.shape) if in_dims[0] is None else grad.movedim(in_dims[0], 0)
-        block = block.reshape(num_tasks, -1).to(accumulator.dtype)
-        accumulator.addmm_(block, block.T)
-        return grad.new_zeros(()), None
