@@ -5,7 +5,7 @@ gradient of task k's loss with respect to the P shared parameters (flattened in
 the order the parameters were given). :class:`TaskJacobian` computes it with
 either
 
-* ``"batched"`` (the default): ONE vectorised backward,
+* ``"batched"``: ONE vectorised backward,
   ``torch.autograd.grad(losses, shared, grad_outputs=eye(K), is_grads_batched=True)``,
   which runs the backward graph once under ``torch.vmap`` with a batch of K unit
   cotangents; or
@@ -26,8 +26,8 @@ or, for the methods that need only ``G = J·Jᵀ`` (the weightings), never holds
   :class:`~selgroup_fast.methods.gradient.GradientMethod` then does one ordinary backward of
   ``Σ_k w_k L_k``.
 
-The measured trade-off between the two (the loop is 10–13 % faster on one CPU thread:
-torch has no vmap rule for the CPU flash-attention backward) is in the README's
+The modes' measured time and memory (selgroup-bench's model, K = 4, 11, 32, next to TorchJD's
+engines) and the per-device defaults chosen from them (:data:`DEFAULTS`) are in the README's
 "Baselines" section. J goes into a buffer allocated once, on the parameters' device; the
 direction ``d`` into a flat buffer whose slices are the shared parameters' ``.grad``.
 
