@@ -88,13 +88,15 @@ def median_seconds(function: Callable[[], object], repeats: int, device: str) ->
 
 def interleaved_medians(
     ours: Callable[[], object], theirs: Callable[[], object], rounds: int, device: str
-) -> tuple[float, float]:
-    """Median wall times of ``ours`` (5 calls per round) and ``theirs`` (1 per round; CPU), the rounds alternating."""
+) -> tuple[float, float, list[float]]:
+    """Median times of ``ours`` (5 calls per round) and ``theirs`` (1 per round; CPU), the rounds alternating, and
+    each round's ratio theirs / ours (so a load that changes between rounds shows as spread, not as a bias)."""
     ours_times, their_times = [], []
     for _ in range(rounds):
         ours_times.append(median_seconds(ours, 5, device))
         their_times.append(median_seconds(theirs, 1, "cpu"))
-    return statistics.median(ours_times), statistics.median(their_times)
+    ratios = [theirs_s / ours_s for ours_s, theirs_s in zip(ours_times, their_times, strict=True)]
+    return statistics.median(ours_times), statistics.median(their_times), ratios
 
 
 def run(
@@ -148,7 +150,7 @@ def run(
         # Same partition first (the labels are numbered differently), then the timings, interleaved so that
         # both sides see the same machine load.
         assert len(set(zip(ours_ap().tolist(), sklearn_ap().tolist(), strict=False))) == len(set(sklearn_ap().tolist()))
-        ours_ap_s, sklearn_ap_s = interleaved_medians(ours_ap, sklearn_ap, repeats, device)
+        ours_ap_s, sklearn_ap_s, ratios = interleaved_medians(ours_ap, sklearn_ap, repeats, device)
         rows.append(
             dict(
                 K=K,
@@ -158,6 +160,7 @@ def run(
                 reference=reference_s,
                 ours_ap=ours_ap_s,
                 sklearn_ap=sklearn_ap_s,
+                ratios=ratios,
             )
         )
     return rows
@@ -166,8 +169,8 @@ def run(
 def markdown(rows: list[dict[str, object]]) -> str:
     lines = [
         "| K | device | affinity update: fused (µs) | reference loop (µs) | speed-up | "
-        "affinity propagation: ours (µs) | scikit-learn (µs) | speed-up |",
-        "|---|---|---|---|---|---|---|---|",
+        "affinity propagation: ours (µs) | scikit-learn (µs) | speed-up: median of the rounds | min–max |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         update = (
@@ -177,7 +180,7 @@ def markdown(rows: list[dict[str, object]]) -> str:
         )
         lines.append(
             f"| {r['K']} | {r['device']} | {update} | {r['ours_ap'] * 1e6:.1f} | {r['sklearn_ap'] * 1e6:.1f} | "
-            f"{r['sklearn_ap'] / r['ours_ap']:.1f}× |"
+            f"{statistics.median(r['ratios']):.1f}× | {min(r['ratios']):.1f}–{max(r['ratios']):.1f}× |"
         )
     return "\n".join(lines)
 
@@ -222,13 +225,15 @@ def main() -> None:
             f"- versions: python {platform.python_version()}, torch {torch.__version__}, scikit-learn {sklearn.__version__}, "
             f"numpy {np.__version__}",
             f"- command: `python {' '.join(sys.argv)}` (torch.set_num_threads({args.threads}))",
+            "- load average (1, 5, 15 min) at the end: " + ", ".join(f"{x:.1f}" for x in os.getloadavg()),
             f"- times: medians of the {'calling thread CPU time' if args.cpu_time else 'wall clock'}; "
             "the affinity update per group update (averaged over a replayed sequence of "
             f"{args.batches} batches × ~3 groups), affinity propagation per call (convergence_iter={CONVERGENCE_ITER}, "
             "the official setting)",
             "- both sides run in this one process on the same inputs (the reference side checked equal to the fused "
-            "one first, the partitions of affinity propagation too), affinity propagation's timings interleaved; "
-            "read the ratios: absolute times move with the machine's load",
+            "one first, the partitions of affinity propagation too), affinity propagation's timings interleaved "
+            f"({args.repeats} rounds of 5 calls of ours and 1 of scikit-learn's; its speed-up is the median of the "
+            "rounds' ratios, with their range); read the ratios: absolute times move with the machine's load",
             "",
             markdown(rows),
             "",

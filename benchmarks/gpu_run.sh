@@ -55,6 +55,8 @@ timeout 60 python3 -m selgroup_fast.bench --device cuda --space representation \
 step "the reference code's loop against SelectiveGroupUpdate"
 timeout 60 python3 benchmarks/reference_loop.py --device cuda --tasks taskonomy \
   --output "$results/reference_loop_gpu.md" 2>&1 | tail -8; pack
+step "the task Jacobian by jacobian= mode, with TorchJD's engines (one MGDA step, K = 4, 11, 32)"
+timeout 120 python3 benchmarks/bench_jacobian.py --torchjd --device cuda --load-note "a lent GPU machine running this script alone" --output "$results/jacobian_cuda.md" 2>&1 | tail -12; pack
 step "fused-op micro-benchmarks (CUDA)"
 timeout 90 python3 -m pytest -q -p no:cacheprovider benchmarks/test_fused_ops.py -k cuda \
   --benchmark-json "$results/micro_cuda.json" >"$results/micro_cuda.log" 2>&1

@@ -43,12 +43,18 @@ concept Team = requires(const T& team) {
 };
 
 // A team of one: the host runs every iteration itself and never waits.
-struct SerialTeam {
+// `kVectorBytes` is the SIMD register width its loops may assume: 16 (SSE2, NEON)
+// in portable code; csrc/cpu/ops_cpu.cpp also runs 32 and 64 in functions compiled
+// for AVX2 and AVX-512.
+template <int VectorBytes>
+struct SoloTeam {
   static constexpr bool kHost = true;
+  static constexpr int kVectorBytes = VectorBytes;
   SELGROUP_HD_INLINE int rank() const { return 0; }
   SELGROUP_HD_INLINE int size() const { return 1; }
   SELGROUP_HD_INLINE void sync() const {}
 };
+using SerialTeam = SoloTeam<16>;
 static_assert(Team<SerialTeam>);
 
 #if defined(__CUDACC__)

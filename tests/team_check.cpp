@@ -6,6 +6,8 @@
 // the CPU's OpenMP team) would hit. Each thread team runs twice: as a host team
 // (contiguous shares, the median by selection) and as a device-like team
 // (rank-strided shares, the median by bitonic sort: the CUDA block's code paths).
+// The serial team's AVX2 version (affinity propagation's SIMD lanes of 32 bytes)
+// is compared too where the CPU has AVX2.
 //
 // Covers the weighting solvers, affinity propagation (messages and labels; the
 // noise drawn by rank 0 or passed in), and the affinity maps split over threads.
@@ -13,6 +15,9 @@
 // default suite, `team_check --full` the slow one. Add -fsanitize=thread to the
 // compile line to look for data races (the only expected reports are the benign
 // flag races: every writer writes the same value).
+// run_wide below passes 32-byte lanes between inlined helpers (as csrc/cpu/ops_cpu.cpp).
+#pragma GCC diagnostic ignored "-Wpsabi"
+
 #include <algorithm>
 #include <barrier>
 #include <cmath>
@@ -43,14 +48,34 @@ struct ThreadTeam {
 };
 static_assert(Team<ThreadTeam<true>> && Team<ThreadTeam<false>>);
 
-// Runs `solver` with `threads` workers (0: SerialTeam) on a fresh workspace filled
-// with a poison byte; returns the workspace.
+// The CPU backend's AVX2 version of the serial team (csrc/cpu/ops_cpu.cpp: SIMD
+// lanes of 32 bytes, no FMA), where the compiler and the CPU have it.
+constexpr int kWideSerial = -1;
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+template <typename Solver>
+__attribute__((target("avx2"), optimize("fp-contract=off"), flatten)) void run_wide(const Solver& solver,
+                                                                                     void* memory) {
+  run_team(solver, SoloTeam<32>{}, memory);
+}
+const bool g_wide = __builtin_cpu_supports("avx2");
+#else
+template <typename Solver>
+void run_wide(const Solver& solver, void* memory) {
+  run_team(solver, SerialTeam{}, memory);
+}
+const bool g_wide = false;
+#endif
+
+// Runs `solver` with `threads` workers (0: SerialTeam, kWideSerial: its AVX2
+// version) on a fresh workspace filled with a poison byte; returns the workspace.
 template <bool Host, typename Solver>
 std::vector<unsigned char> run(const Solver& solver, int threads) {
   std::vector<std::max_align_t> memory(workspace_bytes(solver) / sizeof(std::max_align_t) + 1);
   std::memset(memory.data(), 0x5a, memory.size() * sizeof(std::max_align_t));
   if (threads == 0) {
     run_team(solver, SerialTeam{}, memory.data());
+  } else if (threads == kWideSerial) {
+    run_wide(solver, memory.data());
   } else {
     std::barrier<> barrier(threads);
     std::vector<std::thread> pool;
@@ -84,6 +109,11 @@ void check_solver(Tally& tally, const std::string& name, const Solver& solver, V
   const std::vector<unsigned char> serial_ws = run<true>(solver, 0);
   const std::vector<Value> serial(output, output + n);
   const std::vector<unsigned char> serial_scratch = compare_scratch(serial_ws);
+  if (g_wide) {
+    const std::vector<unsigned char> ws = run<true>(solver, kWideSerial);
+    tally.check(std::memcmp(serial.data(), output, n * sizeof(Value)) == 0 && compare_scratch(ws) == serial_scratch,
+                name + " serial avx2");
+  }
   for (int threads : g_threads)
     for (int repeat = 0; repeat < g_repeats; ++repeat)
       for (bool host : {true, false}) {

@@ -168,9 +168,10 @@ def test_a_step_writes_aggregate_into_the_shared_grads_and_the_own_task_gradient
             torch.testing.assert_close(p.grad, weights[k] * g, rtol=1e-9, atol=1e-12)
 
 
-def test_shared_grads_are_views_of_one_flat_buffer():
+@pytest.mark.parametrize("mode", ["batched", "loop"])
+def test_shared_grads_are_views_of_one_flat_buffer(mode):
     model, closure = make_problem()
-    method = build("cagrad", model)
+    method = build("cagrad", model, jacobian=mode)  # the modes that form J ("gramian": one ordinary backward)
     method.step(closure)
     flat = method._jacobian.direction
     for p in model.encoder.parameters():
@@ -494,14 +495,15 @@ def test_famo_costs_one_extra_forward():
     assert len(calls) == 2
 
 
-def test_nash_mtl_reuses_alpha_between_updates_with_one_backward():
+@pytest.mark.parametrize(("mode", "task_gradients"), [("batched", "compute"), ("gramian", "gramian")])
+def test_nash_mtl_reuses_alpha_between_updates_with_one_backward(mode, task_gradients):
     model, closure = make_problem()
-    nash = build("nash_mtl", model, update_weights_every=3)
+    nash = build("nash_mtl", model, update_weights_every=3, jacobian=mode)
     nash.step(closure)
     alpha = nash.aggregator.alpha.clone()
     calls = []
-    original = nash._jacobian.compute
-    nash._jacobian.compute = lambda *a, **k: calls.append(1) or original(*a, **k)
+    original = getattr(nash._jacobian, task_gradients)
+    setattr(nash._jacobian, task_gradients, lambda *a, **k: calls.append(1) or original(*a, **k))
     nash.step(closure)
     nash.step(closure)
     assert calls == [] and torch.equal(nash.aggregator.alpha, alpha)

@@ -2,8 +2,9 @@
 
 Every team solver (the weighting methods, affinity propagation) and the affinity maps run with 2..32 std::threads
 as the team must give the serial team's answer bit for bit, as host teams (contiguous shares, the median by
-selection) and as device-like teams (rank-strided shares, the median by bitonic sort). A missing barrier or a bad
-work split shows up as a mismatch. The default suite runs a fast sweep; ``-m slow`` the full one.
+selection) and as device-like teams (rank-strided shares, the median by bitonic sort); the serial team's AVX2
+version (affinity propagation's 32-byte SIMD lanes) too, where the CPU has AVX2. A missing barrier, a bad work split
+or a lane that rounds differently shows up as a mismatch. The default suite runs a fast sweep; ``-m slow`` the full one.
 """
 
 from __future__ import annotations

@@ -22,19 +22,24 @@
 // * a similarity with a non-finite entry yields all −1 (csrc/bindings.h raises
 //   before calling on the CPU, where the check needs no sync).
 //
-// Speed (benchmarks/results/affinity_propagation_large_k.md): the message updates walk rows of contiguous
-// memory in branch-free loops the compiler vectorises, the availabilities'
-// column sums are accumulated row by row (the same additions in the same order
-// as a column walk), the median is a selection on host teams, and the CPU
-// bindings pass the tie-breaking noise in from a cache. Each element's arithmetic
-// is the same whatever the team, so every team gives the same labels bit for bit
-// (tests/team_check.cpp).
+// Speed (benchmarks/results/affinity_propagation_large_k.md). Teams walk rows of
+// contiguous memory in branch-free loops the compiler vectorises and accumulate
+// the availabilities' column sums row by row (the same additions in the same order
+// as a column walk). One host thread (SoloTeam, the CPU below K = 1024) makes one
+// pass over the matrices per iteration instead of four (iterate_serial) in
+// explicit SIMD lanes (Lanes: 16 bytes portably, 32 in the CPU backend's AVX2
+// version), with each entry's arithmetic that of the teams. The median is a radix
+// selection on host teams, and the CPU bindings pass the tie-breaking noise in from
+// a cache. Every team, and every lane width, gives the same labels and messages bit
+// for bit (tests/team_check.cpp).
 #pragma once
 
 #include <algorithm>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
+#include <type_traits>
 
 #include "../workspace.h"
 #include "affinity_update.h"
@@ -116,13 +121,15 @@ struct LegacyNormalStream {
   }
 };
 
-// NaN-free max reductions the compiler may vectorise (max is exact in any order).
+// Reductions the compiler may vectorise: NaN-free maxima (exact in any order) and
+// counts.
 #if defined(__CUDA_ARCH__) || !defined(_OPENMP)
-#define SELGROUP_SIMD_MAX(variable)
+#define SELGROUP_SIMD(clauses)
 #else
 #define SELGROUP_PRAGMA(text) _Pragma(#text)
-#define SELGROUP_SIMD_MAX(variable) SELGROUP_PRAGMA(omp simd reduction(max : variable))
+#define SELGROUP_SIMD(clauses) SELGROUP_PRAGMA(omp simd clauses)
 #endif
+#define SELGROUP_SIMD_MAX(variable) SELGROUP_SIMD(reduction(max : variable))
 
 // In-place ascending bitonic sort of `values[0, padded)`, padded a power of two.
 template <Team Workers, typename T>
@@ -144,9 +151,48 @@ SELGROUP_HD void team_bitonic_sort(const Workers& team, T* values, int64_t padde
   }
 }
 
+// The k-th smallest (from 0) of the `count` finite `values`, by radix selection on
+// the floats' order-preserving integer images, 11 bits at a time: one counting pass
+// over all values, then passes over the shrinking set of candidates that share the
+// digits so far (gathered into `scratch`, room for `count`), then std::nth_element
+// on the last few. O(count) with no data-dependent branches in the counting, where
+// std::nth_element's partitions mispredict (about 7 ns per value at K² = 65 536).
+// Host only. Equal values of either sign of zero order −0 first: the value is the same.
+template <typename T>
+T kth_smallest(const T* values, int64_t count, int64_t k, T* scratch) {
+  using Bits = std::conditional_t<sizeof(T) == 8, uint64_t, uint32_t>;
+  constexpr int kDigitBits = 11;
+  constexpr int64_t kBins = int64_t(1) << kDigitBits, kFewCandidates = 64;
+  constexpr Bits kSign = Bits(1) << (8 * sizeof(T) - 1);
+  const auto key = [](T x) {
+    Bits bits;
+    std::memcpy(&bits, &x, sizeof bits);
+    return (bits & kSign) ? ~bits : (bits | kSign);
+  };
+  int32_t histogram[kBins];
+  const T* candidates = values;
+  int shift = 8 * static_cast<int>(sizeof(T));
+  while (count > kFewCandidates && shift > 0) {
+    shift = shift > kDigitBits ? shift - kDigitBits : 0;
+    const auto digit = [&](T x) { return static_cast<int64_t>((key(x) >> shift) & Bits(kBins - 1)); };
+    std::fill(histogram, histogram + kBins, 0);
+    for (int64_t i = 0; i < count; ++i) ++histogram[digit(candidates[i])];
+    int64_t bin = 0;
+    while (k >= histogram[bin]) k -= histogram[bin++];
+    int64_t kept = 0;
+    for (int64_t i = 0; i < count; ++i)
+      if (digit(candidates[i]) == bin) scratch[kept++] = candidates[i];
+    candidates = scratch;
+    count = kept;
+  }
+  if (candidates != scratch) std::copy(candidates, candidates + count, scratch);
+  std::nth_element(scratch, scratch + k, scratch + count);
+  return scratch[k];
+}
+
 // numpy.median of the `count` entries of `values`, using `scratch` (room for the
 // next power of two ≥ count values) and the one-slot `result`. Every rank returns
-// it. Host teams select (std::nth_element on rank 0, O(count)); device teams sort
+// it. Host teams select (kth_smallest on rank 0, O(count)); device teams sort
 // (bitonic, every thread busy). The median is an entry (or the mean of two
 // entries) either way, so both give the same value bit for bit.
 template <Team Workers, typename T>
@@ -154,10 +200,23 @@ SELGROUP_HD T team_median(const Workers& team, const T* values, int64_t count, T
   const int64_t upper = count / 2;
   if constexpr (Workers::kHost) {
     if (team.rank() == 0) {
-      std::copy(values, values + count, scratch);
-      std::nth_element(scratch, scratch + upper, scratch + count);
-      const T middle = scratch[upper];
-      *result = count % 2 == 1 ? middle : (*std::max_element(scratch, scratch + upper) + middle) / T(2);
+      const T middle = kth_smallest(values, count, upper, scratch);
+      if (count % 2 == 1) {
+        *result = middle;
+      } else {
+        // The entry just below: `middle` again if fewer than `upper` entries are
+        // smaller, else the largest smaller one.
+        int64_t smaller = 0;
+        const T minus_infinity = -T(1) / T(0);
+        T below = minus_infinity;
+        SELGROUP_SIMD(reduction(+ : smaller) reduction(max : below))
+        for (int64_t i = 0; i < count; ++i) {
+          const T candidate = values[i] < middle ? values[i] : minus_infinity;
+          smaller += values[i] < middle ? 1 : 0;
+          below = below > candidate ? below : candidate;
+        }
+        *result = ((smaller < upper ? middle : below) + middle) / T(2);
+      }
     }
   } else {
     int64_t padded = 1;
@@ -221,15 +280,225 @@ SELGROUP_HD_INLINE void split_at_diagonal(int64_t begin, int64_t end, int64_t di
   for (int64_t k = middle == diagonal ? diagonal + 1 : middle; k < end; ++k) off(k);
 }
 
+// SIMD lanes for the host's serial loop: GCC's vector extensions, whose operators
+// act lane by lane with the same IEEE arithmetic as the scalar code (so the lanes
+// give the same bits). `Bytes` is the register width the caller was compiled for
+// (csrc/team.h SoloTeam). Not for nvcc (device teams never take these paths) nor
+// other compilers, which run the scalar loops.
+#if defined(__GNUC__) && !defined(__clang__) && !defined(__CUDACC__)
+#define SELGROUP_HOST_LANES 1
+template <typename T, int Bytes>
+struct Lanes {
+  typedef T Vector __attribute__((vector_size(Bytes)));
+  static constexpr int64_t kCount = Bytes / static_cast<int64_t>(sizeof(T));
+  static Vector load(const T* from) {
+    Vector v;
+    __builtin_memcpy(&v, from, sizeof v);
+    return v;
+  }
+  static void store(T* to, const Vector& v) { __builtin_memcpy(to, &v, sizeof v); }
+  static Vector broadcast(T x) { return x - Vector{}; }  // x − (+0) is x, even −0
+};
+#else
+#define SELGROUP_HOST_LANES 0
+#endif
+
 // max(x, 0) and its twin that keeps a −0 (the two clips of the availability rule,
-// each as it was first written, so that even zeros keep their sign).
+// each as it was first written, so that even zeros keep their sign). T here and in
+// the rules below: a scalar, or a vector of SIMD lanes.
 template <typename T>
-SELGROUP_HD_INLINE T positive_part(T x) {
-  return x > T(0) ? x : T(0);
+SELGROUP_HD_INLINE T positive_part(const T& x) {
+  return x > T{} ? x : T{};
 }
 template <typename T>
-SELGROUP_HD_INLINE T clip_below_zero(T x) {
-  return x < T(0) ? T(0) : x;
+SELGROUP_HD_INLINE T clip_below_zero(const T& x) {
+  return x < T{} ? T{} : x;
+}
+
+// The damped message rules, one entry each (docs/algorithm.md §Affinity propagation).
+// Every loop below, on every team, goes through these, so each message gets the
+// same arithmetic whatever the traversal. Responsibility R[i,k] against its
+// competitor max_{k'≠k}(A + S)[i,k']:
+template <typename T>
+SELGROUP_HD_INLINE T damped_responsibility(const T& r, const T& s, const T& competitor, const T& keep, const T& take) {
+  return r * keep + (s - competitor) * take;
+}
+// Availability A[i,k], k ≠ i, from R[i,k] and column k's sum (R[k,k] + Σ_{i'≠k} max(0, R[i',k])):
+// −A_new before clipping is max(0, R[i,k]) − sum.
+template <typename T>
+SELGROUP_HD_INLINE T damped_availability(const T& a, const T& r, const T& column_sum, const T& keep, const T& take) {
+  return a * keep - clip_below_zero(positive_part(r) - column_sum) * take;
+}
+// Self-availability A[k,k] = Σ_{i'≠k} max(0, R[i',k]) = sum − R[k,k].
+template <typename T>
+SELGROUP_HD_INLINE T damped_self_availability(const T& a, const T& r, const T& column_sum, const T& keep,
+                                             const T& take) {
+  return a * keep - (r - column_sum) * take;
+}
+
+// A row of A + S as the competitor search below reads it. Teams sum it on the fly
+// (operator(), max, first_equal over [0, K)); the serial loop stores it in a
+// buffer (StoredRow), which it searches with SIMD lanes.
+template <typename T>
+struct SummedRow {
+  const T* a;
+  const T* s;
+  SELGROUP_HD_INLINE T operator()(int64_t k) const { return a[k] + s[k]; }
+  SELGROUP_HD_INLINE T max(int64_t begin, int64_t end, T start) const {
+    SELGROUP_SIMD_MAX(start)
+    for (int64_t k = begin; k < end; ++k) start = start > a[k] + s[k] ? start : a[k] + s[k];
+    return start;
+  }
+  // The first k < K − 1 whose value equals `target`, else K − 1.
+  SELGROUP_HD_INLINE int64_t first_equal(int64_t K, T target) const {
+    int64_t k = 0;
+    while (k < K - 1 && !(a[k] + s[k] == target)) ++k;
+    return k;
+  }
+};
+
+template <int Bytes, typename T>
+struct StoredRow {
+  const T* values;
+  SELGROUP_HD_INLINE T operator()(int64_t k) const { return values[k]; }
+  SELGROUP_HD_INLINE int64_t first_equal(int64_t K, T target) const {
+    int64_t k = 0;
+#if SELGROUP_HOST_LANES
+    // Four vectors' compares at a time, then the lane.
+    using L = Lanes<T, Bytes>;
+    const auto wanted = L::broadcast(target);
+    for (; k + 4 * L::kCount <= K; k += 4 * L::kCount) {
+      const auto hits = (L::load(values + k) == wanted) | (L::load(values + k + L::kCount) == wanted) |
+                        (L::load(values + k + 2 * L::kCount) == wanted) |
+                        (L::load(values + k + 3 * L::kCount) == wanted);
+      uint64_t words[sizeof hits / 8], any = 0;  // the lanes' compare masks, ORed 64 bits at a time
+      __builtin_memcpy(words, &hits, sizeof hits);
+      for (uint64_t word : words) any |= word;
+      if (any != 0) break;
+    }
+#endif
+    while (k < K - 1 && !(values[k] == target)) ++k;
+    return k;
+  }
+};
+
+// One row's competitors for the responsibility rule: numpy.argmax of the row (the
+// first position of its maximum, `best`), the maximum, and the maximum of the
+// others (the runner-up, `second`: equal to the maximum on a tie), found by the
+// caller. Both values are read back from the row, so that even the sign of a zero
+// is the one a sequential scan keeps (reductions in lanes may pick either zero).
+template <typename T>
+struct Competitors {
+  int64_t best;
+  T first, second;
+};
+template <typename T, typename Row>
+SELGROUP_HD_INLINE Competitors<T> row_competitors(int64_t K, const Row& row, int64_t best, T second) {
+  if (second == T(0)) {
+    for (int64_t k = 0; k < K; ++k)
+      if (k != best && row(k) == second) {
+        second = row(k);
+        break;
+      }
+  }
+  return {best, row(best), second};
+}
+
+// The largest two values of a multiset (equal on a tie), lane by lane for vectors.
+template <typename V>
+struct TopTwo {
+  V first, second;
+  SELGROUP_HD_INLINE void add(const V& v) {
+    const V lower = first < v ? first : v;
+    second = second > lower ? second : lower;
+    first = first > v ? first : v;
+  }
+};
+
+// The serial loop's passes over a row, SIMD lanes first, then the scalar tail.
+// availability_run: A[i, begin:end) from R and the column sums (k ≠ i), A + S into
+// `row`, whose values it adds to `top`.
+template <int Bytes, typename T>
+SELGROUP_HD_INLINE void availability_run(int64_t begin, int64_t end, T* __restrict__ a_row,
+                                         const T* __restrict__ r_row, const T* __restrict__ s_row,
+                                         const T* __restrict__ column_sum, T* __restrict__ row, T keep, T take,
+                                         TopTwo<T>& top) {
+  int64_t k = begin;
+#if SELGROUP_HOST_LANES
+  using L = Lanes<T, Bytes>;
+  if (end - k >= L::kCount) {
+    const auto keep_lanes = L::broadcast(keep), take_lanes = L::broadcast(take);
+    const auto minus_infinity = L::broadcast(-T(1) / T(0));
+    TopTwo<typename L::Vector> lanes{minus_infinity, minus_infinity};
+    for (; k + L::kCount <= end; k += L::kCount) {
+      const auto a = damped_availability(L::load(a_row + k), L::load(r_row + k), L::load(column_sum + k),
+                                         keep_lanes, take_lanes);
+      L::store(a_row + k, a);
+      const auto sum = a + L::load(s_row + k);
+      L::store(row + k, sum);
+      lanes.add(sum);
+    }
+    for (int64_t l = 0; l < L::kCount; ++l) {  // the top two of the union are among the lanes' top twos
+      top.add(lanes.first[l]);
+      top.add(lanes.second[l]);
+    }
+  }
+#endif
+  for (; k < end; ++k) {
+    a_row[k] = damped_availability(a_row[k], r_row[k], column_sum[k], keep, take);
+    row[k] = a_row[k] + s_row[k];
+    top.add(row[k]);
+  }
+}
+// R[i, begin:end) against `competitor`, adding max(0, R) to the column sums.
+template <int Bytes, typename T>
+SELGROUP_HD_INLINE void responsibility_run(int64_t begin, int64_t end, T* __restrict__ r_row,
+                                           const T* __restrict__ s_row, T competitor,
+                                           T* __restrict__ column_sum, T keep, T take) {
+  int64_t k = begin;
+#if SELGROUP_HOST_LANES
+  using L = Lanes<T, Bytes>;
+  if (end - k >= L::kCount) {
+    const auto keep_lanes = L::broadcast(keep), take_lanes = L::broadcast(take);
+    const auto competitor_lanes = L::broadcast(competitor);
+    for (; k + L::kCount <= end; k += L::kCount) {
+      const auto r = damped_responsibility(L::load(r_row + k), L::load(s_row + k), competitor_lanes, keep_lanes,
+                                           take_lanes);
+      L::store(r_row + k, r);
+      L::store(column_sum + k, L::load(column_sum + k) + positive_part(r));
+    }
+  }
+#endif
+  for (; k < end; ++k) {
+    r_row[k] = damped_responsibility(r_row[k], s_row[k], competitor, keep, take);
+    column_sum[k] += positive_part(r_row[k]);
+  }
+}
+// A + S of a row into `row`; returns its top two.
+template <int Bytes, typename T>
+SELGROUP_HD_INLINE TopTwo<T> sum_run(int64_t K, const T* __restrict__ a_row, const T* __restrict__ s_row,
+                                     T* __restrict__ row) {
+  const T minus_infinity = -T(1) / T(0);
+  TopTwo<T> top{minus_infinity, minus_infinity};
+  int64_t k = 0;
+#if SELGROUP_HOST_LANES
+  using L = Lanes<T, Bytes>;
+  TopTwo<typename L::Vector> lanes{L::broadcast(minus_infinity), L::broadcast(minus_infinity)};
+  for (; k + L::kCount <= K; k += L::kCount) {
+    const auto sum = L::load(a_row + k) + L::load(s_row + k);
+    L::store(row + k, sum);
+    lanes.add(sum);
+  }
+  for (int64_t l = 0; l < L::kCount; ++l) {
+    top.add(lanes.first[l]);
+    top.add(lanes.second[l]);
+  }
+#endif
+  for (; k < K; ++k) {
+    row[k] = a_row[k] + s_row[k];
+    top.add(row[k]);
+  }
+  return top;
 }
 
 // Indices of the team-wide integers of the workspace.
@@ -266,7 +535,8 @@ struct AffinityPropagation {
   struct Scratch {
     T* similarity;  // K×K, the preference on the diagonal, noise added
     T* messages;    // 2·K×K: A then R; before they start, the median's scratch (≥ the power of two ≥ K²)
-    T* column_sum;  // K, the availabilities' positive column sums
+    T* column_sum;  // 2·K: the availabilities' column sums (the serial loop: this iteration's, the next's)
+    T* row;         // K: the serial loop's row of A + S
     T* median;      // 1
     int* is_exemplar;  // K, the exemplar flag of the latest iteration
     int* run_length;   // K, iterations the flag has kept its value; later the label map
@@ -276,8 +546,9 @@ struct AffinityPropagation {
     uint32_t* generator_state;  // kMtStateWords when the noise is drawn here
   };
   SELGROUP_HD Scratch carve(WorkspaceLayout& layout) const {
-    return {layout.take<T>(K * K),  layout.take<T>(2 * K * K), layout.take<T>(K),   layout.take<T>(1),
-            layout.take<int>(K),    layout.take<int>(K),       layout.take<int>(K), layout.take<int>(K),
+    return {layout.take<T>(K * K),      layout.take<T>(2 * K * K), layout.take<T>(2 * K),
+            layout.take<T>(K),          layout.take<T>(1),         layout.take<int>(K),
+            layout.take<int>(K),        layout.take<int>(K),       layout.take<int>(K),
             layout.take<int>(kMiscInts), layout.take<uint32_t>(noise == nullptr ? kMtStateWords : 0)};
   }
 
@@ -286,6 +557,147 @@ struct AffinityPropagation {
   SELGROUP_HD void write_labels(const Workers& team, Label label) const {
     for (int64_t i = team.rank(); i < K; i += team.size()) labels[i] = label(i);
     team.sync();
+  }
+
+  // The exemplar flag of sample i after an iteration (A and R of that iteration),
+  // and how long it has kept its value.
+  SELGROUP_HD_INLINE void record_flag(const Scratch& ws, int64_t it, int64_t i) const {
+    const T* A = ws.messages;
+    const T* R = ws.messages + K * K;
+    const int flag = (A[i * K + i] + R[i * K + i]) > T(0) ? 1 : 0;
+    ws.run_length[i] = (it > 0 && flag == ws.is_exemplar[i]) ? ws.run_length[i] + 1 : 1;
+    ws.is_exemplar[i] = flag;
+  }
+
+  // scikit-learn's stop after iteration `it`: every flag constant over the last
+  // convergence_iter iterations, and some exemplar.
+  SELGROUP_HD bool converged(const Scratch& ws, int64_t it) const {
+    if (it < convergence_iter) return false;
+    bool stable = true, any_exemplar = false;
+    for (int64_t i = 0; i < K; ++i) {
+      stable = stable && ws.run_length[i] >= convergence_iter;
+      any_exemplar = any_exemplar || ws.is_exemplar[i];
+    }
+    return stable && any_exemplar;
+  }
+
+  // The message loop on a team: per iteration a pass over rows (responsibilities)
+  // and one over columns (availabilities), the column sums running down the rows
+  // (i = 0, 1, ...) over each worker's columns.
+  template <Team Workers>
+  SELGROUP_HD void iterate(const Workers& team, const Scratch& ws, T keep, T take) const {
+    const T* S = ws.similarity;
+    T* A = ws.messages;
+    T* R = ws.messages + K * K;
+    const T minus_infinity = -T(1) / T(0);
+    for (int64_t it = 0; it < max_iter; ++it) {
+      team_split(team, K, [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) {
+          const T* __restrict__ s_row = S + i * K;
+          const T* __restrict__ a_row = A + i * K;
+          T* __restrict__ r_row = R + i * K;
+          const SummedRow<T> row{a_row, s_row};
+          const T maximum = row.max(0, K, minus_infinity);
+          const int64_t best = row.first_equal(K, maximum);
+          const Competitors<T> c =
+              row_competitors(K, row, best, row.max(best + 1, K, row.max(int64_t(0), best, minus_infinity)));
+          split_at_diagonal(
+              0, K, c.best, [&](int64_t k) { r_row[k] = damped_responsibility(r_row[k], s_row[k], c.first, keep, take); },
+              [&](int64_t k) { r_row[k] = damped_responsibility(r_row[k], s_row[k], c.second, keep, take); });
+        }
+      });
+      team.sync();
+      team_split(team, K, [&](int64_t begin, int64_t end) {
+        T* __restrict__ column_sum = ws.column_sum;
+        for (int64_t k = begin; k < end; ++k) column_sum[k] = T(0);
+        for (int64_t i = 0; i < K; ++i) {
+          const T* __restrict__ r_row = R + i * K;
+          split_at_diagonal(
+              begin, end, i, [&](int64_t k) { column_sum[k] += positive_part(r_row[k]); },
+              [&](int64_t k) { column_sum[k] += r_row[k]; });
+        }
+        for (int64_t i = 0; i < K; ++i) {
+          const T* __restrict__ r_row = R + i * K;
+          T* __restrict__ a_row = A + i * K;
+          split_at_diagonal(
+              begin, end, i,
+              [&](int64_t k) { a_row[k] = damped_availability(a_row[k], r_row[k], column_sum[k], keep, take); },
+              [&](int64_t k) { a_row[k] = damped_self_availability(a_row[k], r_row[k], column_sum[k], keep, take); });
+        }
+      });
+      team.sync();
+      for (int64_t i = team.rank(); i < K; i += team.size()) record_flag(ws, it, i);
+      team.sync();
+      // Every rank takes the same decision from the same shared flags.
+      if (converged(ws, it)) break;
+    }
+  }
+
+  // The same message loop on one host thread, one pass over the matrices per
+  // iteration instead of four: the pass over row i updates its availabilities
+  // (iteration t), records its flag, then its responsibilities (iteration t + 1)
+  // from the row of A + S just made, adding them to the next column sums, which
+  // therefore run down the rows in the team's order. An iteration that may be the
+  // last (the flags could all have been constant for convergence_iter iterations
+  // by its end; or max_iter) stops after the availabilities, and makes the next
+  // responsibilities in a pass of their own if it was not, so the final messages
+  // are the team's (tests/team_check.cpp compares them).
+  template <int Bytes>
+  SELGROUP_HD void iterate_serial(const Scratch& ws, T keep, T take) const {
+    const T* S = ws.similarity;
+    T* A = ws.messages;
+    T* R = ws.messages + K * K;
+    T* row = ws.row;  // A + S of the current row
+    T* column_sum = ws.column_sum;
+    T* next_column_sum = ws.column_sum + K;
+    const T minus_infinity = -T(1) / T(0);
+    const auto responsibilities = [&](int64_t i, const TopTwo<T>& top) {
+      const T* s_row = S + i * K;
+      T* r_row = R + i * K;
+      const StoredRow<Bytes, T> stored{row};
+      const Competitors<T> c = row_competitors(K, stored, stored.first_equal(K, top.first), top.second);
+      const int64_t low = c.best < i ? c.best : i, high = c.best < i ? i : c.best;
+      responsibility_run<Bytes>(int64_t(0), low, r_row, s_row, c.first, next_column_sum, keep, take);
+      responsibility_run<Bytes>(low + 1, high, r_row, s_row, c.first, next_column_sum, keep, take);
+      responsibility_run<Bytes>(high + 1, K, r_row, s_row, c.first, next_column_sum, keep, take);
+      r_row[c.best] = damped_responsibility(r_row[c.best], s_row[c.best], c.second, keep, take);
+      if (c.best != i) {
+        r_row[i] = damped_responsibility(r_row[i], s_row[i], c.first, keep, take);
+        next_column_sum[c.best] += positive_part(r_row[c.best]);
+      }
+      next_column_sum[i] += r_row[i];
+    };
+    bool responsibilities_made = false;
+    int64_t shortest_run = 0;  // of the flags' runs after the previous iteration
+    for (int64_t it = 0; it < max_iter; ++it) {
+      if (!responsibilities_made) {
+        for (int64_t k = 0; k < K; ++k) next_column_sum[k] = T(0);
+        for (int64_t i = 0; i < K; ++i) responsibilities(i, sum_run<Bytes>(K, A + i * K, S + i * K, row));
+      }
+      T* swap = column_sum;
+      column_sum = next_column_sum;
+      next_column_sum = swap;
+      const bool may_stop = it + 1 == max_iter || (it >= convergence_iter && shortest_run + 1 >= convergence_iter);
+      if (!may_stop)
+        for (int64_t k = 0; k < K; ++k) next_column_sum[k] = T(0);
+      for (int64_t i = 0; i < K; ++i) {
+        const T* s_row = S + i * K;
+        const T* r_row = R + i * K;
+        T* a_row = A + i * K;
+        TopTwo<T> top{minus_infinity, minus_infinity};
+        availability_run<Bytes>(int64_t(0), i, a_row, r_row, s_row, column_sum, row, keep, take, top);
+        a_row[i] = damped_self_availability(a_row[i], r_row[i], column_sum[i], keep, take);
+        row[i] = a_row[i] + s_row[i];
+        top.add(row[i]);
+        availability_run<Bytes>(i + 1, K, a_row, r_row, s_row, column_sum, row, keep, take, top);
+        record_flag(ws, it, i);
+        if (!may_stop) responsibilities(i, top);
+      }
+      responsibilities_made = !may_stop;
+      if (converged(ws, it)) break;
+      shortest_run = ws.run_length[0];
+      for (int64_t i = 1; i < K; ++i) shortest_run = shortest_run < ws.run_length[i] ? shortest_run : ws.run_length[i];
+    }
   }
 
   template <Team Workers>
@@ -343,80 +755,10 @@ struct AffinityPropagation {
     team.sync();
 
     const T keep = damping, take = T(1) - damping;
-    for (int64_t it = 0; it < max_iter; ++it) {
-      // Responsibilities, by rows: R ← d·R + (1−d)·(S − max_{k'≠k}(A + S)). The max
-      // and the runner-up are reductions; their first positions (numpy.argmax's
-      // tie rule) are then found by a scan, and their values read back from the
-      // row, so that even the sign of a zero is the one a sequential scan keeps.
-      team_split(team, K, [&](int64_t begin, int64_t end) {
-        for (int64_t i = begin; i < end; ++i) {
-          const T* __restrict__ s_row = S + i * K;
-          const T* __restrict__ a_row = A + i * K;
-          T* __restrict__ r_row = R + i * K;
-          T first = -T(1) / T(0);
-          SELGROUP_SIMD_MAX(first)
-          for (int64_t k = 0; k < K; ++k) first = first > a_row[k] + s_row[k] ? first : a_row[k] + s_row[k];
-          int64_t best = 0;
-          while (best < K - 1 && !(a_row[best] + s_row[best] == first)) ++best;
-          first = a_row[best] + s_row[best];
-          T second = -T(1) / T(0);
-          SELGROUP_SIMD_MAX(second)
-          for (int64_t k = 0; k < best; ++k) second = second > a_row[k] + s_row[k] ? second : a_row[k] + s_row[k];
-          SELGROUP_SIMD_MAX(second)
-          for (int64_t k = best + 1; k < K; ++k) second = second > a_row[k] + s_row[k] ? second : a_row[k] + s_row[k];
-          for (int64_t k = 0; k < K; ++k)
-            if (k != best && a_row[k] + s_row[k] == second) {
-              second = a_row[k] + s_row[k];
-              break;
-            }
-          split_at_diagonal(
-              0, K, best, [&](int64_t k) { r_row[k] = r_row[k] * keep + (s_row[k] - first) * take; },
-              [&](int64_t k) { r_row[k] = r_row[k] * keep + (s_row[k] - second) * take; });
-        }
-      });
-      team.sync();
-      // Availabilities, by columns:
-      // A[i,k] ← d·A + (1−d)·min(0, R[k,k] + Σ_{i'∉{i,k}} max(0, R[i',k])), A[k,k] ← … Σ_{i'≠k} max(0, R[i',k]).
-      // The column sums run down the rows (i = 0, 1, ...) over this worker's columns.
-      team_split(team, K, [&](int64_t begin, int64_t end) {
-        T* __restrict__ column_sum = ws.column_sum;
-        for (int64_t k = begin; k < end; ++k) column_sum[k] = T(0);
-        for (int64_t i = 0; i < K; ++i) {
-          const T* __restrict__ r_row = R + i * K;
-          split_at_diagonal(
-              begin, end, i, [&](int64_t k) { column_sum[k] += positive_part(r_row[k]); },
-              [&](int64_t k) { column_sum[k] += r_row[k]; });
-        }
-        for (int64_t i = 0; i < K; ++i) {
-          const T* __restrict__ r_row = R + i * K;
-          T* __restrict__ a_row = A + i * K;
-          // −A_new before clipping, then the damped update.
-          split_at_diagonal(
-              begin, end, i,
-              [&](int64_t k) {
-                a_row[k] = a_row[k] * keep - clip_below_zero(positive_part(r_row[k]) - column_sum[k]) * take;
-              },
-              [&](int64_t k) { a_row[k] = a_row[k] * keep - (r_row[k] - column_sum[k]) * take; });
-        }
-      });
-      team.sync();
-      // Exemplar flags and how long each has been constant.
-      for (int64_t i = team.rank(); i < K; i += team.size()) {
-        const int flag = (A[i * K + i] + R[i * K + i]) > T(0) ? 1 : 0;
-        ws.run_length[i] = (it > 0 && flag == ws.is_exemplar[i]) ? ws.run_length[i] + 1 : 1;
-        ws.is_exemplar[i] = flag;
-      }
-      team.sync();
-      // Every rank takes the same decision from the same shared flags.
-      if (it >= convergence_iter) {
-        bool stable = true, any_exemplar = false;
-        for (int64_t i = 0; i < K; ++i) {
-          stable = stable && ws.run_length[i] >= convergence_iter;
-          any_exemplar = any_exemplar || ws.is_exemplar[i];
-        }
-        if (stable && any_exemplar) break;
-      }
-    }
+    if constexpr (requires { Workers::kVectorBytes; })
+      iterate_serial<Workers::kVectorBytes>(ws, keep, take);
+    else
+      iterate(team, ws, keep, take);
 
     // The exemplars of the last iteration (converged or not, as scikit-learn).
     if (team.rank() == 0) {

@@ -1,6 +1,11 @@
 // The CPU backend of every op (csrc/bindings.h): team solvers run serially, or on
 // OpenMP threads where a solver says its problem is large enough; maps run on
 // at::parallel_for. Affinity propagation's tie-breaking noise comes from a cache.
+// Affinity propagation's AVX2 version passes 32-byte vectors by value between
+// inlined helpers (csrc/affinity/affinity_propagation.h, Lanes); GCC's note that
+// such code outside AVX would change the ABI concerns no call that remains.
+#pragma GCC diagnostic ignored "-Wpsabi"
+
 #include <ATen/Parallel.h>
 #include <omp.h>
 #include <torch/library.h>
@@ -66,6 +71,32 @@ class HostWorkspace {
   void* data_;
 };
 
+// One worker runs a team solver as a SerialTeam (SIMD lanes of 16 bytes: baseline
+// x86-64, the wheel is built without -march). Affinity propagation's serial message
+// loop is bound by per-entry arithmetic on K² values, so it also comes compiled for
+// AVX2 (lanes of 32 bytes), which it runs where the CPU has it. (Lanes of 64 bytes
+// on AVX-512 ran K = 64–256 about 2× slower than 32 on the AMD EPYC (Zen 4) of
+// benchmarks/results/affinity_propagation_large_k.md.) Neither version contracts
+// a*b + c into an FMA, so both round alike: the same labels bit for bit. `flatten`
+// inlines the solver into the AVX2 one.
+template <typename Solver>
+void run_serially(const Solver& solver, void* workspace) {
+  run_team(solver, SerialTeam{}, workspace);
+}
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+template <typename T>
+__attribute__((target("avx2"), optimize("fp-contract=off"), flatten)) void run_with_avx2(
+    const AffinityPropagation<T>& solver, void* workspace) {
+  run_team(solver, SoloTeam<32>{}, workspace);
+}
+template <typename T>
+void run_serially(const AffinityPropagation<T>& solver, void* workspace) {
+  static const bool has_avx2 = __builtin_cpu_supports("avx2");
+  if (has_avx2) return run_with_avx2(solver, workspace);
+  run_team(solver, SerialTeam{}, workspace);
+}
+#endif
+
 struct CPUBackend {
   static constexpr bool kHost = true;
   struct DeviceScope {
@@ -76,7 +107,7 @@ struct CPUBackend {
   static void solve(const Solver& solver, const at::Tensor&, const char*) {
     const HostWorkspace workspace(workspace_bytes(solver));
     const int threads = solver_threads(solver);
-    if (threads == 1) return run_team(solver, SerialTeam{}, workspace.data());
+    if (threads == 1) return run_serially(solver, workspace.data());
     // The team is whatever number of threads the region gets (perhaps 1 when nested).
 #pragma omp parallel num_threads(threads)
     run_team(solver, OpenMPTeam{}, workspace.data());

@@ -28,7 +28,7 @@ from ..losses import ClosureOutput
 from ..parallel import FSDP2Shards, TaskParams, as_parameter_list, graph_parameters, graph_reaches, is_sharded
 from .base import MultiTaskMethod, detached
 from .graddrop import GradDrop
-from .jacobian import JacobianMode, SharedParams, TaskJacobian
+from .jacobian import JacobianMode, SharedParams, TaskJacobian, jacobian_defaults
 from .weighting import Aggregator, Weighting, gram
 
 Space = Literal["parameters", "representation"]
@@ -52,8 +52,12 @@ class GradientMethod(MultiTaskMethod):
         num_tasks: K.
         aggregator: the method (``selgroup_fast.methods.aggregator(name, K, device, dtype, **options)``).
         shared_params: the parameters shared by all tasks (the encoder's).
-        jacobian: ``"batched"`` (one vmapped backward) or ``"loop"`` (K backwards).
-        chunk_size: with ``"batched"``, at most this many tasks per vmapped backward (bounded peak memory).
+        jacobian: ``"batched"`` (one vmapped backward), ``"loop"`` (K backwards) or ``"gramian"`` (the
+            weightings only: ``G = J·Jᵀ`` accumulated without J, then one backward of ``Σ_k w_k L_k``);
+            ``None``: the default of the shared parameters' device type
+            (:data:`selgroup_fast.methods.jacobian.DEFAULTS`; a chunk_size alone means ``"batched"``).
+        chunk_size: with ``"batched"``, at most this many tasks per vmapped backward (bounded peak memory);
+            ``None``: all K at once.
         space: ``"parameters"`` or ``"representation"`` (the closure then returns ``(losses, features)``).
         task_params: K iterables of each task's own parameters (checked against ``shared_params``); by
             default every optimizer parameter that is not shared.
@@ -84,7 +88,7 @@ class GradientMethod(MultiTaskMethod):
         aggregator: Aggregator,
         *,
         shared_params: SharedParams,
-        jacobian: JacobianMode = "batched",
+        jacobian: JacobianMode | None = None,
         chunk_size: int | None = None,
         space: Space = "parameters",
         task_params: Sequence[SharedParams] | None = None,
@@ -100,6 +104,7 @@ class GradientMethod(MultiTaskMethod):
         self.name = aggregator.name
         self.space = space
         shared = as_parameter_list(shared_params)
+        jacobian, chunk_size = self._jacobian_mode(jacobian, chunk_size, aggregator, space, shared)
         # The K×P buffer is only needed in parameter space, and not under FSDP2 (K × this rank's shards).
         self._jacobian = TaskJacobian(
             shared,
@@ -136,6 +141,33 @@ class GradientMethod(MultiTaskMethod):
         self._compiled = False  # whether a compiled region makes the losses (:meth:`_check_graph`)
         self._task_jacobian = torch.empty(0)  # compiled models: the heads' per-task gradients (K×P_h), allocated once
 
+    def _jacobian_mode(
+        self,
+        jacobian: JacobianMode | None,
+        chunk_size: int | None,
+        aggregator: Aggregator,
+        space: Space,
+        shared: list[torch.Tensor],
+    ) -> tuple[JacobianMode, int | None]:
+        """``jacobian=`` and ``chunk_size=`` as given, else the device type's defaults; a Gramian that cannot be is refused."""
+        gramian_refusal = None
+        if not isinstance(aggregator, Weighting):
+            gramian_refusal = f"{aggregator.name} needs J itself (it acts on every coordinate), not only G = J·Jᵀ"
+        elif space != "parameters":
+            gramian_refusal = f'space="{space}" takes the small J of the features'
+        elif self._ranks.enabled or any(is_sharded(p) for p in shared):
+            gramian_refusal = "under torch.distributed the Gram matrix of the global batch is not implemented"
+        if jacobian is None:
+            default = jacobian_defaults(shared[0].device)
+            if chunk_size is not None:  # a chunk is the batched mode's
+                return "batched", chunk_size
+            if default.weighting == "gramian" and gramian_refusal is None:
+                return "gramian", None
+            return default.jacobian, default.chunk_size
+        if jacobian == "gramian" and gramian_refusal is not None:
+            raise ValueError(f'jacobian="gramian" does not apply: {gramian_refusal}; use "batched" or "loop"')
+        return jacobian, chunk_size
+
     @property
     def shared_params(self) -> list[torch.Tensor]:
         return self._jacobian.params
@@ -160,6 +192,8 @@ class GradientMethod(MultiTaskMethod):
             with self._timer.phase("manipulation"):
                 if self.aggregator.max_norm > 0:
                     torch.nn.utils.clip_grad_norm_(self.shared_params, self.aggregator.max_norm)
+        elif self._uses_gramian(losses):
+            self._gramian_step(losses)
         elif self.space == "parameters":
             if self._sharded:
                 self._sharded_step(losses)
@@ -196,6 +230,32 @@ class GradientMethod(MultiTaskMethod):
                 self._jacobian.pull_back(features, direction)
                 self._jacobian.assign_grads()
         return self._optimizer_step(losses)
+
+    def _uses_gramian(self, losses: list[torch.Tensor]) -> bool:
+        """Whether this step takes the Gramian path (a compiled model's first step switches it to the loop)."""
+        if self._jacobian.mode == "gramian":
+            self._check_graph(losses)
+        return self._jacobian.mode == "gramian"
+
+    def _gramian_step(self, losses: list[torch.Tensor]) -> None:
+        """G accumulated without J (one vmapped backward), the weights from G, one ordinary backward of ``Σ w_k L_k``.
+
+        Where the heads' weights differ from the direction's (PCGrad, CAGrad, Aligned-MTL: ones;
+        Nash-MTL: α unclipped), the heads get theirs first from a backward through the heads only.
+        """
+        with self._timer.phase("backward"):
+            gram = self._jacobian.gramian(losses, retain_graph=True)
+        with self._timer.phase("manipulation"):
+            weights, head_weights = cast(Weighting, self.aggregator).direction_weights(gram)
+        heads_apart = bool(self._task_params) and head_weights is not weights
+        if heads_apart:
+            self._backward_task_params(losses, head_weights, retain_graph=True)
+        with self._timer.phase("backward"):
+            inputs = self.shared_params if heads_apart else [*self.shared_params, *self._task_params]
+            self._weighted_total(losses, weights).backward(inputs=inputs)
+            for param in inputs:  # as the other modes: zeros for a parameter no loss reaches
+                if param.grad is None:
+                    param.grad = torch.zeros_like(param)
 
     def _optimizer_step(self, losses: list[torch.Tensor]) -> torch.Tensor:
         with self._timer.phase("optimizer"):
@@ -403,7 +463,7 @@ class GradientMethod(MultiTaskMethod):
         if self._compiled:
             # A compiled backward cannot run under vmap (AOTAutograd's runtime wrapper copies a
             # batched gradient into an unbatched buffer): K ordinary backwards, the same J.
-            self._jacobian.mode = "loop"
+            self._jacobian.use_loop()
         for i, reached in enumerate(graph_reaches(losses, features)):
             if not reached and features[i].requires_grad:  # a detached one: TaskJacobian.of_features says so
                 raise ValueError(

@@ -5,15 +5,29 @@ gradient of task k's loss with respect to the P shared parameters (flattened in
 the order the parameters were given). :class:`TaskJacobian` computes it with
 either
 
-* ``"batched"`` (the default): ONE vectorised backward,
+* ``"batched"``: ONE vectorised backward,
   ``torch.autograd.grad(losses, shared, grad_outputs=eye(K), is_grads_batched=True)``,
   which runs the backward graph once under ``torch.vmap`` with a batch of K unit
   cotangents; or
 * ``"loop"``: K ordinary backwards, one task at a time (what the authors'
-  reference implementations do; also the fallback for layers without vmap support).
+  reference implementations do; also the fallback for layers without vmap support);
 
-The measured trade-off between the two (the loop is 10–13 % faster on one CPU thread:
-torch has no vmap rule for the CPU flash-attention backward) is in the README's
+or, for the methods that need only ``G = J·Jᵀ`` (the weightings), never holds J:
+
+* ``"gramian"``: :meth:`TaskJacobian.gramian` runs ONE backward vectorised over the K tasks
+  (``torch.vmap`` of ``torch.autograd.grad``) with a hook on every shared parameter that
+  receives the parameter's K×|p| gradient block as the backward produces it (the total over
+  every use of the parameter: shared weights, parameters used outside their module), adds
+  ``block·blockᵀ`` to G and hands autograd a zero-stride zero instead, so the block is freed at
+  once. G is exact (J·Jᵀ up to float rounding) for any model whose backward vmap supports,
+  with no per-layer special case and no re-forward; peak memory is the vectorised backward's
+  K copies of the activation gradients plus one parameter's K×|p| block, never K×P. The idea
+  is TorchJD's ``autogram`` engine (which hooks modules and re-runs each one's vjp);
+  :class:`~selgroup_fast.methods.gradient.GradientMethod` then does one ordinary backward of
+  ``Σ_k w_k L_k``.
+
+The modes' measured time and memory (selgroup-bench's model, K = 4, 11, 32, next to TorchJD's
+engines) and the per-device defaults chosen from them (:data:`DEFAULTS`) are in the README's
 "Baselines" section. J goes into a buffer allocated once, on the parameters' device; the
 direction ``d`` into a flat buffer whose slices are the shared parameters' ``.grad``.
 
@@ -30,7 +44,9 @@ Example::
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -38,8 +54,38 @@ import torch
 from ..checks import check_int
 from ..parallel import Params, as_parameter_list
 
-JacobianMode = Literal["batched", "loop"]
-JACOBIAN_MODES: tuple[str, ...] = ("batched", "loop")
+JacobianMode = Literal["batched", "loop", "gramian"]
+JACOBIAN_MODES: tuple[str, ...] = ("batched", "loop", "gramian")
+
+
+@dataclass(frozen=True)
+class JacobianDefaults:
+    """What a gradient method uses on one device type when ``jacobian=`` is not given."""
+
+    #: The weightings' mode in parameter space (``"gramian"`` allowed) in one process.
+    weighting: JacobianMode
+    #: The mode where J itself is needed (GradDrop, representation space, torch.distributed).
+    jacobian: JacobianMode
+    #: ``chunk_size`` with ``"batched"`` (``None``: all K tasks at once).
+    chunk_size: int | None
+
+
+#: The defaults per device type, chosen from measurements (README "Baselines"); one line each.
+#: Other accelerators take CUDA's.
+DEFAULTS: dict[str, JacobianDefaults] = {
+    "cpu": JacobianDefaults(weighting="gramian", jacobian="loop", chunk_size=None),
+    "cuda": JacobianDefaults(weighting="batched", jacobian="batched", chunk_size=None),
+}
+
+
+def jacobian_defaults(device: torch.device) -> JacobianDefaults:
+    """The ``jacobian=`` and ``chunk_size`` defaults for ``device``'s type.
+
+    >>> jacobian_defaults(torch.device("cuda")).weighting
+    'batched'
+    """
+    return DEFAULTS.get(device.type, DEFAULTS["cuda"])
+
 
 #: What ``shared_params=`` accepts: a module or an iterable of parameters.
 SharedParams = Params
@@ -74,25 +120,33 @@ class TaskJacobian:
     ) -> None:
         if mode not in JACOBIAN_MODES:
             raise ValueError(f"jacobian must be one of {JACOBIAN_MODES}, got {mode!r}")
+        if mode == "gramian" and chunk_size is not None:
+            raise ValueError('chunk_size applies to jacobian="batched": the Gramian needs all K tasks in one backward')
         self.chunk_size = num_tasks if chunk_size is None else check_int("chunk_size", chunk_size)
         self.params = as_parameter_list(shared_params)
         self.num_tasks = num_tasks
         self.mode = mode
-        first = self.params[0]
         self.num_params = sum(p.numel() for p in self.params)
-        self.matrix = torch.zeros(num_tasks, self.num_params if allocate else 0, device=first.device, dtype=first.dtype)
-        self.direction = torch.zeros(self.num_params, device=first.device, dtype=first.dtype)
+        # The Gramian mode holds neither J nor the flat direction (its step is one ordinary backward).
+        self.matrix = self._zeros(num_tasks, self.num_params if allocate and mode != "gramian" else 0)
+        self.direction = self._zeros(self.num_params if mode != "gramian" else 0)
         self._grad_views: list[torch.Tensor] = []
-        offset = 0
-        for p in self.params:
-            self._grad_views.append(self.direction[offset : offset + p.numel()].view_as(p))
-            offset += p.numel()
         self._eye: dict[torch.dtype, torch.Tensor] = {}
+
+    def _zeros(self, *shape: int) -> torch.Tensor:
+        return torch.zeros(*shape, device=self.params[0].device, dtype=self.params[0].dtype)
+
+    def use_loop(self) -> None:
+        """Switches to ``"loop"`` (a compiled backward cannot run under vmap), allocating what the loop needs."""
+        if self.mode == "gramian":
+            self.matrix = self._zeros(self.num_tasks, self.num_params)
+            self.direction = self._zeros(self.num_params)
+        self.mode = "loop"
 
     def _unit_cotangents(self, dtype: torch.dtype) -> torch.Tensor:
         # Cached per loss dtype: allocating eye(K) each step would be a (tiny) kernel per step.
         if dtype not in self._eye:
-            self._eye[dtype] = torch.eye(self.num_tasks, device=self.matrix.device, dtype=dtype)
+            self._eye[dtype] = torch.eye(self.num_tasks, device=self.params[0].device, dtype=dtype)
         return self._eye[dtype]
 
     def compute(self, losses: Sequence[torch.Tensor], retain_graph: bool = False) -> torch.Tensor:
@@ -101,6 +155,8 @@ class TaskJacobian:
         Shared parameters that a task does not reach get zeros. ``retain_graph`` keeps
         the graph for a later backward (the task-specific parameters' one).
         """
+        if self.mode == "gramian":
+            raise ValueError('jacobian="gramian" never forms J: call gramian(), or use "batched" or "loop"')
         return self._fill(losses, self.params, retain_graph, self.matrix)
 
     def _fill(
@@ -163,5 +219,71 @@ class TaskJacobian:
 
     def assign_grads(self) -> None:
         """Makes the shared parameters' ``.grad`` the slices of :attr:`direction`."""
-        for p, view in zip(self.params, self._grad_views, strict=False):
+        if not self._grad_views:  # views made once, on first use
+            offset = 0
+            for p in self.params:
+                self._grad_views.append(self.direction[offset : offset + p.numel()].view_as(p))
+                offset += p.numel()
+        for p, view in zip(self.params, self._grad_views, strict=True):
             p.grad = view
+
+    def gramian(self, losses: Sequence[torch.Tensor], retain_graph: bool = False) -> torch.Tensor:
+        """``G = J·Jᵀ`` (K×K) of the losses w.r.t. the shared parameters, accumulated without holding J.
+
+        One backward vectorised over the K tasks (``torch.vmap``); a hook on every shared
+        parameter turns its K×|p| gradient block into ``block·blockᵀ`` as soon as the backward
+        has summed it, and gives autograd a zero-stride zero in its place. G is float32 for
+        half-precision parameters (the weighting ops' precision), else the parameters' dtype.
+
+        Example::
+
+            >>> import torch
+            >>> from selgroup_fast.methods.jacobian import TaskJacobian
+            >>> w = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
+            >>> TaskJacobian([w], 2, mode="gramian").gramian([w.sum(), (w * w).sum()])
+            tensor([[ 2.,  6.],
+                    [ 6., 20.]])
+        """
+        if len(losses) != self.num_tasks:
+            raise ValueError(f"expected {self.num_tasks} losses, got {len(losses)}")
+        stacked = torch.stack(list(losses))
+        accumulator = torch.zeros(
+            self.num_tasks,
+            self.num_tasks,
+            device=stacked.device,
+            dtype=torch.promote_types(self.params[0].dtype, torch.float32),
+        )
+
+        level = -1  # torch.vmap's level of the cotangents, set when the vectorised backward starts
+
+        def reduce_block(grad: torch.Tensor) -> torch.Tensor:
+            # Inside the vectorised backward ``grad`` looks like one task's; its K rows are the batched
+            # tensor's value. Unwrapping it here costs a quarter of what an autograd.Function with a
+            # vmap rule (the public route) costs per parameter (~0.3 against ~1.4 ms on the CPU).
+            value, batch_dim = torch._C._functorch._unwrap_batched(grad, level)
+            if batch_dim is None:  # the same gradient for every task
+                block = value.reshape(1, -1).expand(self.num_tasks, -1)
+            else:
+                block = value.movedim(batch_dim, 0).reshape(self.num_tasks, -1)
+            block = block.to(accumulator.dtype)
+            accumulator.addmm_(block, block.T)
+            return torch.zeros((), dtype=grad.dtype, device=grad.device).expand(grad.shape)
+
+        def backward(cotangent: torch.Tensor) -> torch.Tensor:
+            nonlocal level
+            level = torch._C._functorch.maybe_get_level(cotangent)
+            # The gradients returned are the hooks' zeros (or None where unreached): only G is kept.
+            torch.autograd.grad(stacked, self.params, cotangent, retain_graph=retain_graph, allow_unused=True)
+            return cotangent
+
+        handles = [p.register_hook(reduce_block) for p in self.params]
+        try:
+            with warnings.catch_warnings():
+                # torch's vmap warns once per op without a batching rule (on the CPU: the flash-attention
+                # backward) that it loops over the tasks there: the documented cost, not news to the user.
+                warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet")
+                torch.vmap(backward)(self._unit_cotangents(stacked.dtype))
+        finally:
+            for handle in handles:
+                handle.remove()
+        return accumulator
