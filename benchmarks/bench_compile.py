@@ -14,8 +14,9 @@ median over the rounds and the rounds' lowest and highest ratio. The first compi
 
 Rows: ``selective`` runs its default warm-up, so every step updates each task alone (K
 forwards, K backwards, K optimizer steps); ``selective:encoder`` compiles the shared encoder
-only. ``pcgrad`` runs the default ``jacobian="batched"`` (the compiled model loops: a compiled
-backward cannot run under vmap), ``pcgrad:loop`` ``jacobian="loop"``, and
+only. ``pcgrad`` runs the device's default ``jacobian=`` (``methods.jacobian.DEFAULTS``: on the
+CPU ``"gramian"``, on CUDA ``"batched"``; the compiled model loops: a compiled backward cannot
+run under vmap), ``pcgrad:loop`` ``jacobian="loop"``, and
 ``pcgrad:representation`` ``space="representation"``: the closure returns the encoder's
 features, so the compiled run compiles ``model.features`` and ``model.decode`` apart.
 
