@@ -198,12 +198,9 @@ class GradientMethod(MultiTaskMethod):
             if self._sharded:
                 self._sharded_step(losses)
                 return self._optimizer_step(losses)
-            if self._ranks.enabled and self._task_params:
-                self._distributed_parameter_step(losses)
-                return self._optimizer_step(losses)
             self._check_graph(losses)
-            if self._task_params and self._compiled:
-                self._compiled_parameter_step(losses)
+            if self._task_params and (self._ranks.enabled or self._compiled):
+                self._parameter_step_with_heads(losses)
                 return self._optimizer_step(losses)
             with self._timer.phase("backward"):
                 jacobian = self._ranks.mean(self._parameter_jacobian(losses))
@@ -262,67 +259,68 @@ class GradientMethod(MultiTaskMethod):
             self.optimizer.step()
         return detached(losses)
 
-    def _distributed_parameter_step(self, losses: list[torch.Tensor]) -> None:
-        """The DDP step: this rank's J of the shared and of the task parameters, averaged in ONE all-reduce.
+    def _parameter_step_with_heads(self, losses: list[torch.Tensor]) -> None:
+        """The step that needs the heads' per-task gradients as rows beside J: DDP, a compiled model.
 
-        The heads' per-task gradients (K×P_h, K small backwards through the heads only) travel
-        with J (K×P_s), so that the weights and the heads' update both come from the global
-        batch after a single collective; the gradients are written outside DDP's reducer.
+        Under DDP the heads' per-task gradients (K×P_h) travel with J (K×P_s), so that the
+        weights and the heads' update both come from the global batch after a single all-reduce;
+        the gradients are written outside DDP's reducer. On a compiled model they come from the
+        same K backwards as J (:meth:`_jacobian_and_heads`).
         """
         with self._timer.phase("backward"):
-            shared = self._parameter_jacobian(losses)
-            heads = torch.stack(
-                [
-                    torch.cat(
-                        [
-                            grad.reshape(-1)
-                            for grad in torch.autograd.grad(
-                                loss,
-                                self._task_params,
-                                retain_graph=k < len(losses) - 1,
-                                allow_unused=True,
-                                materialize_grads=True,
-                            )
-                        ]
-                    )
-                    for k, loss in enumerate(losses)
-                ]
-            ).to(shared.dtype)
-            both = self._ranks.mean(torch.cat([shared, heads], dim=1))
+            shared, heads = self._jacobian_and_heads(losses)
+            if self._ranks.enabled:
+                both = self._ranks.mean(torch.cat([shared, heads], dim=1))
+                shared, heads = both.split([shared.shape[1], heads.shape[1]], dim=1)
+                shared = shared.contiguous()
         with self._timer.phase("manipulation"):
-            jacobian, heads = both.split([shared.shape[1], heads.shape[1]], dim=1)
-            _, head_weights = self.aggregator.combine(jacobian.contiguous(), out=self._jacobian.direction)
+            _, head_weights = self.aggregator.combine(shared, out=self._jacobian.direction)
             self._jacobian.assign_grads()
             self._assign_task_grads(heads, head_weights)
 
-    def _compiled_parameter_step(self, losses: list[torch.Tensor]) -> None:
-        """The step on a compiled model: J and the heads' per-task gradients from the same K backwards.
+    def _jacobian_and_heads(self, losses: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """J of this rank's losses (K×P_s) and the task parameters' per-task gradients (K×P_h).
 
-        AOTAutograd compiles ONE backward per compiled region, which computes the gradient of
-        every parameter of the region whatever ``torch.autograd.grad`` asks for: the eager step's
+        Eagerly: J in the Jacobian's mode, then K small backwards through the heads only. On a
+        compiled model AOTAutograd compiles ONE backward per compiled region, which computes the
+        gradient of every parameter of the region whatever ``torch.autograd.grad`` asks for: a
         separate backward for the heads would run the whole model's backward once more (K + 1
-        instead of K; benchmarks/results/compile_cpu.md). Asking for the shared and the task
-        parameters in each task's backward costs nothing more and gives the heads' K×P_h rows.
+        instead of K; benchmarks/results/compile_cpu.md), so each task's backward asks for the
+        shared and the task parameters at once.
         """
-        shared, last = len(self.shared_params), len(losses) - 1
+        if not self._compiled:
+            shared = self._parameter_jacobian(losses)
+            heads = [
+                torch.cat(
+                    [
+                        grad.reshape(-1)
+                        for grad in torch.autograd.grad(
+                            loss,
+                            self._task_params,
+                            retain_graph=k < len(losses) - 1,
+                            allow_unused=True,
+                            materialize_grads=True,
+                        )
+                    ]
+                )
+                for k, loss in enumerate(losses)
+            ]
+            return shared, torch.stack(heads).to(shared.dtype)
+        num_shared, last = len(self.shared_params), len(losses) - 1
         if self._task_jacobian.numel() == 0:
             width = sum(p.numel() for p in self._task_params)
             self._task_jacobian = self._jacobian.matrix.new_empty(len(losses), width)
-        with self._timer.phase("backward"):
-            for k, loss in enumerate(losses):
-                grads = torch.autograd.grad(
-                    loss,
-                    [*self.shared_params, *self._task_params],
-                    retain_graph=k < last,
-                    allow_unused=True,
-                    materialize_grads=True,
-                )
-                torch.cat([g.reshape(-1) for g in grads[:shared]], out=self._jacobian.matrix[k])
-                torch.cat([g.reshape(-1) for g in grads[shared:]], out=self._task_jacobian[k])
-        with self._timer.phase("manipulation"):
-            _, head_weights = self.aggregator.combine(self._jacobian.matrix, out=self._jacobian.direction)
-            self._jacobian.assign_grads()
-            self._assign_task_grads(self._task_jacobian, head_weights)
+        for k, loss in enumerate(losses):
+            grads = torch.autograd.grad(
+                loss,
+                [*self.shared_params, *self._task_params],
+                retain_graph=k < last,
+                allow_unused=True,
+                materialize_grads=True,
+            )
+            torch.cat([g.reshape(-1) for g in grads[:num_shared]], out=self._jacobian.matrix[k])
+            torch.cat([g.reshape(-1) for g in grads[num_shared:]], out=self._task_jacobian[k])
+        return self._jacobian.matrix, self._task_jacobian
 
     def _assign_task_grads(self, task_jacobian: torch.Tensor, head_weights: torch.Tensor | None) -> None:
         """Makes ``Σ_k w_k t_k`` (``t_k``: row k of ``task_jacobian``) the task parameters' ``.grad`` (``w = 1`` without weights)."""
@@ -486,7 +484,7 @@ class GradientMethod(MultiTaskMethod):
     def _backward_task_params(
         self, losses: list[torch.Tensor], weights: torch.Tensor | None, retain_graph: bool
     ) -> None:
-        """The task-specific parameters' gradients of ``Σ_k w_k L_k`` (one process; DDP: :meth:`_distributed_parameter_step`)."""
+        """The task-specific parameters' gradients of ``Σ_k w_k L_k`` (one process; DDP and compiled models: :meth:`_parameter_step_with_heads`)."""
         if not self._task_params:
             return
         with self._timer.phase("backward"):
