@@ -185,7 +185,7 @@ class FSDP2Shards:
         return runs
 
     def reduce_scatter(self, grads: Sequence[torch.Tensor]) -> torch.Tensor:
-        """This rank's columns of the ranks' summed ``grads`` (``grads[i]``: K × ``params[i]``'s full shape).
+        """This rank's columns of the ranks' summed ``grads`` (``grads[i]``: K × ``params[i]``'s full numel, any shape).
 
         ONE reduce-scatter of K × Σ_i W·⌈n₀/W⌉·row_numel: the rows of every rank's chunk,
         padded to the chunk size. Returns K × Σ_i local numel, in the order of ``params``.

@@ -82,13 +82,15 @@ def batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
     return data
 
 
-#: How a case builds its method: as is, with ``task_params=``, with ``jacobian="loop"``,
+#: How a case builds its method: as is (on the CPU that is ``jacobian="loop"`` across ranks: the
+#: Gramian default does not apply there), with ``task_params=``, with ``jacobian="loop"``, with the
+#: vectorised Jacobian in chunks of two tasks (``"chunked"``: one vmapped backward, then one plain one),
 #: without a seed (each rank's global RNG seeded differently: the method must still draw rank
 #: 0's numbers everywhere), reusing its weights every other step (Nash-MTL's
 #: ``update_weights_every=2``), with ``process_group=`` a group of its own (a new group of
 #: the same ranks: the method's collectives must go through it), or with
 #: ``space="representation"`` (the model returns its features too).
-VARIANTS = ("plain", "task_params", "loop", "unseeded", "reuse", "process_group", "representation")
+VARIANTS = ("plain", "task_params", "loop", "chunked", "unseeded", "reuse", "process_group", "representation")
 #: The variants that change what is computed: their reference is the eager run of the same variant.
 ALGORITHM_VARIANTS = ("reuse", "representation")
 
@@ -106,6 +108,8 @@ def make_method(
         options["task_params"] = [list(head.parameters()) for head in model.heads]
     if variant == "loop":
         options["jacobian"] = "loop"
+    if variant == "chunked":
+        options.update(jacobian="batched", chunk_size=2)
     if variant == "representation":
         options["space"] = "representation"
     if variant == "unseeded":

@@ -39,6 +39,8 @@ DEFAULT_DISTRIBUTED = {
     ("selective", "fsdp2", "plain"),
     ("mgda", "fsdp2", "plain"),
     ("mgda", "fsdp2", "loop"),
+    ("mgda", "fsdp2", "chunked"),
+    ("pcgrad", "ddp", "chunked"),
     ("graddrop", "fsdp2", "plain"),
     ("uw", "fsdp2", "plain"),
     ("nash_mtl", "ddp", "reuse"),
@@ -220,7 +222,12 @@ def test_representation_space_with_inductor_compiled_encoder_and_heads_trains_as
 SUPPORTED = (
     [distributed_case(name, "ddp") for name in NAMES]
     + [distributed_case(name, "fsdp2", "task_params" if name == "selective" else "plain") for name in NAMES]
-    + [distributed_case(name, config, "loop") for name in GRADIENT for config in ("ddp", "fsdp2")]
+    + [
+        distributed_case(name, config, variant)
+        for name in GRADIENT
+        for config in ("ddp", "fsdp2")
+        for variant in ("loop", "chunked")
+    ]
     + [distributed_case(name, "ddp", "unseeded") for name in ["pcgrad", "graddrop", "selective"]]
     + [distributed_case("graddrop", "fsdp2", "unseeded")]
     + [distributed_case("nash_mtl", config, "reuse") for config in ("ddp", "fsdp2")]

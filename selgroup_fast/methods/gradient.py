@@ -416,27 +416,14 @@ class GradientMethod(MultiTaskMethod):
         """J of the global batch, this rank's columns of ``params`` (K × Σ local numel): ONE reduce-scatter."""
         shards = cast(FSDP2Shards, self._shards)
         unsharded = shards.unsharded
-        if self._jacobian.mode == "batched":  # one vmapped backward: FSDP2 re-gathers each unit once
-            stacked = torch.stack(losses)
-            batched = torch.autograd.grad(
-                stacked,
-                unsharded,
-                grad_outputs=torch.eye(len(losses), dtype=stacked.dtype, device=stacked.device),
-                is_grads_batched=True,
-                allow_unused=True,
-            )
-            grads = [
-                torch.zeros(len(losses), *p.shape, dtype=p.dtype, device=p.device) if grad is None else grad.to(p.dtype)
-                for grad, p in zip(batched, params, strict=True)
-            ]
-        else:  # K backwards (FSDP2 re-gathers a unit for each task's backward that reaches it)
-            per_task = [
-                torch.autograd.grad(
-                    loss, unsharded, retain_graph=k < len(losses) - 1, allow_unused=True, materialize_grads=True
-                )
-                for k, loss in enumerate(losses)
-            ]
-            grads = [torch.stack([task[i] for task in per_task]).to(p.dtype) for i, p in enumerate(params)]
+        # Batched: one vmapped backward per chunk of tasks, FSDP2 re-gathering each unit once per chunk;
+        # loop: K backwards, FSDP2 re-gathering a unit for each task's backward that reaches it.
+        flat = torch.empty(
+            len(losses), sum(p.numel() for p in unsharded), dtype=unsharded[0].dtype, device=unsharded[0].device
+        )
+        self._jacobian.gradients(losses, unsharded, False, flat)
+        sizes = [p.numel() for p in unsharded]
+        grads = [block.to(param.dtype) for block, param in zip(flat.split(sizes, dim=1), params, strict=True)]
         return shards.reduce_scatter(grads).div_(shards.world)
 
     def _parameter_jacobian(self, losses: list[torch.Tensor]) -> torch.Tensor:

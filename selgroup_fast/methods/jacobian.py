@@ -157,12 +157,16 @@ class TaskJacobian:
         """
         if self.mode == "gramian":
             raise ValueError('jacobian="gramian" never forms J: call gramian(), or use "batched" or "loop"')
-        return self._fill(losses, self.params, retain_graph, self.matrix)
+        return self.gradients(losses, self.params, retain_graph, self.matrix)
 
-    def _fill(
+    def gradients(
         self, losses: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor], retain_graph: bool, out: torch.Tensor
     ) -> torch.Tensor:
-        """Writes into ``out`` (K×N) the gradients of every loss w.r.t. ``inputs`` (flattened, concatenated)."""
+        """Writes into ``out`` (K×N) the gradients of every loss w.r.t. ``inputs`` (flattened, concatenated).
+
+        In this Jacobian's mode (``"batched"`` in chunks of ``chunk_size`` tasks, else K backwards);
+        inputs a loss does not reach get zeros. Returns ``out``.
+        """
         if len(losses) != self.num_tasks:
             raise ValueError(f"expected {self.num_tasks} losses, got {len(losses)}")
         if self.mode == "batched":
@@ -203,7 +207,7 @@ class TaskJacobian:
                 )
         size = sum(feature.numel() for feature in features)
         out = torch.empty(self.num_tasks, size, device=features[0].device, dtype=features[0].dtype)
-        return self._fill(losses, features, True, out)
+        return self.gradients(losses, features, True, out)
 
     def pull_back(self, features: Sequence[torch.Tensor], direction: torch.Tensor) -> None:
         """Writes into :attr:`direction` the gradient of ``Σ_i ⟨features_i, d_i⟩`` w.r.t. the shared parameters.
