@@ -316,6 +316,10 @@ def test_aligned_mtl_repeated_eigenvalues_and_large_k(K, device):
     J = np.vstack([half, half])[:K]
     w = ops.aligned_mtl_weights(_gram(J, device=device)).cpu().numpy()
     np.testing.assert_allclose(w, reference.aligned_mtl_weights(J), rtol=1e-8, atol=1e-9)
+    # W depends on ratios of eigenvalues only: G·2^±600 (whose squares over- or underflow) gives the same w.
+    for scale in (2.0**600, 2.0**-600):
+        scaled = ops.aligned_mtl_weights(_gram(J, device=device) * scale).cpu().numpy()
+        np.testing.assert_allclose(scaled, w, rtol=1e-12, atol=1e-12)
     # G = 3·I: one eigenvalue of multiplicity K, W = I, w = 1.
     identity = ops.aligned_mtl_weights(3 * torch.eye(K, dtype=torch.float64, device=device)).cpu()
     torch.testing.assert_close(identity, torch.ones(K, dtype=torch.float64), rtol=1e-12, atol=1e-12)

@@ -9,8 +9,8 @@
 // equal norm sqrt(σ). With equal preferences the update is their SUM,
 //   d = 1ᵀ·Ĵ = wᵀ·J,  w = W·1.
 // The eigendecomposition is eigh.h's (Householder + implicit QL) on the team:
-// torch.linalg.eigh would synchronise the host on CUDA. W·1 is computed as
-// Q·Z·(f(Λ)·Zᵀ·Qᵀ·1) without forming V or W.
+// torch.linalg.eigh would synchronise the host on CUDA. w = W·1 is computed as
+// V·(f(Λ)·(Vᵀ·1)) without forming V or W.
 // All eigenvalues dropped (G = 0, all gradients zero): w = 0.
 #pragma once
 
@@ -26,6 +26,10 @@ struct AlignedMTLWeights {
   const scalar_t* gram;  // K×K
   scalar_t* weights;     // K
   int K;
+  // Rotations the eigensolver logs before it applies them to an explicit Zᵀ
+  // (eigh.h), at least K − 1 (one sweep); 0: SymmetricEigen::log_capacity(K).
+  // Tests set it small to take that path.
+  int rotation_log = 0;
 
   struct Scratch {
     double* flag;
@@ -33,7 +37,7 @@ struct AlignedMTLWeights {
   };
   SELGROUP_HD Scratch carve(WorkspaceLayout& layout) const {
     double* flag = layout.take<double>(1);
-    return {flag, SymmetricEigen::carve(layout, K)};
+    return {flag, SymmetricEigen::carve(layout, K, rotation_log > 0 ? rotation_log : SymmetricEigen::log_capacity(K))};
   }
 
   template <Team T>
@@ -50,27 +54,17 @@ struct AlignedMTLWeights {
     for (int i = 0; i < K; ++i)
       if (eigenvalues[i] > cutoff) smallest = fmin(smallest, eigenvalues[i]);
 
-    // u = Qᵀ·1; y = f(Λ)·Zᵀ·u with f(λ) = sqrt(σ/λ) on the kept eigenvalues, 0 on
-    // the dropped; x = Z·y; w = Q·x.
-    double *u = e.p, *y = e.q;
-    fill(team, u, K, 1.0);
+    // w = V·f(Λ)·Vᵀ·1 with f(λ) = sqrt(σ/λ) on the kept eigenvalues, 0 on the dropped.
+    double *x = e.p, *y = e.q;
+    fill(team, x, K, 1.0);
     team.sync();
-    SymmetricEigen::apply_q(team, e, K, u, true);
+    SymmetricEigen::project(team, e, K, x, y);
     for (int i = team.rank(); i < K; i += team.size()) {
       const double eigenvalue = eigenvalues[i];
-      y[i] = largest > 0.0 && eigenvalue > cutoff ? sqrt(smallest / eigenvalue) * dot(e.Zt + i * K, u, K) : 0.0;
+      y[i] = largest > 0.0 && eigenvalue > cutoff ? sqrt(smallest / eigenvalue) * y[i] : 0.0;
     }
     team.sync();
-    double* x = u;
-    team_split(team, K, [&](int64_t begin, int64_t end) {
-      for (int64_t k = begin; k < end; ++k) x[k] = 0.0;
-      for (int i = 0; i < K; ++i) {
-        const double* row = e.Zt + i * K;
-        for (int64_t k = begin; k < end; ++k) x[k] += y[i] * row[k];
-      }
-    });
-    team.sync();
-    SymmetricEigen::apply_q(team, e, K, x, false);
+    SymmetricEigen::expand(team, e, K, y, x);
     store(team, x, K, weights);
   }
 };

@@ -3,13 +3,15 @@
 // §8.3): Householder reduction to a tridiagonal T = Qᵀ·G·Q, then implicit QL
 // iterations with Wilkinson shifts on T = Z·Λ·Zᵀ, so that V = Q·Z.
 //
-// Q is never formed: the callers only need V·f(Λ)·Vᵀ·x = Q·(Z·(f(Λ)·(Zᵀ·(Qᵀ·x)))),
-// and Q's reflectors are applied to vectors (O(K²)). The work that costs O(K³),
-// the rank-2 updates of the reduction and the rotations of Z, is split over the
-// team by rows, in loops over contiguous memory (vector lanes on the CPU,
-// coalesced on a GPU); the scalar recurrences run on rank 0 between barriers.
-// (It replaces a cyclic Jacobi whose every rotation touched two strided columns
-// and which needed several times the flops.)
+// Neither Q nor Z is formed: the callers need only Vᵀ·x and V·y, i.e. Q's
+// reflectors and Z's plane rotations applied to vectors, O(K²) in all. The QL
+// sweeps therefore only log their rotations (about 1.2·K² of them); accumulating
+// them into Z, 6·K flops each, was three quarters of the time. Only when the log
+// is full (more than 2·K² rotations, which random and degenerate matrices never
+// reach) is it applied to an explicit Zᵀ and emptied. The reduction's rank-2
+// updates, the one O(K³) part, are split over the team by rows, in loops over
+// contiguous memory (vector lanes on the CPU, coalesced on a GPU); the scalar
+// recurrences run on rank 0 between barriers.
 #pragma once
 
 #include <cfloat>
@@ -20,42 +22,119 @@ namespace selgroup {
 namespace manipulation {
 
 using std::copysign;
-using std::hypot;
+using std::frexp;
+using std::ldexp;
 
 struct SymmetricEigen {
-  // A QL iteration converges cubically (twice per eigenvalue on average); an
-  // eigenvalue that has not split off after this many is accepted as it stands.
+  // A QL iteration converges cubically (about 2.3 per eigenvalue on random
+  // matrices); an eigenvalue that has not split off after this many is accepted
+  // as it stands.
   static constexpr int kMaxIterations = 30;
-  // Rotations of Z are applied to this many of its columns at a time, the
-  // running row of each kept in registers.
-  static constexpr int kLanes = 8;
 
   struct Scratch {
-    double* A;           // K×K: G, overwritten by the reduction (row j keeps reflector j)
-    double* Zt;          // K×K: Zᵀ, the eigenvectors of T in its ROWS
-    double* diagonal;    // K: T's diagonal, then the eigenvalues
-    double* off;         // K: T's sub-diagonal (off[i] couples i and i + 1), off[K−1] = 0
-    double* tau;         // K: the reflectors' factors
-    double* p;           // K: work vector
-    double* q;           // K: work vector
-    double* rotations;   // 2K: (cos, sin) of one QL sweep's rotations
-    int* sweep;          // 2: the sweep's first and last rotation index, −1 when converged
+    double* A;          // K×K: G, overwritten by the reduction (row j keeps reflector j)
+    double* Zt;         // K×K: the flushed rotations' product Zᵀ (rows: T's eigenvectors so far)
+    double* diagonal;   // K: T's diagonal, then the eigenvalues
+    double* off;        // K: T's sub-diagonal (off[i] couples i and i + 1), off[K−1] = 0
+    double* tau;        // K: the reflectors' factors
+    double* p;          // K: work vector
+    double* q;          // K: work vector
+    double* rotations;  // 2·capacity: (cos, sin) of the logged rotations, in the order made
+    int* rows;          // capacity: the rotation's first row i (it mixes rows i and i + 1)
+    int* control;       // 3: rank 0's word to the team; then the log's length, and whether Zᵀ ≠ I
+    int capacity;
   };
-  SELGROUP_HD static Scratch carve(WorkspaceLayout& layout, int K) {
+  // Rotations the log holds: above the 1.2–1.3·K² that QL makes on random matrices.
+  SELGROUP_HD static int log_capacity(int K) { return 2 * K * K + 2 * K; }
+  // `capacity` is raised to K − 1, one sweep's most.
+  SELGROUP_HD static Scratch carve(WorkspaceLayout& layout, int K, int capacity) {
+    capacity = capacity > K - 1 ? capacity : K - 1;
     return {layout.take<double>(K * K), layout.take<double>(K * K), layout.take<double>(K),
             layout.take<double>(K),     layout.take<double>(K),     layout.take<double>(K),
-            layout.take<double>(K),     layout.take<double>(2 * K), layout.take<int>(2)};
+            layout.take<double>(K),     layout.take<double>(2 * capacity),
+            layout.take<int>(capacity), layout.take<int>(3),
+            capacity};
   }
 
-  // Eigenvalues into s.diagonal (unordered), the eigenvectors into the rows of
-  // s.Zt (in T's basis), from the symmetric G already in s.A. Syncs.
+  // Eigenvalues into s.diagonal (unordered) and the rotations into the log, from
+  // the symmetric G already in s.A. Syncs.
   template <Team T>
   SELGROUP_HD static void decompose(const T& team, const Scratch& s, int K) {
+    const int exponent = normalise(team, s, K);
     tridiagonalise(team, s, K);
     ql(team, s, K);
+    for (int i = team.rank(); i < K; i += team.size()) s.diagonal[i] = ldexp(s.diagonal[i], exponent);
+    team.sync();
   }
 
-  // y = Q·x (transpose = false) or Qᵀ·x (transpose = true), in place on rank 0. Syncs.
+  // y = Vᵀ·x (x is overwritten). Syncs.
+  template <Team T>
+  SELGROUP_HD static void project(const T& team, const Scratch& s, int K, double* x, double* y) {
+    apply_q(team, s, K, x, true);
+    const bool flushed = s.control[2] != 0;
+    for (int i = team.rank(); i < K; i += team.size()) y[i] = flushed ? dot(s.Zt + i * K, x, K) : x[i];
+    team.sync();
+    if (team.rank() == 0) {
+      const int logged = s.control[1];
+      for (int r = 0; r < logged; ++r) {
+        const int i = s.rows[r];
+        const double cosine = s.rotations[2 * r], sine = s.rotations[2 * r + 1], a = y[i], b = y[i + 1];
+        y[i] = cosine * a - sine * b;
+        y[i + 1] = sine * a + cosine * b;
+      }
+    }
+    team.sync();
+  }
+
+  // x = V·y (y is overwritten). Syncs.
+  template <Team T>
+  SELGROUP_HD static void expand(const T& team, const Scratch& s, int K, double* y, double* x) {
+    if (team.rank() == 0) {
+      for (int r = s.control[1] - 1; r >= 0; --r) {
+        const int i = s.rows[r];
+        const double cosine = s.rotations[2 * r], sine = s.rotations[2 * r + 1], a = y[i], b = y[i + 1];
+        y[i] = cosine * a + sine * b;
+        y[i + 1] = cosine * b - sine * a;
+      }
+    }
+    team.sync();
+    const bool flushed = s.control[2] != 0;
+    team_split(team, K, [&](int64_t begin, int64_t end) {
+      for (int64_t k = begin; k < end; ++k) x[k] = flushed ? 0.0 : y[k];
+      if (!flushed) return;
+      for (int i = 0; i < K; ++i) {
+        const double* row = s.Zt + i * K;
+        for (int64_t k = begin; k < end; ++k) x[k] += y[i] * row[k];
+      }
+    });
+    team.sync();
+    apply_q(team, s, K, x, false);
+  }
+
+ private:
+  // A ← A·2^−e with the largest |A_ij| in [½, 1) (exact: a power of two), so that
+  // the rotations may take sqrt(f² + g²) for hypot(f, g) (a quarter of the
+  // solver's time at K = 32–128) without overflow; returns e, by which the
+  // eigenvalues are scaled back. Syncs.
+  template <Team T>
+  SELGROUP_HD static int normalise(const T& team, const Scratch& s, int K) {
+    for (int i = team.rank(); i < K; i += team.size()) {
+      double largest = 0.0;
+      for (int j = 0; j < K; ++j) largest = fmax(largest, fabs(s.A[i * K + j]));
+      s.p[i] = largest;
+    }
+    team.sync();
+    double largest = 0.0;
+    for (int i = 0; i < K; ++i) largest = fmax(largest, s.p[i]);
+    int exponent = 0;
+    if (largest > 0.0) frexp(largest, &exponent);
+    const double scale = ldexp(1.0, -exponent);
+    for (int e = team.rank(); e < K * K; e += team.size()) s.A[e] *= scale;
+    team.sync();
+    return exponent;
+  }
+
+  // x ← Q·x (transpose = false) or Qᵀ·x (transpose = true), on rank 0. Syncs.
   template <Team T>
   SELGROUP_HD static void apply_q(const T& team, const Scratch& s, int K, double* x, bool transpose) {
     if (team.rank() == 0) {
@@ -71,8 +150,6 @@ struct SymmetricEigen {
     }
     team.sync();
   }
-
- private:
   // Householder reduction (LAPACK's dsytd2 on the full matrix): for each column j,
   // the reflector H = I − τ·v·vᵀ (v_{j+1} = 1) that maps A[j+1.., j] to β·e₁, and
   // A₂₂ ← H·A₂₂·H = A₂₂ − v·wᵀ − w·vᵀ with p = τ·A₂₂·v, w = p − (τ/2)(pᵀv)·v.
@@ -137,50 +214,69 @@ struct SymmetricEigen {
   }
 
   // Implicit QL with Wilkinson shifts (Golub & Van Loan §8.3.3, in its QL form):
-  // rank 0 chases one sweep's bulge through T from the bottom of the unreduced
-  // block [l, m] up to l, recording its plane rotations; then the team applies
-  // them to Zᵀ's rows, each worker to its columns.
+  // rank 0 chases each sweep's bulge through T from the bottom of the unreduced
+  // block [l, m] up to l and logs its rotations; when the log would overflow, the
+  // team first applies it to Zᵀ (each worker to its columns) and empties it.
   template <Team T>
   SELGROUP_HD static void ql(const T& team, const Scratch& s, int K) {
-    double *d = s.diagonal, *e = s.off, *rotation = s.rotations;
+    constexpr int kConverged = -1, kFlush = -2;
+    double *d = s.diagonal, *e = s.off;
+    int logged = 0;  // rank 0's
+    bool flushed = false;
     for (int l = 0; l < K; ++l) {
-      for (int iteration = 0;; ++iteration) {
+      for (int iteration = 0;;) {
         if (team.rank() == 0) {
           int m = l;
           while (m < K - 1 && !(fabs(e[m]) <= DBL_EPSILON * (fabs(d[m]) + fabs(d[m + 1])))) ++m;
           if (m == l || iteration == kMaxIterations) {
-            s.sweep[0] = -1;
+            s.control[0] = kConverged;
+          } else if (logged + (m - l) > s.capacity) {
+            s.control[0] = kFlush;
+            s.control[1] = logged;
+            logged = 0;
           } else {
-            s.sweep[0] = m;
-            s.sweep[1] = chase(d, e, rotation, l, m);
+            s.control[0] = m;
+            logged = chase(d, e, s.rotations, s.rows, logged, l, m);
           }
         }
         team.sync();
-        const int top = s.sweep[0], bottom = s.sweep[1];
-        team.sync();  // everyone has read the sweep before rank 0 writes the next
-        if (top < 0) break;
-        rotate(team, s.Zt, rotation, K, top, bottom);
-        team.sync();
+        const int word = s.control[0], count = s.control[1];
+        team.sync();  // everyone has read the word before rank 0 writes the next
+        if (word == kConverged) break;
+        if (word == kFlush) {
+          flush(team, s, K, count);
+          flushed = true;
+          team.sync();
+          continue;
+        }
+        ++iteration;
       }
     }
+    if (team.rank() == 0) {
+      s.control[1] = logged;
+      s.control[2] = flushed ? 1 : 0;
+    }
+    team.sync();
   }
 
-  // One QL sweep on the block [l, m]; returns the last rotation index made (l, or
-  // above it when an off-diagonal underflows to zero and splits the block).
-  SELGROUP_HD static int chase(double* d, double* e, double* rotation, int l, int m) {
-    // The shift: the eigenvalue of T's leading 2×2 at l nearer to d_l.
+  // One QL sweep on the block [l, m], its rotations appended to the log at
+  // `logged`; returns the log's new length. The sweep stops early when an
+  // off-diagonal underflows to zero (T splits there; the next sweep redoes the rest).
+  SELGROUP_HD static int chase(double* d, double* e, double* rotations, int* rows, int logged, int l, int m) {
+    // The shift: the eigenvalue of T's leading 2×2 at l nearer to d_l. (|g| so
+    // large that g² overflows gives r = ∞ and the right limit, a shift of d_m − d_l.)
     double g = (d[l + 1] - d[l]) / (2.0 * e[l]);
-    double r = hypot(g, 1.0);
+    double r = sqrt(g * g + 1.0);
     g = d[m] - d[l] + e[l] / (g + copysign(r, g));
     double sine = 1.0, cosine = 1.0, p = 0.0;
     for (int i = m - 1; i >= l; --i) {
       const double f = sine * e[i], b = cosine * e[i];
-      r = hypot(f, g);
+      r = sqrt(f * f + g * g);
       e[i + 1] = r;
-      if (r == 0.0) {  // T splits at i + 1: redo the smaller block
+      if (r == 0.0) {  // both below 1e−154 of the matrix's norm (normalise)
         d[i + 1] -= p;
         e[m] = 0.0;
-        return i + 1;
+        return logged;
       }
       sine = f / r;
       cosine = g / r;
@@ -189,55 +285,32 @@ struct SymmetricEigen {
       p = sine * r;
       d[i + 1] = g + p;
       g = cosine * r - b;
-      rotation[2 * i] = cosine;
-      rotation[2 * i + 1] = sine;
+      rotations[2 * logged] = cosine;
+      rotations[2 * logged + 1] = sine;
+      rows[logged++] = i;
     }
     d[l] -= p;
     e[l] = g;
     e[m] = 0.0;
-    return l;
+    return logged;
   }
 
-  // Rows i, i+1 of Zᵀ ← the rotation i, for i = top−1 down to bottom: each column
-  // carries its running row i+1 down the sweep (one load and one store per entry).
+  // Zᵀ ← the first `count` logged rotations applied to its rows, in order; each
+  // worker takes its columns. No barrier.
   template <Team T>
-  SELGROUP_HD static void rotate(const T& team, double* Zt, const double* rotation, int K, int top, int bottom) {
+  SELGROUP_HD static void flush(const T& team, const Scratch& s, int K, int count) {
     team_split(team, K, [&](int64_t begin, int64_t end) {
-      for (int64_t k0 = begin; k0 < end; k0 += kLanes) {
-        const int lanes = end - k0 < kLanes ? static_cast<int>(end - k0) : kLanes;
-        if (lanes == kLanes) {
-          rotate_columns<kLanes>(Zt, rotation, K, top, bottom, k0, kLanes);
-        } else {
-          rotate_columns<1>(Zt, rotation, K, top, bottom, k0, lanes);
+      for (int r = 0; r < count; ++r) {
+        const double cosine = s.rotations[2 * r], sine = s.rotations[2 * r + 1];
+        double* lower = s.Zt + s.rows[r] * K;
+        double* upper = lower + K;
+        for (int64_t k = begin; k < end; ++k) {
+          const double a = lower[k], b = upper[k];
+          lower[k] = cosine * a - sine * b;
+          upper[k] = sine * a + cosine * b;
         }
       }
     });
-  }
-
-  // Columns k0..k0+count−1 of the sweep, `Lanes` (a compile-time width, so that
-  // the carried rows stay in registers) at a time.
-  template <int Lanes>
-  SELGROUP_HD_INLINE static void rotate_columns(double* Zt, const double* rotation, int K, int top, int bottom,
-                                                int64_t k0, int count) {
-    for (int start = 0; start < count; start += Lanes) {
-      double* column = Zt + k0 + start;
-      double carry[Lanes];
-      for (int lane = 0; lane < Lanes; ++lane) carry[lane] = column[top * K + lane];
-      for (int i = top - 1; i >= bottom; --i) {
-        const double cosine = rotation[2 * i], sine = rotation[2 * i + 1];
-        double* lower = column + i * K;
-        double* upper = lower + K;
-        // All loads before any store: the rows are K apart, which the compiler
-        // cannot tell from less than Lanes, and it would not vectorise otherwise.
-        double a[Lanes];
-        for (int lane = 0; lane < Lanes; ++lane) a[lane] = lower[lane];
-        for (int lane = 0; lane < Lanes; ++lane) {
-          upper[lane] = sine * a[lane] + cosine * carry[lane];
-          carry[lane] = cosine * a[lane] - sine * carry[lane];
-        }
-      }
-      for (int lane = 0; lane < Lanes; ++lane) column[bottom * K + lane] = carry[lane];
-    }
   }
 };
 
