@@ -7,8 +7,8 @@
 // reflectors and Z's plane rotations applied to vectors, O(K²) in all. The QL
 // sweeps therefore only log their rotations (about 1.2·K² of them); accumulating
 // them into Z, 6·K flops each, was three quarters of the time. Only when the log
-// is full (more than 2·K² rotations, which random and degenerate matrices never
-// reach) is it applied to an explicit Zᵀ and emptied. The reduction's rank-2
+// is full (2·K² + 2·K rotations, not reached on the random, repeated-eigenvalue
+// and test matrices tried) is it applied to an explicit Zᵀ and emptied. The reduction's rank-2
 // updates, the one O(K³) part, are split over the team by rows, in loops over
 // contiguous memory (vector lanes on the CPU, coalesced on a GPU); the scalar
 // recurrences run on rank 0 between barriers.
@@ -128,6 +128,9 @@ struct SymmetricEigen {
     for (int i = 0; i < K; ++i) largest = fmax(largest, s.p[i]);
     int exponent = 0;
     if (largest > 0.0) frexp(largest, &exponent);
+    // Within ±1000 the scale is a normal number (|A| near the ends of the range is
+    // then brought to [2^−31, 2^24], just as safe).
+    exponent = exponent < -1000 ? -1000 : (exponent > 1000 ? 1000 : exponent);
     const double scale = ldexp(1.0, -exponent);
     for (int e = team.rank(); e < K * K; e += team.size()) s.A[e] *= scale;
     team.sync();
