@@ -228,7 +228,7 @@ def aligned_mtl_weights(gram: torch.Tensor) -> torch.Tensor:
     ProcrustesSolver) and σ the smallest kept eigenvalue (scale_mode="min"), the
     aligned gradients ``W·J`` with ``W = V·diag(sqrt(σ/λ))·Vᵀ`` are orthogonal with
     norm sqrt(σ); with equal preferences ``d`` is their sum, so ``w = W·1``. The
-    eigensolver is cyclic Jacobi in the kernel. G = 0: w = 0.
+    eigensolver (Householder + implicit QL) runs in the kernel. G = 0: w = 0.
 
     >>> aligned_mtl_weights(torch.tensor([[1.0, 0.0], [0.0, 4.0]]))  # W = diag(1, 1/2)
     tensor([1.0000, 0.5000])

@@ -306,6 +306,25 @@ def test_aligned_mtl_drops_the_null_space_like_the_authors():
     )
 
 
+@pytest.mark.parametrize("K", [3, 40, 130])
+def test_aligned_mtl_repeated_eigenvalues_and_large_k(K, device):
+    # Eigenvalues of multiplicity 2 (every gradient twice, G = [[C, C], [C, C]] up to an odd one out), half of them
+    # dropped, and K past the sizes the other tests reach: Householder + QL in csrc/manipulation/eigh.h must still
+    # give the float64 reference's w = W·1 (W does not depend on the basis chosen inside an eigenspace).
+    rng = np.random.default_rng(K)
+    half = rng.standard_normal((K // 2 + 1, 3 * K))
+    J = np.vstack([half, half])[:K]
+    w = ops.aligned_mtl_weights(_gram(J, device=device)).cpu().numpy()
+    np.testing.assert_allclose(w, reference.aligned_mtl_weights(J), rtol=1e-8, atol=1e-9)
+    # W depends on ratios of eigenvalues only: G·2^±600 (whose squares over- or underflow) gives the same w.
+    for scale in (2.0**600, 2.0**-600):
+        scaled = ops.aligned_mtl_weights(_gram(J, device=device) * scale).cpu().numpy()
+        np.testing.assert_allclose(scaled, w, rtol=1e-12, atol=1e-12)
+    # G = 3·I: one eigenvalue of multiplicity K, W = I, w = 1.
+    identity = ops.aligned_mtl_weights(3 * torch.eye(K, dtype=torch.float64, device=device)).cpu()
+    torch.testing.assert_close(identity, torch.ones(K, dtype=torch.float64), rtol=1e-12, atol=1e-12)
+
+
 # ---------------------------------------------------------------------------------------------
 # Nash-MTL
 

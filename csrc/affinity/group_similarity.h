@@ -11,29 +11,46 @@
 // At the start of training (A = 0) S is therefore all zeros.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
+#include <cstring>
 
 #include "affinity_update.h"
 
 namespace selgroup {
 
+// N = value / diagonal under the rule above, given `usable` = the diagonal is a
+// positive finite number (positive_finite, with `&` rather than `&&`: no branch).
+// The float version divides unconditionally and masks what the rule discards
+// (the same values), so that the host loop vectorises.
 template <typename T>
-SELGROUP_HD_INLINE T normalised_affinity(const T* affinity, int64_t stride_row, int64_t stride_col, int64_t row,
-                                         int64_t col) {
-  const T diagonal = affinity[col * stride_row + col * stride_col];
-  if (!positive_finite(diagonal)) return T(0);
-  const T ratio = affinity[row * stride_row + col * stride_col] / diagonal;
-  return is_finite(ratio) ? ratio : T(0);
+SELGROUP_HD_INLINE bool usable_diagonal(T diagonal) {
+  return (diagonal > T(0)) & is_finite(diagonal);
+}
+template <typename T>
+SELGROUP_HD_INLINE T normalised(T value, T diagonal, bool usable) {
+  if constexpr (sizeof(T) == 4) {
+    // The ratio or +0 by a bit mask: GCC vectorises that, divisions included, and
+    // not the same `?:` (it will not if-convert it under -ftrapping-math).
+    const T ratio = value / diagonal;
+    uint32_t bits;
+    memcpy(&bits, &ratio, sizeof(T));
+    bits &= uint32_t(0) - static_cast<uint32_t>(usable & is_finite(ratio));
+    T masked;
+    memcpy(&masked, &bits, sizeof(T));
+    return masked;
+  } else {
+    // The mask's 64-bit twin does not vectorise on baseline x86-64 (SSE2): the
+    // scalar loop skips the divisions it does not need instead.
+    if (!usable) return T(0);
+    const T ratio = value / diagonal;
+    return is_finite(ratio) ? ratio : T(0);
+  }
 }
 
-template <typename T>
-SELGROUP_HD_INLINE T group_similarity_entry(const T* affinity, int64_t stride_row, int64_t stride_col, int64_t row,
-                                            int64_t col) {
-  return T(0.5) * normalised_affinity(affinity, stride_row, stride_col, row, col) +
-         T(0.5) * normalised_affinity(affinity, stride_row, stride_col, col, row);
-}
-
-// S into a contiguous K×K output, a map over its entries.
+// S into a contiguous K×K output, a map over its entries, taken row by row: the
+// inner loop runs along a row of S (and of A), without a division of the index
+// per entry, and vectorises.
 template <typename T>
 struct GroupSimilarity {
   const T* affinity;
@@ -45,9 +62,26 @@ struct GroupSimilarity {
   SELGROUP_HD_INLINE int64_t count() const { return K * K; }
   using Shared = NoShared;
   SELGROUP_HD_INLINE Shared prepare() const { return {}; }
+
   SELGROUP_HD_INLINE void operator()(Shared, int64_t begin, int64_t end) const {
-    for (int64_t entry = begin; entry < end; ++entry)
-      similarity[entry] = group_similarity_entry(affinity, stride_row, stride_col, entry / K, entry % K);
+    for (int64_t i = begin / K, first = begin % K, entry = begin; entry < end; ++i, first = 0) {
+      const int64_t last = first + (end - entry) < K ? first + (end - entry) : K;
+      row(i, first, last, similarity + i * K);
+      entry += last - first;
+    }
+  }
+
+  // S[i, j] = N[i, j] / 2 + N[j, i] / 2 for j in [first, last).
+  SELGROUP_HD_INLINE void row(int64_t i, int64_t first, int64_t last, T* __restrict__ out) const {
+    const T* __restrict__ a = affinity;
+    const int64_t diagonal_stride = stride_row + stride_col;
+    const T diagonal_i = a[i * diagonal_stride];
+    const bool usable_i = usable_diagonal(diagonal_i);
+    for (int64_t j = first; j < last; ++j) {
+      const T diagonal_j = a[j * diagonal_stride];
+      out[j] = T(0.5) * normalised(a[i * stride_row + j * stride_col], diagonal_j, usable_diagonal(diagonal_j)) +
+               T(0.5) * normalised(a[j * stride_row + i * stride_col], diagonal_i, usable_i);
+    }
   }
 };
 

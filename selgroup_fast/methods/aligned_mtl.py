@@ -18,7 +18,7 @@ class AlignedMTL(Weighting):
     With ``G = V Λ Vᵀ`` (eigendecomposition, eigenvalues below the authors' tolerance
     dropped) the aligned system is ``B = sqrt(λ_min) V Λ^{-1/2} Vᵀ`` and, with equal
     task preferences, ``d = Σ_k (B 1)_k g_k``. The fused op ``ops.aligned_mtl_weights``
-    does the eigendecomposition on the device (a small Jacobi solver: no host sync)
+    does the eigendecomposition on the device (a small Householder + QL solver: no host sync)
     and returns those weights.
 
     Convention: the authors' (equal preferences, scaling by the smallest singular
