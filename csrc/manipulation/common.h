@@ -14,7 +14,7 @@
 //
 // Conventions of every solver:
 //   * all arithmetic in double, whatever the input dtype: the problems are tiny
-//     (K×K), latency-bound, and several solvers (Newton, Jacobi, Frank-Wolfe) lose
+//     (K×K), latency-bound, and several solvers (Newton, QL, Frank-Wolfe) lose
 //     their answer in float32;
 //   * vector work is split over the team (`for i = rank; i < n; i += size`),
 //     followed by `team.sync()`; scalar reductions are computed REDUNDANTLY by
