@@ -373,6 +373,40 @@ def graph_reaches(losses: Sequence[torch.Tensor], tensors: Sequence[torch.Tensor
     return reached
 
 
+def graph_separates(
+    losses: Sequence[torch.Tensor], tensors: Sequence[torch.Tensor], params: Sequence[torch.Tensor]
+) -> bool:
+    """Whether every path of the losses' autograd graph to ``params`` passes through ``tensors`` (host only).
+
+    The walk does not cross the edges into ``tensors`` (a node's ``grad_fn`` at the tensor's
+    output index); it fails as soon as it reaches one of ``params`` another way, e.g. a weight
+    tied between the encoder and a head, or a head reading a shared parameter directly.
+
+    >>> w = torch.nn.Parameter(torch.ones(2))
+    >>> z = w * 2
+    >>> graph_separates([(z * 3).sum()], [z], [w]), graph_separates([(z * w).sum()], [z], [w])
+    (True, False)
+    """
+    # Hold every visited node wrapper alive (as graph_parameters does) so that identity checks are valid.
+    cut = [(tensor.grad_fn, tensor.output_nr) for tensor in tensors if tensor.grad_fn is not None]
+    param_ids = {id(param) for param in params}
+    if any(id(tensor) in param_ids for tensor in tensors):
+        return False
+    seen: dict[int, Any] = {}
+    pending: list[Any] = [loss.grad_fn for loss in losses if loss.grad_fn is not None]
+    while pending:
+        node = pending.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen[id(node)] = node
+        if id(getattr(node, "variable", None)) in param_ids:  # an AccumulateGrad node of one of params
+            return False
+        for next_node, input_nr in node.next_functions:
+            if not any(next_node is grad_fn and input_nr == output_nr for grad_fn, output_nr in cut):
+                pending.append(next_node)
+    return True
+
+
 __all__ = [
     "FSDP2Shards",
     "RankAgreement",
@@ -381,5 +415,6 @@ __all__ = [
     "check_process_group",
     "graph_parameters",
     "graph_reaches",
+    "graph_separates",
     "is_sharded",
 ]

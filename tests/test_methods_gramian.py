@@ -22,6 +22,7 @@ from manipulation_reference import pcgrad_update
 from selgroup_fast.methods import aggregate, aggregator, available, create
 from selgroup_fast.methods.jacobian import DEFAULTS, TaskJacobian
 from selgroup_fast.methods.pcgrad import projection_orders, seeded_generator
+from selgroup_fast.parallel import graph_separates
 
 K = 3
 WEIGHTINGS = ["pcgrad", "cagrad", "mgda", "imtl", "aligned_mtl", "nash_mtl"]
@@ -121,6 +122,59 @@ def test_a_gramian_step_equals_the_float64_reference_step(name):
         for param, grad in zip(head.parameters(), heads[k], strict=True):
             torch.testing.assert_close(param.grad, head_weights[k] * grad, rtol=1e-7, atol=1e-10)
     assert method._jacobian.matrix.numel() == 0  # J was never held
+
+
+def losses_and_features(model: Model, x: torch.Tensor, y: torch.Tensor, tied_head: bool = False):
+    """The closure contract's ``(losses, features)``; ``tied_head``: head 0 also reads a shared weight."""
+    z = model.encoder(x)
+    losses = [(head(z).squeeze(-1) - y[:, k]).pow(2).mean() for k, head in enumerate(model.heads)]
+    if tied_head:
+        losses[0] = losses[0] + 0.1 * model.encoder.proj.weight.pow(2).sum()
+    return losses, z
+
+
+def test_the_gramian_through_the_features_equals_the_row_by_row_one():
+    # Every path from the losses to the encoder passes through z: the vectorised backward may
+    # start there, with each task's gradient of z as its cotangent (the chain rule).
+    model, _, expected = make_problem()
+    jacobian, _ = expected()
+    torch.manual_seed(0)
+    x = torch.randn(8, 4, 3, dtype=torch.float64)
+    losses, z = losses_and_features(model, x, torch.zeros(8, K, dtype=torch.float64))
+    shared = list(model.encoder.parameters())
+    assert graph_separates(losses, [z], shared)
+    direct = TaskJacobian(shared, K, mode="gramian").gramian(losses, retain_graph=True)
+    through = TaskJacobian(shared, K, mode="gramian").gramian(losses, through=[z])
+    torch.testing.assert_close(through, direct, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("tied_head", [False, True], ids=["separable", "head-reads-a-shared-weight"])
+@pytest.mark.parametrize("name", ["mgda", "nash_mtl"])
+def test_a_step_whose_closure_returns_features_starts_the_gramian_there_only_where_exact(name, tied_head, monkeypatch):
+    model, _, _ = make_problem()
+    torch.manual_seed(1)
+    x, y = torch.randn(8, 4, 3, dtype=torch.float64), torch.randn(8, K, dtype=torch.float64)
+    started_from = []
+    gramian = TaskJacobian.gramian
+    monkeypatch.setattr(
+        TaskJacobian,
+        "gramian",
+        lambda self, losses, retain_graph=False, through=(): (
+            started_from.append(len(through)) or gramian(self, losses, retain_graph, through)
+        ),
+    )
+    shared = list(model.encoder.parameters())
+    with_features = create(
+        name, torch.optim.SGD(model.parameters(), lr=0.0), K, shared_params=shared, jacobian="gramian"
+    )
+    with_features.step(lambda: losses_and_features(model, x, y, tied_head))
+    got = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    plain = create(name, torch.optim.SGD(model.parameters(), lr=0.0), K, shared_params=shared, jacobian="loop")
+    plain.step(lambda: losses_and_features(model, x, y, tied_head)[0])
+    for param, grad in zip(model.parameters(), got, strict=True):
+        torch.testing.assert_close(grad, param.grad, rtol=1e-9, atol=1e-12)
+    assert started_from == [0 if tied_head else 1]
 
 
 def test_pcgrad_through_the_gramian_is_the_sum_of_the_projected_gradients():

@@ -25,7 +25,15 @@ import torch._functorch.config
 import torch._inductor.config
 
 from ..losses import ClosureOutput
-from ..parallel import FSDP2Shards, TaskParams, as_parameter_list, graph_parameters, graph_reaches, is_sharded
+from ..parallel import (
+    FSDP2Shards,
+    TaskParams,
+    as_parameter_list,
+    graph_parameters,
+    graph_reaches,
+    graph_separates,
+    is_sharded,
+)
 from .base import MultiTaskMethod, detached
 from .graddrop import GradDrop
 from .jacobian import JacobianMode, SharedParams, TaskJacobian, jacobian_defaults
@@ -139,6 +147,7 @@ class GradientMethod(MultiTaskMethod):
         self._shards = FSDP2Shards([*self.shared_params, *self._task_params], process_group) if self._sharded else None
         self._graph_checked = False
         self._compiled = False  # whether a compiled region makes the losses (:meth:`_check_graph`)
+        self._gramian_through: bool | None = None  # whether G starts from the features (:meth:`_gramian_step`)
         self._task_jacobian = torch.empty(0)  # compiled models: the heads' per-task gradients (K×P_h), allocated once
 
     def _jacobian_mode(
@@ -193,7 +202,7 @@ class GradientMethod(MultiTaskMethod):
                 if self.aggregator.max_norm > 0:
                     torch.nn.utils.clip_grad_norm_(self.shared_params, self.aggregator.max_norm)
         elif self._uses_gramian(losses):
-            self._gramian_step(losses)
+            self._gramian_step(losses, features)
         elif self.space == "parameters":
             if self._sharded:
                 self._sharded_step(losses)
@@ -234,14 +243,19 @@ class GradientMethod(MultiTaskMethod):
             self._check_graph(losses)
         return self._jacobian.mode == "gramian"
 
-    def _gramian_step(self, losses: list[torch.Tensor]) -> None:
+    def _gramian_step(self, losses: list[torch.Tensor], features: Sequence[torch.Tensor]) -> None:
         """G accumulated without J (one vmapped backward), the weights from G, one ordinary backward of ``Σ w_k L_k``.
 
-        Where the heads' weights differ from the direction's (PCGrad, CAGrad, Aligned-MTL: ones;
+        Where the closure returns the shared features and every path from the losses to the
+        shared parameters passes through them (checked once, on the host), the vectorised
+        backward starts from the features (:meth:`TaskJacobian.gramian`'s ``through``). Where
+        the heads' weights differ from the direction's (PCGrad, CAGrad, Aligned-MTL: ones;
         Nash-MTL: α unclipped), the heads get theirs first from a backward through the heads only.
         """
+        if self._gramian_through is None:
+            self._gramian_through = bool(features) and graph_separates(losses, features, self.shared_params)
         with self._timer.phase("backward"):
-            gram = self._jacobian.gramian(losses, retain_graph=True)
+            gram = self._jacobian.gramian(losses, retain_graph=True, through=features if self._gramian_through else ())
         with self._timer.phase("manipulation"):
             weights, head_weights = cast(Weighting, self.aggregator).direction_weights(gram)
         heads_apart = bool(self._task_params) and head_weights is not weights

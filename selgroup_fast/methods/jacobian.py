@@ -231,13 +231,22 @@ class TaskJacobian:
         for p, view in zip(self.params, self._grad_views, strict=True):
             p.grad = view
 
-    def gramian(self, losses: Sequence[torch.Tensor], retain_graph: bool = False) -> torch.Tensor:
+    def gramian(
+        self, losses: Sequence[torch.Tensor], retain_graph: bool = False, through: Sequence[torch.Tensor] = ()
+    ) -> torch.Tensor:
         """``G = J·Jᵀ`` (K×K) of the losses w.r.t. the shared parameters, accumulated without holding J.
 
         One backward vectorised over the K tasks (``torch.vmap``); a hook on every shared
         parameter turns its K×|p| gradient block into ``block·blockᵀ`` as soon as the backward
         has summed it, and gives autograd a zero-stride zero in its place. G is float32 for
         half-precision parameters (the weighting ops' precision), else the parameters' dtype.
+
+        ``through``: tensors every path from the losses to the shared parameters passes through
+        (the shared features; the caller checks it, e.g. with
+        :func:`~selgroup_fast.parallel.graph_separates`). Then the vectorised backward starts
+        from them, with each task's gradient of them (K ordinary backwards, each through its own
+        head only) as cotangents: by the chain rule the same rows of J, without back-propagating
+        every head for all K tasks (K² head passes) as a backward from the losses does.
 
         Example::
 
@@ -273,12 +282,26 @@ class TaskJacobian:
             accumulator.addmm_(block, block.T)
             return torch.zeros((), dtype=grad.dtype, device=grad.device).expand(grad.shape)
 
-        def backward(cotangent: torch.Tensor) -> torch.Tensor:
+        if through:
+            outputs = list(through)
+            width = sum(t.numel() for t in outputs)
+            # K ordinary backwards (this mode is not "batched"): each reaches its own head only.
+            rows = self.gradients(
+                losses, outputs, True, torch.empty(self.num_tasks, width, device=stacked.device, dtype=outputs[0].dtype)
+            )
+            cotangents = [
+                block.reshape(self.num_tasks, *t.shape).to(t.dtype)
+                for block, t in zip(rows.split([t.numel() for t in outputs], dim=1), outputs, strict=True)
+            ]
+        else:
+            outputs, cotangents = [stacked], [self._unit_cotangents(stacked.dtype)]
+
+        def backward(*cotangent: torch.Tensor) -> torch.Tensor:
             nonlocal level
-            level = torch._C._functorch.maybe_get_level(cotangent)
+            level = torch._C._functorch.maybe_get_level(cotangent[0])
             # The gradients returned are the hooks' zeros (or None where unreached): only G is kept.
-            torch.autograd.grad(stacked, self.params, cotangent, retain_graph=retain_graph, allow_unused=True)
-            return cotangent
+            torch.autograd.grad(outputs, self.params, cotangent, retain_graph=retain_graph, allow_unused=True)
+            return cotangent[0]
 
         handles = [p.register_hook(reduce_block) for p in self.params]
         try:
@@ -286,7 +309,7 @@ class TaskJacobian:
                 # torch's vmap warns once per op without a batching rule (on the CPU: the flash-attention
                 # backward) that it loops over the tasks there: the documented cost, not news to the user.
                 warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet")
-                torch.vmap(backward)(self._unit_cotangents(stacked.dtype))
+                torch.vmap(backward)(*cotangents)
         finally:
             for handle in handles:
                 handle.remove()
