@@ -175,6 +175,8 @@ def test_what_the_gramian_cannot_do_is_refused_in_one_line():
         create("mgda", optimizer, K, shared_params=shared, jacobian="gramian", space="representation")
     with pytest.raises(ValueError, match='chunk_size applies to jacobian="batched"'):
         create("mgda", optimizer, K, shared_params=shared, jacobian="gramian", chunk_size=2)
+    with pytest.raises(ValueError, match='chunk_size applies to jacobian="batched": the loop runs one task'):
+        create("mgda", optimizer, K, shared_params=shared, jacobian="loop", chunk_size=2)
     task_jacobian = TaskJacobian(shared, K, mode="gramian")
     with pytest.raises(ValueError, match="expected 3 losses, got 2"):
         task_jacobian.gramian(closure()[:2])
