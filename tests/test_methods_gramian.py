@@ -191,3 +191,18 @@ def test_the_jacobian_benchmark_refuses_cuda_without_a_gpu_in_one_line(capsys):
         bench.main(["--device", "cuda"])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err == "error: --device cuda: no usable CUDA device\n"
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--rounds", "0"], "argument --rounds: expected a positive integer, got '0'"),
+        (["--warmup", "-1"], "argument --warmup: expected an integer >= 0, got -1"),
+    ],
+)
+def test_the_jacobian_benchmark_refuses_bad_counts(capsys, argv, message):
+    bench = load_benchmark("bench_jacobian")
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(argv)
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1].endswith(f"error: {message}")
