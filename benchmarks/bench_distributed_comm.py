@@ -36,6 +36,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from selgroup_fast import methods
+from selgroup_fast.checks import positive_int_arg
 from selgroup_fast.methods import GradientMethod
 
 WORLD_SIZE = 2
@@ -228,12 +229,12 @@ def table(rows: list, args: argparse.Namespace) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--in-features", type=int, default=256)
-    parser.add_argument("--hidden", type=int, default=512)
-    parser.add_argument("--tasks", type=int, default=4)
-    parser.add_argument("--head-out", type=int, default=8)
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--in-features", type=positive_int_arg, default=256)
+    parser.add_argument("--hidden", type=positive_int_arg, default=512)
+    parser.add_argument("--tasks", type=positive_int_arg, default=4)
+    parser.add_argument("--head-out", type=positive_int_arg, default=8)
+    parser.add_argument("--batch", type=positive_int_arg, default=32)
+    parser.add_argument("--steps", type=positive_int_arg, default=10)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--space", choices=["parameters", "representation"], default="parameters")
     parser.add_argument("--out", help="also write the table to this markdown file")

@@ -53,6 +53,7 @@ import torch
 
 import selgroup_fast
 from selgroup_fast.bench.report import cpu_model
+from selgroup_fast.checks import positive_int_arg
 
 Config = tuple[str, int | None]
 
@@ -263,15 +264,15 @@ def run(args: argparse.Namespace) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tasks", type=int, nargs="+", default=[4, 11, 32], help="numbers of tasks K")
+    parser.add_argument("--tasks", type=positive_int_arg, nargs="+", default=[4, 11, 32], help="numbers of tasks K")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--rounds", type=positive_int_arg, default=3)
+    parser.add_argument("--steps", type=positive_int_arg, default=3)
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--img-size", type=int, default=32)
-    parser.add_argument("--patch-size", type=int, default=8)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads of each CPU child")
+    parser.add_argument("--batch", type=positive_int_arg, default=8)
+    parser.add_argument("--img-size", type=positive_int_arg, default=32)
+    parser.add_argument("--patch-size", type=positive_int_arg, default=8)
+    parser.add_argument("--threads", type=positive_int_arg, default=1, help="torch threads of each CPU child")
     parser.add_argument("--torchjd", action="store_true", help="also TorchJD's autojac and autogram engines")
     parser.add_argument("--load-note", default="the machine was shared with other jobs (loaded): read the ratios")
     parser.add_argument("--output", default=None, help="default: benchmarks/results/jacobian_<device>.md; '-': print")
@@ -279,6 +280,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--mode", default="batched", help=argparse.SUPPRESS)
     parser.add_argument("--chunk-size", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.warmup < 0:
+        parser.error(f"argument --warmup: expected an integer >= 0, got {args.warmup}")
     if args.device == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda: no usable CUDA device", file=sys.stderr)
         sys.exit(2)

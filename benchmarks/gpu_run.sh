@@ -60,7 +60,9 @@ timeout 120 python3 benchmarks/bench_jacobian.py --torchjd --device cuda --load-
 step "fused-op micro-benchmarks (CUDA)"
 timeout 90 python3 -m pytest -q -p no:cacheprovider benchmarks/test_fused_ops.py -k cuda \
   --benchmark-json "$results/micro_cuda.json" >"$results/micro_cuda.log" 2>&1
-python3 benchmarks/summarize_micro.py "$results/micro_cuda.json" --output "$results/ops_micro_cuda.md" 2>&1 | tail -30
+python3 benchmarks/summarize_micro.py "$results/micro_cuda.json" --output "$results/ops_micro_cuda.md" \
+  --command "bash benchmarks/gpu_run.sh\` (its step: \`python -m pytest benchmarks/test_fused_ops.py -k cuda --benchmark-json ...\`), then \`python benchmarks/summarize_micro.py <the json> --output benchmarks/results/ops_micro_cuda.md" \
+  2>&1 | tail -30
 pack
 
 step "tests: the default suite and the slow one, side by side"

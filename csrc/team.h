@@ -44,8 +44,8 @@ concept Team = requires(const T& team) {
 
 // A team of one: the host runs every iteration itself and never waits.
 // `kVectorBytes` is the SIMD register width its loops may assume: 16 (SSE2, NEON)
-// in portable code; csrc/cpu/ops_cpu.cpp also runs 32 and 64 in functions compiled
-// for AVX2 and AVX-512.
+// in portable code; csrc/cpu/ops_cpu.cpp also runs 32 in affinity propagation's
+// version compiled for AVX2 (64, for AVX-512, was measured slower and is not built).
 template <int VectorBytes>
 struct SoloTeam {
   static constexpr bool kHost = true;

@@ -126,8 +126,14 @@ class FSDP2Shards:
         from torch.distributed import _composable_state
         from torch.distributed.tensor import Shard
 
+        states = getattr(_composable_state, "_module_state_mapping", None)
+        if states is None:  # the private registry this class reads (torch 2.14) moved or went
+            raise RuntimeError(
+                f"torch {torch.__version__} has no torch.distributed._composable_state._module_state_mapping: the "
+                "gradient methods cannot find FSDP2's unsharded parameters; train them with DistributedDataParallel"
+            )
         records: dict[int, Any] = {}
-        for state_ref in list(_composable_state._module_state_mapping.values()):
+        for state_ref in list(states.values()):
             for group in getattr(state_ref(), "_fsdp_param_groups", None) or []:
                 for record in group.fsdp_params:
                     records[id(record.sharded_param)] = record

@@ -229,6 +229,8 @@ def test_what_the_gramian_cannot_do_is_refused_in_one_line():
         create("mgda", optimizer, K, shared_params=shared, jacobian="gramian", space="representation")
     with pytest.raises(ValueError, match='chunk_size applies to jacobian="batched"'):
         create("mgda", optimizer, K, shared_params=shared, jacobian="gramian", chunk_size=2)
+    with pytest.raises(ValueError, match='chunk_size applies to jacobian="batched": the loop runs one task'):
+        create("mgda", optimizer, K, shared_params=shared, jacobian="loop", chunk_size=2)
     task_jacobian = TaskJacobian(shared, K, mode="gramian")
     with pytest.raises(ValueError, match="expected 3 losses, got 2"):
         task_jacobian.gramian(closure()[:2])
@@ -243,3 +245,18 @@ def test_the_jacobian_benchmark_refuses_cuda_without_a_gpu_in_one_line(capsys):
         bench.main(["--device", "cuda"])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err == "error: --device cuda: no usable CUDA device\n"
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--rounds", "0"], "argument --rounds: expected a positive integer, got '0'"),
+        (["--warmup", "-1"], "argument --warmup: expected an integer >= 0, got -1"),
+    ],
+)
+def test_the_jacobian_benchmark_refuses_bad_counts(capsys, argv, message):
+    bench = load_benchmark("bench_jacobian")
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(argv)
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1].endswith(f"error: {message}")

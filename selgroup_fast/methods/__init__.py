@@ -112,7 +112,7 @@ def create(
     ``shared_params`` (the encoder's parameters) is required by the methods that
     manipulate per-task gradients of the shared parameters; the others ignore it.
     ``options`` are the method's own (see its class docstring) and, for the gradient
-    methods, those of :class:`GradientMethod` (``jacobian``, ``space``, ``profile``).
+    methods, those of :class:`GradientMethod` (``jacobian``, ``chunk_size``, ``space``, ``profile``).
     Every method takes ``process_group=``: the ``torch.distributed`` group its collectives go
     through (default: the world group when initialised; validated, one ``ValueError`` line).
 

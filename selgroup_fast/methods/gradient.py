@@ -406,7 +406,7 @@ class GradientMethod(MultiTaskMethod):
         params = [*self.shared_params, *self._task_params]
         with self._timer.phase("backward"):
             jacobian = self._sharded_task_gradients(losses, params)
-        shared_width = sum(_local(None, p).numel() for p in self.shared_params)
+        shared_width = sum(cast(Any, p).to_local().numel() for p in self.shared_params)  # all DTensors (FSDP2Shards)
         shared, heads = jacobian[:, :shared_width], jacobian[:, shared_width:]
         with self._timer.phase("manipulation"):
             if isinstance(self.aggregator, GradDrop):
@@ -422,7 +422,7 @@ class GradientMethod(MultiTaskMethod):
             offset = 0
             for p in params:
                 p.grad = torch.zeros_like(p)
-                local = _local(p.grad, p)
+                local = cast(Any, p.grad).to_local()
                 local.copy_(flat[offset : offset + local.numel()].view_as(local))
                 offset += local.numel()
 
@@ -521,10 +521,3 @@ def retainable_compiled_graphs() -> Iterator[None]:
     """
     with torch._functorch.config.patch(donated_buffer=False), torch._inductor.config.patch(fx_graph_cache=False):
         yield
-
-
-def _local(grad: torch.Tensor | None, param: torch.Tensor) -> torch.Tensor:
-    """This rank's shard of ``grad`` (zeros shaped like ``param``'s shard when there is none)."""
-    if grad is None:
-        return torch.zeros_like(cast(Any, param).to_local() if is_sharded(param) else param)
-    return cast(Any, grad).to_local() if is_sharded(grad) else grad

@@ -97,8 +97,9 @@ class TaskJacobian:
     Args:
         shared_params: the parameters shared by all tasks (a module or an iterable).
         num_tasks: K.
-        mode: ``"batched"`` (one vmapped backward, the default) or ``"loop"`` (K backwards).
-        chunk_size: with ``"batched"``, vectorise over at most this many tasks per backward
+        mode: ``"batched"`` (one vmapped backward, the default), ``"loop"`` (K backwards) or
+            ``"gramian"`` (:meth:`gramian` only: neither J nor the direction buffer is allocated).
+        chunk_size: with ``"batched"`` only (else ``ValueError``), vectorise over at most this many tasks per backward
             (``ceil(K / chunk_size)`` backwards): the batched backward holds one copy of the
             activation gradients per task of a chunk, so this bounds its peak memory for any K.
             ``None``: all K at once.
@@ -120,8 +121,13 @@ class TaskJacobian:
     ) -> None:
         if mode not in JACOBIAN_MODES:
             raise ValueError(f"jacobian must be one of {JACOBIAN_MODES}, got {mode!r}")
-        if mode == "gramian" and chunk_size is not None:
-            raise ValueError('chunk_size applies to jacobian="batched": the Gramian needs all K tasks in one backward')
+        if mode != "batched" and chunk_size is not None:  # it would be silently ignored
+            why = (
+                "the Gramian needs all K tasks in one backward"
+                if mode == "gramian"
+                else "the loop runs one task at a time"
+            )
+            raise ValueError(f'chunk_size applies to jacobian="batched": {why}')
         self.chunk_size = num_tasks if chunk_size is None else check_int("chunk_size", chunk_size)
         self.params = as_parameter_list(shared_params)
         self.num_tasks = num_tasks
