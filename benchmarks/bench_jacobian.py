@@ -7,9 +7,14 @@ G with this library's fused op, the direction in the shared parameters' ``.grad`
 ``Σ w_k ∇L_k``, and an SGD step with lr=0 (the parameters stay put, so every step is the same).
 
 * ``loop`` / ``batched`` (``chunk_size`` c) / ``gramian``: ``methods.create("mgda", ...,
-  jacobian=mode, chunk_size=c)``, the library's own step;
+  jacobian=mode, chunk_size=c)``, the library's own step, its closure returning ``(losses,
+  features)`` as the built-in models' do (``"gramian"`` then starts its vectorised backward
+  from the features);
 * ``torchjd-autojac``: TorchJD 0.18's ``autojac.jac`` gives J (one tensor per parameter), then
   the same weights, ``wᵀJ`` into ``.grad`` and the heads' backward;
+* ``torchjd-mtl``: TorchJD 0.18's multi-task route, ``autojac.mtl_backward(losses,
+  features=...)`` (J through the features, in the parameters' ``.jac``; the heads' own
+  gradients), then the same weights and ``wᵀJ`` into ``.grad``;
 * ``torchjd-autogram``: TorchJD 0.18's ``autogram.Engine.compute_gramian`` gives G, then the same
   weights and ``losses.backward(w)`` (its documented use). The engine hooks every encoder module
   that owns parameters; the ViT module itself owns ``cls_token`` and ``pos_embed`` but the model
@@ -61,7 +66,7 @@ Config = tuple[str, int | None]
 def configurations(num_tasks: int, torchjd: bool) -> list[Config]:
     """(mode, chunk_size): the loop, the whole batch, chunks of 1, 2, 4 and 8 tasks below K, the Gramian, TorchJD's."""
     chunks = [c for c in (1, 2, 4, 8) if c < num_tasks]
-    theirs = [("torchjd-autojac", None), ("torchjd-autogram", None)] if torchjd else []
+    theirs = [("torchjd-autojac", None), ("torchjd-mtl", None), ("torchjd-autogram", None)] if torchjd else []
     return [("loop", None), ("batched", None), *[("batched", c) for c in chunks], ("gramian", None), *theirs]
 
 
@@ -80,9 +85,14 @@ class Workload:
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=0.0)
 
     def losses(self) -> list[torch.Tensor]:
+        return self.losses_and_features()[0]
+
+    def losses_and_features(self) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """The closure contract's ``(losses, features)``: the K losses and the encoder's output they come from."""
         from selgroup_fast.bench import task_losses
 
-        return task_losses(self.model(self.batch.images), self.batch.targets, self.model.tasks)
+        features = self.model.features(self.batch.images)
+        return task_losses(self.model.decode(features), self.batch.targets, self.model.tasks), features
 
 
 def step_function(mode: str, chunk_size: int | None, work: Workload) -> Callable[[], torch.Tensor | None]:
@@ -103,6 +113,22 @@ def step_function(mode: str, chunk_size: int | None, work: Workload) -> Callable
             work.optimizer.step()
 
         return lambda: autojac_step()
+    if mode == "torchjd-mtl":
+        from torchjd.autojac import mtl_backward
+
+        def mtl_step() -> None:
+            # TorchJD's multi-task route: the task Jacobian taken through the features (its .jac fields).
+            work.optimizer.zero_grad(set_to_none=True)
+            losses, features = work.losses_and_features()
+            mtl_backward(losses, features=features)
+            blocks = [param.jac.reshape(num_tasks, -1) for param in work.shared]  # type: ignore[attr-defined]
+            weights = selgroup_fast.ops.mgda_weights(sum(block @ block.T for block in blocks))
+            for param, block in zip(work.shared, blocks, strict=True):
+                param.grad = (weights @ block).view_as(param)
+                del param.jac  # type: ignore[attr-defined]
+            work.optimizer.step()
+
+        return mtl_step
     if mode == "torchjd-autogram":
         from torchjd.autogram import Engine
 
@@ -123,7 +149,7 @@ def step_function(mode: str, chunk_size: int | None, work: Workload) -> Callable
     )
 
     def library_step() -> None:
-        method.step(work.losses)
+        method.step(work.losses_and_features)  # the closure contract: "gramian" starts from the features
 
     return library_step
 
