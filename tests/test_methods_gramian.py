@@ -210,8 +210,12 @@ def test_the_default_mode_follows_the_device_table():
     model, _, _ = make_problem()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     cpu = DEFAULTS["cpu"]
+    assert K < cpu.weighting_from_tasks  # below the size where the Gramian pays: the loop's mode
     for name in available("gradient"):
         method = create(name, optimizer, K, shared_params=model.encoder.parameters(), **SEEDED.get(name, {}))
+        assert method._jacobian.mode == cpu.jacobian, name
+        many = cpu.weighting_from_tasks
+        method = create(name, optimizer, many, shared_params=model.encoder.parameters(), **SEEDED.get(name, {}))
         expected = cpu.jacobian if name == "graddrop" else cpu.weighting
         assert method._jacobian.mode == expected, name
     chunked = create("mgda", optimizer, K, shared_params=model.encoder.parameters(), chunk_size=2)

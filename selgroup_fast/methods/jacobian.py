@@ -62,18 +62,23 @@ JACOBIAN_MODES: tuple[str, ...] = ("batched", "loop", "gramian")
 class JacobianDefaults:
     """What a gradient method uses on one device type when ``jacobian=`` is not given."""
 
-    #: The weightings' mode in parameter space (``"gramian"`` allowed) in one process.
+    #: The weightings' mode in parameter space (``"gramian"`` allowed) in one process, from
+    #: ``weighting_from_tasks`` tasks on; below, and where J itself is needed (GradDrop,
+    #: representation space, torch.distributed), ``jacobian``.
     weighting: JacobianMode
-    #: The mode where J itself is needed (GradDrop, representation space, torch.distributed).
     jacobian: JacobianMode
     #: ``chunk_size`` with ``"batched"`` (``None``: all K tasks at once).
     chunk_size: int | None
+    weighting_from_tasks: int = 1
 
 
 #: The defaults per device type, chosen from measurements (README "Baselines"); one line each.
-#: Other accelerators take CUDA's.
+#: Other accelerators take CUDA's. CPU: one MGDA step on selgroup-bench's model was faster with
+#: the loop at K = 4 (0.90× the Gramian) and with the Gramian at K = 11 and 32 (0.91×, 0.98× the
+#: loop, and about half its memory; benchmarks/results/jacobian_cpu.md): the Gramian
+#: from K = 8, between the two measured sizes.
 DEFAULTS: dict[str, JacobianDefaults] = {
-    "cpu": JacobianDefaults(weighting="gramian", jacobian="loop", chunk_size=None),
+    "cpu": JacobianDefaults(weighting="gramian", jacobian="loop", chunk_size=None, weighting_from_tasks=8),
     "cuda": JacobianDefaults(weighting="batched", jacobian="batched", chunk_size=None),
 }
 
