@@ -20,7 +20,7 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, cast
 
 import torch
@@ -324,6 +324,26 @@ class TaskParams:
 COMPILED_NODE_NAMES = ("CompiledFunctionBackward", "CompiledFunction")
 
 
+def _graph_nodes(losses: Sequence[torch.Tensor], cut: Sequence[tuple[Any, int]] = ()) -> Iterator[Any]:
+    """Every autograd node the losses back-propagate through, once each (host only).
+
+    ``cut``: edges (a node, an output index of it) the walk does not cross; a node behind one
+    is still visited when another edge leads to it. Python node wrappers may be created afresh
+    on each access: holding every visited one alive keeps their ids unique while the walk runs.
+    """
+    seen: dict[int, Any] = {}
+    pending: list[Any] = [loss.grad_fn for loss in losses if loss.grad_fn is not None]
+    while pending:
+        node = pending.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen[id(node)] = node
+        yield node
+        for next_node, input_nr in node.next_functions:
+            if not any(next_node is grad_fn and input_nr == output_nr for grad_fn, output_nr in cut):
+                pending.append(next_node)
+
+
 def graph_parameters(losses: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], bool]:
     """The parameters the losses' autograd graph accumulates into, and whether a compiled region hides part of it.
 
@@ -331,22 +351,13 @@ def graph_parameters(losses: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor]
     gives every parameter of the region a gradient, zero where a loss does not reach it, so
     the parameters found there do not say which task uses which.
     """
-    # Python node wrappers may be created afresh on each access: holding every visited
-    # one alive keeps their ids unique while the walk runs.
-    seen: dict[int, Any] = {}
-    pending: list[Any] = [loss.grad_fn for loss in losses if loss.grad_fn is not None]
     parameters: list[torch.Tensor] = []
     compiled = False
-    while pending:
-        node = pending.pop()
-        if node is None or id(node) in seen:
-            continue
-        seen[id(node)] = node
+    for node in _graph_nodes(losses):
         compiled = compiled or type(node).__name__.startswith(COMPILED_NODE_NAMES)
         variable = getattr(node, "variable", None)  # set on AccumulateGrad nodes only
         if isinstance(variable, torch.nn.Parameter):
             parameters.append(variable)
-        pending.extend(next_node for next_node, _ in node.next_functions)
     return parameters, compiled
 
 
@@ -362,20 +373,14 @@ def graph_reaches(losses: Sequence[torch.Tensor], tensors: Sequence[torch.Tensor
     >>> graph_reaches([z.sum()], [z, other])
     [True, False]
     """
-    # Hold every visited node wrapper alive (as graph_parameters does) so that identity checks are valid.
     targets = [(tensor.grad_fn, tensor.output_nr) for tensor in tensors]
     reached = [any(loss is tensor for loss in losses) for tensor in tensors]
-    seen: dict[int, Any] = {}
-    pending: list[Any] = [loss.grad_fn for loss in losses if loss.grad_fn is not None]
-    while pending and not all(reached):
-        node = pending.pop()
-        if node is None or id(node) in seen:
-            continue
-        seen[id(node)] = node
+    for node in _graph_nodes(losses):
+        if all(reached):
+            break
         for next_node, input_nr in node.next_functions:
             for i, (grad_fn, output_nr) in enumerate(targets):
                 reached[i] = reached[i] or (next_node is grad_fn and grad_fn is not None and input_nr == output_nr)
-            pending.append(next_node)
     return reached
 
 
@@ -393,24 +398,12 @@ def graph_separates(
     >>> graph_separates([(z * 3).sum()], [z], [w]), graph_separates([(z * w).sum()], [z], [w])
     (True, False)
     """
-    # Hold every visited node wrapper alive (as graph_parameters does) so that identity checks are valid.
-    cut = [(tensor.grad_fn, tensor.output_nr) for tensor in tensors if tensor.grad_fn is not None]
     param_ids = {id(param) for param in params}
     if any(id(tensor) in param_ids for tensor in tensors):
         return False
-    seen: dict[int, Any] = {}
-    pending: list[Any] = [loss.grad_fn for loss in losses if loss.grad_fn is not None]
-    while pending:
-        node = pending.pop()
-        if node is None or id(node) in seen:
-            continue
-        seen[id(node)] = node
-        if id(getattr(node, "variable", None)) in param_ids:  # an AccumulateGrad node of one of params
-            return False
-        for next_node, input_nr in node.next_functions:
-            if not any(next_node is grad_fn and input_nr == output_nr for grad_fn, output_nr in cut):
-                pending.append(next_node)
-    return True
+    cut = [(tensor.grad_fn, tensor.output_nr) for tensor in tensors if tensor.grad_fn is not None]
+    # An AccumulateGrad node's variable is the parameter it accumulates into.
+    return not any(id(getattr(node, "variable", None)) in param_ids for node in _graph_nodes(losses, cut))
 
 
 __all__ = [
