@@ -170,12 +170,9 @@ class GradientMethod(MultiTaskMethod):
             default = jacobian_defaults(shared[0].device)
             if chunk_size is not None:  # a chunk is the batched mode's
                 return "batched", chunk_size
-            if default.weighting == "gramian" and gramian_refusal is None:
-                return (
-                    ("gramian", None)
-                    if aggregator.num_tasks >= default.weighting_from_tasks
-                    else (default.jacobian, None)
-                )
+            gramian_pays = aggregator.num_tasks >= default.weighting_from_tasks
+            if default.weighting == "gramian" and gramian_refusal is None and gramian_pays:
+                return "gramian", None
             return default.jacobian, default.chunk_size
         if jacobian == "gramian" and gramian_refusal is not None:
             raise ValueError(f'jacobian="gramian" does not apply: {gramian_refusal}; use "batched" or "loop"')
