@@ -36,7 +36,7 @@ from ..parallel import (
 )
 from .base import MultiTaskMethod, detached
 from .graddrop import GradDrop
-from .jacobian import JacobianMode, SharedParams, TaskJacobian, jacobian_defaults
+from .jacobian import JacobianMode, SharedParams, TaskJacobian, gradients_task_by_task, jacobian_defaults
 from .weighting import Aggregator, Weighting, gram
 
 Space = Literal["parameters", "representation"]
@@ -305,22 +305,9 @@ class GradientMethod(MultiTaskMethod):
         """
         if not self._compiled:
             shared = self._parameter_jacobian(losses)
-            heads = [
-                torch.cat(
-                    [
-                        grad.reshape(-1)
-                        for grad in torch.autograd.grad(
-                            loss,
-                            self._task_params,
-                            retain_graph=k < len(losses) - 1,
-                            allow_unused=True,
-                            materialize_grads=True,
-                        )
-                    ]
-                )
-                for k, loss in enumerate(losses)
-            ]
-            return shared, torch.stack(heads).to(shared.dtype)
+            width = sum(p.numel() for p in self._task_params)
+            heads = gradients_task_by_task(losses, self._task_params, False, shared.new_empty(len(losses), width))
+            return shared, heads
         num_shared, last = len(self.shared_params), len(losses) - 1
         if self._task_jacobian.numel() == 0:
             width = sum(p.numel() for p in self._task_params)

@@ -199,12 +199,7 @@ class TaskJacobian:
                 )
                 torch.cat([g.reshape(rows.shape[0], -1) for g in grads], dim=1, out=out[start : start + rows.shape[0]])
             return out
-        last = self.num_tasks - 1
-        for k, loss in enumerate(losses):  # one task's gradients alive at a time
-            keep = retain_graph or k < last
-            grads = torch.autograd.grad(loss, inputs, retain_graph=keep, allow_unused=True, materialize_grads=True)
-            torch.cat([g.reshape(-1) for g in grads], out=out[k])
-        return out
+        return gradients_task_by_task(losses, inputs, retain_graph, out)
 
     def of_features(self, losses: Sequence[torch.Tensor], features: Sequence[torch.Tensor]) -> torch.Tensor:
         """The K×Z Jacobian of the losses w.r.t. the shared features (flattened, concatenated in order).
@@ -325,3 +320,18 @@ class TaskJacobian:
             for handle in handles:
                 handle.remove()
         return accumulator
+
+
+def gradients_task_by_task(
+    losses: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor], retain_graph: bool, out: torch.Tensor
+) -> torch.Tensor:
+    """Writes into ``out`` (K×N) each loss's gradient w.r.t. ``inputs`` (flattened, concatenated), by K backwards.
+
+    One task's gradients alive at a time; inputs a loss does not reach get zeros. Returns ``out``.
+    """
+    last = len(losses) - 1
+    for k, loss in enumerate(losses):
+        keep = retain_graph or k < last
+        grads = torch.autograd.grad(loss, inputs, retain_graph=keep, allow_unused=True, materialize_grads=True)
+        torch.cat([g.reshape(-1) for g in grads], out=out[k])
+    return out
