@@ -46,6 +46,8 @@ concept Team = requires(const T& team) {
 // `kVectorBytes` is the SIMD register width its loops may assume: 16 (SSE2, NEON)
 // in portable code; csrc/cpu/ops_cpu.cpp also runs 32 in affinity propagation's
 // version compiled for AVX2 (64, for AVX-512, was measured slower and is not built).
+// Host teams that declare it (this one, the CPU's OpenMP team) take the algorithms'
+// host paths written in SIMD lanes (affinity propagation's iterate_rows).
 template <int VectorBytes>
 struct SoloTeam {
   static constexpr bool kHost = true;

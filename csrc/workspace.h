@@ -27,6 +27,10 @@
 namespace selgroup {
 
 constexpr std::size_t kWorkspaceAlignment = 16;
+// Slices of a cache line or more start on a cache-line boundary of the base (the
+// CPU backend's base is so aligned): a row of SIMD vectors that straddles lines
+// ran affinity propagation's loops up to 1.5× slower.
+constexpr std::size_t kCacheLineBytes = 64;
 
 class WorkspaceLayout {
  public:
@@ -37,9 +41,11 @@ class WorkspaceLayout {
   template <typename T>
   SELGROUP_HD_INLINE T* take(int64_t count) {
     static_assert(alignof(T) <= kWorkspaceAlignment);
-    bytes_ = (bytes_ + alignof(T) - 1) / alignof(T) * alignof(T);
+    const std::size_t size = static_cast<std::size_t>(count) * sizeof(T);
+    const std::size_t alignment = size >= kCacheLineBytes ? kCacheLineBytes : alignof(T);
+    bytes_ = (bytes_ + alignment - 1) / alignment * alignment;
     T* slice = base_ == nullptr ? nullptr : reinterpret_cast<T*>(base_ + bytes_);
-    bytes_ += static_cast<std::size_t>(count) * sizeof(T);
+    bytes_ += size;
     return slice;
   }
 

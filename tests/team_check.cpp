@@ -6,8 +6,10 @@
 // the CPU's OpenMP team) would hit. Each thread team runs twice: as a host team
 // (contiguous shares, the median by selection) and as a device-like team
 // (rank-strided shares, the median by bitonic sort: the CUDA block's code paths).
-// The serial team's AVX2 version (affinity propagation's SIMD lanes of 32 bytes)
-// is compared too where the CPU has AVX2.
+// The AVX2 versions (affinity propagation's SIMD lanes of 32 bytes), serial and
+// host teams, are compared too where the CPU has AVX2, and host teams with a
+// worker that lags at every barrier (affinity propagation then goes on with worker
+// 0 alone, which must change nothing).
 //
 // Covers the weighting solvers, affinity propagation (messages and labels; the
 // noise drawn by rank 0 or passed in), and the affinity maps split over threads.
@@ -20,6 +22,7 @@
 
 #include <algorithm>
 #include <barrier>
+#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
@@ -36,53 +39,95 @@ using namespace selgroup::manipulation;
 
 namespace {
 
-template <bool Host>
-struct ThreadTeam {
+// Host teams declare the SIMD width of their loops (csrc/team.h), which sends
+// affinity propagation down its host path (iterate_rows); device-like teams do not.
+template <bool Host, int VectorBytes>
+struct VectorWidth {};
+template <int VectorBytes>
+struct VectorWidth<true, VectorBytes> {
+  static constexpr int kVectorBytes = VectorBytes;
+};
+
+// `lagging`: worker 1 sleeps before every barrier, as a descheduled thread on a
+// loaded machine would (affinity propagation's team then lets worker 0 finish alone).
+template <bool Host, int VectorBytes = 16>
+struct ThreadTeam : VectorWidth<Host, VectorBytes> {
   static constexpr bool kHost = Host;
   int worker;
   int workers;
   std::barrier<>* barrier;
+  bool lagging;
   int rank() const { return worker; }
   int size() const { return workers; }
-  void sync() const { barrier->arrive_and_wait(); }
+  void sync() const {
+    if (lagging && worker == 1) std::this_thread::sleep_for(std::chrono::microseconds(300));
+    barrier->arrive_and_wait();
+  }
 };
 static_assert(Team<ThreadTeam<true>> && Team<ThreadTeam<false>>);
 
-// The CPU backend's AVX2 version of the serial team (csrc/cpu/ops_cpu.cpp: SIMD
+// The CPU backend's AVX2 version of the host teams (csrc/cpu/ops_cpu.cpp: SIMD
 // lanes of 32 bytes, no FMA), where the compiler and the CPU have it.
-constexpr int kWideSerial = -1;
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-template <typename Solver>
+template <typename Solver, typename Workers>
 __attribute__((target("avx2"), optimize("fp-contract=off"), flatten)) void run_wide(const Solver& solver,
+                                                                                     const Workers& team,
                                                                                      void* memory) {
-  run_team(solver, SoloTeam<32>{}, memory);
+  run_team(solver, team, memory);
 }
 const bool g_wide = __builtin_cpu_supports("avx2");
 #else
-template <typename Solver>
-void run_wide(const Solver& solver, void* memory) {
-  run_team(solver, SerialTeam{}, memory);
+template <typename Solver, typename Workers>
+void run_wide(const Solver& solver, const Workers& team, void* memory) {
+  run_team(solver, team, memory);
 }
 const bool g_wide = false;
 #endif
 
-// Runs `solver` with `threads` workers (0: SerialTeam, kWideSerial: its AVX2
-// version) on a fresh workspace filled with a poison byte; returns the workspace.
-template <bool Host, typename Solver>
-std::vector<unsigned char> run(const Solver& solver, int threads) {
+// How a solver is run: serially (threads = 0) or by a team of threads, host-like or
+// device-like, in 16- or 32-byte lanes (host teams), with a lagging worker or not.
+struct Variant {
+  int threads = 0;
+  bool host = true;
+  bool wide = false;
+  bool lagging = false;
+  std::string name() const {
+    std::string text = threads == 0 ? "serial" : "threads=" + std::to_string(threads) + (host ? " host" : " strided");
+    return text + (wide ? " avx2" : "") + (lagging ? " lagging" : "");
+  }
+};
+
+template <bool Host, int VectorBytes, typename Solver>
+void run_threads(const Solver& solver, const Variant& variant, void* memory) {
+  std::barrier<> barrier(variant.threads);
+  std::vector<std::thread> pool;
+  for (int worker = 0; worker < variant.threads; ++worker)
+    pool.emplace_back([&, worker] {
+      const ThreadTeam<Host, VectorBytes> team{{}, worker, variant.threads, &barrier, variant.lagging};
+      if (VectorBytes == 32)
+        run_wide(solver, team, memory);
+      else
+        run_team(solver, team, memory);
+    });
+  for (std::thread& thread : pool) thread.join();
+}
+
+// Runs `solver` as `variant` says on a fresh workspace filled with a poison byte;
+// returns the workspace.
+template <typename Solver>
+std::vector<unsigned char> run(const Solver& solver, const Variant& variant) {
   std::vector<std::max_align_t> memory(workspace_bytes(solver) / sizeof(std::max_align_t) + 1);
   std::memset(memory.data(), 0x5a, memory.size() * sizeof(std::max_align_t));
-  if (threads == 0) {
+  if (variant.threads == 0 && variant.wide)
+    run_wide(solver, SoloTeam<32>{}, memory.data());
+  else if (variant.threads == 0)
     run_team(solver, SerialTeam{}, memory.data());
-  } else if (threads == kWideSerial) {
-    run_wide(solver, memory.data());
-  } else {
-    std::barrier<> barrier(threads);
-    std::vector<std::thread> pool;
-    for (int worker = 0; worker < threads; ++worker)
-      pool.emplace_back([&, worker] { run_team(solver, ThreadTeam<Host>{worker, threads, &barrier}, memory.data()); });
-    for (std::thread& thread : pool) thread.join();
-  }
+  else if (!variant.host)
+    run_threads<false, 16>(solver, variant, memory.data());
+  else if (variant.wide)
+    run_threads<true, 32>(solver, variant, memory.data());
+  else
+    run_threads<true, 16>(solver, variant, memory.data());
   const auto* bytes = reinterpret_cast<const unsigned char*>(memory.data());
   return std::vector<unsigned char>(bytes, bytes + workspace_bytes(solver));
 }
@@ -103,25 +148,34 @@ int g_repeats = 1;
 
 // Compares `output` (n values the solver writes) after every team run with the serial answer;
 // `compare_scratch` extracts the bytes of the scratch that must agree too (e.g. final messages).
+// `lagging` adds host teams with a lagging worker, whose runs `went_alone` must confirm.
+template <typename Solver, typename Value, typename Scratch, typename WentAlone>
+void check_solver(Tally& tally, const std::string& name, const Solver& solver, Value* output, int64_t n,
+                  Scratch compare_scratch, bool lagging, WentAlone went_alone) {
+  const std::vector<unsigned char> serial_ws = run(solver, Variant{});
+  const std::vector<Value> serial(output, output + n);
+  const std::vector<unsigned char> serial_scratch = compare_scratch(serial_ws);
+  std::vector<Variant> variants;
+  if (g_wide) variants.push_back({0, true, true, false});
+  for (int threads : g_threads)
+    for (int repeat = 0; repeat < g_repeats; ++repeat) {
+      variants.push_back({threads, true, false, false});
+      variants.push_back({threads, false, false, false});
+      if (g_wide) variants.push_back({threads, true, true, false});
+      if (lagging && repeat == 0) variants.push_back({threads, true, g_wide, true});
+    }
+  for (const Variant& variant : variants) {
+    const std::vector<unsigned char> ws = run(solver, variant);
+    const bool same =
+        std::memcmp(serial.data(), output, n * sizeof(Value)) == 0 && compare_scratch(ws) == serial_scratch;
+    tally.check(same && (!variant.lagging || went_alone(ws)), name + " " + variant.name());
+  }
+}
 template <typename Solver, typename Value, typename Scratch>
 void check_solver(Tally& tally, const std::string& name, const Solver& solver, Value* output, int64_t n,
                   Scratch compare_scratch) {
-  const std::vector<unsigned char> serial_ws = run<true>(solver, 0);
-  const std::vector<Value> serial(output, output + n);
-  const std::vector<unsigned char> serial_scratch = compare_scratch(serial_ws);
-  if (g_wide) {
-    const std::vector<unsigned char> ws = run<true>(solver, kWideSerial);
-    tally.check(std::memcmp(serial.data(), output, n * sizeof(Value)) == 0 && compare_scratch(ws) == serial_scratch,
-                name + " serial avx2");
-  }
-  for (int threads : g_threads)
-    for (int repeat = 0; repeat < g_repeats; ++repeat)
-      for (bool host : {true, false}) {
-        const std::vector<unsigned char> ws = host ? run<true>(solver, threads) : run<false>(solver, threads);
-        const bool same = std::memcmp(serial.data(), output, n * sizeof(Value)) == 0 &&
-                          compare_scratch(ws) == serial_scratch;
-        tally.check(same, name + " threads=" + std::to_string(threads) + (host ? " host" : " strided"));
-      }
+  check_solver(tally, name, solver, output, n, compare_scratch, false,
+               [](const std::vector<unsigned char>&) { return true; });
 }
 
 const auto kNoScratch = [](const std::vector<unsigned char>&) { return std::vector<unsigned char>(); };
@@ -203,11 +257,18 @@ void check_affinity_propagation(Tally& tally, std::mt19937& generator, const std
           const auto* begin = reinterpret_cast<const unsigned char*>(scratch.messages);
           return std::vector<unsigned char>(begin, begin + 2 * K * K * sizeof(T));
         };
+        // A lagging worker must have made worker 0 go on alone (the team's flag in the
+        // scratch), where there was a message loop (not K = 2: all off-diagonal equal).
+        const auto went_alone = [&](const std::vector<unsigned char>& ws) {
+          WorkspaceLayout layout(const_cast<unsigned char*>(ws.data()));
+          const auto scratch = solver.carve(layout);
+          return scratch.misc[kAlone] == 1 || scratch.misc[kUnequal] == 0;
+        };
         check_solver(tally,
                      std::string("affinity_propagation<") + (sizeof(T) == 8 ? "double" : "float") +
                          "> K=" + std::to_string(K) + " problem=" + std::to_string(problem) +
                          (passed_noise ? " noise passed" : " noise drawn"),
-                     solver, labels.data(), K, messages);
+                     solver, labels.data(), K, messages, true, went_alone);
       }
     }
   }

@@ -35,10 +35,12 @@
 #pragma once
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <initializer_list>
 #include <type_traits>
 
 #include "../workspace.h"
@@ -152,36 +154,52 @@ SELGROUP_HD void team_bitonic_sort(const Workers& team, T* values, int64_t padde
 }
 
 // The k-th smallest (from 0) of the `count` finite `values`, by radix selection on
-// the floats' order-preserving integer images, 11 bits at a time: one counting pass
-// over all values, then passes over the shrinking set of candidates that share the
-// digits so far (gathered into `scratch`, room for `count`), then std::nth_element
-// on the last few. O(count) with no data-dependent branches in the counting, where
-// std::nth_element's partitions mispredict (about 7 ns per value at K² = 65 536).
-// Host only. Equal values of either sign of zero order −0 first: the value is the same.
+// the floats' order-preserving integer images, 11 bits at a time: each round maps
+// the candidates to their digits (a loop the compiler vectorises), counts them,
+// and gathers the candidates that share the digits so far, until std::nth_element
+// takes the last few. `scratch` has room for 2·count values: the candidates, then
+// the digits. O(count) with no data-dependent branches, where std::nth_element's
+// partitions mispredict (about 7 ns per value at K² = 65 536). Host only. Equal
+// values of either sign of zero order −0 first: the value is the same.
 template <typename T>
 T kth_smallest(const T* values, int64_t count, int64_t k, T* scratch) {
   using Bits = std::conditional_t<sizeof(T) == 8, uint64_t, uint32_t>;
   constexpr int kDigitBits = 11;
   constexpr int64_t kBins = int64_t(1) << kDigitBits, kFewCandidates = 64;
   constexpr Bits kSign = Bits(1) << (8 * sizeof(T) - 1);
-  const auto key = [](T x) {
-    Bits bits;
-    std::memcpy(&bits, &x, sizeof bits);
-    return (bits & kSign) ? ~bits : (bits | kSign);
-  };
-  int32_t histogram[kBins];
+  uint16_t* digits = reinterpret_cast<uint16_t*>(scratch + count);
+  // Four interleaved histograms: similar values share a bin, and one histogram's
+  // increments would wait on each other's stores.
+  constexpr int kHistograms = 4;
+  int32_t histograms[kHistograms][kBins];
   const T* candidates = values;
   int shift = 8 * static_cast<int>(sizeof(T));
   while (count > kFewCandidates && shift > 0) {
     shift = shift > kDigitBits ? shift - kDigitBits : 0;
-    const auto digit = [&](T x) { return static_cast<int64_t>((key(x) >> shift) & Bits(kBins - 1)); };
-    std::fill(histogram, histogram + kBins, 0);
-    for (int64_t i = 0; i < count; ++i) ++histogram[digit(candidates[i])];
+    for (int64_t i = 0; i < count; ++i) {
+      Bits bits;
+      std::memcpy(&bits, candidates + i, sizeof bits);
+      const Bits key = (bits & kSign) ? ~bits : (bits | kSign);
+      digits[i] = static_cast<uint16_t>((key >> shift) & Bits(kBins - 1));
+    }
+    std::fill(&histograms[0][0], &histograms[0][0] + kHistograms * kBins, 0);
+    int64_t i = 0;
+    for (; i + kHistograms <= count; i += kHistograms)
+      for (int h = 0; h < kHistograms; ++h) ++histograms[h][digits[i + h]];
+    for (; i < count; ++i) ++histograms[0][digits[i]];
     int64_t bin = 0;
-    while (k >= histogram[bin]) k -= histogram[bin++];
+    const auto in_bin = [&](int64_t b) {
+      int64_t total = 0;
+      for (int h = 0; h < kHistograms; ++h) total += histograms[h][b];
+      return total;
+    };
+    while (k >= in_bin(bin)) k -= in_bin(bin++);
+    // Branch-free gather (the kept count trails i, so it may compact in place).
     int64_t kept = 0;
-    for (int64_t i = 0; i < count; ++i)
-      if (digit(candidates[i]) == bin) scratch[kept++] = candidates[i];
+    for (i = 0; i < count; ++i) {
+      scratch[kept] = candidates[i];
+      kept += digits[i] == bin ? 1 : 0;
+    }
     candidates = scratch;
     count = kept;
   }
@@ -190,8 +208,8 @@ T kth_smallest(const T* values, int64_t count, int64_t k, T* scratch) {
   return scratch[k];
 }
 
-// numpy.median of the `count` entries of `values`, using `scratch` (room for the
-// next power of two ≥ count values) and the one-slot `result`. Every rank returns
+// numpy.median of the `count` entries of `values`, using `scratch` (room for 2·count
+// values, and for the next power of two ≥ count) and the one-slot `result`. Every rank returns
 // it. Host teams select (kth_smallest on rank 0, O(count)); device teams sort
 // (bitonic, every thread busy). The median is an entry (or the mean of two
 // entries) either way, so both give the same value bit for bit.
@@ -280,16 +298,19 @@ SELGROUP_HD_INLINE void split_at_diagonal(int64_t begin, int64_t end, int64_t di
   for (int64_t k = middle == diagonal ? diagonal + 1 : middle; k < end; ++k) off(k);
 }
 
-// SIMD lanes for the host's serial loop: GCC's vector extensions, whose operators
-// act lane by lane with the same IEEE arithmetic as the scalar code (so the lanes
-// give the same bits). `Bytes` is the register width the caller was compiled for
-// (csrc/team.h SoloTeam). Not for nvcc (device teams never take these paths) nor
-// other compilers, which run the scalar loops.
+// SIMD lanes for the host teams' row passes: GCC's vector extensions, whose
+// operators act lane by lane with the same IEEE arithmetic as the scalar code (so
+// the lanes give the same bits). `Bytes` is the register width the caller was
+// compiled for (csrc/team.h SoloTeam). Not for nvcc (device teams never take these
+// paths) nor other compilers, which run the scalar loops.
 #if defined(__GNUC__) && !defined(__clang__) && !defined(__CUDACC__)
 #define SELGROUP_HOST_LANES 1
 template <typename T, int Bytes>
 struct Lanes {
   typedef T Vector __attribute__((vector_size(Bytes)));
+  // What a compare of two Vectors gives: all ones in the lanes where it holds.
+  typedef std::conditional_t<sizeof(T) == 8, int64_t, int32_t> MaskLane;
+  typedef MaskLane Mask __attribute__((vector_size(Bytes)));
   static constexpr int64_t kCount = Bytes / static_cast<int64_t>(sizeof(T));
   static Vector load(const T* from) {
     Vector v;
@@ -298,6 +319,14 @@ struct Lanes {
   }
   static void store(T* to, const Vector& v) { __builtin_memcpy(to, &v, sizeof v); }
   static Vector broadcast(T x) { return x - Vector{}; }  // x − (+0) is x, even −0
+  static Mask lane_numbers() {
+    Mask numbers;
+    for (int64_t l = 0; l < kCount; ++l) numbers[l] = static_cast<MaskLane>(l);
+    return numbers;
+  }
+  // The mask of lane `lane` alone (for the one vector of a row that holds the
+  // diagonal, or the row's maximum).
+  static Mask only(int64_t lane) { return lane_numbers() == static_cast<MaskLane>(lane); }
 };
 #else
 #define SELGROUP_HOST_LANES 0
@@ -306,13 +335,27 @@ struct Lanes {
 // max(x, 0) and its twin that keeps a −0 (the two clips of the availability rule,
 // each as it was first written, so that even zeros keep their sign). T here and in
 // the rules below: a scalar, or a vector of SIMD lanes.
+// Both are one max instruction on x86 (MAXPS(a, b) is a > b ? a : b), but GCC
+// turns a select against a literal zero into a compare and a mask first (two
+// instructions, ~8 % of the serial loop at K = 256), so for SIMD lanes the zero is
+// passed through an empty asm that hides its value.
+template <typename T>
+SELGROUP_HD_INLINE T opaque_zero() {
+  T zero{};
+#if defined(__x86_64__) && !defined(__CUDACC__)
+  if constexpr (sizeof(T) >= 16) __asm__("" : "+x"(zero));
+#endif
+  return zero;
+}
 template <typename T>
 SELGROUP_HD_INLINE T positive_part(const T& x) {
-  return x > T{} ? x : T{};
+  const T zero = opaque_zero<T>();
+  return x > zero ? x : zero;
 }
 template <typename T>
 SELGROUP_HD_INLINE T clip_below_zero(const T& x) {
-  return x < T{} ? T{} : x;
+  const T zero = opaque_zero<T>();
+  return zero > x ? zero : x;
 }
 
 // The damped message rules, one entry each (docs/algorithm.md §Affinity propagation).
@@ -335,11 +378,16 @@ SELGROUP_HD_INLINE T damped_self_availability(const T& a, const T& r, const T& c
                                              const T& take) {
   return a * keep - (r - column_sum) * take;
 }
-
-// A row of A + S as the competitor search below reads it. Teams sum it on the fly
-// (operator(), max, first_equal over [0, K)); the serial loop stores it in a
-// buffer (StoredRow), which it searches with SIMD lanes.
+// What R[i,k] adds to column k's sum: itself on the diagonal, its positive part elsewhere.
 template <typename T>
+SELGROUP_HD_INLINE T column_share(const T& r, bool diagonal) {
+  return diagonal ? r : positive_part(r);
+}
+
+// A row of A + S, summed where it is read by the competitor search below. Device
+// teams use max and first_equal; the host teams' row passes find the top two as
+// they make the row, then first_equal in SIMD lanes of `Bytes` (0: scalar).
+template <typename T, int Bytes = 0>
 struct SummedRow {
   const T* a;
   const T* s;
@@ -352,32 +400,22 @@ struct SummedRow {
   // The first k < K − 1 whose value equals `target`, else K − 1.
   SELGROUP_HD_INLINE int64_t first_equal(int64_t K, T target) const {
     int64_t k = 0;
-    while (k < K - 1 && !(a[k] + s[k] == target)) ++k;
-    return k;
-  }
-};
-
-template <int Bytes, typename T>
-struct StoredRow {
-  const T* values;
-  SELGROUP_HD_INLINE T operator()(int64_t k) const { return values[k]; }
-  SELGROUP_HD_INLINE int64_t first_equal(int64_t K, T target) const {
-    int64_t k = 0;
 #if SELGROUP_HOST_LANES
-    // Four vectors' compares at a time, then the lane.
-    using L = Lanes<T, Bytes>;
-    const auto wanted = L::broadcast(target);
-    for (; k + 4 * L::kCount <= K; k += 4 * L::kCount) {
-      const auto hits = (L::load(values + k) == wanted) | (L::load(values + k + L::kCount) == wanted) |
-                        (L::load(values + k + 2 * L::kCount) == wanted) |
-                        (L::load(values + k + 3 * L::kCount) == wanted);
-      uint64_t words[sizeof hits / 8], any = 0;  // the lanes' compare masks, ORed 64 bits at a time
-      __builtin_memcpy(words, &hits, sizeof hits);
-      for (uint64_t word : words) any |= word;
-      if (any != 0) break;
+    if constexpr (Bytes > 0) {
+      // Four vectors' compares at a time, then the lane.
+      using L = Lanes<T, Bytes>;
+      const auto wanted = L::broadcast(target);
+      const auto hit = [&](int64_t at) { return L::load(a + at) + L::load(s + at) == wanted; };
+      for (; k + 4 * L::kCount <= K; k += 4 * L::kCount) {
+        const auto hits = hit(k) | hit(k + L::kCount) | hit(k + 2 * L::kCount) | hit(k + 3 * L::kCount);
+        uint64_t words[sizeof hits / 8], any = 0;  // the lanes' compare masks, ORed 64 bits at a time
+        __builtin_memcpy(words, &hits, sizeof hits);
+        for (uint64_t word : words) any |= word;
+        if (any != 0) break;
+      }
     }
 #endif
-    while (k < K - 1 && !(values[k] == target)) ++k;
+    while (k < K - 1 && !(a[k] + s[k] == target)) ++k;
     return k;
   }
 };
@@ -415,94 +453,168 @@ struct TopTwo {
   }
 };
 
-// The serial loop's passes over a row, SIMD lanes first, then the scalar tail.
-// availability_run: A[i, begin:end) from R and the column sums (k ≠ i), A + S into
-// `row`, whose values it adds to `top`.
-template <int Bytes, typename T>
-SELGROUP_HD_INLINE void availability_run(int64_t begin, int64_t end, T* __restrict__ a_row,
-                                         const T* __restrict__ r_row, const T* __restrict__ s_row,
-                                         const T* __restrict__ column_sum, T* __restrict__ row, T keep, T take,
-                                         TopTwo<T>& top) {
-  int64_t k = begin;
 #if SELGROUP_HOST_LANES
-  using L = Lanes<T, Bytes>;
-  if (end - k >= L::kCount) {
-    const auto keep_lanes = L::broadcast(keep), take_lanes = L::broadcast(take);
-    const auto minus_infinity = L::broadcast(-T(1) / T(0));
-    TopTwo<typename L::Vector> lanes{minus_infinity, minus_infinity};
-    for (; k + L::kCount <= end; k += L::kCount) {
-      const auto a = damped_availability(L::load(a_row + k), L::load(r_row + k), L::load(column_sum + k),
-                                         keep_lanes, take_lanes);
-      L::store(a_row + k, a);
-      const auto sum = a + L::load(s_row + k);
-      L::store(row + k, sum);
-      lanes.add(sum);
-    }
-    for (int64_t l = 0; l < L::kCount; ++l) {  // the top two of the union are among the lanes' top twos
-      top.add(lanes.first[l]);
-      top.add(lanes.second[l]);
-    }
-  }
-#endif
-  for (; k < end; ++k) {
-    a_row[k] = damped_availability(a_row[k], r_row[k], column_sum[k], keep, take);
-    row[k] = a_row[k] + s_row[k];
-    top.add(row[k]);
-  }
-}
-// R[i, begin:end) against `competitor`, adding max(0, R) to the column sums.
+// The top two of the union of the lanes' top twos: halves of the lanes merged
+// pairwise (log2 of the lane count steps), then lane 0.
 template <int Bytes, typename T>
-SELGROUP_HD_INLINE void responsibility_run(int64_t begin, int64_t end, T* __restrict__ r_row,
-                                           const T* __restrict__ s_row, T competitor,
-                                           T* __restrict__ column_sum, T keep, T take) {
-  int64_t k = begin;
+inline TopTwo<T> merge_lanes(TopTwo<typename Lanes<T, Bytes>::Vector> lanes) {
+  using L = Lanes<T, Bytes>;
+  for (int64_t half = L::kCount / 2; half > 0; half /= 2) {
+    const auto partner = L::lane_numbers() ^ static_cast<typename L::MaskLane>(half);
+    const auto first = __builtin_shuffle(lanes.first, partner), second = __builtin_shuffle(lanes.second, partner);
+    const auto lower = lanes.first < first ? lanes.first : first;
+    const auto seconds = lanes.second > second ? lanes.second : second;
+    lanes.first = lanes.first > first ? lanes.first : first;
+    lanes.second = seconds > lower ? seconds : lower;
+  }
+  return {lanes.first[0], lanes.second[0]};
+}
+#endif
+
 #if SELGROUP_HOST_LANES
-  using L = Lanes<T, Bytes>;
-  if (end - k >= L::kCount) {
-    const auto keep_lanes = L::broadcast(keep), take_lanes = L::broadcast(take);
-    const auto competitor_lanes = L::broadcast(competitor);
-    for (; k + L::kCount <= end; k += L::kCount) {
-      const auto r = damped_responsibility(L::load(r_row + k), L::load(s_row + k), competitor_lanes, keep_lanes,
-                                           take_lanes);
-      L::store(r_row + k, r);
-      L::store(column_sum + k, L::load(column_sum + k) + positive_part(r));
-    }
+// Calls body(k, std::false_type{}) for the whole vectors k = 0, L, 2L, ... that fit
+// in [0, K), but body(k, std::true_type{}) for the one or two that hold position
+// `p` or `q` (the diagonal, the row's maximum), so the selects of their special
+// rules, and the test for them, cost nothing in the other vectors. Returns where
+// the whole vectors end.
+template <int64_t L, typename Body>
+inline int64_t for_each_vector(int64_t K, int64_t p, int64_t q, Body&& body) {
+  const int64_t end = K / L * L;
+  const int64_t first = (p < q ? p : q) / L * L, second = (p < q ? q : p) / L * L;
+  int64_t k = 0;
+  const auto plain_until = [&](int64_t stop) {
+    for (; k < stop; k += L) body(k, std::false_type{});
+  };
+  for (const int64_t special : {first, second}) {
+    if (special < k || special >= end) continue;  // the same vector twice, or in the tail
+    plain_until(special);
+    body(k, std::true_type{});
+    k += L;
   }
-#endif
-  for (; k < end; ++k) {
-    r_row[k] = damped_responsibility(r_row[k], s_row[k], competitor, keep, take);
-    column_sum[k] += positive_part(r_row[k]);
-  }
+  plain_until(end);
+  return end;
 }
-// A + S of a row into `row`; returns its top two.
+#endif
+
+// The host teams' passes over a row, in whole SIMD vectors, then a scalar tail.
+// The vector that holds the diagonal (or the row's maximum) takes the other rule
+// in that lane by a select, so the loops have no scalar runs in the middle of a row.
+//
+// availability_row: A[i, :] from R and the column sums, the self rule at k = i;
+// returns the top two of the new row of A + S.
 template <int Bytes, typename T>
-SELGROUP_HD_INLINE TopTwo<T> sum_run(int64_t K, const T* __restrict__ a_row, const T* __restrict__ s_row,
-                                     T* __restrict__ row) {
+SELGROUP_HD_INLINE TopTwo<T> availability_row(int64_t K, int64_t i, T* __restrict__ a_row,
+                                              const T* __restrict__ r_row, const T* __restrict__ s_row,
+                                              const T* __restrict__ column_sum, T keep, T take) {
   const T minus_infinity = -T(1) / T(0);
   TopTwo<T> top{minus_infinity, minus_infinity};
   int64_t k = 0;
 #if SELGROUP_HOST_LANES
   using L = Lanes<T, Bytes>;
-  TopTwo<typename L::Vector> lanes{L::broadcast(minus_infinity), L::broadcast(minus_infinity)};
-  for (; k + L::kCount <= K; k += L::kCount) {
-    const auto sum = L::load(a_row + k) + L::load(s_row + k);
-    L::store(row + k, sum);
-    lanes.add(sum);
-  }
-  for (int64_t l = 0; l < L::kCount; ++l) {
-    top.add(lanes.first[l]);
-    top.add(lanes.second[l]);
+  if (K >= L::kCount) {
+    const auto keep_lanes = L::broadcast(keep), take_lanes = L::broadcast(take);
+    TopTwo<typename L::Vector> lanes{L::broadcast(minus_infinity), L::broadcast(minus_infinity)};
+    k = for_each_vector<L::kCount>(K, i, i, [&](int64_t at, auto diagonal) {
+      const auto a = L::load(a_row + at), r = L::load(r_row + at), sum = L::load(column_sum + at);
+      auto updated = damped_availability(a, r, sum, keep_lanes, take_lanes);
+      if constexpr (decltype(diagonal)::value)
+        updated = L::only(i - at) ? damped_self_availability(a, r, sum, keep_lanes, take_lanes) : updated;
+      L::store(a_row + at, updated);
+      lanes.add(updated + L::load(s_row + at));
+    });
+    top = merge_lanes<Bytes, T>(lanes);
   }
 #endif
   for (; k < K; ++k) {
-    row[k] = a_row[k] + s_row[k];
-    top.add(row[k]);
+    a_row[k] = k == i ? damped_self_availability(a_row[k], r_row[k], column_sum[k], keep, take)
+                      : damped_availability(a_row[k], r_row[k], column_sum[k], keep, take);
+    top.add(a_row[k] + s_row[k]);
   }
   return top;
 }
+// The top two of row i of A + S.
+template <int Bytes, typename T>
+SELGROUP_HD_INLINE TopTwo<T> summed_row_top_two(int64_t K, const T* __restrict__ a_row,
+                                                const T* __restrict__ s_row) {
+  const T minus_infinity = -T(1) / T(0);
+  TopTwo<T> top{minus_infinity, minus_infinity};
+  int64_t k = 0;
+#if SELGROUP_HOST_LANES
+  using L = Lanes<T, Bytes>;
+  if (K >= L::kCount) {
+    TopTwo<typename L::Vector> lanes{L::broadcast(minus_infinity), L::broadcast(minus_infinity)};
+    for (; k + L::kCount <= K; k += L::kCount) lanes.add(L::load(a_row + k) + L::load(s_row + k));
+    top = merge_lanes<Bytes, T>(lanes);
+  }
+#endif
+  for (; k < K; ++k) top.add(a_row[k] + s_row[k]);
+  return top;
+}
+// R[i, :] against the competitors; adds the new values to `column_sum` (column_share)
+// unless it is null.
+template <int Bytes, typename T>
+SELGROUP_HD_INLINE void responsibility_row(int64_t K, int64_t i, const Competitors<T>& c, T* __restrict__ r_row,
+                                           const T* __restrict__ s_row, T* __restrict__ column_sum, T keep,
+                                           T take) {
+  int64_t k = 0;
+#if SELGROUP_HOST_LANES
+  using L = Lanes<T, Bytes>;
+  if (K >= L::kCount) {
+    const auto keep_lanes = L::broadcast(keep), take_lanes = L::broadcast(take);
+    const auto first = L::broadcast(c.first), second = L::broadcast(c.second);
+    const auto pass = [&](auto add_to_sums) {
+      return for_each_vector<L::kCount>(K, i, c.best, [&](int64_t at, auto special) {
+        auto competitor = first;
+        if constexpr (decltype(special)::value) competitor = L::only(c.best - at) ? second : first;
+        const auto r =
+            damped_responsibility(L::load(r_row + at), L::load(s_row + at), competitor, keep_lanes, take_lanes);
+        L::store(r_row + at, r);
+        if constexpr (decltype(add_to_sums)::value) {
+          auto share = positive_part(r);
+          if constexpr (decltype(special)::value) share = L::only(i - at) ? r : share;
+          L::store(column_sum + at, L::load(column_sum + at) + share);
+        }
+      });
+    };
+    k = column_sum != nullptr ? pass(std::true_type{}) : pass(std::false_type{});
+  }
+#endif
+  for (; k < K; ++k) {
+    r_row[k] = damped_responsibility(r_row[k], s_row[k], k == c.best ? c.second : c.first, keep, take);
+    if (column_sum != nullptr) column_sum[k] += column_share(r_row[k], k == i);
+  }
+}
+// Adds rows [first_row, last_row) of R to column_sum[begin, end), row after row
+// (each sum kept in a register over four rows at a time).
+template <int Bytes, typename T>
+SELGROUP_HD_INLINE void add_to_column_sums(int64_t K, const T* R, int64_t first_row, int64_t last_row,
+                                           int64_t begin, int64_t end, T* __restrict__ column_sum) {
+  constexpr int64_t kRowsAtOnce = 4;
+  int64_t i = first_row;
+#if SELGROUP_HOST_LANES
+  using L = Lanes<T, Bytes>;
+  for (; i + kRowsAtOnce <= last_row; i += kRowsAtOnce) {
+    int64_t k = begin;
+    for (; k + L::kCount <= end; k += L::kCount) {
+      auto sum = L::load(column_sum + k);
+      for (int64_t row = i; row < i + kRowsAtOnce; ++row) {
+        const auto r = L::load(R + row * K + k);
+        auto share = positive_part(r);
+        if (k <= row && row < k + L::kCount) share = L::only(row - k) ? r : share;
+        sum += share;
+      }
+      L::store(column_sum + k, sum);
+    }
+    for (; k < end; ++k)
+      for (int64_t row = i; row < i + kRowsAtOnce; ++row) column_sum[k] += column_share(R[row * K + k], k == row);
+  }
+#endif
+  for (; i < last_row; ++i)
+    for (int64_t k = begin; k < end; ++k) column_sum[k] += column_share(R[i * K + k], k == i);
+}
 
 // Indices of the team-wide integers of the workspace.
-enum MiscSlot : int { kNonFinite = 0, kUnequal = 1, kNumExemplars = 2, kMiscInts = 3 };
+enum MiscSlot : int { kNonFinite = 0, kUnequal = 1, kNumExemplars = 2, kAlone = 3, kMiscInts = 4 };
 
 // The whole algorithm as a team solver (csrc/workspace.h). `input` is the K×K
 // similarity (row-major, contiguous, read only); `preference` is used when
@@ -522,21 +634,22 @@ struct AffinityPropagation {
   int64_t convergence_iter;
   const double* noise;
 
-  // Host teams split the O(K²) message updates by rows and columns. Each iteration
-  // costs four barriers, and a barrier whose threads are descheduled (a loaded or
-  // oversubscribed machine) costs a scheduler time slice: with 128 samples per
-  // worker, 2 threads ran K = 256 about 15× slower than 1 thread on the loaded 2-core
-  // development machine (benchmarks/results/affinity_propagation_large_k.md). So a
-  // worker needs 512 samples (≈ 0.1–1 ms of work per barrier): the CPU team starts
-  // at K = 1024.
-  static constexpr int64_t kSamplesPerWorker = 512;
-  SELGROUP_HD_INLINE int64_t parallelism() const { return K / kSamplesPerWorker; }
+  // How many CPU threads the message loop is worth (iterate_rows). On the idle
+  // 2-core development machine 2 threads were ~1.5× faster than 1 at K = 128 and
+  // ~1.65× at 256; at K = 64 (an iteration ~2.5 µs, a barrier ~0.3 µs) they gained
+  // ~10 % back to back and lost when the pool's threads had gone to sleep between
+  // calls: hence a worker per 64 samples. The rows added in turn grow with the team
+  // (about 1/8 of a row's work for every row past worker 0's), so past 8 workers
+  // more would barely help (benchmarks/results/affinity_propagation_large_k.md).
+  static constexpr int64_t kSamplesPerWorker = 64, kMostWorkers = 8;
+  SELGROUP_HD_INLINE int64_t parallelism() const {
+    return K / kSamplesPerWorker < kMostWorkers ? K / kSamplesPerWorker : kMostWorkers;
+  }
 
   struct Scratch {
     T* similarity;  // K×K, the preference on the diagonal, noise added
     T* messages;    // 2·K×K: A then R; before they start, the median's scratch (≥ the power of two ≥ K²)
-    T* column_sum;  // 2·K: the availabilities' column sums (the serial loop: this iteration's, the next's)
-    T* row;         // K: the serial loop's row of A + S
+    T* column_sum;  // 2·K: the availabilities' column sums (iterate_rows: this iteration's, the next's)
     T* median;      // 1
     int* is_exemplar;  // K, the exemplar flag of the latest iteration
     int* run_length;   // K, iterations the flag has kept its value; later the label map
@@ -547,7 +660,7 @@ struct AffinityPropagation {
   };
   SELGROUP_HD Scratch carve(WorkspaceLayout& layout) const {
     return {layout.take<T>(K * K),      layout.take<T>(2 * K * K), layout.take<T>(2 * K),
-            layout.take<T>(K),          layout.take<T>(1),         layout.take<int>(K),
+            layout.take<T>(1),          layout.take<int>(K),
             layout.take<int>(K),        layout.take<int>(K),       layout.take<int>(K),
             layout.take<int>(kMiscInts), layout.take<uint32_t>(noise == nullptr ? kMtStateWords : 0)};
   }
@@ -633,70 +746,127 @@ struct AffinityPropagation {
     }
   }
 
-  // The same message loop on one host thread, one pass over the matrices per
-  // iteration instead of four: the pass over row i updates its availabilities
-  // (iteration t), records its flag, then its responsibilities (iteration t + 1)
-  // from the row of A + S just made, adding them to the next column sums, which
-  // therefore run down the rows in the team's order. An iteration that may be the
-  // last (the flags could all have been constant for convergence_iter iterations
-  // by its end; or max_iter) stops after the availabilities, and makes the next
-  // responsibilities in a pass of their own if it was not, so the final messages
-  // are the team's (tests/team_check.cpp compares them).
-  template <int Bytes>
-  SELGROUP_HD void iterate_serial(const Scratch& ws, T keep, T take) const {
+  // The message loop on host teams (one thread, or OpenMP's), one pass over the
+  // matrices per iteration instead of iterate's four: the pass over row i updates
+  // its availabilities (iteration t), records its flag, then makes its
+  // responsibilities (iteration t + 1) from the top two of the row of A + S just
+  // made. An iteration that may be the last (the flags could all have been constant
+  // for convergence_iter iterations by its end; or max_iter) stops after the
+  // availabilities, and makes the next responsibilities in a pass of their own if
+  // it was not, so the final messages are iterate's (tests/team_check.cpp compares
+  // them).
+  //
+  // Workers take contiguous blocks of rows. Each column sums its rows in the order
+  // 0, 1, ..., K − 1 whatever the team, as iterate does: worker 0 adds its rows as it
+  // makes them; after a barrier, each other worker in turn adds its own rows (which
+  // stay in its core's cache: a column split of this pass made every worker read
+  // the others' rows, and the cache traffic cost more than the pass). Barriers an
+  // iteration: one, plus one per worker beyond the first; none on one thread.
+  //
+  // A barrier costs a scheduler time slice (milliseconds) when a worker has been
+  // descheduled, which happens on a loaded machine. So when worker 0 has waited at
+  // the barriers of an iteration (after the first pass) longer than it worked, plus
+  // kSlackNanoseconds, the other workers leave and worker 0 finishes the loop alone:
+  // the same sums in the same order, so the same bits.
+  static constexpr int64_t kSlackNanoseconds = 100000;
+  template <int Bytes, Team Workers>
+  void iterate_rows(const Workers& team, const Scratch& ws, T keep, T take) const {
+    using Clock = std::chrono::steady_clock;
     const T* S = ws.similarity;
     T* A = ws.messages;
     T* R = ws.messages + K * K;
-    T* row = ws.row;  // A + S of the current row
     T* column_sum = ws.column_sum;
     T* next_column_sum = ws.column_sum + K;
-    const T minus_infinity = -T(1) / T(0);
+    int workers = team.size();
+    const bool first_worker = team.rank() == 0;
+    int64_t own_begin = 0, own_end = K;
+    // This worker's rows. Worker 0 takes 7/8 of an even share, as adding its rows to
+    // the sums while it makes them costs it about 1/8 more per row than the others
+    // pay before their turn (benchmarks/results/affinity_propagation_large_k.md).
+    if (workers > 1) {
+      const int64_t first_rows = K * 7 / (8 * workers), share = (K - first_rows + workers - 2) / (workers - 1);
+      const int64_t later_begin = first_rows + (team.rank() - 1) * share;
+      own_begin = first_worker ? 0 : (later_begin < K ? later_begin : K);
+      own_end = first_worker ? first_rows : (own_begin + share < K ? own_begin + share : K);
+    }
+    int64_t waited = 0, worked = 0;  // worker 0's nanoseconds in this iteration
+    // Not from the first pass: threads of the pool that slept since the last call
+    // arrive late at its barrier once (tens of microseconds to wake).
+    bool decide = false;
+    Clock::time_point mark = Clock::now();
+    const auto work_done = [&] {
+      const Clock::time_point now = Clock::now();
+      worked += std::chrono::duration_cast<std::chrono::nanoseconds>(now - mark).count();
+      mark = now;
+    };
+    const auto sync = [&] {
+      if (workers == 1) return;
+      if (first_worker) work_done();
+      team.sync();
+      if (!first_worker) return;
+      const Clock::time_point now = Clock::now();
+      waited += std::chrono::duration_cast<std::chrono::nanoseconds>(now - mark).count();
+      mark = now;
+    };
     const auto responsibilities = [&](int64_t i, const TopTwo<T>& top) {
-      const T* s_row = S + i * K;
-      T* r_row = R + i * K;
-      const StoredRow<Bytes, T> stored{row};
-      const Competitors<T> c = row_competitors(K, stored, stored.first_equal(K, top.first), top.second);
-      const int64_t low = c.best < i ? c.best : i, high = c.best < i ? i : c.best;
-      responsibility_run<Bytes>(int64_t(0), low, r_row, s_row, c.first, next_column_sum, keep, take);
-      responsibility_run<Bytes>(low + 1, high, r_row, s_row, c.first, next_column_sum, keep, take);
-      responsibility_run<Bytes>(high + 1, K, r_row, s_row, c.first, next_column_sum, keep, take);
-      r_row[c.best] = damped_responsibility(r_row[c.best], s_row[c.best], c.second, keep, take);
-      if (c.best != i) {
-        r_row[i] = damped_responsibility(r_row[i], s_row[i], c.first, keep, take);
-        next_column_sum[c.best] += positive_part(r_row[c.best]);
+      const SummedRow<T, Bytes> row{A + i * K, S + i * K};
+      const Competitors<T> c = row_competitors(K, row, row.first_equal(K, top.first), top.second);
+      responsibility_row<Bytes>(K, i, c, R + i * K, S + i * K, first_worker ? next_column_sum : nullptr, keep, take);
+    };
+    // After the barrier that ends a pass of responsibilities: the other workers' rows
+    // into the sums, worker by worker; ends with a barrier (on teams of two or more).
+    // Worker 0 decides before the last barrier whether the team goes on.
+    const auto add_rows_in_turn = [&] {
+      for (int worker = 1; worker < workers; ++worker) {
+        if (team.rank() == worker) add_to_column_sums<Bytes>(K, R, own_begin, own_end, 0, K, next_column_sum);
+        if (worker == workers - 1 && first_worker) {
+          work_done();
+          ws.misc[kAlone] = decide && waited > worked + kSlackNanoseconds ? 1 : 0;
+          waited = worked = 0;
+          decide = true;
+        }
+        sync();
       }
-      next_column_sum[i] += r_row[i];
     };
     bool responsibilities_made = false;
     int64_t shortest_run = 0;  // of the flags' runs after the previous iteration
     for (int64_t it = 0; it < max_iter; ++it) {
       if (!responsibilities_made) {
-        for (int64_t k = 0; k < K; ++k) next_column_sum[k] = T(0);
-        for (int64_t i = 0; i < K; ++i) responsibilities(i, sum_run<Bytes>(K, A + i * K, S + i * K, row));
+        if (first_worker)
+          for (int64_t k = 0; k < K; ++k) next_column_sum[k] = T(0);
+        for (int64_t i = own_begin; i < own_end; ++i)
+          responsibilities(i, summed_row_top_two<Bytes>(K, A + i * K, S + i * K));
+        sync();
+        add_rows_in_turn();
       }
       T* swap = column_sum;
       column_sum = next_column_sum;
       next_column_sum = swap;
       const bool may_stop = it + 1 == max_iter || (it >= convergence_iter && shortest_run + 1 >= convergence_iter);
-      if (!may_stop)
+      if (!may_stop && first_worker)
         for (int64_t k = 0; k < K; ++k) next_column_sum[k] = T(0);
-      for (int64_t i = 0; i < K; ++i) {
-        const T* s_row = S + i * K;
-        const T* r_row = R + i * K;
-        T* a_row = A + i * K;
-        TopTwo<T> top{minus_infinity, minus_infinity};
-        availability_run<Bytes>(int64_t(0), i, a_row, r_row, s_row, column_sum, row, keep, take, top);
-        a_row[i] = damped_self_availability(a_row[i], r_row[i], column_sum[i], keep, take);
-        row[i] = a_row[i] + s_row[i];
-        top.add(row[i]);
-        availability_run<Bytes>(i + 1, K, a_row, r_row, s_row, column_sum, row, keep, take, top);
+      for (int64_t i = own_begin; i < own_end; ++i) {
+        const TopTwo<T> top = availability_row<Bytes>(K, i, A + i * K, R + i * K, S + i * K, column_sum, keep, take);
         record_flag(ws, it, i);
         if (!may_stop) responsibilities(i, top);
       }
-      responsibilities_made = !may_stop;
-      if (converged(ws, it)) break;
+      sync();
+      // Every worker takes the same decisions from the same shared flags, before the
+      // barrier after which the next pass writes them.
+      const bool stop = converged(ws, it);
       shortest_run = ws.run_length[0];
       for (int64_t i = 1; i < K; ++i) shortest_run = shortest_run < ws.run_length[i] ? shortest_run : ws.run_length[i];
+      if (may_stop)
+        sync();
+      else
+        add_rows_in_turn();
+      responsibilities_made = !may_stop;
+      if (stop) break;
+      if (workers > 1 && ws.misc[kAlone]) {
+        if (!first_worker) return;  // to the barrier after the loop, where worker 0 joins
+        workers = 1;
+        own_end = K;
+      }
     }
   }
 
@@ -704,16 +874,19 @@ struct AffinityPropagation {
   SELGROUP_HD void operator()(const Workers& team, const Scratch& ws) const {
     const int64_t squared = K * K;
     // Non-finite similarities: no clustering (all −1).
-    if (team.rank() == 0) ws.misc[kNonFinite] = ws.misc[kUnequal] = 0;
+    if (team.rank() == 0) ws.misc[kNonFinite] = ws.misc[kUnequal] = ws.misc[kAlone] = 0;
     team.sync();
     team_split(team, K, [&](int64_t begin, int64_t end) {
-      bool non_finite = false, unequal = false;
-      for (int64_t i = begin; i < end; ++i)
+      int non_finite = 0, unequal = 0;
+      const T reference = input[1];
+      for (int64_t i = begin; i < end; ++i) {
+        const T* row = input + i * K;
+        SELGROUP_SIMD(reduction(| : non_finite, unequal))
         for (int64_t j = 0; j < K; ++j) {
-          const T value = input[i * K + j];
-          non_finite |= !is_finite(value);
-          unequal |= i != j && value != input[1];
+          non_finite |= is_finite(row[j]) ? 0 : 1;
+          unequal |= j != i && row[j] != reference ? 1 : 0;
         }
+      }
       // Benign race: every writer writes the same 1.
       if (non_finite) ws.misc[kNonFinite] = 1;
       if (unequal) ws.misc[kUnequal] = 1;
@@ -742,21 +915,29 @@ struct AffinityPropagation {
     T* S = ws.similarity;
     T* A = ws.messages;
     T* R = ws.messages + squared;
+    const auto with_noise = [](T value, T normal) {
+      return value + (FloatLimits<T>::eps * value + FloatLimits<T>::tiny * T(100)) * normal;
+    };
     team_split(team, K, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i)
-        for (int64_t j = 0; j < K; ++j) {
-          const int64_t e = i * K + j;
-          const T value = i == j ? self : input[e];
-          const T scale = FloatLimits<T>::eps * value + FloatLimits<T>::tiny * T(100);
-          S[e] = value + scale * (noise != nullptr ? static_cast<T>(noise[e]) : S[e]);
-          A[e] = R[e] = T(0);
+      for (int64_t i = begin; i < end; ++i) {
+        const T* input_row = input + i * K;
+        T* s_row = S + i * K;
+        const T diagonal_normal = noise != nullptr ? static_cast<T>(noise[i * K + i]) : s_row[i];
+        if (noise != nullptr) {
+          const double* normals = noise + i * K;
+          for (int64_t j = 0; j < K; ++j) s_row[j] = with_noise(input_row[j], static_cast<T>(normals[j]));
+        } else {
+          for (int64_t j = 0; j < K; ++j) s_row[j] = with_noise(input_row[j], s_row[j]);
         }
+        s_row[i] = with_noise(self, diagonal_normal);
+        for (int64_t j = 0; j < K; ++j) A[i * K + j] = R[i * K + j] = T(0);
+      }
     });
     team.sync();
 
     const T keep = damping, take = T(1) - damping;
     if constexpr (requires { Workers::kVectorBytes; })
-      iterate_serial<Workers::kVectorBytes>(ws, keep, take);
+      iterate_rows<Workers::kVectorBytes>(team, ws, keep, take);
     else
       iterate(team, ws, keep, take);
 
