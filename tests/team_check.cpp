@@ -327,7 +327,7 @@ int main(int argc, char** argv) {
   g_repeats = full ? 2 : 1;
   check_weightings(tally, generator, full ? std::vector<int>{2, 3, 5, 8, 13, 16} : std::vector<int>{3, 8});
   const std::vector<int> propagation_sizes =
-      full ? std::vector<int>{2, 3, 5, 8, 13, 16, 33, 64, 130} : std::vector<int>{3, 13, 40};
+      full ? std::vector<int>{2, 3, 5, 8, 13, 16, 33, 64, 130, 260} : std::vector<int>{3, 13, 40, 130};
   check_affinity_propagation<double>(tally, generator, propagation_sizes);
   check_affinity_propagation<float>(tally, generator, propagation_sizes);
   check_maps(tally, generator, full ? std::vector<int>{1, 5, 17, 64} : std::vector<int>{5, 17});

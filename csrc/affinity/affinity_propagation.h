@@ -584,37 +584,12 @@ SELGROUP_HD_INLINE void responsibility_row(int64_t K, int64_t i, const Competito
     if (column_sum != nullptr) column_sum[k] += column_share(r_row[k], k == i);
   }
 }
-// Adds rows [first_row, last_row) of R to column_sum[begin, end), row after row
-// (each sum kept in a register over four rows at a time).
-template <int Bytes, typename T>
-SELGROUP_HD_INLINE void add_to_column_sums(int64_t K, const T* R, int64_t first_row, int64_t last_row,
-                                           int64_t begin, int64_t end, T* __restrict__ column_sum) {
-  constexpr int64_t kRowsAtOnce = 4;
-  int64_t i = first_row;
-#if SELGROUP_HOST_LANES
-  using L = Lanes<T, Bytes>;
-  for (; i + kRowsAtOnce <= last_row; i += kRowsAtOnce) {
-    int64_t k = begin;
-    for (; k + L::kCount <= end; k += L::kCount) {
-      auto sum = L::load(column_sum + k);
-      for (int64_t row = i; row < i + kRowsAtOnce; ++row) {
-        const auto r = L::load(R + row * K + k);
-        auto share = positive_part(r);
-        if (k <= row && row < k + L::kCount) share = L::only(row - k) ? r : share;
-        sum += share;
-      }
-      L::store(column_sum + k, sum);
-    }
-    for (; k < end; ++k)
-      for (int64_t row = i; row < i + kRowsAtOnce; ++row) column_sum[k] += column_share(R[row * K + k], k == row);
-  }
-#endif
-  for (; i < last_row; ++i)
-    for (int64_t k = begin; k < end; ++k) column_sum[k] += column_share(R[i * K + k], k == i);
-}
-
 // Indices of the team-wide integers of the workspace.
 enum MiscSlot : int { kNonFinite = 0, kUnequal = 1, kNumExemplars = 2, kAlone = 3, kMiscInts = 4 };
+// A host worker's summary of an iteration (iterate_rows): the shortest run of its
+// rows' flags, whether one of them is an exemplar, and (worker 0) whether the team
+// goes on.
+enum SummarySlot : int { kShortestRun = 0, kAnyExemplar = 1, kGoOnAlone = 2, kSummaryInts = 3 };
 
 // The whole algorithm as a team solver (csrc/workspace.h). `input` is the K×K
 // similarity (row-major, contiguous, read only); `preference` is used when
@@ -634,22 +609,36 @@ struct AffinityPropagation {
   int64_t convergence_iter;
   const double* noise;
 
-  // How many CPU threads the message loop is worth (iterate_rows). On the idle
-  // 2-core development machine 2 threads were ~1.5× faster than 1 at K = 128 and
-  // ~1.65× at 256; at K = 64 (an iteration ~2.5 µs, a barrier ~0.3 µs) they gained
-  // ~10 % back to back and lost when the pool's threads had gone to sleep between
-  // calls: hence a worker per 64 samples. The rows added in turn grow with the team
-  // (about 1/8 of a row's work for every row past worker 0's), so past 8 workers
-  // more would barely help (benchmarks/results/affinity_propagation_large_k.md).
-  static constexpr int64_t kSamplesPerWorker = 64, kMostWorkers = 8;
-  SELGROUP_HD_INLINE int64_t parallelism() const {
-    return K / kSamplesPerWorker < kMostWorkers ? K / kSamplesPerWorker : kMostWorkers;
+  // Each column's sum (the availability rule's) adds its rows block by block: the
+  // rows form `blocks()` contiguous blocks of about equal size; a block's sum runs
+  // down its rows from zero, and the column's sum adds the blocks' sums in order.
+  // One block below K = 128: numpy's order (down all rows), as scikit-learn sums.
+  // More blocks from there (differences of rounding only), because a host worker
+  // that owns whole blocks can add its rows' responsibilities to their sums as it
+  // makes them: the team needs one barrier an iteration and no pass of its own
+  // over R. The count is a power of two, so teams of 2, 4 and 8 workers share the
+  // blocks evenly; every team sums alike, so gives the same bits.
+  //
+  // A worker per block. On the idle 2-core development machine 2 threads were
+  // about 1.5× faster than 1 at K = 128 and 1.7× at 256 (where an iteration takes
+  // ~8 and ~25 µs, a barrier ~0.3 µs); at K = 64 they gained ~10 % back to back and
+  // lost when the pool's threads had gone to sleep between calls
+  // (benchmarks/results/affinity_propagation_large_k.md).
+  static constexpr int64_t kSamplesPerBlock = 64, kMostBlocks = 8;
+  SELGROUP_HD_INLINE int64_t blocks() const {
+    int64_t count = 1;
+    while (count < kMostBlocks && 2 * count * kSamplesPerBlock <= K) count *= 2;
+    return count;
   }
+  SELGROUP_HD_INLINE int64_t block_begin(int64_t block) const { return block * K / blocks(); }
+  SELGROUP_HD_INLINE int64_t parallelism() const { return blocks(); }
 
   struct Scratch {
     T* similarity;  // K×K, the preference on the diagonal, noise added
     T* messages;    // 2·K×K: A then R; before they start, the median's scratch (≥ the power of two ≥ K²)
-    T* column_sum;  // 2·K: the availabilities' column sums (iterate_rows: this iteration's, the next's)
+    T* block_sums;   // 2 × blocks() × K: each block's column sums, for two passes of responsibilities
+    T* column_sums;  // blocks() × K: the column sums (iterate_rows: a copy for each worker)
+    int* summaries;  // 2 × blocks() × kSummaryInts: each worker's flags after an iteration (two in turn)
     T* median;      // 1
     int* is_exemplar;  // K, the exemplar flag of the latest iteration
     int* run_length;   // K, iterations the flag has kept its value; later the label map
@@ -659,8 +648,13 @@ struct AffinityPropagation {
     uint32_t* generator_state;  // kMtStateWords when the noise is drawn here
   };
   SELGROUP_HD Scratch carve(WorkspaceLayout& layout) const {
-    return {layout.take<T>(K * K),      layout.take<T>(2 * K * K), layout.take<T>(2 * K),
-            layout.take<T>(1),          layout.take<int>(K),
+    return {layout.take<T>(K * K),
+            layout.take<T>(2 * K * K),
+            layout.take<T>(2 * blocks() * K),
+            layout.take<T>(blocks() * K),
+            layout.take<int>(2 * blocks() * kSummaryInts),
+            layout.take<T>(1),
+            layout.take<int>(K),
             layout.take<int>(K),        layout.take<int>(K),       layout.take<int>(K),
             layout.take<int>(kMiscInts), layout.take<uint32_t>(noise == nullptr ? kMtStateWords : 0)};
   }
@@ -695,8 +689,8 @@ struct AffinityPropagation {
   }
 
   // The message loop on a team: per iteration a pass over rows (responsibilities)
-  // and one over columns (availabilities), the column sums running down the rows
-  // (i = 0, 1, ...) over each worker's columns.
+  // and one over columns (availabilities), the column sums made block by block
+  // (blocks()) over each worker's columns.
   template <Team Workers>
   SELGROUP_HD void iterate(const Workers& team, const Scratch& ws, T keep, T take) const {
     const T* S = ws.similarity;
@@ -721,13 +715,19 @@ struct AffinityPropagation {
       });
       team.sync();
       team_split(team, K, [&](int64_t begin, int64_t end) {
-        T* __restrict__ column_sum = ws.column_sum;
-        for (int64_t k = begin; k < end; ++k) column_sum[k] = T(0);
-        for (int64_t i = 0; i < K; ++i) {
-          const T* __restrict__ r_row = R + i * K;
-          split_at_diagonal(
-              begin, end, i, [&](int64_t k) { column_sum[k] += positive_part(r_row[k]); },
-              [&](int64_t k) { column_sum[k] += r_row[k]; });
+        T* __restrict__ column_sum = ws.column_sums;
+        T* __restrict__ block_sum = ws.block_sums;
+        for (int64_t block = 0; block < blocks(); ++block) {
+          T* __restrict__ sum = block == 0 ? column_sum : block_sum;
+          for (int64_t k = begin; k < end; ++k) sum[k] = T(0);
+          for (int64_t i = block_begin(block); i < block_begin(block + 1); ++i) {
+            const T* __restrict__ r_row = R + i * K;
+            split_at_diagonal(
+                begin, end, i, [&](int64_t k) { sum[k] += positive_part(r_row[k]); },
+                [&](int64_t k) { sum[k] += r_row[k]; });
+          }
+          if (block > 0)
+            for (int64_t k = begin; k < end; ++k) column_sum[k] += block_sum[k];
         }
         for (int64_t i = 0; i < K; ++i) {
           const T* __restrict__ r_row = R + i * K;
@@ -735,7 +735,9 @@ struct AffinityPropagation {
           split_at_diagonal(
               begin, end, i,
               [&](int64_t k) { a_row[k] = damped_availability(a_row[k], r_row[k], column_sum[k], keep, take); },
-              [&](int64_t k) { a_row[k] = damped_self_availability(a_row[k], r_row[k], column_sum[k], keep, take); });
+              [&](int64_t k) {
+                a_row[k] = damped_self_availability(a_row[k], r_row[k], column_sum[k], keep, take);
+              });
         }
       });
       team.sync();
@@ -750,24 +752,24 @@ struct AffinityPropagation {
   // matrices per iteration instead of iterate's four: the pass over row i updates
   // its availabilities (iteration t), records its flag, then makes its
   // responsibilities (iteration t + 1) from the top two of the row of A + S just
-  // made. An iteration that may be the last (the flags could all have been constant
-  // for convergence_iter iterations by its end; or max_iter) stops after the
-  // availabilities, and makes the next responsibilities in a pass of their own if
-  // it was not, so the final messages are iterate's (tests/team_check.cpp compares
-  // them).
+  // made, adding them to its block's column sums. An iteration that may be the last
+  // (the flags could all have been constant for convergence_iter iterations by its
+  // end; or max_iter) stops after the availabilities, and makes the next
+  // responsibilities in a pass of their own if it was not, so the final messages
+  // are iterate's (tests/team_check.cpp compares them).
   //
-  // Workers take contiguous blocks of rows. Each column sums its rows in the order
-  // 0, 1, ..., K − 1 whatever the team, as iterate does: worker 0 adds its rows as it
-  // makes them; after a barrier, each other worker in turn adds its own rows (which
-  // stay in its core's cache: a column split of this pass made every worker read
-  // the others' rows, and the cache traffic cost more than the pass). Barriers an
-  // iteration: one, plus one per worker beyond the first; none on one thread.
+  // Each worker owns whole blocks of rows (a team of a power of two, up to
+  // blocks(); other threads only pass the barriers). After the one barrier of an
+  // iteration every worker adds the blocks' sums into its own copy of the column
+  // sums, and reads the others' summaries of their flags; the block sums and the
+  // summaries are kept for two iterations in turn, so no second barrier is needed.
   //
   // A barrier costs a scheduler time slice (milliseconds) when a worker has been
   // descheduled, which happens on a loaded machine. So when worker 0 has waited at
-  // the barriers of an iteration (after the first pass) longer than it worked, plus
-  // kSlackNanoseconds, the other workers leave and worker 0 finishes the loop alone:
-  // the same sums in the same order, so the same bits.
+  // the barrier longer than it worked, plus kSlackNanoseconds (not counting the
+  // first pass, when the pool's threads may be waking up), the other workers leave
+  // and worker 0 finishes the loop alone: the same sums in the same order, so the
+  // same bits.
   static constexpr int64_t kSlackNanoseconds = 100000;
   template <int Bytes, Team Workers>
   void iterate_rows(const Workers& team, const Scratch& ws, T keep, T take) const {
@@ -775,96 +777,115 @@ struct AffinityPropagation {
     const T* S = ws.similarity;
     T* A = ws.messages;
     T* R = ws.messages + K * K;
-    T* column_sum = ws.column_sum;
-    T* next_column_sum = ws.column_sum + K;
-    int workers = team.size();
-    const bool first_worker = team.rank() == 0;
-    int64_t own_begin = 0, own_end = K;
-    // This worker's rows. Worker 0 takes 7/8 of an even share, as adding its rows to
-    // the sums while it makes them costs it about 1/8 more per row than the others
-    // pay before their turn (benchmarks/results/affinity_propagation_large_k.md).
-    if (workers > 1) {
-      const int64_t first_rows = K * 7 / (8 * workers), share = (K - first_rows + workers - 2) / (workers - 1);
-      const int64_t later_begin = first_rows + (team.rank() - 1) * share;
-      own_begin = first_worker ? 0 : (later_begin < K ? later_begin : K);
-      own_end = first_worker ? first_rows : (own_begin + share < K ? own_begin + share : K);
-    }
-    int64_t waited = 0, worked = 0;  // worker 0's nanoseconds in this iteration
-    // Not from the first pass: threads of the pool that slept since the last call
-    // arrive late at its barrier once (tens of microseconds to wake).
-    bool decide = false;
-    Clock::time_point mark = Clock::now();
-    const auto work_done = [&] {
-      const Clock::time_point now = Clock::now();
-      worked += std::chrono::duration_cast<std::chrono::nanoseconds>(now - mark).count();
-      mark = now;
+    const int64_t num_blocks = blocks();
+    int workers = 1;
+    while (2 * workers <= team.size() && 2 * workers <= num_blocks) workers *= 2;
+    const int rank = team.rank();
+    const bool first_worker = rank == 0;
+    bool alone = team.size() == 1;
+    int64_t own_first_block = rank < workers ? rank * num_blocks / workers : num_blocks;
+    int64_t own_last_block = rank < workers ? (rank + 1) * num_blocks / workers : num_blocks;
+    int64_t own_begin = block_begin(own_first_block), own_end = block_begin(own_last_block);
+    const auto block_sums = [&](int turn, int64_t block) { return ws.block_sums + (turn * num_blocks + block) * K; };
+    // The column sums the availabilities read: with one block, that block's sums.
+    T* own_column_sums = ws.column_sums + (rank < workers ? rank : 0) * K;
+    int turn = 0;  // where the next responsibilities' block sums go
+    const auto column_sums = [&]() -> const T* { return num_blocks == 1 ? block_sums(1 - turn, 0) : own_column_sums; };
+    const auto add_block_sums = [&] {  // of the responsibilities just made; then the next turn
+      if (num_blocks > 1 && rank < workers) {
+        const T* first = block_sums(turn, 0);
+        for (int64_t k = 0; k < K; ++k) own_column_sums[k] = first[k];
+        for (int64_t block = 1; block < num_blocks; ++block) {
+          const T* sums = block_sums(turn, block);
+          for (int64_t k = 0; k < K; ++k) own_column_sums[k] += sums[k];
+        }
+      }
+      turn = 1 - turn;
     };
-    const auto sync = [&] {
-      if (workers == 1) return;
-      if (first_worker) work_done();
-      team.sync();
-      if (!first_worker) return;
-      const Clock::time_point now = Clock::now();
-      waited += std::chrono::duration_cast<std::chrono::nanoseconds>(now - mark).count();
-      mark = now;
+    const auto clear_own_block_sums = [&] {
+      for (int64_t block = own_first_block; block < own_last_block; ++block)
+        for (int64_t k = 0; k < K; ++k) block_sums(turn, block)[k] = T(0);
     };
+    int64_t block = own_first_block;  // of the row being made
     const auto responsibilities = [&](int64_t i, const TopTwo<T>& top) {
       const SummedRow<T, Bytes> row{A + i * K, S + i * K};
       const Competitors<T> c = row_competitors(K, row, row.first_equal(K, top.first), top.second);
-      responsibility_row<Bytes>(K, i, c, R + i * K, S + i * K, first_worker ? next_column_sum : nullptr, keep, take);
+      while (i >= block_begin(block + 1)) ++block;
+      responsibility_row<Bytes>(K, i, c, R + i * K, S + i * K, block_sums(turn, block), keep, take);
     };
-    // After the barrier that ends a pass of responsibilities: the other workers' rows
-    // into the sums, worker by worker; ends with a barrier (on teams of two or more).
-    // Worker 0 decides before the last barrier whether the team goes on.
-    const auto add_rows_in_turn = [&] {
-      for (int worker = 1; worker < workers; ++worker) {
-        if (team.rank() == worker) add_to_column_sums<Bytes>(K, R, own_begin, own_end, 0, K, next_column_sum);
-        if (worker == workers - 1 && first_worker) {
-          work_done();
-          ws.misc[kAlone] = decide && waited > worked + kSlackNanoseconds ? 1 : 0;
-          waited = worked = 0;
-          decide = true;
-        }
-        sync();
-      }
+    int64_t waited = 0, worked = 0;  // worker 0's nanoseconds since its last decision
+    Clock::time_point mark = Clock::now();
+    const auto elapsed = [&] {
+      const Clock::time_point now = Clock::now();
+      const int64_t nanoseconds = std::chrono::duration_cast<std::chrono::nanoseconds>(now - mark).count();
+      mark = now;
+      return nanoseconds;
+    };
+    const auto sync = [&] {
+      if (alone) return;
+      if (first_worker) worked += elapsed();
+      team.sync();
+      if (first_worker) waited += elapsed();
     };
     bool responsibilities_made = false;
     int64_t shortest_run = 0;  // of the flags' runs after the previous iteration
     for (int64_t it = 0; it < max_iter; ++it) {
       if (!responsibilities_made) {
-        if (first_worker)
-          for (int64_t k = 0; k < K; ++k) next_column_sum[k] = T(0);
+        clear_own_block_sums();
+        block = own_first_block;
         for (int64_t i = own_begin; i < own_end; ++i)
           responsibilities(i, summed_row_top_two<Bytes>(K, A + i * K, S + i * K));
         sync();
-        add_rows_in_turn();
+        add_block_sums();
       }
-      T* swap = column_sum;
-      column_sum = next_column_sum;
-      next_column_sum = swap;
       const bool may_stop = it + 1 == max_iter || (it >= convergence_iter && shortest_run + 1 >= convergence_iter);
-      if (!may_stop && first_worker)
-        for (int64_t k = 0; k < K; ++k) next_column_sum[k] = T(0);
+      if (!may_stop) clear_own_block_sums();
+      block = own_first_block;
+      int own_shortest_run = static_cast<int>(it + 1), own_exemplar = 0;
       for (int64_t i = own_begin; i < own_end; ++i) {
-        const TopTwo<T> top = availability_row<Bytes>(K, i, A + i * K, R + i * K, S + i * K, column_sum, keep, take);
+        const TopTwo<T> top = availability_row<Bytes>(K, i, A + i * K, R + i * K, S + i * K, column_sums(), keep, take);
         record_flag(ws, it, i);
+        own_shortest_run = ws.run_length[i] < own_shortest_run ? ws.run_length[i] : own_shortest_run;
+        own_exemplar |= ws.is_exemplar[i];
         if (!may_stop) responsibilities(i, top);
       }
+      // Alone, worker 0 keeps its summary to itself: a worker that left may not have
+      // read the last shared one yet.
+      int local_summary[kSummaryInts];
+      int* summaries = alone ? local_summary : ws.summaries + (it % 2) * num_blocks * kSummaryInts;
+      if (rank < workers) {
+        summaries[rank * kSummaryInts + kShortestRun] = own_shortest_run;
+        summaries[rank * kSummaryInts + kAnyExemplar] = own_exemplar;
+      }
+      if (first_worker) {
+        worked += elapsed();
+        summaries[kGoOnAlone] = !alone && it > 0 && waited > worked + kSlackNanoseconds ? 1 : 0;
+        waited = worked = 0;
+      }
       sync();
-      // Every worker takes the same decisions from the same shared flags, before the
-      // barrier after which the next pass writes them.
-      const bool stop = converged(ws, it);
-      shortest_run = ws.run_length[0];
-      for (int64_t i = 1; i < K; ++i) shortest_run = shortest_run < ws.run_length[i] ? shortest_run : ws.run_length[i];
-      if (may_stop)
-        sync();
-      else
-        add_rows_in_turn();
+      // Every worker takes the same decisions from the same summaries (scikit-learn's
+      // stop: every flag constant over the last convergence_iter iterations, and some
+      // exemplar).
+      bool any_exemplar = false;
+      shortest_run = it + 1;
+      for (int worker = 0; worker < workers; ++worker) {
+        const int run = summaries[worker * kSummaryInts + kShortestRun];
+        shortest_run = run < shortest_run ? run : shortest_run;
+        any_exemplar = any_exemplar || summaries[worker * kSummaryInts + kAnyExemplar];
+      }
+      const bool stop = it >= convergence_iter && shortest_run >= convergence_iter && any_exemplar;
+      if (!may_stop) add_block_sums();
       responsibilities_made = !may_stop;
       if (stop) break;
-      if (workers > 1 && ws.misc[kAlone]) {
+      if (summaries[kGoOnAlone]) {
         if (!first_worker) return;  // to the barrier after the loop, where worker 0 joins
+        ws.misc[kAlone] = 1;
+        // Worker 0 takes every block, with the column sums it already holds.
+        alone = true;
         workers = 1;
+        own_first_block = 0;
+        own_last_block = num_blocks;
+        own_begin = 0;
         own_end = K;
       }
     }
