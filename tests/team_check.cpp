@@ -12,7 +12,8 @@
 // 0 alone, which must change nothing).
 //
 // Covers the weighting solvers, affinity propagation (messages and labels; the
-// noise drawn by rank 0 or passed in), and the affinity maps split over threads.
+// noise drawn by rank 0 or passed in), its median, and the affinity maps split
+// over threads.
 // Built and run by tests/test_team_check.py: `team_check` is the fast sweep of the
 // default suite, `team_check --full` the slow one. Add -fsanitize=thread to the
 // compile line to look for data races (the only expected reports are the benign
@@ -274,6 +275,46 @@ void check_affinity_propagation(Tally& tally, std::mt19937& generator, const std
   }
 }
 
+// The median of host teams (the radix selection's first round split over the team
+// where the scratch has room) against the serial team's and numpy.median's
+// definition (std::nth_element): counts around the split's threshold, odd and even,
+// spread and clustered values, with ties.
+template <typename T>
+void check_median(Tally& tally, std::mt19937& generator, const std::vector<int>& counts) {
+  std::normal_distribution<double> normal;
+  for (int count : counts)
+    for (int shape = 0; shape < 3; ++shape) {
+      std::vector<T> values(count);
+      for (T& v : values) {
+        const double x = normal(generator);
+        v = static_cast<T>(shape == 0 ? x : shape == 1 ? -8.0 - 0.01 * std::fabs(x) : std::round(4.0 * x));
+      }
+      std::vector<T> sorted = values;
+      std::sort(sorted.begin(), sorted.end());
+      const T expected = count % 2 == 1 ? sorted[count / 2] : (sorted[count / 2 - 1] + sorted[count / 2]) / T(2);
+      std::vector<T> scratch(2 * count + 64);
+      T result;
+      const T serial = team_median(SerialTeam{}, values.data(), count, scratch.data(), &result);
+      const std::string name = std::string("median<") + (sizeof(T) == 8 ? "double" : "float") +
+                               "> count=" + std::to_string(count) + " shape=" + std::to_string(shape);
+      tally.check(serial == expected, name + " serial");
+      for (int threads : g_threads) {
+        std::barrier<> barrier(threads);
+        std::vector<T> answers(threads);
+        std::vector<std::thread> pool;
+        for (int worker = 0; worker < threads; ++worker)
+          pool.emplace_back([&, worker] {
+            const ThreadTeam<true> team{{}, worker, threads, &barrier, false};
+            answers[worker] = team_median(team, values.data(), count, scratch.data(), &result);
+          });
+        for (std::thread& thread : pool) thread.join();
+        bool same = true;
+        for (T answer : answers) same = same && answer == serial;
+        tally.check(same, name + " threads=" + std::to_string(threads));
+      }
+    }
+}
+
 // The maps split over threads (each index written once, so any split gives the same answer).
 template <typename Map, typename Value>
 void check_map(Tally& tally, const std::string& name, const Map& map, Value* output, int64_t n,
@@ -330,6 +371,10 @@ int main(int argc, char** argv) {
       full ? std::vector<int>{2, 3, 5, 8, 13, 16, 33, 64, 130, 260} : std::vector<int>{3, 13, 40, 130};
   check_affinity_propagation<double>(tally, generator, propagation_sizes);
   check_affinity_propagation<float>(tally, generator, propagation_sizes);
+  const std::vector<int> median_counts =
+      full ? std::vector<int>{101, 8300, 16901, 20000, 41000, 70000} : std::vector<int>{8300, 16901, 41000};
+  check_median<float>(tally, generator, median_counts);
+  check_median<double>(tally, generator, median_counts);
   check_maps(tally, generator, full ? std::vector<int>{1, 5, 17, 64} : std::vector<int>{5, 17});
   std::printf("%d team runs, %d mismatches\n", tally.runs, tally.mismatches);
   return tally.mismatches == 0 && tally.runs > 0 ? 0 : 1;

@@ -153,55 +153,79 @@ SELGROUP_HD void team_bitonic_sort(const Workers& team, T* values, int64_t padde
   }
 }
 
-// The k-th smallest (from 0) of the `count` finite `values`, by radix selection on
-// the floats' order-preserving integer images, 11 bits at a time: each round maps
-// the candidates to their digits (a loop the compiler vectorises), counts them,
-// and gathers the candidates that share the digits so far, until std::nth_element
-// takes the last few. `scratch` has room for 2·count values: the candidates, then
-// the digits. O(count) with no data-dependent branches, where std::nth_element's
-// partitions mispredict (about 7 ns per value at K² = 65 536). Host only. Equal
-// values of either sign of zero order −0 first: the value is the same.
+// Radix selection on the floats' order-preserving integer images, 11 bits at a
+// time (kth_smallest below; its first round split over a host team in team_median).
 template <typename T>
-T kth_smallest(const T* values, int64_t count, int64_t k, T* scratch) {
+struct RadixSelection {
   using Bits = std::conditional_t<sizeof(T) == 8, uint64_t, uint32_t>;
-  constexpr int kDigitBits = 11;
-  constexpr int64_t kBins = int64_t(1) << kDigitBits, kFewCandidates = 64;
-  constexpr Bits kSign = Bits(1) << (8 * sizeof(T) - 1);
-  uint16_t* digits = reinterpret_cast<uint16_t*>(scratch + count);
-  // Four interleaved histograms: similar values share a bin, and one histogram's
-  // increments would wait on each other's stores.
-  constexpr int kHistograms = 4;
-  int32_t histograms[kHistograms][kBins];
-  const T* candidates = values;
-  int shift = 8 * static_cast<int>(sizeof(T));
-  while (count > kFewCandidates && shift > 0) {
-    shift = shift > kDigitBits ? shift - kDigitBits : 0;
+  static constexpr int kDigitBits = 11, kKeyBits = 8 * static_cast<int>(sizeof(T));
+  static constexpr int64_t kBins = int64_t(1) << kDigitBits;
+  // The digits of values[0, count) at `shift` into `digits`: a loop the compiler vectorises.
+  static void digits_of(const T* values, int64_t count, int shift, uint16_t* digits) {
+    constexpr Bits kSign = Bits(1) << (kKeyBits - 1);
     for (int64_t i = 0; i < count; ++i) {
       Bits bits;
-      std::memcpy(&bits, candidates + i, sizeof bits);
+      std::memcpy(&bits, values + i, sizeof bits);
       const Bits key = (bits & kSign) ? ~bits : (bits | kSign);
       digits[i] = static_cast<uint16_t>((key >> shift) & Bits(kBins - 1));
     }
-    std::fill(&histograms[0][0], &histograms[0][0] + kHistograms * kBins, 0);
+  }
+  // Adds the digits' counts to histogram[kBins]. Four interleaved histograms: similar
+  // values share a bin, and one histogram's increments would wait on each other's stores.
+  static void count_digits(const uint16_t* digits, int64_t count, int32_t* histogram) {
+    constexpr int kInterleaved = 4;
+    int32_t counts[kInterleaved][kBins] = {};
     int64_t i = 0;
-    for (; i + kHistograms <= count; i += kHistograms)
-      for (int h = 0; h < kHistograms; ++h) ++histograms[h][digits[i + h]];
-    for (; i < count; ++i) ++histograms[0][digits[i]];
+    for (; i + kInterleaved <= count; i += kInterleaved)
+      for (int h = 0; h < kInterleaved; ++h) ++counts[h][digits[i + h]];
+    for (; i < count; ++i) ++counts[0][digits[i]];
+    for (int64_t bin = 0; bin < kBins; ++bin)
+      histogram[bin] += counts[0][bin] + counts[1][bin] + counts[2][bin] + counts[3][bin];
+  }
+  // The bin of the k-th smallest; k becomes its rank within the bin.
+  static int64_t bin_of(const int32_t* histogram, int64_t& k) {
     int64_t bin = 0;
-    const auto in_bin = [&](int64_t b) {
-      int64_t total = 0;
-      for (int h = 0; h < kHistograms; ++h) total += histograms[h][b];
-      return total;
-    };
-    while (k >= in_bin(bin)) k -= in_bin(bin++);
-    // Branch-free gather (the kept count trails i, so it may compact in place).
+    while (k >= histogram[bin]) k -= histogram[bin++];
+    return bin;
+  }
+  // Appends the values whose digit is `bin` at `into`; returns how many. Branch free
+  // (the kept count trails i, so it may compact in place), which writes into[kept]
+  // once more after the last value kept unless `bounded`: then the loop ends there.
+  static int64_t gather(const T* values, const uint16_t* digits, int64_t count, int64_t bin, T* into,
+                        bool bounded = false) {
+    if (bounded)
+      while (count > 0 && digits[count - 1] != bin) --count;
     int64_t kept = 0;
-    for (i = 0; i < count; ++i) {
-      scratch[kept] = candidates[i];
+    for (int64_t i = 0; i < count; ++i) {
+      into[kept] = values[i];
       kept += digits[i] == bin ? 1 : 0;
     }
+    return kept;
+  }
+};
+
+// The k-th smallest (from 0) of the `count` finite `values`, whose digits above
+// `shift` (all bits: none) are equal: each round maps the candidates to their next
+// digits, counts them, and gathers the candidates of the k-th's digit, until
+// std::nth_element takes the last few. `scratch` has room for 2·count values: the
+// candidates, then the digits. O(count) with no data-dependent branches, where
+// std::nth_element's partitions mispredict (about 7 ns per value at K² = 65 536).
+// Host only. Equal values of either sign of zero order −0 first: the value is the same.
+template <typename T>
+T kth_smallest(const T* values, int64_t count, int64_t k, T* scratch, int shift = RadixSelection<T>::kKeyBits) {
+  using Radix = RadixSelection<T>;
+  constexpr int64_t kFewCandidates = 64;
+  uint16_t* digits = reinterpret_cast<uint16_t*>(scratch + count);
+  int32_t histogram[Radix::kBins];
+  const T* candidates = values;
+  while (count > kFewCandidates && shift > 0) {
+    shift = shift > Radix::kDigitBits ? shift - Radix::kDigitBits : 0;
+    Radix::digits_of(candidates, count, shift, digits);
+    std::fill(histogram, histogram + Radix::kBins, 0);
+    Radix::count_digits(digits, count, histogram);
+    const int64_t bin = Radix::bin_of(histogram, k);
+    count = Radix::gather(candidates, digits, count, bin, scratch);
     candidates = scratch;
-    count = kept;
   }
   if (candidates != scratch) std::copy(candidates, candidates + count, scratch);
   std::nth_element(scratch, scratch + k, scratch + count);
@@ -209,30 +233,83 @@ T kth_smallest(const T* values, int64_t count, int64_t k, T* scratch) {
 }
 
 // numpy.median of the `count` entries of `values`, using `scratch` (room for 2·count
-// values, and for the next power of two ≥ count) and the one-slot `result`. Every rank returns
-// it. Host teams select (kth_smallest on rank 0, O(count)); device teams sort
-// (bitonic, every thread busy). The median is an entry (or the mean of two
-// entries) either way, so both give the same value bit for bit.
+// values, and for the next power of two ≥ count) and the one-slot `result`. Every
+// rank returns it. Host teams select: the first round of the radix selection (its
+// passes over all values) split over the team where the scratch has room for the
+// workers' histograms, the rest on rank 0 (kth_smallest), O(count). Device teams
+// sort (bitonic, every thread busy). The median is an entry (or the mean of two
+// entries) either way, so every team gives the same value bit for bit.
 template <Team Workers, typename T>
 SELGROUP_HD T team_median(const Workers& team, const T* values, int64_t count, T* scratch, T* result) {
   const int64_t upper = count / 2;
   if constexpr (Workers::kHost) {
-    if (team.rank() == 0) {
-      const T middle = kth_smallest(values, count, upper, scratch);
-      if (count % 2 == 1) {
-        *result = middle;
-      } else {
-        // The entry just below: `middle` again if fewer than `upper` entries are
-        // smaller, else the largest smaller one.
-        int64_t smaller = 0;
-        const T minus_infinity = -T(1) / T(0);
-        T below = minus_infinity;
+    using Radix = RadixSelection<T>;
+    // Behind the candidates and the digits: each worker's histogram, then its share
+    // of the count below the middle and of the largest value below it.
+    const std::size_t digits_end = count * sizeof(T) + count * sizeof(uint16_t);
+    const std::size_t shared_begin = (digits_end + 63) / 64 * 64;
+    const std::size_t shared_bytes = team.size() * (Radix::kBins * sizeof(int32_t) + sizeof(int64_t) + sizeof(T));
+    const bool split = team.size() > 1 && shared_begin + shared_bytes <= 2 * count * sizeof(T);
+    auto* bytes = reinterpret_cast<unsigned char*>(scratch);
+    int32_t* histograms = reinterpret_cast<int32_t*>(bytes + shared_begin);
+    int64_t* smaller_counts = reinterpret_cast<int64_t*>(histograms + team.size() * Radix::kBins);
+    T* largest_below = reinterpret_cast<T*>(smaller_counts + team.size());
+    uint16_t* digits = reinterpret_cast<uint16_t*>(scratch + count);
+    const int64_t share = (count + team.size() - 1) / team.size();
+    const int64_t begin = std::min(count, team.rank() * share), end = std::min(count, begin + share);
+    T middle = T(0);
+    if (split) {
+      const int shift = Radix::kKeyBits - Radix::kDigitBits;
+      Radix::digits_of(values + begin, end - begin, shift, digits + begin);
+      int32_t* own = histograms + team.rank() * Radix::kBins;
+      std::fill(own, own + Radix::kBins, 0);
+      Radix::count_digits(digits + begin, end - begin, own);
+      team.sync();
+      int32_t total[Radix::kBins];
+      std::fill(total, total + Radix::kBins, 0);
+      int64_t offset = 0;  // candidates of the workers before this one
+      int64_t k = upper;
+      for (int worker = 0; worker < team.size(); ++worker)
+        for (int64_t b = 0; b < Radix::kBins; ++b) total[b] += histograms[worker * Radix::kBins + b];
+      const int64_t bin = Radix::bin_of(total, k);
+      for (int worker = 0; worker < team.rank(); ++worker) offset += histograms[worker * Radix::kBins + bin];
+      // Bounded: the workers' candidates lie back to back.
+      Radix::gather(values + begin, digits + begin, end - begin, bin, scratch + offset, true);
+      team.sync();
+      if (team.rank() == 0) *result = kth_smallest(scratch, total[bin], k, scratch, shift);
+      team.sync();
+      middle = *result;
+    } else {
+      if (team.rank() == 0) *result = kth_smallest(values, count, upper, scratch);
+      team.sync();
+      middle = *result;
+    }
+    if (count % 2 == 0) {
+      // The entry just below: `middle` again if fewer than `upper` entries are
+      // smaller, else the largest smaller one (each worker's share, when split).
+      const int64_t from = split ? begin : 0, to = split ? end : count;
+      int64_t smaller = 0;
+      const T minus_infinity = -T(1) / T(0);
+      T below = minus_infinity;
+      if (split || team.rank() == 0) {
         SELGROUP_SIMD(reduction(+ : smaller) reduction(max : below))
-        for (int64_t i = 0; i < count; ++i) {
+        for (int64_t i = from; i < to; ++i) {
           const T candidate = values[i] < middle ? values[i] : minus_infinity;
           smaller += values[i] < middle ? 1 : 0;
           below = below > candidate ? below : candidate;
         }
+      }
+      if (split) {
+        smaller_counts[team.rank()] = smaller;
+        largest_below[team.rank()] = below;
+      }
+      team.sync();  // every rank has read `middle` before rank 0 overwrites it
+      if (team.rank() == 0) {
+        if (split)
+          for (int worker = 1; worker < team.size(); ++worker) {
+            smaller += smaller_counts[worker];
+            below = below > largest_below[worker] ? below : largest_below[worker];
+          }
         *result = ((smaller < upper ? middle : below) + middle) / T(2);
       }
     }
