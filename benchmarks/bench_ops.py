@@ -196,7 +196,7 @@ def main() -> None:
         "--threads",
         type=int,
         default=1,
-        help="torch's CPU threads (affinity propagation's CPU team uses them from K = 256)",
+        help="torch's CPU threads (affinity propagation uses up to one per 64 samples from K = 128)",
     )
     parser.add_argument(
         "--cpu-time",

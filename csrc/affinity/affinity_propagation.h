@@ -2,8 +2,9 @@
 // for step as scikit-learn's `_affinity_propagation` (sklearn/cluster/
 // _affinity_propagation.py, 1.x; the rules: docs/algorithm.md §Affinity
 // propagation), written once as a team solver (team.h, workspace.h): the CPU runs
-// it with SerialTeam (OpenMP threads from K = 1024), the CUDA kernel with the
-// threads of one block, so the whole iteration loop is one launch with no host sync.
+// it on one thread (SoloTeam) or, from K = 128, on OpenMP threads, the CUDA kernel
+// with the threads of one block, so the whole iteration loop is one launch with no
+// host sync.
 //
 // Differences from scikit-learn, all deliberate:
 // * none in the tie-breaking noise: scikit-learn adds (eps·S + 100·tiny)·N(0, 1)
@@ -11,9 +12,9 @@
 //   NumPy's legacy polar method, below), on the host and on the device alike. This
 //   matters: with the default preference (the median) on a symmetric S of odd K,
 //   the preference equals an off-diagonal similarity exactly, and the noise picks
-//   the answer. What remains different is the order of floating-point sums (the
-//   column sums; NumPy sums pairwise), so results can differ only when two message
-//   values tie to within rounding;
+//   the answer. What remains different is the order of floating-point sums (from
+//   K = 128 the column sums add blocks of rows, see blocks()), so results can
+//   differ only when two message values tie to within rounding;
 // * the convergence test keeps, per sample, the length of the current run of its
 //   exemplar flag instead of the last `convergence_iter` flags; "the flag was
 //   constant over the last convergence_iter iterations" is the same condition;
@@ -22,16 +23,16 @@
 // * a similarity with a non-finite entry yields all −1 (csrc/bindings.h raises
 //   before calling on the CPU, where the check needs no sync).
 //
-// Speed (benchmarks/results/affinity_propagation_large_k.md). Teams walk rows of
-// contiguous memory in branch-free loops the compiler vectorises and accumulate
-// the availabilities' column sums row by row (the same additions in the same order
-// as a column walk). One host thread (SoloTeam, the CPU below K = 1024) makes one
-// pass over the matrices per iteration instead of four (iterate_serial) in
-// explicit SIMD lanes (Lanes: 16 bytes portably, 32 in the CPU backend's AVX2
-// version), with each entry's arithmetic that of the teams. The median is a radix
-// selection on host teams, and the CPU bindings pass the tie-breaking noise in from
-// a cache. Every team, and every lane width, gives the same labels and messages bit
-// for bit (tests/team_check.cpp).
+// Speed (benchmarks/results/affinity_propagation_large_k.md). Device teams walk
+// rows of contiguous memory in branch-free loops and accumulate the availabilities'
+// column sums row by row (the same additions in the same order as a column walk).
+// Host teams (iterate_rows) make one pass over the matrices per iteration instead
+// of four, in explicit SIMD lanes (Lanes: 16 bytes portably, 32 in the CPU
+// backend's AVX2 version), with each entry's arithmetic that of the device teams,
+// each thread on its own blocks of rows with one barrier an iteration. The median
+// is a radix selection on host teams, and the CPU bindings pass the tie-breaking
+// noise in from a cache. Every team, and every lane width, gives the same labels and
+// messages bit for bit (tests/team_check.cpp).
 #pragma once
 
 #include <algorithm>
