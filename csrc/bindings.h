@@ -125,7 +125,8 @@ inline int64_t check_affinity_propagation(const at::Tensor& similarity, std::opt
   TORCH_CHECK_VALUE(!preference.has_value() || std::isfinite(*preference), "preference must be finite, got ",
                     *preference);
   TORCH_CHECK_VALUE(damping >= 0.5 && damping < 1.0, "damping must be in [0.5, 1), got ", damping);
-  TORCH_CHECK_VALUE(max_iter >= 1, "max_iter must be >= 1, got ", max_iter);
+  // At most 2^30: the run lengths of the exemplar flags are int.
+  TORCH_CHECK_VALUE(max_iter >= 1 && max_iter <= (1LL << 30), "max_iter must be in [1, 2^30], got ", max_iter);
   TORCH_CHECK_VALUE(convergence_iter >= 1, "convergence_iter must be >= 1, got ", convergence_iter);
   return K;
 }

@@ -113,12 +113,15 @@ void run_threads(const Solver& solver, const Variant& variant, void* memory) {
   for (std::thread& thread : pool) thread.join();
 }
 
-// Runs `solver` as `variant` says on a fresh workspace filled with a poison byte;
-// returns the workspace.
+// Runs `solver` as `variant` says on a fresh workspace filled with a poison byte,
+// aligned to a cache line as the CPU backend's; returns the workspace.
+struct alignas(kCacheLineBytes) CacheLine {
+  unsigned char bytes[kCacheLineBytes];
+};
 template <typename Solver>
 std::vector<unsigned char> run(const Solver& solver, const Variant& variant) {
-  std::vector<std::max_align_t> memory(workspace_bytes(solver) / sizeof(std::max_align_t) + 1);
-  std::memset(memory.data(), 0x5a, memory.size() * sizeof(std::max_align_t));
+  std::vector<CacheLine> memory(workspace_bytes(solver) / sizeof(CacheLine) + 1);
+  std::memset(memory.data(), 0x5a, memory.size() * sizeof(CacheLine));
   if (variant.threads == 0 && variant.wide)
     run_wide(solver, SoloTeam<32>{}, memory.data());
   else if (variant.threads == 0)
@@ -368,7 +371,7 @@ int main(int argc, char** argv) {
   g_repeats = full ? 2 : 1;
   check_weightings(tally, generator, full ? std::vector<int>{2, 3, 5, 8, 13, 16} : std::vector<int>{3, 8});
   const std::vector<int> propagation_sizes =
-      full ? std::vector<int>{2, 3, 5, 8, 13, 16, 33, 64, 130, 260} : std::vector<int>{3, 13, 40, 130};
+      full ? std::vector<int>{1, 2, 3, 5, 8, 13, 16, 33, 64, 130, 260, 520} : std::vector<int>{1, 3, 13, 40, 130};
   check_affinity_propagation<double>(tally, generator, propagation_sizes);
   check_affinity_propagation<float>(tally, generator, propagation_sizes);
   const std::vector<int> median_counts =

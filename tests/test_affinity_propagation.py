@@ -140,6 +140,7 @@ def test_non_finite_similarity_raises_on_cpu(bad: float) -> None:
         (dict(damping=0.4), "damping"),
         (dict(damping=1.0), "damping"),
         (dict(max_iter=0), "max_iter"),
+        (dict(max_iter=2**31), "max_iter"),
         (dict(convergence_iter=0), "convergence_iter"),
         (dict(preference=float("nan")), "preference"),
     ],

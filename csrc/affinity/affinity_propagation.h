@@ -710,12 +710,17 @@ struct AffinityPropagation {
   }
   SELGROUP_HD_INLINE int64_t block_begin(int64_t block) const { return block * K / blocks(); }
   SELGROUP_HD_INLINE int64_t parallelism() const { return blocks(); }
+  // K rounded up to whole cache lines: two workers' sums never share a line.
+  SELGROUP_HD_INLINE int64_t sums_stride() const {
+    constexpr int64_t kLine = static_cast<int64_t>(kCacheLineBytes / sizeof(T));
+    return (K + kLine - 1) / kLine * kLine;
+  }
 
   struct Scratch {
     T* similarity;  // K×K, the preference on the diagonal, noise added
     T* messages;    // 2·K×K: A then R; before they start, the median's scratch (≥ the power of two ≥ K²)
-    T* block_sums;   // 2 × blocks() × K: each block's column sums, for two passes of responsibilities
-    T* column_sums;  // blocks() × K: the column sums (iterate_rows: a copy for each worker)
+    T* block_sums;   // 2 × blocks() × sums_stride(): each block's column sums, for two passes of responsibilities
+    T* column_sums;  // blocks() × sums_stride(): the column sums (iterate_rows: a copy for each worker)
     int* summaries;  // 2 × blocks() × kSummaryInts: each worker's flags after an iteration (two in turn)
     T* median;      // 1
     int* is_exemplar;  // K, the exemplar flag of the latest iteration
@@ -728,8 +733,8 @@ struct AffinityPropagation {
   SELGROUP_HD Scratch carve(WorkspaceLayout& layout) const {
     return {layout.take<T>(K * K),
             layout.take<T>(2 * K * K),
-            layout.take<T>(2 * blocks() * K),
-            layout.take<T>(blocks() * K),
+            layout.take<T>(2 * blocks() * sums_stride()),
+            layout.take<T>(blocks() * sums_stride()),
             layout.take<int>(2 * blocks() * kSummaryInts),
             layout.take<T>(1),
             layout.take<int>(K),
@@ -864,9 +869,11 @@ struct AffinityPropagation {
     int64_t own_first_block = rank < workers ? rank * num_blocks / workers : num_blocks;
     int64_t own_last_block = rank < workers ? (rank + 1) * num_blocks / workers : num_blocks;
     int64_t own_begin = block_begin(own_first_block), own_end = block_begin(own_last_block);
-    const auto block_sums = [&](int turn, int64_t block) { return ws.block_sums + (turn * num_blocks + block) * K; };
+    const auto block_sums = [&](int turn, int64_t block) {
+      return ws.block_sums + (turn * num_blocks + block) * sums_stride();
+    };
     // The column sums the availabilities read: with one block, that block's sums.
-    T* own_column_sums = ws.column_sums + (rank < workers ? rank : 0) * K;
+    T* own_column_sums = ws.column_sums + (rank < workers ? rank : 0) * sums_stride();
     int turn = 0;  // where the next responsibilities' block sums go
     const auto column_sums = [&]() -> const T* { return num_blocks == 1 ? block_sums(1 - turn, 0) : own_column_sums; };
     const auto add_block_sums = [&] {  // of the responsibilities just made; then the next turn
@@ -952,11 +959,13 @@ struct AffinityPropagation {
         any_exemplar = any_exemplar || summaries[worker * kSummaryInts + kAnyExemplar];
       }
       const bool stop = it >= convergence_iter && shortest_run >= convergence_iter && any_exemplar;
+      // A worker that leaves goes before reading the block sums, which worker 0 alone
+      // rewrites without a barrier; it waits at the barrier after the loop.
+      if (!stop && summaries[kGoOnAlone] && !first_worker) return;
       if (!may_stop) add_block_sums();
       responsibilities_made = !may_stop;
       if (stop) break;
       if (summaries[kGoOnAlone]) {
-        if (!first_worker) return;  // to the barrier after the loop, where worker 0 joins
         ws.misc[kAlone] = 1;
         // Worker 0 takes every block, with the column sums it already holds.
         alone = true;
@@ -977,7 +986,7 @@ struct AffinityPropagation {
     team.sync();
     team_split(team, K, [&](int64_t begin, int64_t end) {
       int non_finite = 0, unequal = 0;
-      const T reference = input[1];
+      const T reference = K > 1 ? input[1] : T(0);
       for (int64_t i = begin; i < end; ++i) {
         const T* row = input + i * K;
         SELGROUP_SIMD(reduction(| : non_finite, unequal))
