@@ -535,8 +535,9 @@ struct TopTwo {
 // The top two of the union of the lanes' top twos: halves of the lanes merged
 // pairwise (log2 of the lane count steps), then lane 0.
 template <int Bytes, typename T>
-inline TopTwo<T> merge_lanes(TopTwo<typename Lanes<T, Bytes>::Vector> lanes) {
+inline TopTwo<T> merge_lanes(const TopTwo<typename Lanes<T, Bytes>::Vector>& lanes_top) {
   using L = Lanes<T, Bytes>;
+  TopTwo<typename L::Vector> lanes = lanes_top;
   for (int64_t half = L::kCount / 2; half > 0; half /= 2) {
     const auto partner = L::lane_numbers() ^ static_cast<typename L::MaskLane>(half);
     const auto first = __builtin_shuffle(lanes.first, partner), second = __builtin_shuffle(lanes.second, partner);
