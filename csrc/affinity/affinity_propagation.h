@@ -719,7 +719,7 @@ struct AffinityPropagation {
 
   struct Scratch {
     T* similarity;  // K×K, the preference on the diagonal, noise added
-    T* messages;    // 2·K×K: A then R; before they start, the median's scratch (≥ the power of two ≥ K²)
+    T* messages;    // 2·K×K: A then R; before they start, the median's scratch (2·K², ≥ the power of two ≥ K²)
     T* block_sums;   // 2 × blocks() × sums_stride(): each block's column sums, for two passes of responsibilities
     T* column_sums;  // blocks() × sums_stride(): the column sums (iterate_rows: a copy for each worker)
     int* summaries;  // 2 × blocks() × kSummaryInts: each worker's flags after an iteration (two in turn)
