@@ -28,8 +28,9 @@
 // column sums row by row (the same additions in the same order as a column walk).
 // Host teams (iterate_rows) make one pass over the matrices per iteration instead
 // of four, in explicit SIMD lanes (Lanes: 16 bytes portably, 32 in the CPU
-// backend's AVX2 version), with each entry's arithmetic that of the device teams,
-// each thread on its own blocks of rows with one barrier an iteration. The median
+// backend's AVX2 version; the lanes track where the row's maximum first appears),
+// with each entry's arithmetic that of the device teams, each thread on its own
+// blocks of rows with one barrier an iteration. The median
 // is a radix selection on host teams, and the CPU bindings pass the tie-breaking
 // noise in from a cache. Every team, and every lane width, gives the same labels and
 // messages bit for bit (tests/team_check.cpp).
@@ -410,30 +411,53 @@ struct Lanes {
 #define SELGROUP_HOST_LANES 0
 #endif
 
-// max(x, 0) and its twin that keeps a −0 (the two clips of the availability rule,
-// each as it was first written, so that even zeros keep their sign). T here and in
-// the rules below: a scalar, or a vector of SIMD lanes.
-// Both are one max instruction on x86 (MAXPS(a, b) is a > b ? a : b), but GCC
-// turns a select against a literal zero into a compare and a mask first (two
-// instructions, ~8 % of the serial loop at K = 256), so for SIMD lanes the zero is
-// passed through an empty asm that hides its value.
-template <typename T>
-SELGROUP_HD_INLINE T opaque_zero() {
-  T zero{};
+// max(x, +0): the availability rule's clips and the responsibilities' share of a
+// column sum. For float, in scalars and SIMD lanes alike, it is taken on the bits:
+// a set sign bit gives +0. That is x > 0 ? x : +0 for every x but NaN, and one
+// rule for NaN on every team. In AVX2 lanes it is one VPMAXSD (the signed maximum
+// of the bits and 0), which, unlike MAXPS, leaves the two FP ports that Zen 4 runs
+// multiplies, maxima and minima on to the rest of the row pass (~5 % at K = 256).
+// Doubles compare as floats (AVX2 has no 64-bit integer maximum). GCC folds a
+// literal zero into a compare and a mask (two instructions), so in SIMD lanes the
+// zero passes through an empty asm that hides its value.
+//
+// hide_value: an empty asm that makes a SIMD value opaque to GCC's folding (x86;
+// elsewhere nothing).
+template <typename V>
+SELGROUP_HD_INLINE void hide_value([[maybe_unused]] V& value) {
 #if defined(__x86_64__) && !defined(__CUDACC__)
-  if constexpr (sizeof(T) >= 16) __asm__("" : "+x"(zero));
+  if constexpr (sizeof(V) >= 16) __asm__("" : "+x"(value));
 #endif
+}
+template <typename V>
+SELGROUP_HD_INLINE V hidden_zero() {
+  V zero{};
+  hide_value(zero);
   return zero;
 }
 template <typename T>
 SELGROUP_HD_INLINE T positive_part(const T& x) {
-  const T zero = opaque_zero<T>();
-  return x > zero ? x : zero;
-}
-template <typename T>
-SELGROUP_HD_INLINE T clip_below_zero(const T& x) {
-  const T zero = opaque_zero<T>();
-  return zero > x ? zero : x;
+  if constexpr (std::is_same_v<T, float>) {
+    int32_t bits;
+    memcpy(&bits, &x, sizeof bits);
+    return bits > 0 ? x : 0.0f;
+  }
+#if SELGROUP_HOST_LANES
+  else if constexpr (std::is_same_v<T, typename Lanes<float, sizeof(T)>::Vector>) {
+    using Bits = typename Lanes<float, sizeof(T)>::Mask;
+    Bits bits;
+    __builtin_memcpy(&bits, &x, sizeof bits);
+    const Bits zero = hidden_zero<Bits>();
+    bits = bits > zero ? bits : zero;
+    T result;
+    __builtin_memcpy(&result, &bits, sizeof result);
+    return result;
+  }
+#endif
+  else {
+    const T zero = hidden_zero<T>();
+    return x > zero ? x : zero;
+  }
 }
 
 // The damped message rules, one entry each (docs/algorithm.md §Affinity propagation).
@@ -445,10 +469,12 @@ SELGROUP_HD_INLINE T damped_responsibility(const T& r, const T& s, const T& comp
   return r * keep + (s - competitor) * take;
 }
 // Availability A[i,k], k ≠ i, from R[i,k] and column k's sum (R[k,k] + Σ_{i'≠k} max(0, R[i',k])):
-// −A_new before clipping is max(0, R[i,k]) − sum.
+// −A_new before clipping is max(0, R[i,k]) − sum. (That difference is never −0:
+// max(0, R) is never −0, and u − v is −0 only for u = −0. So a clip that keeps a
+// −0, as 0 > x ? 0 : x does, and positive_part give the same bits.)
 template <typename T>
 SELGROUP_HD_INLINE T damped_availability(const T& a, const T& r, const T& column_sum, const T& keep, const T& take) {
-  return a * keep - clip_below_zero(positive_part(r) - column_sum) * take;
+  return a * keep - positive_part(positive_part(r) - column_sum) * take;
 }
 // Self-availability A[k,k] = Σ_{i'≠k} max(0, R[i',k]) = sum − R[k,k].
 template <typename T>
@@ -462,10 +488,10 @@ SELGROUP_HD_INLINE T column_share(const T& r, bool diagonal) {
   return diagonal ? r : positive_part(r);
 }
 
-// A row of A + S, summed where it is read by the competitor search below. Device
-// teams use max and first_equal; the host teams' row passes find the top two as
-// they make the row, then first_equal in SIMD lanes of `Bytes` (0: scalar).
-template <typename T, int Bytes = 0>
+// A row of A + S, summed where it is read by the competitor search below (the
+// device teams' max and first_equal; the host teams' row passes find the top two
+// and the first position of the maximum as they make the row, RowTop).
+template <typename T>
 struct SummedRow {
   const T* a;
   const T* s;
@@ -478,21 +504,6 @@ struct SummedRow {
   // The first k < K − 1 whose value equals `target`, else K − 1.
   SELGROUP_HD_INLINE int64_t first_equal(int64_t K, T target) const {
     int64_t k = 0;
-#if SELGROUP_HOST_LANES
-    if constexpr (Bytes > 0) {
-      // Four vectors' compares at a time, then the lane.
-      using L = Lanes<T, Bytes>;
-      const auto wanted = L::broadcast(target);
-      const auto hit = [&](int64_t at) { return L::load(a + at) + L::load(s + at) == wanted; };
-      for (; k + 4 * L::kCount <= K; k += 4 * L::kCount) {
-        const auto hits = hit(k) | hit(k + L::kCount) | hit(k + 2 * L::kCount) | hit(k + 3 * L::kCount);
-        uint64_t words[sizeof hits / 8], any = 0;  // the lanes' compare masks, ORed 64 bits at a time
-        __builtin_memcpy(words, &hits, sizeof hits);
-        for (uint64_t word : words) any |= word;
-        if (any != 0) break;
-      }
-    }
-#endif
     while (k < K - 1 && !(a[k] + s[k] == target)) ++k;
     return k;
   }
@@ -520,24 +531,51 @@ SELGROUP_HD_INLINE Competitors<T> row_competitors(int64_t K, const Row& row, int
   return {best, row(best), second};
 }
 
-// The largest two values of a multiset (equal on a tie), lane by lane for vectors.
-template <typename V>
+// The largest two values of a sequence (equal on a tie) and where the largest
+// first appeared (numpy.argmax: only a value strictly above the largest so far
+// moves it), lane by lane for vectors: V a scalar and Position int64_t, or V SIMD
+// lanes and Position their compare mask type holding each vector's start.
+template <typename V, typename Position>
 struct TopTwo {
   V first, second;
-  SELGROUP_HD_INLINE void add(const V& v) {
+  Position best;
+  SELGROUP_HD_INLINE void add(const V& v, const Position& at) {
+    if constexpr (std::is_integral_v<Position>) {
+      best = v > first ? at : best;
+    } else {
+      // The empty asm keeps GCC from sharing this compare with the minimum below,
+      // which it would then make a blend (slower than MINPS).
+      V previous = first;
+      hide_value(previous);
+      best = v > previous ? at : best;
+    }
     const V lower = first < v ? first : v;
     second = second > lower ? second : lower;
     first = first > v ? first : v;
   }
 };
+template <typename T>
+using RowTop = TopTwo<T, int64_t>;
 
 #if SELGROUP_HOST_LANES
-// The top two of the union of the lanes' top twos: halves of the lanes merged
-// pairwise (log2 of the lane count steps), then lane 0.
+template <typename T, int Bytes>
+using LaneTops = TopTwo<typename Lanes<T, Bytes>::Vector, typename Lanes<T, Bytes>::Mask>;
+
+// The lanes' top twos started at minus infinity (every finite value moves them).
 template <int Bytes, typename T>
-inline TopTwo<T> merge_lanes(const TopTwo<typename Lanes<T, Bytes>::Vector>& lanes_top) {
+SELGROUP_HD_INLINE LaneTops<T, Bytes> empty_lanes() {
   using L = Lanes<T, Bytes>;
-  TopTwo<typename L::Vector> lanes = lanes_top;
+  const auto minus_infinity = L::broadcast(-T(1) / T(0));
+  return {minus_infinity, minus_infinity, typename L::Mask{}};
+}
+
+// The top two of the union of the lanes' top twos (halves of the lanes merged
+// pairwise, log2 of the lane count steps, then lane 0), and the first position of
+// the maximum: the least start + lane among the lanes whose largest equals it.
+template <int Bytes, typename T>
+inline RowTop<T> merge_lanes(const LaneTops<T, Bytes>& lanes_top) {
+  using L = Lanes<T, Bytes>;
+  LaneTops<T, Bytes> lanes = lanes_top;
   for (int64_t half = L::kCount / 2; half > 0; half /= 2) {
     const auto partner = L::lane_numbers() ^ static_cast<typename L::MaskLane>(half);
     const auto first = __builtin_shuffle(lanes.first, partner), second = __builtin_shuffle(lanes.second, partner);
@@ -546,7 +584,12 @@ inline TopTwo<T> merge_lanes(const TopTwo<typename Lanes<T, Bytes>::Vector>& lan
     lanes.first = lanes.first > first ? lanes.first : first;
     lanes.second = seconds > lower ? seconds : lower;
   }
-  return {lanes.first[0], lanes.second[0]};
+  RowTop<T> top{lanes.first[0], lanes.second[0], INT64_MAX};
+  for (int64_t lane = 0; lane < L::kCount; ++lane) {
+    const int64_t position = lanes_top.best[lane] + lane;
+    if (lanes_top.first[lane] == top.first && position < top.best) top.best = position;
+  }
+  return top;
 }
 #endif
 
@@ -582,24 +625,26 @@ inline int64_t for_each_vector(int64_t K, int64_t p, int64_t q, Body&& body) {
 // availability_row: A[i, :] from R and the column sums, the self rule at k = i;
 // returns the top two of the new row of A + S.
 template <int Bytes, typename T>
-SELGROUP_HD_INLINE TopTwo<T> availability_row(int64_t K, int64_t i, T* __restrict__ a_row,
+SELGROUP_HD_INLINE RowTop<T> availability_row(int64_t K, int64_t i, T* __restrict__ a_row,
                                               const T* __restrict__ r_row, const T* __restrict__ s_row,
                                               const T* __restrict__ column_sum, T keep, T take) {
   const T minus_infinity = -T(1) / T(0);
-  TopTwo<T> top{minus_infinity, minus_infinity};
+  RowTop<T> top{minus_infinity, minus_infinity, 0};
   int64_t k = 0;
 #if SELGROUP_HOST_LANES
   using L = Lanes<T, Bytes>;
   if (K >= L::kCount) {
     const auto keep_lanes = L::broadcast(keep), take_lanes = L::broadcast(take);
-    TopTwo<typename L::Vector> lanes{L::broadcast(minus_infinity), L::broadcast(minus_infinity)};
+    auto lanes = empty_lanes<Bytes, T>();
+    auto starts = typename L::Mask{};
     k = for_each_vector<L::kCount>(K, i, i, [&](int64_t at, auto diagonal) {
       const auto a = L::load(a_row + at), r = L::load(r_row + at), sum = L::load(column_sum + at);
       auto updated = damped_availability(a, r, sum, keep_lanes, take_lanes);
       if constexpr (decltype(diagonal)::value)
         updated = L::only(i - at) ? damped_self_availability(a, r, sum, keep_lanes, take_lanes) : updated;
       L::store(a_row + at, updated);
-      lanes.add(updated + L::load(s_row + at));
+      lanes.add(updated + L::load(s_row + at), starts);
+      starts += static_cast<typename L::MaskLane>(L::kCount);
     });
     top = merge_lanes<Bytes, T>(lanes);
   }
@@ -607,26 +652,28 @@ SELGROUP_HD_INLINE TopTwo<T> availability_row(int64_t K, int64_t i, T* __restric
   for (; k < K; ++k) {
     a_row[k] = k == i ? damped_self_availability(a_row[k], r_row[k], column_sum[k], keep, take)
                       : damped_availability(a_row[k], r_row[k], column_sum[k], keep, take);
-    top.add(a_row[k] + s_row[k]);
+    top.add(a_row[k] + s_row[k], k);
   }
   return top;
 }
 // The top two of row i of A + S.
 template <int Bytes, typename T>
-SELGROUP_HD_INLINE TopTwo<T> summed_row_top_two(int64_t K, const T* __restrict__ a_row,
+SELGROUP_HD_INLINE RowTop<T> summed_row_top_two(int64_t K, const T* __restrict__ a_row,
                                                 const T* __restrict__ s_row) {
   const T minus_infinity = -T(1) / T(0);
-  TopTwo<T> top{minus_infinity, minus_infinity};
+  RowTop<T> top{minus_infinity, minus_infinity, 0};
   int64_t k = 0;
 #if SELGROUP_HOST_LANES
   using L = Lanes<T, Bytes>;
   if (K >= L::kCount) {
-    TopTwo<typename L::Vector> lanes{L::broadcast(minus_infinity), L::broadcast(minus_infinity)};
-    for (; k + L::kCount <= K; k += L::kCount) lanes.add(L::load(a_row + k) + L::load(s_row + k));
+    auto lanes = empty_lanes<Bytes, T>();
+    auto starts = typename L::Mask{};
+    for (; k + L::kCount <= K; k += L::kCount, starts += static_cast<typename L::MaskLane>(L::kCount))
+      lanes.add(L::load(a_row + k) + L::load(s_row + k), starts);
     top = merge_lanes<Bytes, T>(lanes);
   }
 #endif
-  for (; k < K; ++k) top.add(a_row[k] + s_row[k]);
+  for (; k < K; ++k) top.add(a_row[k] + s_row[k], k);
   return top;
 }
 // R[i, :] against the competitors; adds the new values to `column_sum` (column_share)
@@ -893,9 +940,8 @@ struct AffinityPropagation {
         for (int64_t k = 0; k < K; ++k) block_sums(turn, block)[k] = T(0);
     };
     int64_t block = own_first_block;  // of the row being made
-    const auto responsibilities = [&](int64_t i, const TopTwo<T>& top) {
-      const SummedRow<T, Bytes> row{A + i * K, S + i * K};
-      const Competitors<T> c = row_competitors(K, row, row.first_equal(K, top.first), top.second);
+    const auto responsibilities = [&](int64_t i, const RowTop<T>& top) {
+      const Competitors<T> c = row_competitors(K, SummedRow<T>{A + i * K, S + i * K}, top.best, top.second);
       while (i >= block_begin(block + 1)) ++block;
       responsibility_row<Bytes>(K, i, c, R + i * K, S + i * K, block_sums(turn, block), keep, take);
     };
@@ -929,7 +975,7 @@ struct AffinityPropagation {
       block = own_first_block;
       int own_shortest_run = static_cast<int>(it + 1), own_exemplar = 0;
       for (int64_t i = own_begin; i < own_end; ++i) {
-        const TopTwo<T> top = availability_row<Bytes>(K, i, A + i * K, R + i * K, S + i * K, column_sums(), keep, take);
+        const RowTop<T> top = availability_row<Bytes>(K, i, A + i * K, R + i * K, S + i * K, column_sums(), keep, take);
         record_flag(ws, it, i);
         own_shortest_run = ws.run_length[i] < own_shortest_run ? ws.run_length[i] : own_shortest_run;
         own_exemplar |= ws.is_exemplar[i];
@@ -1062,22 +1108,29 @@ struct AffinityPropagation {
     if (num_exemplars == 0) return write_labels(team, [](int64_t) { return int64_t(-1); });
 
     // Refinement: each cluster's exemplar becomes the member with the largest summed
-    // similarity from the other members; then every sample joins its nearest exemplar.
+    // similarity from the members (the first on a tie, as numpy.argmax); then every
+    // sample joins its nearest exemplar. The sums run down the rows in order, as
+    // scikit-learn's; every row is added to every column, a non-member's as +0,
+    // which changes no sum (one that starts at +0 is never −0), so that the loop over
+    // a row's columns has no branch.
     team_assign_clusters(team, S, K, ws.exemplars, num_exemplars, ws.cluster);
-    for (int64_t k = team.rank(); k < num_exemplars; k += team.size()) {
-      int best = -1;
-      T best_sum = T(0);
-      for (int64_t j = 0; j < K; ++j) {
-        if (ws.cluster[j] != k) continue;
-        T sum = T(0);
-        for (int64_t i = 0; i < K; ++i)
-          if (ws.cluster[i] == k) sum += S[i * K + j];
-        if (best < 0 || sum > best_sum) {
-          best = static_cast<int>(j);
-          best_sum = sum;
-        }
+    T* __restrict__ member_sums = ws.column_sums;  // K; the messages are done with it
+    team_split(team, K, [&](int64_t begin, int64_t end) {
+      const int* __restrict__ cluster = ws.cluster;
+      for (int64_t j = begin; j < end; ++j) member_sums[j] = T(0);
+      for (int64_t i = 0; i < K; ++i) {
+        const T* __restrict__ s_row = S + i * K;
+        const int row_cluster = cluster[i];
+        for (int64_t j = begin; j < end; ++j) member_sums[j] += cluster[j] == row_cluster ? s_row[j] : T(0);
       }
-      ws.exemplars[k] = best;  // only the cluster map is read in this pass
+    });
+    team.sync();
+    if (team.rank() == 0) {
+      for (int k = 0; k < num_exemplars; ++k) ws.exemplars[k] = -1;  // only the cluster map is read here
+      for (int64_t j = 0; j < K; ++j) {
+        int& best = ws.exemplars[ws.cluster[j]];
+        if (best < 0 || member_sums[j] > member_sums[best]) best = static_cast<int>(j);
+      }
     }
     team.sync();
     team_assign_clusters(team, S, K, ws.exemplars, num_exemplars, ws.cluster);
