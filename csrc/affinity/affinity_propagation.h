@@ -190,19 +190,28 @@ struct RadixSelection {
     while (k >= histogram[bin]) k -= histogram[bin++];
     return bin;
   }
-  // Appends the values whose digit is `bin` at `into`; returns how many. Branch free
-  // (the kept count trails i, so it may compact in place), which writes into[kept]
-  // once more after the last value kept unless `bounded`: then the loop ends there.
-  static int64_t gather(const T* values, const uint16_t* digits, int64_t count, int64_t bin, T* into,
-                        bool bounded = false) {
+  // Appends the `kept` values whose digit is `bin` at `into`, in order (the kept
+  // count trails i, so it may compact in place). Few kept (a value in kSparse or
+  // fewer, as in the first round over a similarity matrix): a branch that is
+  // mostly not taken. Else branch free, which writes into[kept] once more after the
+  // last value kept unless `bounded`: then the loop ends there. (Both: the same
+  // values. At K = 256 the first round kept 4 %, and the branch-free loop took
+  // ~1.2 ns a value where the branch takes ~0.4.)
+  static constexpr int64_t kSparse = 8;
+  static void gather(const T* values, const uint16_t* digits, int64_t count, int64_t bin, int64_t kept, T* into,
+                     bool bounded = false) {
+    if (kept * kSparse <= count) {
+      for (int64_t i = 0, next = 0; next < kept; ++i)
+        if (digits[i] == bin) into[next++] = values[i];
+      return;
+    }
     if (bounded)
       while (count > 0 && digits[count - 1] != bin) --count;
-    int64_t kept = 0;
+    int64_t next = 0;
     for (int64_t i = 0; i < count; ++i) {
-      into[kept] = values[i];
-      kept += digits[i] == bin ? 1 : 0;
+      into[next] = values[i];
+      next += digits[i] == bin ? 1 : 0;
     }
-    return kept;
   }
 };
 
@@ -226,7 +235,8 @@ T kth_smallest(const T* values, int64_t count, int64_t k, T* scratch, int shift 
     std::fill(histogram, histogram + Radix::kBins, 0);
     Radix::count_digits(digits, count, histogram);
     const int64_t bin = Radix::bin_of(histogram, k);
-    count = Radix::gather(candidates, digits, count, bin, scratch);
+    Radix::gather(candidates, digits, count, bin, histogram[bin], scratch);
+    count = histogram[bin];
     candidates = scratch;
   }
   if (candidates != scratch) std::copy(candidates, candidates + count, scratch);
@@ -276,7 +286,7 @@ SELGROUP_HD T team_median(const Workers& team, const T* values, int64_t count, T
       const int64_t bin = Radix::bin_of(total, k);
       for (int worker = 0; worker < team.rank(); ++worker) offset += histograms[worker * Radix::kBins + bin];
       // Bounded: the workers' candidates lie back to back.
-      Radix::gather(values + begin, digits + begin, end - begin, bin, scratch + offset, true);
+      Radix::gather(values + begin, digits + begin, end - begin, bin, own[bin], scratch + offset, true);
       team.sync();
       if (team.rank() == 0) *result = kth_smallest(scratch, total[bin], k, scratch, shift);
       team.sync();
