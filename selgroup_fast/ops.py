@@ -86,8 +86,9 @@ def affinity_propagation(
     defaults to the median of ``similarity``. Returns int64 labels numbered 0..M-1 by
     first appearance (scikit-learn sorts by exemplar index; the partition is the same),
     or all -1 when no exemplar emerged. Results can differ from scikit-learn only where
-    two messages tie to within rounding (summation order: from K = 128 the column sums add
-    blocks of rows). On the CPU it uses up to one of torch's threads per 64 rows from K = 128,
+    two messages (or two members' summed similarities) tie to within rounding (summation
+    order: from K = 128 those sums add blocks of rows). On the CPU it uses up to one of
+    torch's threads per 64 rows from K = 128,
     with the same result on any thread count.
 
     Non-finite similarities: a ``ValueError`` on the CPU; on CUDA (which cannot raise

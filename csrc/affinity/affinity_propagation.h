@@ -768,6 +768,31 @@ struct AffinityPropagation {
   }
   SELGROUP_HD_INLINE int64_t block_begin(int64_t block) const { return block * K / blocks(); }
   SELGROUP_HD_INLINE int64_t parallelism() const { return blocks(); }
+  // The blocks a host worker owns: the first `workers` ranks of the team (the
+  // largest power of two ≤ its size and ≤ blocks()) take equal runs of blocks, the
+  // other ranks none. The message loop makes each worker's rows, and the exemplar
+  // refinement sums them, on the same core.
+  struct OwnedBlocks {
+    int workers;
+    int64_t first, last;
+  };
+  template <Team Workers>
+  SELGROUP_HD_INLINE OwnedBlocks owned_blocks(const Workers& team) const {
+    int workers = 1;
+    while (2 * workers <= team.size() && 2 * workers <= blocks()) workers *= 2;
+    const int rank = team.rank();
+    if (rank >= workers) return {workers, blocks(), blocks()};
+    return {workers, rank * blocks() / workers, (rank + 1) * blocks() / workers};
+  }
+  // into[k] = the blocks' sums of column k (`sums`: blocks() rows `sums_stride()`
+  // apart) added in order, for k in [begin, end).
+  SELGROUP_HD_INLINE void add_blocks_in_order(const T* sums, int64_t begin, int64_t end, T* __restrict__ into) const {
+    for (int64_t k = begin; k < end; ++k) into[k] = sums[k];
+    for (int64_t block = 1; block < blocks(); ++block) {
+      const T* __restrict__ block_sums = sums + block * sums_stride();
+      for (int64_t k = begin; k < end; ++k) into[k] += block_sums[k];
+    }
+  }
   // K rounded up to whole cache lines: two workers' sums never share a line.
   SELGROUP_HD_INLINE int64_t sums_stride() const {
     constexpr int64_t kLine = static_cast<int64_t>(kCacheLineBytes / sizeof(T));
@@ -919,13 +944,12 @@ struct AffinityPropagation {
     T* A = ws.messages;
     T* R = ws.messages + K * K;
     const int64_t num_blocks = blocks();
-    int workers = 1;
-    while (2 * workers <= team.size() && 2 * workers <= num_blocks) workers *= 2;
+    const OwnedBlocks owned = owned_blocks(team);
+    int workers = owned.workers;
     const int rank = team.rank();
     const bool first_worker = rank == 0;
     bool alone = team.size() == 1;
-    int64_t own_first_block = rank < workers ? rank * num_blocks / workers : num_blocks;
-    int64_t own_last_block = rank < workers ? (rank + 1) * num_blocks / workers : num_blocks;
+    int64_t own_first_block = owned.first, own_last_block = owned.last;
     int64_t own_begin = block_begin(own_first_block), own_end = block_begin(own_last_block);
     const auto block_sums = [&](int turn, int64_t block) {
       return ws.block_sums + (turn * num_blocks + block) * sums_stride();
@@ -935,14 +959,7 @@ struct AffinityPropagation {
     int turn = 0;  // where the next responsibilities' block sums go
     const auto column_sums = [&]() -> const T* { return num_blocks == 1 ? block_sums(1 - turn, 0) : own_column_sums; };
     const auto add_block_sums = [&] {  // of the responsibilities just made; then the next turn
-      if (num_blocks > 1 && rank < workers) {
-        const T* first = block_sums(turn, 0);
-        for (int64_t k = 0; k < K; ++k) own_column_sums[k] = first[k];
-        for (int64_t block = 1; block < num_blocks; ++block) {
-          const T* sums = block_sums(turn, block);
-          for (int64_t k = 0; k < K; ++k) own_column_sums[k] += sums[k];
-        }
-      }
+      if (num_blocks > 1 && rank < workers) add_blocks_in_order(block_sums(turn, 0), 0, K, own_column_sums);
       turn = 1 - turn;
     };
     const auto clear_own_block_sums = [&] {
@@ -1119,21 +1136,34 @@ struct AffinityPropagation {
 
     // Refinement: each cluster's exemplar becomes the member with the largest summed
     // similarity from the members (the first on a tie, as numpy.argmax); then every
-    // sample joins its nearest exemplar. The sums run down the rows in order, as
-    // scikit-learn's; every row is added to every column, a non-member's as +0,
-    // which changes no sum (one that starts at +0 is never −0), so that the loop over
-    // a row's columns has no branch.
+    // sample joins its nearest exemplar. The sums add the rows in the order of the
+    // availability rule's column sums (blocks(): below K = 128 down the rows, as
+    // scikit-learn's). Every row is added to every column, a non-member's as +0,
+    // which changes no sum (one that starts at +0 is never −0), so the loop over a
+    // row's columns has no branch. On host teams each worker sums the rows of its
+    // own blocks (no row crosses to another core), on device teams each thread its
+    // columns of every block.
     team_assign_clusters(team, S, K, ws.exemplars, num_exemplars, ws.cluster);
-    T* __restrict__ member_sums = ws.column_sums;  // K; the messages are done with it
-    team_split(team, K, [&](int64_t begin, int64_t end) {
+    const auto sum_block = [&](int64_t block, int64_t begin, int64_t end) {
       const int* __restrict__ cluster = ws.cluster;
-      for (int64_t j = begin; j < end; ++j) member_sums[j] = T(0);
-      for (int64_t i = 0; i < K; ++i) {
+      T* __restrict__ sums = ws.block_sums + block * sums_stride();
+      for (int64_t j = begin; j < end; ++j) sums[j] = T(0);
+      for (int64_t i = block_begin(block); i < block_begin(block + 1); ++i) {
         const T* __restrict__ s_row = S + i * K;
         const int row_cluster = cluster[i];
-        for (int64_t j = begin; j < end; ++j) member_sums[j] += cluster[j] == row_cluster ? s_row[j] : T(0);
+        for (int64_t j = begin; j < end; ++j) sums[j] += cluster[j] == row_cluster ? s_row[j] : T(0);
       }
-    });
+    };
+    if constexpr (Workers::kHost) {
+      const OwnedBlocks owned = owned_blocks(team);
+      for (int64_t block = owned.first; block < owned.last; ++block) sum_block(block, 0, K);
+    } else {
+      for (int64_t block = 0; block < blocks(); ++block)
+        team_split(team, K, [&](int64_t begin, int64_t end) { sum_block(block, begin, end); });
+    }
+    team.sync();
+    T* member_sums = ws.column_sums;  // K; the messages are done with it
+    team_split(team, K, [&](int64_t begin, int64_t end) { add_blocks_in_order(ws.block_sums, begin, end, member_sums); });
     team.sync();
     if (team.rank() == 0) {
       for (int k = 0; k < num_exemplars; ++k) ws.exemplars[k] = -1;  // only the cluster map is read here
