@@ -88,8 +88,7 @@ def affinity_propagation(
     or all -1 when no exemplar emerged. Results can differ from scikit-learn only where
     two messages (or two members' summed similarities) tie to within rounding (summation
     order: from K = 128 those sums add blocks of rows). On the CPU it uses up to one of
-    torch's threads per 64 rows from K = 128,
-    with the same result on any thread count.
+    torch's threads per 64 rows from K = 128, with the same result on any thread count.
 
     Non-finite similarities: a ``ValueError`` on the CPU; on CUDA (which cannot raise
     without a host sync) all -1. Raises for damping outside [0.5, 1), max_iter < 1,
