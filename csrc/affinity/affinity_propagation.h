@@ -756,9 +756,9 @@ struct AffinityPropagation {
   // blocks evenly; every team sums alike, so gives the same bits.
   //
   // A worker per block. On the idle 2-core development machine 2 threads were
-  // about 1.5× faster than 1 at K = 128 and 1.7× at 256 (where an iteration takes
-  // ~8 and ~25 µs, a barrier ~0.3 µs); at K = 64 they gained ~10 % back to back and
-  // lost when the pool's threads had gone to sleep between calls
+  // about 1.6× faster than 1 at K = 128 and 1.8× at 256 (where an iteration takes
+  // ~6 and ~19 µs on one thread, a barrier ~0.3 µs); at K = 64 they gained ~10 %
+  // back to back and lost when the pool's threads had gone to sleep between calls
   // (benchmarks/results/affinity_propagation_large_k.md).
   static constexpr int64_t kSamplesPerBlock = 64, kMostBlocks = 8;
   SELGROUP_HD_INLINE int64_t blocks() const {
