@@ -127,11 +127,19 @@ def test_non_contiguous_input_is_read_correctly() -> None:
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
-def test_non_finite_similarity_raises_on_cpu(bad: float) -> None:
-    S = torch.zeros(4, 4)
-    S[1, 2] = bad
-    with pytest.raises(ValueError, match="finite"):
+@pytest.mark.parametrize("K", [1, 4, 256])  # 256: the OpenMP team's path
+def test_non_finite_similarity_raises_on_cpu(bad: float, K: int) -> None:
+    S = torch.zeros(K, K)
+    S[K - 1, K // 2] = bad
+    with pytest.raises(ValueError, match=rf"similarity must be finite, got .* at \({K - 1}, {K // 2}\)"):
         ops.affinity_propagation(S)
+
+
+def test_no_exemplar_answers_all_minus_one_without_raising() -> None:
+    # All −1 is also the kernel's answer to a non-finite entry, which the CPU binding
+    # then looks for: a finite input with no exemplar must come back as it is.
+    S = -torch.rand(6, 6, generator=torch.Generator().manual_seed(0))
+    assert ops.affinity_propagation(S, preference=-1e6, max_iter=1).tolist() == [-1] * 6
 
 
 @pytest.mark.parametrize(
