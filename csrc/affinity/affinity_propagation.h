@@ -20,8 +20,8 @@
 //   constant over the last convergence_iter iterations" is the same condition;
 // * labels are numbered 0..M-1 by first appearance (scikit-learn sorts them by
 //   exemplar index); the partition is the same;
-// * a similarity with a non-finite entry yields all −1 (csrc/bindings.h raises
-//   before calling on the CPU, where the check needs no sync).
+// * a similarity with a non-finite entry yields all −1 (on the CPU, where raising
+//   needs no sync, csrc/bindings.h then raises).
 //
 // Speed (benchmarks/results/affinity_propagation_large_k.md). Device teams walk
 // rows of contiguous memory in branch-free loops and accumulate the availabilities'
