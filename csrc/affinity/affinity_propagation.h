@@ -425,8 +425,8 @@ struct Lanes {
 // column sum. For float, in scalars and SIMD lanes alike, it is taken on the bits:
 // a set sign bit gives +0. That is x > 0 ? x : +0 for every x but NaN, and one
 // rule for NaN on every team. In AVX2 lanes it is one VPMAXSD (the signed maximum
-// of the bits and 0), which, unlike MAXPS, leaves the two FP ports that Zen 4 runs
-// multiplies, maxima and minima on to the rest of the row pass (~5 % at K = 256).
+// of the bits and 0), an integer instruction, where MAXPS competes with the row
+// pass's multiplies, maxima and minima for two FP ports on Zen 4 (~5 % at K = 256).
 // Doubles compare as floats (AVX2 has no 64-bit integer maximum). GCC folds a
 // literal zero into a compare and a mask (two instructions), so in SIMD lanes the
 // zero passes through an empty asm that hides its value.
