@@ -784,6 +784,15 @@ struct AffinityPropagation {
     if (rank >= workers) return {workers, blocks(), blocks()};
     return {workers, rank * blocks() / workers, (rank + 1) * blocks() / workers};
   }
+  // sums[k] = entry(i, k) summed from zero down the rows i of `block`, in order,
+  // for k in [begin, end): a block's part of a column sum.
+  template <typename Entry>
+  SELGROUP_HD_INLINE void sum_block_rows(int64_t block, int64_t begin, int64_t end, T* __restrict__ sums,
+                                         Entry&& entry) const {
+    for (int64_t k = begin; k < end; ++k) sums[k] = T(0);
+    for (int64_t i = block_begin(block); i < block_begin(block + 1); ++i)
+      for (int64_t k = begin; k < end; ++k) sums[k] += entry(i, k);
+  }
   // into[k] = the blocks' sums of column k (`sums`: blocks() rows `sums_stride()`
   // apart) added in order, for k in [begin, end).
   SELGROUP_HD_INLINE void add_blocks_in_order(const T* sums, int64_t begin, int64_t end, T* __restrict__ into) const {
@@ -882,19 +891,10 @@ struct AffinityPropagation {
       team.sync();
       team_split(team, K, [&](int64_t begin, int64_t end) {
         T* __restrict__ column_sum = ws.column_sums;
-        T* __restrict__ block_sum = ws.block_sums;
-        for (int64_t block = 0; block < blocks(); ++block) {
-          T* __restrict__ sum = block == 0 ? column_sum : block_sum;
-          for (int64_t k = begin; k < end; ++k) sum[k] = T(0);
-          for (int64_t i = block_begin(block); i < block_begin(block + 1); ++i) {
-            const T* __restrict__ r_row = R + i * K;
-            split_at_diagonal(
-                begin, end, i, [&](int64_t k) { sum[k] += positive_part(r_row[k]); },
-                [&](int64_t k) { sum[k] += r_row[k]; });
-          }
-          if (block > 0)
-            for (int64_t k = begin; k < end; ++k) column_sum[k] += block_sum[k];
-        }
+        for (int64_t block = 0; block < blocks(); ++block)
+          sum_block_rows(block, begin, end, ws.block_sums + block * sums_stride(),
+                         [&](int64_t i, int64_t k) { return column_share(R[i * K + k], i == k); });
+        add_blocks_in_order(ws.block_sums, begin, end, column_sum);
         for (int64_t i = 0; i < K; ++i) {
           const T* __restrict__ r_row = R + i * K;
           T* __restrict__ a_row = A + i * K;
@@ -1146,13 +1146,8 @@ struct AffinityPropagation {
     team_assign_clusters(team, S, K, ws.exemplars, num_exemplars, ws.cluster);
     const auto sum_block = [&](int64_t block, int64_t begin, int64_t end) {
       const int* __restrict__ cluster = ws.cluster;
-      T* __restrict__ sums = ws.block_sums + block * sums_stride();
-      for (int64_t j = begin; j < end; ++j) sums[j] = T(0);
-      for (int64_t i = block_begin(block); i < block_begin(block + 1); ++i) {
-        const T* __restrict__ s_row = S + i * K;
-        const int row_cluster = cluster[i];
-        for (int64_t j = begin; j < end; ++j) sums[j] += cluster[j] == row_cluster ? s_row[j] : T(0);
-      }
+      sum_block_rows(block, begin, end, ws.block_sums + block * sums_stride(),
+                     [&](int64_t i, int64_t j) { return cluster[j] == cluster[i] ? S[i * K + j] : T(0); });
     };
     if constexpr (Workers::kHost) {
       const OwnedBlocks owned = owned_blocks(team);
