@@ -7,9 +7,9 @@ the authors work on J, independently of the kernels' formulation through G = J·
   in NumPy, with the exact 2-point line search the kernel uses (see mgda.h).
 - CAGrad: scipy.optimize.minimize (SLSQP) on the authors' objective, called as they
   call it (Cranial-XIX/CAGrad, nash-mtl's CAGrad).
-- IMTL-G: the authors' closed form on J with numpy.linalg.solve.
+- IMTL-G: the authors' closed form, through the pseudo-inverse of G (numpy.linalg.pinv).
 - Aligned-MTL: the authors' ProcrustesSolver with numpy.linalg.eigh.
-- Nash-MTL: scipy.optimize.root on G·α = 1/α (the fixed point the authors' cvxpy
+- Nash-MTL: damped Newton in float64 on G·α = 1/α (the fixed point the authors' cvxpy
   loop approaches).
 - GradDrop: a readable torch version (Chen et al. 2020), with the uniforms drawn by
   a NumPy SplitMix64 of (seed, offset, column).
@@ -114,45 +114,57 @@ def cagrad_objective(gram: np.ndarray, x: np.ndarray, c: float) -> float:
 
 
 def imtl_weights(jacobian: np.ndarray) -> np.ndarray:
-    """IMTL-G's closed form on J: α = (g_0·Uᵀ)(D·Uᵀ)⁻¹, w = [1 − Σα, α]."""
+    """IMTL-G through the pseudo-inverse: w ∝ G⁺·(‖g_k‖)_k, Σw = 1 (TorchJD's generalisation, arXiv 2406.16232).
+
+    Where G is invertible this is the authors' closed form α = (g_0·Uᵀ)(D·Uᵀ)⁻¹, w = [1 − Σα, α] (the
+    projections Jd/‖g_k‖ all equal 1/Σ G⁻¹‖g‖); where it is not, it is order-invariant (P G⁺ Pᵀ = (P G Pᵀ)⁺).
+    """
     grads = jacobian.astype(np.float64)
-    units = grads / np.linalg.norm(grads, axis=1, keepdims=True)
-    D = grads[:1] - grads[1:]
-    U = units[:1] - units[1:]
-    # α·(D·Uᵀ) = g_0·Uᵀ  ⇔  (D·Uᵀ)ᵀ·αᵀ = (g_0·Uᵀ)ᵀ
-    alpha = np.linalg.solve((D @ U.T).T, grads[0] @ U.T)
-    return np.concatenate([[1 - alpha.sum()], alpha])
+    gram = grads @ grads.T
+    v = np.linalg.pinv(gram, hermitian=True) @ np.sqrt(gram.diagonal())
+    return v / v.sum()
 
 
-def aligned_mtl_weights(jacobian: np.ndarray) -> np.ndarray:
-    """The authors' ProcrustesSolver (scale_mode="min") with numpy.linalg.eigh: w = W·1."""
+def aligned_mtl_weights(jacobian: np.ndarray, eps: float = float(np.finfo(np.float32).eps)) -> np.ndarray:
+    """The authors' ProcrustesSolver (scale_mode="min") with numpy.linalg.eigh: w = W·1.
+
+    Eigenvalues below λ_max·K·eps are dropped: the authors' eps is float32's whatever the input;
+    ``eps=np.finfo(dtype).eps`` is the rank tolerance of the input's own precision (TorchJD's).
+    """
     grads = jacobian.astype(np.float64)
     gram = grads @ grads.T
     eigenvalues, basis = np.linalg.eigh(gram)
-    tol = eigenvalues.max() * max(gram.shape) * np.finfo(np.float32).eps
+    tol = eigenvalues.max() * max(gram.shape) * eps
     kept = eigenvalues > tol
+    if not kept.any():  # G = 0: every direction is zero
+        return np.zeros(gram.shape[0])
     eigenvalues, basis = eigenvalues[kept], basis[:, kept]
     W = basis @ np.diag(np.sqrt(eigenvalues.min() / eigenvalues)) @ basis.T
     return W.sum(axis=1)
 
 
 def nash_mtl_weights(gram: np.ndarray) -> np.ndarray:
-    """α > 0 with G·α = 1/α, by scipy root-finding (Powell's hybrid method) on G·α − 1/α."""
+    """α > 0 with G·α = 1/α: damped Newton in float64 on the strictly convex ½αᵀGα − Σ log α, whose stationary
+    point that is, from α = 1/√diag(G) (the answer for orthogonal gradients), steps halved until α stays positive
+    and the objective decreases. Exists where no w ≥ 0, w ≠ 0 has wᵀJ = 0 (asserted by the residual)."""
     gram = gram.astype(np.float64)
-    K = gram.shape[0]
+    alpha = 1.0 / np.sqrt(gram.diagonal())
 
-    def residual(alpha: np.ndarray) -> np.ndarray:
-        return gram @ alpha - 1.0 / alpha
+    def objective(a: np.ndarray) -> float:
+        return float(0.5 * a @ gram @ a - np.log(a).sum())
 
-    def jacobian(alpha: np.ndarray) -> np.ndarray:
-        return gram + np.diag(1.0 / alpha**2)
-
-    start = np.full(K, np.sqrt(K / gram.sum()))  # the best multiple of 1
-    solution = scipy.optimize.root(residual, start, jac=jacobian, method="hybr", tol=1e-14)
-    # hybr may report that it cannot improve further once at machine precision:
-    # judge the answer by its residual instead of the flag.
-    alpha = solution.x
-    assert np.all(alpha > 0) and np.abs(residual(alpha) * alpha).max() < 1e-9, solution.message
+    for _ in range(200):
+        gradient = gram @ alpha - 1.0 / alpha
+        step = np.linalg.solve(gram + np.diag(1.0 / alpha**2), -gradient)
+        length = 1.0
+        while np.any(alpha + length * step <= 0) or objective(alpha + length * step) > objective(alpha):
+            length /= 2
+            if length < 1e-30:
+                break
+        alpha = alpha + length * step
+        if np.abs((gram @ alpha) * alpha - 1).max() < 1e-13:
+            break
+    assert np.all(alpha > 0) and np.abs((gram @ alpha) * alpha - 1).max() < 1e-9, "no bargaining solution"
     return alpha
 
 
@@ -185,3 +197,54 @@ def graddrop_update(jacobian: torch.Tensor, leak: torch.Tensor, seed: int, offse
     mask = torch.where(keep_positive, grads > 0, grads < 0).double()  # K×P
     leak = leak.double()[:, None]
     return ((leak + (1 - leak) * mask) * grads).sum(0)
+
+
+# Exact references: the methods' own problems solved to float64 precision by other means than the kernels'
+# (an interior-point solver, Clarabel through cvxpy, polished on its active set; pinv; eigh).
+
+
+def min_norm_point(jacobian: np.ndarray) -> np.ndarray:
+    """MGDA's direction: the minimum-norm point d* = Jᵀw* of the rows' convex hull (unique even where w* is not).
+
+    Clarabel solves min ‖Jᵀw‖ over the simplex (the norm, not its square: the solver sees the rows' scale, not
+    its square); the answer is then polished on its support S, where the KKT conditions are the linear system
+    G_SS w_S = μ·1, Σ w_S = 1 (least squares: G_SS may be singular, d is not). The polished point is kept when
+    it is feasible and at least as short.
+    """
+    import cvxpy as cp
+
+    grads = np.asarray(jacobian, dtype=np.float64)
+    K = grads.shape[0]
+    scale = max(np.abs(grads).max(), np.finfo(np.float64).tiny)
+    w = cp.Variable(K)
+    problem = cp.Problem(cp.Minimize(cp.norm(grads.T @ w / scale, 2)), [w >= 0, cp.sum(w) == 1])
+    problem.solve(solver=cp.CLARABEL, tol_gap_abs=1e-14, tol_gap_rel=1e-14, tol_feas=1e-14, max_iter=500)
+    weights = np.clip(np.asarray(w.value, dtype=np.float64), 0, None)
+    weights /= weights.sum()
+    best = grads.T @ weights
+    support = weights > 1e-6 * weights.max()
+    gram = grads[support] @ grads[support].T
+    size = int(support.sum())
+    system = np.block([[gram, -np.ones((size, 1))], [np.ones((1, size)), np.zeros((1, 1))]])
+    solution = np.linalg.lstsq(system, np.concatenate([np.zeros(size), [1.0]]), rcond=None)[0]
+    if np.all(solution[:size] >= 0):
+        polished = np.zeros(K)
+        polished[support] = solution[:size]
+        direction = grads.T @ polished
+        if direction @ direction <= best @ best:
+            best = direction
+    return best
+
+
+def cagrad_optimum(jacobian: np.ndarray, c: float) -> float:
+    """CAGrad's primal value max_d min_k g_k·d over the ball ‖d − g0‖ ≤ c‖g0‖ (g0 the mean gradient), by Clarabel."""
+    import cvxpy as cp
+
+    grads = np.asarray(jacobian, dtype=np.float64)
+    scale = max(np.abs(grads).max(), np.finfo(np.float64).tiny)
+    grads = grads / scale
+    g0 = grads.mean(axis=0)
+    d, t = cp.Variable(grads.shape[1]), cp.Variable()
+    problem = cp.Problem(cp.Maximize(t), [grads @ d >= t, cp.norm(d - g0, 2) <= c * np.linalg.norm(g0)])
+    problem.solve(solver=cp.CLARABEL, tol_gap_abs=1e-14, tol_gap_rel=1e-14, tol_feas=1e-14, max_iter=500)
+    return float(problem.value) * scale**2
