@@ -17,6 +17,9 @@ the authors work on J, independently of the kernels' formulation through G = J·
 
 from __future__ import annotations
 
+import warnings
+from typing import Any
+
 import numpy as np
 import scipy.optimize
 import torch
@@ -200,7 +203,18 @@ def graddrop_update(jacobian: torch.Tensor, leak: torch.Tensor, seed: int, offse
 
 
 # Exact references: the methods' own problems solved to float64 precision by other means than the kernels'
-# (an interior-point solver, Clarabel through cvxpy, polished on its active set; pinv; eigh).
+# (an interior-point solver, Clarabel through cvxpy, polished on its active set; pinv; eigh). Clarabel is asked
+# for 1e-12 gaps; where it stops short of them on a badly scaled input it says "inaccurate" (a cvxpy warning,
+# silenced: the tests judge the answer, MGDA's after its polish).
+
+
+def _solve(problem: Any) -> None:
+    import cvxpy as cp
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Solution may be inaccurate")
+        problem.solve(solver=cp.CLARABEL, tol_gap_abs=1e-12, tol_gap_rel=1e-12, tol_feas=1e-12, max_iter=500)
+    assert problem.status in ("optimal", "optimal_inaccurate"), problem.status
 
 
 def min_norm_point(jacobian: np.ndarray) -> np.ndarray:
@@ -218,7 +232,7 @@ def min_norm_point(jacobian: np.ndarray) -> np.ndarray:
     scale = max(np.abs(grads).max(), np.finfo(np.float64).tiny)
     w = cp.Variable(K)
     problem = cp.Problem(cp.Minimize(cp.norm(grads.T @ w / scale, 2)), [w >= 0, cp.sum(w) == 1])
-    problem.solve(solver=cp.CLARABEL, tol_gap_abs=1e-14, tol_gap_rel=1e-14, tol_feas=1e-14, max_iter=500)
+    _solve(problem)
     weights = np.clip(np.asarray(w.value, dtype=np.float64), 0, None)
     weights /= weights.sum()
     best = grads.T @ weights
@@ -246,5 +260,5 @@ def cagrad_optimum(jacobian: np.ndarray, c: float) -> float:
     g0 = grads.mean(axis=0)
     d, t = cp.Variable(grads.shape[1]), cp.Variable()
     problem = cp.Problem(cp.Maximize(t), [grads @ d >= t, cp.norm(d - g0, 2) <= c * np.linalg.norm(g0)])
-    problem.solve(solver=cp.CLARABEL, tol_gap_abs=1e-14, tol_gap_rel=1e-14, tol_feas=1e-14, max_iter=500)
+    _solve(problem)
     return float(problem.value) * scale**2

@@ -16,8 +16,8 @@ Properties (each a test below; a row says where it claims it):
 * autograd: ``aggregate`` of a J that requires grad either gives a result that does not require grad, or one
   whose gradient is right (torch.autograd.gradcheck).
 
-The default run takes K ∈ {1, 2, 3, 5, 20}, seed 0 and norm ratios 10 and 10⁴; ``-m slow`` adds K = 128,
-more seeds and every ratio of the issue (1, 10, 100, 1e3, 1e4).
+The default run takes K ∈ {1, 2, 5} (and the rank-deficient K = 20), seed 0, the norm ratio 10⁴ and the
+scaling s = 7; ``-m slow`` adds K = 3, 20 and 128, seed 1, the ratios 1, 10, 100 and 1e3 and s = 0.1.
 """
 
 from __future__ import annotations
@@ -214,10 +214,10 @@ ROWS: dict[str, Row] = {
 }
 assert sorted(ROWS) == sorted(available("gradient")), "every gradient method needs its row"
 
-DEFAULT_CASES = cases(tasks=(2, 3, 5, 20), seeds=(0,), ratios=(10.0, 1e4))
+DEFAULT_CASES = cases(tasks=(2, 5), seeds=(0,), ratios=(1e4,))
 SLOW_CASES = [
     case
-    for case in cases(tasks=(2, 3, 5, 20, 128), seeds=(0, 1, 2), ratios=(1.0, 10.0, 100.0, 1e3, 1e4))
+    for case in cases(tasks=(2, 3, 5, 20, 128), seeds=(0, 1), ratios=(1.0, 10.0, 100.0, 1e3, 1e4))
     if case not in DEFAULT_CASES
 ]
 
@@ -293,7 +293,7 @@ def test_one_task_steps_along_its_own_gradient(name, device, dtype):
 
 @functools.lru_cache(maxsize=None)
 def _reference_direction(name: str, J_bytes: bytes, shape: tuple[int, int], device: str, eps: float) -> np.ndarray:
-    J = np.frombuffer(J_bytes).reshape(shape)
+    J = np.frombuffer(J_bytes).reshape(shape).copy()
     return ROWS[name].reference(J, {**ROWS[name].options, "device": device, "eps": eps})  # type: ignore[misc]
 
 
@@ -341,7 +341,7 @@ def test_permutation_invariant(name, case, dtype, device, request):
 
 
 @pytest.mark.parametrize(("name", "case", "dtype"), parameters("scaling"))
-@pytest.mark.parametrize("scale", [0.1, 7.0])
+@pytest.mark.parametrize("scale", [7.0, pytest.param(0.1, marks=pytest.mark.slow)])
 def test_scaling(name, case, dtype, scale, device, request):
     expect(request, name, f"scaling-{scale:g}", case, dtype)
     J, J64 = as_input(case, device, dtype)
