@@ -150,4 +150,12 @@ KNOWN_FAILURES: dict[str, str] = {
     "scaling-7/imtl/non_weak_stationary-K3-seed0/float64": SINGULAR,
     "scaling-7/mgda/rank_deficient-3-K20-seed0/float32": MGDA,
     "scaling-7/mgda/strong_stationary-K5-seed0/float32": MGDA,
+    "torchjd/imtl/non_weak_stationary-K2-seed0/float64": SINGULAR,
+    "torchjd/imtl/non_weak_stationary-K2-seed0/float32": SINGULAR,
+    "torchjd/imtl/non_weak_stationary-K5-seed0/float64": SINGULAR,
+    "torchjd/imtl/non_weak_stationary-K5-seed0/float32": SINGULAR,
+    "torchjd/imtl/duplicate_rows-K5-seed0/float64": SINGULAR,
+    "torchjd/imtl/duplicate_rows-K5-seed0/float32": SINGULAR,
+    "torchjd/aligned_mtl/norm_ratio-10000-K2-seed0/float64": MGDA,
+    "torchjd/aligned_mtl/norm_ratio-10000-K5-seed0/float64": MGDA,
 }

@@ -160,6 +160,10 @@ class Row:
     #: d(s J) = s^scale_exponent d(J) for s > 0, where claimed.
     scaling: Claim | None = Claim()
     scale_exponent: float = 1.0
+    #: TorchJD 0.18's aggregator for K tasks, where ours is ``torchjd_factor(K, options)`` × its direction.
+    torchjd: Callable[[int], Any] | None = None
+    torchjd_factor: Callable[[int, dict[str, Any]], float] = lambda K, options: 1.0
+    torchjd_equal: Claim | None = None
 
 
 ROWS: dict[str, Row] = {
@@ -175,6 +179,9 @@ ROWS: dict[str, Row] = {
             # The random projection orders are drawn per task, not permuted with the tasks: only K = 2 has one order.
             permutation_invariant=Claim(max_tasks=2),
             non_conflicting=Claim(max_tasks=2),  # g_1·d = ‖g_1‖² − (g_1·g_2)²/‖g_2‖² ≥ 0 (Yu et al., §3)
+            # TorchJD draws its own random order: the same sum where K = 2 leaves no choice.
+            torchjd=lambda K: torchjd_aggregation().PCGrad(),
+            torchjd_equal=Claim(families=frozenset(NON_STATIONARY), max_tasks=2),
         ),
         Row(
             "cagrad",
@@ -185,8 +192,21 @@ ROWS: dict[str, Row] = {
             scaling=Claim(families=frozenset(NON_STATIONARY), tolerance=1e-5),
             # c ≥ 1 puts d = 0 in the ball: the optimum of min_k g_k·d is then ≥ 0 (TorchJD's CAGrad tests).
             non_conflicting=Claim(options={"c": 1.0}),
+            # Ours is the authors' d (the mean's ball, ÷(1 + c²)) × K; TorchJD's the undivided mean-based one.
+            torchjd=lambda K: torchjd_aggregation().CAGrad(c=0.4),
+            torchjd_factor=lambda K, options: K / (1 + options["c"] ** 2),
+            # TorchJD's Clarabel runs at its default tolerances (and our regularisers are the authors'): 1e-4.
+            torchjd_equal=Claim(families=frozenset({"typical", "non_weak_stationary", "duplicate_rows"}), tolerance=1e-4),
         ),
-        Row("mgda", reference=mgda_direction, optimality=mgda_kkt, non_conflicting=Claim()),
+        Row(
+            "mgda",
+            reference=mgda_direction,
+            optimality=mgda_kkt,
+            non_conflicting=Claim(),
+            # TorchJD's Frank-Wolfe stops at a 1e-3 step: equal where the 2-task closed form ends it.
+            torchjd=lambda K: torchjd_aggregation().MGDA(),
+            torchjd_equal=Claim(families=frozenset({"typical", "non_weak_stationary", "norm_ratio"}), max_tasks=2),
+        ),
         Row("graddrop", {"seed": 0}, reference=graddrop_direction),
         Row(
             "imtl",
@@ -195,8 +215,17 @@ ROWS: dict[str, Row] = {
             exact=Claim(families=frozenset(NON_STATIONARY)),
             optimality=imtl_equal_projections,
             optimal=Claim(families=frozenset({"typical", "norm_ratio", "duplicate_rows"})),
+            torchjd=lambda K: torchjd_aggregation().IMTLG(),
+            torchjd_equal=Claim(families=frozenset(NON_STATIONARY), tolerance=1e-6),
         ),
-        Row("aligned_mtl", reference=aligned_mtl_direction),
+        Row(
+            "aligned_mtl",
+            reference=aligned_mtl_direction,
+            # TorchJD's preference vector is the mean (1/K each), the authors' and ours all ones.
+            torchjd=lambda K: torchjd_aggregation().AlignedMTL(),
+            torchjd_factor=lambda K, options: K,
+            torchjd_equal=Claim(tolerance=1e-6),
+        ),
         Row(
             "nash_mtl",
             {"max_norm": 0.0},
@@ -220,6 +249,11 @@ SLOW_CASES = [
     for case in cases(tasks=(2, 3, 5, 20, 128), seeds=(0, 1), ratios=(1.0, 10.0, 100.0, 1e3, 1e4))
     if case not in DEFAULT_CASES
 ]
+
+def torchjd_aggregation() -> Any:
+    """``torchjd.aggregation`` (the ``torchjd`` test extra), or a skip that says it is not installed."""
+    return pytest.importorskip("torchjd.aggregation", reason="the torchjd test extra is not installed")
+
 
 def expect(request: pytest.FixtureRequest, name: str, prop: str, case: Case, dtype: torch.dtype) -> None:
     """Marks a claim today's solvers break (tests/known_failures.py) as a strict xfail naming the fix."""
@@ -364,3 +398,17 @@ def test_aggregate_is_not_silently_differentiable(name, request):
         d = aggregate(name, J, **options)
         if d.requires_grad:
             assert torch.autograd.gradcheck(lambda m: aggregate(name, m, **options), (J,), raise_exception=False)
+
+
+@pytest.mark.parametrize(("name", "case", "dtype"), parameters("torchjd_equal"))
+def test_torchjd(name, case, dtype, request):
+    """Ours is TorchJD 0.18's direction up to the constant of our convention (CAGrad's K/(1 + c²), Aligned-MTL's
+    K: pinned here), where TorchJD's solver is exact (see the rows); GradDrop (another RNG) and Nash-MTL (TorchJD's
+    cvxpy loop stops at a 1e-3 residual) are compared in benchmarks/method_exactness.py instead."""
+    expect(request, name, "torchjd", case, dtype)
+    row = ROWS[name]
+    assert row.torchjd is not None and row.torchjd_equal is not None
+    J, J64 = as_input(case, "cpu", dtype)
+    theirs = row.torchjd(case.tasks)(J).double().numpy() * row.torchjd_factor(case.tasks, row.options)
+    tolerance = row.torchjd_equal.tolerance if row.torchjd_equal.tolerance is not None else 100 * EXACT[dtype]
+    assert relative_error(run(name, J)[0], theirs, J64, dtype) <= max(tolerance, 100 * EXACT[dtype])
