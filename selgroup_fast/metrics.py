@@ -492,7 +492,8 @@ def delta_m_all(
     """Δm in percent over every metric, LibMTL's convention: each task's metrics averaged, then the tasks.
 
     ``100 × (1/K) Σ_k (1/M_k) Σ_m (−1)^{l_{k,m}} (M_{k,m} − B_{k,m}) / B_{k,m}`` over the metrics
-    listed in ``higher_is_better[task]``.
+    listed in ``higher_is_better[task]``; higher is better. Not nash-mtl's or FAMO's ``delta_fn``,
+    which pools every (task, metric) pair and is lower-is-better (``docs/algorithm.md §Δm``).
 
     >>> delta_m_all({"a": {"m": 30.0, "e": 2.0}}, {"a": {"m": 20.0, "e": 1.0}}, {"a": {"m": True, "e": False}})
     -25.0
