@@ -36,8 +36,8 @@ from ..parallel import (
 )
 from .base import MultiTaskMethod, detached
 from .graddrop import GradDrop
-from .nonfinite import DEFAULT_NONFINITE, tensor_state
 from .jacobian import JacobianMode, SharedParams, TaskJacobian, gradients_task_by_task, jacobian_defaults
+from .nonfinite import DEFAULT_NONFINITE, tensor_state
 from .weighting import Aggregator, Weighting, gram
 
 Space = Literal["parameters", "representation"]
