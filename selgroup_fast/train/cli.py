@@ -111,9 +111,10 @@ def build_parser(baseline: bool = False) -> argparse.ArgumentParser:
         add("--baseline", metavar="FILE", help="a baseline.json from 'selgroup-train baseline': adds Δm to the results")
     add(
         "--on-nonfinite",
-        choices=ON_NONFINITE,
+        choices=tuple(ON_NONFINITE),
         default="stop",
-        help="a NaN/inf loss: stop (default; after checkpointing the last good state) or skip the batch",
+        help="a NaN/inf loss: stop (default; after checkpointing the last good state), skip the step "
+        "(on the device; counted and logged) or propagate it",
     )
     add("--log-every", type=positive_int_arg, default=10, help="log losses, affinity and timings every N iterations")
     add("--quiet", action="store_true", help="no progress bar, no summary")

@@ -32,7 +32,7 @@ from ..bench.model import MultiTaskViT
 from ..bench.report import environment
 from ..tasks import PRESETS, TASKS, Task, TaskSpec, task_losses
 from . import checkpoint
-from .config import TrainConfig, TrainError, resolve, resolve_device, unknown_option
+from .config import ON_NONFINITE, TrainConfig, TrainError, resolve, resolve_device, unknown_option
 from .report import TensorBoardLog, append_jsonl, summary_table, write_json, write_plots
 
 #: ``loss_fn(outputs, targets, tasks) -> K scalar losses`` (outputs and targets in task order).
@@ -43,7 +43,7 @@ VAL_CACHE_BYTES = 512 * 2**20
 
 
 class NonFiniteLoss(RuntimeError):
-    """A task loss was NaN or infinite (raised by the closure before anything back-propagates it)."""
+    """A task loss was NaN or infinite with ``--on-nonfinite stop`` (the method raised before any backward)."""
 
     def __init__(self, task: str, iteration: int, value: float) -> None:
         super().__init__(f"non-finite loss {value} for task {task!r} at iteration {iteration}")
@@ -222,6 +222,7 @@ def _build_method(
     task_parameters = getattr(model, "task_parameters", None)
     if callable(task_parameters):
         options.setdefault("task_params", task_parameters())
+    options.setdefault("nonfinite", ON_NONFINITE[config.on_nonfinite])
     try:
         return methods.create(config.method, optimizer, num_tasks, shared_params=shared, **options)
     except TypeError as error:
@@ -488,13 +489,14 @@ class _Run:
             "affinity_steps": [],
             "affinity": [],  # flattened K×K snapshots every log_every iterations
             "evaluations": [],
-            "skipped": [],  # iterations skipped for a non-finite loss (--on-nonfinite skip)
+            "skipped_steps": 0,  # optimizer steps skipped for a non-finite loss (--on-nonfinite skip), as last read
         }
         self.times = {"data": 0.0, "step": 0.0, "bookkeeping": 0.0, "eval": 0.0, "checkpoint": 0.0}
         self.timed_iterations = 0
         self.val_cache: list[Any] | None = None
         self.phase_sums: dict[str, float] = {}
         self.phase_count = 0
+        self.skipped_base = 0  # skipped steps before this process's method was built (a resumed run)
 
     # ------------------------------------------------------------------ data
 
@@ -619,47 +621,41 @@ class _Run:
     def _collective_device(self) -> torch.device:
         return self.device if self.device.type == "cuda" else torch.device("cpu")
 
-    def _step(self, images: torch.Tensor, targets: list[torch.Tensor]) -> torch.Tensor | None:
-        """One method step and one scheduler step; a non-finite loss stops or skips per --on-nonfinite."""
-        iteration = self.iteration + 1
+    def _step(self, images: torch.Tensor, targets: list[torch.Tensor]) -> torch.Tensor:
+        """One method step and one scheduler step; a non-finite loss is the method's ``nonfinite=`` (--on-nonfinite)."""
 
         def closure() -> list[torch.Tensor]:
             with self.autocast:
                 outputs = self.forward_model(images)
-                losses = list(self.loss_fn(outputs, targets, self.specs))
-            self._check_finite(losses, iteration)
-            return losses
+                return list(self.loss_fn(outputs, targets, self.specs))
 
         try:
             losses = self.method.step(closure)
-        except NonFiniteLoss as error:
+        except methods.NonFiniteLoss as error:  # --on-nonfinite stop: every rank raises at the same step
             self.optimizer.zero_grad(set_to_none=True)
-            if self.config.on_nonfinite == "stop":
-                if self.env.main:
-                    self._checkpoint()
-                raise
-            self.history["skipped"].append(error.iteration)
             if self.env.main:
-                print(f"warning: {error}; batch skipped (--on-nonfinite skip)", file=sys.stderr)
-            losses = None
+                self._checkpoint()
+            raise NonFiniteLoss(self.names[error.task], self.iteration + 1, error.value) from error
         self.schedule.step()
         return losses
 
-    def _check_finite(self, losses: list[torch.Tensor], iteration: int) -> None:
-        values = torch.stack([loss.detach().float() for loss in losses])
-        finite = torch.isfinite(values)
-        if self.env.active:  # every rank must take the same branch
-            finite = finite.to(self._collective_device()).to(torch.int32)
-            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-            finite = finite.bool()
-        if not bool(finite.all()):
-            k = int((~finite).nonzero()[0])
-            raise NonFiniteLoss(self.names[k], iteration, float(values[k]))
+    def _report_skipped(self, scalars: dict[str, float]) -> None:
+        """Reads the method's count of skipped steps (at a log point: one host sync) and warns of new ones."""
+        total = self.skipped_base + int(self.method.skipped_steps)
+        new = total - self.history["skipped_steps"]
+        if new and self.env.main:
+            print(
+                f"warning: {new} step(s) skipped for a non-finite loss by iteration {self.iteration} "
+                "(--on-nonfinite skip)",
+                file=sys.stderr,
+            )
+        self.history["skipped_steps"] = total
+        scalars["train/skipped_steps"] = total
 
     def _bookkeeping(
         self,
         groups: list[list[int]] | None,
-        losses: torch.Tensor | None,
+        losses: torch.Tensor,
         log_now: bool,
         log: TensorBoardLog | None,
         progress: Any,
@@ -676,10 +672,11 @@ class _Run:
                 self.history["cogrouping_batches"] += 1
         if progress is not None:
             progress.update(1)
-        if not log_now or losses is None:
+        if not log_now:
             return
         values = losses.float().tolist()
         scalars = {f"train/loss/{name}": value for name, value in zip(self.names, values, strict=False)}
+        self._report_skipped(scalars)
         scalars["train/lr"] = self.optimizer.param_groups[0]["lr"]
         for phase, seconds in self.method.timings.items():
             scalars[f"time/{phase}_s"] = seconds
@@ -845,6 +842,7 @@ class _Run:
             self.epoch = int(state["epoch"])
             self.batch_in_epoch = int(state["batch_in_epoch"])
             self.history = json.loads(state["history"])
+            self.skipped_base = int(self.history.setdefault("skipped_steps", 0))  # the method counts from 0 again
             self.times = dict(state["times"])
             self.timed_iterations = int(state["timed_iterations"])
         except (KeyError, RuntimeError, ValueError, TypeError) as error:
@@ -895,7 +893,7 @@ class _Run:
             "phase_s_per_batch": {phase: total / self.phase_count for phase, total in self.phase_sums.items()}
             if self.phase_count
             else {},
-            "skipped_iterations": self.history["skipped"],
+            "skipped_steps": self.history["skipped_steps"],
             "world_size": self.env.world_size,
             "config": config.to_dict(),
             "defaults_note": self.defaults_note,
