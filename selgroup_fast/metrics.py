@@ -32,7 +32,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = 255
+from .data.common import IGNORE_LABEL as IGNORE_INDEX
+
 # Saliency maxF: the thresholds and F-measure weight of the paper's SaliencyMeter, its thresholds
 # made as it makes them (torch.arange(0.05, 1, 0.05) in float32: the 12th is 0.6 less one ulp).
 SALIENCY_THRESHOLDS = tuple(torch.arange(0.05, 1, 0.05).tolist())
@@ -46,19 +47,6 @@ EDGE_THRESHOLDS = tuple(round(0.01 * k, 2) for k in range(1, 100))
 NORMAL_THRESHOLDS_DEG = (11.25, 22.5, 30.0)
 # The median angular error comes from a histogram of this bin width (degrees).
 NORMAL_MEDIAN_BIN_DEG = 0.01
-TASKONOMY_TASKS = (
-    "depth_euclidean",
-    "depth_zbuffer",
-    "edge_occlusion",
-    "edge_texture",
-    "keypoints2d",
-    "keypoints3d",
-    "normal",
-    "principal_curvature",
-    "reshading",
-    "segment_unsup2d",
-    "segment_unsup25d",
-)
 
 
 def _check_batch(task: str, output: torch.Tensor, target: torch.Tensor, label_target: bool) -> None:
@@ -417,22 +405,13 @@ class L1Metric(TaskMetric):
         return {"l1": self.sums[1].item() / self.sums[0].item()}
 
 
-METRICS: dict[str, type[TaskMetric]] = {
-    "semseg": SegmentationMetric,
-    "human_parts": SegmentationMetric,
-    "depth": DepthMetric,
-    "normals": NormalsMetric,
-    "sal": SaliencyMetric,
-    "edge": EdgeMetric,
-    **{task: L1Metric for task in TASKONOMY_TASKS},
-}
-
-
 def make_metric(task: str) -> TaskMetric:
-    """A fresh accumulator for ``task`` (a task name of ``selgroup_fast.bench.model.PRESETS``)."""
-    if task not in METRICS:
-        raise ValueError(f"no metric for task {task!r}; known tasks: {', '.join(METRICS)}")
-    return METRICS[task](task)
+    """A fresh accumulator for ``task`` (a task name of ``selgroup_fast.tasks.TASKS``, whose metric it is)."""
+    from .tasks import TASKS  # here: selgroup_fast.tasks imports this module's metrics
+
+    if task not in TASKS:
+        raise ValueError(f"no metric for task {task!r}; known tasks: {', '.join(TASKS)}")
+    return TASKS[task].new_metric()
 
 
 def _relative_change(task: str, name: str, value: float, base: float, higher: bool) -> float:

@@ -17,6 +17,7 @@ from typing import Any, NoReturn
 import torch.distributed as dist
 
 from ..checks import positive_int_arg
+from ..tasks import PRESETS
 from .config import (
     AMP_MODES,
     ON_NONFINITE,
@@ -60,7 +61,8 @@ def build_parser(baseline: bool = False) -> argparse.ArgumentParser:
     add(
         "--tasks",
         default="nyud",
-        help="a preset (nyud, pascal, taskonomy) or comma-separated task names (default nyud)",
+        help=f"a preset ({', '.join(PRESETS)}), PRESET:NAME,... (some of its tasks) or comma-separated task names "
+        "(the tasks of the preset named like the dataset; default nyud)",
     )
     if not baseline:
         add("--method", default="selective", help="a name of selgroup_fast.methods.available() (default selective)")

@@ -28,17 +28,15 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from .. import methods
-from ..bench.model import PRESETS, MultiTaskViT, TaskSpec, task_losses
+from ..bench.model import MultiTaskViT
 from ..bench.report import environment
+from ..tasks import PRESETS, TASKS, Task, TaskSpec, task_losses
 from . import checkpoint
 from .config import ON_NONFINITE, TrainConfig, TrainError, resolve, resolve_device, unknown_option
 from .report import TensorBoardLog, append_jsonl, summary_table, write_json, write_plots
 
 #: ``loss_fn(outputs, targets, tasks) -> K scalar losses`` (outputs and targets in task order).
 LossFn = Callable[..., Sequence[torch.Tensor]]
-
-_ALL_SPECS: dict[str, TaskSpec] = {spec.name: spec for preset in PRESETS.values() for spec in preset}
-
 
 #: The most memory the validation batches may take to be kept between evaluations.
 VAL_CACHE_BYTES = 512 * 2**20
@@ -88,38 +86,82 @@ def _distributed_from_env() -> _Distributed:
 
 
 def task_specs(config: TrainConfig, tasks: Sequence[TaskSpec] | None) -> list[TaskSpec]:
-    """The run's tasks: the user's specs, else ``--tasks`` (a preset or names) checked against the dataset."""
+    """The run's tasks: the user's specs, else ``--tasks`` checked against the dataset.
+
+    ``--tasks`` is a preset, ``PRESET:NAME,...`` (some of a preset's tasks) or ``NAME,...`` (the
+    tasks of the preset named like the dataset; a name it lacks, of the first preset that has it).
+    A dataset's label-kind task must not have more classes than its head.
+    """
     if tasks is not None:
         specs = list(tasks)
         if not specs or not all(isinstance(spec, TaskSpec) for spec in specs):
-            raise TrainError("tasks= must be a non-empty list of selgroup_fast.bench.model.TaskSpec")
+            raise TrainError("tasks= must be a non-empty list of selgroup_fast.tasks.TaskSpec")
         return specs
-    from ..data import DATASETS, dataset_tasks
+    from ..data import DATASETS, dataset_classes, dataset_tasks
 
     if config.dataset not in DATASETS:
         raise TrainError(f"--dataset: unknown dataset {config.dataset!r}; available: {', '.join(DATASETS)}")
+    named = _named_tasks(config.tasks, config.dataset)
     provided = dataset_tasks(config.dataset)
-    key = config.tasks.strip()
-    if key in PRESETS:
-        names = [spec.name for spec in PRESETS[key]]
-    else:
-        names = [name.strip() for name in key.split(",") if name.strip()]
-        if not names:
-            raise TrainError(f"--tasks: expected a preset ({', '.join(PRESETS)}) or task names, got {config.tasks!r}")
-        unknown = [name for name in names if name not in _ALL_SPECS]
-        if unknown:
-            raise TrainError(
-                f"--tasks: unknown task {unknown[0]!r}; known tasks: {', '.join(_ALL_SPECS)} "
-                f"(or a preset: {', '.join(PRESETS)})"
-            )
-        if len(set(names)) != len(names):
-            raise TrainError(f"--tasks: a task is named twice in {config.tasks!r}")
-    missing = [name for name in names if name not in provided]
+    missing = [task.name for task in named if task.name not in provided]
     if missing:
         raise TrainError(
             f"--tasks: dataset {config.dataset!r} has no task {missing[0]!r}; it provides: {', '.join(provided)}"
         )
-    return [_ALL_SPECS[name] for name in names]
+    declared = dataset_classes(config.dataset)
+    for task in named:
+        classes = declared.get(task.name, 0)
+        if classes > task.channels:
+            raise TrainError(
+                f"--tasks {config.tasks}: dataset {config.dataset!r} labels task {task.name!r} with {classes} "
+                f"classes but its head has {task.channels}"
+            )
+    return list(named)
+
+
+def _named_tasks(text: str, dataset: str) -> list[Task]:
+    """The tasks ``--tasks`` names (see :func:`task_specs`)."""
+    key = text.strip()
+    if key in PRESETS:
+        return list(PRESETS[key])
+    preset, qualified, names_text = key.rpartition(":")
+    if qualified:
+        if preset not in PRESETS:
+            raise TrainError(f"--tasks {text}: unknown preset {preset!r}; presets: {', '.join(PRESETS)}")
+        choices = {task.name: task for task in PRESETS[preset]}
+        where = f"preset {preset!r}"
+    else:
+        choices = {**TASKS, **{task.name: task for task in PRESETS.get(dataset, ())}}
+        where = "known tasks"
+    names = [name.strip() for name in names_text.split(",") if name.strip()]
+    if not names:
+        raise TrainError(f"--tasks: expected a preset ({', '.join(PRESETS)}) or task names, got {text!r}")
+    unknown = [name for name in names if name not in choices]
+    if unknown:
+        raise TrainError(
+            f"--tasks: unknown task {unknown[0]!r}; {where}: {', '.join(choices)} (or a preset: {', '.join(PRESETS)})"
+        )
+    if len(set(names)) != len(names):
+        raise TrainError(f"--tasks: a task is named twice in {text!r}")
+    return [choices[name] for name in names]
+
+
+def _single_task(tasks: str, name: str) -> str:
+    """``--tasks`` of the single-task run of ``name`` out of ``tasks``: the same preset's task."""
+    key = tasks.strip()
+    preset = key if key in PRESETS else key.rpartition(":")[0]
+    return f"{preset}:{name}" if preset else name
+
+
+def _check_labels(specs: list[TaskSpec], targets: list[torch.Tensor]) -> None:
+    """Refuses, in one line, a label-kind target with a label that its task's head has no class for."""
+    for spec, target in zip(specs, targets, strict=True):
+        label = spec.label_outside_head(target)
+        if label is not None:
+            raise TrainError(
+                f"task {spec.name!r}: label {label} is outside the head's {spec.channels} classes "
+                f"(0..{spec.channels - 1}, or {spec.ignore_label} = ignore)"
+            )
 
 
 #: The seed of the built-in ``scenes`` dataset's content (fixed: see :func:`fit`).
@@ -232,12 +274,11 @@ class _LossMetric:
         return {"loss": self.total / max(self.count, 1)}
 
 
-def _make_metric(spec: TaskSpec, custom: bool) -> Any:
-    if custom and spec.name not in _ALL_SPECS:
-        return _LossMetric()
-    from ..metrics import make_metric
-
-    return make_metric(spec.name)
+def _make_metric(spec: TaskSpec) -> Any:
+    """The task's metric; a user's spec named like a benchmark task gets that task's metric."""
+    if isinstance(spec, Task):
+        return spec.new_metric()
+    return TASKS[spec.name].new_metric() if spec.name in TASKS else _LossMetric()
 
 
 def _computed(task: str, metric: Any) -> dict[str, float]:
@@ -522,7 +563,7 @@ class _Run:
                     images, targets = next(batches)
                     self.batch_in_epoch += 1
                     images = images.to(self.device, non_blocking=True)
-                    targets = [t.to(self.device, non_blocking=True) for t in _as_list(targets, self.specs)]
+                    targets = self._checked_targets(targets)
                     t1 = time.perf_counter()
                     groups = self.method.groups if self.selective else None
                     log_now = (self.iteration + 1) % config.log_every == 0 or self.iteration + 1 == iters
@@ -560,6 +601,13 @@ class _Run:
             if config.progress:
                 print(summary_table(results), end="", file=sys.stderr)
         return results
+
+    def _checked_targets(self, targets: Any) -> list[torch.Tensor]:
+        """A batch's targets in task order on the device, their labels checked against the heads first
+        (on the loader's CPU tensors: no device synchronisation; a CUDA device-side assert otherwise)."""
+        listed = _as_list(targets, self.specs)
+        _check_labels(self.specs, listed)
+        return [t.to(self.device, non_blocking=True) for t in listed]
 
     def _stop_requested(self, stop: _StopFlag) -> bool:
         if not self.env.active:
@@ -727,12 +775,12 @@ class _Run:
     def _validation_metrics(self) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
         net = self.raw_model
         net.eval()
-        metrics = [_make_metric(spec, self.custom) for spec in self.specs]
+        metrics = [_make_metric(spec) for spec in self.specs]
         loss_sums = [0.0] * len(self.specs)
         batches = 0
         for images, targets in self._validation_batches():
             images = images.to(self.device, non_blocking=True)
-            targets = [t.to(self.device, non_blocking=True) for t in _as_list(targets, self.specs)]
+            targets = self._checked_targets(targets)
             with self.autocast:
                 outputs = net(images)
                 losses = self.loss_fn(outputs, targets, self.specs)
@@ -813,7 +861,7 @@ class _Run:
         config = self.config
         final = self.history["evaluations"][-1]
         if not hasattr(self, "metric_info"):  # only rank 0 evaluates: the others rebuild the directions
-            metrics = [_make_metric(spec, self.custom) for spec in self.specs]
+            metrics = [_make_metric(spec) for spec in self.specs]
             self.metric_info = {
                 "higher_is_better": {
                     name: dict(m.higher_is_better) for name, m in zip(self.names, metrics, strict=False)
@@ -919,7 +967,9 @@ def fit_baseline(config: TrainConfig) -> dict[str, Any]:
         if done.is_file():
             runs[spec.name] = json.loads(done.read_text())
             continue
-        task_config = dataclasses.replace(config, tasks=spec.name, out=str(task_out), resume="auto")
+        task_config = dataclasses.replace(
+            config, tasks=_single_task(config.tasks, spec.name), out=str(task_out), resume="auto"
+        )
         if env.main and config.progress:
             print(f"baseline: task {spec.name}", file=sys.stderr)
         runs[spec.name] = fit(task_config)
