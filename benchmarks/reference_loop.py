@@ -141,9 +141,17 @@ class ReferenceLoop(MultiTaskMethod):
     name = "reference"
 
     def __init__(
-        self, optimizer: torch.optim.Optimizer, num_tasks: int, *, warmup_steps: int, profile: bool = False
+        self,
+        optimizer: torch.optim.Optimizer,
+        num_tasks: int,
+        *,
+        warmup_steps: int,
+        profile: bool = False,
+        nonfinite: str = "propagate",
     ) -> None:
-        super().__init__(optimizer, num_tasks, profile=profile)
+        if nonfinite != "propagate":
+            raise ValueError(f"the reference loop has no non-finite guard (nonfinite='propagate'), got {nonfinite!r}")
+        super().__init__(optimizer, num_tasks, profile=profile, nonfinite=nonfinite)
         self.warmup_steps = warmup_steps
         self.tracker = ReferenceAffinity(num_tasks)
         self.groups: list[list[int]] = [[task] for task in range(num_tasks)]

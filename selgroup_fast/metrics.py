@@ -4,7 +4,7 @@ The metrics follow the paper's evaluation code (``evaluation/eval_*.py``, inheri
 Multi-Task-Learning-PyTorch / InvPT): counts and sums are pooled over every valid pixel of
 the evaluation set before the ratio is taken. Percent-valued metrics (IoU, F-measures,
 accuracies) are reported in percent, as the paper's tables print them. ``docs/datasets.md``
-lists every metric and where it departs from that code.
+lists every metric, the peer code each one equals, and where it departs from that code.
 
 A metric is an accumulator fed with the model's raw output and the target batch::
 
@@ -28,31 +28,25 @@ import math
 from collections.abc import Mapping
 from typing import ClassVar
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = 255
-# Saliency thresholds and F-measure weight of the paper's SaliencyMeter (step 0.05, beta^2 = 0.3).
-SALIENCY_THRESHOLDS = tuple(round(0.05 * k, 2) for k in range(1, 20))
+from .data.common import IGNORE_LABEL as IGNORE_INDEX
+
+# Saliency maxF: the thresholds and F-measure weight of the paper's SaliencyMeter, its thresholds
+# made as it makes them (torch.arange(0.05, 1, 0.05) in float32: the 12th is 0.6 less one ulp).
+SALIENCY_THRESHOLDS = tuple(torch.arange(0.05, 1, 0.05).tolist())
 SALIENCY_BETA_SQUARED = 0.3
+# Saliency mIoU: Multi-Task-Learning-PyTorch's SaliencyMeter thresholds, numpy.linspace(0.2, 0.9, 15).
+SALIENCY_IOU_THRESHOLDS = tuple(np.linspace(0.2, 0.9, 15).tolist())
+# What the paper's DepthMeter puts in place of a prediction <= 0 before every error.
+DEPTH_PREDICTION_FLOOR = 1e-9
 # Edge stand-in thresholds: the 99 of the BSDS/seism benchmarks' default sweep.
 EDGE_THRESHOLDS = tuple(round(0.01 * k, 2) for k in range(1, 100))
 NORMAL_THRESHOLDS_DEG = (11.25, 22.5, 30.0)
 # The median angular error comes from a histogram of this bin width (degrees).
 NORMAL_MEDIAN_BIN_DEG = 0.01
-TASKONOMY_TASKS = (
-    "depth_euclidean",
-    "depth_zbuffer",
-    "edge_occlusion",
-    "edge_texture",
-    "keypoints2d",
-    "keypoints3d",
-    "normal",
-    "principal_curvature",
-    "reshading",
-    "segment_unsup2d",
-    "segment_unsup25d",
-)
 
 
 def _check_batch(task: str, output: torch.Tensor, target: torch.Tensor, label_target: bool) -> None:
@@ -160,8 +154,10 @@ class SegmentationMetric(TaskMetric):
 class DepthMetric(TaskMetric):
     """Depth: RMSE, mean absolute relative error and log-RMSE, pooled over valid pixels.
 
-    Valid pixels have a finite, positive ground truth; predictions are clamped to 1e-9 before
-    the logarithm, as the paper's ``DepthMeter``.
+    Valid pixels have a finite, positive ground truth. A prediction <= 0 counts as
+    ``DEPTH_PREDICTION_FLOOR`` (1e-9) in every error, as in the paper's evaluation (its
+    ``get_output`` clamps the depth at 0, its ``DepthMeter`` sets <= 0 to 1e-9); a NaN
+    prediction stays NaN. LibMTL's ``DepthMetric`` uses the raw prediction instead.
     """
 
     higher_is_better: ClassVar[dict[str, bool]] = {"rmse": False, "abs_rel": False, "log_rmse": False}
@@ -176,8 +172,9 @@ class DepthMetric(TaskMetric):
             raise ValueError(f"{self.task}: depth output and target need 1 channel")
         valid = torch.isfinite(target) & (target > 0)
         truth, predicted = target[valid].double(), output[valid].double()
+        predicted = torch.where(predicted <= 0, DEPTH_PREDICTION_FLOOR, predicted)
         error = predicted - truth
-        log_error = torch.log(predicted.clamp_min(1e-9)) - torch.log(truth)
+        log_error = torch.log(predicted) - torch.log(truth)
         batch = torch.stack(
             [
                 torch.tensor(float(truth.numel()), dtype=torch.float64, device=truth.device),
@@ -291,21 +288,26 @@ def _binary_target(task: str, target: torch.Tensor) -> tuple[torch.Tensor, torch
 
 
 class SaliencyMetric(TaskMetric):
-    """Saliency: maxF and mIoU over the thresholds ``SALIENCY_THRESHOLDS`` of the foreground probability.
+    """Saliency: maxF and mIoU of the thresholded foreground probability.
 
-    maxF is the paper's ``SaliencyMeter``: true/predicted/actual positives pooled over the set
-    at each threshold, F_beta with beta^2 = 0.3, the maximum over thresholds. mIoU is
-    Multi-Task-Learning-PyTorch's: each image's Jaccard index (1 when both prediction and
-    truth are empty), averaged over images, the maximum over thresholds.
+    maxF is the paper's ``SaliencyMeter`` (InvPT's): at each of ``SALIENCY_THRESHOLDS``
+    (probability >= threshold), true, predicted and actual positives pooled over the set's
+    non-ignored pixels, F_beta with beta^2 = 0.3, the maximum over thresholds. The paper's code
+    applies a sigmoid to the softmax probability a second time before thresholding; this
+    follows the meter's intent (one probability), not its published numbers.
+    mIoU is Multi-Task-Learning-PyTorch's ``SaliencyMeter``: at each of
+    ``SALIENCY_IOU_THRESHOLDS`` (probability > threshold), each image's Jaccard index (1 when
+    prediction and truth are both empty), averaged over images, the maximum over thresholds.
+    Pixels labelled 255 are left out, as its ``jaccard``'s ``void_pixels``; its meter passes
+    none, so there a 255 counts as salient.
     """
 
     higher_is_better: ClassVar[dict[str, bool]] = {"maxF": True, "mIoU": True}
     primary = "maxF"
 
     def reset(self) -> None:
-        count = len(SALIENCY_THRESHOLDS)
-        self.positives = torch.zeros(3, count, dtype=torch.float64)  # true, predicted, actual
-        self.jaccard_sum = torch.zeros(count, dtype=torch.float64)
+        self.positives = torch.zeros(3, len(SALIENCY_THRESHOLDS), dtype=torch.float64)  # true, predicted, actual
+        self.jaccard_sum = torch.zeros(len(SALIENCY_IOU_THRESHOLDS), dtype=torch.float64)
         self.images = 0
 
     def update(self, output: torch.Tensor, target: torch.Tensor) -> None:
@@ -313,15 +315,18 @@ class SaliencyMetric(TaskMetric):
         probability = _foreground_probability(self.task, output)
         truth, valid = _binary_target(self.task, target)
         truth = truth & valid
-        for k, threshold in enumerate(SALIENCY_THRESHOLDS):
+        positives = []
+        for threshold in SALIENCY_THRESHOLDS:
             predicted = (probability >= threshold) & valid
-            true_positive = (predicted & truth).flatten(1).sum(1).double()
+            positives.append(torch.stack([(predicted & truth).sum(), predicted.sum(), truth.sum()]))
+        jaccard_sums = []
+        for threshold in SALIENCY_IOU_THRESHOLDS:
+            predicted = (probability > threshold) & valid
+            intersection = (predicted & truth).flatten(1).sum(1).double()
             union = (predicted | truth).flatten(1).sum(1).double()
-            jaccard = torch.where(union > 0, true_positive / union.clamp_min(1), torch.ones_like(union))
-            stats = torch.stack([true_positive.sum(), predicted.sum().double(), truth.sum().double(), jaccard.sum()])
-            stats = stats.cpu()
-            self.positives[:, k] += stats[:3]
-            self.jaccard_sum[k] += stats[3]
+            jaccard_sums.append(torch.where(union > 0, intersection / union.clamp_min(1), 1.0).sum())
+        self.positives += torch.stack(positives, 1).double().cpu()
+        self.jaccard_sum += torch.stack(jaccard_sums).cpu()
         self.images += output.shape[0]
 
     def compute(self) -> dict[str, float]:
@@ -400,22 +405,13 @@ class L1Metric(TaskMetric):
         return {"l1": self.sums[1].item() / self.sums[0].item()}
 
 
-METRICS: dict[str, type[TaskMetric]] = {
-    "semseg": SegmentationMetric,
-    "human_parts": SegmentationMetric,
-    "depth": DepthMetric,
-    "normals": NormalsMetric,
-    "sal": SaliencyMetric,
-    "edge": EdgeMetric,
-    **{task: L1Metric for task in TASKONOMY_TASKS},
-}
-
-
 def make_metric(task: str) -> TaskMetric:
-    """A fresh accumulator for ``task`` (a task name of ``selgroup_fast.bench.model.PRESETS``)."""
-    if task not in METRICS:
-        raise ValueError(f"no metric for task {task!r}; known tasks: {', '.join(METRICS)}")
-    return METRICS[task](task)
+    """A fresh accumulator for ``task`` (a task name of ``selgroup_fast.tasks.TASKS``, whose metric it is)."""
+    from .tasks import TASKS  # here: selgroup_fast.tasks imports this module's metrics
+
+    if task not in TASKS:
+        raise ValueError(f"no metric for task {task!r}; known tasks: {', '.join(TASKS)}")
+    return TASKS[task].new_metric()
 
 
 def _relative_change(task: str, name: str, value: float, base: float, higher: bool) -> float:
@@ -475,7 +471,8 @@ def delta_m_all(
     """Δm in percent over every metric, LibMTL's convention: each task's metrics averaged, then the tasks.
 
     ``100 × (1/K) Σ_k (1/M_k) Σ_m (−1)^{l_{k,m}} (M_{k,m} − B_{k,m}) / B_{k,m}`` over the metrics
-    listed in ``higher_is_better[task]``.
+    listed in ``higher_is_better[task]``; higher is better. Not nash-mtl's or FAMO's ``delta_fn``,
+    which pools every (task, metric) pair and is lower-is-better (``docs/algorithm.md §Δm``).
 
     >>> delta_m_all({"a": {"m": 30.0, "e": 2.0}}, {"a": {"m": 20.0, "e": 1.0}}, {"a": {"m": True, "e": False}})
     -25.0

@@ -16,6 +16,7 @@ from .affinity import ATTRIBUTIONS, AffinityTracker
 from .grouping import GroupingSpec, check_partition, make_grouping
 from .losses import ClosureOutput
 from .methods.base import MultiTaskMethod, detached
+from .methods.nonfinite import DEFAULT_NONFINITE
 from .parallel import Params, RankAgreement, TaskParams, graph_parameters, is_sharded
 
 ORDERS = ("random", "forward", "backward")
@@ -52,6 +53,9 @@ class SelectiveGroupUpdate(MultiTaskMethod):
             graph cannot tell: a ``torch.compile``d model (its backward gives every head a zero
             gradient) and FSDP2 (the graph holds unsharded copies); without it those raise.
         profile: record the phases ``forward``, ``backward``, ``optimizer``, ``affinity``.
+        nonfinite: what a NaN/inf loss does (:mod:`selgroup_fast.methods.nonfinite`): ``"skip"``
+            (default) skips the group step whose forward returned it, on the device, and credits
+            that step to no one (the affinity is left as it was); ``"raise"``; ``"propagate"``.
 
     Example::
 
@@ -96,8 +100,9 @@ class SelectiveGroupUpdate(MultiTaskMethod):
         shared_params: Params | None = None,
         task_params: list[Params] | None = None,
         profile: bool = False,
+        nonfinite: str = DEFAULT_NONFINITE,
     ) -> None:
-        super().__init__(optimizer, num_tasks, profile=profile, process_group=process_group)
+        super().__init__(optimizer, num_tasks, profile=profile, process_group=process_group, nonfinite=nonfinite)
         self.grouping = make_grouping(
             grouping,
             warmup_steps=warmup_steps,
@@ -169,10 +174,10 @@ class SelectiveGroupUpdate(MultiTaskMethod):
 
         Returns the detached K losses of the batch's first forward.
         """
-        self._timer.reset()
+        self._begin_step()
         stepped = [self._groups[index] for index in self._visit_order()]
         measured: list[torch.Tensor] = []  # every forward's detached K losses, in order
-        skipped: list[torch.Tensor] = []  # every group step: did the grad scaler skip it? (enabled scaler only)
+        skipped: list[torch.Tensor] = []  # every group step: was it skipped? (a grad scaler or nonfinite="skip")
         for group in stepped:
             losses = self._forward(closure)
             if not self._parameters_checked:
@@ -212,7 +217,12 @@ class SelectiveGroupUpdate(MultiTaskMethod):
         return visits * self.grouping.lone_group_steps if count == 1 else visits
 
     def _group_step(self, losses: list[torch.Tensor], group: list[int], skipped: list[torch.Tensor]) -> None:
-        """Backward of the group's losses and one optimizer step; appends the scaler's skip flag to ``skipped``."""
+        """Backward of the group's losses and one optimizer step; appends its skip flag to ``skipped``.
+
+        The flag is the scaler's (an enabled one) or'd with ``nonfinite="skip"``'s: any of the K
+        losses of this forward non-finite (under DDP: on any rank).
+        """
+        self._nonfinite.check(losses)
         self.optimizer.zero_grad(set_to_none=True)
         with self._timer.phase("backward"):
             group_loss = torch.stack([losses[k] for k in group]).sum()
@@ -225,12 +235,17 @@ class SelectiveGroupUpdate(MultiTaskMethod):
             for parameter in self._owners.outside(group):
                 parameter.grad = None  # the optimizer skips a parameter without a gradient
         with self._timer.phase("optimizer"):
+            nonfinite_skip = self._nonfinite.skip
             if scaler is None:
-                self.optimizer.step()
+                self._nonfinite.step(self.optimizer)
+                if nonfinite_skip is not None:
+                    skipped.append(nonfinite_skip)
                 return
-            scaler.step(self.optimizer)
-            if scaler.is_enabled():
-                skipped.append(scaler_skipped_step(scaler, self.optimizer, self.device))
+            self._nonfinite.step(self.optimizer, lambda: scaler.step(self.optimizer))
+            if scaler.is_enabled() or nonfinite_skip is not None:
+                scaler_skip = scaler_skipped_step(scaler, self.optimizer, self.device) if scaler.is_enabled() else None
+                flags = [flag for flag in (scaler_skip, nonfinite_skip) if flag is not None]
+                skipped.append(torch.stack(flags).any())
             # A GradScaler allows one step per update: update after every group step, so a
             # scale backed off after group m's overflow already applies to group m + 1.
             scaler.update()

@@ -449,10 +449,11 @@ def test_sweep_list_parsing():
 def test_default_methods_put_gd_first_and_selective_gets_its_warmup():
     names = default_methods()
     assert names[0] == "gd" and sorted(names) == sorted(selgroup_fast.methods.available())
-    assert method_options("selective", 7) == {"warmup_steps": 7}
-    assert method_options("pcgrad", 7) == {}
-    assert method_options("pcgrad", 7, "representation") == {"space": "representation"}
-    assert method_options("uw", 7, "representation") == {} and method_options("gd", 7, "representation") == {}
+    unguarded = {"nonfinite": "propagate"}
+    assert method_options("selective", 7) == {"warmup_steps": 7, **unguarded}
+    assert method_options("pcgrad", 7) == unguarded
+    assert method_options("pcgrad", 7, "representation") == {"space": "representation", **unguarded}
+    assert method_options("uw", 7, "representation") == unguarded == method_options("gd", 7, "representation")
 
 
 def test_gradient_methods_in_representation_space(tmp_path, capsys):

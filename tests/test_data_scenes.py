@@ -24,7 +24,8 @@ from selgroup_fast.data.scenes import (
     draw_scene,
     render,
 )
-from selgroup_fast.data.targets import TARGETS, occlusion_mask
+from selgroup_fast.data.targets import edge as edge_target
+from selgroup_fast.data.targets import occlusion_mask
 
 SIZE = 32
 ALL_TASKS = dataset_tasks("scenes")
@@ -223,7 +224,7 @@ def test_occlusion_edges_on_a_hand_built_scene() -> None:
     """The crate's outline against the wall and the floor behind it is occluding; its contact with
     the floor is an object boundary but no occlusion; the floor, an infinite plane, occludes nothing."""
     r = _crate_before_a_wall(48)
-    occlusion, edge, labels = occlusion_mask(r), TARGETS["edge"](r) == 1, r.label
+    occlusion, edge, labels = occlusion_mask(r), edge_target(r) == 1, r.label
     crate, floor, wall = labels == CRATE, labels == 0, labels == WALL
     assert crate.sum() > 50 and floor.sum() > 100 and wall.sum() > 100
     assert not (occlusion & floor).any()

@@ -351,9 +351,9 @@ def test_zero_gradients_give_a_finite_direction(name):
 
 @pytest.mark.parametrize("name", GRADIENT_METHODS + LOSS_METHODS)
 def test_a_nan_loss_is_not_hidden(name):
-    """Documented: no host check (it would sync a GPU); the NaN reaches the parameters, as with plain GD."""
+    """nonfinite="propagate": no check; the NaN reaches the parameters, as with plain GD (tests/test_nonfinite.py: the others)."""
     model, closure = make_problem()
-    method = build(name, model)
+    method = build(name, model, nonfinite="propagate")
     nan_closure = lambda: [loss * float("nan") if k == 0 else loss for k, loss in enumerate(closure())]  # noqa: E731
     losses = method.step(nan_closure)
     assert torch.isnan(losses[0]) and torch.isfinite(losses[1:]).all()

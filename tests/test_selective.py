@@ -431,10 +431,15 @@ def test_a_parameter_missing_from_the_optimizer_is_reported_before_any_update():
 
 
 def test_non_finite_and_negative_losses_never_reach_the_affinity():
-    """NaN/inf/negative losses are skipped by the affinity update (documented); the rest is tracked."""
+    """NaN/inf/negative losses are skipped by the affinity update (documented); the rest is tracked.
+
+    nonfinite="propagate": the steps run, so that the update rule itself meets the values
+    (tests/test_nonfinite.py: "skip" leaves the affinity as it was).
+    """
     model, _, x, y = make_problem(num_tasks=4)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
     sel = SelectiveGroupUpdate(
-        torch.optim.SGD(model.parameters(), lr=0.05), 4, warmup_steps=2, decay=0.2, grouping="separate", order="forward"
+        optimizer, 4, warmup_steps=2, decay=0.2, grouping="separate", order="forward", nonfinite="propagate"
     )
     for _ in range(2):
         sel.step(closure_for(model, x, y))

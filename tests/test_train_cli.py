@@ -34,6 +34,10 @@ def _error(capsys, tmp_path, *args: str) -> str:
         (["--tasks", "depth,depth"], "named twice"),
         (["--dataset", "imagenet"], "unknown dataset 'imagenet'"),
         (["--dataset", "nyud", "--tasks", "sal"], "dataset 'nyud' has no task 'sal'"),
+        # the dataset's declared classes against the head, before anything trains (issue #19)
+        (["--dataset", "nyud", "--tasks", "pascal:semseg"], "labels task 'semseg' with 40 classes but its head has 21"),
+        (["--tasks", "cityscapes:semseg"], "unknown preset 'cityscapes'"),
+        (["--tasks", "nyud:sal"], "unknown task 'sal'; preset 'nyud': semseg, depth, normals, edge"),
         (["--img-size", "20", "--patch-size", "8"], "--img-size 20 is not a multiple of --patch-size 8"),
         (["--backbone", "no_such_vit"], "'no_such_vit' is not a timm model name"),
         (["--backbone", "resnet18"], "--backbone resnet18: not a plain timm ViT"),

@@ -5,73 +5,21 @@ and, as each task's decoder, a single convolution producing a dense map. Here th
 encoder is a timm ViT built without pretrained weights (nothing is downloaded); the
 patch tokens are reshaped to the patch grid, each task's 1×1 convolution maps them
 to its output channels, and the map is upsampled bilinearly to the image size.
-Targets are synthetic (generated once on the device from a fixed seed); the losses
-are of the paper's kinds: cross-entropy for segmentation-like tasks, L1 for
-regression tasks.
+Targets are synthetic (generated once on the device from a fixed seed); the tasks, their
+presets and losses are those of :mod:`selgroup_fast.tasks` (cross-entropy for
+segmentation-like tasks, L1 for regression tasks).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..tasks import PRESETS, TaskSpec, task_losses
 from .factory import BenchModel, ModelError, ModelRequest
-
-TaskKind = Literal["segmentation", "regression"]
-
-
-@dataclass(frozen=True)
-class TaskSpec:
-    """One dense prediction task: its name, loss kind and number of output channels.
-
-    For ``segmentation`` tasks ``channels`` is the number of classes (cross-entropy
-    against an integer label map); for ``regression`` tasks it is the number of
-    predicted channels (L1 against a real-valued map).
-    """
-
-    name: str
-    kind: TaskKind
-    channels: int
-
-
-# The task sets of the paper's benchmarks. Their kinds and channel counts follow the
-# datasets (NYUD-v2: 40 classes; PASCAL-Context: 21 classes, 7 human parts); the
-# Taskonomy tasks are all regressed with L1 as in the paper's Taskonomy setup.
-PRESETS: dict[str, tuple[TaskSpec, ...]] = {
-    "nyud": (
-        TaskSpec("semseg", "segmentation", 40),
-        TaskSpec("depth", "regression", 1),
-        TaskSpec("normals", "regression", 3),
-        TaskSpec("edge", "segmentation", 2),
-    ),
-    "pascal": (
-        TaskSpec("semseg", "segmentation", 21),
-        TaskSpec("human_parts", "segmentation", 7),
-        TaskSpec("sal", "segmentation", 2),
-        TaskSpec("normals", "regression", 3),
-        TaskSpec("edge", "segmentation", 2),
-    ),
-    "taskonomy": tuple(
-        TaskSpec(name, "regression", channels)
-        for name, channels in (
-            ("depth_euclidean", 1),
-            ("depth_zbuffer", 1),
-            ("edge_occlusion", 1),
-            ("edge_texture", 1),
-            ("keypoints2d", 1),
-            ("keypoints3d", 1),
-            ("normal", 3),
-            ("principal_curvature", 2),
-            ("reshading", 1),
-            ("segment_unsup2d", 1),
-            ("segment_unsup25d", 1),
-        )
-    ),
-}
 
 
 def generic_tasks(num_tasks: int) -> list[TaskSpec]:
@@ -88,7 +36,7 @@ def generic_tasks(num_tasks: int) -> list[TaskSpec]:
 
 
 def parse_tasks(text: str) -> list[TaskSpec]:
-    """The tasks named by ``--tasks``: a preset (``nyud``, ``pascal``, ``taskonomy``) or a number K."""
+    """The tasks named by ``--tasks``: a preset of :data:`selgroup_fast.tasks.PRESETS` or a number K."""
     key = text.strip().lower()
     if key in PRESETS:
         return list(PRESETS[key])
@@ -247,34 +195,3 @@ def synthetic_batch(
             shape = (batch_size, spec.channels, img_size, img_size)
             targets.append(torch.randn(shape, generator=generator, device=device, dtype=dtype))
     return SyntheticBatch(images, targets)
-
-
-#: The label of pixels that no segmentation loss or metric counts (the datasets' "ignore" value).
-IGNORE_INDEX = 255
-
-
-def task_losses(outputs: list[torch.Tensor], targets: list[torch.Tensor], tasks: list[TaskSpec]) -> list[torch.Tensor]:
-    """The K scalar losses: cross-entropy for segmentation tasks, L1 for regression tasks.
-
-    Segmentation pixels labelled :data:`IGNORE_INDEX` (255) and regression pixels whose target
-    is NaN (invalid depth, missing normals) are left out; each loss is the mean over the counted
-    pixels (0 when a batch has none, never NaN). Nothing is read on the host.
-
-    >>> import torch
-    >>> tasks = [TaskSpec("seg", "segmentation", 2), TaskSpec("depth", "regression", 1)]
-    >>> outputs = [torch.zeros(1, 2, 1, 2), torch.zeros(1, 1, 1, 2)]
-    >>> targets = [torch.tensor([[[0, 255]]]), torch.tensor([[[[2.0, float("nan")]]]])]
-    >>> [round(float(loss), 4) for loss in task_losses(outputs, targets, tasks)]
-    [0.6931, 2.0]
-    """
-    losses = []
-    for output, target, spec in zip(outputs, targets, tasks, strict=True):
-        if spec.kind == "segmentation":
-            counted = (target != IGNORE_INDEX).sum().clamp(min=1)
-            total = F.cross_entropy(output, target, ignore_index=IGNORE_INDEX, reduction="sum")
-        else:
-            valid = ~torch.isnan(target)
-            counted = valid.sum().clamp(min=1)
-            total = ((output - target.nan_to_num()).abs() * valid).sum()
-        losses.append(total / counted)
-    return losses

@@ -198,10 +198,17 @@ def method_options(name: str, warmup: int, space: str = "parameters") -> dict[st
     that its own warm-up (one group per task) is over when the measured steps start
     and the measured steps really run the regrouped updates. The gradient methods get
     ``space`` (``"representation"``: per-task gradients with respect to the shared features).
+    Every method gets ``nonfinite="propagate"``: its own cost, without the guard.
     """
+    # Every method is timed without the non-finite guard, as the peers' loops run: the
+    # bench's loss is always finite, and "skip" with a non-fused optimizer adds a masked
+    # copy of the parameters and their state to every step (docs/training.md §Non-finite losses).
+    options: dict[str, Any] = {"nonfinite": "propagate"}
     if name == "selective":
-        return {"warmup_steps": warmup}
-    return {"space": space} if space != "parameters" and methods.kind(name) == "gradient" else {}
+        options["warmup_steps"] = warmup
+    elif space != "parameters" and methods.kind(name) == "gradient":
+        options["space"] = space
+    return options
 
 
 class _PeakRSS:

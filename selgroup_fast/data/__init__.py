@@ -3,8 +3,8 @@
 Every dataset yields ``(image, targets)``: ``image`` float32 ``[3, S, S]`` normalised with the
 ImageNet mean and standard deviation, ``targets`` a dict from task name to a tensor:
 int64 ``[S, S]`` labels for segmentation-kind tasks (255 = ignore) or float32 ``[C, S, S]``
-for regression-kind tasks (NaN = invalid pixel), as ``selgroup_fast.bench.model.PRESETS``
-defines the tasks. ``docs/datasets.md`` describes the datasets and their targets.
+for regression-kind tasks (NaN = invalid pixel), as the tasks of ``selgroup_fast.tasks``
+are defined. ``docs/datasets.md`` describes the datasets and their targets.
 
 >>> from selgroup_fast.data import build_dataset
 >>> data = build_dataset("scenes", "train", ["semseg", "depth"], img_size=16)
@@ -23,7 +23,7 @@ from torch.utils.data import Dataset
 
 from .common import IMAGENET_MEAN, IMAGENET_STD, DataError, check_common
 from .nyud import NYUD_NPY_TASKS, NYUD_TASKS, NyudDataset, NyudNpyDataset
-from .scenes_dataset import SCENES_LENGTHS, SCENES_TASKS, ScenesDataset
+from .scenes_dataset import SCENES_CLASSES, SCENES_LENGTHS, ScenesDataset
 
 DATASETS = ("scenes", "nyud", "nyud_npy")
 
@@ -35,9 +35,24 @@ def dataset_tasks(name: str) -> tuple[str, ...]:
     ('semseg', 'depth', 'normals', 'edge')
     """
     if name == "scenes":
-        return SCENES_TASKS
+        from ..tasks import TASKS  # here: selgroup_fast.tasks imports this package's target functions
+
+        return tuple(TASKS)  # the rooms render every task's target
     if name in ("nyud", "nyud_npy"):
         return NYUD_TASKS if name == "nyud" else NYUD_NPY_TASKS
+    raise DataError(f"unknown dataset {name!r}; available: {', '.join(DATASETS)}")
+
+
+def dataset_classes(name: str) -> dict[str, int]:
+    """The number of classes of each label-kind task of dataset ``name`` (a head needs at least as many).
+
+    >>> dataset_classes("nyud"), dataset_classes("nyud_npy")
+    ({'semseg': 40, 'edge': 2}, {'semseg': 13})
+    """
+    if name == "scenes":
+        return dict(SCENES_CLASSES)
+    if name in ("nyud", "nyud_npy"):
+        return dict(NyudDataset.classes if name == "nyud" else NyudNpyDataset.classes)
     raise DataError(f"unknown dataset {name!r}; available: {', '.join(DATASETS)}")
 
 
@@ -81,5 +96,6 @@ __all__ = [
     "DataError",
     "ScenesDataset",
     "build_dataset",
+    "dataset_classes",
     "dataset_tasks",
 ]

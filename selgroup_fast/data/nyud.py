@@ -37,6 +37,9 @@ from .common import IGNORE_LABEL, DataError, normalise_image
 
 NYUD_TASKS = ("semseg", "depth", "normals", "edge")
 NYUD_NPY_TASKS = ("semseg", "depth", "normals")
+# Semantic classes: the NYU-40 classes of the paper's layout, the 13 classes of the .npy release.
+NYUD_CLASSES = 40
+NYUD_NPY_CLASSES = 13
 
 # Folder and accepted file suffixes (the paper's first, then MTI-Net's) of the image and each task.
 _NYUD_FILES = {
@@ -80,6 +83,8 @@ class _NyudBase(Dataset):
 
     name: str
     layout: str
+    #: The number of classes of each label-kind task (what a head must have at least).
+    classes: dict[str, int]
 
     def __init__(self, root: Path, split: str, tasks: tuple[str, ...], img_size: int) -> None:
         self.root, self.split, self.tasks, self.img_size = root, split, tasks, img_size
@@ -164,6 +169,7 @@ class NyudDataset(_NyudBase):
 
     name = "nyud"
     layout = _NYUD_LAYOUT
+    classes = {"semseg": NYUD_CLASSES, "edge": 2}
 
     def _find_files(self) -> list[dict[str, Path]]:
         split_file = self.root / "gt_sets" / f"{self.split}.txt"
@@ -216,6 +222,7 @@ class NyudNpyDataset(_NyudBase):
 
     name = "nyud_npy"
     layout = _NPY_LAYOUT
+    classes = {"semseg": NYUD_NPY_CLASSES}
 
     def _find_files(self) -> list[dict[str, Path]]:
         split_dir = self.root / self.split

@@ -10,13 +10,13 @@ import torch
 from torch.utils.data import Dataset
 
 from .common import SPLITS, DataError, normalise_image
-from .scenes import SPLIT_CODES, draw_scene, render
-from .targets import TARGETS
+from .scenes import CLASS_NAMES, PART_NAMES, SPLIT_CODES, draw_scene, render
 
 # Fixed split lengths (the scenes are generated, so any length would do; these keep an
 # evaluation pass over ``val`` short on a CPU).
 SCENES_LENGTHS = {"train": 4000, "val": 500}
-SCENES_TASKS = tuple(TARGETS)
+# The number of classes of each label-kind task of the rendered rooms.
+SCENES_CLASSES = {"semseg": len(CLASS_NAMES), "human_parts": len(PART_NAMES), "sal": 2, "edge": 2}
 # Part of the cache folder's name: bump it whenever the rendered output changes, so that
 # caches of an older renderer are not read.
 RENDER_VERSION = 1
@@ -32,7 +32,10 @@ class ScenesDataset(Dataset):
         self, split: str, tasks: tuple[str, ...], img_size: int, seed: int, cache_dir: Path | None = None
     ) -> None:
         assert split in SPLITS
+        from ..tasks import TASKS  # here: selgroup_fast.tasks imports this package's target functions
+
         self.split, self.tasks, self.img_size, self.seed = split, tasks, img_size, seed
+        self.renderers = [TASKS[task].target for task in tasks]
         self.cache: Path | None = None
         if cache_dir is not None:
             name = f"scenes-v{RENDER_VERSION}-seed{seed}-{split}-{img_size}px-{'+'.join(sorted(tasks))}"
@@ -54,7 +57,9 @@ class ScenesDataset(Dataset):
             return cached
         rng = np.random.default_rng([self.seed, SPLIT_CODES[self.split], index])
         scene = render(draw_scene(rng), self.img_size, rng)
-        targets = {task: torch.from_numpy(TARGETS[task](scene)) for task in self.tasks}
+        targets = {
+            task: torch.from_numpy(target(scene)) for task, target in zip(self.tasks, self.renderers, strict=True)
+        }
         image = normalise_image(scene.image)
         self._write_cache(index, image, targets)
         return image, targets

@@ -2,12 +2,11 @@
 
 Each function returns a numpy map: ``[S, S]`` int64 labels for segmentation-kind tasks
 (255 = ignore) or ``[C, S, S]`` float32 for regression-kind tasks (NaN = invalid, on the
-sky). ``docs/datasets.md`` describes every target.
+sky). Each task of :mod:`selgroup_fast.tasks` names its function; ``docs/datasets.md``
+describes every target.
 """
 
 from __future__ import annotations
-
-from collections.abc import Callable
 
 import numpy as np
 
@@ -191,24 +190,3 @@ def segment_unsup25d(r: Render) -> np.ndarray:
     rank -= len(facets) - surfaces  # the sky facet (-1) sorts first; surfaces rank 0 .. surfaces-1
     values = rank / max(surfaces - 1, 1)
     return _regression(np.where(r.hit, values[inverse], np.nan))
-
-
-TARGETS: dict[str, Callable[[Render], np.ndarray]] = {
-    "semseg": semseg,
-    "depth": depth,
-    "normals": normals,
-    "edge": edge,
-    "human_parts": human_parts,
-    "sal": sal,
-    "depth_euclidean": depth_euclidean,
-    "depth_zbuffer": depth,
-    "edge_occlusion": edge_occlusion,
-    "edge_texture": edge_texture,
-    "keypoints2d": keypoints2d,
-    "keypoints3d": keypoints3d,
-    "normal": normals,
-    "principal_curvature": principal_curvature,
-    "reshading": reshading,
-    "segment_unsup2d": segment_unsup2d,
-    "segment_unsup25d": segment_unsup25d,
-}

@@ -29,6 +29,7 @@ from ..parallel import TaskParams
 from .base import MultiTaskMethod
 from .gradient import GradientMethod
 from .jacobian import as_parameter_list
+from .nonfinite import NONFINITE_MODES, NonFiniteLoss
 from .weighting import Aggregator, Weighting, check_jacobian
 
 # name -> (kind, "module:Class"), imported on first use.
@@ -114,7 +115,9 @@ def create(
     ``options`` are the method's own (see its class docstring) and, for the gradient
     methods, those of :class:`GradientMethod` (``jacobian``, ``chunk_size``, ``space``, ``profile``).
     Every method takes ``process_group=``: the ``torch.distributed`` group its collectives go
-    through (default: the world group when initialised; validated, one ``ValueError`` line).
+    through (default: the world group when initialised; validated, one ``ValueError`` line),
+    and ``nonfinite=``: what a NaN/inf task loss does, ``"skip"`` (default), ``"raise"`` or
+    ``"propagate"`` (:mod:`selgroup_fast.methods.nonfinite`).
 
     ``task_params`` (K iterables, each task's own parameters; checked against
     ``shared_params``) says which parameters belong to which task where the autograd
@@ -156,6 +159,8 @@ __all__ = [
     "GradientMethod",
     "KINDS",
     "MultiTaskMethod",
+    "NONFINITE_MODES",
+    "NonFiniteLoss",
     "Weighting",
     "aggregate",
     "aggregator",

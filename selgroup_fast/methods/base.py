@@ -12,6 +12,7 @@ from ..checks import check_int
 from ..losses import ClosureOutput, ClosureResult, parse_closure_output
 from ..parallel import RankAgreement
 from ..profiling import PhaseTimer
+from .nonfinite import DEFAULT_NONFINITE, NonFiniteGuard
 
 
 def optimizer_device(optimizer: torch.optim.Optimizer) -> torch.device:
@@ -73,13 +74,24 @@ class MultiTaskMethod(SavedState, abc.ABC):
     (timed as ``forward``) and wrap their other work in ``self._timer.phase(...)``.
     ``process_group``: the ``torch.distributed`` group training together, which every
     collective of the method goes through (default: the world group when initialised).
+    ``nonfinite``: what a NaN/inf task loss does, ``"skip"`` (default: the step skipped on the
+    device, counted in :attr:`skipped_steps`), ``"raise"`` or ``"propagate"``
+    (:mod:`selgroup_fast.methods.nonfinite`). Subclasses start each step with :meth:`_begin_step`,
+    check every forward they back-propagate with ``self._nonfinite.check`` and step every
+    optimizer through ``self._nonfinite.step``.
     """
 
     #: The registry name of the method (``selgroup_fast.methods.available()``).
     name: str = ""
 
     def __init__(
-        self, optimizer: torch.optim.Optimizer, num_tasks: int, *, profile: bool = False, process_group: Any = None
+        self,
+        optimizer: torch.optim.Optimizer,
+        num_tasks: int,
+        *,
+        profile: bool = False,
+        process_group: Any = None,
+        nonfinite: str = DEFAULT_NONFINITE,
     ) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
@@ -90,6 +102,7 @@ class MultiTaskMethod(SavedState, abc.ABC):
         self._timer = PhaseTimer(enabled=profile, device=self.device)
         #: The ranks training together under torch.distributed (the world group when initialised).
         self._ranks = RankAgreement(process_group, self.device)
+        self._nonfinite = NonFiniteGuard(nonfinite, self._ranks, self.device)
 
     @property
     def profile(self) -> bool:
@@ -100,6 +113,16 @@ class MultiTaskMethod(SavedState, abc.ABC):
         self._timer.enabled = bool(enabled)
 
     @property
+    def nonfinite(self) -> str:
+        """What a NaN/inf task loss does: ``"skip"``, ``"raise"`` or ``"propagate"``."""
+        return self._nonfinite.mode
+
+    @property
+    def skipped_steps(self) -> torch.Tensor:
+        """How many optimizer steps ``nonfinite="skip"`` skipped (a 0-d int64 tensor on the device; not saved)."""
+        return self._nonfinite.skipped_steps
+
+    @property
     def timings(self) -> dict[str, float]:
         """Seconds spent in each phase during the last :meth:`step` (empty unless profiling)."""
         return self._timer.timings
@@ -107,6 +130,11 @@ class MultiTaskMethod(SavedState, abc.ABC):
     @abc.abstractmethod
     def step(self, closure: Callable[[], ClosureOutput]) -> torch.Tensor:
         """Runs one batch and returns the detached K losses of its first forward."""
+
+    def _begin_step(self) -> None:
+        """Starts a step: the phase timer reset, the step counted for :class:`NonFiniteLoss`'s message."""
+        self._timer.reset()
+        self._nonfinite.begin_step()
 
     def _forward(self, closure: Callable[[], ClosureOutput]) -> list[torch.Tensor]:
         """Runs the closure (phase ``forward``) and returns its K validated losses."""

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from .loss_weighting import LossWeightingMethod
+from .nonfinite import DEFAULT_NONFINITE
 
 #: KPIs are clamped into [KPI_FLOOR, 1] so that ``log κ`` stays finite.
 KPI_FLOOR = 1e-6
@@ -55,8 +56,9 @@ class DTP(LossWeightingMethod):
         alpha: float = 0.9,
         profile: bool = False,
         process_group: Any = None,
+        nonfinite: str = DEFAULT_NONFINITE,
     ) -> None:
-        super().__init__(optimizer, num_tasks, profile=profile, process_group=process_group)
+        super().__init__(optimizer, num_tasks, profile=profile, process_group=process_group, nonfinite=nonfinite)
         if gamma < 0:
             raise ValueError(f"gamma must be >= 0, got {gamma}")
         if not 0 < alpha <= 1:

@@ -10,6 +10,7 @@ import torch
 from ..checks import check_int
 from ..losses import ClosureOutput
 from .loss_weighting import LossWeightingMethod
+from .nonfinite import DEFAULT_NONFINITE
 
 
 class DWA(LossWeightingMethod):
@@ -26,8 +27,10 @@ class DWA(LossWeightingMethod):
     first two epochs). ``window=1`` gives the per-step variant.
 
     Options (the authors' names): ``temp=2.0``, ``window=100``. State: the step
-    counter, the running window sum and the last two window means (all on the
-    device). Cost per step: 1 forward, 1 backward, 1 optimizer step.
+    counter, the running window sum and its count of steps, the last two window means (all
+    on the device). A step skipped for a non-finite loss (``nonfinite="skip"``) adds nothing
+    to its window, whose mean is over the steps it counted; a window of skipped steps only
+    leaves the means as they were. Cost per step: 1 forward, 1 backward, 1 optimizer step.
 
     Example::
 
@@ -42,7 +45,7 @@ class DWA(LossWeightingMethod):
     """
 
     name = "dwa"
-    saved_state = ("steps", "window_sum", "last_means", "older_means", "weights")
+    saved_state = ("steps", "window_sum", "window_steps", "last_means", "older_means", "weights")
 
     def __init__(
         self,
@@ -53,8 +56,9 @@ class DWA(LossWeightingMethod):
         window: int = 100,
         profile: bool = False,
         process_group: Any = None,
+        nonfinite: str = DEFAULT_NONFINITE,
     ) -> None:
-        super().__init__(optimizer, num_tasks, profile=profile, process_group=process_group)
+        super().__init__(optimizer, num_tasks, profile=profile, process_group=process_group, nonfinite=nonfinite)
         if temp <= 0:
             raise ValueError(f"temp must be > 0, got {temp}")
         self.temp = float(temp)
@@ -63,21 +67,32 @@ class DWA(LossWeightingMethod):
         dtype = optimizer.param_groups[0]["params"][0].dtype
         zeros = torch.zeros(num_tasks, device=self.device, dtype=dtype)
         self.window_sum = zeros.clone()
+        self.window_steps = torch.zeros((), device=self.device, dtype=dtype)  # the steps not skipped
         self.last_means = zeros.clone()  # L̄(t-1)
         self.older_means = zeros.clone()  # L̄(t-2)
         self.weights = torch.ones(num_tasks, device=self.device, dtype=dtype)
+
+    def _state_kept_on_skip(self) -> list[str]:
+        return []  # a skipped step is left out of its window by _after_step
 
     def _combine_losses(self, losses: torch.Tensor) -> torch.Tensor:
         return (self.weights.to(losses.dtype) * losses).sum()
 
     def _after_step(self, losses: torch.Tensor, closure: Callable[[], ClosureOutput]) -> None:
         with self._timer.phase("manipulation"):
-            self.window_sum += losses.to(self.window_sum.dtype)
+            skip = self._nonfinite.skip
+            losses = losses.to(self.window_sum.dtype)
+            self.window_sum += losses if skip is None else torch.where(skip, 0.0, losses)
+            self.window_steps += 1 if skip is None else (~skip).to(self.window_steps.dtype)
             self.steps += 1
             if self.steps % self.window:
                 return
-            self.older_means, self.last_means = self.last_means, self.window_sum / self.window
+            counted = self.window_steps > 0
+            means = torch.where(counted, self.window_sum / self.window_steps.clamp(min=1), self.last_means)
+            self.older_means = torch.where(counted, self.last_means, self.older_means)
+            self.last_means = means
             self.window_sum = torch.zeros_like(self.window_sum)
+            self.window_steps = torch.zeros_like(self.window_steps)
             if self.steps >= 2 * self.window:
                 ratios = self.last_means / self.older_means
                 self.weights = self.num_tasks * torch.softmax(ratios / self.temp, dim=0)

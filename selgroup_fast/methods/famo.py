@@ -10,6 +10,7 @@ import torch
 from ..losses import ClosureOutput, parse_closure_output
 from .jacobian import SharedParams, as_parameter_list
 from .loss_weighting import LossWeightingMethod
+from .nonfinite import DEFAULT_NONFINITE
 
 #: The authors' shift inside the logarithms.
 EPS = 1e-8
@@ -65,8 +66,9 @@ class FAMO(LossWeightingMethod):
         shared_params: SharedParams | None = None,
         profile: bool = False,
         process_group: Any = None,
+        nonfinite: str = DEFAULT_NONFINITE,
     ) -> None:
-        super().__init__(optimizer, num_tasks, profile=profile, process_group=process_group)
+        super().__init__(optimizer, num_tasks, profile=profile, process_group=process_group, nonfinite=nonfinite)
         dtype = optimizer.param_groups[0]["params"][0].dtype
         self.max_norm = float(max_norm)
         self.shared_params = None if shared_params is None else as_parameter_list(shared_params)
@@ -115,4 +117,4 @@ class FAMO(LossWeightingMethod):
                 )
             self.logits_optimizer.zero_grad(set_to_none=True)
             self.logits.grad = grad
-            self.logits_optimizer.step()
+            self._nonfinite.step(self.logits_optimizer)

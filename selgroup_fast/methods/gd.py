@@ -30,11 +30,12 @@ class GD(MultiTaskMethod):
     name = "gd"
 
     def step(self, closure: Callable[[], ClosureOutput]) -> torch.Tensor:
-        self._timer.reset()
+        self._begin_step()
         self.optimizer.zero_grad(set_to_none=True)
         losses = self._forward(closure)
+        self._nonfinite.check(losses)
         with self._timer.phase("backward"):
             torch.stack(losses).sum().backward()
         with self._timer.phase("optimizer"):
-            self.optimizer.step()
+            self._nonfinite.step(self.optimizer)
         return detached(losses)

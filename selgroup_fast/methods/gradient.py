@@ -37,6 +37,7 @@ from ..parallel import (
 from .base import MultiTaskMethod, detached
 from .graddrop import GradDrop
 from .jacobian import JacobianMode, SharedParams, TaskJacobian, gradients_task_by_task, jacobian_defaults
+from .nonfinite import DEFAULT_NONFINITE, tensor_state
 from .weighting import Aggregator, Weighting, gram
 
 Space = Literal["parameters", "representation"]
@@ -72,6 +73,8 @@ class GradientMethod(MultiTaskMethod):
         profile: time the phases of every step (:attr:`timings`).
         process_group: the ``torch.distributed`` group training together, which the method's
             collectives go through (default: the world group when initialised).
+        nonfinite: ``"skip"``, ``"raise"`` or ``"propagate"`` (:mod:`selgroup_fast.methods.nonfinite`);
+            a skipped step also leaves the aggregator's tensor state (Nash-MTL's α) as it was.
 
     Example::
 
@@ -102,8 +105,9 @@ class GradientMethod(MultiTaskMethod):
         task_params: Sequence[SharedParams] | None = None,
         profile: bool = False,
         process_group: Any = None,
+        nonfinite: str = DEFAULT_NONFINITE,
     ) -> None:
-        super().__init__(optimizer, num_tasks, profile=profile, process_group=process_group)
+        super().__init__(optimizer, num_tasks, profile=profile, process_group=process_group, nonfinite=nonfinite)
         if space not in SPACES:
             raise ValueError(f"space must be one of {SPACES}, got {space!r}")
         if aggregator.num_tasks != num_tasks:
@@ -149,6 +153,7 @@ class GradientMethod(MultiTaskMethod):
         self._compiled = False  # whether a compiled region makes the losses (:meth:`_check_graph`)
         self._gramian_through: bool | None = None  # whether G starts from the features (:meth:`_gramian_step`)
         self._task_jacobian = torch.empty(0)  # compiled models: the heads' per-task gradients (K×P_h), allocated once
+        self._restore_aggregator: Callable[[], None] = lambda: None  # this step's aggregator state, if skipped
 
     def _jacobian_mode(
         self,
@@ -192,9 +197,11 @@ class GradientMethod(MultiTaskMethod):
             return self._step(closure)
 
     def _step(self, closure: Callable[[], ClosureOutput]) -> torch.Tensor:
-        self._timer.reset()
+        self._begin_step()
         self.optimizer.zero_grad(set_to_none=True)
         losses, features = self._run_closure(closure)
+        self._nonfinite.check(losses)
+        self._restore_aggregator = self._nonfinite.keep(self.aggregator, tensor_state(self.aggregator))
         reused = self.aggregator.reused_weights()
         if reused is not None:  # one ordinary backward of Σ w_k L_k, the shared gradient clipped (Nash-MTL)
             with self._timer.phase("backward"):
@@ -271,7 +278,8 @@ class GradientMethod(MultiTaskMethod):
 
     def _optimizer_step(self, losses: list[torch.Tensor]) -> torch.Tensor:
         with self._timer.phase("optimizer"):
-            self.optimizer.step()
+            self._nonfinite.step(self.optimizer)
+        self._restore_aggregator()
         return detached(losses)
 
     def _parameter_step_with_heads(self, losses: list[torch.Tensor]) -> None:

@@ -17,6 +17,7 @@ import torch
 
 from ..losses import ClosureOutput
 from .base import MultiTaskMethod
+from .nonfinite import tensor_state
 
 
 class LossWeightingMethod(MultiTaskMethod):
@@ -24,7 +25,9 @@ class LossWeightingMethod(MultiTaskMethod):
 
     Subclasses implement :meth:`_combine_losses` and, where needed,
     :meth:`_before_optimizer_step` (gradient clipping) and :meth:`_after_step`
-    (learning from the step's outcome).
+    (learning from the step's outcome). A step that ``nonfinite="skip"`` skips leaves the
+    tensors of :attr:`saved_state` as they were (learned ones through their optimizer,
+    stepped with ``self._nonfinite.step``).
     """
 
     @abc.abstractmethod
@@ -38,15 +41,22 @@ class LossWeightingMethod(MultiTaskMethod):
         """Updates the method's state once the optimizer has stepped (default: nothing)."""
 
     def step(self, closure: Callable[[], ClosureOutput]) -> torch.Tensor:
-        self._timer.reset()
+        self._begin_step()
         self.optimizer.zero_grad(set_to_none=True)
         losses = self._ranks.global_losses(torch.stack(self._forward(closure)))
+        self._nonfinite.check(losses)
+        restore_state = self._nonfinite.keep(self, self._state_kept_on_skip())
         with self._timer.phase("manipulation"):
             total = self._combine_losses(losses)
         with self._timer.phase("backward"):
             total.backward()
         self._before_optimizer_step()
         with self._timer.phase("optimizer"):
-            self.optimizer.step()
+            self._nonfinite.step(self.optimizer)
         self._after_step(losses.detach(), closure)
+        restore_state()
         return losses.detach()
+
+    def _state_kept_on_skip(self) -> list[str]:
+        """The state a skipped step restores: the tensors of :attr:`saved_state` but the learned ones (their optimizer skips)."""
+        return [name for name in tensor_state(self) if not getattr(self, name).requires_grad]

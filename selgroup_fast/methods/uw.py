@@ -9,6 +9,7 @@ import torch
 
 from ..losses import ClosureOutput
 from .loss_weighting import LossWeightingMethod
+from .nonfinite import DEFAULT_NONFINITE
 
 
 class UW(LossWeightingMethod):
@@ -52,8 +53,9 @@ class UW(LossWeightingMethod):
         lr: float = 0.025,
         profile: bool = False,
         process_group: Any = None,
+        nonfinite: str = DEFAULT_NONFINITE,
     ) -> None:
-        super().__init__(optimizer, num_tasks, profile=profile, process_group=process_group)
+        super().__init__(optimizer, num_tasks, profile=profile, process_group=process_group, nonfinite=nonfinite)
         if lr <= 0:
             raise ValueError(f"lr must be > 0, got {lr}")
         dtype = optimizer.param_groups[0]["params"][0].dtype
@@ -73,4 +75,4 @@ class UW(LossWeightingMethod):
 
     def _after_step(self, losses: torch.Tensor, closure: Callable[[], ClosureOutput]) -> None:
         with self._timer.phase("optimizer"):
-            self.log_vars_optimizer.step()
+            self._nonfinite.step(self.log_vars_optimizer)

@@ -17,6 +17,7 @@ from typing import Any, NoReturn
 import torch.distributed as dist
 
 from ..checks import positive_int_arg
+from ..tasks import PRESETS
 from .config import (
     AMP_MODES,
     ON_NONFINITE,
@@ -60,7 +61,8 @@ def build_parser(baseline: bool = False) -> argparse.ArgumentParser:
     add(
         "--tasks",
         default="nyud",
-        help="a preset (nyud, pascal, taskonomy) or comma-separated task names (default nyud)",
+        help=f"a preset ({', '.join(PRESETS)}), PRESET:NAME,... (some of its tasks) or comma-separated task names "
+        "(the tasks of the preset named like the dataset; default nyud)",
     )
     if not baseline:
         add("--method", default="selective", help="a name of selgroup_fast.methods.available() (default selective)")
@@ -109,9 +111,10 @@ def build_parser(baseline: bool = False) -> argparse.ArgumentParser:
         add("--baseline", metavar="FILE", help="a baseline.json from 'selgroup-train baseline': adds Δm to the results")
     add(
         "--on-nonfinite",
-        choices=ON_NONFINITE,
+        choices=tuple(ON_NONFINITE),
         default="stop",
-        help="a NaN/inf loss: stop (default; after checkpointing the last good state) or skip the batch",
+        help="a NaN/inf loss: stop (default; after checkpointing the last good state), skip the step "
+        "(on the device; counted and logged) or propagate it",
     )
     add("--log-every", type=positive_int_arg, default=10, help="log losses, affinity and timings every N iterations")
     add("--quiet", action="store_true", help="no progress bar, no summary")

@@ -18,7 +18,8 @@ import torch
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("poly", "constant")
 AMP_MODES = ("off", "bf16", "fp16")
-ON_NONFINITE = ("stop", "skip")
+#: ``--on-nonfinite``: the methods' ``nonfinite=`` mode each choice runs (stop: raise, then checkpoint and exit 1).
+ON_NONFINITE = {"stop": "raise", "skip": "skip", "propagate": "propagate"}
 
 
 class TrainError(ValueError):
@@ -209,7 +210,7 @@ def _check(config: TrainConfig) -> None:
         ("optimizer", OPTIMIZERS),
         ("schedule", SCHEDULES),
         ("amp", AMP_MODES),
-        ("on_nonfinite", ON_NONFINITE),
+        ("on_nonfinite", tuple(ON_NONFINITE)),
     ):
         if getattr(config, name) not in allowed:
             raise TrainError(

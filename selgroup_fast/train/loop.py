@@ -28,24 +28,22 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from .. import methods
-from ..bench.model import PRESETS, MultiTaskViT, TaskSpec, task_losses
+from ..bench.model import MultiTaskViT
 from ..bench.report import environment
+from ..tasks import PRESETS, TASKS, Task, TaskSpec, task_losses
 from . import checkpoint
-from .config import TrainConfig, TrainError, resolve, resolve_device, unknown_option
+from .config import ON_NONFINITE, TrainConfig, TrainError, resolve, resolve_device, unknown_option
 from .report import TensorBoardLog, append_jsonl, summary_table, write_json, write_plots
 
 #: ``loss_fn(outputs, targets, tasks) -> K scalar losses`` (outputs and targets in task order).
 LossFn = Callable[..., Sequence[torch.Tensor]]
-
-_ALL_SPECS: dict[str, TaskSpec] = {spec.name: spec for preset in PRESETS.values() for spec in preset}
-
 
 #: The most memory the validation batches may take to be kept between evaluations.
 VAL_CACHE_BYTES = 512 * 2**20
 
 
 class NonFiniteLoss(RuntimeError):
-    """A task loss was NaN or infinite (raised by the closure before anything back-propagates it)."""
+    """A task loss was NaN or infinite with ``--on-nonfinite stop`` (the method raised before any backward)."""
 
     def __init__(self, task: str, iteration: int, value: float) -> None:
         super().__init__(f"non-finite loss {value} for task {task!r} at iteration {iteration}")
@@ -88,38 +86,82 @@ def _distributed_from_env() -> _Distributed:
 
 
 def task_specs(config: TrainConfig, tasks: Sequence[TaskSpec] | None) -> list[TaskSpec]:
-    """The run's tasks: the user's specs, else ``--tasks`` (a preset or names) checked against the dataset."""
+    """The run's tasks: the user's specs, else ``--tasks`` checked against the dataset.
+
+    ``--tasks`` is a preset, ``PRESET:NAME,...`` (some of a preset's tasks) or ``NAME,...`` (the
+    tasks of the preset named like the dataset; a name it lacks, of the first preset that has it).
+    A dataset's label-kind task must not have more classes than its head.
+    """
     if tasks is not None:
         specs = list(tasks)
         if not specs or not all(isinstance(spec, TaskSpec) for spec in specs):
-            raise TrainError("tasks= must be a non-empty list of selgroup_fast.bench.model.TaskSpec")
+            raise TrainError("tasks= must be a non-empty list of selgroup_fast.tasks.TaskSpec")
         return specs
-    from ..data import DATASETS, dataset_tasks
+    from ..data import DATASETS, dataset_classes, dataset_tasks
 
     if config.dataset not in DATASETS:
         raise TrainError(f"--dataset: unknown dataset {config.dataset!r}; available: {', '.join(DATASETS)}")
+    named = _named_tasks(config.tasks, config.dataset)
     provided = dataset_tasks(config.dataset)
-    key = config.tasks.strip()
-    if key in PRESETS:
-        names = [spec.name for spec in PRESETS[key]]
-    else:
-        names = [name.strip() for name in key.split(",") if name.strip()]
-        if not names:
-            raise TrainError(f"--tasks: expected a preset ({', '.join(PRESETS)}) or task names, got {config.tasks!r}")
-        unknown = [name for name in names if name not in _ALL_SPECS]
-        if unknown:
-            raise TrainError(
-                f"--tasks: unknown task {unknown[0]!r}; known tasks: {', '.join(_ALL_SPECS)} "
-                f"(or a preset: {', '.join(PRESETS)})"
-            )
-        if len(set(names)) != len(names):
-            raise TrainError(f"--tasks: a task is named twice in {config.tasks!r}")
-    missing = [name for name in names if name not in provided]
+    missing = [task.name for task in named if task.name not in provided]
     if missing:
         raise TrainError(
             f"--tasks: dataset {config.dataset!r} has no task {missing[0]!r}; it provides: {', '.join(provided)}"
         )
-    return [_ALL_SPECS[name] for name in names]
+    declared = dataset_classes(config.dataset)
+    for task in named:
+        classes = declared.get(task.name, 0)
+        if classes > task.channels:
+            raise TrainError(
+                f"--tasks {config.tasks}: dataset {config.dataset!r} labels task {task.name!r} with {classes} "
+                f"classes but its head has {task.channels}"
+            )
+    return list(named)
+
+
+def _named_tasks(text: str, dataset: str) -> list[Task]:
+    """The tasks ``--tasks`` names (see :func:`task_specs`)."""
+    key = text.strip()
+    if key in PRESETS:
+        return list(PRESETS[key])
+    preset, qualified, names_text = key.rpartition(":")
+    if qualified:
+        if preset not in PRESETS:
+            raise TrainError(f"--tasks {text}: unknown preset {preset!r}; presets: {', '.join(PRESETS)}")
+        choices = {task.name: task for task in PRESETS[preset]}
+        where = f"preset {preset!r}"
+    else:
+        choices = {**TASKS, **{task.name: task for task in PRESETS.get(dataset, ())}}
+        where = "known tasks"
+    names = [name.strip() for name in names_text.split(",") if name.strip()]
+    if not names:
+        raise TrainError(f"--tasks: expected a preset ({', '.join(PRESETS)}) or task names, got {text!r}")
+    unknown = [name for name in names if name not in choices]
+    if unknown:
+        raise TrainError(
+            f"--tasks: unknown task {unknown[0]!r}; {where}: {', '.join(choices)} (or a preset: {', '.join(PRESETS)})"
+        )
+    if len(set(names)) != len(names):
+        raise TrainError(f"--tasks: a task is named twice in {text!r}")
+    return [choices[name] for name in names]
+
+
+def _single_task(tasks: str, name: str) -> str:
+    """``--tasks`` of the single-task run of ``name`` out of ``tasks``: the same preset's task."""
+    key = tasks.strip()
+    preset = key if key in PRESETS else key.rpartition(":")[0]
+    return f"{preset}:{name}" if preset else name
+
+
+def _check_labels(specs: list[TaskSpec], targets: list[torch.Tensor]) -> None:
+    """Refuses, in one line, a label-kind target with a label that its task's head has no class for."""
+    for spec, target in zip(specs, targets, strict=True):
+        label = spec.label_outside_head(target)
+        if label is not None:
+            raise TrainError(
+                f"task {spec.name!r}: label {label} is outside the head's {spec.channels} classes "
+                f"(0..{spec.channels - 1}, or {spec.ignore_label} = ignore)"
+            )
 
 
 #: The seed of the built-in ``scenes`` dataset's content (fixed: see :func:`fit`).
@@ -180,6 +222,7 @@ def _build_method(
     task_parameters = getattr(model, "task_parameters", None)
     if callable(task_parameters):
         options.setdefault("task_params", task_parameters())
+    options.setdefault("nonfinite", ON_NONFINITE[config.on_nonfinite])
     try:
         return methods.create(config.method, optimizer, num_tasks, shared_params=shared, **options)
     except TypeError as error:
@@ -231,12 +274,11 @@ class _LossMetric:
         return {"loss": self.total / max(self.count, 1)}
 
 
-def _make_metric(spec: TaskSpec, custom: bool) -> Any:
-    if custom and spec.name not in _ALL_SPECS:
-        return _LossMetric()
-    from ..metrics import make_metric
-
-    return make_metric(spec.name)
+def _make_metric(spec: TaskSpec) -> Any:
+    """The task's metric; a user's spec named like a benchmark task gets that task's metric."""
+    if isinstance(spec, Task):
+        return spec.new_metric()
+    return TASKS[spec.name].new_metric() if spec.name in TASKS else _LossMetric()
 
 
 def _computed(task: str, metric: Any) -> dict[str, float]:
@@ -447,13 +489,14 @@ class _Run:
             "affinity_steps": [],
             "affinity": [],  # flattened K×K snapshots every log_every iterations
             "evaluations": [],
-            "skipped": [],  # iterations skipped for a non-finite loss (--on-nonfinite skip)
+            "skipped_steps": 0,  # optimizer steps skipped for a non-finite loss (--on-nonfinite skip), as last read
         }
         self.times = {"data": 0.0, "step": 0.0, "bookkeeping": 0.0, "eval": 0.0, "checkpoint": 0.0}
         self.timed_iterations = 0
         self.val_cache: list[Any] | None = None
         self.phase_sums: dict[str, float] = {}
         self.phase_count = 0
+        self.skipped_base = 0  # skipped steps before this process's method was built (a resumed run)
 
     # ------------------------------------------------------------------ data
 
@@ -520,7 +563,7 @@ class _Run:
                     images, targets = next(batches)
                     self.batch_in_epoch += 1
                     images = images.to(self.device, non_blocking=True)
-                    targets = [t.to(self.device, non_blocking=True) for t in _as_list(targets, self.specs)]
+                    targets = self._checked_targets(targets)
                     t1 = time.perf_counter()
                     groups = self.method.groups if self.selective else None
                     log_now = (self.iteration + 1) % config.log_every == 0 or self.iteration + 1 == iters
@@ -559,6 +602,13 @@ class _Run:
                 print(summary_table(results), end="", file=sys.stderr)
         return results
 
+    def _checked_targets(self, targets: Any) -> list[torch.Tensor]:
+        """A batch's targets in task order on the device, their labels checked against the heads first
+        (on the loader's CPU tensors: no device synchronisation; a CUDA device-side assert otherwise)."""
+        listed = _as_list(targets, self.specs)
+        _check_labels(self.specs, listed)
+        return [t.to(self.device, non_blocking=True) for t in listed]
+
     def _stop_requested(self, stop: _StopFlag) -> bool:
         if not self.env.active:
             return bool(stop.signum)
@@ -571,47 +621,41 @@ class _Run:
     def _collective_device(self) -> torch.device:
         return self.device if self.device.type == "cuda" else torch.device("cpu")
 
-    def _step(self, images: torch.Tensor, targets: list[torch.Tensor]) -> torch.Tensor | None:
-        """One method step and one scheduler step; a non-finite loss stops or skips per --on-nonfinite."""
-        iteration = self.iteration + 1
+    def _step(self, images: torch.Tensor, targets: list[torch.Tensor]) -> torch.Tensor:
+        """One method step and one scheduler step; a non-finite loss is the method's ``nonfinite=`` (--on-nonfinite)."""
 
         def closure() -> list[torch.Tensor]:
             with self.autocast:
                 outputs = self.forward_model(images)
-                losses = list(self.loss_fn(outputs, targets, self.specs))
-            self._check_finite(losses, iteration)
-            return losses
+                return list(self.loss_fn(outputs, targets, self.specs))
 
         try:
             losses = self.method.step(closure)
-        except NonFiniteLoss as error:
+        except methods.NonFiniteLoss as error:  # --on-nonfinite stop: every rank raises at the same step
             self.optimizer.zero_grad(set_to_none=True)
-            if self.config.on_nonfinite == "stop":
-                if self.env.main:
-                    self._checkpoint()
-                raise
-            self.history["skipped"].append(error.iteration)
             if self.env.main:
-                print(f"warning: {error}; batch skipped (--on-nonfinite skip)", file=sys.stderr)
-            losses = None
+                self._checkpoint()
+            raise NonFiniteLoss(self.names[error.task], self.iteration + 1, error.value) from error
         self.schedule.step()
         return losses
 
-    def _check_finite(self, losses: list[torch.Tensor], iteration: int) -> None:
-        values = torch.stack([loss.detach().float() for loss in losses])
-        finite = torch.isfinite(values)
-        if self.env.active:  # every rank must take the same branch
-            finite = finite.to(self._collective_device()).to(torch.int32)
-            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-            finite = finite.bool()
-        if not bool(finite.all()):
-            k = int((~finite).nonzero()[0])
-            raise NonFiniteLoss(self.names[k], iteration, float(values[k]))
+    def _report_skipped(self, scalars: dict[str, float]) -> None:
+        """Reads the method's count of skipped steps (at a log point: one host sync) and warns of new ones."""
+        total = self.skipped_base + int(self.method.skipped_steps)
+        new = total - self.history["skipped_steps"]
+        if new and self.env.main:
+            print(
+                f"warning: {new} step(s) skipped for a non-finite loss by iteration {self.iteration} "
+                "(--on-nonfinite skip)",
+                file=sys.stderr,
+            )
+        self.history["skipped_steps"] = total
+        scalars["train/skipped_steps"] = total
 
     def _bookkeeping(
         self,
         groups: list[list[int]] | None,
-        losses: torch.Tensor | None,
+        losses: torch.Tensor,
         log_now: bool,
         log: TensorBoardLog | None,
         progress: Any,
@@ -628,10 +672,11 @@ class _Run:
                 self.history["cogrouping_batches"] += 1
         if progress is not None:
             progress.update(1)
-        if not log_now or losses is None:
+        if not log_now:
             return
         values = losses.float().tolist()
         scalars = {f"train/loss/{name}": value for name, value in zip(self.names, values, strict=False)}
+        self._report_skipped(scalars)
         scalars["train/lr"] = self.optimizer.param_groups[0]["lr"]
         for phase, seconds in self.method.timings.items():
             scalars[f"time/{phase}_s"] = seconds
@@ -730,12 +775,12 @@ class _Run:
     def _validation_metrics(self) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
         net = self.raw_model
         net.eval()
-        metrics = [_make_metric(spec, self.custom) for spec in self.specs]
+        metrics = [_make_metric(spec) for spec in self.specs]
         loss_sums = [0.0] * len(self.specs)
         batches = 0
         for images, targets in self._validation_batches():
             images = images.to(self.device, non_blocking=True)
-            targets = [t.to(self.device, non_blocking=True) for t in _as_list(targets, self.specs)]
+            targets = self._checked_targets(targets)
             with self.autocast:
                 outputs = net(images)
                 losses = self.loss_fn(outputs, targets, self.specs)
@@ -797,6 +842,7 @@ class _Run:
             self.epoch = int(state["epoch"])
             self.batch_in_epoch = int(state["batch_in_epoch"])
             self.history = json.loads(state["history"])
+            self.skipped_base = int(self.history.setdefault("skipped_steps", 0))  # the method counts from 0 again
             self.times = dict(state["times"])
             self.timed_iterations = int(state["timed_iterations"])
         except (KeyError, RuntimeError, ValueError, TypeError) as error:
@@ -815,7 +861,7 @@ class _Run:
         config = self.config
         final = self.history["evaluations"][-1]
         if not hasattr(self, "metric_info"):  # only rank 0 evaluates: the others rebuild the directions
-            metrics = [_make_metric(spec, self.custom) for spec in self.specs]
+            metrics = [_make_metric(spec) for spec in self.specs]
             self.metric_info = {
                 "higher_is_better": {
                     name: dict(m.higher_is_better) for name, m in zip(self.names, metrics, strict=False)
@@ -847,7 +893,7 @@ class _Run:
             "phase_s_per_batch": {phase: total / self.phase_count for phase, total in self.phase_sums.items()}
             if self.phase_count
             else {},
-            "skipped_iterations": self.history["skipped"],
+            "skipped_steps": self.history["skipped_steps"],
             "world_size": self.env.world_size,
             "config": config.to_dict(),
             "defaults_note": self.defaults_note,
@@ -921,7 +967,9 @@ def fit_baseline(config: TrainConfig) -> dict[str, Any]:
         if done.is_file():
             runs[spec.name] = json.loads(done.read_text())
             continue
-        task_config = dataclasses.replace(config, tasks=spec.name, out=str(task_out), resume="auto")
+        task_config = dataclasses.replace(
+            config, tasks=_single_task(config.tasks, spec.name), out=str(task_out), resume="auto"
+        )
         if env.main and config.progress:
             print(f"baseline: task {spec.name}", file=sys.stderr)
         runs[spec.name] = fit(task_config)
