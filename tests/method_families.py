@@ -152,7 +152,7 @@ STATIONARY: frozenset[str] = frozenset(
 )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _jacobian(case: Case) -> np.ndarray:
     rng = np.random.default_rng([case.seed, case.tasks, sorted(MIN_TASKS).index(case.family)])
     J = _build(case, rng)
@@ -173,4 +173,3 @@ def cases(tasks: tuple[int, ...], seeds: tuple[int, ...], ratios: tuple[float, .
             parameters = ratios if family == "norm_ratio" else (0.0,)
             out += [Case(family, K, seed, parameter) for parameter in parameters for seed in seeds]
     return out
-

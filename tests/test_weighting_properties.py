@@ -196,7 +196,9 @@ ROWS: dict[str, Row] = {
             torchjd=lambda K: torchjd_aggregation().CAGrad(c=0.4),
             torchjd_factor=lambda K, options: K / (1 + options["c"] ** 2),
             # TorchJD's Clarabel runs at its default tolerances (and our regularisers are the authors'): 1e-4.
-            torchjd_equal=Claim(families=frozenset({"typical", "non_weak_stationary", "duplicate_rows"}), tolerance=1e-4),
+            torchjd_equal=Claim(
+                families=frozenset({"typical", "non_weak_stationary", "duplicate_rows"}), tolerance=1e-4
+            ),
         ),
         Row(
             "mgda",
@@ -250,6 +252,7 @@ SLOW_CASES = [
     if case not in DEFAULT_CASES
 ]
 
+
 def torchjd_aggregation() -> Any:
     """``torchjd.aggregation`` (the ``torchjd`` test extra), or a skip that says it is not installed."""
     return pytest.importorskip("torchjd.aggregation", reason="the torchjd test extra is not installed")
@@ -275,7 +278,9 @@ def parameters(prop: str) -> list:
             if (prop == "exact" and row.reference is None) or (prop == "optimal" and row.optimality is None):
                 continue
             for dtype in (torch.float64, torch.float32) if case.well_conditioned else (torch.float64,):
-                out.append(pytest.param(row.name, case, dtype, marks=marks, id=f"{row.name}-{case.id}-{str(dtype)[6:]}"))
+                out.append(
+                    pytest.param(row.name, case, dtype, marks=marks, id=f"{row.name}-{case.id}-{str(dtype)[6:]}")
+                )
     return out
 
 
@@ -325,7 +330,7 @@ def test_one_task_steps_along_its_own_gradient(name, device, dtype):
     np.testing.assert_allclose(run(name, J)[0], J64[0], rtol=EXACT[dtype], atol=0)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _reference_direction(name: str, J_bytes: bytes, shape: tuple[int, int], device: str, eps: float) -> np.ndarray:
     J = np.frombuffer(J_bytes).reshape(shape).copy()
     return ROWS[name].reference(J, {**ROWS[name].options, "device": device, "eps": eps})  # type: ignore[misc]
