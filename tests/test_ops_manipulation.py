@@ -348,6 +348,33 @@ def test_aligned_mtl_drops_the_null_space_like_the_authors():
     )
 
 
+@pytest.mark.parametrize("K", [4, 6, 16])
+@pytest.mark.parametrize("ratio", [1.0, 1e2, 1e4])
+def test_aligned_mtl_cuts_the_rank_at_the_epsilon_of_its_dtype(K, ratio):
+    # The paper's rule (eigenvalues up to λ_max·K·ε dropped) with ε of the gradients' dtype, in float64 by
+    # numpy's eigh. Cut at ε_float32 (the former kernel, whatever the dtype), the float64 inputs of ratio 1e4
+    # lost their small eigenvalues and nearly all the weight went to the largest task.
+    for seed in SEEDS:
+        J = _badly_scaled_jacobian(K, seed, ratio)
+        expected = reference.aligned_mtl_weights(J) @ J
+        d = ops.aligned_mtl_weights(torch.from_numpy(J @ J.T)).numpy() @ J
+        np.testing.assert_allclose(d, expected, rtol=0, atol=1e-10 * np.linalg.norm(expected))
+        # Float32 gradients and G: the rule with ε_float32 (the small eigenvalues are lost in G's rounding).
+        J32 = torch.from_numpy(J).float()
+        expected = reference.aligned_mtl_weights(J32.double().numpy(), np.float32) @ J32.double().numpy()
+        d = ops.aligned_mtl_weights(J32 @ J32.T).double().numpy() @ J32.double().numpy()
+        np.testing.assert_allclose(d, expected, rtol=0, atol=1e-5 * np.linalg.norm(expected))
+
+
+def test_aligned_mtl_is_k_times_torchjd():
+    # TorchJD's AlignedMTLWeighting weights its default preference, the mean 1/K, where the authors sum:
+    # ours = K × TorchJD's (by hand for G = diag(1, 4): B = diag(1, ½), TorchJD B·(½, ½) = (½, ¼), ours (1, ½)).
+    aggregation = pytest.importorskip("torchjd.aggregation", reason="compares with TorchJD's AlignedMTL")
+    for K in (2, 5, 11):
+        G = _gram(_badly_scaled_jacobian(K, K, 100.0))
+        torch.testing.assert_close(ops.aligned_mtl_weights(G), K * aggregation.AlignedMTLWeighting()(G))
+
+
 @pytest.mark.parametrize("K", [3, 40, 130])
 def test_aligned_mtl_repeated_eigenvalues_and_large_k(K, device):
     # Eigenvalues of multiplicity 2 (every gradient twice, G = [[C, C], [C, C]] up to an odd one out), half of them
