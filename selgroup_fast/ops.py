@@ -174,14 +174,18 @@ def pcgrad_weights(gram: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
     return torch.ops.selgroup_fast.pcgrad_weights(gram, order)
 
 
-def mgda_weights(gram: torch.Tensor, max_iter: int = 250, tol: float = 1e-5) -> torch.Tensor:
+def mgda_weights(gram: torch.Tensor, max_iter: int = 250, tol: float = 0.0) -> torch.Tensor:
     """MGDA-UB (Sener & Koltun, "Multi-Task Learning as Multi-Objective Optimization", NeurIPS 2018).
 
-    The min-norm point ``argmin_{w ∈ simplex} wᵀ·G·w`` by the authors' Frank-Wolfe
-    solver (``MinNormSolver.find_min_norm_element_FW``: best-pair start, exact line
-    search towards the vertex argmin (G·w), stop when ‖Δw‖₁ < tol or after
-    max_iter steps). Unlike the authors' 2-point solver, an optimal end point gives
-    exactly 1 / 0 (theirs: 0.999 / 0.001), so the solver stops at the optimum.
+    The min-norm point ``argmin_{w ∈ simplex} wᵀ·G·w`` by Wolfe's minimum-norm-point
+    algorithm (an active-set method on the simplex; csrc/manipulation/mgda.h), exact up
+    to the rounding of G: on return ``(G·w)_k ≥ wᵀ·G·w − (tol + K·ε)·m·(m + ‖g_k‖)`` for
+    every task k (the simplex KKT conditions; ε = float64's epsilon, m = Σ_k w_k·‖g_k‖,
+    ‖g_k‖ = sqrt(G_kk)), whatever the scale of the tasks or the rank of G. A float32 G is
+    solved as given, in float64: the answer is exact for that rounded G. ``max_iter``
+    bounds the major steps (each adds one task to the support, so at most max_iter + 1
+    tasks get weight); ``tol`` (≥ 0) stops earlier. The authors' Frank-Wolfe solver
+    (best-pair start, ``tol`` on ‖Δw‖₁) stops early on badly scaled tasks; this one does not.
 
     >>> g = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
     >>> mgda_weights(g @ g.T)
@@ -226,11 +230,16 @@ def imtl_weights(gram: torch.Tensor) -> torch.Tensor:
 def aligned_mtl_weights(gram: torch.Tensor) -> torch.Tensor:
     """Aligned-MTL (Senushkin et al., "Independent Component Alignment for Multi-Task Learning", CVPR 2023).
 
-    With G = V·Λ·Vᵀ (eigenvalues below λ_max·K·ε_float32 dropped, as in the authors'
-    ProcrustesSolver) and σ the smallest kept eigenvalue (scale_mode="min"), the
-    aligned gradients ``W·J`` with ``W = V·diag(sqrt(σ/λ))·Vᵀ`` are orthogonal with
-    norm sqrt(σ); with equal preferences ``d`` is their sum, so ``w = W·1``. The
-    eigensolver (Householder + implicit QL) runs in the kernel. G = 0: w = 0.
+    With G = V·Λ·Vᵀ (eigenvalues below λ_max·K·ε dropped, ε the machine epsilon of
+    G's dtype, as the authors' ProcrustesSolver and TorchJD do) and σ the smallest kept
+    eigenvalue (scale_mode="min"), the aligned gradients ``W·J`` with
+    ``W = V·diag(sqrt(σ/λ))·Vᵀ`` are orthogonal with norm sqrt(σ); with equal
+    preferences ``d`` is their sum, so ``w = W·1``: K times TorchJD's ``AlignedMTLWeighting``
+    (whose default preference is the mean, 1/K). In float32 the eigenvalues below
+    λ_max·K·ε_float32 are lost in G's own rounding: gradient directions with singular
+    values below sqrt(K·ε_float32)·σ_max get no weight (float64 keeps them down to
+    sqrt(K·ε_float64)·σ_max). The eigensolver (Householder + implicit QL) runs in the
+    kernel. G = 0: w = 0 (TorchJD: the preference vector; d = 0 either way).
 
     >>> aligned_mtl_weights(torch.tensor([[1.0, 0.0], [0.0, 4.0]]))  # W = diag(1, 1/2)
     tensor([1.0000, 0.5000])

@@ -4,11 +4,14 @@ the authors work on J, independently of the kernels' formulation through G = J·
 
 - PCGrad: an explicit loop over the rows of J (Yu et al. 2020; nash-mtl's PCGrad).
 - MGDA: the authors' MinNormSolver Frank-Wolfe (isl-org/MultiObjectiveOptimization)
-  in NumPy, with the exact 2-point line search the kernel uses (see mgda.h).
+  in NumPy, with an exact 2-point line search (the authors' way, which
+  benchmarks/test_fused_ops.py times), and the exact min-norm point as an
+  interior-point QP on J (cvxpy with the Clarabel solver).
 - CAGrad: scipy.optimize.minimize (SLSQP) on the authors' objective, called as they
   call it (Cranial-XIX/CAGrad, nash-mtl's CAGrad).
 - IMTL-G: the authors' closed form on J with numpy.linalg.solve.
-- Aligned-MTL: the authors' ProcrustesSolver with numpy.linalg.eigh.
+- Aligned-MTL: the authors' ProcrustesSolver with numpy.linalg.eigh, its rank cut at
+  the epsilon of the gradients' dtype.
 - Nash-MTL: scipy.optimize.root on G·α = 1/α (the fixed point the authors' cvxpy
   loop approaches).
 - GradDrop: a readable torch version (Chen et al. 2020), with the uniforms drawn by
@@ -77,6 +80,19 @@ def mgda_weights(jacobian: np.ndarray, max_iter: int = 250, tol: float = 1e-5) -
     return w
 
 
+def mgda_min_norm_point(jacobian: np.ndarray) -> np.ndarray:
+    """argmin ‖wᵀ·J‖² over the simplex by Clarabel's interior-point method (via cvxpy), on J.
+
+    Tolerances 1e-12 (the defaults, 1e-8, are too loose to judge a solver exact to 1e-9).
+    """
+    import cvxpy
+
+    w = cvxpy.Variable(jacobian.shape[0])
+    problem = cvxpy.Problem(cvxpy.Minimize(cvxpy.sum_squares(jacobian.T @ w)), [w >= 0, cvxpy.sum(w) == 1])
+    problem.solve(solver=cvxpy.CLARABEL, tol_gap_abs=1e-12, tol_gap_rel=1e-12, tol_feas=1e-12, max_iter=500)
+    return np.asarray(w.value)
+
+
 def cagrad_weights(jacobian: np.ndarray, c: float = 0.4, rescale: int = 1, ftol: float | None = None) -> np.ndarray:
     """The authors' CAGrad: SLSQP from x = 1/K on their objective (their 1e-8 terms
     included), then w with d = wᵀ·J = (g0 + λ·g_x) / s. ``ftol=None`` is their call
@@ -124,12 +140,16 @@ def imtl_weights(jacobian: np.ndarray) -> np.ndarray:
     return np.concatenate([[1 - alpha.sum()], alpha])
 
 
-def aligned_mtl_weights(jacobian: np.ndarray) -> np.ndarray:
-    """The authors' ProcrustesSolver (scale_mode="min") with numpy.linalg.eigh: w = W·1."""
+def aligned_mtl_weights(jacobian: np.ndarray, dtype: type = np.float64) -> np.ndarray:
+    """The authors' ProcrustesSolver (scale_mode="min") with numpy.linalg.eigh: w = W·1.
+
+    Eigenvalues up to λ_max·K·ε are dropped, ε the epsilon of ``dtype`` (the gradients'
+    dtype: the authors take torch's default dtype, that of their training).
+    """
     grads = jacobian.astype(np.float64)
     gram = grads @ grads.T
     eigenvalues, basis = np.linalg.eigh(gram)
-    tol = eigenvalues.max() * max(gram.shape) * np.finfo(np.float32).eps
+    tol = eigenvalues.max() * max(gram.shape) * np.finfo(dtype).eps
     kept = eigenvalues > tol
     eigenvalues, basis = eigenvalues[kept], basis[:, kept]
     W = basis @ np.diag(np.sqrt(eigenvalues.min() / eigenvalues)) @ basis.T
