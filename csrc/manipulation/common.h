@@ -26,6 +26,7 @@
 // This header includes no torch header: the .cu files compile with plain nvcc.
 #pragma once
 
+#include <cfloat>
 #include <cmath>
 #include <cstdint>
 
@@ -50,6 +51,13 @@ SELGROUP_HD_INLINE void fill(const T& team, double* x, int n, double value) {
 template <Team T, typename scalar_t>
 SELGROUP_HD_INLINE void store(const T& team, const double* x, int n, scalar_t* out) {
   for (int i = team.rank(); i < n; i += team.size()) out[i] = static_cast<scalar_t>(x[i]);
+}
+
+// The machine epsilon of the input dtype: G, and so any answer derived from it,
+// is known to this relative precision (scaled by the norms involved).
+template <typename scalar_t>
+SELGROUP_HD_INLINE constexpr double input_epsilon() {
+  return sizeof(scalar_t) == sizeof(float) ? static_cast<double>(FLT_EPSILON) : DBL_EPSILON;
 }
 
 // Loads G (row-major K×K, any float dtype) into `G` as doubles and handles the
