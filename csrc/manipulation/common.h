@@ -39,6 +39,7 @@ namespace manipulation {
 // the device functions.
 using std::fabs;
 using std::fmax;
+using std::fmin;
 using std::isfinite;
 using std::log;
 using std::sqrt;
@@ -190,17 +191,19 @@ SELGROUP_HD void gauss_solve(const T& team, double* A, double* b, int n) {
   team.sync();
 }
 
-// Solves A·x = b in place for a symmetric positive definite A (row-major n×n,
-// its lower triangle overwritten by the Cholesky factor; b becomes x). Columns of
-// the factor are split over the team.
+// Factors a symmetric A (row-major n×n) as L·Lᵀ in place (its lower triangle
+// becomes L), columns split over the team, and returns the smallest squared
+// pivot d_j met: A is positive definite (to rounding) iff it is positive. A
+// non-positive pivot is floored at 1e-300 so that the factor stays finite.
+// Redundant return on every worker; syncs.
 template <Team T>
-SELGROUP_HD void cholesky_solve(const T& team, double* A, double* b, int n) {
+SELGROUP_HD double cholesky_factor(const T& team, double* A, int n) {
+  double smallest_pivot = INFINITY;
   for (int j = 0; j < n; ++j) {
-    double diagonal = A[j * n + j];
-    for (int k = 0; k < j; ++k) diagonal -= A[j * n + k] * A[j * n + k];
-    // Positive in exact arithmetic (the callers add a positive diagonal); the
-    // floor keeps rounding from producing a NaN.
-    diagonal = sqrt(fmax(diagonal, 1e-300));
+    double pivot = A[j * n + j];
+    for (int k = 0; k < j; ++k) pivot -= A[j * n + k] * A[j * n + k];
+    smallest_pivot = fmin(smallest_pivot, pivot);
+    const double diagonal = sqrt(fmax(pivot, 1e-300));
     team.sync();  // everyone has read row j before it is rewritten
     for (int i = j + 1 + team.rank(); i < n; i += team.size()) {
       double sum = A[i * n + j];
@@ -210,16 +213,22 @@ SELGROUP_HD void cholesky_solve(const T& team, double* A, double* b, int n) {
     if (team.rank() == 0) A[j * n + j] = diagonal;
     team.sync();
   }
+  return smallest_pivot;
+}
+
+// Solves L·Lᵀ·x = b in place (b becomes x) with the factor of cholesky_factor. Syncs.
+template <Team T>
+SELGROUP_HD void cholesky_solve(const T& team, const double* L, double* b, int n) {
   if (team.rank() == 0) {
     for (int i = 0; i < n; ++i) {  // L·y = b
       double sum = b[i];
-      for (int k = 0; k < i; ++k) sum -= A[i * n + k] * b[k];
-      b[i] = sum / A[i * n + i];
+      for (int k = 0; k < i; ++k) sum -= L[i * n + k] * b[k];
+      b[i] = sum / L[i * n + i];
     }
     for (int i = n - 1; i >= 0; --i) {  // Lᵀ·x = y
       double sum = b[i];
-      for (int k = i + 1; k < n; ++k) sum -= A[k * n + i] * b[k];
-      b[i] = sum / A[i * n + i];
+      for (int k = i + 1; k < n; ++k) sum -= L[k * n + i] * b[k];
+      b[i] = sum / L[i * n + i];
     }
   }
   team.sync();
