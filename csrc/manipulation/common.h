@@ -143,54 +143,6 @@ SELGROUP_HD_INLINE double simplex_threshold(const double* v, int n) {
   return tau;
 }
 
-// Solves A·x = b in place (A row-major n×n, overwritten; b becomes x) by Gaussian
-// elimination with partial pivoting, rows of each elimination step split over
-// the team. A pivot below `1e-13 · max|A|` marks a singular direction: it is not
-// eliminated and its component of x is set to 0, which gives one solution of a
-// consistent singular system (a basic one, not the minimum-norm one).
-template <Team T>
-SELGROUP_HD void gauss_solve(const T& team, double* A, double* b, int n) {
-  double scale = 0.0;
-  for (int i = 0; i < n * n; ++i) scale = fmax(scale, fabs(A[i]));
-  const double tiny = 1e-13 * scale;
-  for (int c = 0; c < n; ++c) {
-    int pivot = c;
-    for (int r = c + 1; r < n; ++r)
-      if (fabs(A[r * n + c]) > fabs(A[pivot * n + c])) pivot = r;
-    team.sync();  // every worker has found the pivot before rows move
-    if (pivot != c) {
-      for (int j = team.rank(); j < n; j += team.size()) {
-        const double t = A[c * n + j];
-        A[c * n + j] = A[pivot * n + j];
-        A[pivot * n + j] = t;
-      }
-      if (team.rank() == 0) {
-        const double t = b[c];
-        b[c] = b[pivot];
-        b[pivot] = t;
-      }
-      team.sync();
-    }
-    const double diagonal = A[c * n + c];
-    if (fabs(diagonal) > tiny) {
-      for (int r = c + 1 + team.rank(); r < n; r += team.size()) {
-        const double factor = A[r * n + c] / diagonal;
-        for (int j = c; j < n; ++j) A[r * n + j] -= factor * A[c * n + j];
-        b[r] -= factor * b[c];
-      }
-    }
-    team.sync();
-  }
-  if (team.rank() == 0) {
-    for (int r = n - 1; r >= 0; --r) {
-      double sum = b[r];
-      for (int j = r + 1; j < n; ++j) sum -= A[r * n + j] * b[j];
-      b[r] = fabs(A[r * n + r]) > tiny ? sum / A[r * n + r] : 0.0;
-    }
-  }
-  team.sync();
-}
-
 // Factors a symmetric A (row-major n×n) as L·Lᵀ in place (its lower triangle
 // becomes L), columns split over the team, and returns the smallest squared
 // pivot d_j met: A is positive definite (to rounding) iff it is positive. A
