@@ -53,7 +53,6 @@ def _gram(J: np.ndarray, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor
 # ---- CAGrad --------------------------------------------------------------------------------
 
 
-
 def _cagrad_objective(J: np.ndarray, c: float, x: np.ndarray) -> float:
     """The authors' dual objective xᵀ·G·1/K + radius·sqrt(xᵀ·G·x + 1e-8), in float64."""
     G = J @ J.T
@@ -223,10 +222,12 @@ def _imtl_reference(J: np.ndarray) -> np.ndarray:
 
 
 IMTL_INPUTS = {
-    "rank1 20x10": lambda: np.random.default_rng(6).standard_normal(20)[:, None]
-    * np.random.default_rng(7).standard_normal(10),
-    "parallel": lambda: np.abs(np.random.default_rng(8).standard_normal(6))[:, None]
-    * np.random.default_rng(9).standard_normal(10),
+    "rank1 20x10": lambda: (
+        np.random.default_rng(6).standard_normal(20)[:, None] * np.random.default_rng(7).standard_normal(10)
+    ),
+    "parallel": lambda: (
+        np.abs(np.random.default_rng(8).standard_normal(6))[:, None] * np.random.default_rng(9).standard_normal(10)
+    ),
     "duplicated": lambda: _degenerate("duplicated"),
     "zero": lambda: _degenerate("zero"),
     "8 tasks in 5 dimensions": lambda: np.random.default_rng(10).standard_normal((8, 5)),
@@ -242,11 +243,15 @@ def test_imtl_is_the_pseudo_inverse_solution_and_permutes_with_the_tasks(name, d
     weights = ops.imtl_weights(G).double().numpy()
     expected = _imtl_reference(J)
     size = np.abs(expected * np.linalg.norm(J, axis=1)).max()  # the weights' scale on the gradients
-    np.testing.assert_allclose(weights * np.linalg.norm(J, axis=1), expected * np.linalg.norm(J, axis=1),
-                               atol=tolerance * size)
+    np.testing.assert_allclose(
+        weights * np.linalg.norm(J, axis=1), expected * np.linalg.norm(J, axis=1), atol=tolerance * size
+    )
     for seed in range(3):
         order = np.random.default_rng(seed).permutation(len(J))
         _, permuted_gram = _gram(J[order], dtype)
         permuted = ops.imtl_weights(permuted_gram).double().numpy()
-        np.testing.assert_allclose(permuted * np.linalg.norm(J[order], axis=1),
-                                   (weights * np.linalg.norm(J, axis=1))[order], atol=tolerance * size)
+        np.testing.assert_allclose(
+            permuted * np.linalg.norm(J[order], axis=1),
+            (weights * np.linalg.norm(J, axis=1))[order],
+            atol=tolerance * size,
+        )
