@@ -204,7 +204,9 @@ def cagrad_weights(
     accelerated projected gradient to ‖Δx‖₁ < tol, and returns
     ``w = (b + λ·x) / s`` with λ = radius / (‖g_x‖ + 1e-8) and s = 1 + c² (rescale=1,
     the authors' default), 1 + c (rescale=2) or 1 (rescale=0). So ``wᵀ·J`` is the
-    authors' update (the mean gradient plus the conflict-averse correction).
+    authors' update (the mean gradient plus the conflict-averse correction). For
+    c ≥ 1, w = 0 (CAGrad's optimum where zero lies in the rows' convex hull) unless
+    that update improves every task above rounding (docs/algorithm.md).
 
     >>> cagrad_weights(torch.eye(2, dtype=torch.float64), c=0.4)  # (0.5 + 0.4·0.5) / 1.16
     tensor([0.6034, 0.6034], dtype=torch.float64)
@@ -217,8 +219,9 @@ def imtl_weights(gram: torch.Tensor) -> torch.Tensor:
 
     The authors' closed form through G: weights summing to 1 such that ``d = wᵀ·J``
     has equal projections on every unit task gradient. A task with a zero gradient
-    gets weight 0 (the others are solved without it); all zero: w = 1/K. A singular
-    system gets one of its solutions (the authors use the pseudo-inverse).
+    gets weight 0 (the others are solved without it); all zero: w = 1/K. Linearly
+    dependent gradients get the least-norm (pseudo-inverse) solution in the unit
+    gradients' weights ‖g_k‖·w_k, which permutes with the tasks (docs/algorithm.md).
 
     >>> g = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
     >>> imtl_weights(g @ g.T)  # d = (2/3, 2/3): equal projections on e1 and e2
@@ -255,9 +258,11 @@ def nash_mtl_weights(
     The bargaining solution α > 0 of ``G·α = 1/α`` (elementwise), the minimiser of
     ``½·αᵀ·G·α − Σ log α``, by damped Newton from ``alpha_init`` (the previous α,
     the authors' warm start; rescaled along its ray first; non-positive entries
-    replaced by 1) until half the squared Newton decrement of the last step is below tol. A singular
-    G can have no solution: α then grows for max_iter steps and stays positive and
-    finite (the methods side clips d with max_norm, as the authors do).
+    replaced by 1) until half the squared Newton decrement of the last step is below tol, on
+    the correlation matrix diag(G)^-½·G·diag(G)^-½ (scale-free). A G singular to its
+    dtype's precision, which can have no solution, gets that of the correlation matrix
+    plus the least δ·I that makes it positive definite beyond rounding: α stays positive
+    and finite (docs/algorithm.md); all gradients zero: α = 1.
 
     >>> nash_mtl_weights(torch.tensor([[4.0, 0.0], [0.0, 1.0]]), torch.ones(2))  # α_k = 1/‖g_k‖
     tensor([0.5000, 1.0000])

@@ -20,9 +20,6 @@
 // keeps them down to sqrt(K·ε_float64)·σ_max (1.5e-8·σ_max).
 #pragma once
 
-#include <cfloat>
-#include <type_traits>
-
 #include "eigh.h"
 
 namespace selgroup {
@@ -56,7 +53,7 @@ struct AlignedMTLWeights {
     const double* eigenvalues = e.diagonal;
     double largest = 0.0;
     for (int i = 0; i < K; ++i) largest = fmax(largest, eigenvalues[i]);
-    constexpr double epsilon = std::is_same_v<scalar_t, float> ? FLT_EPSILON : DBL_EPSILON;
+    constexpr double epsilon = input_epsilon<scalar_t>();
     const double cutoff = largest * K * epsilon;
     double smallest = largest;
     for (int i = 0; i < K; ++i)
