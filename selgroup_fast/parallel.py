@@ -362,7 +362,9 @@ def graph_parameters(losses: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor]
     return parameters, compiled
 
 
-def compiled_backwards(losses: Sequence[torch.Tensor], features: Sequence[torch.Tensor] = ()) -> list[tuple[bool, bool]]:
+def compiled_backwards(
+    losses: Sequence[torch.Tensor], features: Sequence[torch.Tensor] = ()
+) -> list[tuple[bool, bool]]:
     """Each ``torch.compile``d region the losses back-propagate through before ``features``: (compiled, donates) (host only).
 
     AOTAutograd compiles a region's backward at its first call. ``compiled``: that call has
