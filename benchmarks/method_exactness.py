@@ -52,7 +52,7 @@ def libmtl_direction(name: str, J: np.ndarray, options: dict[str, Any]) -> np.nd
         alpha = np.linalg.solve((D @ U.T).T, J[0] @ U.T)
         return J.T @ np.concatenate([[1 - alpha.sum()], alpha])
     if name == "aligned_mtl":
-        return J.T @ reference.aligned_mtl_weights(J)  # float32's eps whatever the input
+        return J.T @ reference.aligned_mtl_weights(J, np.float32)  # the authors' float32 training: its epsilon
     return None  # PCGrad, GradDrop: the rule is the reference; Nash-MTL: the authors' cvxpy loop, as TorchJD's
 
 
@@ -78,7 +78,7 @@ def error_of(name: str, J: np.ndarray, d: np.ndarray) -> tuple[float, float]:
     if row.reference is None:
         assert row.optimality is not None
         return float("nan"), row.optimality(J, d, None, row.options)
-    expected = row.reference(J, {**row.options, "device": "cpu", "eps": float(np.finfo(np.float64).eps)})
+    expected = row.reference(J, {**row.options, "device": "cpu", "dtype": np.float64})
     size = float(np.linalg.norm(expected))
     # Where d* vanishes (zero in the hull) a cosine says nothing: the error is over the problem's scale.
     meaningful = size > harness.EXACT[torch.float64] * harness.scale_of(J) and np.linalg.norm(d) > 0

@@ -39,7 +39,7 @@ TORCH_LIBRARY(selgroup_fast, m) {
   // ---- gradient manipulation of the baselines (selgroup_fast.methods) ----
   // Weighting methods: K×K Gram matrix G = J·Jᵀ -> weights w[K], d = wᵀ·J (csrc/manipulation/*.h).
   m.def("pcgrad_weights(Tensor gram, Tensor order) -> Tensor");
-  m.def("mgda_weights(Tensor gram, int max_iter=250, float tol=1e-05) -> Tensor");
+  m.def("mgda_weights(Tensor gram, int max_iter=250, float tol=0.0) -> Tensor");
   m.def("cagrad_weights(Tensor gram, float c=0.4, int rescale=1, int max_iter=1000, float tol=1e-10) -> Tensor");
   m.def("imtl_weights(Tensor gram) -> Tensor");
   m.def("aligned_mtl_weights(Tensor gram) -> Tensor");

@@ -174,14 +174,18 @@ def pcgrad_weights(gram: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
     return torch.ops.selgroup_fast.pcgrad_weights(gram, order)
 
 
-def mgda_weights(gram: torch.Tensor, max_iter: int = 250, tol: float = 1e-5) -> torch.Tensor:
+def mgda_weights(gram: torch.Tensor, max_iter: int = 250, tol: float = 0.0) -> torch.Tensor:
     """MGDA-UB (Sener & Koltun, "Multi-Task Learning as Multi-Objective Optimization", NeurIPS 2018).
 
-    The min-norm point ``argmin_{w ∈ simplex} wᵀ·G·w`` by the authors' Frank-Wolfe
-    solver (``MinNormSolver.find_min_norm_element_FW``: best-pair start, exact line
-    search towards the vertex argmin (G·w), stop when ‖Δw‖₁ < tol or after
-    max_iter steps). Unlike the authors' 2-point solver, an optimal end point gives
-    exactly 1 / 0 (theirs: 0.999 / 0.001), so the solver stops at the optimum.
+    The min-norm point ``argmin_{w ∈ simplex} wᵀ·G·w`` by Wolfe's minimum-norm-point
+    algorithm (an active-set method on the simplex; csrc/manipulation/mgda.h), exact up
+    to the rounding of G: on return ``(G·w)_k ≥ wᵀ·G·w − (tol + K·ε)·m·(m + ‖g_k‖)`` for
+    every task k (the simplex KKT conditions; ε = float64's epsilon, m = Σ_k w_k·‖g_k‖,
+    ‖g_k‖ = sqrt(G_kk)), whatever the scale of the tasks or the rank of G. A float32 G is
+    solved as given, in float64: the answer is exact for that rounded G. ``max_iter``
+    bounds the major steps (each adds one task to the support, so at most max_iter + 1
+    tasks get weight); ``tol`` (≥ 0) stops earlier. The authors' Frank-Wolfe solver
+    (best-pair start, ``tol`` on ‖Δw‖₁) stops early on badly scaled tasks; this one does not.
 
     >>> g = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
     >>> mgda_weights(g @ g.T)
@@ -200,7 +204,9 @@ def cagrad_weights(
     accelerated projected gradient to ‖Δx‖₁ < tol, and returns
     ``w = (b + λ·x) / s`` with λ = radius / (‖g_x‖ + 1e-8) and s = 1 + c² (rescale=1,
     the authors' default), 1 + c (rescale=2) or 1 (rescale=0). So ``wᵀ·J`` is the
-    authors' update (the mean gradient plus the conflict-averse correction).
+    authors' update (the mean gradient plus the conflict-averse correction). For
+    c ≥ 1, w = 0 (CAGrad's optimum where zero lies in the rows' convex hull) unless
+    that update improves every task above rounding (docs/algorithm.md).
 
     >>> cagrad_weights(torch.eye(2, dtype=torch.float64), c=0.4)  # (0.5 + 0.4·0.5) / 1.16
     tensor([0.6034, 0.6034], dtype=torch.float64)
@@ -213,8 +219,9 @@ def imtl_weights(gram: torch.Tensor) -> torch.Tensor:
 
     The authors' closed form through G: weights summing to 1 such that ``d = wᵀ·J``
     has equal projections on every unit task gradient. A task with a zero gradient
-    gets weight 0 (the others are solved without it); all zero: w = 1/K. A singular
-    system gets one of its solutions (the authors use the pseudo-inverse).
+    gets weight 0 (the others are solved without it); all zero: w = 1/K. Linearly
+    dependent gradients get the least-norm (pseudo-inverse) solution in the unit
+    gradients' weights ‖g_k‖·w_k, which permutes with the tasks (docs/algorithm.md).
 
     >>> g = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
     >>> imtl_weights(g @ g.T)  # d = (2/3, 2/3): equal projections on e1 and e2
@@ -226,11 +233,16 @@ def imtl_weights(gram: torch.Tensor) -> torch.Tensor:
 def aligned_mtl_weights(gram: torch.Tensor) -> torch.Tensor:
     """Aligned-MTL (Senushkin et al., "Independent Component Alignment for Multi-Task Learning", CVPR 2023).
 
-    With G = V·Λ·Vᵀ (eigenvalues below λ_max·K·ε_float32 dropped, as in the authors'
-    ProcrustesSolver) and σ the smallest kept eigenvalue (scale_mode="min"), the
-    aligned gradients ``W·J`` with ``W = V·diag(sqrt(σ/λ))·Vᵀ`` are orthogonal with
-    norm sqrt(σ); with equal preferences ``d`` is their sum, so ``w = W·1``. The
-    eigensolver (Householder + implicit QL) runs in the kernel. G = 0: w = 0.
+    With G = V·Λ·Vᵀ (eigenvalues below λ_max·K·ε dropped, ε the machine epsilon of
+    G's dtype, as the authors' ProcrustesSolver and TorchJD do) and σ the smallest kept
+    eigenvalue (scale_mode="min"), the aligned gradients ``W·J`` with
+    ``W = V·diag(sqrt(σ/λ))·Vᵀ`` are orthogonal with norm sqrt(σ); with equal
+    preferences ``d`` is their sum, so ``w = W·1``: K times TorchJD's ``AlignedMTLWeighting``
+    (whose default preference is the mean, 1/K). In float32 the eigenvalues below
+    λ_max·K·ε_float32 are lost in G's own rounding: gradient directions with singular
+    values below sqrt(K·ε_float32)·σ_max get no weight (float64 keeps them down to
+    sqrt(K·ε_float64)·σ_max). The eigensolver (Householder + implicit QL) runs in the
+    kernel. G = 0: w = 0 (TorchJD: the preference vector; d = 0 either way).
 
     >>> aligned_mtl_weights(torch.tensor([[1.0, 0.0], [0.0, 4.0]]))  # W = diag(1, 1/2)
     tensor([1.0000, 0.5000])
@@ -246,9 +258,11 @@ def nash_mtl_weights(
     The bargaining solution α > 0 of ``G·α = 1/α`` (elementwise), the minimiser of
     ``½·αᵀ·G·α − Σ log α``, by damped Newton from ``alpha_init`` (the previous α,
     the authors' warm start; rescaled along its ray first; non-positive entries
-    replaced by 1) until half the squared Newton decrement of the last step is below tol. A singular
-    G can have no solution: α then grows for max_iter steps and stays positive and
-    finite (the methods side clips d with max_norm, as the authors do).
+    replaced by 1) until half the squared Newton decrement of the last step is below tol, on
+    the correlation matrix diag(G)^-½·G·diag(G)^-½ (scale-free). A G singular to its
+    dtype's precision, which can have no solution, gets that of the correlation matrix
+    plus the least δ·I that makes it positive definite beyond rounding: α stays positive
+    and finite (docs/algorithm.md); all gradients zero: α = 1.
 
     >>> nash_mtl_weights(torch.tensor([[4.0, 0.0], [0.0, 1.0]]), torch.ones(2))  # α_k = 1/‖g_k‖
     tensor([0.5000, 1.0000])

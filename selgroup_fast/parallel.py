@@ -7,7 +7,8 @@
   validated once; where the autograd graph cannot say which parameters a task's loss
   reaches (a ``torch.compile``d region returns zero gradients instead of none; FSDP2 puts
   unsharded copies in the graph), the methods mask by these lists instead.
-* :func:`graph_parameters` walks a loss's autograd graph and says whether it is hidden.
+* :func:`graph_parameters` walks a loss's autograd graph and says whether it is hidden;
+  :func:`compiled_backwards` says whether the compiled regions in it may be back-propagated twice.
 
 Example::
 
@@ -361,6 +362,31 @@ def graph_parameters(losses: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor]
     return parameters, compiled
 
 
+def compiled_backwards(
+    losses: Sequence[torch.Tensor], features: Sequence[torch.Tensor] = ()
+) -> list[tuple[bool, bool]]:
+    """Each ``torch.compile``d region the losses back-propagate through before ``features``: (compiled, donates) (host only).
+
+    AOTAutograd compiles a region's backward at its first call. ``compiled``: that call has
+    happened (or the backward came from a cache). ``donates``: the code was compiled with
+    donated buffers, i.e. it may overwrite the tensors the forward saved, which is sound for
+    ONE backward only: AOTAutograd (torch 2.14) donates when
+    ``torch._functorch.config.donated_buffer`` was on at the forward's compilation and the
+    first backward did not retain the graph, and keeps the donated indices beside the code
+    (``CompiledFunction.metadata.bw_donated_idxs``, emptied when the first call retains).
+    The walk does not cross the edges into ``features`` (the regions behind them, e.g. a
+    separately compiled encoder, are back-propagated once).
+    """
+    cut = [(feature.grad_fn, feature.output_nr) for feature in features if feature.grad_fn is not None]
+    regions = []
+    for node in _graph_nodes(losses, cut):
+        if type(node).__name__ == "CompiledFunctionBackward":
+            region = node._forward_cls  # AOTAutograd's CompiledFunction (an autograd.Function)
+            compiled = region.compiled_bw is not None
+            regions.append((compiled, compiled and bool(region.metadata.bw_donated_idxs)))
+    return regions
+
+
 def graph_reaches(losses: Sequence[torch.Tensor], tensors: Sequence[torch.Tensor]) -> list[bool]:
     """Whether the losses' autograd graph back-propagates into each of ``tensors`` (host only).
 
@@ -412,6 +438,7 @@ __all__ = [
     "TaskParams",
     "as_parameter_list",
     "check_process_group",
+    "compiled_backwards",
     "graph_parameters",
     "graph_reaches",
     "graph_separates",

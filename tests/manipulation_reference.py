@@ -4,11 +4,15 @@ the authors work on J, independently of the kernels' formulation through G = J·
 
 - PCGrad: an explicit loop over the rows of J (Yu et al. 2020; nash-mtl's PCGrad).
 - MGDA: the authors' MinNormSolver Frank-Wolfe (isl-org/MultiObjectiveOptimization)
-  in NumPy, with the exact 2-point line search the kernel uses (see mgda.h).
+  in NumPy, with an exact 2-point line search (the authors' way, which
+  benchmarks/test_fused_ops.py times), and the exact min-norm point as an
+  interior-point QP on J (cvxpy with the Clarabel solver).
 - CAGrad: scipy.optimize.minimize (SLSQP) on the authors' objective, called as they
   call it (Cranial-XIX/CAGrad, nash-mtl's CAGrad).
-- IMTL-G: the authors' closed form, through the pseudo-inverse of G (numpy.linalg.pinv).
-- Aligned-MTL: the authors' ProcrustesSolver with numpy.linalg.eigh.
+- IMTL-G: its conditions (equal projections on the unit gradients, Σ w = 1) solved by
+  numpy's pseudo-inverse, anchor-free (the authors' closed form where it is unique).
+- Aligned-MTL: the authors' ProcrustesSolver with numpy.linalg.eigh, its rank cut at
+  the epsilon of the gradients' dtype.
 - Nash-MTL: damped Newton in float64 on G·α = 1/α (the fixed point the authors' cvxpy
   loop approaches).
 - GradDrop: a readable torch version (Chen et al. 2020), with the uniforms drawn by
@@ -109,6 +113,23 @@ def cagrad_weights(jacobian: np.ndarray, c: float = 0.4, rescale: int = 1, ftol:
     return (b + lam * x) / scale
 
 
+def cagrad_dual_point(jacobian: np.ndarray, c: float) -> tuple[np.ndarray, np.ndarray]:
+    """The authors' inner problem (their 1e-8 terms included) by Clarabel and their formula, rescale=0, in
+    float64: the weights 1/K + λ·x and the simplex point x."""
+    import cvxpy as cp
+
+    grads = jacobian.astype(np.float64)
+    K = grads.shape[0]
+    gram = grads @ grads.T
+    radius = c * np.sqrt(gram.mean() + 1e-8) + 1e-8
+    x = cp.Variable(K)
+    objective = x @ (gram.sum(axis=1) / K) + radius * cp.norm(cp.hstack([grads.T @ x, np.array([1e-4])]))
+    cp.Problem(cp.Minimize(objective), [x >= 0, cp.sum(x) == 1]).solve(solver=cp.CLARABEL)
+    point = np.clip(x.value, 0.0, None)
+    point /= point.sum()
+    return 1.0 / K + radius / (np.linalg.norm(point @ grads) + 1e-8) * point, point
+
+
 def cagrad_objective(gram: np.ndarray, x: np.ndarray, c: float) -> float:
     """The authors' CAGrad objective at x (to compare solvers by the value they reach)."""
     K = gram.shape[0]
@@ -117,27 +138,35 @@ def cagrad_objective(gram: np.ndarray, x: np.ndarray, c: float) -> float:
 
 
 def imtl_weights(jacobian: np.ndarray) -> np.ndarray:
-    """IMTL-G through the pseudo-inverse: w ∝ G⁺·(‖g_k‖)_k, Σw = 1 (TorchJD's generalisation, arXiv 2406.16232).
-
-    Where G is invertible this is the authors' closed form α = (g_0·Uᵀ)(D·Uᵀ)⁻¹, w = [1 − Σα, α] (the
-    projections Jd/‖g_k‖ all equal 1/Σ G⁻¹‖g‖); where it is not, it is order-invariant (P G⁺ Pᵀ = (P G Pᵀ)⁺).
-    """
+    """IMTL-G's conditions, u_k·d equal for all k and Σ w = 1, solved by numpy's pseudo-inverse in the unit
+    gradients' weights ŵ = ‖g_k‖·w_k (least ‖ŵ‖ where they do not fix the solution: anchor-free, so it permutes
+    with the tasks; the authors' closed form where it is unique); zero gradients get 0."""
     grads = jacobian.astype(np.float64)
-    gram = grads @ grads.T
-    v = np.linalg.pinv(gram, hermitian=True) @ np.sqrt(gram.diagonal())
-    return v / v.sum()
+    norms = np.linalg.norm(grads, axis=1)
+    active = norms > 0
+    if not active.any():  # J = 0: every direction is zero, the weights 1/K (the op's)
+        return np.full(len(grads), 1.0 / len(grads))
+    units = grads[active] / norms[active, None]
+    m = len(units)
+    cosines = units @ units.T
+    system = np.vstack([(np.eye(m) - 1.0 / m) @ cosines, 1.0 / norms[active][None]])
+    rhs = np.zeros(m + 1)
+    rhs[-1] = 1.0
+    weights = np.zeros(len(grads))
+    weights[active] = np.linalg.pinv(system, rcond=1e-10) @ rhs / norms[active]
+    return weights
 
 
-def aligned_mtl_weights(jacobian: np.ndarray, eps: float = float(np.finfo(np.float32).eps)) -> np.ndarray:
+def aligned_mtl_weights(jacobian: np.ndarray, dtype: type = np.float64) -> np.ndarray:
     """The authors' ProcrustesSolver (scale_mode="min") with numpy.linalg.eigh: w = W·1.
 
-    Eigenvalues below λ_max·K·eps are dropped: the authors' eps is float32's whatever the input;
-    ``eps=np.finfo(dtype).eps`` is the rank tolerance of the input's own precision (TorchJD's).
+    Eigenvalues up to λ_max·K·ε are dropped, ε the epsilon of ``dtype`` (the gradients'
+    dtype: the authors take torch's default dtype, that of their training).
     """
     grads = jacobian.astype(np.float64)
     gram = grads @ grads.T
     eigenvalues, basis = np.linalg.eigh(gram)
-    tol = eigenvalues.max() * max(gram.shape) * eps
+    tol = eigenvalues.max() * max(gram.shape) * np.finfo(dtype).eps
     kept = eigenvalues > tol
     if not kept.any():  # G = 0: every direction is zero
         return np.zeros(gram.shape[0])

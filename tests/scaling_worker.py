@@ -135,8 +135,13 @@ def plain(value: Any) -> Any:
     return value
 
 
-def run(name: str, config: str, variant: str = "plain", rank: int = 0, world_size: int = 1) -> dict[str, Any]:
-    """Trains method ``name`` for :data:`STEPS` steps in ``config``; returns parameters and method state."""
+def run(
+    name: str, config: str, variant: str = "plain", rank: int = 0, world_size: int = 1, reset: bool = True
+) -> dict[str, Any]:
+    """Trains method ``name`` for :data:`STEPS` steps in ``config``; returns parameters and method state.
+
+    ``reset=False``: a compiled configuration keeps what earlier runs compiled (as a notebook or sweep would).
+    """
     try:
         torch.manual_seed(0)  # the same initial parameters in every process
         model = SharedEncoderModel(with_features=variant == "representation")
@@ -152,8 +157,9 @@ def run(name: str, config: str, variant: str = "plain", rank: int = 0, world_siz
             forward = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=name == "selective")
         if config in ("compiled", "inductor", "ddp_compiled"):
             # Dynamo caches compiled code by code object, across model instances: each case
-            # compiles afresh, as a new training script would.
-            torch._dynamo.reset()
+            # compiles afresh, as a new training script would, unless reset=False.
+            if reset:
+                torch._dynamo.reset()
             backend = "inductor" if config == "inductor" else COMPILE_BACKEND
             if variant == "representation":  # the features must stay an edge between compiled regions
                 for module in (model.encoder, *model.heads):

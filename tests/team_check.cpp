@@ -206,7 +206,7 @@ void check_weightings(Tally& tally, std::mt19937& generator, const std::vector<i
       const std::string suffix = " K=" + std::to_string(K) + " problem=" + std::to_string(problem);
       double* w = weights.data();
       check_solver(tally, "pcgrad" + suffix, PCGradWeights<double>{G.data(), order.data(), w, K}, w, K, kNoScratch);
-      check_solver(tally, "mgda" + suffix, MGDAWeights<double>{G.data(), w, K, 250, 1e-5}, w, K, kNoScratch);
+      check_solver(tally, "mgda" + suffix, MGDAWeights<double>{G.data(), w, K, 250, 0.0}, w, K, kNoScratch);
       check_solver(tally, "cagrad" + suffix, CAGradWeights<double>{G.data(), w, K, 0.4, 1, 1000, 1e-10}, w, K,
                    kNoScratch);
       check_solver(tally, "imtl" + suffix, IMTLWeights<double>{G.data(), w, K}, w, K, kNoScratch);

@@ -127,8 +127,8 @@ class ToyGroupedUpdate(MultiTaskMethod):
     ``warmup_steps`` batches, then the groups [[0], [1, ...]]; one forward, backward
     and optimizer step per group, and a (trivial) timed affinity phase."""
 
-    def __init__(self, optimizer, num_tasks, *, warmup_steps, profile=False):
-        super().__init__(optimizer, num_tasks, profile=profile)
+    def __init__(self, optimizer, num_tasks, *, warmup_steps, profile=False, nonfinite="skip"):
+        super().__init__(optimizer, num_tasks, profile=profile, nonfinite=nonfinite)
         self.warmup_steps = warmup_steps
         self.groups = [[task] for task in range(num_tasks)]
         self.steps_done = 0
@@ -225,8 +225,8 @@ RECORDER_LOG: list[tuple[str, float, float]] = []
 class Recorder(MultiTaskMethod):
     """Logs its steps into RECORDER_LOG; SGD-steps unless frozen."""
 
-    def __init__(self, name, optimizer, num_tasks, *, frozen, profile=False):
-        super().__init__(optimizer, num_tasks, profile=profile)
+    def __init__(self, name, optimizer, num_tasks, *, frozen, profile=False, nonfinite="skip"):
+        super().__init__(optimizer, num_tasks, profile=profile, nonfinite=nonfinite)
         self.name, self.frozen = name, frozen
         self.weight = optimizer.param_groups[0]["params"][0]
 

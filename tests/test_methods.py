@@ -328,6 +328,27 @@ def test_aggregate_returns_a_p_vector_on_the_inputs_device_and_dtype(name, devic
     torch.testing.assert_close(aggregate(name, J, jacobian="loop", **seeded), aggregate(name, J, **seeded))
 
 
+@pytest.mark.parametrize("name", GRADIENT_METHODS)
+def test_aggregators_say_they_are_not_differentiable(name):
+    # The fused solvers have no backward: a result that required grad would back-propagate silently wrong
+    # gradients (the weights as constants, GradDrop's J.grad None). Like TorchJD's aggregators, ours return
+    # results that do not require grad, so a backward raises; the values are those of the detached input.
+    J = torch.randn(4, 9, generator=torch.Generator().manual_seed(3), dtype=torch.float64, requires_grad=True)
+    seeded = {"seed": 0} if name in ("pcgrad", "graddrop") else {}
+    d = aggregate(name, J, **seeded)
+    assert not d.requires_grad and d.grad_fn is None
+    torch.testing.assert_close(d, aggregate(name, J.detach(), **seeded), rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="does not require grad"):
+        d.sum().backward()
+    method = aggregator(name, 4, dtype=torch.float64, **seeded)
+    direction, head_weights = method.combine(J)
+    assert not direction.requires_grad and (head_weights is None or not head_weights.requires_grad)
+    if isinstance(method, selgroup_fast.methods.Weighting):
+        gram = (J @ J.T).detach().requires_grad_()
+        assert not method.weights(gram).requires_grad
+        assert not any(w is not None and w.requires_grad for w in method.direction_weights(gram))
+
+
 # --------------------------------------------------------------------------- degenerate and bad input
 
 

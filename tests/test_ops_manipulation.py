@@ -139,35 +139,77 @@ def test_mgda_hand(device, dtype):
     # g1 = (1, 0), g2 = (2, 0): g1·g2 = 2 >= ‖g1‖² = 1, so g1 itself is the min-norm point: w = (1, 0)
     # exactly (the authors' 2-point solver would answer 0.999).
     assert torch.equal(ops.mgda_weights(_t([[1.0, 2.0], [2.0, 4.0]], dtype, device)), _t([1.0, 0.0], dtype, device))
-    # Three orthonormal gradients: the centroid. Best pair (1, 2) at (½, ½, 0); Frank-Wolfe goes to
-    # vertex 3 with γ = (1 − 0)/(½ + 1) = 2/3 → (⅓, ⅓, ⅓); the next line search returns γ = 1: stop.
+    # Three orthonormal gradients: the centroid. Wolfe's method starts at task 1, adds task 2 (G·w = (1, 0, 0))
+    # with the affine minimiser (½, ½, 0), then task 3 → (⅓, ⅓, ⅓), where G·w = wᵀGw = ⅓ for every task: stop.
     torch.testing.assert_close(
         ops.mgda_weights(torch.eye(3, dtype=dtype, device=device)), torch.full((3,), 1 / 3, dtype=dtype, device=device)
     )
 
 
-@pytest.mark.parametrize("K", [3, 5, 8])
-def test_mgda_satisfies_the_simplex_kkt_conditions(K):
-    # w minimises wᵀGw on the simplex iff (Gw)_k >= wᵀGw for every k, with equality where w_k > 0.
-    # Frank-Wolfe converges sublinearly: give it a large budget and check to a matching tolerance.
-    for seed in SEEDS:
-        G = _gram(_random_jacobian(K, seed))
-        w = ops.mgda_weights(G, max_iter=20000, tol=0.0)
-        assert torch.all(w >= 0) and abs(w.sum().item() - 1) < 1e-12
-        Gw = G @ w
-        value = w @ Gw
-        scale = G.diagonal().max()
-        assert torch.all(Gw >= value - 1e-4 * scale)
-        assert torch.all((Gw - value).abs()[w > 1e-3] < 1e-4 * scale)
+def _badly_scaled_jacobian(K: int, seed: int, ratio: float, columns: int = 50) -> np.ndarray:
+    """Issue #20's inputs: K gradients with some conflict, one row scaled by ratio, another by 1/√ratio."""
+    J = _random_jacobian(K, seed, columns)
+    J[0] *= ratio
+    J[-1] /= math.sqrt(ratio)
+    return J
 
 
-@pytest.mark.parametrize("K", TASK_COUNTS)
-def test_mgda_matches_the_authors_frank_wolfe(K, dtype):
-    for seed in SEEDS:
-        J = _random_jacobian(K, seed)
-        w = ops.mgda_weights(_gram(J, dtype)).double().numpy()
-        expected = reference.mgda_weights(J)
-        np.testing.assert_allclose(w, expected, **_tolerance(dtype))
+def _ill_conditioned_jacobian(K: int, seed: int, condition: float, columns: int = 50) -> np.ndarray:
+    """K×P with singular values spread from 1 to 1/√condition: cond(G) = condition."""
+    rng = np.random.default_rng(seed)
+    left = np.linalg.qr(rng.standard_normal((K, K)))[0]
+    right = np.linalg.qr(rng.standard_normal((columns, K)))[0]
+    return left @ np.diag(np.logspace(0, -0.5 * math.log10(condition), K)) @ right.T
+
+
+def _mgda_inputs() -> list:
+    """Parameters (label, J), labelled: norm ratios 1..1e4, cond(G) = 1e12, rank-deficient G, duplicate and zero rows, K ≤ 32."""
+    cases = []
+    for K in (2, 3, 6, 16, 32):
+        for ratio in (1.0, 10.0, 1e2, 1e3, 1e4):
+            cases.append((f"K={K} ratio={ratio:g}", _badly_scaled_jacobian(K, K, ratio)))
+        if K > 2:
+            cases.append((f"K={K} cond=1e12", _ill_conditioned_jacobian(K, K, 1e12)))
+            cases.append((f"K={K} rank {K // 3 + 1}", _random_jacobian(K, K, columns=K // 3 + 1)))
+            duplicated = _badly_scaled_jacobian(K, K + 1, 100.0)
+            duplicated[1] = duplicated[0] / 100  # the largest gradient again, shorter
+            duplicated[-1] = duplicated[-2]
+            cases.append((f"K={K} duplicate rows", duplicated))
+            zero = _badly_scaled_jacobian(K, K + 2, 10.0)
+            zero[K // 2] = 0.0  # the min-norm point is 0
+            cases.append((f"K={K} zero row", zero))
+    return [pytest.param(label, J, id=label) for label, J in cases]
+
+
+def _assert_min_norm_point(J: np.ndarray, w: np.ndarray, epsilon: float, rtol: float, label: str) -> None:
+    """w (from G = J·Jᵀ rounded to epsilon) is the min-norm point of J's rows' hull, up to G's rounding.
+
+    Two independent checks, in float64 on J: the simplex KKT conditions (J·d)_k ≥ ‖d‖² for every
+    k, d = wᵀ·J, to the rounding of G: K·epsilon·m·(m + ‖g_k‖), m = Σ w_k‖g_k‖ (see ops.mgda_weights);
+    and ‖d‖² against Clarabel's minimum, relative rtol (and that rounding, where ‖d*‖ ≈ 0).
+    """
+    K = J.shape[0]
+    norms = np.linalg.norm(J, axis=1)
+    assert np.all(w >= 0) and abs(w.sum() - 1) <= K * epsilon, label
+    d = w @ J
+    mass = w @ norms
+    rounding = K * epsilon * mass * (mass + norms)
+    assert np.all(J @ d >= d @ d - 4 * rounding), (label, ((d @ d - J @ d) / rounding).max())
+    optimum = reference.min_norm_point(J)
+    excess = d @ d - optimum @ optimum
+    assert excess <= rtol * (optimum @ optimum) + 4 * K * epsilon * mass**2, (label, excess / (optimum @ optimum))
+
+
+@pytest.mark.parametrize("label, J", _mgda_inputs())
+def test_mgda_is_the_min_norm_point_of_an_interior_point_qp(label, J):
+    # Float64: exact to 1e-9 relative (Frank-Wolfe, the former solver: cos(d, d*) 0.956 at ratio 1e3).
+    pytest.importorskip("cvxpy", reason="the min-norm reference is an interior-point QP (cvxpy + Clarabel)")
+    w = ops.mgda_weights(torch.from_numpy(J @ J.T)).numpy()
+    _assert_min_norm_point(J, w, np.finfo(np.float64).eps, 1e-9, label)
+    # Float32 gradients and G: exact for the float32 G, so to float32's precision for their hull.
+    J32 = torch.from_numpy(J).float()
+    w32 = ops.mgda_weights(J32 @ J32.T).double().numpy()
+    _assert_min_norm_point(J32.double().numpy(), w32, np.finfo(np.float32).eps, 1e-5, label)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -304,6 +346,33 @@ def test_aligned_mtl_drops_the_null_space_like_the_authors():
     np.testing.assert_allclose(
         ops.aligned_mtl_weights(_gram(J)).numpy(), reference.aligned_mtl_weights(J), rtol=1e-9, atol=1e-10
     )
+
+
+@pytest.mark.parametrize("K", [4, 6, 16])
+@pytest.mark.parametrize("ratio", [1.0, 1e2, 1e4])
+def test_aligned_mtl_cuts_the_rank_at_the_epsilon_of_its_dtype(K, ratio):
+    # The paper's rule (eigenvalues up to λ_max·K·ε dropped) with ε of the gradients' dtype, in float64 by
+    # numpy's eigh. Cut at ε_float32 (the former kernel, whatever the dtype), the float64 inputs of ratio 1e4
+    # lost their small eigenvalues and nearly all the weight went to the largest task.
+    for seed in SEEDS:
+        J = _badly_scaled_jacobian(K, seed, ratio)
+        expected = reference.aligned_mtl_weights(J) @ J
+        d = ops.aligned_mtl_weights(torch.from_numpy(J @ J.T)).numpy() @ J
+        np.testing.assert_allclose(d, expected, rtol=0, atol=1e-10 * np.linalg.norm(expected))
+        # Float32 gradients and G: the rule with ε_float32 (the small eigenvalues are lost in G's rounding).
+        J32 = torch.from_numpy(J).float()
+        expected = reference.aligned_mtl_weights(J32.double().numpy(), np.float32) @ J32.double().numpy()
+        d = ops.aligned_mtl_weights(J32 @ J32.T).double().numpy() @ J32.double().numpy()
+        np.testing.assert_allclose(d, expected, rtol=0, atol=1e-5 * np.linalg.norm(expected))
+
+
+def test_aligned_mtl_is_k_times_torchjd():
+    # TorchJD's AlignedMTLWeighting weights its default preference, the mean 1/K, where the authors sum:
+    # ours = K × TorchJD's (by hand for G = diag(1, 4): B = diag(1, ½), TorchJD B·(½, ½) = (½, ¼), ours (1, ½)).
+    aggregation = pytest.importorskip("torchjd.aggregation", reason="compares with TorchJD's AlignedMTL")
+    for K in (2, 5, 11):
+        G = _gram(_badly_scaled_jacobian(K, K, 100.0))
+        torch.testing.assert_close(ops.aligned_mtl_weights(G), K * aggregation.AlignedMTLWeighting()(G))
 
 
 @pytest.mark.parametrize("K", [3, 40, 130])
@@ -471,14 +540,13 @@ def test_graddrop_non_finite_column_gives_nan(dtype):
 
 def test_zero_gradients(dtype):
     zero = torch.zeros(3, 3, dtype=dtype)
-    # Nothing to project; the best pair (1, 2) has norm 0 with γ = 1; IMTL: the mean; Aligned: no
-    # eigenvalue kept; Nash: no solution, α grows but stays finite; CAGrad: finite (d = 0 anyway).
+    # Nothing to project; MGDA: the first task of least norm, optimal (G·w = 0 = wᵀGw); IMTL: the mean; Aligned: no
+    # eigenvalue kept; Nash: no solution, α = 1 (d = 0 whatever α); CAGrad: finite (d = 0 anyway).
     assert torch.equal(_weights("pcgrad", zero), torch.ones(3, dtype=dtype))
     assert torch.equal(ops.mgda_weights(zero), _t([1.0, 0.0, 0.0], dtype))
     torch.testing.assert_close(ops.imtl_weights(zero), torch.full((3,), 1 / 3, dtype=dtype))
     assert torch.equal(ops.aligned_mtl_weights(zero), torch.zeros(3, dtype=dtype))
-    alpha = ops.nash_mtl_weights(zero, torch.ones(3, dtype=dtype))
-    assert torch.isfinite(alpha).all() and (alpha > 0).all()
+    assert torch.equal(ops.nash_mtl_weights(zero, torch.ones(3, dtype=dtype)), torch.ones(3, dtype=dtype))
     assert torch.isfinite(ops.cagrad_weights(zero)).all()
 
 

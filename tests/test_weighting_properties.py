@@ -67,9 +67,11 @@ def mgda_direction(J: np.ndarray, options: dict[str, Any]) -> np.ndarray:
 
 
 def mgda_kkt(J: np.ndarray, d: np.ndarray, w: np.ndarray | None, options: dict[str, Any]) -> float:
-    """d is the min-norm point of the hull iff it lies in it and g_k·d ≥ ‖d‖² for every k (the simplex KKT)."""
-    assert w is not None and np.all(w >= -1e-12) and abs(w.sum() - 1) < 1e-9
-    return max(0.0, float(d @ d - (J @ d).min())) / scale_of(J) ** 2
+    """d is the min-norm point of the hull iff it lies in it (w on the simplex) and g_k·d ≥ ‖d‖² for every k (the
+    simplex KKT): the largest violation, relative (the weights' own rounding counts against the dtype's tolerance)."""
+    assert w is not None
+    outside = max(abs(float(w.sum()) - 1), float(-w.min()))
+    return max(outside, float(d @ d - (J @ d).min()) / scale_of(J) ** 2)
 
 
 def cagrad_optimality(J: np.ndarray, d: np.ndarray, w: np.ndarray | None, options: dict[str, Any]) -> float:
@@ -99,7 +101,7 @@ def imtl_equal_projections(J: np.ndarray, d: np.ndarray, w: np.ndarray | None, o
 
 
 def aligned_mtl_direction(J: np.ndarray, options: dict[str, Any]) -> np.ndarray:
-    return J.T @ reference.aligned_mtl_weights(J, eps=options["eps"])
+    return J.T @ reference.aligned_mtl_weights(J, options["dtype"])
 
 
 def nash_mtl_direction(J: np.ndarray, options: dict[str, Any]) -> np.ndarray:
@@ -190,6 +192,9 @@ ROWS: dict[str, Row] = {
             # The authors' absolute 1e-8 regularisers (sqrt(mean G + 1e-8), sqrt(xᵀGx + 1e-8)) are not scaled with
             # J: invariance holds to ~1e-8/‖G‖, and not at all where xᵀGx → 0 (zero in the hull).
             scaling=Claim(families=frozenset(NON_STATIONARY), tolerance=1e-5),
+            # With zero in the hull and c < 1 the dual point g_x is zero and d = g0 + λ·g_x takes its direction from
+            # rounding, which another task order rounds otherwise.
+            permutation_invariant=Claim(families=frozenset(NON_STATIONARY)),
             # c ≥ 1 puts d = 0 in the ball: the optimum of min_k g_k·d is then ≥ 0 (TorchJD's CAGrad tests).
             non_conflicting=Claim(options={"c": 1.0}),
             # Ours is the authors' d (the mean's ball, ÷(1 + c²)) × K; TorchJD's the undivided mean-based one.
@@ -213,16 +218,20 @@ ROWS: dict[str, Row] = {
         Row(
             "imtl",
             reference=imtl_direction,
-            # With zero in the hull, equal projections force d = 0; G⁺'s least-squares answer is another point.
-            exact=Claim(families=frozenset(NON_STATIONARY)),
             optimality=imtl_equal_projections,
             optimal=Claim(families=frozenset({"typical", "norm_ratio", "duplicate_rows"})),
             torchjd=lambda K: torchjd_aggregation().IMTLG(),
-            torchjd_equal=Claim(families=frozenset(NON_STATIONARY), tolerance=1e-6),
+            # TorchJD's G⁺·‖g‖ is the authors' closed form where G is regular; on a singular G it is another point
+            # than ours (the least-‖ŵ‖ solution of the conditions, docs/algorithm.md), e.g. the rank-deficient
+            # non-weakly-stationary rows, where ours is d = 0 and TorchJD's projections are unequal.
+            torchjd_equal=Claim(families=frozenset({"typical", "norm_ratio", "duplicate_rows"}), tolerance=1e-6),
         ),
         Row(
             "aligned_mtl",
             reference=aligned_mtl_direction,
+            # Its rule reads λ_min(G), which G's rounding (ε·λ_max) fixes only to ε·κ(G) relative: at the norm
+            # ratio 10⁴ (κ ≈ 1e12) another order of the same tasks moves d by ~1e-4 (the same order is exact).
+            permutation_invariant=Claim(tolerance=1e-3),
             # TorchJD's preference vector is the mean (1/K each), the authors' and ours all ones.
             torchjd=lambda K: torchjd_aggregation().AlignedMTL(),
             torchjd_factor=lambda K, options: K,
@@ -263,6 +272,15 @@ def expect(request: pytest.FixtureRequest, name: str, prop: str, case: Case, dty
     reason = KNOWN_FAILURES.get(f"{prop}/{name}/{case.id}/{str(dtype).removeprefix('torch.')}")
     if reason is not None:
         request.applymarker(pytest.mark.xfail(strict=True, reason=reason))
+
+
+def allowed(claim: Claim | None, dtype: torch.dtype) -> float:
+    """The error a relational property (permutation, scaling, TorchJD) allows: the claim's own float64 tolerance
+    where the method's convention or conditioning limits it, else 100 × EXACT."""
+    assert claim is not None
+    if claim.tolerance is not None and dtype == torch.float64:
+        return max(claim.tolerance, 100 * EXACT[dtype])
+    return 100 * EXACT[dtype]
 
 
 def parameters(prop: str) -> list:
@@ -331,16 +349,18 @@ def test_one_task_steps_along_its_own_gradient(name, device, dtype):
 
 
 @functools.cache
-def _reference_direction(name: str, J_bytes: bytes, shape: tuple[int, int], device: str, eps: float) -> np.ndarray:
+def _reference_direction(name: str, J_bytes: bytes, shape: tuple[int, int], device: str, dtype: str) -> np.ndarray:
+    """The row's reference on J, for an input of ``dtype`` (whose epsilon a rank cut reads)."""
     J = np.frombuffer(J_bytes).reshape(shape).copy()
-    return ROWS[name].reference(J, {**ROWS[name].options, "device": device, "eps": eps})  # type: ignore[misc]
+    options = {**ROWS[name].options, "device": device, "dtype": np.dtype(dtype).type}
+    return ROWS[name].reference(J, options)  # type: ignore[misc]
 
 
 @pytest.mark.parametrize(("name", "case", "dtype"), parameters("exact"))
 def test_exact(name, case, dtype, device, request):
     expect(request, name, "exact", case, dtype)
     J, J64 = as_input(case, device, dtype)
-    expected = _reference_direction(name, J64.tobytes(), J64.shape, device, float(torch.finfo(dtype).eps))
+    expected = _reference_direction(name, J64.tobytes(), J64.shape, device, str(dtype).removeprefix("torch."))
     assert relative_error(run(name, J)[0], expected, J64, dtype) <= EXACT[dtype]
 
 
@@ -376,7 +396,7 @@ def test_permutation_invariant(name, case, dtype, device, request):
     J, J64 = as_input(case, device, dtype)
     permutation = torch.from_numpy(np.random.default_rng(case.seed).permutation(case.tasks)).to(device)
     d, permuted = run(name, J)[0], run(name, J[permutation].contiguous())[0]
-    assert relative_error(permuted, d, J64, dtype) <= 100 * EXACT[dtype]
+    assert relative_error(permuted, d, J64, dtype) <= allowed(ROWS[name].permutation_invariant, dtype)
 
 
 @pytest.mark.parametrize(("name", "case", "dtype"), parameters("scaling"))
@@ -386,10 +406,7 @@ def test_scaling(name, case, dtype, scale, device, request):
     J, J64 = as_input(case, device, dtype)
     d = run(name, J)[0] * scale ** ROWS[name].scale_exponent
     scaled = run(name, J * scale)[0]
-    claim = ROWS[name].scaling
-    assert claim is not None
-    tolerance = claim.tolerance if claim.tolerance is not None and dtype == torch.float64 else 100 * EXACT[dtype]
-    assert relative_error(scaled, d, J64, dtype) <= tolerance
+    assert relative_error(scaled, d, J64, dtype) <= allowed(ROWS[name].scaling, dtype)
 
 
 @pytest.mark.parametrize("name", sorted(ROWS))
@@ -415,5 +432,4 @@ def test_torchjd(name, case, dtype, request):
     assert row.torchjd is not None and row.torchjd_equal is not None
     J, J64 = as_input(case, "cpu", dtype)
     theirs = row.torchjd(case.tasks)(J).double().numpy() * row.torchjd_factor(case.tasks, row.options)
-    tolerance = row.torchjd_equal.tolerance if row.torchjd_equal.tolerance is not None else 100 * EXACT[dtype]
-    assert relative_error(run(name, J)[0], theirs, J64, dtype) <= max(tolerance, 100 * EXACT[dtype])
+    assert relative_error(run(name, J)[0], theirs, J64, dtype) <= allowed(row.torchjd_equal, dtype)

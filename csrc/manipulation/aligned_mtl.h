@@ -1,8 +1,10 @@
 // Aligned-MTL (Senushkin et al., "Independent Component Alignment for Multi-Task
 // Learning", CVPR 2023) as a weighting of the task gradients.
 //
-// With G = V·Λ·Vᵀ (eigenvalues λ_i, kept where λ_i > λ_max·K·ε_float32 as the
-// authors' ProcrustesSolver does), the aligned task gradients are
+// With G = V·Λ·Vᵀ (eigenvalues λ_i, kept where λ_i > λ_max·K·ε, ε the machine
+// epsilon of G's dtype, as the authors' ProcrustesSolver (ε of torch's default dtype,
+// their training's) and TorchJD's AlignedMTL (ε of G's dtype) do: the rank is cut
+// at the rounding of G's entries, not deeper), the aligned task gradients are
 //   Ĵ = W·J,  W = V·diag(sqrt(σ/λ_i))·Vᵀ,  σ = the smallest kept λ_i
 // (the authors' default scale_mode="min": the smallest singular value of J,
 // squared), so that Ĵ·Ĵᵀ = σ·I on the kept span: orthogonal aligned gradients of
@@ -12,9 +14,11 @@
 // torch.linalg.eigh would synchronise the host on CUDA. w = W·1 is computed as
 // V·(f(Λ)·(Vᵀ·1)) without forming V or W.
 // All eigenvalues dropped (G = 0, all gradients zero): w = 0.
+// In float32 the eigenvalues below λ_max·K·ε_float32 are below the rounding of G
+// itself and are lost: directions of the gradients with singular values below
+// sqrt(K·ε_float32)·σ_max (3.5e-4·σ_max at K = 1) get no weight, where float64
+// keeps them down to sqrt(K·ε_float64)·σ_max (1.5e-8·σ_max).
 #pragma once
-
-#include <cfloat>
 
 #include "eigh.h"
 
@@ -49,7 +53,8 @@ struct AlignedMTLWeights {
     const double* eigenvalues = e.diagonal;
     double largest = 0.0;
     for (int i = 0; i < K; ++i) largest = fmax(largest, eigenvalues[i]);
-    const double cutoff = largest * K * static_cast<double>(FLT_EPSILON);
+    constexpr double epsilon = input_epsilon<scalar_t>();
+    const double cutoff = largest * K * epsilon;
     double smallest = largest;
     for (int i = 0; i < K; ++i)
       if (eigenvalues[i] > cutoff) smallest = fmin(smallest, eigenvalues[i]);

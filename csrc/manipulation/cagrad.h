@@ -11,6 +11,15 @@
 // The 1e-8 regularisers are the authors'; they are kept so that the objective,
 // hence the weights, are theirs (the authors call scipy's SLSQP on it).
 //
+// The primal problem is max_d min_k g_k·d over the ball ‖d − g0‖ ≤ c·‖g0‖. For
+// c ≥ 1 the ball holds d = 0, whose worst improvement is 0; where zero lies in the
+// rows' convex hull, no d does better (x·J·d = 0 for the x with g_x = 0), so 0 is
+// the optimum there, while the dual formula's g_x is zero up to rounding (or up to
+// the 1e-8 regulariser) and its direction g_x/‖g_x‖ is noise: d = g0 + λ·g_x then
+// conflicts with some task. So for c ≥ 1 the weights are 0 unless the formula's d
+// improves every task by more than the rounding level of g_k·d (G known to the
+// input dtype's ε relative to ‖g_k‖·‖g_j‖): the better of the two feasible points.
+//
 // Solver: accelerated projected gradient (FISTA, Beck & Teboulle 2009) with a
 // backtracking estimate of the local Lipschitz constant and a restart whenever
 // the objective goes up (O'Donoghue & Candès 2015), from x = b; it stops when
@@ -143,8 +152,27 @@ struct CAGradWeights {
     matvec(team, G, x, Gv, K);
     const double lambda = radius / (sqrt(fmax(dot(x, Gv, K), 0.0)) + kEpsilon);
     const double scale = rescale == 1 ? 1.0 / (1.0 + c * c) : rescale == 2 ? 1.0 / (1.0 + c) : 1.0;
-    for (int i = team.rank(); i < K; i += team.size())
-      weights[i] = static_cast<scalar_t>((b + lambda * x[i]) * scale);
+    double* w = z;  // d's weights, before the rescale
+    for (int i = team.rank(); i < K; i += team.size()) w[i] = b + lambda * x[i];
+    team.sync();
+    if (c >= 1.0 && !improves_every_task(team, G, w, Gv)) fill(team, w, K, 0.0);
+    team.sync();
+    for (int i = team.rank(); i < K; i += team.size()) weights[i] = static_cast<scalar_t>(w[i] * scale);
+  }
+
+  // Whether d = wᵀ·J has g_k·d = (G·w)_k above its rounding level for every k,
+  // K·ε·‖g_k‖·Σ_j ‖g_j‖·|w_j| with ε the input dtype's. Uses `Gw` (K); syncs.
+  template <Team T>
+  SELGROUP_HD bool improves_every_task(const T& team, const double* G, const double* w, double* Gw) const {
+    matvec(team, G, w, Gw, K);
+    const double epsilon = input_epsilon<scalar_t>();
+    double weighted_norms = 0.0;  // Σ_j ‖g_j‖·|w_j|
+    for (int j = 0; j < K; ++j) weighted_norms += sqrt(fmax(G[j * K + j], 0.0)) * fabs(w[j]);
+    bool improves = true;
+    for (int k = 0; k < K; ++k)
+      improves = improves && Gw[k] > K * epsilon * sqrt(fmax(G[k * K + k], 0.0)) * weighted_norms;
+    team.sync();  // everyone has read Gw
+    return improves;
   }
 };
 

@@ -26,6 +26,7 @@
 // This header includes no torch header: the .cu files compile with plain nvcc.
 #pragma once
 
+#include <cfloat>
 #include <cmath>
 #include <cstdint>
 
@@ -38,6 +39,7 @@ namespace manipulation {
 // the device functions.
 using std::fabs;
 using std::fmax;
+using std::fmin;
 using std::isfinite;
 using std::log;
 using std::sqrt;
@@ -50,6 +52,13 @@ SELGROUP_HD_INLINE void fill(const T& team, double* x, int n, double value) {
 template <Team T, typename scalar_t>
 SELGROUP_HD_INLINE void store(const T& team, const double* x, int n, scalar_t* out) {
   for (int i = team.rank(); i < n; i += team.size()) out[i] = static_cast<scalar_t>(x[i]);
+}
+
+// The machine epsilon of the input dtype: G, and so any answer derived from it,
+// is known to this relative precision (scaled by the norms involved).
+template <typename scalar_t>
+SELGROUP_HD_INLINE constexpr double input_epsilon() {
+  return sizeof(scalar_t) == sizeof(float) ? static_cast<double>(FLT_EPSILON) : DBL_EPSILON;
 }
 
 // Loads G (row-major K×K, any float dtype) into `G` as doubles and handles the
@@ -134,65 +143,19 @@ SELGROUP_HD_INLINE double simplex_threshold(const double* v, int n) {
   return tau;
 }
 
-// Solves A·x = b in place (A row-major n×n, overwritten; b becomes x) by Gaussian
-// elimination with partial pivoting, rows of each elimination step split over
-// the team. A pivot below `1e-13 · max|A|` marks a singular direction: it is not
-// eliminated and its component of x is set to 0, which gives one solution of a
-// consistent singular system (a basic one, not the minimum-norm one).
+// Factors a symmetric A (row-major n×n) as L·Lᵀ in place (its lower triangle
+// becomes L), columns split over the team, and returns the smallest squared
+// pivot d_j met: A is positive definite (to rounding) iff it is positive. A
+// non-positive pivot is floored at 1e-300 so that the factor stays finite.
+// Redundant return on every worker; syncs.
 template <Team T>
-SELGROUP_HD void gauss_solve(const T& team, double* A, double* b, int n) {
-  double scale = 0.0;
-  for (int i = 0; i < n * n; ++i) scale = fmax(scale, fabs(A[i]));
-  const double tiny = 1e-13 * scale;
-  for (int c = 0; c < n; ++c) {
-    int pivot = c;
-    for (int r = c + 1; r < n; ++r)
-      if (fabs(A[r * n + c]) > fabs(A[pivot * n + c])) pivot = r;
-    team.sync();  // every worker has found the pivot before rows move
-    if (pivot != c) {
-      for (int j = team.rank(); j < n; j += team.size()) {
-        const double t = A[c * n + j];
-        A[c * n + j] = A[pivot * n + j];
-        A[pivot * n + j] = t;
-      }
-      if (team.rank() == 0) {
-        const double t = b[c];
-        b[c] = b[pivot];
-        b[pivot] = t;
-      }
-      team.sync();
-    }
-    const double diagonal = A[c * n + c];
-    if (fabs(diagonal) > tiny) {
-      for (int r = c + 1 + team.rank(); r < n; r += team.size()) {
-        const double factor = A[r * n + c] / diagonal;
-        for (int j = c; j < n; ++j) A[r * n + j] -= factor * A[c * n + j];
-        b[r] -= factor * b[c];
-      }
-    }
-    team.sync();
-  }
-  if (team.rank() == 0) {
-    for (int r = n - 1; r >= 0; --r) {
-      double sum = b[r];
-      for (int j = r + 1; j < n; ++j) sum -= A[r * n + j] * b[j];
-      b[r] = fabs(A[r * n + r]) > tiny ? sum / A[r * n + r] : 0.0;
-    }
-  }
-  team.sync();
-}
-
-// Solves A·x = b in place for a symmetric positive definite A (row-major n×n,
-// its lower triangle overwritten by the Cholesky factor; b becomes x). Columns of
-// the factor are split over the team.
-template <Team T>
-SELGROUP_HD void cholesky_solve(const T& team, double* A, double* b, int n) {
+SELGROUP_HD double cholesky_factor(const T& team, double* A, int n) {
+  double smallest_pivot = INFINITY;
   for (int j = 0; j < n; ++j) {
-    double diagonal = A[j * n + j];
-    for (int k = 0; k < j; ++k) diagonal -= A[j * n + k] * A[j * n + k];
-    // Positive in exact arithmetic (the callers add a positive diagonal); the
-    // floor keeps rounding from producing a NaN.
-    diagonal = sqrt(fmax(diagonal, 1e-300));
+    double pivot = A[j * n + j];
+    for (int k = 0; k < j; ++k) pivot -= A[j * n + k] * A[j * n + k];
+    smallest_pivot = fmin(smallest_pivot, pivot);
+    const double diagonal = sqrt(fmax(pivot, 1e-300));
     team.sync();  // everyone has read row j before it is rewritten
     for (int i = j + 1 + team.rank(); i < n; i += team.size()) {
       double sum = A[i * n + j];
@@ -202,16 +165,22 @@ SELGROUP_HD void cholesky_solve(const T& team, double* A, double* b, int n) {
     if (team.rank() == 0) A[j * n + j] = diagonal;
     team.sync();
   }
+  return smallest_pivot;
+}
+
+// Solves L·Lᵀ·x = b in place (b becomes x) with the factor of cholesky_factor. Syncs.
+template <Team T>
+SELGROUP_HD void cholesky_solve(const T& team, const double* L, double* b, int n) {
   if (team.rank() == 0) {
     for (int i = 0; i < n; ++i) {  // L·y = b
       double sum = b[i];
-      for (int k = 0; k < i; ++k) sum -= A[i * n + k] * b[k];
-      b[i] = sum / A[i * n + i];
+      for (int k = 0; k < i; ++k) sum -= L[i * n + k] * b[k];
+      b[i] = sum / L[i * n + i];
     }
     for (int i = n - 1; i >= 0; --i) {  // Lᵀ·x = y
       double sum = b[i];
-      for (int k = i + 1; k < n; ++k) sum -= A[k * n + i] * b[k];
-      b[i] = sum / A[i * n + i];
+      for (int k = i + 1; k < n; ++k) sum -= L[k * n + i] * b[k];
+      b[i] = sum / L[i * n + i];
     }
   }
   team.sync();

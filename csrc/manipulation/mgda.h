@@ -1,38 +1,47 @@
 // MGDA-UB (Sener & Koltun, "Multi-Task Learning as Multi-Objective Optimization",
 // NeurIPS 2018): the min-norm point of the convex hull of the task gradients,
 //   w = argmin_{w ∈ simplex} wᵀ·G·w,   d = wᵀ·J,
-// by the authors' Frank-Wolfe solver (MinNormSolver.find_min_norm_element_FW):
-//   1. the start is the best pair: the 2-task closed form on every pair (i, j),
-//      the pair of least norm wins (first pair on ties, pairs in order i < j);
-//      with K = 2 this is the answer;
-//   2. each step moves towards the vertex t = argmin_k (G·w)_k with the exact
-//      line search of the 2-point problem between w and e_t;
-//   3. it stops when ‖w_new − w‖₁ < tol or after max_iter steps.
-// One deliberate difference: the authors' 2-point solver returns 0.999 / 0.001
-// instead of 1 / 0 when an end point is the minimum; that perturbs an optimal w by
-// 1e-3 at every step, so their loop never meets its own stop criterion. Here the
-// line search is exact (1 / 0), and the solver stops at the optimum.
+// solved exactly by Wolfe's minimum-norm-point algorithm (P. Wolfe, "Finding the
+// nearest point in a polytope", Mathematical Programming 11, 1976), an active-set
+// method on the simplex, written on G:
+//   * the corral S: tasks whose gradients are affinely independent; w > 0 on S, 0 off S;
+//     it starts as the task of least norm (the first on ties);
+//   * major step: t = argmin_k (G·w)_k; w is optimal when wᵀ·G·w − (G·w)_t ≤ 0 (the
+//     simplex KKT conditions: (G·w)_k ≥ wᵀ·G·w for every k, equality on S); else t joins S;
+//   * minor steps: y = the affine minimiser of S (argmin yᵀ·G_S·y subject to Σ y = 1);
+//     if y > 0 it is the new w; else w moves towards y until a coefficient reaches 0,
+//     whose task leaves S, and the minor step repeats.
+// The objective falls at every major step, so no corral repeats: it ends with the
+// exact minimiser of the final corral (up to rounding), in about |support| major
+// steps, where the authors' Frank-Wolfe (MinNormSolver) converges sublinearly and
+// stops early on badly scaled tasks.
+//
+// The affine minimiser: with M = c·1·1ᵀ + G_S, the KKT system G_S·y = λ·1, 1ᵀ·y = 1
+// reads M·y = (c + λ)·1, so y = M⁻¹·1 / (1ᵀ·M⁻¹·1). M is positive definite when S's
+// gradients are affinely independent (even when 0 lies in their affine hull and G_S
+// is singular). It is kept as its Cholesky factor M = Rᵀ·R (R upper triangular),
+// with z = R⁻ᵀ·1: a task joining S appends a column to R and an entry to z
+// (O(|S|²)), a task leaving S deletes its column and restores R by Givens rotations,
+// applied to z too (O(|S|²)); a minor step is one back substitution y ∝ R⁻¹·z.
+// c = ‖g‖² of the start task (1 when that is 0): the problem's scale where it starts.
+// Cholesky is backward stable, so y is exact for a G_S perturbed by rounding of
+// order ε·(‖G_S‖ + c), the size of G's own rounding.
+//
+// Stops (every one of them a point of the hull; the first is the optimum):
+//   * gap = wᵀ·G·w − (G·w)_t ≤ (tol + K·ε)·m·(m + ‖g_t‖), m = Σ_k w_k·‖g_k‖: the gap
+//     is below tol plus the rounding error of computing it from G (ε = double's);
+//   * t is in S already, or wᵀ·G·w did not fall over the last major step, or t's
+//     pivot in R is below K·ε·(c + ‖g_t‖²) (t affinely dependent on S in double):
+//     rounding, not the method, stops the descent there;
+//   * max_iter major steps.
 #pragma once
+
+#include <cfloat>
 
 #include "common.h"
 
 namespace selgroup {
 namespace manipulation {
-
-// argmin over γ ∈ [0, 1] of ‖γ·v1 + (1 − γ)·v2‖² from the three inner products;
-// writes γ and the minimal squared norm.
-SELGROUP_HD_INLINE void min_norm_of_two(double v1v1, double v1v2, double v2v2, double* gamma, double* cost) {
-  if (v1v2 >= v1v1) {
-    *gamma = 1.0;
-    *cost = v1v1;
-  } else if (v1v2 >= v2v2) {
-    *gamma = 0.0;
-    *cost = v2v2;
-  } else {
-    *gamma = (v2v2 - v1v2) / (v1v1 + v2v2 - 2.0 * v1v2);
-    *cost = v2v2 + *gamma * (v1v2 - v2v2);
-  }
-}
 
 template <typename scalar_t>
 struct MGDAWeights {
@@ -43,59 +52,160 @@ struct MGDAWeights {
   double tol;
 
   struct Scratch {
-    double* flag;
-    double* G;
-    double* w;
-    double* Gw;
+    double* flag;   // load_gram's flag, then t's pivot (rank 0 writes it, every worker reads it)
+    double* G;      // K×K
+    double* R;      // K×K, the upper triangle of the first |S| rows and columns: M = Rᵀ·R
+    double* z;      // R⁻ᵀ·1
+    double* y;      // the affine minimiser of S
+    double* alpha;  // w on S, in S's order
+    double* w;      // K
+    double* Gw;     // K
+    int* corral;    // S: task indices
   };
   SELGROUP_HD Scratch carve(WorkspaceLayout& layout) const {
-    return {layout.take<double>(1), layout.take<double>(K * K), layout.take<double>(K), layout.take<double>(K)};
+    return {layout.take<double>(1), layout.take<double>(K * K), layout.take<double>(K * K),
+            layout.take<double>(K),  layout.take<double>(K),     layout.take<double>(K),
+            layout.take<double>(K),  layout.take<double>(K),     layout.take<int>(K)};
   }
 
   template <Team T>
   SELGROUP_HD void operator()(const T& team, const Scratch& s) const {
-    double* G = s.G;
-    double* w = s.w;
-    double* Gw = s.Gw;
-    if (!load_gram(team, gram, K, G, s.flag, weights)) return;
+    const double* G = s.G;
+    if (!load_gram(team, gram, K, s.G, s.flag, weights)) return;
 
-    // Best pair, computed redundantly by every worker (K²/2 closed forms).
-    int best_i = 0, best_j = 1;
-    double best_gamma = 0.0, best_cost = 0.0;
-    bool first = true;
-    for (int i = 0; i < K; ++i) {
-      for (int j = i + 1; j < K; ++j) {
-        double gamma, cost;
-        min_norm_of_two(G[i * K + i], G[i * K + j], G[j * K + j], &gamma, &cost);
-        if (first || cost < best_cost) {
-          best_i = i, best_j = j, best_gamma = gamma, best_cost = cost;
-          first = false;
-        }
-      }
-    }
-    fill(team, w, K, 0.0);
-    team.sync();
+    int start = 0;
+    for (int k = 1; k < K; ++k)
+      if (G[k * K + k] < G[start * K + start]) start = k;
+    const double c = G[start * K + start] > 0.0 ? G[start * K + start] : 1.0;
+    int size = 1;  // |S|, kept by every worker
     if (team.rank() == 0) {
-      w[best_i] = best_gamma;
-      w[best_j] = 1.0 - best_gamma;
+      s.corral[0] = start;
+      s.alpha[0] = 1.0;
+      s.R[0] = sqrt(c + G[start * K + start]);
+      s.z[0] = 1.0 / s.R[0];
     }
+    fill(team, s.w, K, 0.0);
+    team.sync();
+    if (team.rank() == 0) s.w[start] = 1.0;
     team.sync();
 
-    for (int iteration = 0; K > 2 && iteration < max_iter; ++iteration) {
-      matvec(team, G, w, Gw, K);
+    double previous = INFINITY;
+    for (int step = 0; step < max_iter; ++step) {
+      matvec(team, G, s.w, s.Gw, K);
+      double value = 0.0, mass = 0.0;
+      for (int i = 0; i < size; ++i) {
+        value += s.alpha[i] * s.Gw[s.corral[i]];
+        mass += s.alpha[i] * sqrt(fmax(G[s.corral[i] * (K + 1)], 0.0));
+      }
       int t = 0;
       for (int k = 1; k < K; ++k)
-        if (Gw[k] < Gw[t]) t = k;
-      double gamma, cost;
-      min_norm_of_two(dot(w, Gw, K), Gw[t], G[t * K + t], &gamma, &cost);
-      double change = 0.0;  // ‖γ·w + (1 − γ)·e_t − w‖₁
-      for (int k = 0; k < K; ++k) change += fabs((gamma - 1.0) * w[k] + (k == t ? 1.0 - gamma : 0.0));
-      team.sync();  // everyone has read w before it moves
-      for (int k = team.rank(); k < K; k += team.size()) w[k] = gamma * w[k] + (k == t ? 1.0 - gamma : 0.0);
+        if (s.Gw[k] < s.Gw[t]) t = k;
+      const double gap = value - s.Gw[t];
+      const double noise = (tol + K * DBL_EPSILON) * mass * (mass + sqrt(fmax(G[t * K + t], 0.0)));
+      if (!(gap > noise) || !(value < previous) || in_corral(s.corral, size, t)) break;
+      previous = value;
+
+      team.sync();  // everyone has read S before rank 0 extends it
+      if (team.rank() == 0) *s.flag = append_column(s, size, t, c);
       team.sync();
-      if (change < tol) break;
+      if (!(*s.flag > K * DBL_EPSILON * (c + G[t * K + t]))) break;
+      ++size;
+
+      while (true) {
+        if (team.rank() == 0) affine_minimiser(s, size);
+        team.sync();
+        int leaving = -1;  // the first task to reach 0 on the way from w to y
+        double theta = 1.0;
+        for (int i = 0; i < size; ++i) {
+          if (s.y[i] > 0.0) continue;
+          const double ratio = s.alpha[i] > s.y[i] ? s.alpha[i] / (s.alpha[i] - s.y[i]) : 0.0;
+          if (leaving < 0 || ratio < theta) leaving = i, theta = ratio;
+        }
+        team.sync();  // everyone has read α and y
+        for (int i = team.rank(); i < size; i += team.size())
+          s.alpha[i] = i == leaving ? 0.0 : fmax((1.0 - theta) * s.alpha[i] + theta * s.y[i], 0.0);
+        team.sync();
+        if (leaving < 0) break;
+        if (team.rank() == 0) remove_from_corral(s, size, leaving);
+        team.sync();
+        --size;
+      }
+
+      fill(team, s.w, K, 0.0);
+      team.sync();
+      for (int i = team.rank(); i < size; i += team.size()) s.w[s.corral[i]] = s.alpha[i];
+      team.sync();
     }
-    store(team, w, K, weights);
+    store(team, s.w, K, weights);
+  }
+
+ private:
+  SELGROUP_HD_INLINE static bool in_corral(const int* corral, int size, int task) {
+    for (int i = 0; i < size; ++i)
+      if (corral[i] == task) return true;
+    return false;
+  }
+
+  // Appends task t to S's factor: column `size` of R solves Rᵀ·r = (c + G[S_i, t])_i,
+  // and its pivot is sqrt(c + G_tt − rᵀ·r); extends z. Returns the squared pivot
+  // (the caller adds t to S only when it is safely positive). Rank 0 only.
+  SELGROUP_HD double append_column(const Scratch& s, int size, int t, double c) const {
+    double* R = s.R;
+    double squared_norm = 0.0, r_dot_z = 0.0;
+    for (int i = 0; i < size; ++i) {
+      double sum = c + s.G[s.corral[i] * K + t];
+      for (int k = 0; k < i; ++k) sum -= R[k * K + i] * R[k * K + size];
+      const double r = sum / R[i * K + i];
+      R[i * K + size] = r;
+      squared_norm += r * r;
+      r_dot_z += r * s.z[i];
+    }
+    const double squared_pivot = c + s.G[t * K + t] - squared_norm;
+    const double pivot = sqrt(fmax(squared_pivot, 0.0));
+    R[size * K + size] = pivot;
+    s.z[size] = (1.0 - r_dot_z) / pivot;
+    s.corral[size] = t;
+    s.alpha[size] = 0.0;
+    return squared_pivot;
+  }
+
+  // y = R⁻¹·z / Σ(R⁻¹·z), the affine minimiser of S (M⁻¹·1 normalised). Rank 0 only.
+  SELGROUP_HD void affine_minimiser(const Scratch& s, int size) const {
+    const double* R = s.R;
+    double total = 0.0;
+    for (int i = size - 1; i >= 0; --i) {
+      double sum = s.z[i];
+      for (int k = i + 1; k < size; ++k) sum -= R[i * K + k] * s.y[k];
+      s.y[i] = sum / R[i * K + i];
+      total += s.y[i];
+    }
+    for (int i = 0; i < size; ++i) s.y[i] /= total;
+  }
+
+  // Removes S's entry `leaving`: its column of R goes, the columns after it shift left,
+  // and Givens rotations of rows (j, j + 1) zero the subdiagonal this leaves, applied
+  // to z as well (if R_delᵀ·z = 1 then (Q·R_del)ᵀ·(Q·z) = 1; Q·R_del's last row is 0,
+  // so z's last entry is dropped). Rank 0 only.
+  SELGROUP_HD void remove_from_corral(const Scratch& s, int size, int leaving) const {
+    double* R = s.R;
+    for (int j = leaving; j + 1 < size; ++j) {
+      for (int i = 0; i <= j + 1; ++i) R[i * K + j] = R[i * K + j + 1];
+      s.corral[j] = s.corral[j + 1];
+      s.alpha[j] = s.alpha[j + 1];
+    }
+    for (int j = leaving; j + 1 < size; ++j) {
+      const double a = R[j * K + j], b = R[(j + 1) * K + j];
+      const double radius = sqrt(a * a + b * b);  // >= b, the old pivot of row j + 1: > 0
+      const double cosine = a / radius, sine = b / radius;
+      for (int k = j; k + 1 < size; ++k) {
+        const double upper = R[j * K + k], lower = R[(j + 1) * K + k];
+        R[j * K + k] = cosine * upper + sine * lower;
+        R[(j + 1) * K + k] = cosine * lower - sine * upper;
+      }
+      const double upper = s.z[j], lower = s.z[j + 1];
+      s.z[j] = cosine * upper + sine * lower;
+      s.z[j + 1] = cosine * lower - sine * upper;
+    }
   }
 };
 

@@ -23,6 +23,11 @@ class AlignedMTL(Weighting):
 
     Convention: the authors' (equal preferences, scaling by the smallest singular
     value of the task-gradient matrix); the heads get ``∇ Σ_k L_k``. No options.
+    The direction is the SUM of the aligned gradients: K times TorchJD's ``AlignedMTL``
+    (whose default preference vector is the mean, 1/K). The rank is cut at
+    ``λ_max·K·ε`` with ε the epsilon of the gradients' dtype (as the authors and TorchJD):
+    in float32 the directions with singular values below about ``sqrt(K·ε)·σ_max`` are
+    lost in the rounding of G and get no weight.
 
     Example::
 

@@ -26,7 +26,12 @@ class CAGrad(Weighting):
     Convention: the authors' code multiplies ``d`` by K "to match the sum loss"
     before writing it into the shared gradients, and so do we: with ``c = 0``
     CAGrad is exactly GD on ``Σ_k L_k``. ``aggregate`` returns this same K-scaled
-    vector. The heads get ``∇ Σ_k L_k``.
+    vector. The heads get ``∇ Σ_k L_k``. Relative to TorchJD 0.18's ``CAGrad(c)`` (the
+    mean-based ``g0 + c‖g0‖/‖g_w‖ · g_w``, no rescale) our update is ``K/(1+c²)`` times
+    theirs with the default ``rescale=1`` (``K`` with ``rescale=0``).
+
+    For ``c ≥ 1`` the update is 0 where zero lies in the task gradients' convex hull
+    (CAGrad's optimum there: no update improves every task), see ``ops.cagrad_weights``.
 
     Options: those of :func:`selgroup_fast.ops.cagrad_weights` (``c``, ``rescale``,
     ``max_iter``, ``tol``; the authors' names and defaults).

@@ -29,6 +29,7 @@ from ..parallel import (
     FSDP2Shards,
     TaskParams,
     as_parameter_list,
+    compiled_backwards,
     graph_parameters,
     graph_reaches,
     graph_separates,
@@ -437,21 +438,15 @@ class GradientMethod(MultiTaskMethod):
         return shards.reduce_scatter(grads).div_(shards.world)
 
     def _parameter_jacobian(self, losses: list[torch.Tensor]) -> torch.Tensor:
-        """J of this rank's losses w.r.t. the shared parameters; a compiled backward that cannot be retained is named."""
+        """J of this rank's losses w.r.t. the shared parameters."""
         self._check_graph(losses)
-        try:
-            return self._jacobian.compute(losses, retain_graph=bool(self._task_params))
-        except RuntimeError as error:
-            if "donated buffers" not in str(error):
-                raise
-            raise RuntimeError(
-                f"{self.name} back-propagates each task's loss through the same graph, but the model's backward "
-                "was compiled with donated buffers before this method first ran it: compile it under "
-                "torch._functorch.config.patch(donated_buffer=False), or call torch._dynamo.reset() first"
-            ) from error
+        return self._jacobian.compute(losses, retain_graph=bool(self._task_params))
 
     def _check_graph(self, losses: list[torch.Tensor], features: Sequence[torch.Tensor] = ()) -> None:
-        """Once, on the host: whether a compiled region makes the losses (then K ordinary backwards); features the losses do not reach raise."""
+        """On the host: once, whether a compiled region makes the losses (then K ordinary backwards) and features the
+        losses do not reach (raise); on a compiled model every step, that its backward may be retained."""
+        if self._compiled:  # every step: the graph may run other compiled code than the last step's
+            self._check_retainable(losses, features)
         if self._graph_checked:
             return
         self._compiled = graph_parameters(losses)[1]
@@ -467,6 +462,35 @@ class GradientMethod(MultiTaskMethod):
                     "the encoder and the heads separately)"
                 )
         self._graph_checked = all(feature.requires_grad for feature in features)  # checked again after an error
+        if self._compiled:
+            self._check_retainable(losses, features)
+
+    def _check_retainable(self, losses: list[torch.Tensor], features: Sequence[torch.Tensor]) -> None:
+        """Raises where a compiled region that this step back-propagates several times cannot be (README "torch.compile").
+
+        A backward compiled with donated buffers overwrites the tensors the forward saved: the next
+        task's backward through the same graph would silently read them (torch's own check is off
+        inside :func:`retainable_compiled_graphs`). Torch.compile shares compiled code between
+        instances of a model class (and, through its caches, across ``torch.compiler.reset()``),
+        so a region trained before with one backward per step (GD, the selective update, a
+        loss-weighting method, the user's loop) arrives here with such a backward. A backward
+        compiled in this step must not come from Inductor's FX graph cache, whose key does not
+        tell donated buffers apart: an environment variable that forces it on is refused.
+        """
+        regions = compiled_backwards(losses, features)
+        if any(donates for _, donates in regions):
+            raise RuntimeError(
+                f"{self.name} back-propagates each task's loss through the compiled model's graph, but its backward "
+                "was compiled earlier in this process for one backward per step (with donated buffers: by another "
+                "method or training loop, maybe on another instance of the same model class, whose compiled code "
+                f"torch.compile reuses): call torch.compiler.reset() before training with {self.name}"
+            )
+        if not all(compiled for compiled, _ in regions) and torch._inductor.config.fx_graph_cache:
+            raise RuntimeError(
+                f"{self.name} compiles the model's backward with Inductor's FX graph cache off (the cache can hand "
+                "back a backward compiled with donated buffers, wrong here), but the environment variable "
+                "TORCHINDUCTOR_FX_GRAPH_CACHE forces it on: unset it"
+            )
 
     @staticmethod
     def _weighted_total(losses: list[torch.Tensor], weights: torch.Tensor | None) -> torch.Tensor:
@@ -506,14 +530,20 @@ class GradientMethod(MultiTaskMethod):
 def retainable_compiled_graphs() -> Iterator[None]:
     """Makes what ``torch.compile`` compiles inside it safe to back-propagate several times.
 
-    The gradient methods back-propagate each task's loss through one graph (``retain_graph``).
-    AOTAutograd refuses that for a backward compiled with donated buffers (saved tensors
-    its code may overwrite), so they are turned off; and Inductor's FX graph cache would
-    hand back a backward compiled earlier WITH donated buffers (its key does not tell them
-    apart, torch 2.14): it overwrites the saved tensors without the refusal, and the next
-    task's gradient is silently wrong (tested in tests/test_scaling.py with Inductor). Both
-    are configuration patches, in force while the step runs (compilation is lazy: the
-    backward is compiled at its first call).
+    The gradient methods back-propagate each task's loss through one graph (``retain_graph``),
+    which a backward compiled with donated buffers (saved tensors its code may overwrite)
+    does not allow: they are turned off, so that no backward compiled here donates, whether
+    its first call retains the graph or not. Inductor's FX graph cache, local and remote,
+    is off too: it would hand back a backward compiled earlier WITH donated buffers (its key
+    does not tell them apart, torch 2.14), and every task gradient after the first would be
+    silently wrong (tested in tests/test_scaling.py with Inductor); AOTAutograd's cache, which
+    needs it, is then off as well. These patches reach only what is compiled while the step
+    runs (the forward in the closure; the backward, at its first call): code compiled before
+    is checked by :meth:`GradientMethod._check_retainable`, which also refuses an environment
+    variable that forces the FX graph cache on (a patch cannot turn it off).
     """
-    with torch._functorch.config.patch(donated_buffer=False), torch._inductor.config.patch(fx_graph_cache=False):
+    with (
+        torch._functorch.config.patch(donated_buffer=False),
+        torch._inductor.config.patch(fx_graph_cache=False, fx_graph_remote_cache=False),
+    ):
         yield

@@ -17,7 +17,8 @@ class IMTL(Weighting):
     Closed form: with ``u_k = g_k / ‖g_k‖``, ``D = [g_1 - g_k]_{k>1}``,
     ``U = [u_1 - u_k]_{k>1}``, ``α_{2..K} = g_1 Uᵀ (D Uᵀ)⁻¹`` and ``α_1 = 1 - Σ α_{2..K}``;
     ``d = Σ_k α_k g_k``. The fused op ``ops.imtl_weights`` computes α from the Gram
-    matrix alone (a (K-1)×(K-1) solve).
+    matrix alone, without an anchor task: on linearly dependent gradients it takes the
+    least-norm (pseudo-inverse) solution, which does not depend on the task order.
 
     Convention: the weights sum to 1 (a scaled mean, as in the paper and the
     Nash-MTL benchmark code). As there, the training loss is ``Σ_k α_k L_k``, so the

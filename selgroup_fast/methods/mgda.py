@@ -17,8 +17,9 @@ class MGDA(Weighting):
 
     O. Sener, V. Koltun, "Multi-Task Learning as Multi-Objective Optimization",
     NeurIPS 2018 (arXiv 1810.04650); authors' code ``intel-isl/MultiObjectiveOptimization``
-    (``MinNormSolver``: the 2-task closed form, the best-pair start, Frank-Wolfe with
-    its line search), which the fused op ``ops.mgda_weights`` runs on the device.
+    (``MinNormSolver``: Frank-Wolfe from the best pair). The fused op ``ops.mgda_weights``
+    solves the same problem on the device by Wolfe's active-set method, exactly up to the
+    rounding of G, where Frank-Wolfe stops early on badly scaled tasks.
 
     Convention (the authors'): the weights lie on the simplex (sum 1) and the
     training loss is ``Σ_k w_k L_k``, so the heads get ``w_k ∇L_k`` too. Gradient

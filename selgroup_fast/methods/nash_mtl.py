@@ -15,12 +15,20 @@ def clip_weights(weights: torch.Tensor, gram: torch.Tensor, max_norm: float) -> 
     """Scales ``w`` so that ``‖wᵀJ‖ = sqrt(wᵀGw)`` is at most ``max_norm`` (no-op when ``max_norm <= 0``).
 
     The factor is ``torch.nn.utils.clip_grad_norm_``'s, ``min(1, max_norm / (‖d‖ + 1e-6))``,
-    computed on the device (no host branch on the norm).
+    computed on the device (no host branch on the norm). ``‖d‖ = m·sqrt(ŵᵀGŵ)`` with
+    ``m = max|w|`` and ``ŵ = w/m``, and the factor as ``(max_norm/m) / (sqrt(ŵᵀGŵ) + 1e-6/m)``:
+    no intermediate overflows however large w is (``wᵀGw`` itself would), and a
+    quadratic form that rounding makes negative counts as 0.
+
+    >>> clip_weights(torch.tensor([3e30, 4e30]), torch.eye(2), 1.0)   # ‖d‖ = 5e30, clipped to 1
+    tensor([0.6000, 0.8000])
     """
     if max_norm <= 0:
         return weights
-    norm = (weights @ gram @ weights).clamp_min(0).sqrt()
-    return weights * (max_norm / (norm + 1e-6)).clamp(max=1.0)
+    largest = weights.abs().amax().clamp_min(torch.finfo(weights.dtype).tiny)
+    unit = weights / largest
+    unit_norm = (unit @ gram @ unit).clamp_min(0).sqrt()
+    return weights * ((max_norm / largest) / (unit_norm + 1e-6 / largest)).clamp(max=1.0)
 
 
 class NashMTL(Weighting):

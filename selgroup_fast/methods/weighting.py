@@ -47,6 +47,10 @@ def validated_op_options(op: Callable[..., torch.Tensor], *args: torch.Tensor, *
     return options
 
 
+# The methods of an aggregator that compute a result (see Aggregator.__init_subclass__).
+_RESULT_METHODS = ("combine", "combine_columns", "weights", "direction_weights")
+
+
 class Aggregator(SavedState, abc.ABC):
     """One gradient method's options and state: maps J (K×N) to the update direction (an N-vector).
 
@@ -55,7 +59,19 @@ class Aggregator(SavedState, abc.ABC):
         device, dtype: where the method's state lives (the shared parameters').
 
     Subclasses implement :meth:`combine`; :meth:`__call__` returns its direction.
+
+    Not differentiable, as TorchJD's aggregators: the solvers (the fused ops) have no
+    backward, so a result that required grad would back-propagate wrong gradients
+    silently (the weights taken as constants; GradDrop's ``J.grad`` left ``None``).
+    Every result (the direction, the weights) is computed under ``torch.no_grad`` and
+    does not require grad, whatever the input: a backward through it raises.
     """
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for name in _RESULT_METHODS:
+            if name in vars(cls):
+                setattr(cls, name, torch.no_grad()(vars(cls)[name]))
 
     #: The registry name of the method.
     name: ClassVar[str] = ""
