@@ -134,7 +134,8 @@ def properties_holding(name: str, cases: list[Case]) -> str:
                 ok &= bool(((J64 @ d)[norms > 0] / (norms[norms > 0] * np.linalg.norm(d))).min() >= -1e-9)
             elif label == "permutation-invariant":
                 permuted = harness.run(name, J[np.random.default_rng(0).permutation(case.tasks)].contiguous())[0]
-                ok &= harness.relative_error(permuted, d, J64, torch.float64) <= 1e-7
+                tolerance = harness.allowed(name, claim, J64, d, torch.float64, 100 * harness.EXACT[torch.float64])
+                ok &= harness.relative_error(permuted, d, J64, torch.float64) <= tolerance
             elif label == "optimal":
                 assert row.optimality is not None
                 ok &= row.optimality(J64, d, w, row.options) <= 1e-7
@@ -168,11 +169,12 @@ def main() -> None:
         f"seeds 0..{args.seeds - 1}, the worst kept",
         "- exact reference: tests/manipulation_reference.py (see the harness, docs/algorithm.md §Property harness); "
         "`cos`: worst cosine to it, `err`: worst ‖d − d*‖/‖d*‖; CAGrad: its primal optimality residual "
-        "(the gap to Clarabel's optimum over the smallest task's scale, and the distance outside the ball)",
+        "(the gap to Clarabel's optimum over the smallest task's scale, and the distance outside the ball); "
+        "MGDA and Aligned-MTL at large s: within the error G's rounding allows (K·ε·(max‖g‖/‖d*‖)², K·ε·κ(G); "
+        "the harness's `conditioning`)",
         "- TorchJD 0.18 run directly, scaled by our convention's constant (CAGrad K/(1+c²), Aligned-MTL K); "
         "LibMTL's rule re-derived in float64; `n/a`: the method claims nothing there (no Nash-MTL solution with "
-        "zero in the hull, IMTL-G's equal projections force d = 0 there while G⁺ answers another point, PCGrad's "
-        "rule is discontinuous on opposite rank-1 pairs)",
+        "zero in the hull, PCGrad's rule is discontinuous on opposite rank-1 pairs)",
         "",
     ]
     for title, groups in (

@@ -252,7 +252,7 @@ def min_norm_point(jacobian: np.ndarray) -> np.ndarray:
     Clarabel solves min ‖Jᵀw‖ over the simplex (the norm, not its square: the solver sees the rows' scale, not
     its square); the answer is then polished on its support S, where the KKT conditions are the linear system
     G_SS w_S = μ·1, Σ w_S = 1 (least squares: G_SS may be singular, d is not). The polished point is kept when
-    it is feasible and at least as short.
+    it is feasible and violates the KKT conditions g_k·d ≥ ‖d‖² no more (their lengths agree to rounding).
     """
     import cvxpy as cp
 
@@ -274,7 +274,11 @@ def min_norm_point(jacobian: np.ndarray) -> np.ndarray:
         polished = np.zeros(K)
         polished[support] = solution[:size]
         direction = grads.T @ polished
-        if direction @ direction <= best @ best:
+
+        def violation(d: np.ndarray) -> float:  # of the simplex KKT conditions g_k·d ≥ ‖d‖²
+            return max(0.0, float(d @ d - (grads @ d).min()))
+
+        if violation(direction) <= violation(best):
             best = direction
     return best
 
