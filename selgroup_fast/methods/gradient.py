@@ -1,6 +1,6 @@
 """The one training step of every gradient method (PCGrad, CAGrad, MGDA, GradDrop, IMTL-G, Aligned-MTL, Nash-MTL).
 
-Scaling out (README "Scaling out"): under ``torch.compile`` the step runs with
+Scaling out (docs/scaling.md): under ``torch.compile`` the step runs with
 ``torch._functorch.config.donated_buffer`` and Inductor's FX graph cache off
 (:func:`retainable_compiled_graphs`: the per-task backwards retain the graph), and the
 heads' gradients come from the same K backwards as J (a compiled backward computes them anyway);
@@ -466,7 +466,7 @@ class GradientMethod(MultiTaskMethod):
             self._check_retainable(losses, features)
 
     def _check_retainable(self, losses: list[torch.Tensor], features: Sequence[torch.Tensor]) -> None:
-        """Raises where a compiled region that this step back-propagates several times cannot be (README "torch.compile").
+        """Raises where a compiled region that this step back-propagates several times cannot be (docs/scaling.md, "torch.compile").
 
         A backward compiled with donated buffers overwrites the tensors the forward saved: the next
         task's backward through the same graph would silently read them (torch's own check is off

@@ -56,7 +56,8 @@ class Aggregator(SavedState, abc.ABC):
 
     Args:
         num_tasks: K.
-        device, dtype: where the method's state lives (the shared parameters').
+        device: where the method's state lives (the shared parameters').
+        dtype: the dtype of its state (the shared parameters').
 
     Subclasses implement :meth:`combine`; :meth:`__call__` returns its direction.
 

@@ -218,7 +218,7 @@ def _build_method(
     shared_parameters = getattr(model, "shared_parameters", None)
     shared = shared_parameters() if callable(shared_parameters) else None
     # Each task's own parameters, where the model says them: a compiled model's graph hides them
-    # (README, "Scaling out").
+    # (docs/scaling.md).
     task_parameters = getattr(model, "task_parameters", None)
     if callable(task_parameters):
         options.setdefault("task_params", task_parameters())
