@@ -179,14 +179,14 @@ class GradientMethod(MultiTaskMethod):
         """The Jacobian source and the gradient writer of this method's setting (docs/architecture.md §The gradient step)."""
         jacobian, timer, ranks, task_params = self._jacobian, self._timer, self._ranks, self._task_params
         columns = isinstance(self.aggregator, GradDrop)
+        if self.space == "representation":
+            source = FeatureJacobian(jacobian, ranks, columns)
+            return source, (FeatureHookWriter(timer) if ranks.enabled else PullBackWriter(jacobian, task_params, timer))
         if self._shards is not None:
             return (
                 ShardedJacobian(jacobian, self._shards, task_params, ranks, columns),
                 ShardWriter([*self.shared_params, *task_params]),
             )
-        if self.space == "representation":
-            source = FeatureJacobian(jacobian, ranks, columns)
-            return source, (FeatureHookWriter(timer) if ranks.enabled else PullBackWriter(jacobian, task_params, timer))
         if jacobian.mode == "gramian":
             return GramianSource(jacobian), WeightedBackwardWriter(self.shared_params, task_params, timer)
         writer = FlatGradWriter(jacobian, task_params, timer)
@@ -268,10 +268,11 @@ class GradientMethod(MultiTaskMethod):
     def _check_graph(self, losses: list[torch.Tensor], features: Sequence[torch.Tensor]) -> None:
         """On the host: once, whether a compiled region makes the losses (then K ordinary backwards: the step
         re-composed) and features the losses do not reach (raise); on a compiled model every step, that its backward
-        may be retained. Not under FSDP2 (its sharded step takes no retained backward through a compiled region)."""
-        if self._shards is not None:
-            return
+        may be retained. Not for FSDP2 in parameter space (its sharded step takes no retained backward through a compiled
+        region)."""
         if self.space != "representation":
+            if self._shards is not None:
+                return
             features = ()  # the Gramian may take them as a shortcut, but the step does not need them
         if self._compiled:  # every step: the graph may run other compiled code than the last step's
             self._check_retainable(losses, features)
