@@ -1,6 +1,6 @@
 """Per-step time of gd, selective and pcgrad with an eager and a ``torch.compile``d model (CPU or CUDA).
 
-The model: selgroup-bench's (``selgroup_fast.bench.MultiTaskViT``, a timm
+The model: selgroup-bench's (``selgroup_fast.models.MultiTaskViT``, a timm
 ``vit_tiny_patch16_224`` with random weights rebuilt for small inputs, one 1×1-conv decoder
 per task of the NYUD kinds). For each method, two copies of the same model and optimizer
 (Adam) train on the same batch: one eager, one compiled as a user compiles it
@@ -45,14 +45,9 @@ import torch
 from bench_methods import median_ms
 
 import selgroup_fast
-from selgroup_fast.bench import (
-    MultiTaskViT,
-    SyntheticBatch,
-    parse_tasks,
-    synthetic_batch,
-    task_losses,
-)
-from selgroup_fast.bench.report import cpu_model
+from selgroup_fast.cli_common import cpu_model
+from selgroup_fast.models import MultiTaskViT, SyntheticBatch, parse_tasks, synthetic_batch
+from selgroup_fast.tasks import task_losses
 
 METHODS = ("gd", "selective", "selective:encoder", "pcgrad", "pcgrad:loop", "pcgrad:representation")
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")

@@ -37,7 +37,7 @@ import torch.multiprocessing as mp
 
 from selgroup_fast import methods
 from selgroup_fast.checks import positive_int_arg
-from selgroup_fast.methods import GradientMethod
+from selgroup_fast.methods.step import ShardedJacobian
 
 WORLD_SIZE = 2
 #: (label, name, options): the methods measured; Nash-MTL also when it reuses its weights every other
@@ -119,10 +119,10 @@ def labelling_ddp_hook(state: Any, bucket: Any) -> Any:
 labelling_ddp_hook.__annotations__ = {"bucket": dist.GradBucket, "return": torch.futures.Future[torch.Tensor]}
 
 
-class FSDP2Backwards(GradientMethod):
-    """The FSDP2 path before the one reduce-scatter (for comparison): K ordinary backwards, each reduce-scattered by FSDP2."""
+class FSDP2Backwards(ShardedJacobian):
+    """The FSDP2 source before the one reduce-scatter (for comparison): K ordinary backwards, each reduce-scattered by FSDP2."""
 
-    def _sharded_task_gradients(self, losses: list[torch.Tensor], params: list[torch.Tensor]) -> torch.Tensor:
+    def task_gradients(self, losses: list[torch.Tensor], params: list[torch.Tensor]) -> torch.Tensor:
         rows = []
         for k, loss in enumerate(losses):
             loss.backward(retain_graph=k < len(losses) - 1)
@@ -154,7 +154,7 @@ def build(label: str, name: str, options: dict[str, Any], config: str, args: arg
         options = {**options, "space": args.space}
     method = methods.create(name, optimizer, args.tasks, shared_params=list(model.encoder.parameters()), **options)
     if label.endswith("before"):
-        method.__class__ = FSDP2Backwards
+        method._source.__class__ = FSDP2Backwards  # type: ignore[attr-defined]
     return method, forward
 
 

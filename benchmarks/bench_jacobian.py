@@ -57,8 +57,8 @@ from pathlib import Path
 import torch
 
 import selgroup_fast
-from selgroup_fast.bench.report import cpu_model
 from selgroup_fast.checks import positive_int_arg
+from selgroup_fast.cli_common import cpu_model
 
 Config = tuple[str, int | None]
 
@@ -74,7 +74,7 @@ class Workload:
     """The model, one batch and the K losses of a forward, on one device."""
 
     def __init__(self, num_tasks: int, args: argparse.Namespace) -> None:
-        from selgroup_fast.bench import MultiTaskViT, parse_tasks, synthetic_batch
+        from selgroup_fast.models import MultiTaskViT, parse_tasks, synthetic_batch
 
         torch.manual_seed(0)
         self.tasks = parse_tasks(str(num_tasks))
@@ -89,7 +89,7 @@ class Workload:
 
     def losses_and_features(self) -> tuple[list[torch.Tensor], torch.Tensor]:
         """The closure contract's ``(losses, features)``: the K losses and the encoder's output they come from."""
-        from selgroup_fast.bench import task_losses
+        from selgroup_fast.tasks import task_losses
 
         features = self.model.features(self.batch.images)
         return task_losses(self.model.decode(features), self.batch.targets, self.model.tasks), features

@@ -1,6 +1,6 @@
 """Per-step time of every baseline of ``selgroup_fast.methods`` next to TorchJD's, on the CPU.
 
-The model: selgroup-bench's (``selgroup_fast.bench.MultiTaskViT``): a small timm ViT
+The model: selgroup-bench's (``selgroup_fast.models.MultiTaskViT``): a small timm ViT
 (``vit_tiny_patch16_224`` rebuilt for 32×32 inputs with 8×8 patches; random weights,
 nothing is downloaded) as the shared encoder, and K tasks of the NYUD kinds in turn,
 each a 1×1-conv decoder on the grid of patch tokens with a cross-entropy or L1 loss
@@ -43,9 +43,10 @@ from pathlib import Path
 import torch
 
 import selgroup_fast
-from selgroup_fast.bench import MultiTaskViT, SyntheticBatch, parse_tasks, synthetic_batch, task_losses
-from selgroup_fast.bench.report import cpu_model
+from selgroup_fast.cli_common import cpu_model
 from selgroup_fast.methods.jacobian import TaskJacobian
+from selgroup_fast.models import MultiTaskViT, SyntheticBatch, parse_tasks, synthetic_batch
+from selgroup_fast.tasks import task_losses
 
 GRADIENT_METHODS = selgroup_fast.methods.available("gradient")
 LOSS_METHODS = selgroup_fast.methods.available("loss")

@@ -40,7 +40,7 @@ from sklearn.cluster import AffinityPropagation
 
 import selgroup_fast
 from selgroup_fast import ops
-from selgroup_fast.bench.report import cpu_model
+from selgroup_fast.cli_common import cpu_model
 
 
 def update_sequence(

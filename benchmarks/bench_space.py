@@ -4,7 +4,7 @@
 with respect to the shared features z instead of the shared parameters: one batched
 backward through the heads, the method's fused op on the K×Z gradients, then ONE
 backward through the encoder. This script times, on selgroup-bench's model
-(``selgroup_fast.bench.MultiTaskViT``, taskonomy's K = 11 tasks by default, small CPU
+(``selgroup_fast.models.MultiTaskViT``, taskonomy's K = 11 tasks by default, small CPU
 size: ``vit_tiny_patch16_224`` at 32×32 with 8×8 patches, random weights), one training
 step of GD, then of each method in both spaces, all interleaved step by step in
 alternating order (``bench_methods.median_ms``) so that a load change hits all alike;
@@ -31,8 +31,9 @@ import torch
 from bench_methods import median_ms
 
 import selgroup_fast
-from selgroup_fast.bench import MultiTaskViT, SyntheticBatch, parse_tasks, synthetic_batch, task_losses
-from selgroup_fast.bench.report import cpu_model
+from selgroup_fast.cli_common import cpu_model
+from selgroup_fast.models import MultiTaskViT, SyntheticBatch, parse_tasks, synthetic_batch
+from selgroup_fast.tasks import task_losses
 
 GRADIENT_METHODS = selgroup_fast.methods.available("gradient")
 

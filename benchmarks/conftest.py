@@ -7,7 +7,7 @@ from importlib import metadata
 
 import torch
 
-from selgroup_fast.bench.report import cpu_model
+from selgroup_fast.cli_common import cpu_model
 
 
 def pytest_benchmark_update_machine_info(config, machine_info: dict) -> None:

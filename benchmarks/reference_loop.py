@@ -41,12 +41,13 @@ from typing import Any
 import torch
 from sklearn.cluster import AffinityPropagation
 
-from selgroup_fast.bench import MethodResult, ModelError, prepare_workload, run_methods
-from selgroup_fast.bench.cli import UsageError, add_run_arguments, describe, run_settings
-from selgroup_fast.bench.report import environment, markdown_table
+from selgroup_fast.bench import MethodResult, prepare_workload, run_methods
+from selgroup_fast.bench.cli import add_run_arguments, describe, run_settings
+from selgroup_fast.cli_common import UsageError, environment, markdown_table
 from selgroup_fast.losses import ClosureOutput
 from selgroup_fast.methods import MultiTaskMethod
 from selgroup_fast.methods.base import detached
+from selgroup_fast.models import ModelError
 
 #: The reference code's settings: affinity decay (paper default), AP convergence_iter.
 DECAY = 1e-3

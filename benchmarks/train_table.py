@@ -57,7 +57,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from selgroup_fast.bench.model import PRESETS
+from selgroup_fast.cli_common import markdown_table
+from selgroup_fast.tasks import PRESETS
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -832,11 +833,6 @@ def preset_rows(preset: dict[str, Any], labels: Iterable[str]) -> tuple[list[str
         ]
         rows.append(cells)
     return header, rows
-
-
-def markdown_table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows]) + "\n"
 
 
 def headline_rows(summary: dict[str, Any]) -> tuple[list[str], list[list[str]]]:

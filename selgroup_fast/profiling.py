@@ -16,6 +16,14 @@ import torch
 
 #: The phases of the paper's per-batch breakdown (Table E.1), in display order.
 PHASES: tuple[str, ...] = ("forward", "backward", "manipulation", "optimizer", "affinity")
+#: Their column titles, as the paper's Table E.1 names them (the bench's tables and charts).
+PHASE_TITLES: dict[str, str] = {
+    "forward": "forward",
+    "backward": "backprop",
+    "manipulation": "grad manipulation",
+    "optimizer": "optimizer step",
+    "affinity": "clustering + affinity",
+}
 
 
 class PhaseTimer:

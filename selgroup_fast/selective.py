@@ -30,7 +30,7 @@ class SelectiveGroupUpdate(MultiTaskMethod):
     (the other heads get no gradient, the optimizer leaves them alone) and an optimizer
     step; the tracker then credits the loss changes and the grouping strategy may regroup.
 
-    Args (the README's options table has the details):
+    Args (the options table of docs/selective.md has the details):
         optimizer: drives every parameter of the model (shared encoder and all heads).
         num_tasks: K, the number of task losses the closure returns.
         decay: the affinity's EMA rate β (paper 1e-3; official Taskonomy config 1e-4).

@@ -9,7 +9,7 @@ import torch
 from conftest import make_problem, regression_losses
 from torch import nn
 
-from selgroup_fast.bench import BenchModel, ModelRequest
+from selgroup_fast.models import BenchModel, ModelRequest
 
 NOT_CALLABLE = 42
 

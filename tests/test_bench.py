@@ -19,26 +19,28 @@ from conftest import load_benchmark
 import selgroup_fast
 from selgroup_fast.bench import (
     BenchConfig,
-    ModelError,
-    ModelRequest,
-    MultiTaskViT,
-    load_factory,
     main,
     median_breakdown,
-    parse_tasks,
     prepare_workload,
     run_methods,
     run_suite,
-    synthetic_batch,
-    task_losses,
-    vit_bench_model,
     write_outputs,
 )
 from selgroup_fast.bench.cli import _int_list
 from selgroup_fast.bench.timing import MethodResult, default_methods, method_options, rotated, set_paired_ratios
 from selgroup_fast.methods import MultiTaskMethod
 from selgroup_fast.methods.base import detached
+from selgroup_fast.models import (
+    ModelError,
+    ModelRequest,
+    MultiTaskViT,
+    load_factory,
+    parse_tasks,
+    synthetic_batch,
+    vit_bench_model,
+)
 from selgroup_fast.profiling import PHASES
+from selgroup_fast.tasks import task_losses
 
 pytest.importorskip("timm")
 pytest.importorskip("matplotlib")
@@ -78,7 +80,7 @@ def test_main_writes_every_report(tmp_path, capsys):
     assert record["versions"]["selgroup_fast"] == selgroup_fast.__version__
     assert record["date"][:4].isdigit() and record["config"]["rounds"] == 2 and record["config"]["amp"] is None
     assert record["model"] == {
-        "factory": "selgroup_fast.bench.model:vit_bench_model",
+        "factory": "selgroup_fast.models.vit:vit_bench_model",
         "description": "test_vit (random init), 32 px images, patch 8",
     }
     assert record["breakdown_num_tasks"] == 3
@@ -322,7 +324,7 @@ RUN = ["--tasks", "2", "--rounds", "1", "--steps", "1", "--warmup", "1"]
         (["--backbone", "resnet18", "--img-size", "32"], "--backbone 'resnet18' is not a timm ViT"),
         (["--backbone", "no_such_net", "--img-size", "32"], "--backbone 'no_such_net' is not a timm model name"),
         (["--tasks", "cityscapes"], "--tasks must be a positive number or one of nyud, pascal, taskonomy"),
-        (["--device", "meta"], "--device meta: selgroup-bench runs on cpu or cuda"),
+        (["--device", "meta"], "--device meta: only cpu and cuda are supported"),
         (["--device", "bogus"], "--device 'bogus' is not a device"),
         (["--amp", "bf16", "--dtype", "float64"], "--amp bf16 autocasts float32 weights"),
         (["--model", "bench_toy_factory"], "--model must be 'package.module:factory'"),
@@ -332,7 +334,7 @@ RUN = ["--tasks", "2", "--rounds", "1", "--steps", "1", "--warmup", "1"]
         (["--model", "bench_toy_factory:NOT_CALLABLE"], "is a int, not a callable factory"),
         (
             ["--model", "bench_toy_factory:wrong_type"],
-            "returned a TinyMultiTask, expected a selgroup_fast.bench.BenchModel",
+            "returned a TinyMultiTask, expected a selgroup_fast.models.BenchModel",
         ),
         (
             ["--model", "bench_toy_factory:wrong_losses"],
@@ -373,7 +375,7 @@ def test_the_command_line_prints_one_error_line_and_exits_2():
 
 def test_load_factory_and_the_built_in_factory():
     assert load_factory("bench_toy_factory:build") is bench_toy_factory.build
-    assert load_factory("selgroup_fast.bench:vit_bench_model") is vit_bench_model
+    assert load_factory("selgroup_fast.models:vit_bench_model") is vit_bench_model
     with pytest.raises(ModelError, match="built 3 tasks, but 2 were asked for"):
         prepare_workload(lambda request: bench_toy_factory.build(ModelRequest("3")), ModelRequest("2"))
     with pytest.raises(ModelError, match="--tasks must be a positive number"):

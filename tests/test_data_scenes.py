@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 
-from selgroup_fast.bench.model import PRESETS
 from selgroup_fast.data import SCENES_LENGTHS, DataError, build_dataset, dataset_tasks
 from selgroup_fast.data.scenes import (
     CLASS_NAMES,
@@ -26,6 +25,7 @@ from selgroup_fast.data.scenes import (
 )
 from selgroup_fast.data.targets import edge as edge_target
 from selgroup_fast.data.targets import occlusion_mask
+from selgroup_fast.tasks import PRESETS
 
 SIZE = 32
 ALL_TASKS = dataset_tasks("scenes")

@@ -14,7 +14,6 @@ from sklearn.metrics import (
     precision_recall_curve,
 )
 
-from selgroup_fast.bench.model import PRESETS
 from selgroup_fast.metrics import (
     EDGE_THRESHOLDS,
     NORMAL_MEDIAN_BIN_DEG,
@@ -24,6 +23,7 @@ from selgroup_fast.metrics import (
     delta_m_all,
     make_metric,
 )
+from selgroup_fast.tasks import PRESETS
 
 PRIMARY = {
     "semseg": "mIoU",

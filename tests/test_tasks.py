@@ -14,10 +14,10 @@ from PIL import Image
 from test_data_nyud import make_nyud
 from train_helpers import TINY, TINY_ARGS, load_checkpoint
 
-from selgroup_fast.bench.model import MultiTaskViT
 from selgroup_fast.data import build_dataset, dataset_classes
 from selgroup_fast.data.scenes import CLASS_NAMES, draw_scene, render
 from selgroup_fast.metrics import make_metric
+from selgroup_fast.models import MultiTaskViT
 from selgroup_fast.tasks import IGNORE_LABEL, PRESETS, TASKS, Task, TaskSpec
 from selgroup_fast.train import TrainConfig, fit
 from selgroup_fast.train.loop import task_specs

@@ -11,8 +11,9 @@ import torch
 from train_helpers import TINY, MapData, MapModel, load_checkpoint
 
 import selgroup_fast
-from selgroup_fast.bench.model import PRESETS, MultiTaskViT, TaskSpec
 from selgroup_fast.metrics import delta_m, delta_m_all
+from selgroup_fast.models import MultiTaskViT
+from selgroup_fast.tasks import PRESETS, TaskSpec
 from selgroup_fast.train import (
     NonFiniteLoss,
     TrainConfig,
@@ -156,7 +157,7 @@ def test_baseline_then_delta_m(tmp_path):
 
 @pytest.mark.parametrize("mode", ["stop", "skip"])
 def test_a_nonfinite_loss_is_reported_with_task_and_iteration(mode, tmp_path, monkeypatch):
-    from selgroup_fast.bench.model import task_losses
+    from selgroup_fast.tasks import task_losses
     from selgroup_fast.train import loop
 
     seen = {"iteration": 0}

@@ -79,7 +79,7 @@ def test_a_baseline_for_other_tasks(capsys, tmp_path):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
 def test_cuda_without_a_gpu(capsys, tmp_path):
-    assert "--device cuda: no CUDA GPU is visible" in _error(capsys, tmp_path, "--device", "cuda")
+    assert "--device cuda: no usable GPU here" in _error(capsys, tmp_path, "--device", "cuda")
 
 
 def test_baseline_takes_no_method(capsys, tmp_path):

@@ -14,8 +14,8 @@ import pytest
 import torch
 from conftest import load_benchmark
 
-from selgroup_fast.bench.model import PRESETS
 from selgroup_fast.selective import SelectiveGroupUpdate
+from selgroup_fast.tasks import PRESETS
 
 tt = load_benchmark("train_table")
 

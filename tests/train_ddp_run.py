@@ -10,7 +10,7 @@ import sys
 import torch
 from train_helpers import MapData, MapModel
 
-from selgroup_fast.bench.model import TaskSpec
+from selgroup_fast.tasks import TaskSpec
 from selgroup_fast.train import TrainConfig, fit
 
 NAMES = ["square", "negated", "shift"]

@@ -2,8 +2,8 @@
 
 Reproduces the measurement of Jeong & Yoon (ICLR 2025), Table E.1 / Figure 2 on this
 machine: by default a timm ViT encoder shared by K tasks with one single-conv decoder
-each (:func:`vit_bench_model`), or your own model through a factory returning a
-:class:`BenchModel` (``--model package.module:factory``); every method of
+each (:func:`selgroup_fast.models.vit_bench_model`), or your own model through a factory
+returning a :class:`selgroup_fast.models.BenchModel` (``--model package.module:factory``); every method of
 :mod:`selgroup_fast.methods` timed phase by phase (forward, backprop, gradient
 manipulation, optimizer step, clustering + affinity update) in interleaved rounds.
 
@@ -16,17 +16,6 @@ factory object::
 """
 
 from .cli import main
-from .factory import BenchModel, ModelError, ModelRequest, load_factory
-from .model import (
-    PRESETS,
-    MultiTaskViT,
-    SyntheticBatch,
-    TaskSpec,
-    parse_tasks,
-    synthetic_batch,
-    task_losses,
-    vit_bench_model,
-)
 from .report import write_outputs
 from .timing import (
     BenchConfig,
@@ -40,26 +29,14 @@ from .timing import (
 )
 
 __all__ = [
-    "PRESETS",
     "BenchConfig",
-    "BenchModel",
     "MethodResult",
-    "ModelError",
-    "ModelRequest",
-    "MultiTaskViT",
     "Suite",
-    "SyntheticBatch",
-    "TaskSpec",
     "Workload",
-    "load_factory",
     "main",
     "median_breakdown",
-    "parse_tasks",
     "prepare_workload",
     "run_methods",
     "run_suite",
-    "synthetic_batch",
-    "task_losses",
-    "vit_bench_model",
     "write_outputs",
 ]

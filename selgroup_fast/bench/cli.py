@@ -13,56 +13,52 @@ from pathlib import Path
 
 import torch
 
-from .. import methods, ops
+from .. import methods
 from ..checks import positive_int_arg
-from .factory import ModelError, ModelFactory, load_factory
-from .model import PRESETS, parse_tasks, vit_bench_model
+from ..cli_common import MachineDefaults, UsageError, resolve_device
+from ..models import ModelError, ModelFactory, load_factory, parse_tasks, vit_bench_model
+from ..tasks import PRESETS
 from .report import write_outputs
 from .timing import AMP_DTYPES, SPACES, BenchConfig, default_methods, run_suite
 
 
-class UsageError(ValueError):
-    """Options that cannot run together or on this machine (the command prints ``error: ...`` and exits 2)."""
-
-
 @dataclass(frozen=True)
-class MachineDefaults:
-    """What a run uses when the size and length options are not given."""
+class BenchDefaults(MachineDefaults):
+    """The bench's defaults on one kind of machine: the model's size, the tasks and the timing's length."""
 
     tasks: str
-    img_size: int
-    patch_size: int
     warmup: int
     rounds: int
     steps: int
-    why: str
 
 
 #: GPU: the paper's 224 px images with 16 px patches and its Taskonomy task count
 #: (Table E.1 is measured with the 11 Taskonomy tasks).
-GPU_DEFAULTS = MachineDefaults(
+GPU_DEFAULTS = BenchDefaults(
+    backbone="vit_tiny_patch16_224",
     tasks="taskonomy",
     img_size=224,
     patch_size=16,
     warmup=5,
     rounds=10,
     steps=2,
-    why="GPU defaults: the paper's 224 px, patch 16",
+    note="GPU defaults: the paper's 224 px, patch 16",
 )
 #: CPU: small images, the 4 NYUD tasks and few steps, so that the default run (every
 #: method) finishes in about 1-2 minutes on 2 idle cores.
-CPU_DEFAULTS = MachineDefaults(
+CPU_DEFAULTS = BenchDefaults(
+    backbone="vit_tiny_patch16_224",
     tasks="nyud",
     img_size=64,
     patch_size=8,
     warmup=2,
     rounds=8,
     steps=1,
-    why="CPU defaults: small 64 px images (patch 8) and few steps so that the default run takes "
+    note="CPU defaults: small 64 px images (patch 8) and few steps so that the default run takes "
     "about 1-2 minutes on 2 idle cores; pass --img-size 224 --patch-size 16 for the paper's size",
 )
 
-BUILT_IN_MODEL = "selgroup_fast.bench.model:vit_bench_model"
+BUILT_IN_MODEL = "selgroup_fast.models.vit:vit_bench_model"
 
 
 def _int_list(text: str) -> list[int]:
@@ -81,8 +77,8 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument(
         "--model",
         metavar="MODULE:FACTORY",
-        help="time your own model: a factory taking a selgroup_fast.bench.ModelRequest and returning a "
-        "selgroup_fast.bench.BenchModel (the current directory is searched first); default: the built-in ViT "
+        help="time your own model: a factory taking a selgroup_fast.models.ModelRequest and returning a "
+        "selgroup_fast.models.BenchModel (the current directory is searched first); default: the built-in ViT "
         f"({BUILT_IN_MODEL})",
     )
     model.add_argument(
@@ -93,7 +89,7 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
         "model, the factory's own otherwise",
     )
     model.add_argument(
-        "--backbone", help="built-in model: a timm ViT name, random init (default: vit_tiny_patch16_224)"
+        "--backbone", help=f"built-in model: a timm ViT name, random init (default: {CPU_DEFAULTS.backbone})"
     )
     model.add_argument(
         "--img-size",
@@ -151,30 +147,6 @@ class RunSettings:
     defaults_note: str | None  # why the sizes are what they are, when the machine's defaults were used
 
 
-def resolve_device(text: str | None) -> torch.device:
-    """``--device``: cpu or a usable CUDA device with this build's CUDA kernels (default: that GPU, else cpu)."""
-    usable_gpu = torch.cuda.is_available() and ops.cuda_available()
-    if text is None:
-        return torch.device("cuda" if usable_gpu else "cpu")
-    try:
-        device = torch.device(text)
-    except RuntimeError:
-        raise UsageError(f"--device {text!r} is not a device (cpu, cuda, cuda:N)") from None
-    if device.type == "cpu":
-        return device
-    if device.type != "cuda":
-        raise UsageError(f"--device {text}: selgroup-bench runs on cpu or cuda")
-    if not torch.cuda.is_available():
-        raise UsageError(f"--device {text}: no usable GPU here (torch.cuda.is_available() is False); use --device cpu")
-    if not ops.cuda_available():
-        raise UsageError(
-            f"--device {text}: this build of selgroup_fast has no CUDA kernels; rebuild it where nvcc is present"
-        )
-    if device.index is not None and device.index >= torch.cuda.device_count():
-        raise UsageError(f"--device {text}: this machine has {torch.cuda.device_count()} GPU(s)")
-    return device
-
-
 def run_settings(args: argparse.Namespace) -> RunSettings:
     """The options of :func:`add_run_arguments` with the machine's defaults filled in; :class:`UsageError` if wrong."""
     device = resolve_device(args.device)
@@ -188,7 +160,7 @@ def run_settings(args: argparse.Namespace) -> RunSettings:
             raise UsageError(f"--img-size {img_size} must be a multiple of --patch-size {patch_size}")
         factory: ModelFactory = functools.partial(
             vit_bench_model,
-            backbone=args.backbone or "vit_tiny_patch16_224",
+            backbone=args.backbone or defaults.backbone,
             img_size=img_size,
             patch_size=patch_size,
         )
@@ -218,7 +190,7 @@ def run_settings(args: argparse.Namespace) -> RunSettings:
         amp=args.amp,
         space=args.space,
     )
-    return RunSettings(config, factory, tasks, defaults.why if used_defaults else None)
+    return RunSettings(config, factory, tasks, defaults.note if used_defaults else None)
 
 
 def describe(settings: RunSettings) -> str:

@@ -10,25 +10,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..profiling import PHASES
-from .report import PHASE_TITLES
+from ..cli_common import pyplot
+from ..profiling import PHASE_TITLES, PHASES
 from .timing import MethodResult, Suite
 
 _MARKERS = "osD^v<>phX*"
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_breakdown(results: list[MethodResult], path: Path, title: str) -> Path:
     """Stacked bars of the per-phase medians, one bar per method."""
-    plt = _pyplot()
+    plt = pyplot()
     names = [result.method for result in results]
     fig, ax = plt.subplots(figsize=(max(6.0, 0.7 * len(names) + 3.5), 4.5))
     bottoms = [0.0] * len(results)
@@ -52,7 +43,7 @@ def plot_breakdown(results: list[MethodResult], path: Path, title: str) -> Path:
 
 def plot_sweep(suite: Suite, path: Path, title: str) -> Path:
     """Median time per batch against K, one line per method."""
-    plt = _pyplot()
+    plt = pyplot()
     by_method: dict[str, list[tuple[int, float]]] = {}
     for k in sorted(suite.results):
         for result in suite.results[k]:

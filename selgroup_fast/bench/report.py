@@ -12,72 +12,17 @@ from __future__ import annotations
 import csv
 import datetime
 import json
-import os
-import platform
 import sys
 from collections.abc import Sequence
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from ..profiling import PHASES
+from ..cli_common import environment, markdown_table, text_table
+from ..profiling import PHASE_TITLES, PHASES
+from .plots import plot_breakdown, plot_sweep
 from .timing import MethodResult, Suite
 
-#: Column titles of the phases, as the paper's Table E.1 names them.
-PHASE_TITLES: dict[str, str] = {
-    "forward": "forward",
-    "backward": "backprop",
-    "manipulation": "grad manipulation",
-    "optimizer": "optimizer step",
-    "affinity": "clustering + affinity",
-}
-
 MIB = 1024 * 1024
-
-
-def cpu_model() -> str:
-    """The CPU's model name (``/proc/cpuinfo`` on Linux, else ``platform.processor()``)."""
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _version(distribution: str) -> str | None:
-    try:
-        return metadata.version(distribution)
-    except metadata.PackageNotFoundError:
-        return None
-
-
-def environment(device: torch.device) -> dict[str, Any]:
-    """Machine and versions, for the record of a run."""
-    from .. import __version__
-
-    return {
-        "machine": {
-            "cpu": cpu_model(),
-            "cpu_cores": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
-            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-            "platform": platform.platform(),
-            # other jobs on the machine: read the paired ratios, not the absolute times, when this exceeds the cores
-            "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-        },
-        "versions": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "cuda": torch.version.cuda if device.type == "cuda" else None,
-            "timm": _version("timm"),
-            "selgroup_fast": __version__,
-        },
-    }
 
 
 def run_record(suite: Suite, command: str, notes: list[str]) -> dict[str, Any]:
@@ -173,24 +118,6 @@ def sweep_rows(suite: Suite) -> tuple[list[str], list[list[str]]]:
             by_method.setdefault(result.method, {})[k] = result
     rows = [[name, *(f"{per_k[k].total:.4f}" if k in per_k else "–" for k in ks)] for name, per_k in by_method.items()]
     return header, rows
-
-
-def markdown_table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
-
-
-def text_table(header: list[str], rows: list[list[str]]) -> str:
-    """A fixed-width table for the terminal (first column left-aligned, the rest right)."""
-    widths = [max(len(line[i]) for line in [header, *rows]) for i in range(len(header))]
-
-    def render(line: list[str]) -> str:
-        return "  ".join(
-            cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(line, widths, strict=False))
-        )
-
-    return "\n".join([render(header), "  ".join("-" * w for w in widths), *(render(row) for row in rows)]) + "\n"
 
 
 def tables_markdown(suite: Suite) -> str:
@@ -324,8 +251,6 @@ def write_outputs(suite: Suite, out_dir: str | Path, command: str, extra_notes: 
 
     ``command`` is recorded as the way the run was made. Returns the files written.
     """
-    from .plots import plot_breakdown, plot_sweep
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     notes = run_notes(suite, extra_notes)

@@ -41,9 +41,8 @@ import torch
 
 from .. import methods
 from ..losses import ClosureOutput
+from ..models import BenchModel, ModelFactory, ModelRequest, build_model, factory_name, vit_bench_model
 from ..profiling import PHASES
-from .factory import BenchModel, ModelFactory, ModelRequest, build_model, factory_name
-from .model import vit_bench_model
 
 #: The paper's optimizer settings (Table C.1): Adam, lr 2e-5, weight decay 1e-6.
 LEARNING_RATE = 2e-5
@@ -298,7 +297,7 @@ def _copy_into(targets: Sequence[torch.Tensor], sources: Sequence[torch.Tensor])
 
 
 def prepare_workload(factory: ModelFactory, request: ModelRequest) -> Workload:
-    """The factory's model, checked (:func:`~selgroup_fast.bench.factory.build_model`), and its initial weights."""
+    """The factory's model, checked (:func:`~selgroup_fast.models.build_model`), and its initial weights."""
     bench = build_model(factory, request)
     return Workload(bench, [tensor.detach().clone() for tensor in _state_tensors(bench.model)])
 
@@ -462,7 +461,7 @@ def run_suite(
     """Times every method on the model ``factory`` builds for each entry of ``tasks`` (a K met twice runs once).
 
     The first entry's K is the breakdown table's; more entries make a sweep. Example
-    (the same outputs as the command with :func:`~selgroup_fast.bench.report.write_outputs`)::
+    (the same outputs as the command with :func:`~selgroup_fast.bench.write_outputs`)::
 
         >>> from selgroup_fast.bench import BenchConfig, run_suite
         >>> from functools import partial

@@ -1,6 +1,6 @@
 """The one training step of every gradient method (PCGrad, CAGrad, MGDA, GradDrop, IMTL-G, Aligned-MTL, Nash-MTL).
 
-Scaling out (README "Scaling out"): under ``torch.compile`` the step runs with
+Scaling out (docs/scaling.md): under ``torch.compile`` the step runs with
 ``torch._functorch.config.donated_buffer`` and Inductor's FX graph cache off
 (:func:`retainable_compiled_graphs`: the per-task backwards retain the graph), and the
 heads' gradients come from the same K backwards as J (a compiled backward computes them anyway);
@@ -32,14 +32,30 @@ from ..parallel import (
     compiled_backwards,
     graph_parameters,
     graph_reaches,
-    graph_separates,
     is_sharded,
 )
 from .base import MultiTaskMethod, detached
 from .graddrop import GradDrop
-from .jacobian import JacobianMode, SharedParams, TaskJacobian, gradients_task_by_task, jacobian_defaults
+from .jacobian import JacobianMode, SharedParams, TaskJacobian, jacobian_defaults
 from .nonfinite import DEFAULT_NONFINITE, tensor_state
-from .weighting import Aggregator, Weighting, gram
+from .step import (
+    FeatureHookWriter,
+    FeatureJacobian,
+    FlatGradWriter,
+    GradientWriter,
+    GramianSource,
+    JacobianSource,
+    PullBackWriter,
+    ShardedJacobian,
+    ShardWriter,
+    SharedAndHeadJacobian,
+    SharedJacobian,
+    WeightedBackwardWriter,
+    combine,
+    weighted_total,
+    weighting_inputs,
+)
+from .weighting import Aggregator, ReusesWeights, Weighting
 
 Space = Literal["parameters", "representation"]
 SPACES: tuple[str, ...] = ("parameters", "representation")
@@ -152,9 +168,31 @@ class GradientMethod(MultiTaskMethod):
         self._shards = FSDP2Shards([*self.shared_params, *self._task_params], process_group) if self._sharded else None
         self._graph_checked = False
         self._compiled = False  # whether a compiled region makes the losses (:meth:`_check_graph`)
-        self._gramian_through: bool | None = None  # whether G starts from the features (:meth:`_gramian_step`)
-        self._task_jacobian = torch.empty(0)  # compiled models: the heads' per-task gradients (K×P_h), allocated once
         self._restore_aggregator: Callable[[], None] = lambda: None  # this step's aggregator state, if skipped
+        # The step, chosen once (docs/architecture.md §The gradient step): a compiled model, seen at the
+        # first step's graph, re-composes it once (:meth:`_check_graph`).
+        self._inputs = weighting_inputs(aggregator, self._ranks)
+        self._reuses = aggregator if isinstance(aggregator, ReusesWeights) else None
+        self._source, self._writer = self._compose()
+
+    def _compose(self) -> tuple[JacobianSource, GradientWriter]:
+        """The Jacobian source and the gradient writer of this method's setting (docs/architecture.md §The gradient step)."""
+        jacobian, timer, ranks, task_params = self._jacobian, self._timer, self._ranks, self._task_params
+        columns = isinstance(self.aggregator, GradDrop)
+        if self.space == "representation":
+            source = FeatureJacobian(jacobian, ranks, columns)
+            return source, (FeatureHookWriter(timer) if ranks.enabled else PullBackWriter(jacobian, task_params, timer))
+        if self._shards is not None:
+            return (
+                ShardedJacobian(jacobian, self._shards, task_params, ranks, columns),
+                ShardWriter([*self.shared_params, *task_params]),
+            )
+        if jacobian.mode == "gramian":
+            return GramianSource(jacobian), WeightedBackwardWriter(self.shared_params, task_params, timer)
+        writer = FlatGradWriter(jacobian, task_params, timer)
+        if task_params and (ranks.enabled or self._compiled):
+            return SharedAndHeadJacobian(jacobian, task_params, ranks, self._compiled), writer
+        return SharedJacobian(jacobian, ranks, keep_graph=bool(task_params)), writer
 
     def _jacobian_mode(
         self,
@@ -203,248 +241,39 @@ class GradientMethod(MultiTaskMethod):
         losses, features = self._run_closure(closure)
         self._nonfinite.check(losses)
         self._restore_aggregator = self._nonfinite.keep(self.aggregator, tensor_state(self.aggregator))
-        reused = self.aggregator.reused_weights()
+        reused = None if self._reuses is None else self._reuses.reused_weights()
         if reused is not None:  # one ordinary backward of Σ w_k L_k, the shared gradient clipped (Nash-MTL)
-            with self._timer.phase("backward"):
-                self._weighted_backward(losses, reused)
-            with self._timer.phase("manipulation"):
-                if self.aggregator.max_norm > 0:
-                    torch.nn.utils.clip_grad_norm_(self.shared_params, self.aggregator.max_norm)
-        elif self._uses_gramian(losses):
-            self._gramian_step(losses, features)
-        elif self.space == "parameters":
-            if self._sharded:
-                self._sharded_step(losses)
-                return self._optimizer_step(losses)
-            self._check_graph(losses)
-            if self._task_params and (self._ranks.enabled or self._compiled):
-                self._parameter_step_with_heads(losses)
-                return self._optimizer_step(losses)
-            with self._timer.phase("backward"):
-                jacobian = self._ranks.mean(self._parameter_jacobian(losses))
-            with self._timer.phase("manipulation"):
-                _, head_weights = self.aggregator.combine(jacobian, out=self._jacobian.direction)
-                self._jacobian.assign_grads()
-            self._backward_task_params(losses, head_weights, retain_graph=False)
+            self._reused_weights_step(losses, reused, cast(ReusesWeights, self._reuses).max_norm)
         else:
-            if not features:
-                raise ValueError(
-                    'space="representation" needs the closure to return (losses, features), features being the '
-                    "shared representation (the encoder's output)"
-                )
             self._check_graph(losses, features)
-            if self._ranks.enabled:
-                self._distributed_representation_step(losses, features)
-                return self._optimizer_step(losses)
             with self._timer.phase("backward"):
-                jacobian = self._jacobian.of_features(losses, features)
+                gradients = self._source(losses, features)
             with self._timer.phase("manipulation"):
-                direction, head_weights = self.aggregator.combine(jacobian)
-            self._backward_task_params(losses, head_weights, retain_graph=True)
-            with self._timer.phase("backward"):
-                self._jacobian.pull_back(features, direction)
-                self._jacobian.assign_grads()
-        return self._optimizer_step(losses)
-
-    def _uses_gramian(self, losses: list[torch.Tensor]) -> bool:
-        """Whether this step takes the Gramian path (a compiled model's first step switches it to the loop)."""
-        if self._jacobian.mode == "gramian":
-            self._check_graph(losses)
-        return self._jacobian.mode == "gramian"
-
-    def _gramian_step(self, losses: list[torch.Tensor], features: Sequence[torch.Tensor]) -> None:
-        """G accumulated without J (one vmapped backward), the weights from G, one ordinary backward of ``Σ w_k L_k``.
-
-        Where the closure returns the shared features and every path from the losses to the
-        shared parameters passes through them (checked once, on the host), the vectorised
-        backward starts from the features (:meth:`TaskJacobian.gramian`'s ``through``). Where
-        the heads' weights differ from the direction's (PCGrad, CAGrad, Aligned-MTL: ones;
-        Nash-MTL: α unclipped), the heads get theirs first from a backward through the heads only.
-        """
-        if self._gramian_through is None:
-            self._gramian_through = bool(features) and graph_separates(losses, features, self.shared_params)
-        with self._timer.phase("backward"):
-            gram = self._jacobian.gramian(losses, retain_graph=True, through=features if self._gramian_through else ())
-        with self._timer.phase("manipulation"):
-            weights, head_weights = cast(Weighting, self.aggregator).direction_weights(gram)
-        heads_apart = bool(self._task_params) and head_weights is not weights
-        if heads_apart:
-            self._backward_task_params(losses, head_weights, retain_graph=True)
-        with self._timer.phase("backward"):
-            inputs = self.shared_params if heads_apart else [*self.shared_params, *self._task_params]
-            self._weighted_total(losses, weights).backward(inputs=inputs)
-            for param in inputs:  # as the other modes: zeros for a parameter no loss reaches
-                if param.grad is None:
-                    param.grad = torch.zeros_like(param)
-
-    def _optimizer_step(self, losses: list[torch.Tensor]) -> torch.Tensor:
+                direction = combine(self.aggregator, gradients, self._inputs(losses))
+            self._writer(losses, features, gradients, direction)
         with self._timer.phase("optimizer"):
             self._nonfinite.step(self.optimizer)
         self._restore_aggregator()
         return detached(losses)
 
-    def _parameter_step_with_heads(self, losses: list[torch.Tensor]) -> None:
-        """The step that needs the heads' per-task gradients as rows beside J: DDP, a compiled model.
-
-        Under DDP the heads' per-task gradients (K×P_h) travel with J (K×P_s), so that the
-        weights and the heads' update both come from the global batch after a single all-reduce;
-        the gradients are written outside DDP's reducer. On a compiled model they come from the
-        same K backwards as J (:meth:`_jacobian_and_heads`).
-        """
+    def _reused_weights_step(self, losses: list[torch.Tensor], weights: torch.Tensor, max_norm: float) -> None:
+        """A :class:`~.weighting.ReusesWeights`' step without task gradients: ONE ordinary backward of ``Σ_k w_k L_k``
+        into every parameter (DDP/FSDP2 reduce it as usual), the shared gradient clipped to ``max_norm``."""
         with self._timer.phase("backward"):
-            shared, heads = self._jacobian_and_heads(losses)
-            if self._ranks.enabled:
-                both = self._ranks.mean(torch.cat([shared, heads], dim=1))
-                shared, heads = both.split([shared.shape[1], heads.shape[1]], dim=1)
-                shared = shared.contiguous()
+            weighted_total(losses, weights).backward()
         with self._timer.phase("manipulation"):
-            _, head_weights = self.aggregator.combine(shared, out=self._jacobian.direction)
-            self._jacobian.assign_grads()
-            self._assign_task_grads(heads, head_weights)
+            if max_norm > 0:
+                torch.nn.utils.clip_grad_norm_(self.shared_params, max_norm)
 
-    def _jacobian_and_heads(self, losses: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """J of this rank's losses (K×P_s) and the task parameters' per-task gradients (K×P_h).
-
-        Eagerly: J in the Jacobian's mode, then K small backwards through the heads only. On a
-        compiled model AOTAutograd compiles ONE backward per compiled region, which computes the
-        gradient of every parameter of the region whatever ``torch.autograd.grad`` asks for: a
-        separate backward for the heads would run the whole model's backward once more (K + 1
-        instead of K; benchmarks/results/compile_cpu.md), so each task's backward asks for the
-        shared and the task parameters at once.
-        """
-        if not self._compiled:
-            shared = self._parameter_jacobian(losses)
-            width = sum(p.numel() for p in self._task_params)
-            heads = gradients_task_by_task(losses, self._task_params, False, shared.new_empty(len(losses), width))
-            return shared, heads
-        num_shared, last = len(self.shared_params), len(losses) - 1
-        if self._task_jacobian.numel() == 0:
-            width = sum(p.numel() for p in self._task_params)
-            self._task_jacobian = self._jacobian.matrix.new_empty(len(losses), width)
-        for k, loss in enumerate(losses):
-            grads = torch.autograd.grad(
-                loss,
-                [*self.shared_params, *self._task_params],
-                retain_graph=k < last,
-                allow_unused=True,
-                materialize_grads=True,
-            )
-            torch.cat([g.reshape(-1) for g in grads[:num_shared]], out=self._jacobian.matrix[k])
-            torch.cat([g.reshape(-1) for g in grads[num_shared:]], out=self._task_jacobian[k])
-        return self._jacobian.matrix, self._task_jacobian
-
-    def _assign_task_grads(self, task_jacobian: torch.Tensor, head_weights: torch.Tensor | None) -> None:
-        """Makes ``Σ_k w_k t_k`` (``t_k``: row k of ``task_jacobian``) the task parameters' ``.grad`` (``w = 1`` without weights)."""
-        weights = torch.ones(len(task_jacobian), dtype=task_jacobian.dtype, device=task_jacobian.device)
-        flat = (weights if head_weights is None else head_weights.to(task_jacobian.dtype)) @ task_jacobian
-        for param, grad in zip(self._task_params, flat.split([p.numel() for p in self._task_params]), strict=True):
-            param.grad = grad.view_as(param).to(param.dtype)
-
-    def _distributed_representation_step(self, losses: list[torch.Tensor], features: Sequence[torch.Tensor]) -> None:
-        """DDP and FSDP2 with ``space="representation"`` (docs/algorithm.md §Representation space across ranks).
-
-        This rank's K×Z_r Jacobian of the features (one backward through the heads), the
-        global batch's direction restricted to this rank's samples (:meth:`_global_feature_cotangent`:
-        one all-reduce of K×K, none for GradDrop), then ONE ordinary backward of ``Σ_k h_k L_k``
-        whose gradient at the features is replaced by that direction (a tensor hook): the heads
-        get ``h_k ∇L_k``, the encoder the direction pulled back, and DDP's reducer or FSDP2's
-        reduce-scatter averages both across the ranks as for GD.
-        """
-        with self._timer.phase("backward"):
-            jacobian = self._jacobian.of_features(losses, features)
-        with self._timer.phase("manipulation"):
-            cotangent, head_weights = self._global_feature_cotangent(jacobian, features)
-        with self._timer.phase("backward"):
-            handles, offset = [], 0
-            for feature in features:
-                part = cotangent[offset : offset + feature.numel()].view_as(feature).to(feature.dtype)
-                handles.append(feature.register_hook(lambda _gradient, part=part: part))
-                offset += feature.numel()
-            try:
-                self._weighted_total(losses, head_weights).backward()
-            finally:
-                for handle in handles:
-                    handle.remove()
-
-    def _global_feature_cotangent(
-        self, jacobian: torch.Tensor, features: Sequence[torch.Tensor]
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The cotangent of this rank's features whose ranks' mean is the global batch's direction, and the heads' weights.
-
-        The global batch's loss is the ranks' mean (DDP's and FSDP2's convention), so its
-        feature Jacobian holds the ranks' ``J_r / W`` side by side and its Gram matrix is
-        ``Σ_r G_r / W²`` (one all-reduce of K×K). A weighting's direction on this rank's
-        samples is then ``wᵀJ_r / W``: the cotangent ``wᵀJ_r``, which the reducer averages.
-        GradDrop combines each column alone (its purity is scale-free and its sum linear), so
-        it needs no collective: it runs on ``J_r``, drawing with each column's index in the
-        global features (the ranks' equal-sized, batch-first features end to end in rank order).
-        """
-        if isinstance(self.aggregator, GradDrop):
-            runs, first_column = [], 0
-            for feature in features:
-                runs.append((first_column + self._ranks.rank * feature.numel(), feature.numel()))
-                first_column += self._ranks.world_size * feature.numel()
-            return self.aggregator.combine_columns(jacobian, runs), None
-        total = self._ranks.sum(gram(jacobian)).div_(self._ranks.world_size**2)
-        weights, head_weights = cast(Weighting, self.aggregator).direction_weights(total)  # a Weighting otherwise
-        return weights.to(jacobian.dtype) @ jacobian, head_weights
-
-    def _sharded_step(self, losses: list[torch.Tensor]) -> None:
-        """The FSDP2 step: the per-task gradients of this rank's shards in ONE reduce-scatter, then the direction.
-
-        The K task gradients are taken with ``torch.autograd.grad`` w.r.t. the unsharded parameters
-        of the graph (FSDP2 re-gathers them as usual but, with no ``.grad`` written, reduces
-        nothing), stacked K×P and reduce-scattered once: each rank gets the global batch's K rows
-        of its columns. A weighting then needs the global Gram matrix (``G = Σ_ranks J_r J_rᵀ``,
-        one K×K all-reduce) and writes ``wᵀJ_r``; GradDrop, column by column, needs no other
-        collective: each rank combines its columns, drawing with their global indices. The
-        direction goes into the sharded ``.grad``, which FSDP2 does not reduce again.
-        """
-        params = [*self.shared_params, *self._task_params]
-        with self._timer.phase("backward"):
-            jacobian = self._sharded_task_gradients(losses, params)
-        shared_width = sum(cast(Any, p).to_local().numel() for p in self.shared_params)  # all DTensors (FSDP2Shards)
-        shared, heads = jacobian[:, :shared_width], jacobian[:, shared_width:]
-        with self._timer.phase("manipulation"):
-            if isinstance(self.aggregator, GradDrop):
-                runs = cast(FSDP2Shards, self._shards).column_runs(len(self.shared_params))
-                direction, head_weights = self.aggregator.combine_columns(shared, runs), None
-            else:  # a Weighting (checked at construction)
-                total_gram = self._ranks.sum(gram(shared))  # G = Σ_ranks J_r J_rᵀ
-                weights, head_weights = cast(Weighting, self.aggregator).direction_weights(total_gram)
-                direction = weights.to(jacobian.dtype) @ shared
-            flat = torch.cat(
-                [direction, heads.sum(0) if head_weights is None else head_weights.to(heads.dtype) @ heads]
-            )
-            offset = 0
-            for p in params:
-                p.grad = torch.zeros_like(p)
-                local = cast(Any, p.grad).to_local()
-                local.copy_(flat[offset : offset + local.numel()].view_as(local))
-                offset += local.numel()
-
-    def _sharded_task_gradients(self, losses: list[torch.Tensor], params: list[torch.Tensor]) -> torch.Tensor:
-        """J of the global batch, this rank's columns of ``params`` (K × Σ local numel): ONE reduce-scatter."""
-        shards = cast(FSDP2Shards, self._shards)
-        unsharded = shards.unsharded
-        # Batched: one vmapped backward per chunk of tasks, FSDP2 re-gathering each unit once per chunk;
-        # loop: K backwards, FSDP2 re-gathering a unit for each task's backward that reaches it.
-        flat = torch.empty(
-            len(losses), sum(p.numel() for p in unsharded), dtype=unsharded[0].dtype, device=unsharded[0].device
-        )
-        self._jacobian.gradients(losses, unsharded, False, flat)
-        sizes = [p.numel() for p in unsharded]
-        grads = [block.to(param.dtype) for block, param in zip(flat.split(sizes, dim=1), params, strict=True)]
-        return shards.reduce_scatter(grads).div_(shards.world)
-
-    def _parameter_jacobian(self, losses: list[torch.Tensor]) -> torch.Tensor:
-        """J of this rank's losses w.r.t. the shared parameters."""
-        self._check_graph(losses)
-        return self._jacobian.compute(losses, retain_graph=bool(self._task_params))
-
-    def _check_graph(self, losses: list[torch.Tensor], features: Sequence[torch.Tensor] = ()) -> None:
-        """On the host: once, whether a compiled region makes the losses (then K ordinary backwards) and features the
-        losses do not reach (raise); on a compiled model every step, that its backward may be retained."""
+    def _check_graph(self, losses: list[torch.Tensor], features: Sequence[torch.Tensor]) -> None:
+        """On the host: once, whether a compiled region makes the losses (then K ordinary backwards: the step
+        re-composed) and features the losses do not reach (raise); on a compiled model every step, that its backward
+        may be retained. Not for FSDP2 in parameter space (its sharded step takes no retained backward through a compiled
+        region)."""
+        if self.space != "representation":
+            if self._shards is not None:
+                return
+            features = ()  # the Gramian may take them as a shortcut, but the step does not need them
         if self._compiled:  # every step: the graph may run other compiled code than the last step's
             self._check_retainable(losses, features)
         if self._graph_checked:
@@ -454,6 +283,7 @@ class GradientMethod(MultiTaskMethod):
             # A compiled backward cannot run under vmap (AOTAutograd's runtime wrapper copies a
             # batched gradient into an unbatched buffer): K ordinary backwards, the same J.
             self._jacobian.use_loop()
+            self._source, self._writer = self._compose()
         for i, reached in enumerate(graph_reaches(losses, features)):
             if not reached and features[i].requires_grad:  # a detached one: TaskJacobian.of_features says so
                 raise ValueError(
@@ -466,7 +296,7 @@ class GradientMethod(MultiTaskMethod):
             self._check_retainable(losses, features)
 
     def _check_retainable(self, losses: list[torch.Tensor], features: Sequence[torch.Tensor]) -> None:
-        """Raises where a compiled region that this step back-propagates several times cannot be (README "torch.compile").
+        """Raises where a compiled region that this step back-propagates several times cannot be (docs/scaling.md, "torch.compile").
 
         A backward compiled with donated buffers overwrites the tensors the forward saved: the next
         task's backward through the same graph would silently read them (torch's own check is off
@@ -491,33 +321,6 @@ class GradientMethod(MultiTaskMethod):
                 "back a backward compiled with donated buffers, wrong here), but the environment variable "
                 "TORCHINDUCTOR_FX_GRAPH_CACHE forces it on: unset it"
             )
-
-    @staticmethod
-    def _weighted_total(losses: list[torch.Tensor], weights: torch.Tensor | None) -> torch.Tensor:
-        """``Σ_k w_k L_k`` (``Σ_k L_k`` without weights)."""
-        stacked = torch.stack(losses)
-        return stacked.sum() if weights is None else (weights.detach().to(stacked.dtype) * stacked).sum()
-
-    def _weighted_backward(self, losses: list[torch.Tensor], weights: torch.Tensor) -> None:
-        """One ordinary backward of ``Σ_k w_k L_k`` into every parameter (DDP/FSDP2 reduce it as usual)."""
-        self._weighted_total(losses, weights).backward()
-
-    def _backward_task_params(
-        self, losses: list[torch.Tensor], weights: torch.Tensor | None, retain_graph: bool
-    ) -> None:
-        """The task-specific parameters' gradients of ``Σ_k w_k L_k`` (one process; DDP and compiled models: :meth:`_parameter_step_with_heads`)."""
-        if not self._task_params:
-            return
-        with self._timer.phase("backward"):
-            grads = torch.autograd.grad(
-                self._weighted_total(losses, weights),
-                self._task_params,
-                retain_graph=retain_graph,
-                allow_unused=True,
-                materialize_grads=True,
-            )
-            for param, grad in zip(self._task_params, grads, strict=False):
-                param.grad = grad.view_as(param)
 
     def state_dict(self) -> dict:
         return self.aggregator.state_dict()

@@ -27,8 +27,8 @@ or, for the methods that need only ``G = J·Jᵀ`` (the weightings), never holds
   ``Σ_k w_k L_k``.
 
 The modes' measured time and memory (selgroup-bench's model, K = 4, 11, 32, next to TorchJD's
-engines) and the per-device defaults chosen from them (:data:`DEFAULTS`) are in the README's
-"Baselines" section. J goes into a buffer allocated once, on the parameters' device; the
+engines) and the per-device defaults chosen from them (:data:`DEFAULTS`) are in docs/baselines.md,
+"Defaults, measured". J goes into a buffer allocated once, on the parameters' device; the
 direction ``d`` into a flat buffer whose slices are the shared parameters' ``.grad``.
 
 Example::
@@ -72,7 +72,7 @@ class JacobianDefaults:
     weighting_from_tasks: int = 1
 
 
-#: The defaults per device type, chosen from measurements (README "Baselines"); one line each.
+#: The defaults per device type, chosen from measurements (docs/baselines.md, "Defaults, measured"); one line each.
 #: Other accelerators take CUDA's. CPU: one MGDA step on selgroup-bench's model was faster with
 #: the loop at K = 4 (0.90× the Gramian) and with the Gramian at K = 11 and 32 (0.91×, 0.98× the
 #: loop, and about half its memory; benchmarks/results/jacobian_cpu.md): the Gramian

@@ -31,7 +31,7 @@ def clip_weights(weights: torch.Tensor, gram: torch.Tensor, max_norm: float) -> 
     return weights * ((max_norm / largest) / (unit_norm + 1e-6 / largest)).clamp(max=1.0)
 
 
-class NashMTL(Weighting):
+class NashMTL(Weighting):  # and a ReusesWeights (selgroup_fast.methods.weighting)
     """Nash-MTL: the Nash bargaining solution ``G α = 1/α`` (elementwise), ``d = Σ_k α_k g_k``.
 
     A. Navon, A. Shamsian, I. Achituve, H. Maron, K. Kawaguchi, G. Chechik, E. Fetaya,
@@ -87,7 +87,9 @@ class NashMTL(Weighting):
         self.alpha = ops.nash_mtl_weights(gram, self.alpha.to(gram.dtype), **self.options)
         return self.alpha
 
-    def direction_weights(self, gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def direction_weights(
+        self, gram: torch.Tensor, losses: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         alpha = self.weights(gram)
         return clip_weights(alpha, gram, self.max_norm), alpha  # the authors clip the shared gradient only
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Callable
-from typing import Any, ClassVar
+from dataclasses import dataclass
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
 
@@ -48,7 +49,7 @@ def validated_op_options(op: Callable[..., torch.Tensor], *args: torch.Tensor, *
 
 
 # The methods of an aggregator that compute a result (see Aggregator.__init_subclass__).
-_RESULT_METHODS = ("combine", "combine_columns", "weights", "direction_weights")
+_RESULT_METHODS = ("combine", "combine_columns", "weights", "weights_with", "direction_weights")
 
 
 class Aggregator(SavedState, abc.ABC):
@@ -56,7 +57,8 @@ class Aggregator(SavedState, abc.ABC):
 
     Args:
         num_tasks: K.
-        device, dtype: where the method's state lives (the shared parameters').
+        device: where the method's state lives (the shared parameters').
+        dtype: the dtype of its state (the shared parameters').
 
     Subclasses implement :meth:`combine`; :meth:`__call__` returns its direction.
 
@@ -78,8 +80,6 @@ class Aggregator(SavedState, abc.ABC):
     #: Whether the heads get ``Σ_k w_k ∇L_k`` (the authors back-propagate the weighted loss)
     #: instead of ``Σ_k ∇L_k``.
     weights_task_params: ClassVar[bool] = False
-    #: The norm the shared gradient is clipped to (0: never); see Nash-MTL.
-    max_norm: float = 0.0
 
     def __init__(self, num_tasks: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> None:
         self.num_tasks = check_int("num_tasks", num_tasks)
@@ -99,30 +99,80 @@ class Aggregator(SavedState, abc.ABC):
             raise ValueError(f"{self.name}: expected {self.num_tasks} rows of task gradients, got {jacobian.shape[0]}")
         return self.combine(jacobian)[0]
 
+
+@runtime_checkable
+class ReusesWeights(Protocol):
+    """An aggregator that some training steps skip: it hands back its last weights instead (Nash-MTL).
+
+    The gradient step checks for it once, at construction (:class:`~.gradient.GradientMethod`):
+    on a reused step it does ONE ordinary backward of ``Σ_k w_k L_k`` and clips the shared
+    gradient to :attr:`max_norm`, with no task gradients.
+    """
+
+    #: The norm the shared gradient is clipped to on a reused step (0: never).
+    max_norm: float
+
     def reused_weights(self) -> torch.Tensor | None:
         """Called once per training step: weights to reuse without task gradients, or ``None`` (compute them)."""
-        return None
+
+
+#: What a weighting may read besides G (:attr:`Weighting.needs`): the K task losses (loss-aware methods),
+#: a cross-batch Gram matrix (two batches: MoDo, SDMGrad), per-block Gram matrices (per layer: GradVac).
+WEIGHTING_INPUTS: tuple[str, ...] = ("losses", "cross_gram", "block_grams")
+
+
+@dataclass(frozen=True)
+class WeightingInputs:
+    """What a weighting reads: G always, the rest as its :attr:`Weighting.needs` declares (``None`` otherwise).
+
+    ``losses``: the K detached losses of the (global) batch.
+    """
+
+    gram: torch.Tensor
+    losses: torch.Tensor | None = None
 
 
 class Weighting(Aggregator):
-    """An aggregator whose direction is ``d = wᵀJ``, ``w`` a function of ``G = J Jᵀ`` only.
+    """An aggregator whose direction is ``d = wᵀJ``, ``w`` a function of ``G = J Jᵀ`` (and what :attr:`needs` names).
 
-    Subclasses implement :meth:`weights`; the Gramian path of the training step calls
-    :meth:`direction_weights` on a Gram matrix accumulated without ``J``.
+    Subclasses implement :meth:`weights` (G only) or, declaring :attr:`needs`, :meth:`weights_with`;
+    the Gramian path of the training step calls :meth:`direction_weights` on a Gram matrix
+    accumulated without ``J``.
     """
+
+    #: The one place a weighting says what it reads besides G (names of :data:`WEIGHTING_INPUTS`); the
+    #: training step provides exactly these (nothing, at no cost, for the G-only ones).
+    needs: ClassVar[frozenset[str]] = frozenset()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        unknown = sorted(set(cls.needs) - set(WEIGHTING_INPUTS))
+        if unknown:
+            raise TypeError(f"{cls.__name__}.needs names unknown inputs {unknown}; known: {list(WEIGHTING_INPUTS)}")
 
     @abc.abstractmethod
     def weights(self, gram: torch.Tensor) -> torch.Tensor:
         """The K task weights for the Gram matrix ``gram`` (K×K), with this object's options and state."""
 
-    def direction_weights(self, gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def weights_with(self, inputs: WeightingInputs) -> torch.Tensor:
+        """The K task weights from what :attr:`needs` declares; by default :meth:`weights` of G."""
+        return self.weights(inputs.gram)
+
+    def direction_weights(
+        self, gram: torch.Tensor, losses: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The weights of the direction and those of the heads (``None``: all ones)."""
-        weights = self.weights(gram)
+        weights = self.weights_with(WeightingInputs(gram, losses))
         return weights, (weights if self.weights_task_params else None)
 
     def combine(
         self, jacobian: torch.Tensor, out: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.needs:
+            raise ValueError(
+                f"{self.name} reads {', '.join(sorted(self.needs))} besides the task gradients: "
+                "train it with a gradient method's step, or call direction_weights"
+            )
         direction_weights, head_weights = self.direction_weights(gram(jacobian))
         direction_weights = direction_weights.to(jacobian.dtype)
         if out is None:

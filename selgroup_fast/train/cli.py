@@ -17,6 +17,7 @@ from typing import Any, NoReturn
 import torch.distributed as dist
 
 from ..checks import positive_int_arg
+from ..cli_common import UsageError
 from ..tasks import PRESETS
 from .config import (
     AMP_MODES,
@@ -168,7 +169,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"baseline written to {config.out}/baseline.json", file=sys.stderr)
         else:
             fit(config)
-    except (TrainError, DataError) as error:
+    except (UsageError, DataError) as error:  # a TrainError, or --device's UsageError
         print(f"error: {error}", file=sys.stderr)
         return 2
     except NonFiniteLoss as error:

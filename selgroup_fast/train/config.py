@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from ..cli_common import MachineDefaults, UsageError
+
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("poly", "constant")
 AMP_MODES = ("off", "bf16", "fp16")
@@ -22,26 +24,22 @@ AMP_MODES = ("off", "bf16", "fp16")
 ON_NONFINITE = {"stop": "raise", "skip": "skip", "propagate": "propagate"}
 
 
-class TrainError(ValueError):
+class TrainError(UsageError):
     """Bad input to the trainer (a flag, a task, a file): the CLI prints it as one ``error:`` line."""
 
 
 @dataclass(frozen=True)
-class MachineDefaults:
-    """What a run uses for the fields left at ``None``."""
+class TrainDefaults(MachineDefaults):
+    """What a run uses for the fields left at ``None``: the model's size and the training's length."""
 
-    backbone: str
-    img_size: int
-    patch_size: int
     iters: int
     lr: float
     weight_decay: float
     checkpoint_every: int
     workers: int
-    note: str
 
 
-CPU_DEFAULTS = MachineDefaults(
+CPU_DEFAULTS = TrainDefaults(
     backbone="test_vit",
     img_size=32,
     patch_size=8,
@@ -54,7 +52,7 @@ CPU_DEFAULTS = MachineDefaults(
     "(a randomly initialised encoder learns little in 300 steps at the paper's 2e-5), so that the run takes "
     "under 3 minutes on 2 cores; on a GPU the defaults are the paper's Table C.1 settings",
 )
-GPU_DEFAULTS = MachineDefaults(
+GPU_DEFAULTS = TrainDefaults(
     backbone="vit_small_patch16_224",
     img_size=224,
     patch_size=16,
@@ -141,21 +139,6 @@ def unknown_option(error: TypeError) -> str | None:
     if "unexpected keyword argument" not in message:
         return None
     return message.split("unexpected keyword argument")[-1].strip(" '\"")
-
-
-def resolve_device(name: str | None) -> torch.device:
-    """The device named by ``--device`` (default: cuda when available), refused when absent."""
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise TrainError(f"--device: unknown device {name!r} (use cpu, cuda or cuda:N)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise TrainError(f"--device {name}: no CUDA GPU is visible to torch")
-    if device.type not in ("cpu", "cuda"):
-        raise TrainError(f"--device {name}: only cpu and cuda are supported")
-    return device
 
 
 def resolve(config: TrainConfig, device: torch.device) -> tuple[TrainConfig, str | None]:

@@ -28,11 +28,11 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from .. import methods
-from ..bench.model import MultiTaskViT
-from ..bench.report import environment
+from ..cli_common import environment, resolve_device
+from ..models import MultiTaskViT
 from ..tasks import PRESETS, TASKS, Task, TaskSpec, task_losses
 from . import checkpoint
-from .config import ON_NONFINITE, TrainConfig, TrainError, resolve, resolve_device, unknown_option
+from .config import ON_NONFINITE, TrainConfig, TrainError, resolve, unknown_option
 from .report import TensorBoardLog, append_jsonl, summary_table, write_json, write_plots
 
 #: ``loss_fn(outputs, targets, tasks) -> K scalar losses`` (outputs and targets in task order).
@@ -218,7 +218,7 @@ def _build_method(
     shared_parameters = getattr(model, "shared_parameters", None)
     shared = shared_parameters() if callable(shared_parameters) else None
     # Each task's own parameters, where the model says them: a compiled model's graph hides them
-    # (README, "Scaling out").
+    # (docs/scaling.md).
     task_parameters = getattr(model, "task_parameters", None)
     if callable(task_parameters):
         options.setdefault("task_params", task_parameters())

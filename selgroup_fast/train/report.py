@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from ..bench.report import text_table
+from ..cli_common import pyplot, text_table
 
 
 def write_json(path: Path, record: dict[str, Any]) -> None:
@@ -47,17 +47,8 @@ class TensorBoardLog:
             self._writer.close()
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _heat_map(matrix: np.ndarray, names: list[str], title: str, label: str, path: Path, symmetric: bool) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     size = 1.2 + 0.55 * len(names)
     fig, ax = plt.subplots(figsize=(size + 1.5, size))
     limit = float(np.abs(matrix).max()) or 1.0
@@ -78,7 +69,7 @@ def write_plots(
     out: Path, names: list[str], history: dict[str, Any], affinity: np.ndarray, cogrouping: np.ndarray
 ) -> list[str]:
     """The selective method's figures (the paper's Figures 3 and 4c) as PNG files; returns their names."""
-    plt = _pyplot()
+    plt = pyplot()
     _heat_map(
         affinity, names, "final proximal inter-task affinity A[source, target]", "affinity", out / "affinity.png", True
     )

@@ -1,4 +1,4 @@
-"""The benchmark's multi-task model: the paper's ViT encoder with one single-conv decoder per task.
+"""The paper's multi-task model: a ViT encoder with one single-conv decoder per task (the bench's and the trainer's).
 
 Jeong & Yoon (ICLR 2025), Appendix C / Table C.1: a ViT encoder shared by all tasks
 and, as each task's decoder, a single convolution producing a dense map. Here the
@@ -55,7 +55,7 @@ class MultiTaskViT(nn.Module):
     Example::
 
         >>> import torch
-        >>> from selgroup_fast.bench import MultiTaskViT, parse_tasks
+        >>> from selgroup_fast.models import MultiTaskViT, parse_tasks
         >>> model = MultiTaskViT(parse_tasks("nyud"), "vit_tiny_patch16_224", img_size=32, patch_size=8)
         >>> [tuple(out.shape) for out in model(torch.randn(2, 3, 32, 32))]
         [(2, 40, 32, 32), (2, 1, 32, 32), (2, 3, 32, 32), (2, 2, 32, 32)]
@@ -134,7 +134,7 @@ def vit_bench_model(
     Example::
 
         >>> import torch
-        >>> from selgroup_fast.bench import ModelRequest, vit_bench_model
+        >>> from selgroup_fast.models import ModelRequest, vit_bench_model
         >>> built = vit_bench_model(ModelRequest(tasks="3", batch_size=2), backbone="test_vit", img_size=32)
         >>> losses, features = built.closure()  # the K losses and the encoder's output z
         >>> built.task_names, len(losses), tuple(features.shape)

@@ -1,9 +1,9 @@
-"""What selgroup-bench times: a model factory's :class:`BenchModel` (the built-in ViT or the user's own).
+"""The user-model protocol: a model factory and the :class:`BenchModel` it returns (what selgroup-bench times).
 
 A *model factory* is any callable ``factory(request: ModelRequest) -> BenchModel``.
 ``selgroup-bench --model package.module:factory`` imports it (the current directory
 is searched first, as ``python -m`` does); the default is the built-in ViT,
-:func:`selgroup_fast.bench.model.vit_bench_model`. Example of a factory::
+:func:`selgroup_fast.models.vit_bench_model`. Example of a factory::
 
     def my_bench(request):
         torch.manual_seed(request.seed)
@@ -83,12 +83,12 @@ ModelFactory = Callable[[ModelRequest], BenchModel]
 def load_factory(spec: str) -> ModelFactory:
     """The factory named by ``package.module:attribute`` (``attribute`` may be dotted, e.g. ``Class.method``).
 
-    >>> load_factory("selgroup_fast.bench.model:vit_bench_model").__name__
+    >>> load_factory("selgroup_fast.models:vit_bench_model").__name__
     'vit_bench_model'
-    >>> load_factory("selgroup_fast.bench.model")
+    >>> load_factory("selgroup_fast.models")
     Traceback (most recent call last):
         ...
-    selgroup_fast.bench.factory.ModelError: --model must be 'package.module:factory', got 'selgroup_fast.bench.model'
+    selgroup_fast.models.factory.ModelError: --model must be 'package.module:factory', got 'selgroup_fast.models'
     """
     module_name, _, attribute = spec.partition(":")
     names = [*module_name.split("."), *attribute.split(".")]
@@ -121,7 +121,7 @@ def build_model(factory: ModelFactory, request: ModelRequest) -> BenchModel:
     built = factory(request)
     if not isinstance(built, BenchModel):
         raise ModelError(
-            f"the factory {name} returned a {type(built).__name__}, expected a selgroup_fast.bench.BenchModel"
+            f"the factory {name} returned a {type(built).__name__}, expected a selgroup_fast.models.BenchModel"
         )
     if not isinstance(built.model, nn.Module):
         raise ModelError(f"{name}: BenchModel.model must be a torch.nn.Module, got {type(built.model).__name__}")
