@@ -9,16 +9,20 @@ the authors work on J, independently of the kernels' formulation through G = J·
   interior-point QP on J (cvxpy with the Clarabel solver).
 - CAGrad: scipy.optimize.minimize (SLSQP) on the authors' objective, called as they
   call it (Cranial-XIX/CAGrad, nash-mtl's CAGrad).
-- IMTL-G: the authors' closed form on J with numpy.linalg.solve.
+- IMTL-G: its conditions (equal projections on the unit gradients, Σ w = 1) solved by
+  numpy's pseudo-inverse, anchor-free (the authors' closed form where it is unique).
 - Aligned-MTL: the authors' ProcrustesSolver with numpy.linalg.eigh, its rank cut at
   the epsilon of the gradients' dtype.
-- Nash-MTL: scipy.optimize.root on G·α = 1/α (the fixed point the authors' cvxpy
+- Nash-MTL: damped Newton in float64 on G·α = 1/α (the fixed point the authors' cvxpy
   loop approaches).
 - GradDrop: a readable torch version (Chen et al. 2020), with the uniforms drawn by
   a NumPy SplitMix64 of (seed, offset, column).
 """
 
 from __future__ import annotations
+
+import warnings
+from typing import Any
 
 import numpy as np
 import scipy.optimize
@@ -80,19 +84,6 @@ def mgda_weights(jacobian: np.ndarray, max_iter: int = 250, tol: float = 1e-5) -
     return w
 
 
-def mgda_min_norm_point(jacobian: np.ndarray) -> np.ndarray:
-    """argmin ‖wᵀ·J‖² over the simplex by Clarabel's interior-point method (via cvxpy), on J.
-
-    Tolerances 1e-12 (the defaults, 1e-8, are too loose to judge a solver exact to 1e-9).
-    """
-    import cvxpy
-
-    w = cvxpy.Variable(jacobian.shape[0])
-    problem = cvxpy.Problem(cvxpy.Minimize(cvxpy.sum_squares(jacobian.T @ w)), [w >= 0, cvxpy.sum(w) == 1])
-    problem.solve(solver=cvxpy.CLARABEL, tol_gap_abs=1e-12, tol_gap_rel=1e-12, tol_feas=1e-12, max_iter=500)
-    return np.asarray(w.value)
-
-
 def cagrad_weights(jacobian: np.ndarray, c: float = 0.4, rescale: int = 1, ftol: float | None = None) -> np.ndarray:
     """The authors' CAGrad: SLSQP from x = 1/K on their objective (their 1e-8 terms
     included), then w with d = wᵀ·J = (g0 + λ·g_x) / s. ``ftol=None`` is their call
@@ -122,6 +113,23 @@ def cagrad_weights(jacobian: np.ndarray, c: float = 0.4, rescale: int = 1, ftol:
     return (b + lam * x) / scale
 
 
+def cagrad_dual_point(jacobian: np.ndarray, c: float) -> tuple[np.ndarray, np.ndarray]:
+    """The authors' inner problem (their 1e-8 terms included) by Clarabel and their formula, rescale=0, in
+    float64: the weights 1/K + λ·x and the simplex point x."""
+    import cvxpy as cp
+
+    grads = jacobian.astype(np.float64)
+    K = grads.shape[0]
+    gram = grads @ grads.T
+    radius = c * np.sqrt(gram.mean() + 1e-8) + 1e-8
+    x = cp.Variable(K)
+    objective = x @ (gram.sum(axis=1) / K) + radius * cp.norm(cp.hstack([grads.T @ x, np.array([1e-4])]))
+    cp.Problem(cp.Minimize(objective), [x >= 0, cp.sum(x) == 1]).solve(solver=cp.CLARABEL)
+    point = np.clip(x.value, 0.0, None)
+    point /= point.sum()
+    return 1.0 / K + radius / (np.linalg.norm(point @ grads) + 1e-8) * point, point
+
+
 def cagrad_objective(gram: np.ndarray, x: np.ndarray, c: float) -> float:
     """The authors' CAGrad objective at x (to compare solvers by the value they reach)."""
     K = gram.shape[0]
@@ -130,14 +138,23 @@ def cagrad_objective(gram: np.ndarray, x: np.ndarray, c: float) -> float:
 
 
 def imtl_weights(jacobian: np.ndarray) -> np.ndarray:
-    """IMTL-G's closed form on J: α = (g_0·Uᵀ)(D·Uᵀ)⁻¹, w = [1 − Σα, α]."""
+    """IMTL-G's conditions, u_k·d equal for all k and Σ w = 1, solved by numpy's pseudo-inverse in the unit
+    gradients' weights ŵ = ‖g_k‖·w_k (least ‖ŵ‖ where they do not fix the solution: anchor-free, so it permutes
+    with the tasks; the authors' closed form where it is unique); zero gradients get 0."""
     grads = jacobian.astype(np.float64)
-    units = grads / np.linalg.norm(grads, axis=1, keepdims=True)
-    D = grads[:1] - grads[1:]
-    U = units[:1] - units[1:]
-    # α·(D·Uᵀ) = g_0·Uᵀ  ⇔  (D·Uᵀ)ᵀ·αᵀ = (g_0·Uᵀ)ᵀ
-    alpha = np.linalg.solve((D @ U.T).T, grads[0] @ U.T)
-    return np.concatenate([[1 - alpha.sum()], alpha])
+    norms = np.linalg.norm(grads, axis=1)
+    active = norms > 0
+    if not active.any():  # J = 0: every direction is zero, the weights 1/K (the op's)
+        return np.full(len(grads), 1.0 / len(grads))
+    units = grads[active] / norms[active, None]
+    m = len(units)
+    cosines = units @ units.T
+    system = np.vstack([(np.eye(m) - 1.0 / m) @ cosines, 1.0 / norms[active][None]])
+    rhs = np.zeros(m + 1)
+    rhs[-1] = 1.0
+    weights = np.zeros(len(grads))
+    weights[active] = np.linalg.pinv(system, rcond=1e-10) @ rhs / norms[active]
+    return weights
 
 
 def aligned_mtl_weights(jacobian: np.ndarray, dtype: type = np.float64) -> np.ndarray:
@@ -151,28 +168,35 @@ def aligned_mtl_weights(jacobian: np.ndarray, dtype: type = np.float64) -> np.nd
     eigenvalues, basis = np.linalg.eigh(gram)
     tol = eigenvalues.max() * max(gram.shape) * np.finfo(dtype).eps
     kept = eigenvalues > tol
+    if not kept.any():  # G = 0: every direction is zero
+        return np.zeros(gram.shape[0])
     eigenvalues, basis = eigenvalues[kept], basis[:, kept]
     W = basis @ np.diag(np.sqrt(eigenvalues.min() / eigenvalues)) @ basis.T
     return W.sum(axis=1)
 
 
 def nash_mtl_weights(gram: np.ndarray) -> np.ndarray:
-    """α > 0 with G·α = 1/α, by scipy root-finding (Powell's hybrid method) on G·α − 1/α."""
+    """α > 0 with G·α = 1/α: damped Newton in float64 on the strictly convex ½αᵀGα − Σ log α, whose stationary
+    point that is, from α = 1/√diag(G) (the answer for orthogonal gradients), steps halved until α stays positive
+    and the objective decreases. Exists where no w ≥ 0, w ≠ 0 has wᵀJ = 0 (asserted by the residual)."""
     gram = gram.astype(np.float64)
-    K = gram.shape[0]
+    alpha = 1.0 / np.sqrt(gram.diagonal())
 
-    def residual(alpha: np.ndarray) -> np.ndarray:
-        return gram @ alpha - 1.0 / alpha
+    def objective(a: np.ndarray) -> float:
+        return float(0.5 * a @ gram @ a - np.log(a).sum())
 
-    def jacobian(alpha: np.ndarray) -> np.ndarray:
-        return gram + np.diag(1.0 / alpha**2)
-
-    start = np.full(K, np.sqrt(K / gram.sum()))  # the best multiple of 1
-    solution = scipy.optimize.root(residual, start, jac=jacobian, method="hybr", tol=1e-14)
-    # hybr may report that it cannot improve further once at machine precision:
-    # judge the answer by its residual instead of the flag.
-    alpha = solution.x
-    assert np.all(alpha > 0) and np.abs(residual(alpha) * alpha).max() < 1e-9, solution.message
+    for _ in range(200):
+        gradient = gram @ alpha - 1.0 / alpha
+        step = np.linalg.solve(gram + np.diag(1.0 / alpha**2), -gradient)
+        length = 1.0
+        while np.any(alpha + length * step <= 0) or objective(alpha + length * step) > objective(alpha):
+            length /= 2
+            if length < 1e-30:
+                break
+        alpha = alpha + length * step
+        if np.abs((gram @ alpha) * alpha - 1).max() < 1e-13:
+            break
+    assert np.all(alpha > 0) and np.abs((gram @ alpha) * alpha - 1).max() < 1e-9, "no bargaining solution"
     return alpha
 
 
@@ -205,3 +229,69 @@ def graddrop_update(jacobian: torch.Tensor, leak: torch.Tensor, seed: int, offse
     mask = torch.where(keep_positive, grads > 0, grads < 0).double()  # K×P
     leak = leak.double()[:, None]
     return ((leak + (1 - leak) * mask) * grads).sum(0)
+
+
+# Exact references: the methods' own problems solved to float64 precision by other means than the kernels'
+# (an interior-point solver, Clarabel through cvxpy, polished on its active set; pinv; eigh). Clarabel is asked
+# for 1e-12 gaps; where it stops short of them on a badly scaled input it says "inaccurate" (a cvxpy warning,
+# silenced: the tests judge the answer, MGDA's after its polish).
+
+
+def _solve(problem: Any) -> None:
+    import cvxpy as cp
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Solution may be inaccurate")
+        problem.solve(solver=cp.CLARABEL, tol_gap_abs=1e-12, tol_gap_rel=1e-12, tol_feas=1e-12, max_iter=500)
+    assert problem.status in ("optimal", "optimal_inaccurate"), problem.status
+
+
+def min_norm_point(jacobian: np.ndarray) -> np.ndarray:
+    """MGDA's direction: the minimum-norm point d* = Jᵀw* of the rows' convex hull (unique even where w* is not).
+
+    Clarabel solves min ‖Jᵀw‖ over the simplex (the norm, not its square: the solver sees the rows' scale, not
+    its square); the answer is then polished on its support S, where the KKT conditions are the linear system
+    G_SS w_S = μ·1, Σ w_S = 1 (least squares: G_SS may be singular, d is not). The polished point is kept when
+    it is feasible and violates the KKT conditions g_k·d ≥ ‖d‖² no more (their lengths agree to rounding).
+    """
+    import cvxpy as cp
+
+    grads = np.asarray(jacobian, dtype=np.float64)
+    K = grads.shape[0]
+    scale = max(np.abs(grads).max(), np.finfo(np.float64).tiny)
+    w = cp.Variable(K)
+    problem = cp.Problem(cp.Minimize(cp.norm(grads.T @ w / scale, 2)), [w >= 0, cp.sum(w) == 1])
+    _solve(problem)
+    weights = np.clip(np.asarray(w.value, dtype=np.float64), 0, None)
+    weights /= weights.sum()
+    best = grads.T @ weights
+    support = weights > 1e-6 * weights.max()
+    gram = grads[support] @ grads[support].T
+    size = int(support.sum())
+    system = np.block([[gram, -np.ones((size, 1))], [np.ones((1, size)), np.zeros((1, 1))]])
+    solution = np.linalg.lstsq(system, np.concatenate([np.zeros(size), [1.0]]), rcond=None)[0]
+    if np.all(solution[:size] >= 0):
+        polished = np.zeros(K)
+        polished[support] = solution[:size]
+        direction = grads.T @ polished
+
+        def violation(d: np.ndarray) -> float:  # of the simplex KKT conditions g_k·d ≥ ‖d‖²
+            return max(0.0, float(d @ d - (grads @ d).min()))
+
+        if violation(direction) <= violation(best):
+            best = direction
+    return best
+
+
+def cagrad_optimum(jacobian: np.ndarray, c: float) -> float:
+    """CAGrad's primal value max_d min_k g_k·d over the ball ‖d − g0‖ ≤ c‖g0‖ (g0 the mean gradient), by Clarabel."""
+    import cvxpy as cp
+
+    grads = np.asarray(jacobian, dtype=np.float64)
+    scale = max(np.abs(grads).max(), np.finfo(np.float64).tiny)
+    grads = grads / scale
+    g0 = grads.mean(axis=0)
+    d, t = cp.Variable(grads.shape[1]), cp.Variable()
+    problem = cp.Problem(cp.Maximize(t), [grads @ d >= t, cp.norm(d - g0, 2) <= c * np.linalg.norm(g0)])
+    _solve(problem)
+    return float(problem.value) * scale**2

@@ -1,7 +1,8 @@
 """CAGrad, Nash-MTL and IMTL on singular and badly scaled Gram matrices (issue 20, items 3 and 5).
 
-Each op against an independent reference written here: CAGrad's inner problem by cvxpy + Clarabel, Nash-MTL's
-G·α = 1/α by Newton in float64, IMTL's conditions by numpy's pseudo-inverse; and the properties the methods claim
+Each op against an independent reference of tests/manipulation_reference.py: CAGrad's inner problem by cvxpy +
+Clarabel, Nash-MTL's G·α = 1/α by Newton in float64 (its badly scaled rows: the property harness,
+tests/test_weighting_properties.py), IMTL's conditions by numpy's pseudo-inverse; and the properties the methods claim
 on the degenerate families (rank-1 20×100 with mixed signs, duplicated rows, zero rows; float32 and float64) and on
 badly scaled rows (one row × s, another × 1/√s).
 """
@@ -9,6 +10,7 @@ badly scaled rows (one row × s, another × 1/√s).
 from __future__ import annotations
 
 import cvxpy as cp
+import manipulation_reference as reference
 import numpy as np
 import pytest
 import torch
@@ -53,35 +55,14 @@ def _gram(J: np.ndarray, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor
 # ---- CAGrad --------------------------------------------------------------------------------
 
 
-def _cagrad_objective(J: np.ndarray, c: float, x: np.ndarray) -> float:
-    """The authors' dual objective xᵀ·G·1/K + radius·sqrt(xᵀ·G·x + 1e-8), in float64."""
-    G = J @ J.T
-    radius = c * np.sqrt(G.mean() + 1e-8) + 1e-8
-    return float(x @ G.sum(axis=1) / len(J) + radius * np.sqrt(x @ G @ x + 1e-8))
-
-
-def _cagrad_reference(J: np.ndarray, c: float) -> tuple[np.ndarray, np.ndarray]:
-    """The authors' inner problem by Clarabel and their formula (ops.cagrad_weights, rescale=0), in float64:
-    the weights and the simplex point x."""
-    K = J.shape[0]
-    G = J @ J.T
-    radius = c * np.sqrt(G.mean() + 1e-8) + 1e-8
-    x = cp.Variable(K)
-    objective = x @ (G.sum(axis=1) / K) + radius * cp.norm(cp.hstack([J.T @ x, np.array([1e-4])]))
-    cp.Problem(cp.Minimize(objective), [x >= 0, cp.sum(x) == 1]).solve(solver=cp.CLARABEL)
-    point = np.clip(x.value, 0.0, None)
-    point /= point.sum()
-    return 1.0 / K + radius / (np.linalg.norm(point @ J) + 1e-8) * point, point
-
-
 def _assert_cagrad_exact(J: np.ndarray, c: float) -> np.ndarray:
     # The op's simplex point x = (w − 1/K)/Σ(w − 1/K) is at least as good as the interior-point solver's (whose
     # gaps, 1e-8, leave its x ~1e-6 off), and the updates agree to that solver's accuracy.
     weights = ops.cagrad_weights(torch.tensor(J @ J.T), c=c, rescale=0).numpy()
-    expected, point = _cagrad_reference(J, c)
+    expected, point = reference.cagrad_dual_point(J, c)
     ours = (weights - 1.0 / len(J)) / (weights - 1.0 / len(J)).sum()
-    reference_objective = _cagrad_objective(J, c, point)
-    assert _cagrad_objective(J, c, ours) <= reference_objective + 1e-13 * abs(reference_objective)
+    reference_objective = reference.cagrad_objective(J @ J.T, point, c)
+    assert reference.cagrad_objective(J @ J.T, ours, c) <= reference_objective + 1e-13 * abs(reference_objective)
     np.testing.assert_allclose(weights @ J, expected @ J, atol=1e-4 * np.linalg.norm(expected @ J))
     return weights @ J
 
@@ -140,35 +121,6 @@ def test_cagrad_is_torchjd_times_k_over_one_plus_c_squared(c):
 # ---- Nash-MTL ------------------------------------------------------------------------------
 
 
-def _nash_reference(G: np.ndarray) -> np.ndarray:
-    """α > 0 with G·α = 1/α by damped Newton on ½αᵀGα − Σ log α in float64, run to a residual of 1e-13."""
-    alpha = 1.0 / np.sqrt(np.diag(G))
-
-    def potential(a: np.ndarray) -> float:
-        return 0.5 * a @ G @ a - np.log(a).sum()
-
-    for _ in range(200):
-        gradient = G @ alpha - 1.0 / alpha
-        if np.abs(alpha * (G @ alpha) - 1.0).max() < 1e-13:
-            return alpha
-        step = -np.linalg.solve(G + np.diag(1.0 / alpha**2), gradient)
-        t = 1.0
-        while np.any(alpha + t * step <= 0) or (
-            t > 1e-3 and potential(alpha + t * step) > potential(alpha) + 0.25 * t * gradient @ step
-        ):
-            t /= 2
-        alpha = alpha + t * step
-    raise AssertionError("the reference Newton did not converge")
-
-
-@pytest.mark.parametrize("scale", [1.0, 10.0, 1e3, 1e4])
-def test_nash_mtl_matches_newton_on_badly_scaled_rows(scale):
-    for seed in range(4):
-        G = _scaled(seed, scale) @ _scaled(seed, scale).T
-        alpha = ops.nash_mtl_weights(torch.tensor(G), torch.ones(6, dtype=torch.float64)).numpy()
-        np.testing.assert_allclose(alpha, _nash_reference(G), rtol=1e-9)
-
-
 def test_nash_mtl_solves_singular_grams_that_have_a_solution():
     # Duplicated rows: 1/α lies in G's range with α equal on the copies, so a solution exists (G singular).
     J = np.random.default_rng(5).standard_normal((4, 30))
@@ -182,7 +134,7 @@ def test_nash_mtl_solves_singular_grams_that_have_a_solution():
     G = J @ J.T
     alpha = ops.nash_mtl_weights(torch.tensor(G), torch.ones(5, dtype=torch.float64)).numpy()
     assert np.isfinite(alpha[4]) and alpha[4] > 0
-    np.testing.assert_allclose(alpha[:4], _nash_reference(G[:4, :4]), rtol=1e-9)
+    np.testing.assert_allclose(alpha[:4], reference.nash_mtl_weights(G[:4, :4]), rtol=1e-9)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -205,22 +157,6 @@ def test_nash_mtl_clip_does_not_overflow(dtype):
 # ---- IMTL ----------------------------------------------------------------------------------
 
 
-def _imtl_reference(J: np.ndarray) -> np.ndarray:
-    """IMTL-G's conditions, u_k·d equal for all k and Σ w = 1, solved by numpy's pseudo-inverse in the unit
-    gradients' weights ŵ = ‖g_k‖·w_k (least ‖ŵ‖ where they do not fix the solution); zero gradients get 0."""
-    norms = np.linalg.norm(J, axis=1)
-    active = norms > 0
-    units = J[active] / norms[active, None]
-    m = len(units)
-    cosines = units @ units.T
-    system = np.vstack([(np.eye(m) - 1.0 / m) @ cosines, 1.0 / norms[active][None]])
-    rhs = np.zeros(m + 1)
-    rhs[-1] = 1.0
-    weights = np.zeros(len(J))
-    weights[active] = np.linalg.pinv(system, rcond=1e-10) @ rhs / norms[active]
-    return weights
-
-
 IMTL_INPUTS = {
     "rank1 20x10": lambda: (
         np.random.default_rng(6).standard_normal(20)[:, None] * np.random.default_rng(7).standard_normal(10)
@@ -241,7 +177,7 @@ def test_imtl_is_the_pseudo_inverse_solution_and_permutes_with_the_tasks(name, d
     tolerance = 1e-9 if dtype == torch.float64 else 1e-4
     _, G = _gram(J, dtype)
     weights = ops.imtl_weights(G).double().numpy()
-    expected = _imtl_reference(J)
+    expected = reference.imtl_weights(J)
     size = np.abs(expected * np.linalg.norm(J, axis=1)).max()  # the weights' scale on the gradients
     np.testing.assert_allclose(
         weights * np.linalg.norm(J, axis=1), expected * np.linalg.norm(J, axis=1), atol=tolerance * size

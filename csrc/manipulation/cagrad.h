@@ -3,13 +3,20 @@
 //
 // The authors' dual problem (Cranial-XIX/CAGrad, and nash-mtl's CAGrad), with
 // b = 1/K (g0 = bᵀ·J is the mean gradient):
-//   x* = argmin_{x ∈ simplex} f(x) = xᵀ·G·b + radius·sqrt(xᵀ·G·x + 1e-8),
-//   radius = c·‖g0‖ + 1e-8,  ‖g0‖ = sqrt(mean(G) + 1e-8),
-// then d = g0 + λ·g_x with g_x = x*ᵀ·J and λ = radius / (‖g_x‖ + 1e-8), i.e.
+//   x* = argmin_{x ∈ simplex} f(x) = xᵀ·G·b + radius·sqrt(xᵀ·G·x + δ²),
+//   radius = c·‖g0‖ + δ,  ‖g0‖ = sqrt(mean(G) + δ²),
+// then d = g0 + λ·g_x with g_x = x*ᵀ·J and λ = radius / (‖g_x‖ + δ), i.e.
 //   w = b + λ·x*,  divided by (1 + c²) when rescale = 1 (the authors' default),
 //   by (1 + c) when rescale = 2, as is when rescale = 0.
-// The 1e-8 regularisers are the authors'; they are kept so that the objective,
-// hence the weights, are theirs (the authors call scipy's SLSQP on it).
+// The authors' regulariser δ is an absolute 1e-8 (δ² = 1e-8 under the square
+// roots): at gradient norms far from 1 it is not small against ‖g_x‖, which is as
+// short as the hull's shortest points, and λ·g_x, hence the improvement of the
+// smallest task, came out wrong (relative 1e-6 at a norm ratio of 10⁴). Here δ is
+// relative to G's scale, ε·max_k ‖g_k‖ (ε double's: a norm below it is zero to the
+// solver's precision), floored at 1e-150 so that δ² is still a double: the update
+// is scale-equivariant and, where ‖g_x‖ ≫ δ, the regularisers are negligible. At
+// unit-norm gradients the objective differs from the authors' by ~1e-8 relative.
+// Where ‖g_x‖ is below its rounding level from G (zero in the hull), λ = 0: d = g0.
 //
 // The primal problem is max_d min_k g_k·d over the ball ‖d − g0‖ ≤ c·‖g0‖. For
 // c ≥ 1 the ball holds d = 0, whose worst improvement is 0; where zero lies in the
@@ -43,8 +50,8 @@ struct CAGradWeights {
   int max_iter;
   double tol;
 
-  // The authors' regulariser of the norms.
-  static constexpr double kEpsilon = 1e-8;
+  // δ's floor: its square, 1e-300, is still a double.
+  static constexpr double kRegulariserFloor = 1e-150;
   // At most this many doublings of the Lipschitz estimate per step: 2^60 covers
   // any start in double range.
   static constexpr int kMaxBacktracking = 60;
@@ -77,7 +84,10 @@ struct CAGradWeights {
     for (int i = 0; i < K * K; ++i) mean_gram += G[i];
     mean_gram /= static_cast<double>(K) * K;
     for (int i = 0; i < K; ++i) max_diagonal = fmax(max_diagonal, G[i * K + i]);
-    const double radius = c * sqrt(fmax(mean_gram, 0.0) + kEpsilon) + kEpsilon;
+    // The regulariser δ of the norms (δ² of the squared norms), relative to G's scale.
+    const double delta = fmax(DBL_EPSILON * sqrt(max_diagonal), kRegulariserFloor);
+    const double delta_squared = delta * delta;
+    const double radius = c * sqrt(fmax(mean_gram, 0.0) + delta_squared) + delta;
 
     for (int i = team.rank(); i < K; i += team.size()) {
       double sum = 0.0;
@@ -89,17 +99,17 @@ struct CAGradWeights {
     team.sync();
     // f at a point v with G·v already in Gv (redundant on every worker).
     auto objective = [&](const double* v) {
-      return dot(v, Gb, K) + radius * sqrt(fmax(dot(v, Gv, K), 0.0) + kEpsilon);
+      return dot(v, Gb, K) + radius * sqrt(fmax(dot(v, Gv, K), 0.0) + delta_squared);
     };
     matvec(team, G, x, Gv, K);
     double f_x = objective(x);
     team.sync();  // everyone has read Gv before the loop rewrites it
     double momentum = 1.0;
-    double lipschitz = fmax(max_diagonal * (1.0 + radius / sqrt(fmax(mean_gram, 0.0) + kEpsilon)), 1e-300);
+    double lipschitz = fmax(max_diagonal * (1.0 + radius / sqrt(fmax(mean_gram, 0.0) + delta_squared)), 1e-300);
 
     for (int iteration = 0; iteration < max_iter; ++iteration) {
       matvec(team, G, y, Gv, K);
-      const double norm_y = sqrt(fmax(dot(y, Gv, K), 0.0) + kEpsilon);
+      const double norm_y = sqrt(fmax(dot(y, Gv, K), 0.0) + delta_squared);
       const double f_y = dot(y, Gb, K) + radius * norm_y;
       for (int i = team.rank(); i < K; i += team.size()) grad[i] = Gb[i] + radius * Gv[i] / norm_y;
       team.sync();
@@ -150,7 +160,13 @@ struct CAGradWeights {
     }
 
     matvec(team, G, x, Gv, K);
-    const double lambda = radius / (sqrt(fmax(dot(x, Gv, K), 0.0)) + kEpsilon);
+    // g_x = x·J is known from G only to sqrt(K·ε)·Σ_k x_k·‖g_k‖ (ε the input dtype's): below that its direction is
+    // rounding, and so would be λ·g_x; d is then g0, the ball's centre (zero in the hull with g_x → 0).
+    const double norm_x = sqrt(fmax(dot(x, Gv, K), 0.0));
+    double weighted_norms = 0.0;  // Σ_k x_k·‖g_k‖
+    for (int k = 0; k < K; ++k) weighted_norms += x[k] * sqrt(fmax(G[k * K + k], 0.0));
+    const bool resolved = norm_x > sqrt(K * input_epsilon<scalar_t>()) * weighted_norms;
+    const double lambda = resolved ? radius / (norm_x + delta) : 0.0;
     const double scale = rescale == 1 ? 1.0 / (1.0 + c * c) : rescale == 2 ? 1.0 / (1.0 + c) : 1.0;
     double* w = z;  // d's weights, before the rescale
     for (int i = team.rank(); i < K; i += team.size()) w[i] = b + lambda * x[i];
