@@ -1,5 +1,5 @@
-"""benchmarks/train_table.py: planning, resumable runs, the table's numbers (with a fake selgroup-train) and
-one tiny real sweep through the CLI (slow)."""
+"""selgroup-train sweep (selgroup_fast.train.sweep): plan files, resumable runs, the table's numbers (with a fake
+selgroup-train), the committed sweep's tables regenerated from its runs, and one tiny real sweep (slow)."""
 
 from __future__ import annotations
 
@@ -7,17 +7,22 @@ import csv
 import inspect
 import json
 import math
+import shutil
 import statistics
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import load_benchmark
 
 from selgroup_fast.selective import SelectiveGroupUpdate
 from selgroup_fast.tasks import PRESETS
+from selgroup_fast.train import cli as train_cli
+from selgroup_fast.train.sweep import cli as sweep_cli
+from selgroup_fast.train.sweep import plan as sweep_plan
+from selgroup_fast.train.sweep import runs as sweep_runs
+from selgroup_fast.train.sweep import table as sweep_table
 
-tt = load_benchmark("train_table")
+RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 
 # The fake trainer's metrics: a segmentation task scores mIoU (higher is better), a regression task RMSE (lower).
 BASELINE_VALUE = {"segmentation": 0.5, "regression": 0.2}
@@ -106,22 +111,46 @@ class FakeTrainer:
 
 
 SIZE = ["--iters", "2", "--img-size", "16", "--patch-size", "8", "--batch-size", "2"]
+#: The fake sweep's plan: three seeds of four variants on NYUD, every seed in the first pass.
+FAKE_PLAN = {
+    "presets": {
+        "nyud": {"methods": [{"variants": ["gd", "selective", "pcgrad", "selective:order=backward"], "seeds": 3}]}
+    }
+}
+
+
+def write_plan(folder: Path, data: object, name: str = "plan.json") -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    path.write_text(json.dumps(data))
+    return path
+
+
+@pytest.fixture
+def fake_plan(tmp_path_factory) -> Path:
+    return write_plan(tmp_path_factory.mktemp("plans"), FAKE_PLAN)
+
+
+def _sweep(plan: Path, out: Path, runner: FakeTrainer, *extra: str) -> int:
+    return sweep_cli.main([str(plan), "--out", str(out), *SIZE, *extra], runner=runner)
 
 
 def test_variant_parse_label_and_folder_round_trip():
-    variant = tt.Variant.parse("selective:grouping=random:2,decay=1e-4")
-    assert variant == tt.Variant("selective", (("grouping", "random:2"), ("decay", "1e-4")))
-    assert tt.Variant.parse(variant.label) == variant
+    variant = sweep_plan.Variant.parse("selective:grouping=random:2,decay=1e-4")
+    assert variant == sweep_plan.Variant("selective", (("grouping", "random:2"), ("decay", "1e-4")))
+    assert sweep_plan.Variant.parse(variant.label) == variant
     assert variant.folder_name == "selective__grouping-random_2__decay-1e-4"
-    run = tt.Run("nyud", variant, 3)
-    arguments = run.arguments(Path("/r"), tt.Size("b", 16, 8, 2, 5, 0.1, 5))
+    run = sweep_plan.Run("nyud", variant, 3)
+    size = sweep_plan.Size(backbone="b", img_size=16, patch_size=8, batch_size=2, iters=5, lr=0.1)
+    arguments = run.arguments(Path("/r"), size)
     assert arguments[:4] == ["--tasks", "nyud", "--method", "selective"]
     assert arguments[4:8] == ["--method-option", "grouping=random:2", "--method-option", "decay=1e-4"]
     assert arguments[-4:] == ["--seed", "3", "--out", "/r/nyud/selective__grouping-random_2__decay-1e-4/seed3"]
-    assert tt.Run("nyud", None, 0).arguments(Path("/r"), tt.Size("b", 16, 8, 2, 5, 0.1, 5))[0] == "baseline"
+    assert arguments[arguments.index("--eval-every") + 1] == "5"  # eval_every 0: once, at the end
+    assert sweep_plan.Run("nyud", None, 0).arguments(Path("/r"), size)[0] == "baseline"
     for bad in ("", ":order=x", "selective:order", "selective:=x"):
-        with pytest.raises(ValueError):
-            tt.Variant.parse(bad)
+        with pytest.raises(sweep_plan.PlanError):
+            sweep_plan.Variant.parse(bad)
 
 
 def test_check_variant_knows_the_selective_options():
@@ -132,25 +161,25 @@ def test_check_variant_knows_the_selective_options():
         "selective:attribution=reference",
         "cagrad:c=0.4",
     ):
-        tt.check_variant(tt.Variant.parse(label))
-    with pytest.raises(ValueError, match="takes no option 'ordering'"):
-        tt.check_variant(tt.Variant.parse("selective:ordering=backward"))
-    with pytest.raises(ValueError, match="unknown method 'sgd'"):
-        tt.check_variant(tt.Variant.parse("sgd"))
+        sweep_plan.check_variant(sweep_plan.Variant.parse(label))
+    with pytest.raises(sweep_plan.PlanError, match="takes no option 'ordering'"):
+        sweep_plan.check_variant(sweep_plan.Variant.parse("selective:ordering=backward"))
+    with pytest.raises(sweep_plan.PlanError, match="unknown method 'sgd'"):
+        sweep_plan.check_variant(sweep_plan.Variant.parse("sgd"))
 
 
 def test_issue12_plan_covers_the_issue_and_its_ablation_defaults_are_the_methods():
-    plan = tt.issue12_plan()
+    assert {"issue12", "issue12_timing"} <= set(sweep_plan.builtin_plans())
+    plan = sweep_plan.load_plan("issue12")
     count: dict[tuple[str, str], int] = {}
     for run in plan.runs:
         key = (run.preset, "baseline" if run.is_baseline else run.variant.label)
         count[key] = count.get(key, 0) + 1
     assert count[("nyud", "baseline")] == count[("taskonomy", "baseline")] == 1
-    assert count[("nyud", "gd")] >= 3 and count[("nyud", "selective")] >= 3
+    assert count[("nyud", "gd")] == 3 and count[("nyud", "selective")] == 3
     for method in ("pcgrad", "cagrad", "mgda", "imtl", "aligned_mtl", "nash_mtl", "uw", "dwa", "famo"):
-        assert count[("nyud", method)] >= 1
-    assert count[("taskonomy", "gd")] >= 2 and count[("taskonomy", "selective")] >= 2
-    assert count[("taskonomy", "pcgrad")] >= 1
+        assert count[("nyud", method)] == 3
+    assert count[("taskonomy", "gd")] == count[("taskonomy", "selective")] == count[("taskonomy", "pcgrad")] == 2
     for option in (
         "order=forward",
         "order=backward",
@@ -161,38 +190,65 @@ def test_issue12_plan_covers_the_issue_and_its_ablation_defaults_are_the_methods
         "decay=1e-4",
         "attribution=reference",
     ):
-        assert count[("nyud", f"selective:{option}")] >= 1
+        assert count[("nyud", f"selective:{option}")] == 2
+    # The issue's minimum first: after the 2 baselines, NYUD's gd and selective at 3 seeds, every other method
+    # and ablation at seed 0, Taskonomy's gd and selective at 2 seeds and pcgrad at seed 0 (33 runs); then seed 1
+    # of NYUD's methods and ablations and of Taskonomy's pcgrad, then seed 2 of NYUD's methods.
+    seeds = [run.seed for run in plan.runs]
+    assert seeds[2:8] == [0, 1, 2] * 2 and set(seeds[8:25]) == {0} and seeds[25:29] == [0, 1, 0, 1]
+    assert seeds[29] == 0 and set(seeds[30:48]) == {1} and set(seeds[48:]) == {2} and len(seeds) == 57
+    assert [run.preset for run in plan.runs[48:]] == ["nyud"] * 9 and plan.runs[47].preset == "taskonomy"
     # The plain selective run stands for each ablation's default: it must be the constructor's default.
     defaults = inspect.signature(SelectiveGroupUpdate.__init__).parameters
-    for _, key, default, _ in tt.ISSUE12_ABLATIONS:
-        value = defaults[key].default
-        assert (float(default) == value) if isinstance(value, float) else (default == value)
-    for run in plan.runs:
-        if run.variant:
-            tt.check_variant(run.variant)
+    for ablation in plan.ablations["nyud"]:
+        value = defaults[ablation.key].default
+        assert ablation.method == "selective"
+        assert (float(ablation.default) == value) if isinstance(value, float) else (ablation.default == value)
 
 
-def _sweep(tmp_path: Path, runner: FakeTrainer, *extra: str) -> int:
-    return tt.main(
-        [
-            "--presets",
-            "nyud",
-            "--methods",
-            "gd,selective,pcgrad,selective:order=backward",
-            "--seeds",
-            "0,1,2",
-            "--out",
-            str(tmp_path),
-            *SIZE,
-            *extra,
-        ],
-        runner=runner,
-    )
+def test_the_committed_sweeps_regenerate_their_committed_tables():
+    """Every committed run still reads: the tables regenerated from benchmarks/results/train_sweep's and
+    train_timing's runs (with the header the committed table records: command, notes, date, commits) are the
+    committed tables, byte for byte, and the built-in plans take every committed run for finished."""
+    for name, folder, files in (
+        ("issue12", "train_sweep", ("table.md", "table.csv", "table.json")),
+        ("issue12_timing", "train_timing", ("timing.md", "timing.json")),
+    ):
+        root = RESULTS / folder
+        header = json.loads((root / files[-1]).read_text())
+        plan = sweep_plan.load_plan(name)
+        sweep_runs.check_resumable(plan, root, plan.size)
+        assert all(sweep_runs.is_complete(run, root) for run in plan.runs)
+        tables = sweep_table.tabulate(
+            plan, root, plan.size, header["command"], header["notes"], header["date"], header["code"]
+        )
+        assert sorted(tables) == sorted(files)
+        for file in files:
+            assert tables[file] == (root / file).read_text(), f"{folder}/{file} differs from its regeneration"
 
 
-def test_sweep_table_numbers_against_hand_computed_values(tmp_path):
+def test_the_committed_sweep_resumes_with_nothing_to_run(tmp_path, capsys):
+    """selgroup-train sweep issue12 on a copy of the committed sweep: every run counts as finished (dry run: no
+    command) and --table-only runs nothing and writes the table (through ``selgroup-train sweep``)."""
+    shutil.copytree(RESULTS / "train_sweep", tmp_path / "sweep")
+    assert train_cli.main(["sweep", "issue12", "--out", str(tmp_path / "sweep"), "--dry-run"]) == 0
+    assert capsys.readouterr().out == ""
     runner = FakeTrainer()
-    assert _sweep(tmp_path, runner) == 0
+    assert sweep_cli.main(["issue12", "--out", str(tmp_path / "sweep"), "--table-only"], runner=runner) == 0
+    assert runner.calls == []
+    committed = (RESULTS / "train_sweep" / "table.md").read_text().splitlines()
+    regenerated = (tmp_path / "sweep" / "table.md").read_text().splitlines()
+    assert (
+        regenerated[2] == "* Command: `selgroup-train sweep issue12 --out " + str(tmp_path / "sweep") + " --table-only`"
+    )
+    # The date and the code differ (the committed runs predate command.json's commit: the checkout's is used).
+    assert regenerated[7].startswith("* Code: ")
+    assert regenerated[4:7] == committed[4:7] and regenerated[8:] == committed[8:]
+
+
+def test_sweep_table_numbers_against_hand_computed_values(tmp_path, fake_plan):
+    runner = FakeTrainer()
+    assert _sweep(fake_plan, tmp_path, runner) == 0
     assert len(runner.calls) == 1 + 4 * 3
     summary = json.loads((tmp_path / "table.json").read_text())
     rows = summary["presets"]["nyud"]["rows"]
@@ -241,8 +297,8 @@ def test_sweep_table_numbers_against_hand_computed_values(tmp_path):
     assert float(lines[0]["delta_m"]) == pytest.approx(6.0) and float(lines[0]["value"]) == pytest.approx(0.5 * 1.06)
 
 
-def test_finished_runs_keep_results_and_plots_and_lose_checkpoints(tmp_path):
-    assert _sweep(tmp_path, FakeTrainer()) == 0
+def test_finished_runs_keep_results_and_plots_and_lose_checkpoints(tmp_path, fake_plan):
+    assert _sweep(fake_plan, tmp_path, FakeTrainer()) == 0
     folder = tmp_path / "nyud" / "selective" / "seed1"
     assert sorted(path.name for path in folder.iterdir()) == [
         "cogrouping.png",
@@ -253,30 +309,48 @@ def test_finished_runs_keep_results_and_plots_and_lose_checkpoints(tmp_path):
     ]
     history = json.loads((folder / "history.json").read_text())
     assert history["groups"] == [4, 4, 2, 2, 4] and len(history["affinity"]) == 2
-    assert (folder / "train.log").read_text().splitlines() == [f"line {i}" for i in range(100 - tt.LOG_TAIL_LINES, 100)]
+    tail = sweep_runs.LOG_TAIL_LINES
+    assert (folder / "train.log").read_text().splitlines() == [f"line {i}" for i in range(100 - tail, 100)]
     command = json.loads((folder / "command.json").read_text())
     assert command["argv"][1:3] == ["-m", "selgroup_fast.train"] and "--seed" in command["arguments"]
 
 
-def test_a_killed_sweep_continues_and_redoes_only_the_unfinished_runs(tmp_path):
-    assert _sweep(tmp_path, FakeTrainer()) == 0
+def test_a_killed_sweep_continues_and_redoes_only_the_unfinished_runs(tmp_path, fake_plan):
+    assert _sweep(fake_plan, tmp_path, FakeTrainer()) == 0
     # A run killed before it wrote its results leaves a folder with a checkpoint and no results.json.
     killed = tmp_path / "nyud" / "pcgrad" / "seed2"
     (killed / "results.json").unlink()
     (killed / "checkpoint.pt").write_bytes(b"partial")
     (tmp_path / "nyud" / "gd" / "seed0" / "results.json").write_text('{"metrics": {"semseg"')  # cut short
     runner = FakeTrainer()
-    assert _sweep(tmp_path, runner) == 0
+    assert _sweep(fake_plan, tmp_path, runner) == 0
     assert sorted(_argument(call, "--out") for call in runner.calls) == sorted(
         [str(tmp_path / "nyud" / "gd" / "seed0"), str(killed)]
     )
     assert not (killed / "checkpoint.pt").exists() and (killed / "results.json").exists()
     runner = FakeTrainer()
-    assert _sweep(tmp_path, runner, "--table-only") == 0 and runner.calls == []
+    assert _sweep(fake_plan, tmp_path, runner, "--table-only") == 0 and runner.calls == []
 
 
-def test_a_failed_run_is_reported_in_the_table_and_redone_next_time(tmp_path, capsys):
-    assert _sweep(tmp_path, FakeTrainer(fail={"pcgrad"})) == 1
+def test_a_sweep_killed_between_a_run_and_its_pruning_finishes_that_folder(tmp_path, fake_plan):
+    """The run finished (its results are complete) but the sweep died before keeping its history and
+    pruning it: the next pass does not redo the run, and keeps its history and prunes it then."""
+    assert _sweep(fake_plan, tmp_path, FakeTrainer()) == 0
+    folder = tmp_path / "nyud" / "selective" / "seed2"
+    kept = json.loads((folder / "history.json").read_text())
+    (folder / "history.json").unlink()
+    arguments = json.loads((folder / "command.json").read_text())["arguments"]
+    FakeTrainer()(["python", "-m", "selgroup_fast.train", *arguments], {}, folder / "train.log")  # the run again
+    assert (folder / "checkpoint.pt").is_file() and (folder / "events.out.tfevents.1.host").is_file()
+    runner = FakeTrainer()
+    assert _sweep(fake_plan, tmp_path, runner) == 0 and runner.calls == []
+    assert json.loads((folder / "history.json").read_text()) == kept
+    assert not (folder / "checkpoint.pt").exists() and not (folder / "events.out.tfevents.1.host").exists()
+    assert len((folder / "train.log").read_text().splitlines()) == sweep_runs.LOG_TAIL_LINES
+
+
+def test_a_failed_run_is_reported_in_the_table_and_redone_next_time(tmp_path, fake_plan):
+    assert _sweep(fake_plan, tmp_path, FakeTrainer(fail={"pcgrad"})) == 1
     summary = json.loads((tmp_path / "table.json").read_text())
     pcgrad = summary["presets"]["nyud"]["rows"]["pcgrad"]
     assert (
@@ -285,33 +359,108 @@ def test_a_failed_run_is_reported_in_the_table_and_redone_next_time(tmp_path, ca
     assert "failed (seed 0: error: the loss of task depth is nan at iteration 2" in (tmp_path / "table.md").read_text()
     assert summary["presets"]["nyud"]["rows"]["selective"]["delta_m"] == pytest.approx(6.0)
     runner = FakeTrainer()
-    assert _sweep(tmp_path, runner) == 0
+    assert _sweep(fake_plan, tmp_path, runner) == 0
     assert {_argument(call, "--method") for call in runner.calls} == {"pcgrad"} and len(runner.calls) == 3
 
 
-def test_bad_input_is_one_error_line(tmp_path, capsys):
-    assert _sweep(tmp_path, FakeTrainer()) == 0
+def _one_error_line(capsys, arguments: list[str], message: str) -> None:
+    assert sweep_cli.main(arguments, runner=FakeTrainer()) == 2, arguments
+    captured = capsys.readouterr()
+    assert captured.err.startswith("error: ") and message in captured.err and captured.err.count("\n") == 1, (
+        captured.err
+    )
+    assert captured.out == ""
+
+
+def test_bad_input_is_one_error_line(tmp_path, fake_plan, capsys):
+    assert _sweep(fake_plan, tmp_path, FakeTrainer()) == 0
     capsys.readouterr()
+    gd_only = write_plan(tmp_path / "plans", {"presets": {"nyud": {"methods": [{"variants": ["gd"]}]}}})
     for arguments, message in (
         # A finished folder made with another size is never mixed into this sweep's table.
+        ([str(gd_only), "--out", str(tmp_path), "--iters", "3"], "holds a finished run of another command"),
         (
-            ["--presets", "nyud", "--methods", "gd", "--out", str(tmp_path), "--iters", "3"],
-            "holds a finished run of another command",
+            [str(gd_only), "--out", str(tmp_path / "new"), "--iters", "0"],
+            "argument --iters: expected a positive integer",
         ),
-        (["--presets", "cityscapes", "--out", str(tmp_path)], "unknown preset 'cityscapes'"),
-        (["--methods", "selective:ordr=forward", "--out", str(tmp_path)], "takes no option 'ordr'"),
-        (["--methods", "gd", "--iters", "0", "--out", str(tmp_path / "new")], "--iters must be positive"),
+        ([str(gd_only), "--out", str(tmp_path / "new"), "--prerender"], "--prerender needs --scenes-cache"),
+        (["issue12_timing", "--out", str(tmp_path / "new"), "--jobs", "2"], "a timing plan runs one method at a time"),
+        (["no_such_plan", "--out", str(tmp_path / "new")], "no plan 'no_such_plan': not a built-in plan (issue12"),
     ):
-        with pytest.raises(SystemExit) as exit_info:
-            tt.main(arguments, runner=FakeTrainer())
-        assert exit_info.value.code == 2
-        err = capsys.readouterr().err
-        assert err.startswith("error: ") and message in err and err.count("\n") == 1
+        _one_error_line(capsys, arguments, message)
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (
+            {"presets": {"nyud": {}}, "seeds": 3},
+            "plan.json: unknown key 'seeds' (keys: description, presets, size, timing)",
+        ),
+        ({"presets": {"cityscapes": {}}}, "plan.json.presets.cityscapes: unknown preset 'cityscapes'"),
+        (
+            {"presets": {"nyud": {"methods": [{"variants": ["sgd"]}]}}},
+            "plan.json.presets.nyud.methods[0].variants[0]: unknown method 'sgd'",
+        ),
+        (
+            {"presets": {"nyud": {"methods": [{"variants": ["gd", "selective:ordr=forward"]}]}}},
+            "methods[0].variants[1]: method 'selective' takes no option 'ordr'",
+        ),
+        ({"presets": {"nyud": {"methods": [{"variants": ["gd"], "seed": 2}]}}}, "methods[0]: unknown key 'seed'"),
+        (
+            {"presets": {"nyud": {"methods": [{"variants": ["gd"], "seeds": 0}]}}},
+            "methods[0].seeds: expected an integer >= 1, got 0",
+        ),
+        (
+            {"presets": {"nyud": {"methods": [{"variants": ["gd"], "seeds": "3"}]}}},
+            'methods[0].seeds: expected int, got "3"',
+        ),
+        ({"presets": {"nyud": {"methods": [{"variants": "gd"}]}}}, 'methods[0].variants: expected list, got "gd"'),
+        ({"presets": {"nyud": {"methods": [{"seeds": 2}]}}}, "methods[0]: missing key 'variants'"),
+        (
+            {"presets": {"nyud": {"methods": [{"variants": ["gd"], "seeds": 2, "first_seeds": 3}]}}},
+            "methods[0].first_seeds: 3 is more than seeds (2)",
+        ),
+        ({"presets": {"nyud": {"methods": [{"variants": ["gd", "gd"]}]}}}, "plan.json: nyud gd seed 0 is listed twice"),
+        (
+            {
+                "presets": {
+                    "nyud": {
+                        "ablations": [
+                            {"title": "t", "method": "selective", "key": "decay", "default": "1e-3", "values": ["x"]}
+                        ]
+                    }
+                }
+            },
+            "ablations[0].values[0]: method 'selective':",
+        ),
+        ({"presets": {"nyud": {}}, "size": {"iters": 0}}, "plan.json.size: iters must be positive, got 0"),
+        ({"presets": {"nyud": {}}, "size": {"lr": "fast"}}, 'plan.json.size.lr: expected int or float, got "fast"'),
+        ({"presets": {"nyud": {}}, "size": {"depth": 3}}, "plan.json.size: unknown key 'depth'"),
+        ({}, "plan.json: needs exactly one of 'presets' (a sweep) and 'timing' (a timing plan)"),
+        (
+            {"timing": {"preset": "nyud", "variants": ["gd"], "rounds": True}},
+            "plan.json.timing.rounds: expected int, got true",
+        ),
+        ([1, 2], "plan.json: expected an object, got [1, 2]"),
+    ],
+)
+def test_a_malformed_plan_file_is_one_error_line(tmp_path, capsys, data, message):
+    plan = write_plan(tmp_path, data)
+    _one_error_line(capsys, [str(plan), "--out", str(tmp_path / "out")], message.replace("plan.json", str(plan)))
+    assert not (tmp_path / "out").exists()  # nothing ran
+
+
+def test_a_plan_file_that_is_not_json_is_one_error_line(tmp_path, capsys):
+    plan = tmp_path / "plan.json"
+    plan.write_text('{"presets": {"nyud": {}},}')
+    _one_error_line(capsys, [str(plan), "--out", str(tmp_path / "out")], f"{plan}: not valid JSON (")
 
 
 def test_dry_run_prints_the_unfinished_commands(tmp_path, capsys):
+    plan = write_plan(tmp_path / "plans", {"presets": {"nyud": {"methods": [{"variants": ["gd"]}]}}})
     runner = FakeTrainer()
-    assert tt.main(["--methods", "gd", "--out", str(tmp_path), *SIZE, "--dry-run"], runner=runner) == 0
+    assert sweep_cli.main([str(plan), "--out", str(tmp_path), *SIZE, "--dry-run"], runner=runner) == 0
     lines = capsys.readouterr().out.splitlines()
     assert runner.calls == [] and len(lines) == 2
     assert lines[0].startswith("selgroup-train baseline --tasks nyud") and "--method gd" in lines[1]
@@ -319,42 +468,31 @@ def test_dry_run_prints_the_unfinished_commands(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_a_tiny_real_sweep_through_the_cli(tmp_path):
-    arguments = [
-        "--presets",
-        "nyud",
-        "--methods",
-        "gd,selective:warmup_steps=1",
-        "--seeds",
-        "0",
-        "--out",
-        str(tmp_path),
-        "--backbone",
-        "test_vit",
-        "--img-size",
-        "16",
-        "--patch-size",
-        "8",
-        "--batch-size",
-        "2",
-        "--iters",
-        "3",
-        "--lr",
-        "1e-3",
-        "--train-arg=--eval-batches=2",
-    ]
-    assert tt.main(arguments) == 0, (tmp_path / "nyud" / "gd" / "seed0" / "train.log").read_text()
-    summary = json.loads((tmp_path / "table.json").read_text())
+    plan = write_plan(
+        tmp_path / "plans",
+        {
+            "size": {"backbone": "test_vit", "img_size": 16, "patch_size": 8, "batch_size": 2, "iters": 3},
+            "presets": {"nyud": {"methods": [{"variants": ["gd", "selective:warmup_steps=1"]}]}},
+        },
+    )
+    out = tmp_path / "sweep"
+    assert train_cli.main(["sweep", str(plan), "--out", str(out), "--train-arg=--eval-batches=2"]) == 0, (
+        out / "nyud" / "gd" / "seed0" / "train.log"
+    ).read_text()
+    summary = json.loads((out / "table.json").read_text())
     rows = summary["presets"]["nyud"]["rows"]
     for label in ("gd", "selective:warmup_steps=1"):
         assert math.isfinite(rows[label]["delta_m"]) and rows[label]["time_per_batch_s"] > 0
     assert rows["selective:warmup_steps=1"]["groups_mean"] >= 1
-    assert not list(tmp_path.rglob("*.pt")) and not list(tmp_path.rglob("events.out.tfevents.*"))
+    assert not list(out.rglob("*.pt")) and not list(out.rglob("events.out.tfevents.*"))
 
 
 def test_timing_interleaves_rounds_and_takes_ratios_within_each_round(tmp_path):
+    plan = write_plan(
+        tmp_path / "plans", {"timing": {"preset": "nyud", "variants": ["gd", "selective", "pcgrad"], "rounds": 3}}
+    )
     runner = FakeTrainer()
-    arguments = ["--methods", "gd,selective,pcgrad", "--timing", "3", "--out", str(tmp_path), *SIZE]
-    assert tt.main(arguments, runner=runner) == 0
+    assert sweep_cli.main([str(plan), "--out", str(tmp_path), *SIZE], runner=runner) == 0
     order = [(_argument(call, "--method"), _argument(call, "--seed")) for call in runner.calls]
     assert order == [
         ("gd", "0"), ("selective", "0"), ("pcgrad", "0"),
@@ -367,52 +505,47 @@ def test_timing_interleaves_rounds_and_takes_ratios_within_each_round(tmp_path):
     assert rows["pcgrad"]["time_per_batch_s"] == pytest.approx(0.4 * 1.1)
     assert rows["selective"]["groups_mean"] == pytest.approx(4.0) and rows["gd"]["times_gd"] == pytest.approx(1.0)
     assert "| pcgrad | 3 | 0.4400 | 4.00 | 4.00, 4.00, 4.00 | – |" in (tmp_path / "timing.md").read_text()
-    with pytest.raises(SystemExit):
-        tt.main([*arguments, "--jobs", "2"], runner=runner)
 
 
 def test_decay_figure_from_the_histories(tmp_path):
-    ablations = {"nyud": (("affinity decay β", "decay", "1e-3", ("selective:decay=1e-2",)),)}
-    runs = (tt.Run("nyud", tt.Variant("selective"), 0), tt.Run("nyud", tt.Variant.parse("selective:decay=1e-2"), 0))
-    plan = tt.Plan(runs, ablations)
-    size = tt.Size("test_vit", 16, 8, 2, 2, 1e-3, 2)
-    assert [o.status for o in tt.execute(plan, tmp_path, size, runner=FakeTrainer(), echo=lambda _: None)] == [
-        "done"
-    ] * 2
-    path = tt.decay_figure(plan, tmp_path, "nyud")
+    ablation = sweep_plan.Ablation("affinity decay β", "selective", "decay", "1e-3", ("1e-2",))
+    runs = tuple(
+        sweep_plan.Run("nyud", variant, 0) for variant in (sweep_plan.Variant("selective"), *ablation.variants)
+    )
+    plan = sweep_plan.Plan(runs, {"nyud": (ablation,)})
+    size = sweep_plan.Size(img_size=16, iters=2)
+    outcomes = sweep_runs.execute(plan, tmp_path, size, runner=FakeTrainer(), echo=lambda _: None)
+    assert [outcome.status for outcome in outcomes] == ["done"] * 2
+    path = sweep_table.decay_figure(plan, tmp_path, "nyud")
     assert path == tmp_path / "nyud_decay.png" and path.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
-    assert tt.decay_figure(tt.Plan(runs), tmp_path, "nyud") is None  # no decay ablation in the plan
+    assert sweep_table.decay_figure(sweep_plan.Plan(runs), tmp_path, "nyud") is None  # no decay ablation in the plan
 
 
-def test_baselines_only_runs_the_baselines_and_the_sweep_reuses_them(tmp_path):
+def test_baselines_only_runs_the_baselines_and_the_sweep_reuses_them(tmp_path, fake_plan):
     runner = FakeTrainer()
-    assert _sweep(tmp_path, runner, "--baselines-only") == 0
+    assert _sweep(fake_plan, tmp_path, runner, "--baselines-only") == 0
     assert [call[call.index("selgroup_fast.train") + 1] for call in runner.calls] == ["baseline"]
     runner = FakeTrainer()
-    assert _sweep(tmp_path, runner) == 0
+    assert _sweep(fake_plan, tmp_path, runner) == 0
     assert len(runner.calls) == 4 * 3 and "baseline" not in {
         call[call.index("selgroup_fast.train") + 1] for call in runner.calls
     }
 
 
-def test_a_second_sweep_on_a_folder_in_use_is_refused(tmp_path, capsys):
+def test_a_second_sweep_on_a_folder_in_use_is_refused(tmp_path, fake_plan, capsys):
     import fcntl
 
-    tmp_path.mkdir(exist_ok=True)
     with open(tmp_path / ".lock", "w") as held:
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a sweep in progress
-        with pytest.raises(SystemExit) as exit_info:
-            _sweep(tmp_path, FakeTrainer())
-    assert exit_info.value.code == 2 and "another train_table.py is running on" in capsys.readouterr().err
-    assert _sweep(tmp_path, FakeTrainer()) == 0  # released: the sweep runs
+        assert _sweep(fake_plan, tmp_path, FakeTrainer()) == 2
+    assert "error: another sweep is running on" in capsys.readouterr().err
+    assert _sweep(fake_plan, tmp_path, FakeTrainer()) == 0  # released: the sweep runs
 
 
-def test_a_moved_sweep_folder_still_reads(tmp_path):
-    import shutil
-
-    assert _sweep(tmp_path / "a", FakeTrainer()) == 0
+def test_a_moved_sweep_folder_still_reads(tmp_path, fake_plan):
+    assert _sweep(fake_plan, tmp_path / "a", FakeTrainer()) == 0
     shutil.copytree(tmp_path / "a", tmp_path / "b")
     runner = FakeTrainer()
-    assert _sweep(tmp_path / "b", runner) == 0 and runner.calls == []  # every run counts as finished
+    assert _sweep(fake_plan, tmp_path / "b", runner) == 0 and runner.calls == []  # every run counts as finished
     rows = json.loads((tmp_path / "b" / "table.json").read_text())["presets"]["nyud"]["rows"]
     assert rows["selective"]["delta_m"] == pytest.approx(6.0)

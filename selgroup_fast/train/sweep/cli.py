@@ -18,8 +18,8 @@ from typing import NoReturn
 
 from ...checks import positive_int_arg
 from ...cli_common import UsageError
-from .execute import LOG_NAME, Runner, check_resumable, execute, is_complete, prerender, runs_code, subprocess_runner
 from .plan import Plan, PlanError, builtin_plans, load_plan
+from .runs import LOG_NAME, Runner, check_resumable, execute, is_complete, prerender, runs_code, subprocess_runner
 from .table import write_reports
 
 #: The flags that override a field of the plan's size (``--train-arg`` adds to its ``extra``).

@@ -26,8 +26,8 @@ from typing import Any
 from ...cli_common import markdown_table, pyplot
 from ...tasks import PRESETS
 from ..report import write_text
-from .execute import HISTORY_NAME, is_complete, last_error_line, read_json
 from .plan import Plan, Size, Variant
+from .runs import HISTORY_NAME, is_complete, last_error_line, read_json
 
 #: Pairs of tasks that the ``scenes`` dataset relates by construction (issue 9): same
 #: geometry (the two depths), normals and the shading they produce, occlusion edges and
