@@ -12,11 +12,16 @@ import numpy as np
 from ..cli_common import pyplot, text_table
 
 
+def write_text(path: Path, text: str) -> None:
+    """Writes ``text`` atomically: a reader, or a run killed meanwhile, never leaves a half-written file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def write_json(path: Path, record: dict[str, Any]) -> None:
     """Writes ``record`` atomically (a reader never sees a half-written file)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_text(path, json.dumps(record, indent=2) + "\n")
 
 
 def append_jsonl(path: Path, record: dict[str, Any]) -> None:
