@@ -142,6 +142,9 @@ def test_resume_is_bitwise(name: str) -> None:
         ("moco", {"gamma": -0.1}, r"^gamma must be > 0, got -0.1$"),
         ("moco", {"rho": -1.0}, r"^rho must be >= 0, got -1.0$"),
         ("moco", {"gamma_sigma": float("nan")}, r"^gamma_sigma must be >= 0, got nan$"),
+        ("gradnorm", {"alpha": -1.0}, r"^alpha must be >= 0, got -1.0$"),
+        ("gradnorm", {"lr": 0.0}, r"^lr must be > 0, got 0.0$"),
+        ("gradnorm", {"warmup_steps": 0}, r"^warmup_steps must be an int >= 1, got 0$"),
     ],
 )
 def test_bad_options_fail_at_construction(name: str, options: dict, message: str) -> None:
@@ -177,3 +180,53 @@ def test_state_is_allocated_once_at_construction(name: str) -> None:
     x = batches()[0].float()
     method.step(lambda: model(x))
     assert tracker.tracked.shape == (K, width) and tracker.tracked.any()
+
+
+def gradnorm_reference(model: Tiny, xs: list[torch.Tensor], alpha: float, warmup: int) -> None:
+    """LibMTL's GradNorm: the loss scales an ``nn.Parameter`` stepped by the model's Adam, ``L(0)`` the warm-up's
+    mean losses (LibMTL's first epoch), ``L_grad`` back-propagated by autograd."""
+    shared = list(model.encoder.parameters())
+    loss_scale = torch.nn.Parameter(torch.ones(K, dtype=torch.float64))
+    opt = torch.optim.Adam([*model.parameters(), loss_scale], lr=0.01, weight_decay=1e-5)
+    initial = torch.zeros(K, dtype=torch.float64)
+    for step, x in enumerate(xs, start=1):
+        opt.zero_grad(set_to_none=False)
+        losses = torch.stack(model(x))
+        if step <= warmup:
+            initial += losses.detach() / warmup
+            losses.sum().backward()
+        else:
+            weights = K * torch.softmax(loss_scale, dim=-1)
+            grads = shared_gradients(list(losses), shared)
+            per_task = torch.norm(weights.unsqueeze(1) * grads, p=2, dim=-1)
+            ratios = losses.detach() / initial
+            target = (per_task.mean(0) * (ratios / ratios.mean()) ** alpha).detach()
+            (per_task - target).abs().sum(0).backward()
+            reset_shared(shared, weights.detach() @ grads)
+        opt.step()
+
+
+@pytest.mark.parametrize("jacobian", ["batched", "gramian"])
+def test_gradnorm_parameters_equal_libmtl_rule(jacobian: str) -> None:
+    torch.manual_seed(0)
+    ours = Tiny().double()
+    theirs = copy.deepcopy(ours)
+    xs = batches() + batches()[:2]
+    opt = torch.optim.Adam(ours.parameters(), lr=0.01, weight_decay=1e-5)
+    method = selgroup_fast.methods.create(
+        "gradnorm",
+        opt,
+        K,
+        shared_params=ours.encoder.parameters(),
+        jacobian=jacobian,
+        alpha=1.2,
+        lr=0.01,
+        weight_decay=1e-5,
+        warmup_steps=2,
+    )
+    for x in xs:
+        method.step(lambda x=x: ours(x))
+    gradnorm_reference(theirs, xs, 1.2, 2)
+    for (key, mine), other in zip(ours.state_dict().items(), theirs.state_dict().values(), strict=True):
+        torch.testing.assert_close(mine, other, rtol=1e-10, atol=1e-12, msg=key)
+    assert not torch.equal(method.aggregator.logits, torch.ones(K, dtype=torch.float64))  # the scales learned

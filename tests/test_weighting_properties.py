@@ -288,6 +288,8 @@ ROWS: dict[str, Row] = {
             scale_exponent=0.0,
             one_task=False,
         ),
+        # Its first step is LibMTL's warm-up (w = 1): the sum; its learned weights in tests/test_tracked_methods.py.
+        Row("gradnorm", reference=lambda J, options: J.sum(axis=0)),
     ]
 }
 assert sorted(ROWS) == sorted(available("gradient")), "every gradient method needs its row"

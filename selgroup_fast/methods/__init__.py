@@ -45,6 +45,7 @@ _REGISTRY: dict[str, tuple[str, str]] = {
     "nash_mtl": ("gradient", "selgroup_fast.methods.nash_mtl:NashMTL"),
     "db_mtl": ("gradient", "selgroup_fast.methods.db_mtl:DBMTL"),
     "moco": ("gradient", "selgroup_fast.methods.moco:MoCo"),
+    "gradnorm": ("gradient", "selgroup_fast.methods.gradnorm:GradNorm"),
     "uw": ("loss", "selgroup_fast.methods.uw:UW"),
     "dwa": ("loss", "selgroup_fast.methods.dwa:DWA"),
     "dtp": ("loss", "selgroup_fast.methods.dtp:DTP"),
@@ -145,9 +146,7 @@ def create(
     return cls(optimizer, num_tasks, **options)
 
 
-def aggregate(
-    name: str, jacobian: torch.Tensor, /, losses: torch.Tensor | None = None, **options: Any
-) -> torch.Tensor:
+def aggregate(name: str, jacobian: torch.Tensor, /, losses: torch.Tensor | None = None, **options: Any) -> torch.Tensor:
     """Combines a K×P matrix of task gradients into one P-vector, as method ``name`` does.
 
     ``name`` and ``jacobian`` are positional-only, so that ``options`` can hold every

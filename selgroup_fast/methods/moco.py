@@ -69,7 +69,9 @@ class MoCo(TaskGradientTracker):
         scales = losses.to(tracked.dtype) / (torch.linalg.vector_norm(rows, dim=1) + EPS)
         # y ← (1 − β_t) y + β_t ĝ, in place: no K×P temporary.
         tracked.mul_(1.0 - rate).addcmul_(rows, (rate * scales).unsqueeze(1))
-        coupling = tracked @ tracked.T + self.rho * torch.eye(self.num_tasks, device=tracked.device, dtype=tracked.dtype)
+        coupling = tracked @ tracked.T + self.rho * torch.eye(
+            self.num_tasks, device=tracked.device, dtype=tracked.dtype
+        )
         step = self._decayed(self.gamma, self.gamma_sigma)
         self.lambdas = torch.softmax(self.lambdas - step * (coupling @ self.lambdas), dim=0)
         weights, state = self.lambdas.to(jacobian.dtype), tracked.to(jacobian.dtype)
