@@ -295,3 +295,22 @@ def cagrad_optimum(jacobian: np.ndarray, c: float) -> float:
     problem = cp.Problem(cp.Maximize(t), [grads @ d >= t, cp.norm(d - g0, 2) <= c * np.linalg.norm(g0)])
     _solve(problem)
     return float(problem.value) * scale**2
+
+
+def db_mtl_first_step(jacobian: np.ndarray, beta: float = 0.9) -> np.ndarray:
+    """DB-MTL's direction at its first step (LibMTL ``DB_MTL.py``) with unit losses: ``m = (1 − β) g``, each ``m_k``
+    rescaled by ``max_j ‖m_j‖ / (‖m_k‖ + 1e-8)`` and summed."""
+    averages = (1.0 - beta) * jacobian / (1.0 + 1e-8)
+    norms = np.linalg.norm(averages, axis=1)
+    return (norms.max() / (norms + 1e-8)) @ averages
+
+
+def moco_first_step(jacobian: np.ndarray, beta: float = 0.5, gamma: float = 0.1, rho: float = 0.0) -> np.ndarray:
+    """MoCo's direction at its first step (LibMTL ``MoCo.py``) with unit losses: ``y = β ĝ`` (``ĝ_k = g_k/(‖g_k‖ +
+    1e-8)``), ``λ = softmax(1/K − γ (y yᵀ + ρ I) 1/K)``, ``d = yᵀ λ``."""
+    tasks = jacobian.shape[0]
+    tracked = beta * jacobian / (np.linalg.norm(jacobian, axis=1, keepdims=True) + 1e-8)
+    start = np.full(tasks, 1.0 / tasks)
+    logits = start - gamma * (tracked @ tracked.T + rho * np.eye(tasks)) @ start
+    weights = np.exp(logits - logits.max())
+    return tracked.T @ (weights / weights.sum())

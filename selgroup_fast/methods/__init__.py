@@ -43,6 +43,9 @@ _REGISTRY: dict[str, tuple[str, str]] = {
     "imtl": ("gradient", "selgroup_fast.methods.imtl:IMTL"),
     "aligned_mtl": ("gradient", "selgroup_fast.methods.aligned_mtl:AlignedMTL"),
     "nash_mtl": ("gradient", "selgroup_fast.methods.nash_mtl:NashMTL"),
+    "db_mtl": ("gradient", "selgroup_fast.methods.db_mtl:DBMTL"),
+    "moco": ("gradient", "selgroup_fast.methods.moco:MoCo"),
+    "gradnorm": ("gradient", "selgroup_fast.methods.gradnorm:GradNorm"),
     "uw": ("loss", "selgroup_fast.methods.uw:UW"),
     "dwa": ("loss", "selgroup_fast.methods.dwa:DWA"),
     "dtp": ("loss", "selgroup_fast.methods.dtp:DTP"),
@@ -143,15 +146,16 @@ def create(
     return cls(optimizer, num_tasks, **options)
 
 
-def aggregate(name: str, jacobian: torch.Tensor, /, **options: Any) -> torch.Tensor:
+def aggregate(name: str, jacobian: torch.Tensor, /, losses: torch.Tensor | None = None, **options: Any) -> torch.Tensor:
     """Combines a K×P matrix of task gradients into one P-vector, as method ``name`` does.
 
     ``name`` and ``jacobian`` are positional-only, so that ``options`` can hold every
     option of ``create`` (the training step's, such as ``jacobian=``, are ignored).
+    ``losses``: the K task losses, for the methods that read them (DB-MTL, MoCo: a fresh state's first step).
     """
     jacobian = check_jacobian(jacobian)
     own = {key: value for key, value in options.items() if key not in _STEP_OPTIONS}
-    return aggregator(name, jacobian.shape[0], jacobian.device, jacobian.dtype, **own)(jacobian)
+    return aggregator(name, jacobian.shape[0], jacobian.device, jacobian.dtype, **own)(jacobian, losses)
 
 
 __all__ = [

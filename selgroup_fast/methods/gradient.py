@@ -55,6 +55,7 @@ from .step import (
     weighted_total,
     weighting_inputs,
 )
+from .tracked import TaskGradientTracker
 from .weighting import Aggregator, ReusesWeights, Weighting
 
 Space = Literal["parameters", "representation"]
@@ -163,6 +164,13 @@ class GradientMethod(MultiTaskMethod):
                 "split over ranks: it needs every coordinate of the task gradients on one rank; train it with "
                 'DistributedDataParallel and space="parameters"'
             )
+        if isinstance(aggregator, TaskGradientTracker):  # K×P state over the shared parameters, allocated here once
+            if space != "parameters":
+                raise ValueError(
+                    f'{self.name} keeps a state per task over the shared parameters\' coordinates: space="{space}" '
+                    'does not apply (the features change with every batch); use space="parameters"'
+                )
+            aggregator.allocate(sum(p.numel() for p in shared))
         aggregator.load_state_dict(self._ranks.first_rank(aggregator.state_dict()))  # the same random draws
         #: Under FSDP2: how the parameters are sharded (J's columns on this rank, the reduce-scatter).
         self._shards = FSDP2Shards([*self.shared_params, *self._task_params], process_group) if self._sharded else None
