@@ -78,8 +78,10 @@ class MethodReport:
 
     Attributes:
         skipped_steps: how many optimizer steps ``nonfinite="skip"`` skipped so far (0-d int64).
-        weights: the K task weights the method applies: a loss-weighting method's for its next
-            step, a gradient method's (its aggregator's) for its last step (a K tensor).
+        weights: the K task weights the method holds now (a K tensor): a gradient method's (its
+            aggregator's) of its last step; a loss-weighting method's current ones (those of its
+            next step where they are known ahead, as UW's, DWA's, FAMO's; DTP without fed KPIs: its
+            last step's).
         groups: the partition of the tasks that the next step updates (the selective update).
         groups_chosen: whether ``groups`` was chosen by the grouping strategy (``False`` during an
             affinity grouping's warm-up singletons, and for methods without groups).

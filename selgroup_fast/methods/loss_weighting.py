@@ -33,11 +33,11 @@ class LossWeightingMethod(MultiTaskMethod):
 
     @property
     def weights(self) -> torch.Tensor | None:
-        """The K loss weights of the next step (detached), for :meth:`report`; ``None``: the method does not say them."""
+        """The K loss weights now (detached), for :meth:`report`; ``None``: the method does not say them."""
         return None
 
     def report(self) -> MethodReport:
-        """The skipped steps and the loss weights of the next step (:attr:`weights`)."""
+        """The skipped steps and the current loss weights (:attr:`weights`)."""
         return dataclasses.replace(super().report(), weights=self.weights)
 
     @abc.abstractmethod
