@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from ..parallel import TaskParams
-from .base import MultiTaskMethod
+from .base import MethodReport, MultiTaskMethod
 from .gradient import GradientMethod
 from .jacobian import as_parameter_list
 from .nonfinite import NONFINITE_MODES, NonFiniteLoss
@@ -84,6 +84,17 @@ def available(kind: str | None = None) -> list[str]:
     for name in names:
         _load(name)
     return names
+
+
+def options(name: str) -> frozenset[str]:
+    """The keyword options ``create(name, ...)`` passes on: the method's own (a gradient method's: its
+    aggregator's and those of :class:`GradientMethod`'s step).
+
+    >>> "generator" in options("selective"), "chunk_size" in options("mgda"), "generator" in options("gd")
+    (True, True, False)
+    """
+    own = frozenset(p.name for p in inspect.signature(_load(name)).parameters.values() if p.kind is p.KEYWORD_ONLY)
+    return own | _STEP_OPTIONS if kind(name) == "gradient" else own
 
 
 def aggregator(
@@ -162,6 +173,7 @@ __all__ = [
     "Aggregator",
     "GradientMethod",
     "KINDS",
+    "MethodReport",
     "MultiTaskMethod",
     "NONFINITE_MODES",
     "NonFiniteLoss",
@@ -171,4 +183,5 @@ __all__ = [
     "available",
     "create",
     "kind",
+    "options",
 ]

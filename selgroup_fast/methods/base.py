@@ -1,9 +1,10 @@
-"""The interface every multi-task method shares: ``step(closure)``, profiling, state."""
+"""The interface every multi-task method shares: ``step(closure)``, profiling, state, its report."""
 
 from __future__ import annotations
 
 import abc
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -67,6 +68,33 @@ class SavedState:
                 setattr(self, name, type(current)(value))
 
 
+@dataclass(frozen=True)
+class MethodReport:
+    """What a method says about itself between two steps, for a training loop to log (:meth:`MultiTaskMethod.report`).
+
+    Taking a report never reads the device: its tensors are the method's own (on its device), which
+    the reader converts at its log points only (one host sync there). A field a method has nothing
+    for is ``None``.
+
+    Attributes:
+        skipped_steps: how many optimizer steps ``nonfinite="skip"`` skipped so far (0-d int64).
+        weights: the K task weights the method holds now (a K tensor): a gradient method's (its
+            aggregator's) of its last step; a loss-weighting method's current ones (those of its
+            next step where they are known ahead, as UW's, DWA's, FAMO's; DTP without fed KPIs: its
+            last step's).
+        groups: the partition of the tasks that the next step updates (the selective update).
+        groups_chosen: whether ``groups`` was chosen by the grouping strategy (``False`` during an
+            affinity grouping's warm-up singletons, and for methods without groups).
+        affinity: the tracked K×K inter-task affinity ``A[source, target]``.
+    """
+
+    skipped_steps: torch.Tensor
+    weights: torch.Tensor | None = None
+    groups: list[list[int]] | None = None
+    groups_chosen: bool = False
+    affinity: torch.Tensor | None = None
+
+
 class MultiTaskMethod(SavedState, abc.ABC):
     """One training step over K task losses, with the phases of Table E.1 timed on request.
 
@@ -78,11 +106,15 @@ class MultiTaskMethod(SavedState, abc.ABC):
     device, counted in :attr:`skipped_steps`), ``"raise"`` or ``"propagate"``
     (:mod:`selgroup_fast.methods.nonfinite`). Subclasses start each step with :meth:`_begin_step`,
     check every forward they back-propagate with ``self._nonfinite.check`` and step every
-    optimizer through ``self._nonfinite.step``.
+    optimizer through ``self._nonfinite.step``. :meth:`report` says what the method has to log
+    (by default its skipped steps only: a new method needs nothing more).
     """
 
     #: The registry name of the method (``selgroup_fast.methods.available()``).
     name: str = ""
+    #: Whether a step back-propagates some tasks' losses only (``DistributedDataParallel`` then
+    #: needs ``find_unused_parameters=True``: the other heads get no gradient).
+    backpropagates_task_subsets: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -126,6 +158,14 @@ class MultiTaskMethod(SavedState, abc.ABC):
     def timings(self) -> dict[str, float]:
         """Seconds spent in each phase during the last :meth:`step` (empty unless profiling)."""
         return self._timer.timings
+
+    def report(self) -> MethodReport:
+        """The method's loggable state now (:class:`MethodReport`); cheap and without a host sync.
+
+        The default reports the skipped steps; a method with weights, groups or an affinity
+        overrides it, adding its own fields to this one.
+        """
+        return MethodReport(skipped_steps=self.skipped_steps)
 
     @abc.abstractmethod
     def step(self, closure: Callable[[], ClosureOutput]) -> torch.Tensor:

@@ -17,6 +17,7 @@ direction (docs/algorithm.md §Representation space across ranks).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Literal, cast
 
@@ -34,7 +35,7 @@ from ..parallel import (
     graph_reaches,
     is_sharded,
 )
-from .base import MultiTaskMethod, detached
+from .base import MethodReport, MultiTaskMethod, detached
 from .graddrop import GradDrop
 from .jacobian import JacobianMode, SharedParams, TaskJacobian, jacobian_defaults
 from .nonfinite import DEFAULT_NONFINITE, tensor_state
@@ -177,6 +178,7 @@ class GradientMethod(MultiTaskMethod):
         self._graph_checked = False
         self._compiled = False  # whether a compiled region makes the losses (:meth:`_check_graph`)
         self._restore_aggregator: Callable[[], None] = lambda: None  # this step's aggregator state, if skipped
+        self._last_weights: torch.Tensor | None = None  # the weighting's (or reused) weights of the last step
         # The step, chosen once (docs/architecture.md §The gradient step): a compiled model, seen at the
         # first step's graph, re-composes it once (:meth:`_check_graph`).
         self._inputs = weighting_inputs(aggregator, self._ranks)
@@ -252,6 +254,7 @@ class GradientMethod(MultiTaskMethod):
         reused = None if self._reuses is None else self._reuses.reused_weights()
         if reused is not None:  # one ordinary backward of Σ w_k L_k, the shared gradient clipped (Nash-MTL)
             self._reused_weights_step(losses, reused, cast(ReusesWeights, self._reuses).max_norm)
+            self._last_weights = reused
         else:
             self._check_graph(losses, features)
             with self._timer.phase("backward"):
@@ -259,6 +262,7 @@ class GradientMethod(MultiTaskMethod):
             with self._timer.phase("manipulation"):
                 direction = combine(self.aggregator, gradients, self._inputs(losses))
             self._writer(losses, features, gradients, direction)
+            self._last_weights = direction.weights
         with self._timer.phase("optimizer"):
             self._nonfinite.step(self.optimizer)
         self._restore_aggregator()
@@ -329,6 +333,11 @@ class GradientMethod(MultiTaskMethod):
                 "back a backward compiled with donated buffers, wrong here), but the environment variable "
                 "TORCHINDUCTOR_FX_GRAPH_CACHE forces it on: unset it"
             )
+
+    def report(self) -> MethodReport:
+        """The skipped steps and the aggregator's task weights of the last step (a weighting's; ``None`` for
+        GradDrop, which has none, and before the first step)."""
+        return dataclasses.replace(super().report(), weights=self._last_weights)
 
     def state_dict(self) -> dict:
         return self.aggregator.state_dict()

@@ -11,12 +11,13 @@ ranks' mean, one all-reduce of K numbers: ``RankAgreement.global_losses``).
 from __future__ import annotations
 
 import abc
+import dataclasses
 from collections.abc import Callable
 
 import torch
 
 from ..losses import ClosureOutput
-from .base import MultiTaskMethod
+from .base import MethodReport, MultiTaskMethod
 from .nonfinite import tensor_state
 
 
@@ -29,6 +30,15 @@ class LossWeightingMethod(MultiTaskMethod):
     tensors of :attr:`saved_state` as they were (learned ones through their optimizer,
     stepped with ``self._nonfinite.step``).
     """
+
+    @property
+    def weights(self) -> torch.Tensor | None:
+        """The K loss weights now (detached), for :meth:`report`; ``None``: the method does not say them."""
+        return None
+
+    def report(self) -> MethodReport:
+        """The skipped steps and the current loss weights (:attr:`weights`)."""
+        return dataclasses.replace(super().report(), weights=self.weights)
 
     @abc.abstractmethod
     def _combine_losses(self, losses: torch.Tensor) -> torch.Tensor:
