@@ -47,6 +47,7 @@ _REGISTRY: dict[str, tuple[str, str]] = {
     "dwa": ("loss", "selgroup_fast.methods.dwa:DWA"),
     "dtp": ("loss", "selgroup_fast.methods.dtp:DTP"),
     "famo": ("loss", "selgroup_fast.methods.famo:FAMO"),
+    "stch": ("loss", "selgroup_fast.methods.stch:STCH"),
 }
 KINDS: tuple[str, ...] = ("plain", "grouping", "gradient", "loss")
 

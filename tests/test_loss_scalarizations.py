@@ -1,0 +1,101 @@
+"""The loss scalarizations STCH, GLS, IMTL-L, COSMOS, PBI and RLW against float64 re-derivations and TorchJD.
+
+Each test trains one parameter vector ``p`` (SGD, lr 0, so p stays 1) on the losses ``L = v ⊙ p``:
+the gradient the method leaves in ``p`` is ``v ⊙ ∂T/∂L`` for its training loss T, compared with
+the derivative of the peer's rule written out here in float64.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import pytest
+import torch
+
+from selgroup_fast.methods import MultiTaskMethod, create
+
+K = 3
+LOSSES = [[0.7, 2.0, 1.3], [0.5, 1.8, 1.1], [0.9, 1.1, 0.6], [0.4, 1.6, 1.0], [1.2, 0.8, 0.3]]
+
+
+def f64(values: Sequence[float]) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float64)
+
+
+def train(name: str, steps: Sequence[Sequence[float]], **options: Any) -> tuple[MultiTaskMethod, torch.Tensor]:
+    """The method after one step per loss vector of ``steps``, and ``∂T/∂L`` of the last step."""
+    param = torch.nn.Parameter(torch.ones(K, dtype=torch.float64))
+    method = create(name, torch.optim.SGD([param], lr=0.0), K, **options)
+    for values in steps:
+        method.step(lambda values=values: list(f64(values) * param))
+    assert param.grad is not None
+    return method, param.grad / f64(steps[-1])
+
+
+def torchjd_scalarization() -> Any:
+    """``torchjd.scalarization`` (the ``torchjd`` test extra), or a skip that says it is not installed."""
+    return pytest.importorskip("torchjd.scalarization", reason="the torchjd test extra is not installed")
+
+
+def torchjd_gradient(scalarizer: Any, values: Sequence[float]) -> torch.Tensor:
+    losses = f64(values).requires_grad_()
+    scalarizer(losses).backward()
+    assert losses.grad is not None
+    return losses.grad
+
+
+# --------------------------------------------------------------------------- STCH
+
+
+@pytest.mark.parametrize("options", [{}, {"mu": 0.1, "weights": [0.2, 0.5, 0.3], "reference": [0.1, 0.0, 0.3]}])
+def test_stch_is_the_smooth_weighted_maximum(options):
+    method, gradient = train("stch", LOSSES[:1], **options)
+    mu = options.get("mu", 1.0)
+    weights = f64(options.get("weights", [1 / K] * K))
+    shifted = f64(LOSSES[0]) - f64(options.get("reference", [0.0] * K))
+    # ∂/∂L_k μ log Σ_j exp(λ_j (L_j − z_j) / μ) = λ_k softmax(λ (L − z) / μ)_k
+    torch.testing.assert_close(gradient, weights * torch.softmax(weights * shifted / mu, 0))
+
+
+def test_stch_warmup_trains_on_the_log_losses_then_normalises_by_the_nadir():
+    window, mu = 2, 0.5
+    steps = LOSSES[:5]  # warmup=1: windows 0 and 1 (steps 0-3) on Σ log L, the nadir the mean over window 1
+    for done in range(1, 5):
+        method, gradient = train("stch", steps[:done], warmup=1, window=window, mu=mu)
+        torch.testing.assert_close(gradient, 1 / (f64(steps[done - 1]) + 1e-20))
+    nadir = (f64(steps[2]) + f64(steps[3])) / 2
+    method, gradient = train("stch", steps, warmup=1, window=window, mu=mu)
+    torch.testing.assert_close(method.nadir, nadir)  # type: ignore[attr-defined]
+    # LibMTL: K μ log Σ exp(log(L / n) / μ); ∂/∂L_k = K softmax(log(L / n) / μ)_k / L_k
+    losses = f64(steps[4])
+    torch.testing.assert_close(gradient, K * torch.softmax(torch.log(losses / nadir) / mu, 0) / losses)
+
+
+def test_stch_equals_torchjd():
+    scalarization = torchjd_scalarization()
+    weights, reference = [0.2, 0.5, 0.3], [0.1, 0.0, 0.3]
+    _, gradient = train("stch", LOSSES[:1], mu=0.1, weights=weights, reference=reference)
+    expected = torchjd_gradient(scalarization.STCH(0.1, f64(weights), f64(reference)), LOSSES[0])
+    torch.testing.assert_close(gradient, expected)
+
+
+# --------------------------------------------------------------------------- bad options
+
+
+@pytest.mark.parametrize(
+    ("name", "options", "match"),
+    [
+        ("stch", {"mu": 0.0}, r"^mu must be > 0, got 0.0$"),
+        ("stch", {"weights": [1.0, 2.0]}, r"^weights must be 3 finite numbers \(one per task\), got \[1.0, 2.0\]$"),
+        ("stch", {"weights": [1.0, -1.0, 0.0]}, r"^weights must be >= 0 and not all 0"),
+        ("stch", {"reference": [0.0, float("nan"), 0.0]}, r"^reference must be 3 finite numbers"),
+        ("stch", {"warmup": 2, "weights": [1.0, 1.0, 1.0]}, r"^weights= and reference= are TorchJD's STCH"),
+        ("stch", {"warmup": -1}, r"^warmup must be an int >= 0, got -1$"),
+        ("stch", {"window": 0}, r"^window must be an int >= 1, got 0$"),
+    ],
+)
+def test_bad_options_are_one_clear_error_at_construction(name, options, match):
+    param = torch.nn.Parameter(torch.ones(K))
+    with pytest.raises(ValueError, match=match):
+        create(name, torch.optim.SGD([param], lr=0.1), K, **options)
