@@ -80,6 +80,42 @@ def test_stch_equals_torchjd():
     torch.testing.assert_close(gradient, expected)
 
 
+# --------------------------------------------------------------------------- GLS
+
+
+def test_gls_is_the_geometric_mean():
+    _, gradient = train("gls", LOSSES[:1])
+    losses = f64(LOSSES[0])
+    geometric_mean = losses.prod() ** (1 / K)  # LibMTL's form
+    torch.testing.assert_close(gradient, geometric_mean / (K * losses))
+
+
+def test_gls_equals_torchjd():
+    scalarization = torchjd_scalarization()
+    _, gradient = train("gls", LOSSES[:1])
+    torch.testing.assert_close(gradient, torchjd_gradient(scalarization.GeometricMean(), LOSSES[0]))
+
+
+# --------------------------------------------------------------------------- IMTL-L
+
+
+def test_imtl_l_scales_the_losses_by_learned_exponentials():
+    lr = 0.1
+    _, gradient = train("imtl_l", LOSSES[:1], lr=lr)
+    torch.testing.assert_close(gradient, torch.ones(K, dtype=torch.float64))  # s = 0: the plain sum
+    _, gradient = train("imtl_l", LOSSES[:2], lr=lr)
+    # One Adam step on ∂/∂s Σ (e^s L − s) = e^s L − 1 at s = 0 moves s by −lr · sign(L − 1).
+    scales = -lr * torch.sign(f64(LOSSES[0]) - 1)
+    torch.testing.assert_close(gradient, torch.exp(scales))
+
+
+def test_imtl_l_equals_torchjd():
+    scalarization = torchjd_scalarization()
+    _, gradient = train("imtl_l", LOSSES[:1])
+    scalarizer = scalarization.IMTLL(K).double()
+    torch.testing.assert_close(gradient, torchjd_gradient(scalarizer, LOSSES[0]))
+
+
 # --------------------------------------------------------------------------- bad options
 
 
@@ -93,6 +129,7 @@ def test_stch_equals_torchjd():
         ("stch", {"warmup": 2, "weights": [1.0, 1.0, 1.0]}, r"^weights= and reference= are TorchJD's STCH"),
         ("stch", {"warmup": -1}, r"^warmup must be an int >= 0, got -1$"),
         ("stch", {"window": 0}, r"^window must be an int >= 1, got 0$"),
+        ("imtl_l", {"lr": 0.0}, r"^lr must be > 0, got 0.0$"),
     ],
 )
 def test_bad_options_are_one_clear_error_at_construction(name, options, match):

@@ -48,6 +48,8 @@ _REGISTRY: dict[str, tuple[str, str]] = {
     "dtp": ("loss", "selgroup_fast.methods.dtp:DTP"),
     "famo": ("loss", "selgroup_fast.methods.famo:FAMO"),
     "stch": ("loss", "selgroup_fast.methods.stch:STCH"),
+    "gls": ("loss", "selgroup_fast.methods.gls:GLS"),
+    "imtl_l": ("loss", "selgroup_fast.methods.imtl_l:IMTLL"),
 }
 KINDS: tuple[str, ...] = ("plain", "grouping", "gradient", "loss")
 
