@@ -116,6 +116,83 @@ def test_imtl_l_equals_torchjd():
     torch.testing.assert_close(gradient, torchjd_gradient(scalarizer, LOSSES[0]))
 
 
+# --------------------------------------------------------------------------- COSMOS
+
+PREFERENCE = [0.2, 0.5, 0.3]
+
+
+@pytest.mark.parametrize("options", [{}, {"lambda_": 3.0, "weights": PREFERENCE}])
+def test_cosmos_is_the_linear_scalarization_minus_the_cosine(options):
+    _, gradient = train("cosmos", LOSSES[:1], **options)
+    lambda_, r, losses = options.get("lambda_", 1.0), f64(options.get("weights", [1 / K] * K)), f64(LOSSES[0])
+    # ∂/∂L [r·L − λ r·L / (‖r‖ ‖L‖)] = r − λ (r / (‖r‖ ‖L‖) − (r·L) L / (‖r‖ ‖L‖³))
+    norm_r, norm_l = r.norm(), losses.norm()
+    expected = r - lambda_ * (r / (norm_r * norm_l) - (r @ losses) * losses / (norm_r * norm_l**3))
+    torch.testing.assert_close(gradient, expected)
+
+
+def test_cosmos_equals_torchjd():
+    scalarization = torchjd_scalarization()
+    _, gradient = train("cosmos", LOSSES[:1], lambda_=3.0, weights=PREFERENCE)
+    torch.testing.assert_close(gradient, torchjd_gradient(scalarization.COSMOS(3.0, f64(PREFERENCE)), LOSSES[0]))
+
+
+# --------------------------------------------------------------------------- PBI
+
+
+@pytest.mark.parametrize("options", [{}, {"theta": 2.0, "weights": PREFERENCE, "reference": [0.1, 0.0, 0.3]}])
+def test_pbi_is_the_distance_along_plus_theta_times_the_distance_to_the_preference(options):
+    _, gradient = train("pbi", LOSSES[:1], **options)
+    theta, w = options.get("theta", 5.0), f64(options.get("weights", [1.0] * K))
+    shifted = f64(LOSSES[0]) - f64(options.get("reference", [0.0] * K))
+    direction = w / w.norm()
+    # d_2 = ‖P f‖ with P = I − ŵŵᵀ: ∂(d_1 + θ d_2)/∂f = ŵ + θ P f / d_2
+    perpendicular = shifted - (shifted @ direction) * direction
+    torch.testing.assert_close(gradient, direction + theta * perpendicular / perpendicular.norm())
+
+
+def test_pbi_equals_torchjd():
+    scalarization = torchjd_scalarization()
+    reference = [0.1, 0.0, 0.3]
+    _, gradient = train("pbi", LOSSES[:1], theta=2.0, weights=PREFERENCE, reference=reference)
+    expected = torchjd_gradient(scalarization.PBI(2.0, f64(PREFERENCE), f64(reference)), LOSSES[0])
+    torch.testing.assert_close(gradient, expected)
+
+
+# --------------------------------------------------------------------------- RLW
+
+
+def test_rlw_weights_are_a_softmax_of_normals_from_its_seed():
+    generator = torch.Generator().manual_seed(7)
+    draws = [torch.randn(K, generator=generator, dtype=torch.float64) for _ in range(3)]
+    for done in range(1, 4):
+        _, gradient = train("rlw", LOSSES[:done], seed=7)
+        torch.testing.assert_close(gradient, torch.softmax(draws[done - 1], 0))
+
+
+def test_rlw_resumes_its_draws_from_the_state_dict():
+    method, _ = train("rlw", LOSSES[:2], seed=3)
+    state = method.state_dict()
+    _, continued = train("rlw", LOSSES[:3], seed=3)
+    param = torch.nn.Parameter(torch.ones(K, dtype=torch.float64))
+    resumed = create("rlw", torch.optim.SGD([param], lr=0.0), K, seed=11)
+    resumed.load_state_dict(state)
+    resumed.step(lambda: list(f64(LOSSES[2]) * param))
+    assert param.grad is not None
+    torch.testing.assert_close(param.grad / f64(LOSSES[2]), continued, rtol=0, atol=0)
+
+
+def test_rlw_equals_torchjd_random_from_the_same_seed():
+    scalarization = torchjd_scalarization()
+    param = torch.nn.Parameter(torch.ones(K))  # float32: TorchJD draws in the losses' dtype
+    create("rlw", torch.optim.SGD([param], lr=0.0), K, seed=5).step(lambda: list(torch.tensor(LOSSES[0]) * param))
+    losses = torch.tensor(LOSSES[0]).requires_grad_()
+    torch.manual_seed(5)
+    scalarization.Random()(losses).backward()
+    assert param.grad is not None and losses.grad is not None
+    torch.testing.assert_close(param.grad / torch.tensor(LOSSES[0]), losses.grad)
+
+
 # --------------------------------------------------------------------------- bad options
 
 
@@ -130,6 +207,11 @@ def test_imtl_l_equals_torchjd():
         ("stch", {"warmup": -1}, r"^warmup must be an int >= 0, got -1$"),
         ("stch", {"window": 0}, r"^window must be an int >= 1, got 0$"),
         ("imtl_l", {"lr": 0.0}, r"^lr must be > 0, got 0.0$"),
+        ("cosmos", {"lambda_": -1.0}, r"^lambda_ must be >= 0, got -1.0$"),
+        ("cosmos", {"weights": [0.0, 0.0, 0.0]}, r"^weights must be >= 0 and not all 0"),
+        ("pbi", {"theta": float("nan")}, r"^theta must be >= 0, got nan$"),
+        ("pbi", {"reference": [0.0]}, r"^reference must be 3 finite numbers"),
+        ("rlw", {"seed": 0, "generator": torch.Generator()}, r"^give seed= or generator=, not both$"),
     ],
 )
 def test_bad_options_are_one_clear_error_at_construction(name, options, match):

@@ -50,6 +50,9 @@ _REGISTRY: dict[str, tuple[str, str]] = {
     "stch": ("loss", "selgroup_fast.methods.stch:STCH"),
     "gls": ("loss", "selgroup_fast.methods.gls:GLS"),
     "imtl_l": ("loss", "selgroup_fast.methods.imtl_l:IMTLL"),
+    "cosmos": ("loss", "selgroup_fast.methods.cosmos:COSMOS"),
+    "pbi": ("loss", "selgroup_fast.methods.pbi:PBI"),
+    "rlw": ("loss", "selgroup_fast.methods.rlw:RLW"),
 }
 KINDS: tuple[str, ...] = ("plain", "grouping", "gradient", "loss")
 
