@@ -23,7 +23,9 @@ from .nonfinite import tensor_state
 TaskValues = Sequence[float] | torch.Tensor
 
 
-def task_values(name: str, values: TaskValues, num_tasks: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+def task_values(
+    name: str, values: TaskValues, num_tasks: int, device: torch.device, dtype: torch.dtype
+) -> torch.Tensor:
     """Option ``name`` (K finite numbers, one per task) as a tensor on the device; one ``ValueError`` line otherwise.
 
     Read on the host, at construction only.
@@ -34,9 +36,7 @@ def task_values(name: str, values: TaskValues, num_tasks: int, device: torch.dev
     return tensor.to(device=device, dtype=dtype)
 
 
-def preference(
-    values: TaskValues | None, num_tasks: int, device: torch.device, dtype: torch.dtype
-) -> torch.Tensor:
+def preference(values: TaskValues | None, num_tasks: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """The preference vector of a scalarization (``weights=``): K numbers >= 0, not all 0; uniform ``1/K`` when None."""
     if values is None:
         return torch.full((num_tasks,), 1.0 / num_tasks, device=device, dtype=dtype)
