@@ -50,6 +50,12 @@ _REGISTRY: dict[str, tuple[str, str]] = {
     "dwa": ("loss", "selgroup_fast.methods.dwa:DWA"),
     "dtp": ("loss", "selgroup_fast.methods.dtp:DTP"),
     "famo": ("loss", "selgroup_fast.methods.famo:FAMO"),
+    "stch": ("loss", "selgroup_fast.methods.stch:STCH"),
+    "gls": ("loss", "selgroup_fast.methods.gls:GLS"),
+    "imtl_l": ("loss", "selgroup_fast.methods.imtl_l:IMTLL"),
+    "cosmos": ("loss", "selgroup_fast.methods.cosmos:COSMOS"),
+    "pbi": ("loss", "selgroup_fast.methods.pbi:PBI"),
+    "rlw": ("loss", "selgroup_fast.methods.rlw:RLW"),
 }
 KINDS: tuple[str, ...] = ("plain", "grouping", "gradient", "loss")
 

@@ -1,4 +1,4 @@
-"""The common step of the loss-weighting methods (UW, DWA, DTP, FAMO).
+"""The common step of the loss-weighting methods (UW, DWA, DTP, FAMO and the scalarizations).
 
 These methods need no per-task gradients: one step is one forward, ONE backward
 of a weighted combination of the task losses, one optimizer step. The weights
@@ -12,13 +12,54 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
 from ..losses import ClosureOutput
 from .base import MethodReport, MultiTaskMethod
 from .nonfinite import tensor_state
+
+#: What a per-task option of a loss weighting accepts: K numbers.
+TaskValues = Sequence[float] | torch.Tensor
+
+
+def task_values(
+    name: str, values: TaskValues, num_tasks: int, device: torch.device, dtype: torch.dtype
+) -> torch.Tensor:
+    """Option ``name`` (K finite numbers, one per task) as a tensor on the device; one ``ValueError`` line otherwise.
+
+    Read on the host, at construction only.
+    """
+    tensor = torch.as_tensor(values, dtype=torch.float64).detach().cpu()
+    if tensor.shape != (num_tasks,) or not bool(torch.isfinite(tensor).all()):
+        raise ValueError(f"{name} must be {num_tasks} finite numbers (one per task), got {values!r}")
+    return tensor.to(device=device, dtype=dtype)
+
+
+def preference(values: TaskValues | None, num_tasks: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """The preference vector of a scalarization (``weights=``): K numbers >= 0, not all 0; uniform ``1/K`` when None."""
+    if values is None:
+        return torch.full((num_tasks,), 1.0 / num_tasks, device=device, dtype=dtype)
+    tensor = task_values("weights", values, num_tasks, device, torch.float64)
+    if bool((tensor < 0).any()) or not bool((tensor > 0).any()):
+        raise ValueError(f"weights must be >= 0 and not all 0, got {values!r}")
+    return tensor.to(dtype)
+
+
+def state_dtype(optimizer: torch.optim.Optimizer) -> torch.dtype:
+    """The dtype of a loss weighting's state: that of the optimizer's first parameter."""
+    return optimizer.param_groups[0]["params"][0].dtype
+
+
+def learned_scales(
+    num_tasks: int, lr: float, device: torch.device, dtype: torch.dtype
+) -> tuple[torch.nn.Parameter, torch.optim.Adam]:
+    """K learned numbers (init 0) and the method's own ``Adam(lr)`` over them (UW, IMTL-L)."""
+    if lr <= 0:
+        raise ValueError(f"lr must be > 0, got {lr}")
+    scales = torch.nn.Parameter(torch.zeros(num_tasks, device=device, dtype=dtype))
+    return scales, torch.optim.Adam([scales], lr=lr)
 
 
 class LossWeightingMethod(MultiTaskMethod):

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from ..losses import ClosureOutput
-from .loss_weighting import LossWeightingMethod
+from .loss_weighting import LossWeightingMethod, learned_scales, state_dtype
 from .nonfinite import DEFAULT_NONFINITE
 
 
@@ -56,12 +56,8 @@ class UW(LossWeightingMethod):
         nonfinite: str = DEFAULT_NONFINITE,
     ) -> None:
         super().__init__(optimizer, num_tasks, profile=profile, process_group=process_group, nonfinite=nonfinite)
-        if lr <= 0:
-            raise ValueError(f"lr must be > 0, got {lr}")
-        dtype = optimizer.param_groups[0]["params"][0].dtype
         #: ``s_k = log σ_k²``, the learned log-variances.
-        self.log_vars = torch.nn.Parameter(torch.zeros(num_tasks, device=self.device, dtype=dtype))
-        self.log_vars_optimizer = torch.optim.Adam([self.log_vars], lr=lr)
+        self.log_vars, self.log_vars_optimizer = learned_scales(num_tasks, lr, self.device, state_dtype(optimizer))
 
     @property
     def weights(self) -> torch.Tensor:

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from .. import methods
+from ..methods.loss_weighting import LossWeightingMethod
 from ..models import MultiTaskViT
 from ..tasks import PRESETS, TASKS, Task, TaskSpec
 from .config import ON_NONFINITE, TrainConfig, TrainError, unknown_option
@@ -178,7 +179,7 @@ def build_method(
         options.setdefault("task_params", task_parameters())
     options.setdefault("nonfinite", ON_NONFINITE[config.on_nonfinite])
     try:
-        return methods.create(config.method, optimizer, num_tasks, shared_params=shared, **options)
+        method = methods.create(config.method, optimizer, num_tasks, shared_params=shared, **options)
     except TypeError as error:
         option = unknown_option(error)
         if option is not None:
@@ -186,6 +187,14 @@ def build_method(
         raise TrainError(f"--method {config.method}: {error}") from None
     except ValueError as error:
         raise TrainError(f"--method {config.method}: {error}") from None
+    # A loss weighting's own warm-up (STCH's, before its nadir point is known) that outlasts the run.
+    warmup_steps = getattr(method, "warmup_steps", 0) if isinstance(method, LossWeightingMethod) else 0
+    if config.iters is not None and warmup_steps >= config.iters:
+        raise TrainError(
+            f"--method {config.method}: its warm-up ({warmup_steps} steps) is not shorter than the run "
+            f"(--iters {config.iters}); lower warmup= or window="
+        )
+    return method
 
 
 def load_baseline(path: str, specs: list[TaskSpec]) -> dict[str, Any]:
