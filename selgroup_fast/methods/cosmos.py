@@ -53,9 +53,9 @@ class COSMOS(LossWeightingMethod):
         if not lambda_ >= 0:
             raise ValueError(f"lambda_ must be >= 0, got {lambda_}")
         self.lambda_ = float(lambda_)
-        self.weights = preference(weights, num_tasks, self.device, state_dtype(optimizer))
+        self.preference = preference(weights, num_tasks, self.device, state_dtype(optimizer))
 
     def _combine_losses(self, losses: torch.Tensor) -> torch.Tensor:
-        weights = self.weights.to(losses.dtype)
+        weights = self.preference.to(losses.dtype)
         cosine = torch.nn.functional.cosine_similarity(weights, losses, dim=0)
         return (weights * losses).sum() - self.lambda_ * cosine

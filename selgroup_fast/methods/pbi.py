@@ -58,7 +58,7 @@ class PBI(LossWeightingMethod):
             raise ValueError(f"theta must be >= 0, got {theta}")
         self.theta = float(theta)
         dtype = state_dtype(optimizer)
-        self.weights = preference(weights, num_tasks, self.device, dtype)
+        self.preference = preference(weights, num_tasks, self.device, dtype)
         self.reference = (
             torch.zeros(num_tasks, device=self.device, dtype=dtype)
             if reference is None
@@ -67,7 +67,7 @@ class PBI(LossWeightingMethod):
 
     def _combine_losses(self, losses: torch.Tensor) -> torch.Tensor:
         shifted = losses - self.reference.to(losses.dtype)
-        direction = self.weights.to(losses.dtype)
+        direction = self.preference.to(losses.dtype)
         direction = direction / direction.norm()
         along = shifted @ direction
         perpendicular = shifted - along * direction

@@ -84,7 +84,7 @@ class STCH(LossWeightingMethod):
         self.warmup = None if warmup is None else check_int("warmup", warmup, minimum=0)
         self.window = check_int("window", window)
         dtype = state_dtype(optimizer)
-        self.weights = preference(weights, num_tasks, self.device, dtype)
+        self.preference = preference(weights, num_tasks, self.device, dtype)
         self.reference = (
             torch.zeros(num_tasks, device=self.device, dtype=dtype)
             if reference is None
@@ -105,7 +105,7 @@ class STCH(LossWeightingMethod):
 
     def _combine_losses(self, losses: torch.Tensor) -> torch.Tensor:
         if self.warmup is None:
-            weighted = self.weights.to(losses.dtype) * (losses - self.reference.to(losses.dtype))
+            weighted = self.preference.to(losses.dtype) * (losses - self.reference.to(losses.dtype))
             return smooth_max(weighted, self.mu)
         if self.steps < self.warmup_steps:
             return torch.log(losses + LOG_SHIFT).sum()
