@@ -43,6 +43,8 @@ _REGISTRY: dict[str, tuple[str, str]] = {
     "imtl": ("gradient", "selgroup_fast.methods.imtl:IMTL"),
     "aligned_mtl": ("gradient", "selgroup_fast.methods.aligned_mtl:AlignedMTL"),
     "nash_mtl": ("gradient", "selgroup_fast.methods.nash_mtl:NashMTL"),
+    "upgrad": ("gradient", "selgroup_fast.methods.upgrad:UPGrad"),
+    "dualproj": ("gradient", "selgroup_fast.methods.upgrad:DualProj"),
     "uw": ("loss", "selgroup_fast.methods.uw:UW"),
     "dwa": ("loss", "selgroup_fast.methods.dwa:DWA"),
     "dtp": ("loss", "selgroup_fast.methods.dtp:DTP"),
