@@ -285,8 +285,8 @@ def dual_cone_projection(
     ``{d : J·d ≥ 0}`` (for the Gram matrix of ``[J/sqrt(tr G), sqrt(reg_eps)·I]``). All N box-constrained
     QPs in one call, each solved exactly by an active-set method (Lawson & Hanson's, with block additions;
     csrc/manipulation/dual_cone.h): on return ``Ĝ·v ≥ 0`` off the bound and ``= 0`` on it, to the rounding of
-    G. The regularisation is floored at K·ε of the unit trace (ε = float64's), so that ``reg_eps = 0`` stays
-    solvable on duplicate rows. Returns N×K, G's dtype and device; all-NaN for a non-finite G.
+    G. With ``reg_eps = 0`` an index whose gradient is a combination of the free ones to rounding (duplicate or
+    zero rows) stays on its bound. Returns N×K, G's dtype and device; all-NaN for a non-finite G.
 
     >>> g = torch.tensor([[1.0, 0.0], [-1.0, 1.0]])
     >>> dual_cone_projection(g @ g.T, torch.eye(2), reg_eps=0.0)  # g_0 + g_1/2 ⟂ g_1, g_0 + g_1 ⟂ g_0

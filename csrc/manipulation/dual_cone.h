@@ -28,13 +28,13 @@
 // Ĝ_FF = Rᵀ·R with z = R⁻ᵀ·(−c_F) (common.h's cholesky_append / cholesky_delete,
 // O(|F|²) per change), so a minor step is one back substitution y = R⁻¹·z.
 //
-// Ĝ's regularisation is floored at K·ε (ε = double's) of its unit trace, so that Ĝ_FF
-// stays positive definite on duplicate or zero rows when reg_eps = 0: a relative change
-// of that size in v, the size of G's own rounding.
+// An index whose pivot is below K·ε·Ĝ_tt (ε = double's) does not join F: its gradient
+// is a combination of F's to rounding (duplicate or zero rows with reg_eps = 0), so Ĝ_FF
+// stays positive definite without changing the problem.
 //
 // Stops (every one of them a feasible v; the first is the optimum):
 //   * μ_k ≥ −K·ε·sqrt(Ĝ_kk)·m off F, m = Σ_k |v_k|·sqrt(Ĝ_kk): the rounding error of μ_k;
-//   * no joining index has a positive pivot, or x did not move over a major step
+//   * no joining index has a pivot above that, or x did not move over a major step
 //     (rounding, not the method, stops the descent there);
 //   * 4·K + 4 major steps (a safety net: the method needs at most about K).
 // A non-finite entry in G gives all-NaN projections; a non-finite u, a non-finite v.
@@ -96,9 +96,8 @@ struct DualConeProjection {
     double trace = 0.0;
     for (int k = 0; k < K; ++k) trace += G[k * K + k];
     const double scale = trace < norm_eps ? 0.0 : 1.0 / trace;
-    const double reg = fmax(reg_eps, K * DBL_EPSILON);
     team.sync();  // everyone has read the diagonal before it is rewritten
-    for (int i = team.rank(); i < K * K; i += team.size()) G[i] = G[i] * scale + (i % (K + 1) == 0 ? reg : 0.0);
+    for (int i = team.rank(); i < K * K; i += team.size()) G[i] = G[i] * scale + (i % (K + 1) == 0 ? reg_eps : 0.0);
     team.sync();
     for (int k = team.rank(); k < K; k += team.size()) s.norms[k] = sqrt(G[k * K + k]);
     team.sync();
@@ -144,7 +143,9 @@ struct DualConeProjection {
         if (in_free[t] || !(s.mu[t] < -K * DBL_EPSILON * norms[t] * mass)) continue;
         const double squared_pivot = cholesky_append(
             s.R, K, size, [&](int i) { return G[s.free_set[i] * K + t]; }, G[t * K + t]);
-        if (!(squared_pivot > 0.0)) continue;  // t is F's combination in double: it stays out
+        // t is a combination of F's gradients to rounding (a duplicate or zero row when reg_eps = 0): it stays
+        // out (its μ_t is then F's combination of zeros, up to that rounding).
+        if (!(squared_pivot > K * DBL_EPSILON * G[t * K + t])) continue;
         double r_dot_z = 0.0;
         for (int i = 0; i < size; ++i) r_dot_z += s.R[i * K + size] * s.z[i];
         s.z[size] = (-s.c[t] - r_dot_z) / s.R[size * K + size];
