@@ -21,7 +21,6 @@ from collections.abc import Callable
 from importlib.metadata import version
 
 import torch
-
 from torchjd import aggregation
 
 from selgroup_fast.methods import aggregator

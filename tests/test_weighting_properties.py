@@ -109,6 +109,7 @@ def cagrad_optimality(J: np.ndarray, d: np.ndarray, w: np.ndarray | None, option
 
 def dual_cone_direction(rows: Callable[[np.ndarray], np.ndarray]) -> Direction:
     """UPGrad's (rows: p_k·e_k, summed) or DualProj's (one row: p) direction from reference.dual_cone_weights."""
+
     def direction(J: np.ndarray, options: dict[str, Any]) -> np.ndarray:
         epsilons = {name: options[name] for name in ("norm_eps", "reg_eps") if name in options}
         return J.T @ reference.dual_cone_weights(J, rows(np.full(J.shape[0], 1 / J.shape[0])), **epsilons).sum(0)
