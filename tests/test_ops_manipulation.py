@@ -751,14 +751,16 @@ def test_dual_cone_projection_is_the_primal_projection_of_a_clarabel_qp(K, reg_e
     V = ops.dual_cone_projection(torch.from_numpy(J0 @ J0.T), torch.from_numpy(rows), reg_eps=reg_eps).numpy()
     for u, v in zip(rows, V, strict=True):
         d = cp.Variable(J.shape[1])
-        cp.Problem(cp.Minimize(cp.sum_squares(d - J.T @ u)), [J @ d >= 0]).solve(solver=cp.CLARABEL)
-        # Relative to the problem's scale (the largest row of J times ‖u‖₁): Clarabel's accuracy, 2e-5 at K = 32.
         scale = np.linalg.norm(J, axis=1).max() * np.abs(u).sum()
-        assert np.linalg.norm(J.T @ v - d.value) <= 1e-4 * scale
         # The op's own answer is exact: the KKT conditions of min vᵀĜv s.t. v ≥ u to double rounding.
         mu = J @ (J.T @ v)
         assert (v >= u).all() and mu.min() >= -1e-12 * scale**2
         assert np.abs(mu * (v - u)).max() <= 1e-12 * scale**2 * np.abs(v).sum()
+        cp.Problem(cp.Minimize(cp.sum_squares(d - J.T @ u)), [J @ d >= 0]).solve(solver=cp.CLARABEL)
+        # The interior point agrees to its own accuracy at default tolerances, relative to the problem's scale
+        # (the largest row of J times ‖u‖₁): up to 2.2e-3 at K = 32, whose rows span 10⁻⁴ of it (tighter
+        # tolerances report "inaccurate" there). The KKT check above is the exact one.
+        assert np.linalg.norm(J.T @ v - d.value) <= 5e-3 * scale
 
 
 @pytest.mark.parametrize(
