@@ -9,6 +9,7 @@
 #include "affinity/group_similarity.h"
 #include "manipulation/aligned_mtl.h"
 #include "manipulation/cagrad.h"
+#include "manipulation/dual_cone.h"
 #include "manipulation/graddrop.h"
 #include "manipulation/imtl.h"
 #include "manipulation/mgda.h"
@@ -25,7 +26,10 @@
   X(nash_mtl_weights, manipulation::NashMTLWeights)
 
 // Ops run by one team (one block on CUDA).
-#define SELGROUP_TEAM_OPS(X) SELGROUP_WEIGHTING_OPS(X) X(affinity_propagation, AffinityPropagation)
+#define SELGROUP_TEAM_OPS(X)                                 \
+  SELGROUP_WEIGHTING_OPS(X)                                  \
+  X(dual_cone_projection, manipulation::DualConeProjection) \
+  X(affinity_propagation, AffinityPropagation)
 
 // Ops that are maps over independent indices (a grid on CUDA).
 #define SELGROUP_MAP_OPS(X)                 \

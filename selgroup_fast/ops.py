@@ -153,6 +153,7 @@ __all__ += [
     "imtl_weights",
     "aligned_mtl_weights",
     "nash_mtl_weights",
+    "dual_cone_projection",
     "graddrop",
 ]
 
@@ -272,6 +273,29 @@ def nash_mtl_weights(
     return torch.ops.selgroup_fast.nash_mtl_weights(gram, alpha_init, max_iter, tol)
 
 
+def dual_cone_projection(
+    gram: torch.Tensor, rows: torch.Tensor, norm_eps: float = 0.0001, reg_eps: float = 0.0001
+) -> torch.Tensor:
+    """The projections onto the dual cone of the task gradients, in weights (Quinton & Rey, "Jacobian Descent
+    for Multi-Objective Optimization", arXiv 2406.16232, Proposition 1).
+
+    For each row u of ``rows`` (N×K), ``v = argmin_v vᵀ·Ĝ·v`` subject to ``v ≥ u``, with
+    ``Ĝ = G / tr(G) + reg_eps·I`` (``G / tr(G)`` taken as 0 when ``tr(G) < norm_eps``), as TorchJD's
+    ``QuadprogProjector(norm_eps, reg_eps)``: then ``Jᵀ·v`` is ``Jᵀ·u`` projected onto
+    ``{d : J·d ≥ 0}`` (for the Gram matrix of ``[J/sqrt(tr G), sqrt(reg_eps)·I]``). All N box-constrained
+    QPs in one call, each solved exactly by an active-set method (Lawson & Hanson's, with block additions;
+    csrc/manipulation/dual_cone.h): on return ``Ĝ·v ≥ 0`` off the bound and ``= 0`` on it, to the rounding of
+    G. With ``reg_eps = 0`` an index whose gradient is a combination of the free ones to rounding (duplicate or
+    zero rows) stays on its bound. Returns N×K, G's dtype and device; all-NaN for a non-finite G.
+
+    >>> g = torch.tensor([[1.0, 0.0], [-1.0, 1.0]])
+    >>> dual_cone_projection(g @ g.T, torch.eye(2), reg_eps=0.0)  # g_0 + g_1/2 ⟂ g_1, g_0 + g_1 ⟂ g_0
+    tensor([[1.0000, 0.5000],
+            [1.0000, 1.0000]])
+    """
+    return torch.ops.selgroup_fast.dual_cone_projection(gram, rows, norm_eps, reg_eps)
+
+
 def graddrop(
     jacobian: torch.Tensor, leak: torch.Tensor, seed: int, offset: int, column_offset: int = 0
 ) -> torch.Tensor:
@@ -321,6 +345,17 @@ def _pcgrad_weights_fake(gram: torch.Tensor, order: torch.Tensor) -> torch.Tenso
     torch._check(order.dtype == torch.int64, lambda: f"order must be int64, got {order.dtype}")
     torch._check(order.shape == gram.shape, lambda: f"order must be K×K, got {order.shape}")
     return _check_gram(gram)
+
+
+@torch.library.register_fake("selgroup_fast::dual_cone_projection")
+def _dual_cone_projection_fake(gram: torch.Tensor, rows: torch.Tensor, *solver_options: object) -> torch.Tensor:
+    _check_gram(gram)
+    torch._check(
+        rows.dim() == 2 and rows.shape[1] == gram.shape[0],
+        lambda: f"dual_cone_projection: rows must have shape [N, {gram.shape[0]}], got {rows.shape}",
+    )
+    torch._check(rows.dtype == gram.dtype, lambda: f"rows is {rows.dtype} but gram is {gram.dtype}")
+    return rows.new_empty(rows.shape)
 
 
 @torch.library.register_fake("selgroup_fast::nash_mtl_weights")

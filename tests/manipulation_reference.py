@@ -314,3 +314,24 @@ def moco_first_step(jacobian: np.ndarray, beta: float = 0.5, gamma: float = 0.1,
     logits = start - gamma * (tracked @ tracked.T + rho * np.eye(tasks)) @ start
     weights = np.exp(logits - logits.max())
     return tracked.T @ (weights / weights.sum())
+
+
+def dual_cone_weights(
+    jacobian: np.ndarray, rows: np.ndarray, norm_eps: float = 1e-4, reg_eps: float = 1e-4
+) -> np.ndarray:
+    """UPGrad's and DualProj's projections onto the dual cone (Quinton & Rey 2024, Proposition 1), in weights:
+    for each row u, v = argmin ‖Aᵀv‖² subject to v ≥ u, A = [J/sqrt(tr G), sqrt(reg_eps)·I] (Aᵀ's Gram is
+    TorchJD's Ĝ = G/tr(G) + reg_eps·I), as a bounded least-squares problem solved by scipy's BVLS (Stark &
+    Parker's active-set method, independent of the kernel's)."""
+    J = jacobian.astype(np.float64)
+    K = J.shape[0]
+    trace = float(np.einsum("kp,kp->", J, J))
+    scaled = np.zeros_like(J) if trace < norm_eps else J / np.sqrt(trace)
+    A = np.hstack([scaled, np.sqrt(reg_eps) * np.eye(K)]).T
+    solutions = []
+    for u in rows.astype(np.float64):
+        result = scipy.optimize.lsq_linear(
+            A, np.zeros(A.shape[0]), bounds=(u, np.full(K, np.inf)), method="bvls", tol=1e-15, lsmr_tol=None
+        )
+        solutions.append(np.maximum(result.x, u))
+    return np.array(solutions)

@@ -107,6 +107,16 @@ def cagrad_optimality(J: np.ndarray, d: np.ndarray, w: np.ndarray | None, option
     return max(outside, gap)
 
 
+def dual_cone_direction(rows: Callable[[np.ndarray], np.ndarray]) -> Direction:
+    """UPGrad's (rows: p_k·e_k, summed) or DualProj's (one row: p) direction from reference.dual_cone_weights."""
+
+    def direction(J: np.ndarray, options: dict[str, Any]) -> np.ndarray:
+        epsilons = {name: options[name] for name in ("norm_eps", "reg_eps") if name in options}
+        return J.T @ reference.dual_cone_weights(J, rows(np.full(J.shape[0], 1 / J.shape[0])), **epsilons).sum(0)
+
+    return direction
+
+
 def imtl_direction(J: np.ndarray, options: dict[str, Any]) -> np.ndarray:
     return J.T @ reference.imtl_weights(J)
 
@@ -290,6 +300,28 @@ ROWS: dict[str, Row] = {
         ),
         # Its first step is LibMTL's warm-up (w = 1): the sum; its learned weights in tests/test_tracked_methods.py.
         Row("gradnorm", reference=lambda J, options: J.sum(axis=0)),
+        # TorchJD's pref_vector defaults (1/K each), norm_eps and reg_eps: its projector's G/tr(G) + 1e-4·I projects
+        # onto the dual cone of [J/‖J‖_F, 1e-2·I], so J·d ≥ 0 and d(s·J) = s·d(J) hold exactly with reg_eps = 0.
+        Row(
+            "upgrad",
+            # A projection near 0 (rank-deficient, stationary J) is fixed by G's rounding as MGDA's min-norm point is.
+            conditioning=min_norm_conditioning,
+            reference=dual_cone_direction(np.diag),
+            non_conflicting=Claim(options={"reg_eps": 0.0}),
+            scaling=Claim(options={"reg_eps": 0.0}),
+            torchjd=lambda K: torchjd_aggregation().UPGrad(),
+            torchjd_equal=Claim(tolerance=1e-6),
+        ),
+        Row(
+            "dualproj",
+            # A projection near 0 (rank-deficient, stationary J) is fixed by G's rounding as MGDA's min-norm point is.
+            conditioning=min_norm_conditioning,
+            reference=dual_cone_direction(lambda preference: preference[None, :]),
+            non_conflicting=Claim(options={"reg_eps": 0.0}),
+            scaling=Claim(options={"reg_eps": 0.0}),
+            torchjd=lambda K: torchjd_aggregation().DualProj(),
+            torchjd_equal=Claim(tolerance=1e-6),
+        ),
     ]
 }
 assert sorted(ROWS) == sorted(available("gradient")), "every gradient method needs its row"

@@ -146,24 +146,15 @@ struct MGDAWeights {
     return false;
   }
 
-  // Appends task t to S's factor: column `size` of R solves Rᵀ·r = (c + G[S_i, t])_i,
-  // and its pivot is sqrt(c + G_tt − rᵀ·r); extends z. Returns the squared pivot
-  // (the caller adds t to S only when it is safely positive). Rank 0 only.
+  // Appends task t to S's factor (common.h's cholesky_append on M = c·1·1ᵀ + G) and
+  // extends z. Returns the squared pivot (the caller adds t to S only when it is safely
+  // positive). Rank 0 only.
   SELGROUP_HD double append_column(const Scratch& s, int size, int t, double c) const {
-    double* R = s.R;
-    double squared_norm = 0.0, r_dot_z = 0.0;
-    for (int i = 0; i < size; ++i) {
-      double sum = c + s.G[s.corral[i] * K + t];
-      for (int k = 0; k < i; ++k) sum -= R[k * K + i] * R[k * K + size];
-      const double r = sum / R[i * K + i];
-      R[i * K + size] = r;
-      squared_norm += r * r;
-      r_dot_z += r * s.z[i];
-    }
-    const double squared_pivot = c + s.G[t * K + t] - squared_norm;
-    const double pivot = sqrt(fmax(squared_pivot, 0.0));
-    R[size * K + size] = pivot;
-    s.z[size] = (1.0 - r_dot_z) / pivot;
+    const double squared_pivot = cholesky_append(
+        s.R, K, size, [&](int i) { return c + s.G[s.corral[i] * K + t]; }, c + s.G[t * K + t]);
+    double r_dot_z = 0.0;
+    for (int i = 0; i < size; ++i) r_dot_z += s.R[i * K + size] * s.z[i];
+    s.z[size] = (1.0 - r_dot_z) / s.R[size * K + size];
     s.corral[size] = t;
     s.alpha[size] = 0.0;
     return squared_pivot;
@@ -182,30 +173,13 @@ struct MGDAWeights {
     for (int i = 0; i < size; ++i) s.y[i] /= total;
   }
 
-  // Removes S's entry `leaving`: its column of R goes, the columns after it shift left,
-  // and Givens rotations of rows (j, j + 1) zero the subdiagonal this leaves, applied
-  // to z as well (if R_delᵀ·z = 1 then (Q·R_del)ᵀ·(Q·z) = 1; Q·R_del's last row is 0,
-  // so z's last entry is dropped). Rank 0 only.
+  // Removes S's entry `leaving` (common.h's cholesky_delete, z rotated with R). Rank 0 only.
   SELGROUP_HD void remove_from_corral(const Scratch& s, int size, int leaving) const {
-    double* R = s.R;
     for (int j = leaving; j + 1 < size; ++j) {
-      for (int i = 0; i <= j + 1; ++i) R[i * K + j] = R[i * K + j + 1];
       s.corral[j] = s.corral[j + 1];
       s.alpha[j] = s.alpha[j + 1];
     }
-    for (int j = leaving; j + 1 < size; ++j) {
-      const double a = R[j * K + j], b = R[(j + 1) * K + j];
-      const double radius = sqrt(a * a + b * b);  // >= b, the old pivot of row j + 1: > 0
-      const double cosine = a / radius, sine = b / radius;
-      for (int k = j; k + 1 < size; ++k) {
-        const double upper = R[j * K + k], lower = R[(j + 1) * K + k];
-        R[j * K + k] = cosine * upper + sine * lower;
-        R[(j + 1) * K + k] = cosine * lower - sine * upper;
-      }
-      const double upper = s.z[j], lower = s.z[j + 1];
-      s.z[j] = cosine * upper + sine * lower;
-      s.z[j + 1] = cosine * lower - sine * upper;
-    }
+    cholesky_delete(s.R, K, size, leaving, s.z);
   }
 };
 

@@ -46,6 +46,8 @@ _REGISTRY: dict[str, tuple[str, str]] = {
     "db_mtl": ("gradient", "selgroup_fast.methods.db_mtl:DBMTL"),
     "moco": ("gradient", "selgroup_fast.methods.moco:MoCo"),
     "gradnorm": ("gradient", "selgroup_fast.methods.gradnorm:GradNorm"),
+    "upgrad": ("gradient", "selgroup_fast.methods.upgrad:UPGrad"),
+    "dualproj": ("gradient", "selgroup_fast.methods.upgrad:DualProj"),
     "uw": ("loss", "selgroup_fast.methods.uw:UW"),
     "dwa": ("loss", "selgroup_fast.methods.dwa:DWA"),
     "dtp": ("loss", "selgroup_fast.methods.dtp:DTP"),
