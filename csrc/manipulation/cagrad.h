@@ -24,7 +24,8 @@
 // C in the ball is optimal. The op returns the one closest to g0, the projection
 // d = g0 + Jᵀ·μ of g0 onto C, μ = argmin_{μ ≥ 0} (b + μ)ᵀ·G·(b + μ) (Lawson & Hanson's
 // active-set NNLS on G, exact in finitely many steps): w = b + μ. Its ‖Jᵀ·μ‖ ≤ r decides
-// whether the ball meets C (always for c ≥ 1, where 0 is in the ball); where it does not,
+// whether the ball meets C (always for c ≥ 1, where 0 is in the ball); w = 0 where that d is
+// below its rounding level from G (strongly stationary rows: C ⊥ the rows). Where it does not,
 // the optimum is below 0 with ‖g_x*‖ > 0 and the root-finder above returns it.
 // d = g0 (w = b) where r = 0 (c = 0 or g0 = 0: the ball is the point g0).
 #pragma once
@@ -127,8 +128,19 @@ struct CAGradWeights {
     double weighted_norms = 0.0;  // Σ_k x_k·‖g_k‖
     for (int k = 0; k < K; ++k) weighted_norms += s.x[k] * sqrt(fmax(s.G[k * K + k], 0.0));
     const bool zero_in_hull = !(sqrt(at_zero) > sqrt(K * input_epsilon<scalar_t>()) * weighted_norms);
-    if (zero_in_hull && project_on_cone(team, s) <= radius * radius) {
+    // The ball meets C when ‖Jᵀ·μ‖ ≤ r; always for c ≥ 1 (0 ∈ C is in the ball, and g0's projection is nearer),
+    // where rounding alone could put ‖Jᵀ·μ‖ = ‖g0‖ (C ⊥ g0) above r = ‖g0‖.
+    if (zero_in_hull && (project_on_cone(team, s) <= radius * radius || c >= 1.0)) {
+      // d = g0 + Jᵀ·μ; below its rounding level from G (sqrt(K·ε)·Σ_k w_k·‖g_k‖) it is 0 (strongly stationary
+      // rows: C is the rows' orthogonal complement, g0's projection on it 0).
       for (int i = team.rank(); i < K; i += team.size()) w[i] = b + s.mu[i];
+      team.sync();
+      matvec(team, s.G, w, s.Gv, K);
+      double reach = 0.0;
+      for (int k = 0; k < K; ++k) reach += w[k] * sqrt(fmax(s.G[k * K + k], 0.0));
+      const bool resolved = sqrt(fmax(dot(w, s.Gv, K), 0.0)) > sqrt(K * input_epsilon<scalar_t>()) * reach;
+      team.sync();  // everyone has read w
+      if (!resolved) fill(team, w, K, 0.0);
       team.sync();
       return;
     }
