@@ -1,0 +1,102 @@
+"""Gradient Vaccine: EMA targets of the tasks' gradient cosines (Wang, Tsvetkov, Firat & Cao, ICLR 2021)."""
+
+from __future__ import annotations
+
+import torch
+
+from .cr_mogm import check_unit_interval
+from .pcgrad import seeded_generator
+from .tracked import check_decay_exponent
+from .weighting import Weighting
+
+
+def vaccine_orders(num_tasks: int, device: torch.device, generator: torch.Generator | None) -> torch.Tensor:
+    """K × (K − 1): row i, the other tasks in the order task i visits them, drawn on ``device``.
+
+    One ``randperm(K − 1)`` per task in turn, as TorchJD's ``GradVac`` draws them from torch's global RNG:
+    on the CPU, a generator seeded ``s`` gives TorchJD's orders under ``torch.manual_seed(s)``.
+    """
+    positions = torch.stack(
+        [torch.randperm(num_tasks - 1, generator=generator, device=device) for _ in range(num_tasks)]
+    ) if num_tasks > 1 else torch.zeros(1, 0, dtype=torch.long, device=device)
+    return positions + (positions >= torch.arange(num_tasks, device=device)[:, None])  # skip task i itself
+
+
+class GradVac(Weighting):
+    """GradVac: each task gradient is moved towards every other task's until their cosine reaches its EMA target.
+
+    Z. Wang, Y. Tsvetkov, O. Firat, Y. Cao, "Gradient Vaccine: Investigating and Improving Multi-task
+    Optimization in Massively Multilingual Models", ICLR 2021 (arXiv 2010.05874), Algorithm 1; TorchJD's
+    ``GradVac`` (0.18, the whole vector). Rule, for every task i and every other task j in a seeded random
+    order, ``g_i^PC`` starting at ``g_i``::
+
+        φ = cos(g_i^PC, g_j),   φ̂ = the target φ̂_ij
+        if φ < φ̂:  g_i^PC += ‖g_i^PC‖ (φ̂ sqrt(1 − φ²) − φ sqrt(1 − φ̂²)) / (‖g_j‖ sqrt(1 − φ̂²) + eps) · g_j
+        φ̂_ij ← (1 − beta) φ̂_ij + beta φ                (φ̂ = 0 at first)
+        d = Σ_i g_i^PC
+
+    All of it from G: ``g_i^PC = Σ_k C_ik g_k`` and ``w = Σ_i C_i``. The K tasks' corrections are
+    independent of each other, so the step takes K − 1 batched updates (all tasks' j-th visit at once) on the
+    device, with no host sync, where TorchJD loops over the K (K − 1) pairs on the host. A weighting of G:
+    every path of the gradient step serves it. The heads get their own gradients. Not permutation
+    invariant for one draw (the orders are not permuted with the tasks). State (saved, on the device): φ̂
+    (K × K) and the generator of the orders.
+
+    Options: ``beta=0.5`` (in [0, 1]) and ``eps=1e-8`` (≥ 0), TorchJD's names and defaults; ``seed`` (int,
+    default: drawn from torch's global RNG) or ``generator`` (a ``torch.Generator`` on the device), as PCGrad's.
+
+    Example::
+
+        >>> import torch, selgroup_fast
+        >>> vac = selgroup_fast.methods.aggregator("gradvac", 2, dtype=torch.float64, seed=0)
+        >>> J = torch.tensor([[1.0, 0.0], [-1.0, 1.0]], dtype=torch.float64)
+        >>> vac(J).round(decimals=12)   # φ̂ = 0: g_0^PC = (½, ½) ⊥ g_1, g_1^PC = (0, 1) ⊥ g_0
+        tensor([0.5000, 1.5000], dtype=torch.float64)
+    """
+
+    name = "gradvac"
+    saved_state = ("targets", "generator")
+
+    def __init__(
+        self,
+        num_tasks: int,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        *,
+        beta: float = 0.5,
+        eps: float = 1e-8,
+        seed: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__(num_tasks, device, dtype)
+        self.beta = check_unit_interval("beta", beta)
+        self.eps = check_decay_exponent("eps", eps)
+        if generator is not None and seed is not None:
+            raise ValueError("give seed= or generator=, not both")
+        self.generator = generator if generator is not None else seeded_generator(self.device, seed)
+        #: φ̂: the EMA targets of the cosines, ``targets[i, j]`` for ``g_i^PC`` against ``g_j``.
+        self.targets = torch.zeros(num_tasks, num_tasks, device=self.device, dtype=dtype)
+
+    def weights(self, gram: torch.Tensor) -> torch.Tensor:
+        count = gram.shape[0]
+        orders = vaccine_orders(count, gram.device, self.generator)
+        targets = self.targets.to(gram.dtype)
+        rows = torch.arange(count, device=gram.device)
+        coefficients = torch.eye(count, device=gram.device, dtype=gram.dtype)  # g_i^PC = Σ_k C_ik g_k
+        products = gram.clone()  # (C G)_ij = g_i^PC · g_j
+        norms = gram.diagonal().clamp_min(0).sqrt()
+        for visit in range(count - 1):
+            others = orders[:, visit]
+            cosine_now = products[rows, others]
+            norm_now = (products * coefficients).sum(dim=1).clamp_min(0).sqrt()
+            norm_other = norms[others]
+            cosine = cosine_now / (norm_now * norm_other + self.eps)
+            target = targets[rows, others]
+            sine, target_sine = (1 - cosine.square()).clamp_min(0).sqrt(), (1 - target.square()).clamp_min(0).sqrt()
+            step = norm_now * (target * sine - cosine * target_sine) / (norm_other * target_sine + self.eps)
+            step = torch.where(cosine < target, step, torch.zeros_like(step))
+            coefficients[rows, others] += step
+            products += step[:, None] * gram[others]
+            targets[rows, others] = (1 - self.beta) * target + self.beta * cosine
+        self.targets = targets.to(self.targets.dtype)
+        return coefficients.sum(dim=0)
