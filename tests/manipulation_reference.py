@@ -335,3 +335,52 @@ def dual_cone_weights(
         )
         solutions.append(np.maximum(result.x, u))
     return np.array(solutions)
+
+
+def gradvac_update(
+    jacobian: np.ndarray, orders: np.ndarray, targets: np.ndarray, beta: float = 0.5, eps: float = 1e-8
+) -> tuple[np.ndarray, np.ndarray]:
+    """GradVac's step on the rows of J (Wang et al. 2021, Algorithm 1; TorchJD's ``GradVac`` rule): each g_i^PC,
+    visiting the other tasks j in the order ``orders[i]``, gets ``a·g_j`` added where its cosine with g_j is below
+    the target φ̂_ij (after which it equals it), and φ̂_ij follows the cosine's EMA. Returns Σ_i g_i^PC and the
+    new targets (``targets`` is not changed)."""
+    J = jacobian.astype(np.float64)
+    targets = targets.astype(np.float64).copy()
+    vaccinated = J.copy()
+    for i, order in enumerate(orders):
+        for j in order:
+            norm_i, norm_j = np.linalg.norm(vaccinated[i]), np.linalg.norm(J[j])
+            cosine = vaccinated[i] @ J[j] / (norm_i * norm_j + eps)
+            target = targets[i, j]
+            if cosine < target:
+                sine, target_sine = np.sqrt(max(0.0, 1 - cosine**2)), np.sqrt(max(0.0, 1 - target**2))
+                vaccinated[i] += norm_i * (target * sine - cosine * target_sine) / (norm_j * target_sine + eps) * J[j]
+            targets[i, j] = (1 - beta) * target + beta * cosine
+    return vaccinated.sum(axis=0), targets
+
+
+def excess_mtl_steps(
+    jacobians: list[np.ndarray], robust_step_size: float = 1.0, n_warmup_steps: int = 0
+) -> list[np.ndarray]:
+    """ExcessMTL's directions over successive J (He et al. 2024, eq. 6, 7, 9; TorchJD's ``ExcessMTL``): AdaGrad's
+    sums S of g², the excess risks e_k = Σ g_k²/sqrt(S_k + 1e-7), divided by the baseline (the warm-up's mean, or
+    the first step's e, which is itself used undivided), w ← w·exp(η e) normalised, from 1/K."""
+    tasks = jacobians[0].shape[0]
+    squares, weights, warmup, baseline = 0.0, np.full(tasks, 1.0 / tasks), np.zeros(tasks), None
+    directions = []
+    for step, J in enumerate(jacobians, start=1):
+        J = J.astype(np.float64)
+        squares = squares + J**2
+        excess = (J**2 / np.sqrt(squares + 1e-7)).sum(axis=1)
+        if step <= n_warmup_steps:
+            warmup += excess
+        else:
+            if baseline is None:
+                baseline = warmup / n_warmup_steps if n_warmup_steps else excess
+            if step > 1:
+                excess = excess / (baseline + 1e-7)
+            logits = np.log(weights) + robust_step_size * excess
+            weights = np.exp(logits - logits.max())
+            weights /= weights.sum()
+        directions.append(weights @ J)
+    return directions

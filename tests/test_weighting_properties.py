@@ -36,6 +36,7 @@ from known_failures import KNOWN_FAILURES
 from method_families import NON_STATIONARY, STATIONARY, Case, cases
 
 from selgroup_fast.methods import aggregate, aggregator, available
+from selgroup_fast.methods.gradvac import vaccine_orders
 from selgroup_fast.methods.pcgrad import projection_orders, seeded_generator
 from selgroup_fast.methods.weighting import Weighting
 
@@ -115,6 +116,17 @@ def dual_cone_direction(rows: Callable[[np.ndarray], np.ndarray]) -> Direction:
         return J.T @ reference.dual_cone_weights(J, rows(np.full(J.shape[0], 1 / J.shape[0])), **epsilons).sum(0)
 
     return direction
+
+
+def gradvac_direction(J: np.ndarray, options: dict[str, Any]) -> np.ndarray:
+    orders = vaccine_orders(J.shape[0], options["device"], seeded_generator(options["device"], options["seed"]))
+    return reference.gradvac_update(J, orders.cpu().numpy(), np.zeros((J.shape[0],) * 2))[0]
+
+
+def seeded(make: Callable[[], Any], seed: int) -> Any:
+    """``make()`` after ``torch.manual_seed(seed)``: TorchJD's GradVac draws its orders from torch's global RNG."""
+    torch.manual_seed(seed)
+    return make()
 
 
 def imtl_direction(J: np.ndarray, options: dict[str, Any]) -> np.ndarray:
@@ -321,6 +333,41 @@ ROWS: dict[str, Row] = {
             scaling=Claim(options={"reg_eps": 0.0}),
             torchjd=lambda K: torchjd_aggregation().DualProj(),
             torchjd_equal=Claim(tolerance=1e-6),
+        ),
+        # The EMA of UPGrad's weights (its default base): its first step is UPGrad's, λ_0 = λ̂_1.
+        Row(
+            "cr_mogm",
+            conditioning=min_norm_conditioning,
+            reference=dual_cone_direction(np.diag),
+            non_conflicting=Claim(options={"base_options": {"reg_eps": 0.0}}),
+            scaling=Claim(options={"base_options": {"reg_eps": 0.0}}),
+            torchjd=lambda K: torchjd_aggregation().GramianWeightedAggregator(
+                torchjd_aggregation().CRMOGMWeighting(torchjd_aggregation().UPGradWeighting())
+            ),
+            torchjd_equal=Claim(tolerance=1e-6),
+        ),
+        # Its first step (weights 1/K, e the baseline itself): softmax(e), not scale-equivariant (e grows with J).
+        Row(
+            "excess_mtl",
+            reference=lambda J, options: reference.excess_mtl_steps([J])[0],
+            scaling=None,
+            torchjd=lambda K: torchjd_aggregation().ExcessMTL(),
+            torchjd_equal=Claim(),
+        ),
+        # Its first step (targets φ̂ = 0) moves each g_i^PC off the conflicts as PCGrad does; the orders are drawn per
+        # task, not permuted with the tasks: only K = 2 has one order.
+        Row(
+            "gradvac",
+            {"seed": 0},
+            reference=gradvac_direction,
+            # Two opposite gradients make each other rounding noise, whose sign the next visit reads (as PCGrad's).
+            exact=Claim(families=ALL_FAMILIES - {"rank_deficient", "strong_stationary"}),
+            permutation_invariant=Claim(max_tasks=2),
+            scaling=Claim(families=ALL_FAMILIES - {"rank_deficient", "strong_stationary"}),
+            # φ̂ = 0: PCGrad's projection of two tasks, exact without the eps beside ‖g_j‖ (which leaves eps/‖g_j‖ of it).
+            non_conflicting=Claim(max_tasks=2, options={"eps": 0.0}),
+            torchjd=lambda K: seeded(torchjd_aggregation().GradVac, 0),
+            torchjd_equal=Claim(families=ALL_FAMILIES - {"rank_deficient", "strong_stationary"}),
         ),
     ]
 }
