@@ -66,11 +66,14 @@ class CRMOGM(Weighting):
 
         weightings = [name for name in available("gradient") if name != self.name]
         if base not in weightings:
-            raise ValueError(f"cr_mogm: base= must name a gradient method, one of {', '.join(weightings)}; got {base!r}")
-        #: The smoothed weighting.
-        self.base = aggregator(base, num_tasks, device, dtype, **(base_options or {}))
-        if not isinstance(self.base, Weighting):
+            raise ValueError(
+                f"cr_mogm: base= must name a gradient method, one of {', '.join(weightings)}; got {base!r}"
+            )
+        base_method = aggregator(base, num_tasks, device, dtype, **(base_options or {}))
+        if not isinstance(base_method, Weighting):
             raise ValueError(f"cr_mogm: base={base!r} is not a weighting of G (it acts on J itself): nothing to smooth")
+        #: The smoothed weighting.
+        self.base: Weighting = base_method
         self.needs = self.base.needs  # type: ignore[misc]  # what the base reads, the step provides
         self.weights_task_params = self.base.weights_task_params  # type: ignore[misc]
         self.alpha = check_unit_interval("alpha", alpha)

@@ -16,9 +16,11 @@ def vaccine_orders(num_tasks: int, device: torch.device, generator: torch.Genera
     One ``randperm(K − 1)`` per task in turn, as TorchJD's ``GradVac`` draws them from torch's global RNG:
     on the CPU, a generator seeded ``s`` gives TorchJD's orders under ``torch.manual_seed(s)``.
     """
-    positions = torch.stack(
-        [torch.randperm(num_tasks - 1, generator=generator, device=device) for _ in range(num_tasks)]
-    ) if num_tasks > 1 else torch.zeros(1, 0, dtype=torch.long, device=device)
+    positions = (
+        torch.stack([torch.randperm(num_tasks - 1, generator=generator, device=device) for _ in range(num_tasks)])
+        if num_tasks > 1
+        else torch.zeros(1, 0, dtype=torch.long, device=device)
+    )
     return positions + (positions >= torch.arange(num_tasks, device=device)[:, None])  # skip task i itself
 
 

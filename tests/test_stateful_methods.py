@@ -1,0 +1,169 @@
+"""GradVac, ExcessMTL and CR-MOGM over several steps: their state (EMA targets, AdaGrad sums, smoothed weights)
+against float64 re-derivations of their rules (tests/manipulation_reference.py) and TorchJD 0.18 directly,
+its bitwise resume, the paths each serves and its bad options (the first step: tests/test_weighting_properties.py).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import manipulation_reference as reference
+import numpy as np
+import pytest
+import torch
+from test_tracked_methods import K, Tiny, batches, train
+
+import selgroup_fast
+from selgroup_fast.methods.gradvac import vaccine_orders
+from selgroup_fast.methods.pcgrad import seeded_generator
+
+STEPS = 5
+
+
+def jacobians(tasks: int, seed: int = 0) -> list[torch.Tensor]:
+    """Successive float64 J: random rows, every other step with the first row turned against the others."""
+    generator = torch.Generator().manual_seed(seed)
+    out = []
+    for step in range(STEPS):
+        J = torch.randn(tasks, 9, generator=generator, dtype=torch.float64) * (1 + torch.arange(tasks))[:, None]
+        if step % 2 and tasks > 1:
+            J[0] = -J[1:].sum(0) + 0.1 * J[0]
+        out.append(J)
+    return out
+
+
+def directions(name: str, tasks: int, **options) -> list[np.ndarray]:
+    method = selgroup_fast.methods.aggregator(name, tasks, dtype=torch.float64, **options)
+    return [method(J).numpy() for J in jacobians(tasks)]
+
+
+@pytest.mark.parametrize("tasks", [1, 2, 7])
+def test_gradvac_follows_its_rule_over_steps(tasks: int) -> None:
+    generator = seeded_generator(torch.device("cpu"), 3)
+    targets = np.zeros((tasks, tasks))
+    for J, ours in zip(jacobians(tasks), directions("gradvac", tasks, seed=3, beta=0.3), strict=True):
+        orders = vaccine_orders(tasks, torch.device("cpu"), generator).numpy()
+        expected, targets = reference.gradvac_update(J.numpy(), orders, targets, beta=0.3)
+        np.testing.assert_allclose(ours, expected, rtol=1e-10, atol=1e-12)
+    assert tasks == 1 or np.abs(targets).max() > 0  # the targets moved
+
+
+@pytest.mark.parametrize("warmup", [0, 2])
+def test_excess_mtl_follows_its_rule_over_steps(warmup: int) -> None:
+    ours = directions("excess_mtl", 4, robust_step_size=0.5, n_warmup_steps=warmup)
+    expected = reference.excess_mtl_steps([J.numpy() for J in jacobians(4)], 0.5, warmup)
+    np.testing.assert_allclose(np.array(ours), np.array(expected), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("initial", [None, [0.7, 0.1, 0.1, 0.1]])
+def test_cr_mogm_is_the_ema_of_its_base_weights(initial: list[float] | None) -> None:
+    alpha, smoothed = 0.6, None if initial is None else np.array(initial)
+    ours = directions("cr_mogm", 4, alpha=alpha, initial_weights=initial)
+    for J, mine in zip(jacobians(4), ours, strict=True):
+        upgrad = reference.dual_cone_weights(J.numpy(), np.diag(np.full(4, 0.25))).sum(0)
+        smoothed = alpha * (upgrad if smoothed is None else smoothed) + (1 - alpha) * upgrad
+        # To the BVLS reference's accuracy, relative to J's scale.
+        np.testing.assert_allclose(mine, smoothed @ J.numpy(), rtol=0, atol=1e-7 * float(J.abs().max()))
+
+
+def torchjd_aggregators():
+    aggregation = pytest.importorskip("torchjd.aggregation", reason="the torchjd test extra is not installed")
+    return {
+        "gradvac": lambda: aggregation.GradVac(beta=0.3),
+        "excess_mtl": lambda: aggregation.ExcessMTL(robust_step_size=0.5, n_warmup_steps=2),
+        "cr_mogm": lambda: aggregation.GramianWeightedAggregator(
+            aggregation.CRMOGMWeighting(aggregation.MGDAWeighting(), alpha=0.6)
+        ),
+    }
+
+
+OURS = {
+    "gradvac": {"beta": 0.3, "seed": 3},
+    "excess_mtl": {"robust_step_size": 0.5, "n_warmup_steps": 2},
+    # TorchJD's MGDA (Frank-Wolfe) is the exact min-norm point where two tasks leave one line search.
+    "cr_mogm": {"base": "mgda", "alpha": 0.6},
+}
+
+
+@pytest.mark.parametrize("name", sorted(OURS))
+def test_torchjd_equal_over_steps(name: str) -> None:
+    tasks = 2 if name == "cr_mogm" else 5
+    torch.manual_seed(3)  # TorchJD's GradVac draws its orders from torch's global RNG: ours seeded alike
+    theirs_method = torchjd_aggregators()[name]()
+    theirs = [theirs_method(J).numpy() for J in jacobians(tasks)]
+    np.testing.assert_allclose(np.array(directions(name, tasks, **OURS[name])), np.array(theirs), rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("name", "options"),
+    [(name, OURS[name]) for name in sorted(OURS)]
+    + [
+        ("cr_mogm", {"base": "nash_mtl", "base_options": {"max_norm": 0.0}}),
+        ("cr_mogm", {"base": "gradnorm", "base_options": {"warmup_steps": 1, "lr": 0.1}}),
+    ],
+)
+def test_resume_is_bitwise(name: str, options: dict) -> None:
+    """Two steps, a state_dict, two more steps equal four uninterrupted steps bit for bit."""
+    torch.manual_seed(0)
+    straight = Tiny()
+    resumed = copy.deepcopy(straight)
+    xs = [x.float() for x in batches()]
+    start = copy.deepcopy(straight.encoder[0].weight)
+    train(name, straight, xs, **options)
+    first = train(name, resumed, xs[:2], **options)
+    saved = copy.deepcopy(first.state_dict())
+    opt = torch.optim.SGD(resumed.parameters(), lr=0.1)
+    opt.load_state_dict(copy.deepcopy(first.optimizer.state_dict()))
+    second = selgroup_fast.methods.create(name, opt, K, shared_params=resumed.encoder.parameters(), **options)
+    second.load_state_dict(saved)
+    for x in xs[2:]:
+        second.step(lambda x=x: resumed(x))
+    for mine, other in zip(straight.state_dict().values(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(mine, other)
+    assert not torch.equal(straight.encoder[0].weight, start)
+
+
+@pytest.mark.parametrize("name", ["gradvac", "cr_mogm"])
+def test_gramian_path_equals_the_jacobian(name: str) -> None:
+    """Weightings of G: the Gramian path (J never held) takes the same steps as the batched Jacobian."""
+    torch.manual_seed(0)
+    batched, gramian = Tiny().double(), None
+    gramian = copy.deepcopy(batched)
+    xs = batches()
+    train(name, batched, xs, jacobian="batched", **OURS[name])
+    train(name, gramian, xs, jacobian="gramian", **OURS[name])
+    for mine, other in zip(batched.state_dict().values(), gramian.state_dict().values(), strict=True):
+        torch.testing.assert_close(mine, other, rtol=1e-10, atol=1e-12)
+
+
+def test_excess_mtl_refuses_the_paths_without_every_coordinate() -> None:
+    model = Tiny()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    create = selgroup_fast.methods.create
+    with pytest.raises(ValueError, match=r'space="representation" does not apply'):
+        create("excess_mtl", opt, K, shared_params=model.encoder.parameters(), space="representation")
+    with pytest.raises(ValueError, match=r'jacobian="gramian" does not apply'):
+        create("excess_mtl", opt, K, shared_params=model.encoder.parameters(), jacobian="gramian")
+
+
+@pytest.mark.parametrize(
+    ("name", "options", "message"),
+    [
+        ("gradvac", {"beta": 1.5}, r"^beta must be in \[0, 1\], got 1.5$"),
+        ("gradvac", {"eps": -1.0}, r"^eps must be >= 0, got -1.0$"),
+        ("gradvac", {"seed": 0, "generator": torch.Generator()}, r"^give seed= or generator=, not both$"),
+        ("excess_mtl", {"robust_step_size": 0.0}, r"^robust_step_size must be > 0, got 0.0$"),
+        ("excess_mtl", {"n_warmup_steps": -1}, r"^n_warmup_steps must be an int >= 0, got -1$"),
+        ("cr_mogm", {"alpha": -0.1}, r"^alpha must be in \[0, 1\], got -0.1$"),
+        ("cr_mogm", {"base": "sgd"}, r"^cr_mogm: base= must name a gradient method, one of pcgrad, .*; got 'sgd'$"),
+        ("cr_mogm", {"base": "graddrop"}, r"^cr_mogm: base='graddrop' is not a weighting of G"),
+        ("cr_mogm", {"base": "cr_mogm"}, r"^cr_mogm: base= must name a gradient method"),
+        ("cr_mogm", {"initial_weights": [1.0]}, r"^cr_mogm: initial_weights must be 3 weights, got \[1.0\]$"),
+    ],
+)
+def test_bad_options_fail_at_construction(name: str, options: dict, message: str) -> None:
+    model = Tiny()
+    with pytest.raises(ValueError, match=message):
+        selgroup_fast.methods.create(
+            name, torch.optim.SGD(model.parameters(), lr=0.1), K, shared_params=model.encoder.parameters(), **options
+        )
