@@ -24,6 +24,37 @@ def vaccine_orders(num_tasks: int, device: torch.device, generator: torch.Genera
     return positions + (positions >= torch.arange(num_tasks, device=device)[:, None])  # skip task i itself
 
 
+def vaccinate(
+    grams: torch.Tensor, targets: torch.Tensor, orders: torch.Tensor, beta: float, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """GradVac's step on B independent blocks at once, from their Gram matrices (B × K × K) and targets (B × K × K).
+
+    Returns the weights (B × K: block b's direction is ``w_bᵀ J_b``) and the new targets. ``g_i^PC = Σ_k C_ik g_k``,
+    so ``(C G)_ij = g_i^PC · g_j`` and ``‖g_i^PC‖² = (C G C ᵀ)_ii``; the K tasks' corrections are independent, so
+    all tasks' j-th visits (``orders[:, j]``, the same in every block, as LibMTL's) are one batched update.
+    """
+    blocks, count = grams.shape[0], grams.shape[1]
+    rows = torch.arange(count, device=grams.device)
+    coefficients = torch.eye(count, device=grams.device, dtype=grams.dtype).repeat(blocks, 1, 1)
+    products = grams.clone()
+    norms = grams.diagonal(dim1=1, dim2=2).clamp_min(0).sqrt()  # B × K
+    targets = targets.clone()
+    for visit in range(count - 1):
+        others = orders[:, visit]
+        cosine_now = products[:, rows, others]
+        norm_now = (products * coefficients).sum(dim=2).clamp_min(0).sqrt()
+        norm_other = norms[:, others]
+        cosine = cosine_now / (norm_now * norm_other + eps)
+        target = targets[:, rows, others]
+        sine, target_sine = (1 - cosine.square()).clamp_min(0).sqrt(), (1 - target.square()).clamp_min(0).sqrt()
+        step = norm_now * (target * sine - cosine * target_sine) / (norm_other * target_sine + eps)
+        step = torch.where(cosine < target, step, torch.zeros_like(step))
+        coefficients[:, rows, others] += step
+        products += step[:, :, None] * grams[:, others]
+        targets[:, rows, others] = (1 - beta) * target + beta * cosine
+    return coefficients.sum(dim=1), targets
+
+
 class GradVac(Weighting):
     """GradVac: each task gradient is moved towards every other task's until their cosine reaches its EMA target.
 
@@ -80,25 +111,7 @@ class GradVac(Weighting):
         self.targets = torch.zeros(num_tasks, num_tasks, device=self.device, dtype=dtype)
 
     def weights(self, gram: torch.Tensor) -> torch.Tensor:
-        count = gram.shape[0]
-        orders = vaccine_orders(count, gram.device, self.generator)
-        targets = self.targets.to(gram.dtype)
-        rows = torch.arange(count, device=gram.device)
-        coefficients = torch.eye(count, device=gram.device, dtype=gram.dtype)  # g_i^PC = Σ_k C_ik g_k
-        products = gram.clone()  # (C G)_ij = g_i^PC · g_j
-        norms = gram.diagonal().clamp_min(0).sqrt()
-        for visit in range(count - 1):
-            others = orders[:, visit]
-            cosine_now = products[rows, others]
-            norm_now = (products * coefficients).sum(dim=1).clamp_min(0).sqrt()
-            norm_other = norms[others]
-            cosine = cosine_now / (norm_now * norm_other + self.eps)
-            target = targets[rows, others]
-            sine, target_sine = (1 - cosine.square()).clamp_min(0).sqrt(), (1 - target.square()).clamp_min(0).sqrt()
-            step = norm_now * (target * sine - cosine * target_sine) / (norm_other * target_sine + self.eps)
-            step = torch.where(cosine < target, step, torch.zeros_like(step))
-            coefficients[rows, others] += step
-            products += step[:, None] * gram[others]
-            targets[rows, others] = (1 - self.beta) * target + self.beta * cosine
-        self.targets = targets.to(self.targets.dtype)
-        return coefficients.sum(dim=0)
+        orders = vaccine_orders(gram.shape[0], gram.device, self.generator)
+        weights, targets = vaccinate(gram[None], self.targets.to(gram.dtype)[None], orders, self.beta, self.eps)
+        self.targets = targets[0].to(self.targets.dtype)
+        return weights[0]
