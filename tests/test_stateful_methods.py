@@ -48,6 +48,27 @@ def test_gradvac_follows_its_rule_over_steps(tasks: int) -> None:
     assert tasks == 1 or np.abs(targets).max() > 0  # the targets moved
 
 
+def test_gradvac_per_block_is_gradvac_on_each_block_over_steps() -> None:
+    """LibMTL's ``GradVac_group_type`` rule: each block's columns vaccinated with its own targets, the same orders."""
+    sizes, generator = [2, 4, 3], seeded_generator(torch.device("cpu"), 3)
+    targets = [np.zeros((5, 5)) for _ in sizes]
+    ours = directions("gradvac", 5, seed=3, beta=0.3, block_sizes=sizes)
+    for J, mine in zip(jacobians(5), ours, strict=True):
+        orders = vaccine_orders(5, torch.device("cpu"), generator).numpy()
+        expected = []
+        for b, block in enumerate(np.split(J.numpy(), np.cumsum(sizes)[:-1], axis=1)):
+            direction, targets[b] = reference.gradvac_update(block, orders, targets[b], beta=0.3)
+            expected.append(direction)
+        np.testing.assert_allclose(mine, np.concatenate(expected), rtol=1e-10, atol=1e-12)
+
+
+def test_gradvac_all_matrix_takes_the_shared_parameters_as_blocks() -> None:
+    model = Tiny()
+    method = train("gradvac", model, [x.float() for x in batches()], group_type="all_matrix", seed=0)
+    assert method.aggregator.block_sizes == [15, 5]
+    assert method.aggregator.targets.shape == (2, K, K) and method.aggregator.targets.abs().sum() > 0
+
+
 @pytest.mark.parametrize("warmup", [0, 2])
 def test_excess_mtl_follows_its_rule_over_steps(warmup: int) -> None:
     ours = directions("excess_mtl", 4, robust_step_size=0.5, n_warmup_steps=warmup)
@@ -99,6 +120,7 @@ def test_torchjd_equal_over_steps(name: str) -> None:
     [(name, OURS[name]) for name in sorted(OURS)]
     + [
         ("cr_mogm", {"base": "nash_mtl", "base_options": {"max_norm": 0.0}}),
+        ("gradvac", {"group_type": "all_matrix", "seed": 1}),
         ("cr_mogm", {"base": "gradnorm", "base_options": {"warmup_steps": 1, "lr": 0.1}}),
     ],
 )
@@ -136,14 +158,20 @@ def test_gramian_path_equals_the_jacobian(name: str) -> None:
         torch.testing.assert_close(mine, other, rtol=1e-10, atol=1e-12)
 
 
-def test_excess_mtl_refuses_the_paths_without_every_coordinate() -> None:
+@pytest.mark.parametrize(("name", "options"), [("excess_mtl", {}), ("gradvac", {"group_type": "all_matrix"})])
+def test_the_paths_without_every_coordinate_refuse(name: str, options: dict) -> None:
     model = Tiny()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     create = selgroup_fast.methods.create
     with pytest.raises(ValueError, match=r'space="representation" does not apply'):
-        create("excess_mtl", opt, K, shared_params=model.encoder.parameters(), space="representation")
+        create(name, opt, K, shared_params=model.encoder.parameters(), space="representation", **options)
     with pytest.raises(ValueError, match=r'jacobian="gramian" does not apply'):
-        create("excess_mtl", opt, K, shared_params=model.encoder.parameters(), jacobian="gramian")
+        create(name, opt, K, shared_params=model.encoder.parameters(), jacobian="gramian", **options)
+
+
+def test_gradvac_per_block_alone_needs_its_blocks() -> None:
+    with pytest.raises(ValueError, match=r"^gradvac: its blocks cover 0 columns, J has 4: .* or pass block_sizes=$"):
+        selgroup_fast.methods.aggregate("gradvac", torch.ones(2, 4), group_type="all_matrix")
 
 
 @pytest.mark.parametrize(
@@ -152,6 +180,13 @@ def test_excess_mtl_refuses_the_paths_without_every_coordinate() -> None:
         ("gradvac", {"beta": 1.5}, r"^beta must be in \[0, 1\], got 1.5$"),
         ("gradvac", {"eps": -1.0}, r"^eps must be >= 0, got -1.0$"),
         ("gradvac", {"seed": 0, "generator": torch.Generator()}, r"^give seed= or generator=, not both$"),
+        (
+            "gradvac",
+            {"group_type": "all_layer"},
+            r"^gradvac: group_type must be one of \('whole_model', 'all_matrix'\)",
+        ),
+        ("gradvac", {"block_sizes": [3, 0]}, r"^block_sizes must be an int >= 1, got 0$"),
+        ("gradvac", {"block_sizes": [3, 3]}, r"^gradvac: blocks of sizes \[3, 3\] given, the step's are \[15, 5\]$"),
         ("excess_mtl", {"robust_step_size": 0.0}, r"^robust_step_size must be > 0, got 0.0$"),
         ("excess_mtl", {"n_warmup_steps": -1}, r"^n_warmup_steps must be an int >= 0, got -1$"),
         ("cr_mogm", {"alpha": -0.1}, r"^alpha must be in \[0, 1\], got -0.1$"),

@@ -50,7 +50,7 @@ _REGISTRY: dict[str, tuple[str, str]] = {
     "dualproj": ("gradient", "selgroup_fast.methods.upgrad:DualProj"),
     "cr_mogm": ("gradient", "selgroup_fast.methods.cr_mogm:CRMOGM"),
     "excess_mtl": ("gradient", "selgroup_fast.methods.excess_mtl:ExcessMTL"),
-    "gradvac": ("gradient", "selgroup_fast.methods.gradvac:GradVac"),
+    "gradvac": ("gradient", "selgroup_fast.methods.gradvac:gradvac"),
     "uw": ("loss", "selgroup_fast.methods.uw:UW"),
     "dwa": ("loss", "selgroup_fast.methods.dwa:DWA"),
     "dtp": ("loss", "selgroup_fast.methods.dtp:DTP"),

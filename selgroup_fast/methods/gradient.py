@@ -37,6 +37,7 @@ from ..parallel import (
 )
 from .base import MethodReport, MultiTaskMethod, detached
 from .graddrop import GradDrop
+from .gradvac import BlockwiseGradVac
 from .jacobian import JacobianMode, SharedParams, TaskJacobian, jacobian_defaults
 from .nonfinite import DEFAULT_NONFINITE, tensor_state
 from .step import (
@@ -172,6 +173,13 @@ class GradientMethod(MultiTaskMethod):
                     'does not apply (the features change with every batch); use space="parameters"'
                 )
             aggregator.allocate(sum(p.numel() for p in shared))
+        if isinstance(aggregator, BlockwiseGradVac):  # one target per block of the shared parameters
+            if space != "parameters":
+                raise ValueError(
+                    f'{self.name} per block reads the shared parameters\' blocks of J: space="{space}" does not apply; '
+                    'use space="parameters" (or group_type="whole_model")'
+                )
+            aggregator.bind_blocks([p.numel() for p in shared])
         aggregator.load_state_dict(self._ranks.first_rank(aggregator.state_dict()))  # the same random draws
         #: Under FSDP2: how the parameters are sharded (J's columns on this rank, the reduce-scatter).
         self._shards = FSDP2Shards([*self.shared_params, *self._task_params], process_group) if self._sharded else None
