@@ -384,3 +384,36 @@ def excess_mtl_steps(
             weights /= weights.sum()
         directions.append(weights @ J)
     return directions
+
+
+def simplex_projection(point: np.ndarray) -> np.ndarray:
+    """argmin ‖w − point‖ over the simplex: ``max(point − θ, 0)`` with Σ = 1, θ found by bisection (no sort)."""
+    low, high = point.min() - 1.0, point.max()
+    for _ in range(200):
+        middle = (low + high) / 2
+        low, high = (middle, high) if np.maximum(point - middle, 0).sum() > 1 else (low, middle)
+    return np.maximum(point - (low + high) / 2, 0)
+
+
+def modo_weights(cross: np.ndarray, lambdas: np.ndarray, gamma: float = 0.1, rho: float = 0.1) -> np.ndarray:
+    """MoDo's step of λ (Chen et al. 2023, eq. 2.9a; TorchJD's ``MoDoWeighting``): Π(λ − γ(Aλ + ρλ)), A = J_1 J_2ᵀ."""
+    return simplex_projection(lambdas - gamma * (cross @ lambdas + rho * lambdas))
+
+
+def sdmgrad_weights(
+    cross: np.ndarray,
+    inner: np.ndarray,
+    lr: float = 10.0,
+    momentum: float = 0.5,
+    n_iter: int = 20,
+    lambda_: float = 0.3,
+) -> tuple[np.ndarray, np.ndarray]:
+    """SDMGrad's weights and new inner weights (Xiao et al. 2023, Algorithm 1; the authors' and TorchJD's scaling of
+    A by the squared mean gradient norm): n_iter heavy-ball steps of w on ``(w + λ w̃)ᵀ Â (w + λ w̃)/2``, projected."""
+    preferred = lambda_ * np.full(len(inner), 1.0 / len(inner))
+    scaled = cross / (np.sqrt(np.maximum(np.diag(cross), 0)).mean() ** 2 + 1e-8)
+    velocity = np.zeros_like(inner)
+    for _ in range(n_iter):
+        velocity = scaled @ (inner + preferred) + momentum * velocity
+        inner = simplex_projection(inner - lr * velocity)
+    return (inner + preferred) / (1 + lambda_), inner

@@ -369,6 +369,26 @@ ROWS: dict[str, Row] = {
             torchjd=lambda K: seeded(torchjd_aggregation().GradVac, 0),
             torchjd_equal=Claim(families=ALL_FAMILIES - {"rank_deficient", "strong_stationary"}),
         ),
+        # The two-batch methods on one batch given twice (A = G), their first step from λ = w = 1/K.
+        Row(
+            "modo",
+            reference=lambda J, options: J.T @ reference.modo_weights(J @ J.T, np.full(J.shape[0], 1 / J.shape[0])),
+            scaling=None,  # γ is a step on A: the weights depend on J's scale
+            torchjd=lambda K: torchjd_aggregation().GramianWeightedAggregator(torchjd_aggregation().MoDoWeighting()),
+            torchjd_equal=Claim(),
+        ),
+        Row(
+            "sdmgrad",
+            reference=lambda J, options: (
+                J.T @ reference.sdmgrad_weights(J @ J.T, np.full(J.shape[0], 1 / J.shape[0]))[0]
+            ),
+            # Its projected SGD (lr 10, 20 steps) stops where it stops: its rounding is the iterates', not G's.
+            exact=Claim(tolerance=1e-7),
+            permutation_invariant=Claim(tolerance=1e-7),
+            scaling=Claim(tolerance=1e-7),  # A is divided by the squared mean norm: w(s² A) = w(A), up to its 1e-8
+            torchjd=lambda K: torchjd_aggregation().GramianWeightedAggregator(torchjd_aggregation().SDMGradWeighting()),
+            torchjd_equal=Claim(),
+        ),
     ]
 }
 assert sorted(ROWS) == sorted(available("gradient")), "every gradient method needs its row"
@@ -428,9 +448,11 @@ def method(name: str, K: int, device: str, dtype: torch.dtype, **extra: Any):
 
 
 def loss_inputs(name: str, J: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The losses of a method that reads them (all 1: a row's claims are about J), else nothing."""
+    """The losses of a method that reads them (all 1: a row's claims are about J), the same batch as the second of a
+    two-batch method (A = G), else nothing."""
     needs = aggregator(name, J.shape[0], "cpu", torch.float64, **ROWS[name].options).needs
-    return {"losses": torch.ones(J.shape[0], dtype=J.dtype, device=J.device)} if "losses" in needs else {}
+    inputs = {"losses": torch.ones(J.shape[0], dtype=J.dtype, device=J.device)} if "losses" in needs else {}
+    return {**inputs, "second_jacobian": J} if "cross_gram" in needs else inputs
 
 
 def run(name: str, J: torch.Tensor, **extra: Any) -> tuple[np.ndarray, np.ndarray | None]:

@@ -101,9 +101,9 @@ class CRMOGM(Weighting):
         return self.lambdas.to(inputs.gram.dtype)
 
     def direction_weights(
-        self, gram: torch.Tensor, losses: torch.Tensor | None = None
+        self, gram: torch.Tensor, losses: torch.Tensor | None = None, cross_gram: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        weights = self.weights_with(WeightingInputs(gram, losses))
+        weights = self.weights_with(WeightingInputs(gram, losses, cross_gram))
         return weights, (weights if self.weights_task_params else None)
 
     def state_dict(self) -> dict[str, Any]:

@@ -52,6 +52,7 @@ from .step import (
     ShardWriter,
     SharedAndHeadJacobian,
     SharedJacobian,
+    TaskGradients,
     WeightedBackwardWriter,
     combine,
     weighted_total,
@@ -180,6 +181,14 @@ class GradientMethod(MultiTaskMethod):
                     'use space="parameters" (or group_type="whole_model")'
                 )
             aggregator.bind_blocks([p.numel() for p in shared])
+        #: Whether each step reads two batches (MoDo, SDMGrad: the cross-batch matrix J_1 J_2ᵀ; :mod:`.two_batch`).
+        self._two_batches = "cross_gram" in aggregator.needs
+        if self._two_batches and (space != "parameters" or self._sharded):
+            raise ValueError(
+                f"{self.name} reads J_1 J_2ᵀ of two batches' task gradients over the shared parameters: "
+                f'space="{space}"{" and FSDP2" if self._sharded else ""} cannot serve it; use space="parameters" '
+                "in one process or under DistributedDataParallel"
+            )
         aggregator.load_state_dict(self._ranks.first_rank(aggregator.state_dict()))  # the same random draws
         #: Under FSDP2: how the parameters are sharded (J's columns on this rank, the reduce-scatter).
         self._shards = FSDP2Shards([*self.shared_params, *self._task_params], process_group) if self._sharded else None
@@ -224,6 +233,8 @@ class GradientMethod(MultiTaskMethod):
         gramian_refusal = None
         if not isinstance(aggregator, Weighting):
             gramian_refusal = f"{aggregator.name} needs J itself (it acts on every coordinate), not only G = J·Jᵀ"
+        elif "cross_gram" in aggregator.needs:
+            gramian_refusal = f"{aggregator.name} reads J_1 J_2ᵀ of two batches, which G = J·Jᵀ does not give"
         elif space != "parameters":
             gramian_refusal = f'space="{space}" takes the small J of the features'
         elif self._ranks.enabled or any(is_sharded(p) for p in shared):
@@ -249,15 +260,29 @@ class GradientMethod(MultiTaskMethod):
         """The task-specific parameters (``task_params=``, else the optimizer's non-shared ones)."""
         return self._task_params
 
-    def step(self, closure: Callable[[], ClosureOutput]) -> torch.Tensor:
+    def step(
+        self, closure: Callable[[], ClosureOutput], second_closure: Callable[[], ClosureOutput] | None = None
+    ) -> torch.Tensor:
+        """One step. ``second_closure``: for the methods that read two independent batches (MoDo, SDMGrad), the
+        K losses of the second (e.g. the two halves of one batch): the weights read ``J_1 J_2ᵀ``, the update is
+        the gradient of the two batches' mean losses; the returned losses are that mean."""
         with retainable_compiled_graphs():
-            return self._step(closure)
+            return self._step(closure, second_closure)
 
-    def _step(self, closure: Callable[[], ClosureOutput]) -> torch.Tensor:
+    def _step(
+        self, closure: Callable[[], ClosureOutput], second_closure: Callable[[], ClosureOutput] | None = None
+    ) -> torch.Tensor:
         self._begin_step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self._two_batches != (second_closure is not None):
+            raise ValueError(
+                f"{self.name} reads two independent batches: call step(closure, second_closure)"
+                if self._two_batches
+                else f"{self.name} reads one batch: step takes no second_closure"
+            )
         losses, features = self._run_closure(closure)
-        self._nonfinite.check(losses)
+        second_losses = None if second_closure is None else self._forward(second_closure)
+        self._nonfinite.check(losses if second_losses is None else mean_losses(losses, second_losses))
         self._restore_aggregator = self._nonfinite.keep(self.aggregator, tensor_state(self.aggregator))
         reused = None if self._reuses is None else self._reuses.reused_weights()
         if reused is not None:  # one ordinary backward of Σ w_k L_k, the shared gradient clipped (Nash-MTL)
@@ -267,14 +292,32 @@ class GradientMethod(MultiTaskMethod):
             self._check_graph(losses, features)
             with self._timer.phase("backward"):
                 gradients = self._source(losses, features)
+                inputs = self._inputs(losses)
+                if second_losses is not None:
+                    gradients, inputs["cross_gram"] = self._second_batch(gradients, second_losses)
+                    losses = mean_losses(losses, second_losses)
             with self._timer.phase("manipulation"):
-                direction = combine(self.aggregator, gradients, self._inputs(losses))
+                direction = combine(self.aggregator, gradients, inputs)
             self._writer(losses, features, gradients, direction)
             self._last_weights = direction.weights
         with self._timer.phase("optimizer"):
             self._nonfinite.step(self.optimizer)
         self._restore_aggregator()
         return detached(losses)
+
+    def _second_batch(
+        self, first: TaskGradients, second_losses: list[torch.Tensor]
+    ) -> tuple[TaskGradients, torch.Tensor]:
+        """The second batch's task gradients: ``J_1 J_2ᵀ``, and the two batches' mean rows (and heads) in the buffers."""
+        first_rows, first_heads = cast(torch.Tensor, first.rows).clone(), first.heads
+        first_heads = None if first_heads is None else first_heads.clone()
+        second = self._source(second_losses, ())  # the same buffers: the first batch's rows were copied out
+        rows = cast(torch.Tensor, second.rows)
+        cross = first_rows @ rows.T
+        rows.add_(first_rows).mul_(0.5)
+        if first_heads is not None:
+            cast(torch.Tensor, second.heads).add_(first_heads).mul_(0.5)
+        return second, cross
 
     def _reused_weights_step(self, losses: list[torch.Tensor], weights: torch.Tensor, max_norm: float) -> None:
         """A :class:`~.weighting.ReusesWeights`' step without task gradients: ONE ordinary backward of ``Σ_k w_k L_k``
@@ -352,6 +395,11 @@ class GradientMethod(MultiTaskMethod):
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.aggregator.load_state_dict(state_dict)
+
+
+def mean_losses(first: list[torch.Tensor], second: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The two batches' mean task losses (what a two-batch method's update descends)."""
+    return [(a + b) / 2 for a, b in zip(first, second, strict=True)]
 
 
 @contextlib.contextmanager
