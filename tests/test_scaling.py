@@ -248,6 +248,9 @@ SUPPORTED = (
 REFUSED = {
     # ExcessMTL's K × P AdaGrad sums need every coordinate of J on one rank.
     ("excess_mtl", "fsdp2", "plain"): 'ValueError: excess_mtl with space="parameters" does not support sharded',
+    # The two-batch methods read J_1 J_2ᵀ over the shared parameters, whose columns FSDP2 splits over ranks.
+    ("modo", "fsdp2", "plain"): "ValueError: modo reads J_1 J_2ᵀ of two batches' task gradients",
+    ("sdmgrad", "fsdp2", "plain"): "ValueError: sdmgrad reads J_1 J_2ᵀ of two batches' task gradients",
 }
 
 

@@ -11,7 +11,7 @@ import manipulation_reference as reference
 import numpy as np
 import pytest
 import torch
-from test_tracked_methods import K, Tiny, batches, train
+from test_tracked_methods import K, Tiny, batches, shared_gradients, train
 
 import selgroup_fast
 from selgroup_fast.methods.gradvac import vaccine_orders
@@ -202,3 +202,113 @@ def test_bad_options_fail_at_construction(name: str, options: dict, message: str
         selgroup_fast.methods.create(
             name, torch.optim.SGD(model.parameters(), lr=0.1), K, shared_params=model.encoder.parameters(), **options
         )
+
+
+# --------------------------------------------------------------------------- two batches: MoDo, SDMGrad
+
+
+def two_batch_reference(model: Tiny, pairs: list[tuple[torch.Tensor, torch.Tensor]], name: str) -> None:
+    """TorchJD's two-batch loop re-derived: the weights from A = J_1 J_2ᵀ (float64 rules of the references), then
+    ONE backward of Σ_k w_k (L1_k + L2_k)/2 (the heads weighted too) and an SGD step."""
+    shared = list(model.encoder.parameters())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    state = np.full(K, 1.0 / K)
+    for first, second in pairs:
+        opt.zero_grad()
+        cross = (shared_gradients(model(first), shared) @ shared_gradients(model(second), shared).T).numpy()
+        for p in model.parameters():
+            p.grad = None
+        if name == "modo":
+            weights = state = reference.modo_weights(cross, state)
+        else:
+            weights, state = reference.sdmgrad_weights(cross, state)
+        mean = [(a + b) / 2 for a, b in zip(model(first), model(second), strict=True)]
+        sum(float(w) * loss for w, loss in zip(weights, mean, strict=True)).backward()
+        opt.step()
+
+
+@pytest.mark.parametrize("jacobian", ["batched", "loop"])
+@pytest.mark.parametrize("name", ["modo", "sdmgrad"])
+def test_two_batch_step_follows_the_rule(name: str, jacobian: str) -> None:
+    torch.manual_seed(0)
+    ours = Tiny().double()
+    theirs = copy.deepcopy(ours)
+    xs = batches()
+    pairs = [(xs[i], xs[i + 1]) for i in (0, 2)]
+    opt = torch.optim.SGD(ours.parameters(), lr=0.1)
+    method = selgroup_fast.methods.create(name, opt, K, shared_params=ours.encoder.parameters(), jacobian=jacobian)
+    for first, second in pairs:
+        returned = method.step(lambda x=first: ours(x), lambda x=second: ours(x))
+    two_batch_reference(theirs, pairs, name)
+    for (key, mine), other in zip(ours.state_dict().items(), theirs.state_dict().values(), strict=True):
+        torch.testing.assert_close(mine, other, rtol=1e-7, atol=1e-9, msg=key)  # the bisection's simplex projection
+    assert returned.shape == (K,)
+
+
+def test_torchjd_two_batch_weightings_equal_over_steps() -> None:
+    aggregation = pytest.importorskip("torchjd.aggregation", reason="the torchjd test extra is not installed")
+    generator = torch.Generator().manual_seed(1)
+    for name, theirs in [("modo", aggregation.MoDoWeighting()), ("sdmgrad", aggregation.SDMGradWeighting())]:
+        ours = selgroup_fast.methods.aggregator(name, 6, dtype=torch.float64)
+        for _ in range(STEPS):
+            J1, J2 = (torch.randn(6, 11, generator=generator, dtype=torch.float64) for _ in range(2))
+            A = J1 @ J2.T
+            torch.testing.assert_close(ours.weights(A), theirs(A), rtol=1e-12, atol=1e-14)
+
+
+def test_two_batch_paths_that_cannot_serve_it_refuse() -> None:
+    model = Tiny()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    create = selgroup_fast.methods.create
+    with pytest.raises(ValueError, match=r'^modo reads J_1 J_2ᵀ .*: space="representation" cannot serve it'):
+        create("modo", opt, K, shared_params=model.encoder.parameters(), space="representation")
+    with pytest.raises(ValueError, match=r'^jacobian="gramian" does not apply: sdmgrad reads J_1 J_2ᵀ of two batches'):
+        create("sdmgrad", opt, K, shared_params=model.encoder.parameters(), jacobian="gramian")
+    gd = create("mgda", opt, K, shared_params=model.encoder.parameters())
+    x = batches()[0].float()
+    with pytest.raises(ValueError, match=r"^mgda reads one batch: step takes no second_closure$"):
+        gd.step(lambda: model(x), lambda: model(x))
+    with pytest.raises(ValueError, match=r"^modo reads two independent batches: pass second_jacobian="):
+        selgroup_fast.methods.aggregate("modo", torch.ones(K, 2))
+
+
+@pytest.mark.parametrize("name", ["modo", "sdmgrad"])
+def test_two_batch_resume_is_bitwise(name: str) -> None:
+    torch.manual_seed(0)
+    straight = Tiny()
+    resumed = copy.deepcopy(straight)
+    xs = [x.float() for x in batches()]
+
+    def run(model: Tiny, method, pairs) -> None:
+        for first, second in pairs:
+            method.step(lambda x=first: model(x), lambda x=second: model(x))
+
+    def make(model: Tiny):
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        return selgroup_fast.methods.create(name, opt, K, shared_params=model.encoder.parameters())
+
+    pairs = [(xs[0], xs[1]), (xs[2], xs[3]), (xs[1], xs[2]), (xs[3], xs[0])]
+    run(straight, make(straight), pairs)
+    first = make(resumed)
+    run(resumed, first, pairs[:2])
+    second = make(resumed)
+    second.optimizer.load_state_dict(copy.deepcopy(first.optimizer.state_dict()))
+    second.load_state_dict(copy.deepcopy(first.state_dict()))
+    run(resumed, second, pairs[2:])
+    for mine, other in zip(straight.state_dict().values(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(mine, other)
+
+
+@pytest.mark.parametrize(
+    ("name", "options", "message"),
+    [
+        ("modo", {"gamma": 0.0}, r"^gamma must be > 0, got 0.0$"),
+        ("modo", {"rho": -1.0}, r"^rho must be >= 0, got -1.0$"),
+        ("sdmgrad", {"momentum": 1.0}, r"^momentum must be in \[0, 1\), got 1.0$"),
+        ("sdmgrad", {"n_iter": 0}, r"^n_iter must be an int >= 1, got 0$"),
+        ("sdmgrad", {"lambda_": -0.1}, r"^lambda_ must be >= 0, got -0.1$"),
+        ("sdmgrad", {"pref_vector": [1.0]}, r"^sdmgrad: pref_vector must be 3 weights, got \[1.0\]$"),
+    ],
+)
+def test_two_batch_bad_options_fail_at_construction(name: str, options: dict, message: str) -> None:
+    test_bad_options_fail_at_construction(name, options, message)

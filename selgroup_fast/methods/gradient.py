@@ -263,9 +263,10 @@ class GradientMethod(MultiTaskMethod):
     def step(
         self, closure: Callable[[], ClosureOutput], second_closure: Callable[[], ClosureOutput] | None = None
     ) -> torch.Tensor:
-        """One step. ``second_closure``: for the methods that read two independent batches (MoDo, SDMGrad), the
-        K losses of the second (e.g. the two halves of one batch): the weights read ``J_1 J_2ᵀ``, the update is
-        the gradient of the two batches' mean losses; the returned losses are that mean."""
+        """One step. The methods that read two independent batches (MoDo, SDMGrad) run ``closure`` and
+        ``second_closure`` (e.g. on the two halves of one batch) or, without it, ``closure`` twice, which must then
+        draw a new batch at each call (``lambda: loss_of(next(batches))``); the weights read ``J_1 J_2ᵀ``, the
+        update is the gradient of the two batches' mean losses, the returned losses that mean."""
         with retainable_compiled_graphs():
             return self._step(closure, second_closure)
 
@@ -274,12 +275,10 @@ class GradientMethod(MultiTaskMethod):
     ) -> torch.Tensor:
         self._begin_step()
         self.optimizer.zero_grad(set_to_none=True)
-        if self._two_batches != (second_closure is not None):
-            raise ValueError(
-                f"{self.name} reads two independent batches: call step(closure, second_closure)"
-                if self._two_batches
-                else f"{self.name} reads one batch: step takes no second_closure"
-            )
+        if second_closure is not None and not self._two_batches:
+            raise ValueError(f"{self.name} reads one batch: step takes no second_closure")
+        if self._two_batches and second_closure is None:
+            second_closure = closure  # called again: it must draw the next batch (documented, docs/baselines.md)
         losses, features = self._run_closure(closure)
         second_losses = None if second_closure is None else self._forward(second_closure)
         self._nonfinite.check(losses if second_losses is None else mean_losses(losses, second_losses))
