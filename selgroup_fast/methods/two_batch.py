@@ -27,7 +27,7 @@ def project_onto_simplex(point: torch.Tensor) -> torch.Tensor:
     ``u_ρ > (c_ρ − 1)/ρ`` (Held, Wolfe & Crowder 1974; Duchi et al. 2008), and the projection ``max(point − θ, 0)``.
 
     >>> project_onto_simplex(torch.tensor([0.5, 0.5, 1.0]))
-    tensor([0.2500, 0.2500, 0.7500])
+    tensor([0.1667, 0.1667, 0.6667])
     """
     ordered = point.sort(descending=True).values
     sums = ordered.cumsum(0)
