@@ -59,6 +59,14 @@ def reference_step(name: str, model, x, y, options: dict, split: bool):
     return encoder, heads
 
 
+#: The methods whose state or inputs are over the shared parameters: one error line in representation space.
+REFUSE_REPRESENTATION = {
+    "excess_mtl": r'keeps a state per task over the shared parameters\' coordinates: space="representation" does not',
+    "modo": r'modo reads J_1 J_2ᵀ of two batches\' task gradients over the shared parameters: space="representation"',
+    "sdmgrad": r'sdmgrad reads J_1 J_2ᵀ of two batches\' task gradients over the shared parameters: space="repre',
+}
+
+
 @pytest.mark.parametrize("name", available("gradient"))
 @pytest.mark.parametrize("mode", ["batched", "loop"])
 @pytest.mark.parametrize("split", [False, True], ids=["one_feature", "two_features"])
@@ -67,6 +75,18 @@ def test_representation_step_matches_the_float64_definition(name, mode, split, d
     model = problem.model
     reference_model = copy.deepcopy(model).to(torch.float64)
     options = SEEDED.get(name, {})
+    if name in REFUSE_REPRESENTATION:
+        with pytest.raises(ValueError, match=REFUSE_REPRESENTATION[name]):
+            create(
+                name,
+                torch.optim.SGD(model.parameters(), lr=0.0),
+                K,
+                shared_params=model.encoder.parameters(),
+                space="representation",
+                jacobian=mode,
+                **options,
+            )
+        return
     method = create(
         name,
         torch.optim.SGD(model.parameters(), lr=0.0),
