@@ -252,6 +252,11 @@ class GradientMethod(MultiTaskMethod):
         return jacobian, chunk_size
 
     @property
+    def reads_two_batches(self) -> bool:
+        """Whether each step reads two independent batches (MoDo, SDMGrad; ``selgroup-train`` gives it the halves)."""
+        return self._two_batches
+
+    @property
     def shared_params(self) -> list[torch.Tensor]:
         return self._jacobian.params
 
