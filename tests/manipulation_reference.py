@@ -335,3 +335,85 @@ def dual_cone_weights(
         )
         solutions.append(np.maximum(result.x, u))
     return np.array(solutions)
+
+
+def gradvac_update(
+    jacobian: np.ndarray, orders: np.ndarray, targets: np.ndarray, beta: float = 0.5, eps: float = 1e-8
+) -> tuple[np.ndarray, np.ndarray]:
+    """GradVac's step on the rows of J (Wang et al. 2021, Algorithm 1; TorchJD's ``GradVac`` rule): each g_i^PC,
+    visiting the other tasks j in the order ``orders[i]``, gets ``a·g_j`` added where its cosine with g_j is below
+    the target φ̂_ij (after which it equals it), and φ̂_ij follows the cosine's EMA. Returns Σ_i g_i^PC and the
+    new targets (``targets`` is not changed)."""
+    J = jacobian.astype(np.float64)
+    targets = targets.astype(np.float64).copy()
+    vaccinated = J.copy()
+    for i, order in enumerate(orders):
+        for j in order:
+            norm_i, norm_j = np.linalg.norm(vaccinated[i]), np.linalg.norm(J[j])
+            cosine = vaccinated[i] @ J[j] / (norm_i * norm_j + eps)
+            target = targets[i, j]
+            if cosine < target:
+                sine, target_sine = np.sqrt(max(0.0, 1 - cosine**2)), np.sqrt(max(0.0, 1 - target**2))
+                vaccinated[i] += norm_i * (target * sine - cosine * target_sine) / (norm_j * target_sine + eps) * J[j]
+            targets[i, j] = (1 - beta) * target + beta * cosine
+    return vaccinated.sum(axis=0), targets
+
+
+def excess_mtl_steps(
+    jacobians: list[np.ndarray], robust_step_size: float = 1.0, n_warmup_steps: int = 0
+) -> list[np.ndarray]:
+    """ExcessMTL's directions over successive J (He et al. 2024, eq. 6, 7, 9; TorchJD's ``ExcessMTL``): AdaGrad's
+    sums S of g², the excess risks e_k = Σ g_k²/sqrt(S_k + 1e-7), divided by the baseline (the warm-up's mean, or
+    the first step's e, which is itself used undivided), w ← w·exp(η e) normalised, from 1/K."""
+    tasks = jacobians[0].shape[0]
+    squares, weights, warmup, baseline = 0.0, np.full(tasks, 1.0 / tasks), np.zeros(tasks), None
+    directions = []
+    for step, J in enumerate(jacobians, start=1):
+        J = J.astype(np.float64)
+        squares = squares + J**2
+        excess = (J**2 / np.sqrt(squares + 1e-7)).sum(axis=1)
+        if step <= n_warmup_steps:
+            warmup += excess
+        else:
+            if baseline is None:
+                baseline = warmup / n_warmup_steps if n_warmup_steps else excess
+            if step > 1:
+                excess = excess / (baseline + 1e-7)
+            logits = np.log(weights) + robust_step_size * excess
+            weights = np.exp(logits - logits.max())
+            weights /= weights.sum()
+        directions.append(weights @ J)
+    return directions
+
+
+def simplex_projection(point: np.ndarray) -> np.ndarray:
+    """argmin ‖w − point‖ over the simplex: ``max(point − θ, 0)`` with Σ = 1, θ found by bisection (no sort)."""
+    low, high = point.min() - 1.0, point.max()
+    for _ in range(200):
+        middle = (low + high) / 2
+        low, high = (middle, high) if np.maximum(point - middle, 0).sum() > 1 else (low, middle)
+    return np.maximum(point - (low + high) / 2, 0)
+
+
+def modo_weights(cross: np.ndarray, lambdas: np.ndarray, gamma: float = 0.1, rho: float = 0.1) -> np.ndarray:
+    """MoDo's step of λ (Chen et al. 2023, eq. 2.9a; TorchJD's ``MoDoWeighting``): Π(λ − γ(Aλ + ρλ)), A = J_1 J_2ᵀ."""
+    return simplex_projection(lambdas - gamma * (cross @ lambdas + rho * lambdas))
+
+
+def sdmgrad_weights(
+    cross: np.ndarray,
+    inner: np.ndarray,
+    lr: float = 10.0,
+    momentum: float = 0.5,
+    n_iter: int = 20,
+    lambda_: float = 0.3,
+) -> tuple[np.ndarray, np.ndarray]:
+    """SDMGrad's weights and new inner weights (Xiao et al. 2023, Algorithm 1; the authors' and TorchJD's scaling of
+    A by the squared mean gradient norm): n_iter heavy-ball steps of w on ``(w + λ w̃)ᵀ Â (w + λ w̃)/2``, projected."""
+    preferred = lambda_ * np.full(len(inner), 1.0 / len(inner))
+    scaled = cross / (np.sqrt(np.maximum(np.diag(cross), 0)).mean() ** 2 + 1e-8)
+    velocity = np.zeros_like(inner)
+    for _ in range(n_iter):
+        velocity = scaled @ (inner + preferred) + momentum * velocity
+        inner = simplex_projection(inner - lr * velocity)
+    return (inner + preferred) / (1 + lambda_), inner

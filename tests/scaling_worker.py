@@ -43,6 +43,9 @@ COMPILE_BACKEND = "aot_eager"
 METHOD_OPTIONS: dict[str, dict[str, Any]] = {
     "pcgrad": {"seed": 3},
     "graddrop": {"seed": 3},
+    # Its default inner step (lr 10, 20 steps) amplifies A's float32 rounding (the ranks' reduction order, compiled
+    # kernels) ~300×, past float32 tolerances after a few steps: a milder one keeps the comparison about the step.
+    "sdmgrad": {"lr": 1.0},
 }
 
 

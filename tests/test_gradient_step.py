@@ -213,11 +213,12 @@ def test_a_g_only_weighting_gets_nothing_but_g_and_an_input_not_provided_is_refu
     provided = weighting_inputs(LossShares(K), RANKS)(losses)
     torch.testing.assert_close(provided["losses"], torch.tensor([1.0, 2.0, 3.0]), rtol=0, atol=0)
 
-    class CrossBatch(LossShares):
-        name = "cross_batch"
-        needs = frozenset({"cross_gram"})
+    class PerBlock(LossShares):
+        name = "per_block"
+        needs = frozenset({"block_grams"})
 
-    with pytest.raises(ValueError, match="cross_batch needs cross_gram, which the gradient step does not provide yet"):
-        weighting_inputs(CrossBatch(K), RANKS)
+    # (cross_gram is the two-batch step's: GradientMethod adds it, tests/test_stateful_methods.py)
+    with pytest.raises(ValueError, match="per_block needs block_grams, which the gradient step does not provide yet"):
+        weighting_inputs(PerBlock(K), RANKS)
     with pytest.raises(TypeError, match=r"needs names unknown inputs \['task_names'\]"):
         type("Unknown", (LossShares,), {"needs": frozenset({"task_names"})})

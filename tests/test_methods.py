@@ -26,6 +26,15 @@ LOSS_METHODS = available("loss")
 TRACKED = ("db_mtl", "moco")
 
 
+#: The methods that read two batches (MoDo, SDMGrad): given the same J twice here (A = G; tests/test_stateful_methods.py).
+TWO_BATCH = ("modo", "sdmgrad")
+
+
+def inputs(name: str, J: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``aggregate``'s inputs besides J: unit losses, and J again as the second batch of a two-batch method."""
+    return {"losses": unit_losses(J), **({"second_jacobian": J} if name in TWO_BATCH else {})}
+
+
 def unit_losses(J: torch.Tensor) -> torch.Tensor:
     """K losses of 1, for the methods that read them (DB-MTL, MoCo, GradNorm; ``aggregate`` ignores them otherwise)."""
     return torch.ones(J.shape[0], dtype=J.dtype, device=J.device)
@@ -163,18 +172,20 @@ def test_jacobian_option_is_validated():
 @pytest.mark.parametrize("mode", ["batched", "loop"])
 def test_a_step_writes_aggregate_into_the_shared_grads_and_the_own_task_gradient_into_each_head(name, mode):
     model, closure = make_problem()
-    seeds = {"graddrop": {"seed": 5}, "pcgrad": {"seed": 5}}.get(name, {})
+    seeds = {"graddrop": {"seed": 5}, "pcgrad": {"seed": 5}, "gradvac": {"seed": 5}}.get(name, {})
     method = build(name, model, lr=0.0, jacobian=mode, **seeds)  # lr=0 keeps the parameters, so grads can be compared
     reference_jacobian, reference_heads = jacobian_reference(model, closure)
     losses = method.step(closure)  # read only by the methods that declare them (DB-MTL, MoCo, GradNorm)
-    expected = aggregate(name, reference_jacobian, losses=losses, **seeds)
+    # A two-batch method's step calls the one closure twice: the same batch, so J_2 = J.
+    second = {"second_jacobian": reference_jacobian} if name in TWO_BATCH else {}
+    expected = aggregate(name, reference_jacobian, losses=losses, **second, **seeds)
     torch.testing.assert_close(shared_grad(model), expected, rtol=1e-9, atol=1e-12)
     gram = reference_jacobian @ reference_jacobian.T
     if name == "db_mtl":  # LibMTL back-propagates the log losses through the heads
         weights = 1.0 / (losses + 1e-8)
     elif name == "nash_mtl":  # the heads get α unclipped (the authors clip the shared gradient only)
         weights = selgroup_fast.ops.nash_mtl_weights(gram, torch.ones(K, dtype=gram.dtype))
-    elif name in WEIGHTED_HEADS:
+    elif name in WEIGHTED_HEADS or name in TWO_BATCH:  # (A = G for the two-batch methods here)
         weights = aggregator(name, K, dtype=gram.dtype).weights(gram)
     else:
         weights = torch.ones(K, dtype=torch.float64)
@@ -335,14 +346,14 @@ def test_aggregate_returns_a_p_vector_on_the_inputs_device_and_dtype(name, devic
     J = torch.randn(4, 9, generator=torch.Generator().manual_seed(7), dtype=torch.float64).to(
         device=device, dtype=dtype
     )
-    losses = unit_losses(J)
-    d = aggregate(name, J, losses=losses)
+    d = aggregate(name, J, **inputs(name, J))
     assert d.shape == (9,) and d.dtype == dtype and d.device.type == device
     assert torch.isfinite(d).all()
     # aggregate takes the options of create (the step-only ones are ignored); fix the seed of the random ones.
-    seeded = {"seed": 0} if name in ("pcgrad", "graddrop") else {}
+    seeded = {"seed": 0} if name in ("pcgrad", "graddrop", "gradvac") else {}
     torch.testing.assert_close(
-        aggregate(name, J, losses=losses, jacobian="loop", **seeded), aggregate(name, J, losses=losses, **seeded)
+        aggregate(name, J, **inputs(name, J), jacobian="loop", **seeded),
+        aggregate(name, J, **inputs(name, J), **seeded),
     )
 
 
@@ -352,15 +363,17 @@ def test_aggregators_say_they_are_not_differentiable(name):
     # gradients (the weights as constants, GradDrop's J.grad None). Like TorchJD's aggregators, ours return
     # results that do not require grad, so a backward raises; the values are those of the detached input.
     J = torch.randn(4, 9, generator=torch.Generator().manual_seed(3), dtype=torch.float64, requires_grad=True)
-    seeded = {"seed": 0} if name in ("pcgrad", "graddrop") else {}
+    seeded = {"seed": 0} if name in ("pcgrad", "graddrop", "gradvac") else {}
     losses = unit_losses(J)
-    d = aggregate(name, J, losses=losses, **seeded)
+    d = aggregate(name, J, **inputs(name, J), **seeded)
     assert not d.requires_grad and d.grad_fn is None
-    torch.testing.assert_close(d, aggregate(name, J.detach(), losses=losses, **seeded), rtol=0, atol=0)
+    torch.testing.assert_close(d, aggregate(name, J.detach(), **inputs(name, J.detach()), **seeded), rtol=0, atol=0)
     with pytest.raises(RuntimeError, match="does not require grad"):
         d.sum().backward()
     method = aggregator(name, 4, dtype=torch.float64, **seeded)
-    if "losses" in method.needs:
+    if name in TWO_BATCH:  # a weighting of J_1 J_2ᵀ: its direction only through the two-batch call, tested above
+        direction, head_weights = d, None
+    elif "losses" in method.needs:
         direction, head_weights = method.combine_losses(J, losses)
     else:
         direction, head_weights = method.combine(J)
@@ -368,7 +381,8 @@ def test_aggregators_say_they_are_not_differentiable(name):
     if isinstance(method, selgroup_fast.methods.Weighting):
         gram = (J @ J.T).detach().requires_grad_()
         assert not method.weights(gram).requires_grad
-        assert not any(w is not None and w.requires_grad for w in method.direction_weights(gram, losses))
+        cross = {"cross_gram": gram} if name in TWO_BATCH else {}
+        assert not any(w is not None and w.requires_grad for w in method.direction_weights(gram, losses, **cross))
 
 
 # --------------------------------------------------------------------------- degenerate and bad input
@@ -380,17 +394,16 @@ def test_one_task_is_its_own_gradient(name):
     expected = g[0]  # the ops give w = [1] for K = 1 (CAGrad included: no conflict to avert)
     if name == "nash_mtl":  # α = 1/‖g‖, then clipped to max_norm = 1: the unit vector
         expected = g[0] / g[0].norm()
-    torch.testing.assert_close(aggregate(name, g, losses=unit_losses(g)), expected, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(aggregate(name, g, **inputs(name, g)), expected, rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("name", GRADIENT_METHODS)
 def test_zero_gradients_give_a_finite_direction(name):
     zero = torch.zeros(3, 5, dtype=torch.float64)
-    losses = unit_losses(zero)
-    torch.testing.assert_close(aggregate(name, zero, losses=losses), torch.zeros(5, dtype=torch.float64))
+    torch.testing.assert_close(aggregate(name, zero, **inputs(name, zero)), torch.zeros(5, dtype=torch.float64))
     J = torch.randn(3, 5, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
     J[1] = 0
-    assert torch.isfinite(aggregate(name, J, losses=losses)).all()
+    assert torch.isfinite(aggregate(name, J, **inputs(name, J))).all()
 
 
 @pytest.mark.parametrize("name", GRADIENT_METHODS + LOSS_METHODS)

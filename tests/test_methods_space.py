@@ -14,7 +14,6 @@ import torch
 from conftest import make_problem
 
 from selgroup_fast.methods import aggregate, aggregator, available, create
-from selgroup_fast.methods.tracked import TaskGradientTracker
 
 K = 3
 SEEDED = {"pcgrad": {"seed": 5}, "graddrop": {"seed": 5}}
@@ -61,14 +60,18 @@ def reference_step(name: str, model, x, y, options: dict, split: bool):
     return encoder, heads
 
 
-#: The gradient methods that take space="representation": not those tracking a K×P state over the shared
-#: parameters' coordinates (DB-MTL, MoCo), which refuse it (tests/test_tracked_methods.py).
-REPRESENTATION_METHODS = [
-    name for name in available("gradient") if not isinstance(aggregator(name, K), TaskGradientTracker)
-]
+#: The methods whose state or inputs are over the shared parameters: one error line in representation space.
+TRACKED_STATE = r'keeps a state per task over the shared parameters\' coordinates: space="representation" does not'
+REFUSE_REPRESENTATION = {
+    "db_mtl": TRACKED_STATE,
+    "moco": TRACKED_STATE,
+    "excess_mtl": TRACKED_STATE,
+    "modo": r'modo reads J_1 J_2ᵀ of two batches\' task gradients over the shared parameters: space="representation"',
+    "sdmgrad": r'sdmgrad reads J_1 J_2ᵀ of two batches\' task gradients over the shared parameters: space="repre',
+}
 
 
-@pytest.mark.parametrize("name", REPRESENTATION_METHODS)
+@pytest.mark.parametrize("name", available("gradient"))
 @pytest.mark.parametrize("mode", ["batched", "loop"])
 @pytest.mark.parametrize("split", [False, True], ids=["one_feature", "two_features"])
 def test_representation_step_matches_the_float64_definition(name, mode, split, dtype):
@@ -76,6 +79,18 @@ def test_representation_step_matches_the_float64_definition(name, mode, split, d
     model = problem.model
     reference_model = copy.deepcopy(model).to(torch.float64)
     options = SEEDED.get(name, {})
+    if name in REFUSE_REPRESENTATION:
+        with pytest.raises(ValueError, match=REFUSE_REPRESENTATION[name]):
+            create(
+                name,
+                torch.optim.SGD(model.parameters(), lr=0.0),
+                K,
+                shared_params=model.encoder.parameters(),
+                space="representation",
+                jacobian=mode,
+                **options,
+            )
+        return
     method = create(
         name,
         torch.optim.SGD(model.parameters(), lr=0.0),

@@ -23,10 +23,15 @@ import selgroup_fast
 from selgroup_fast import methods
 
 NAMES = methods.available()
-GRADIENT = ["pcgrad", "cagrad", "mgda", "graddrop", "imtl", "aligned_mtl", "nash_mtl", "upgrad", "dualproj", "gradnorm"]
+GRADIENT = [
+    *("pcgrad", "cagrad", "mgda", "graddrop", "imtl", "aligned_mtl", "nash_mtl"),
+    *("upgrad", "dualproj", "gradnorm", "cr_mogm", "gradvac"),
+]
 #: Gradient methods with K×P state over the shared parameters' coordinates: DDP only (FSDP2 shards the
 #: coordinates, the features of space="representation" change with every batch); both are refused in one line.
-TRACKED = ["db_mtl", "moco"]
+TRACKED = ["db_mtl", "moco", "excess_mtl"]
+#: Gradient methods of two batches' task gradients (J_1 J_2ᵀ): DDP; FSDP2 refused in one line (REFUSED).
+TWO_BATCH = ["modo", "sdmgrad"]
 LOSS_WEIGHTING = ["uw", "dwa", "dtp", "famo", "stch", "gls", "imtl_l", "cosmos", "pbi", "rlw"]
 #: One DDP and one FSDP2 case per family runs in the default suite, with GradDrop under FSDP2 (its
 #: own path: each rank draws for its columns), Nash-MTL's reused weights, one process_group= case,
@@ -62,7 +67,7 @@ needs_gloo = pytest.mark.skipif(
 
 def test_the_registry_is_what_the_families_cover():
     # Every registered method is tested in each configuration below (a new one must join a family).
-    assert sorted(NAMES) == sorted(["gd", "selective", *GRADIENT, *TRACKED, *LOSS_WEIGHTING])
+    assert sorted(NAMES) == sorted(["gd", "selective", *GRADIENT, *TRACKED, *TWO_BATCH, *LOSS_WEIGHTING])
 
 
 def distributed_case(name: str, config: str, variant: str = "plain"):
@@ -235,7 +240,7 @@ SUPPORTED = (
         for config in ("ddp", "fsdp2")
         for variant in ("loop", "chunked")
     ]
-    + [distributed_case(name, "ddp", variant) for name in TRACKED for variant in ("loop", "chunked")]
+    + [distributed_case(name, "ddp", variant) for name in TRACKED + TWO_BATCH for variant in ("loop", "chunked")]
     + [distributed_case(name, "ddp", "unseeded") for name in ["pcgrad", "graddrop", "selective"]]
     + [distributed_case("graddrop", "fsdp2", "unseeded")]
     + [distributed_case("nash_mtl", config, "reuse") for config in ("ddp", "fsdp2")]
@@ -252,11 +257,22 @@ SUPPORTED = (
 )
 
 
+#: The configurations a method refuses at construction, with the start of its one error line (docs/baselines.md).
+REFUSED = {
+    # The two-batch methods read J_1 J_2ᵀ over the shared parameters, whose columns FSDP2 splits over ranks.
+    ("modo", "fsdp2", "plain"): "ValueError: modo reads J_1 J_2ᵀ of two batches' task gradients",
+    ("sdmgrad", "fsdp2", "plain"): "ValueError: sdmgrad reads J_1 J_2ᵀ of two batches' task gradients",
+}
+
+
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("case", SUPPORTED)
 def test_two_ranks_train_as_one_process_on_the_global_batch(case, distributed):
     name, _, variant = case
     rank0, rank1 = (ranks[case] for ranks in distributed)
+    if case in REFUSED:
+        assert rank0.get("error", "").startswith(REFUSED[case]) and rank1.get("error") == rank0["error"], rank0
+        return
     assert_same_training(rank1, rank0, exact=True)  # the ranks agree bitwise (random draws included)
     if variant != "unseeded":
         # GradDrop under FSDP2: each rank draws U for its own columns; one draw unlike the one-process

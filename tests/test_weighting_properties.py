@@ -35,6 +35,7 @@ import torch
 from method_families import NON_STATIONARY, STATIONARY, Case, cases
 
 from selgroup_fast.methods import aggregate, aggregator, available
+from selgroup_fast.methods.gradvac import vaccine_orders
 from selgroup_fast.methods.pcgrad import projection_orders, seeded_generator
 from selgroup_fast.methods.weighting import Weighting
 
@@ -114,6 +115,17 @@ def dual_cone_direction(rows: Callable[[np.ndarray], np.ndarray]) -> Direction:
         return J.T @ reference.dual_cone_weights(J, rows(np.full(J.shape[0], 1 / J.shape[0])), **epsilons).sum(0)
 
     return direction
+
+
+def gradvac_direction(J: np.ndarray, options: dict[str, Any]) -> np.ndarray:
+    orders = vaccine_orders(J.shape[0], options["device"], seeded_generator(options["device"], options["seed"]))
+    return reference.gradvac_update(J, orders.cpu().numpy(), np.zeros((J.shape[0],) * 2))[0]
+
+
+def seeded(make: Callable[[], Any], seed: int) -> Any:
+    """``make()`` after ``torch.manual_seed(seed)``: TorchJD's GradVac draws its orders from torch's global RNG."""
+    torch.manual_seed(seed)
+    return make()
 
 
 def imtl_direction(J: np.ndarray, options: dict[str, Any]) -> np.ndarray:
@@ -320,6 +332,61 @@ ROWS: dict[str, Row] = {
             torchjd=lambda K: torchjd_aggregation().DualProj(),
             torchjd_equal=Claim(tolerance=1e-6),
         ),
+        # The EMA of UPGrad's weights (its default base): its first step is UPGrad's, λ_0 = λ̂_1.
+        Row(
+            "cr_mogm",
+            conditioning=min_norm_conditioning,
+            reference=dual_cone_direction(np.diag),
+            non_conflicting=Claim(options={"base_options": {"reg_eps": 0.0}}),
+            scaling=Claim(options={"base_options": {"reg_eps": 0.0}}),
+            torchjd=lambda K: torchjd_aggregation().GramianWeightedAggregator(
+                torchjd_aggregation().CRMOGMWeighting(torchjd_aggregation().UPGradWeighting())
+            ),
+            torchjd_equal=Claim(tolerance=1e-6),
+        ),
+        # Its first step (weights 1/K, e the baseline itself): softmax(e), not scale-equivariant (e grows with J).
+        Row(
+            "excess_mtl",
+            reference=lambda J, options: reference.excess_mtl_steps([J])[0],
+            scaling=None,
+            torchjd=lambda K: torchjd_aggregation().ExcessMTL(),
+            torchjd_equal=Claim(),
+        ),
+        # Its first step (targets φ̂ = 0) moves each g_i^PC off the conflicts as PCGrad does; the orders are drawn per
+        # task, not permuted with the tasks: only K = 2 has one order.
+        Row(
+            "gradvac",
+            {"seed": 0},
+            reference=gradvac_direction,
+            # Two opposite gradients make each other rounding noise, whose sign the next visit reads (as PCGrad's).
+            exact=Claim(families=ALL_FAMILIES - {"rank_deficient", "strong_stationary"}),
+            permutation_invariant=Claim(max_tasks=2),
+            scaling=Claim(families=ALL_FAMILIES - {"rank_deficient", "strong_stationary"}),
+            # φ̂ = 0: PCGrad's projection of two tasks, exact without the eps beside ‖g_j‖ (which leaves eps/‖g_j‖ of it).
+            non_conflicting=Claim(max_tasks=2, options={"eps": 0.0}),
+            torchjd=lambda K: seeded(torchjd_aggregation().GradVac, 0),
+            torchjd_equal=Claim(families=ALL_FAMILIES - {"rank_deficient", "strong_stationary"}),
+        ),
+        # The two-batch methods on one batch given twice (A = G), their first step from λ = w = 1/K.
+        Row(
+            "modo",
+            reference=lambda J, options: J.T @ reference.modo_weights(J @ J.T, np.full(J.shape[0], 1 / J.shape[0])),
+            scaling=None,  # γ is a step on A: the weights depend on J's scale
+            torchjd=lambda K: torchjd_aggregation().GramianWeightedAggregator(torchjd_aggregation().MoDoWeighting()),
+            torchjd_equal=Claim(),
+        ),
+        Row(
+            "sdmgrad",
+            reference=lambda J, options: (
+                J.T @ reference.sdmgrad_weights(J @ J.T, np.full(J.shape[0], 1 / J.shape[0]))[0]
+            ),
+            # Its projected SGD (lr 10, 20 steps) stops where it stops: its rounding is the iterates', not G's.
+            exact=Claim(tolerance=1e-7),
+            permutation_invariant=Claim(tolerance=1e-7),
+            scaling=Claim(tolerance=1e-7),  # A is divided by the squared mean norm: w(s² A) = w(A), up to its 1e-8
+            torchjd=lambda K: torchjd_aggregation().GramianWeightedAggregator(torchjd_aggregation().SDMGradWeighting()),
+            torchjd_equal=Claim(),
+        ),
     ]
 }
 assert sorted(ROWS) == sorted(available("gradient")), "every gradient method needs its row"
@@ -372,9 +439,11 @@ def method(name: str, K: int, device: str, dtype: torch.dtype, **extra: Any):
 
 
 def loss_inputs(name: str, J: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The losses of a method that reads them (all 1: a row's claims are about J), else nothing."""
+    """The losses of a method that reads them (all 1: a row's claims are about J), the same batch as the second of a
+    two-batch method (A = G), else nothing."""
     needs = aggregator(name, J.shape[0], "cpu", torch.float64, **ROWS[name].options).needs
-    return {"losses": torch.ones(J.shape[0], dtype=J.dtype, device=J.device)} if "losses" in needs else {}
+    inputs = {"losses": torch.ones(J.shape[0], dtype=J.dtype, device=J.device)} if "losses" in needs else {}
+    return {**inputs, "second_jacobian": J} if "cross_gram" in needs else inputs
 
 
 def run(name: str, J: torch.Tensor, **extra: Any) -> tuple[np.ndarray, np.ndarray | None]:

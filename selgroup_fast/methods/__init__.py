@@ -48,6 +48,11 @@ _REGISTRY: dict[str, tuple[str, str]] = {
     "gradnorm": ("gradient", "selgroup_fast.methods.gradnorm:GradNorm"),
     "upgrad": ("gradient", "selgroup_fast.methods.upgrad:UPGrad"),
     "dualproj": ("gradient", "selgroup_fast.methods.upgrad:DualProj"),
+    "cr_mogm": ("gradient", "selgroup_fast.methods.cr_mogm:CRMOGM"),
+    "excess_mtl": ("gradient", "selgroup_fast.methods.excess_mtl:ExcessMTL"),
+    "gradvac": ("gradient", "selgroup_fast.methods.gradvac:gradvac"),
+    "modo": ("gradient", "selgroup_fast.methods.two_batch:MoDo"),
+    "sdmgrad": ("gradient", "selgroup_fast.methods.two_batch:SDMGrad"),
     "uw": ("loss", "selgroup_fast.methods.uw:UW"),
     "dwa": ("loss", "selgroup_fast.methods.dwa:DWA"),
     "dtp": ("loss", "selgroup_fast.methods.dtp:DTP"),
@@ -165,16 +170,26 @@ def create(
     return cls(optimizer, num_tasks, **options)
 
 
-def aggregate(name: str, jacobian: torch.Tensor, /, losses: torch.Tensor | None = None, **options: Any) -> torch.Tensor:
+def aggregate(
+    name: str,
+    jacobian: torch.Tensor,
+    /,
+    losses: torch.Tensor | None = None,
+    second_jacobian: torch.Tensor | None = None,
+    **options: Any,
+) -> torch.Tensor:
     """Combines a K×P matrix of task gradients into one P-vector, as method ``name`` does.
 
     ``name`` and ``jacobian`` are positional-only, so that ``options`` can hold every
     option of ``create`` (the training step's, such as ``jacobian=``, are ignored).
     ``losses``: the K task losses, for the methods that read them (DB-MTL, MoCo: a fresh state's first step).
+    ``second_jacobian``: a second, independent batch's K×P task gradients, for the methods that read two (MoDo,
+    SDMGrad: the direction is ``wᵀ(J + J_2)/2``).
     """
     jacobian = check_jacobian(jacobian)
     own = {key: value for key, value in options.items() if key not in _STEP_OPTIONS}
-    return aggregator(name, jacobian.shape[0], jacobian.device, jacobian.dtype, **own)(jacobian, losses)
+    method = aggregator(name, jacobian.shape[0], jacobian.device, jacobian.dtype, **own)
+    return method(jacobian, losses, second_jacobian)
 
 
 __all__ = [

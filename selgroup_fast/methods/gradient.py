@@ -37,6 +37,7 @@ from ..parallel import (
 )
 from .base import MethodReport, MultiTaskMethod, detached
 from .graddrop import GradDrop
+from .gradvac import BlockwiseGradVac
 from .jacobian import JacobianMode, SharedParams, TaskJacobian, jacobian_defaults
 from .nonfinite import DEFAULT_NONFINITE, tensor_state
 from .step import (
@@ -51,6 +52,7 @@ from .step import (
     ShardWriter,
     SharedAndHeadJacobian,
     SharedJacobian,
+    TaskGradients,
     WeightedBackwardWriter,
     combine,
     weighted_total,
@@ -172,6 +174,21 @@ class GradientMethod(MultiTaskMethod):
                     'does not apply (the features change with every batch); use space="parameters"'
                 )
             aggregator.allocate(sum(p.numel() for p in shared))
+        if isinstance(aggregator, BlockwiseGradVac):  # one target per block of the shared parameters
+            if space != "parameters":
+                raise ValueError(
+                    f'{self.name} per block reads the shared parameters\' blocks of J: space="{space}" does not apply; '
+                    'use space="parameters" (or group_type="whole_model")'
+                )
+            aggregator.bind_blocks([p.numel() for p in shared])
+        #: Whether each step reads two batches (MoDo, SDMGrad: the cross-batch matrix J_1 J_2ᵀ; :mod:`.two_batch`).
+        self._two_batches = "cross_gram" in aggregator.needs
+        if self._two_batches and (space != "parameters" or self._sharded):
+            raise ValueError(
+                f"{self.name} reads J_1 J_2ᵀ of two batches' task gradients over the shared parameters: "
+                f'space="{space}"{" and FSDP2" if self._sharded else ""} cannot serve it; use space="parameters" '
+                "in one process or under DistributedDataParallel"
+            )
         aggregator.load_state_dict(self._ranks.first_rank(aggregator.state_dict()))  # the same random draws
         #: Under FSDP2: how the parameters are sharded (J's columns on this rank, the reduce-scatter).
         self._shards = FSDP2Shards([*self.shared_params, *self._task_params], process_group) if self._sharded else None
@@ -216,6 +233,8 @@ class GradientMethod(MultiTaskMethod):
         gramian_refusal = None
         if not isinstance(aggregator, Weighting):
             gramian_refusal = f"{aggregator.name} needs J itself (it acts on every coordinate), not only G = J·Jᵀ"
+        elif "cross_gram" in aggregator.needs:
+            gramian_refusal = f"{aggregator.name} reads J_1 J_2ᵀ of two batches, which G = J·Jᵀ does not give"
         elif space != "parameters":
             gramian_refusal = f'space="{space}" takes the small J of the features'
         elif self._ranks.enabled or any(is_sharded(p) for p in shared):
@@ -233,6 +252,11 @@ class GradientMethod(MultiTaskMethod):
         return jacobian, chunk_size
 
     @property
+    def reads_two_batches(self) -> bool:
+        """Whether each step reads two independent batches (MoDo, SDMGrad; ``selgroup-train`` gives it the halves)."""
+        return self._two_batches
+
+    @property
     def shared_params(self) -> list[torch.Tensor]:
         return self._jacobian.params
 
@@ -241,15 +265,28 @@ class GradientMethod(MultiTaskMethod):
         """The task-specific parameters (``task_params=``, else the optimizer's non-shared ones)."""
         return self._task_params
 
-    def step(self, closure: Callable[[], ClosureOutput]) -> torch.Tensor:
+    def step(
+        self, closure: Callable[[], ClosureOutput], second_closure: Callable[[], ClosureOutput] | None = None
+    ) -> torch.Tensor:
+        """One step. The methods that read two independent batches (MoDo, SDMGrad) run ``closure`` and
+        ``second_closure`` (e.g. on the two halves of one batch) or, without it, ``closure`` twice, which must then
+        draw a new batch at each call (``lambda: loss_of(next(batches))``); the weights read ``J_1 J_2ᵀ``, the
+        update is the gradient of the two batches' mean losses, the returned losses that mean."""
         with retainable_compiled_graphs():
-            return self._step(closure)
+            return self._step(closure, second_closure)
 
-    def _step(self, closure: Callable[[], ClosureOutput]) -> torch.Tensor:
+    def _step(
+        self, closure: Callable[[], ClosureOutput], second_closure: Callable[[], ClosureOutput] | None = None
+    ) -> torch.Tensor:
         self._begin_step()
         self.optimizer.zero_grad(set_to_none=True)
+        if second_closure is not None and not self._two_batches:
+            raise ValueError(f"{self.name} reads one batch: step takes no second_closure")
+        if self._two_batches and second_closure is None:
+            second_closure = closure  # called again: it must draw the next batch (documented, docs/baselines.md)
         losses, features = self._run_closure(closure)
-        self._nonfinite.check(losses)
+        second_losses = None if second_closure is None else self._forward(second_closure)
+        self._nonfinite.check(losses if second_losses is None else mean_losses(losses, second_losses))
         self._restore_aggregator = self._nonfinite.keep(self.aggregator, tensor_state(self.aggregator))
         reused = None if self._reuses is None else self._reuses.reused_weights()
         if reused is not None:  # one ordinary backward of Σ w_k L_k, the shared gradient clipped (Nash-MTL)
@@ -259,14 +296,32 @@ class GradientMethod(MultiTaskMethod):
             self._check_graph(losses, features)
             with self._timer.phase("backward"):
                 gradients = self._source(losses, features)
+                inputs = self._inputs(losses)
+                if second_losses is not None:
+                    gradients, inputs["cross_gram"] = self._second_batch(gradients, second_losses)
+                    losses = mean_losses(losses, second_losses)
             with self._timer.phase("manipulation"):
-                direction = combine(self.aggregator, gradients, self._inputs(losses))
+                direction = combine(self.aggregator, gradients, inputs)
             self._writer(losses, features, gradients, direction)
             self._last_weights = direction.weights
         with self._timer.phase("optimizer"):
             self._nonfinite.step(self.optimizer)
         self._restore_aggregator()
         return detached(losses)
+
+    def _second_batch(
+        self, first: TaskGradients, second_losses: list[torch.Tensor]
+    ) -> tuple[TaskGradients, torch.Tensor]:
+        """The second batch's task gradients: ``J_1 J_2ᵀ``, and the two batches' mean rows (and heads) in the buffers."""
+        first_rows, first_heads = cast(torch.Tensor, first.rows).clone(), first.heads
+        first_heads = None if first_heads is None else first_heads.clone()
+        second = self._source(second_losses, ())  # the same buffers: the first batch's rows were copied out
+        rows = cast(torch.Tensor, second.rows)
+        cross = first_rows @ rows.T
+        rows.add_(first_rows).mul_(0.5)
+        if first_heads is not None:
+            cast(torch.Tensor, second.heads).add_(first_heads).mul_(0.5)
+        return second, cross
 
     def _reused_weights_step(self, losses: list[torch.Tensor], weights: torch.Tensor, max_norm: float) -> None:
         """A :class:`~.weighting.ReusesWeights`' step without task gradients: ONE ordinary backward of ``Σ_k w_k L_k``
@@ -349,6 +404,11 @@ class GradientMethod(MultiTaskMethod):
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.aggregator.load_state_dict(state_dict)
+
+
+def mean_losses(first: list[torch.Tensor], second: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The two batches' mean task losses (what a two-batch method's update descends)."""
+    return [(a + b) / 2 for a, b in zip(first, second, strict=True)]
 
 
 @contextlib.contextmanager

@@ -88,7 +88,7 @@ class NashMTL(Weighting):  # and a ReusesWeights (selgroup_fast.methods.weightin
         return self.alpha
 
     def direction_weights(
-        self, gram: torch.Tensor, losses: torch.Tensor | None = None
+        self, gram: torch.Tensor, losses: torch.Tensor | None = None, cross_gram: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         alpha = self.weights(gram)
         return clip_weights(alpha, gram, self.max_norm), alpha  # the authors clip the shared gradient only

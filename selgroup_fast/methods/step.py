@@ -104,10 +104,11 @@ def backward_task_params(
 def weighting_inputs(aggregator: Aggregator, ranks: RankAgreement) -> Callable[[Losses], dict[str, torch.Tensor]]:
     """What the step hands the aggregator besides J or G, chosen once from its ``needs`` (nothing for G-only methods).
 
-    ``"losses"``: the K detached losses of the global batch (the ranks' mean). The other
-    declared inputs (:data:`~.weighting.WEIGHTING_INPUTS`) are not provided yet: refused here.
+    ``"losses"``: the K detached losses of the global batch (the ranks' mean). ``"cross_gram"`` is added by the
+    two-batch step (:meth:`~.gradient.GradientMethod.step` with a second closure). ``"block_grams"`` is not provided
+    yet: refused here (per-block GradVac reads J's blocks itself).
     """
-    needs = aggregator.needs
+    needs = aggregator.needs - {"cross_gram"}
     missing = sorted(needs - {"losses"})
     if missing:
         raise ValueError(f"{aggregator.name} needs {', '.join(missing)}, which the gradient step does not provide yet")

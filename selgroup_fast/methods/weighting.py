@@ -11,7 +11,7 @@ from __future__ import annotations
 import abc
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar, Protocol, runtime_checkable
+from typing import Any, ClassVar, Protocol, cast, runtime_checkable
 
 import torch
 
@@ -109,11 +109,26 @@ class Aggregator(SavedState, abc.ABC):
         """:meth:`combine` for an aggregator whose :attr:`needs` names ``"losses"`` (the K detached losses)."""
         raise NotImplementedError(f"{self.name} does not read the losses")
 
-    def __call__(self, jacobian: torch.Tensor, losses: torch.Tensor | None = None) -> torch.Tensor:
-        """The update direction of a K×N matrix of task gradients (and of the K losses, where :attr:`needs` says)."""
+    def __call__(
+        self, jacobian: torch.Tensor, losses: torch.Tensor | None = None, second_jacobian: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The update direction of a K×N matrix of task gradients (and of the K losses, where :attr:`needs` says;
+        of a second batch's K×N task gradients for the two-batch methods, whose direction is ``wᵀ(J + J_2)/2``)."""
         jacobian = check_jacobian(jacobian)
         if jacobian.shape[0] != self.num_tasks:
             raise ValueError(f"{self.name}: expected {self.num_tasks} rows of task gradients, got {jacobian.shape[0]}")
+        if "cross_gram" in self.needs:
+            if second_jacobian is None or second_jacobian.shape != jacobian.shape:
+                shape = None if second_jacobian is None else tuple(second_jacobian.shape)
+                raise ValueError(
+                    f"{self.name} reads two independent batches: pass second_jacobian= of shape "
+                    f"{tuple(jacobian.shape)} (got {shape})"
+                )
+            with torch.no_grad():  # as every result (the class docstring)
+                second = check_jacobian(second_jacobian).to(jacobian)
+                mean = (jacobian + second) / 2
+                weights, _ = cast(Weighting, self).direction_weights(gram(mean), cross_gram=jacobian @ second.T)
+                return weights.to(mean.dtype) @ mean
         if "losses" not in self.needs:
             return self.combine(jacobian)[0]
         if losses is None or losses.shape != (self.num_tasks,):
@@ -142,11 +157,13 @@ class ReusesWeights(Protocol):
 class WeightingInputs:
     """What a weighting reads: G always, the rest as its :attr:`Weighting.needs` declares (``None`` otherwise).
 
-    ``losses``: the K detached losses of the (global) batch.
+    ``losses``: the K detached losses of the (global) batch. ``cross_gram``: ``J_1 J_2ᵀ`` of two independent
+    batches (K × K, not symmetric in general; :mod:`~.two_batch`).
     """
 
     gram: torch.Tensor
     losses: torch.Tensor | None = None
+    cross_gram: torch.Tensor | None = None
 
 
 class Weighting(Aggregator):
@@ -166,10 +183,10 @@ class Weighting(Aggregator):
         return self.weights(inputs.gram)
 
     def direction_weights(
-        self, gram: torch.Tensor, losses: torch.Tensor | None = None
+        self, gram: torch.Tensor, losses: torch.Tensor | None = None, cross_gram: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The weights of the direction and those of the heads (``None``: all ones)."""
-        weights = self.weights_with(WeightingInputs(gram, losses))
+        weights = self.weights_with(WeightingInputs(gram, losses, cross_gram))
         return weights, (weights if self.weights_task_params else None)
 
     def combine(

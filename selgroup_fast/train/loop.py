@@ -21,9 +21,9 @@ import math
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -274,13 +274,29 @@ class _Run:
     def _step(self, images: torch.Tensor, targets: list[torch.Tensor]) -> torch.Tensor:
         """One method step and one scheduler step; a non-finite loss is the method's ``nonfinite=`` (--on-nonfinite)."""
 
-        def closure() -> list[torch.Tensor]:
-            with self.autocast:
-                outputs = self.forward_model(images)
-                return list(self.loss_fn(outputs, targets, self.specs))
+        def closure_of(inputs: torch.Tensor, labels: list[torch.Tensor]) -> Callable[[], list[torch.Tensor]]:
+            def closure() -> list[torch.Tensor]:
+                with self.autocast:
+                    outputs = self.forward_model(inputs)
+                    return list(self.loss_fn(outputs, labels, self.specs))
+
+            return closure
 
         try:
-            losses = self.method.step(closure)
+            if getattr(self.method, "reads_two_batches", False):  # MoDo, SDMGrad: the batch's two halves
+                half = images.shape[0] // 2
+                if half == 0:
+                    raise ValueError(
+                        f"{self.method.name} reads two batches per step: the trainer splits each batch in "
+                        "halves, which needs a batch size of at least 2"
+                    )
+                first, second = (
+                    closure_of(images[:half], [t[:half] for t in targets]),
+                    closure_of(images[half:], [t[half:] for t in targets]),
+                )
+                losses = cast(Any, self.method).step(first, second)
+            else:
+                losses = self.method.step(closure_of(images, targets))
         except methods.NonFiniteLoss as error:  # --on-nonfinite stop: every rank raises at the same step
             self.optimizer.zero_grad(set_to_none=True)
             self._checkpoint()
