@@ -232,8 +232,10 @@ struct CAGradWeights {
   // so S's affine minimiser solves M·y = (c + λ)·1 − t·a'_S, 1ᵀ·y = 1 (M = c·1·1ᵀ + G'_S = Rᵀ·R, mgda.h):
   // y(t) = u + t·v, u = M⁻¹·1/(1ᵀ·M⁻¹·1), v = (1ᵀ·M⁻¹·a'_S)·u − M⁻¹·a'_S, affine in t. Then n(s)² = y(t)ᵀ·G_S·y(t)
   // and ψ = n² − r²·s² are quadratics in t, whose roots s > 0 are the candidates. A candidate is x* when
-  // y ≥ 0 and y is the min-norm point of the hull shifted by s (Wolfe's optimality test, to Wolfe's own
-  // rounding level: (tol + K·ε)·m·(m + ‖g_t‖), m = Σ_k y_k·‖g_k + s·g0‖, t the most violating task) and
+  // y ≥ 0 and y is the min-norm point of the hull shifted by s (Wolfe's optimality test on the tasks off
+  // S, to Wolfe's own rounding level: yᵀ·G(s)·y − (G(s)·y)_t ≤ (tol + K·ε)·m·(m + ‖g_t + s·g0‖),
+  // m = Σ_k y_k·‖g_k + s·g0‖, t the task off S with the least (G(s)·y)_t; on S, (G(s)·y)_k are equal but for
+  // the rounding of the solve through R, which Wolfe's own answer has too) and
   // n(s) = r·s to (tol + K·ε) relative. Returns n(s*) with x(s*) in s.x where one is; else 0, with the
   // candidate nearest s1 (0 if none) in *next_shift, where the solve to try next. O(K·|S|). Syncs.
   template <Team T>
@@ -308,16 +310,17 @@ struct CAGradWeights {
       auto shifted_norm = [&](int k) {
         return sqrt(fmax(s.G[k * (K + 1)] + 2.0 * root * s.a[k] + root * root * mean_squared, 0.0));
       };
-      int t_most = 0;
+      int t_most = -1;  // the task off S with the least (G(s)·y)_k
       double mass = 0.0;
       for (int k = 0; k < K; ++k) {
-        if (s.Gv[k] + root * s.a[k] < s.Gv[t_most] + root * s.a[t_most]) t_most = k;
         if (s.x[k] > 0.0) mass += s.x[k] * shifted_norm(k);
+        else if (t_most < 0 || s.Gv[k] + root * s.a[k] < s.Gv[t_most] + root * s.a[t_most]) t_most = k;
       }
-      const double gap = squared + root * along_mean - (s.Gv[t_most] + root * s.a[t_most]);
-      const double noise = (tol + K * DBL_EPSILON) * mass * (mass + shifted_norm(t_most));
+      const bool optimal = t_most < 0 ||  // every task on S: the equal (G(s)·y)_k are the optimality test
+                           squared + root * along_mean - (s.Gv[t_most] + root * s.a[t_most]) <=
+                               (tol + K * DBL_EPSILON) * mass * (mass + shifted_norm(t_most));
       const double norm = sqrt(squared);
-      if (gap <= noise && norm > 0.0 && fabs(norm / (radius * root) - 1.0) <= tol + K * DBL_EPSILON) return norm;
+      if (optimal && norm > 0.0 && fabs(norm / (radius * root) - 1.0) <= tol + K * DBL_EPSILON) return norm;
     }
     team.sync();  // everyone has read s.roots
     return 0.0;
