@@ -48,6 +48,8 @@ struct CAGradWeights {
 
   // Factors of 4 from s = 1/c that bracket s*: 4^60 covers any ratio of norms in double range.
   static constexpr int kMaxBracketing = 60;
+  // Solves tried in closed form before the s = 0 solve: at s = 1/c, then at the closed form's shift.
+  static constexpr int kClosedFormAttempts = 3;
 
   struct Scratch {
     double* flag;  // load_gram's
@@ -61,6 +63,9 @@ struct CAGradWeights {
     double* Gv;    // K
     double* w;     // d's weights, before the rescale
     int* passive;  // the cone projection's passive set (tasks with μ > 0)
+    double* base;  // the closed form's x(s) on the corral at its s1 ...
+    double* along; // ... and its slope: x(s1 + t) = base + t·along (corral order)
+    double* roots; // 2: the closed form's candidate shifts (NaN: none)
     MinNormPoint::Scratch min_norm;
   };
   SELGROUP_HD MinNormPoint min_norm_point() const { return {K, max_iter, tol}; }
@@ -68,7 +73,8 @@ struct CAGradWeights {
     return {layout.take<double>(1), layout.take<double>(K * K), layout.take<double>(K * K),
             layout.take<double>(K), layout.take<double>(K),     layout.take<double>(K),
             layout.take<double>(K), layout.take<double>(K),     layout.take<double>(K),
-            layout.take<double>(K), layout.take<int>(K),        min_norm_point().carve(layout)};
+            layout.take<double>(K), layout.take<int>(K),        layout.take<double>(K),
+            layout.take<double>(K), layout.take<double>(2),     min_norm_point().carve(layout)};
   }
 
   template <Team T>
@@ -103,6 +109,7 @@ struct CAGradWeights {
   SELGROUP_HD void solve(const T& team, const Scratch& s, double radius, double mean_squared, double* w) const {
     const double b = 1.0 / K;
     double best_miss = INFINITY, best_norm = 0.0;
+    int corral_size = 0;  // the latest Wolfe solve's |S|
     // ψ(s) = n(s)² − r²·s², x(s) in s.x; keeps the x(s) whose n(s) is closest to r·s.
     auto evaluate = [&](double shift) {
       for (int i = team.rank(); i < K * K; i += team.size()) {
@@ -110,7 +117,7 @@ struct CAGradWeights {
         s.work[i] = s.G[i] + shift * (s.a[row] + s.a[column]) + shift * shift * mean_squared;
       }
       team.sync();
-      min_norm_point()(team, s.min_norm, s.work, s.x);
+      corral_size = min_norm_point()(team, s.min_norm, s.work, s.x);
       matvec(team, s.G, s.x, s.Gv, K);
       const double norm = sqrt(fmax(dot(s.x, s.Gv, K), 0.0));
       const double miss = shift > 0.0 ? fabs(norm / (radius * shift) - 1.0) : INFINITY;
@@ -122,6 +129,35 @@ struct CAGradWeights {
       team.sync();
       return (norm - radius * shift) * (norm + radius * shift);
     };
+    // The root on the latest solve's corral (closed_form_root); writes w and returns true where verified.
+    // Before the s = 0 solve (unknown whether zero is in the hull) it also asks for an optimum clearly above
+    // the largest value, (1 + c)·‖g0‖·sqrt(K·ε)·max_k ‖g_k‖ (twice, for rounding), that it can take where the
+    // s = 0 test finds zero in the hull (min_k g_k·d* ≤ ‖g_x(0)‖·(‖g0‖ + r) there): then that test would find
+    // zero outside the hull too, and the root is the answer the path below would reach.
+    auto finish_in_closed_form = [&](double shift, bool zero_outside_hull_known, double* next_shift) {
+      const double norm = closed_form_root(team, s, corral_size, shift, radius, mean_squared, next_shift);
+      if (!(norm > 0.0)) return false;
+      if (!zero_outside_hull_known) {
+        double largest = 0.0;
+        for (int k = 0; k < K; ++k) largest = fmax(largest, s.G[k * (K + 1)]);
+        const double optimum = dot(s.a, s.x, K) + radius * norm;  // min_k g_k·d* (strong duality)
+        const double level = 2.0 * (1.0 + c) * sqrt(mean_squared) * sqrt(K * input_epsilon<scalar_t>() * largest);
+        if (!(optimum > level)) return false;
+      }
+      team.sync();  // everyone has read s.x
+      for (int i = team.rank(); i < K; i += team.size()) w[i] = b + radius / norm * s.x[i];
+      team.sync();
+      return true;
+    };
+
+    // Most calls end here: a solve at s = 1/c, or at the closed form's shift from there, has x*'s corral.
+    double next_shift = 1.0 / c;
+    for (int attempt = 0; attempt < kClosedFormAttempts && next_shift > 0.0; ++attempt) {
+      const double shift = next_shift;
+      evaluate(shift);
+      next_shift = 0.0;
+      if (finish_in_closed_form(shift, false, &next_shift)) return;
+    }
 
     // s = 0: MGDA's min-norm point. Zero in the hull when its norm is below its rounding level.
     const double at_zero = evaluate(0.0);
@@ -145,15 +181,24 @@ struct CAGradWeights {
       return;
     }
 
+    // ψ's root, bracketed and found by Illinois steps; each step's corral tried in closed form first.
+    auto evaluate_or_finish = [&](double shift, double* psi) {
+      *psi = evaluate(shift);
+      double unused_shift = 0.0;
+      return finish_in_closed_form(shift, true, &unused_shift);
+    };
     double lo = zero_in_hull ? -1.0 : 0.0, psi_lo = at_zero;  // lo < 0: not bracketed yet
-    double hi = 1.0 / c, psi_hi = evaluate(hi);
+    double hi = 1.0 / c, psi_hi = 0.0;
+    if (evaluate_or_finish(hi, &psi_hi)) return;
     for (int attempt = 0; attempt < kMaxBracketing && psi_hi > 0.0; ++attempt) {
       lo = hi, psi_lo = psi_hi;
       hi *= 4.0;
-      psi_hi = evaluate(hi);
+      if (evaluate_or_finish(hi, &psi_hi)) return;
     }
     for (int attempt = 0; attempt < kMaxBracketing && lo < 0.0; ++attempt) {
-      const double shift = hi / 4.0, psi = evaluate(shift);
+      const double shift = hi / 4.0;
+      double psi = 0.0;
+      if (evaluate_or_finish(shift, &psi)) return;
       if (psi > 0.0) lo = shift, psi_lo = psi;
       else hi = shift, psi_hi = psi;
     }
@@ -162,7 +207,8 @@ struct CAGradWeights {
       if (hi - lo <= (tol + 4.0 * DBL_EPSILON) * hi) break;
       double shift = (lo * psi_hi - hi * psi_lo) / (psi_hi - psi_lo);
       if (!(shift > lo && shift < hi)) shift = 0.5 * (lo + hi);
-      const double psi = evaluate(shift);
+      double psi = 0.0;
+      if (evaluate_or_finish(shift, &psi)) return;
       if (psi == 0.0) break;
       if (psi > 0.0) {
         if (side > 0) psi_hi *= 0.5;
@@ -179,6 +225,105 @@ struct CAGradWeights {
     }
     for (int i = team.rank(); i < K; i += team.size()) w[i] = b + radius / best_norm * s.best[i];
     team.sync();
+  }
+
+  // ψ's root on the corral S of the latest Wolfe solve (at s1 = shift, S, R and z in s.min_norm), in closed
+  // form: with G' = the Gram shifted by s1 and a' = a + s1·‖g0‖²·1, G(s1 + t) = G' + t·(a'·1ᵀ + 1·a'ᵀ) + t²·‖g0‖²·1·1ᵀ,
+  // so S's affine minimiser solves M·y = (c + λ)·1 − t·a'_S, 1ᵀ·y = 1 (M = c·1·1ᵀ + G'_S = Rᵀ·R, mgda.h):
+  // y(t) = u + t·v, u = M⁻¹·1/(1ᵀ·M⁻¹·1), v = (1ᵀ·M⁻¹·a'_S)·u − M⁻¹·a'_S, affine in t. Then n(s)² = y(t)ᵀ·G_S·y(t)
+  // and ψ = n² − r²·s² are quadratics in t, whose roots s > 0 are the candidates. A candidate is x* when
+  // y ≥ 0 and y is the min-norm point of the hull shifted by s (Wolfe's optimality test on the tasks off
+  // S, to Wolfe's own rounding level: yᵀ·G(s)·y − (G(s)·y)_t ≤ (tol + K·ε)·m·(m + ‖g_t + s·g0‖),
+  // m = Σ_k y_k·‖g_k + s·g0‖, t the task off S with the least (G(s)·y)_t; on S, (G(s)·y)_k are equal but for
+  // the rounding of the solve through R, which Wolfe's own answer has too) and
+  // n(s) = r·s to (tol + K·ε) relative. Returns n(s*) with x(s*) in s.x where one is; else 0, with the
+  // candidate nearest s1 (0 if none) in *next_shift, where the solve to try next. O(K·|S|). Syncs.
+  template <Team T>
+  SELGROUP_HD double closed_form_root(const T& team, const Scratch& s, int size, double shift, double radius,
+                                      double mean_squared, double* next_shift) const {
+    const double *R = s.min_norm.R, *z = s.min_norm.z;
+    const int* corral = s.min_norm.corral;
+    double *u = s.base, *v = s.along;
+    if (team.rank() == 0) {
+      s.roots[0] = s.roots[1] = NAN;
+      double total = 0.0;  // 1ᵀ·M⁻¹·1
+      for (int i = size - 1; i >= 0; --i) {  // u = R⁻¹·z = M⁻¹·1, normalised below
+        double sum = z[i];
+        for (int k = i + 1; k < size; ++k) sum -= R[i * K + k] * u[k];
+        u[i] = sum / R[i * K + i];
+        total += u[i];
+      }
+      double* h = s.rhs;  // R⁻ᵀ·a'_S
+      for (int i = 0; i < size; ++i) {
+        double sum = s.a[corral[i]] + shift * mean_squared;
+        for (int k = 0; k < i; ++k) sum -= R[k * K + i] * h[k];
+        h[i] = sum / R[i * K + i];
+      }
+      double slope_total = 0.0;  // 1ᵀ·M⁻¹·a'_S
+      for (int i = size - 1; i >= 0; --i) {  // v = M⁻¹·a'_S = R⁻¹·h, turned into the slope below
+        double sum = h[i];
+        for (int k = i + 1; k < size; ++k) sum -= R[i * K + k] * v[k];
+        v[i] = sum / R[i * K + i];
+        slope_total += v[i];
+      }
+      for (int i = 0; i < size; ++i) {
+        u[i] /= total;
+        v[i] = slope_total * u[i] - v[i];
+      }
+      double uu = 0.0, uv = 0.0, vv = 0.0;  // n(s1 + t)² = uu + 2·uv·t + vv·t²
+      for (int i = 0; i < size; ++i)
+        for (int j = 0; j < size; ++j) {
+          const double g = s.G[corral[i] * K + corral[j]];
+          uu += u[i] * g * u[j], uv += u[i] * g * v[j], vv += v[i] * g * v[j];
+        }
+      // ψ(s1 + t) = A·t² + 2·B·t + C; the roots by the cancellation-free pair (q/A, C/q).
+      const double r2 = radius * radius;
+      const double A = vv - r2, B = uv - r2 * shift, C = uu - r2 * shift * shift;
+      const double discriminant = B * B - A * C;
+      if (total > 0.0 && discriminant >= 0.0 && isfinite(discriminant)) {
+        const double q = -(B + (B >= 0.0 ? sqrt(discriminant) : -sqrt(discriminant)));
+        if (q != 0.0) s.roots[0] = shift + C / q;
+        if (A != 0.0) s.roots[1] = shift + q / A;
+      }
+    }
+    team.sync();
+    *next_shift = 0.0;
+    for (int candidate = 0; candidate < 2; ++candidate) {
+      const double root = s.roots[candidate];
+      if (!(root > 0.0)) continue;
+      if (!(*next_shift > 0.0) || fabs(root - shift) < fabs(*next_shift - shift)) *next_shift = root;
+      const double t = root - shift;
+      bool feasible = true;  // y ≥ 0, entries within their rounding of 0 set to 0
+      for (int i = 0; i < size; ++i) {
+        const double y = u[i] + t * v[i];
+        if (y < -K * DBL_EPSILON * (fabs(u[i]) + fabs(t * v[i]))) feasible = false;
+      }
+      if (!feasible) continue;
+      team.sync();  // everyone has read s.x
+      fill(team, s.x, K, 0.0);
+      team.sync();
+      for (int i = team.rank(); i < size; i += team.size()) s.x[corral[i]] = fmax(u[i] + t * v[i], 0.0);
+      team.sync();
+      matvec(team, s.G, s.x, s.Gv, K);
+      // (G(s)·y)_k = (G·y)_k + s·a_k + s·aᵀ·y + s²·‖g0‖² (1ᵀ·y = 1): its common terms cancel in the gap.
+      const double squared = fmax(dot(s.x, s.Gv, K), 0.0), along_mean = dot(s.a, s.x, K);
+      auto shifted_norm = [&](int k) {
+        return sqrt(fmax(s.G[k * (K + 1)] + 2.0 * root * s.a[k] + root * root * mean_squared, 0.0));
+      };
+      int t_most = -1;  // the task off S with the least (G(s)·y)_k
+      double mass = 0.0;
+      for (int k = 0; k < K; ++k) {
+        if (s.x[k] > 0.0) mass += s.x[k] * shifted_norm(k);
+        else if (t_most < 0 || s.Gv[k] + root * s.a[k] < s.Gv[t_most] + root * s.a[t_most]) t_most = k;
+      }
+      const bool optimal = t_most < 0 ||  // every task on S: the equal (G(s)·y)_k are the optimality test
+                           squared + root * along_mean - (s.Gv[t_most] + root * s.a[t_most]) <=
+                               (tol + K * DBL_EPSILON) * mass * (mass + shifted_norm(t_most));
+      const double norm = sqrt(squared);
+      if (optimal && norm > 0.0 && fabs(norm / (radius * root) - 1.0) <= tol + K * DBL_EPSILON) return norm;
+    }
+    team.sync();  // everyone has read s.roots
+    return 0.0;
   }
 
   // μ = argmin_{μ ≥ 0} (b + μ)ᵀ·G·(b + μ), by Lawson & Hanson's active set ("Solving Least Squares

@@ -45,7 +45,8 @@ namespace manipulation {
 
 // Wolfe's min-norm point of the hull of K points given by their Gram matrix (doubles
 // in the caller's workspace): writes w on the simplex with wᵀ·G·w minimal. MGDA runs it
-// on the task gradients, CAGrad (cagrad.h) on its shifted task gradients.
+// on the task gradients, CAGrad (cagrad.h) on its shifted task gradients; CAGrad also reads
+// the final corral (its first `size` entries of Scratch::corral, R and z) for its closed form.
 struct MinNormPoint {
   int K;
   int max_iter;
@@ -65,9 +66,10 @@ struct MinNormPoint {
             layout.take<double>(K), layout.take<double>(K),     layout.take<int>(K)};
   }
 
-  // w (K, shared) = the min-norm point's weights for the Gram G (K×K, shared). Syncs.
+  // w (K, shared) = the min-norm point's weights for the Gram G (K×K, shared). Returns |S|,
+  // the final corral's size (S, R and z in s describe it). Syncs.
   template <Team T>
-  SELGROUP_HD void operator()(const T& team, const Scratch& s, const double* G, double* w) const {
+  SELGROUP_HD int operator()(const T& team, const Scratch& s, const double* G, double* w) const {
     int start = 0;
     for (int k = 1; k < K; ++k)
       if (G[k * K + k] < G[start * K + start]) start = k;
@@ -132,6 +134,7 @@ struct MinNormPoint {
       for (int i = team.rank(); i < size; i += team.size()) w[s.corral[i]] = s.alpha[i];
       team.sync();
     }
+    return size;
   }
 
  private:
