@@ -9,6 +9,8 @@
 #include "affinity/group_similarity.h"
 #include "manipulation/aligned_mtl.h"
 #include "manipulation/cagrad.h"
+#include "manipulation/config.h"
+#include "manipulation/fairgrad.h"
 #include "manipulation/graddrop.h"
 #include "manipulation/imtl.h"
 #include "manipulation/mgda.h"
@@ -22,7 +24,9 @@
   X(cagrad_weights, manipulation::CAGradWeights)       \
   X(imtl_weights, manipulation::IMTLWeights)           \
   X(aligned_mtl_weights, manipulation::AlignedMTLWeights) \
-  X(nash_mtl_weights, manipulation::NashMTLWeights)
+  X(nash_mtl_weights, manipulation::NashMTLWeights)       \
+  X(fairgrad_weights, manipulation::FairGradWeights)     \
+  X(config_weights, manipulation::ConFIGWeights)
 
 // Ops run by one team (one block on CUDA).
 #define SELGROUP_TEAM_OPS(X) SELGROUP_WEIGHTING_OPS(X) X(affinity_propagation, AffinityPropagation)

@@ -222,7 +222,10 @@ void check_weightings(Tally& tally, std::mt19937& generator, const std::vector<i
       }
       tally.check(problem == 2 ? std::isnan(w[0]) : gap <= 1e-10 * std::max(size, 1.0),
                   "aligned_mtl flushed = logged" + suffix);
-      check_solver(tally, "nash_mtl" + suffix, NashMTLWeights<double>{G.data(), alpha.data(), w, K, 50, 1e-16}, w,
+      check_solver(tally, "nash_mtl" + suffix, NashMTLWeights<double>{{G.data(), alpha.data(), w, K, 50, 1e-16, 1.0}}, w,
+                   K, kNoScratch);
+      check_solver(tally, "config" + suffix, ConFIGWeights<double>{G.data(), alpha.data(), w, K}, w, K, kNoScratch);
+      check_solver(tally, "fairgrad" + suffix, FairGradWeights<double>{G.data(), nullptr, w, K, 50, 1e-16, 2.0}, w,
                    K, kNoScratch);
     }
   }
