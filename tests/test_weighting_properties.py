@@ -131,6 +131,28 @@ def nash_mtl_fixed_point(J: np.ndarray, d: np.ndarray, w: np.ndarray | None, opt
     return float(np.abs((J @ J.T @ w) * w - 1).max())
 
 
+def fairgrad_direction(J: np.ndarray, options: dict[str, Any]) -> np.ndarray:
+    return J.T @ reference.fairgrad_weights(J @ J.T, options["alpha"])
+
+
+def fairgrad_fixed_point(J: np.ndarray, d: np.ndarray, w: np.ndarray | None, options: dict[str, Any]) -> float:
+    """(G w)_k w_k^(1/α) = 1 for every k, w > 0 (Ban & Ji 2024, Eq. 4)."""
+    assert w is not None and np.all(w > 0)
+    return float(np.abs((J @ J.T @ w) * w ** (1 / options["alpha"]) - 1).max())
+
+
+def config_direction(J: np.ndarray, options: dict[str, Any]) -> np.ndarray:
+    return reference.config_direction(J, np.ones(J.shape[0]), options["dtype"])
+
+
+def krum_direction(J: np.ndarray, options: dict[str, Any]) -> np.ndarray:
+    return reference.krum_direction(J, options.get("n_byzantine", 0), options.get("n_selected", 1))
+
+
+def trimmed_mean_direction(J: np.ndarray, options: dict[str, Any]) -> np.ndarray:
+    return reference.trimmed_mean_direction(J, options.get("trim_number", 1))
+
+
 def pcgrad_direction(J: np.ndarray, options: dict[str, Any]) -> np.ndarray:
     orders = projection_orders(J.shape[0], options["device"], seeded_generator(options["device"], options["seed"]))
     return reference.pcgrad_update(J, orders.cpu().numpy())
@@ -186,6 +208,8 @@ class Row:
     #: Where the method's answer is ill-conditioned in G, the error G's rounding alone allows (added to every
     #: tolerance that compares directions: exact, permutation, TorchJD).
     conditioning: Conditioning | None = None
+    #: The least K the method is defined for (robust aggregators: Krum K ≥ f + 3, the trimmed mean K ≥ 2t + 1).
+    min_tasks: int = 1
 
 
 ROWS: dict[str, Row] = {
@@ -269,6 +293,50 @@ ROWS: dict[str, Row] = {
             scaling=Claim(families=frozenset(NON_STATIONARY)),
             scale_exponent=0.0,  # α(s² G) = α(G)/s
         ),
+        Row(
+            "fairgrad",
+            {"alpha": 2.0, "max_norm": 0.0},
+            reference=fairgrad_direction,
+            # G w = w^(−1/α) has a solution iff no w ≥ 0, w ≠ 0 has wᵀJ = 0 (as Nash-MTL's, its α = 1 case).
+            exact=Claim(families=frozenset(NON_STATIONARY)),
+            optimality=fairgrad_fixed_point,
+            optimal=Claim(families=frozenset(NON_STATIONARY)),
+            non_conflicting=Claim(families=frozenset(NON_STATIONARY)),  # J d = w^(−1/α) > 0
+            permutation_invariant=Claim(families=frozenset(NON_STATIONARY)),
+            scaling=Claim(families=frozenset(NON_STATIONARY)),
+            scale_exponent=-1 / 3,  # w(s² G) = s^(−2α/(1+α)) w(G): d(s J) = s^((1−α)/(1+α)) d(J), α = 2
+            # TorchJD's least_squares stops at scipy's default tolerances (1e-8), and 1e-2 off at the norm ratio 10⁴.
+            torchjd=lambda K: torchjd_aggregation().FairGrad(alpha=2.0),
+            torchjd_equal=Claim(families=frozenset({"typical", "non_weak_stationary", "duplicate_rows"}), tolerance=1e-6),
+        ),
+        Row(
+            "config",
+            reference=config_direction,
+            optimality=imtl_equal_projections,  # U b = p where U has full row rank: equal unit projections
+            optimal=Claim(families=frozenset({"typical", "norm_ratio"})),
+            non_conflicting=Claim(families=frozenset({"typical", "norm_ratio"})),  # ConFIG's conflict-free claim
+            torchjd=lambda K: torchjd_aggregation().ConFIG(),
+            torchjd_equal=Claim(families=frozenset({"typical", "norm_ratio", "zero_row", "all_zero"})),
+        ),
+        Row(
+            "krum",
+            reference=krum_direction,
+            # Duplicate rows (and the symmetric stationary families) tie scores: the choice among equals is the
+            # tie-break's, not the rule's.
+            exact=Claim(families=frozenset({"typical", "norm_ratio", "non_weak_stationary", "zero_row"})),
+            permutation_invariant=Claim(families=frozenset({"typical", "norm_ratio", "non_weak_stationary"})),
+            scaling=Claim(families=frozenset({"typical", "norm_ratio", "non_weak_stationary"})),
+            torchjd=lambda K: torchjd_aggregation().Krum(n_byzantine=0),
+            torchjd_equal=Claim(families=frozenset({"typical", "norm_ratio", "non_weak_stationary"})),
+            min_tasks=3,
+        ),
+        Row(
+            "trimmed_mean",
+            reference=trimmed_mean_direction,
+            torchjd=lambda K: torchjd_aggregation().TrimmedMean(trim_number=1),
+            torchjd_equal=Claim(),
+            min_tasks=3,
+        ),
     ]
 }
 assert sorted(ROWS) == sorted(available("gradient")), "every gradient method needs its row"
@@ -312,7 +380,7 @@ def parameters(prop: str) -> list:
         marks = [pytest.mark.slow] if case in SLOW_CASES else []
         for row in ROWS.values():
             claim = getattr(row, prop)
-            if claim is None or not claim.covers(case):
+            if claim is None or not claim.covers(case) or case.tasks < row.min_tasks:
                 continue
             if (prop == "exact" and row.reference is None) or (prop == "optimal" and row.optimality is None):
                 continue
@@ -352,6 +420,7 @@ def as_input(case: Case, device: str, dtype: torch.dtype) -> tuple[torch.Tensor,
         pytest.param(name, case, marks=[pytest.mark.slow] if case in SLOW_CASES else [], id=f"{name}-{case.id}")
         for case in DEFAULT_CASES + SLOW_CASES
         for name in ROWS
+        if case.tasks >= ROWS[name].min_tasks
     ],
 )
 def test_finite(name, case, device, dtype, request):
@@ -363,7 +432,7 @@ def test_finite(name, case, device, dtype, request):
         assert not d.any()
 
 
-@pytest.mark.parametrize("name", sorted(ROWS))
+@pytest.mark.parametrize("name", sorted(name for name, row in ROWS.items() if row.min_tasks == 1))
 def test_one_task_steps_along_its_own_gradient(name, device, dtype):
     J, J64 = as_input(Case("typical", 1), device, dtype)
     np.testing.assert_allclose(run(name, J)[0], J64[0], rtol=EXACT[dtype], atol=0)

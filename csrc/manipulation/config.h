@@ -9,8 +9,10 @@
 // (eigh.h). The pseudo-inverse drops the eigenvalues of D·G·D at or below
 // K·ε·λ_max (ε the input dtype's epsilon): G's own rounding, below which an
 // eigenvalue is noise. (torch.linalg.pinv on U cuts singular values below
-// max(K, P)·ε·σ_max, which for float32 and large P drops real directions.) b = 0
-// (every gradient zero, or p ⟂ the kept eigenvectors): w = 0.
+// max(K, P)·ε·σ_max, which for float32 and large P drops real directions.) It
+// drops as well p's components along the kept eigenvectors up to K·ε·Σ|p_k|, their
+// rounding: where p is orthogonal to them (e.g. p = 1 and u_1 = −u_2) b is 0, not
+// noise that b̂ would blow up to unit length. b = 0: w = 0.
 #pragma once
 
 #include "eigh.h"
@@ -56,14 +58,18 @@ struct ConFIGWeights {
     const double* eigenvalues = e.diagonal;
     double largest = 0.0;
     for (int i = 0; i < K; ++i) largest = fmax(largest, eigenvalues[i]);
-    const double cutoff = largest * K * input_epsilon<scalar_t>();
+    const double epsilon = input_epsilon<scalar_t>();
+    const double cutoff = largest * K * epsilon;
+    double preference_size = 0.0;  // Σ|p_k|, redundant on every worker
+    for (int k = 0; k < K; ++k) preference_size += fabs(static_cast<double>(preference[k]));
+    const double rounding = K * epsilon * preference_size;
     // v = D·V·Λ⁺·Vᵀ·p.
     double *x = e.p, *y = e.q;
     for (int k = team.rank(); k < K; k += team.size()) x[k] = static_cast<double>(preference[k]);
     team.sync();
     SymmetricEigen::project(team, e, K, x, y);
     for (int i = team.rank(); i < K; i += team.size())
-      y[i] = largest > 0.0 && eigenvalues[i] > cutoff ? y[i] / eigenvalues[i] : 0.0;
+      y[i] = largest > 0.0 && eigenvalues[i] > cutoff && fabs(y[i]) > rounding ? y[i] / eigenvalues[i] : 0.0;
     team.sync();
     SymmetricEigen::expand(team, e, K, y, x);
     for (int k = team.rank(); k < K; k += team.size()) x[k] *= s.inv_norm[k];
