@@ -24,6 +24,7 @@ from selgroup_fast import methods
 
 NAMES = methods.available()
 GRADIENT = ["pcgrad", "cagrad", "mgda", "graddrop", "imtl", "aligned_mtl", "nash_mtl"]
+GRADIENT += ["fairgrad", "config", "krum", "trimmed_mean"]
 LOSS_WEIGHTING = ["uw", "dwa", "dtp", "famo"]
 #: One DDP and one FSDP2 case per family runs in the default suite, with GradDrop under FSDP2 (its
 #: own path: each rank draws for its columns), Nash-MTL's reused weights, one process_group= case,
@@ -42,6 +43,7 @@ DEFAULT_DISTRIBUTED = {
     ("mgda", "fsdp2", "chunked"),
     ("pcgrad", "ddp", "chunked"),
     ("graddrop", "fsdp2", "plain"),
+    ("trimmed_mean", "fsdp2", "plain"),  # the other column-wise aggregator: each rank its own columns
     ("uw", "fsdp2", "plain"),
     ("nash_mtl", "ddp", "reuse"),
     ("nash_mtl", "fsdp2", "reuse"),

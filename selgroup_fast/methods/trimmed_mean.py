@@ -21,7 +21,9 @@ class TrimmedMean(Aggregator):
     Gramian path (``jacobian="gramian"``) refuses it with one error. Each column of the
     direction depends on that column of J only: under FSDP2 every rank combines the columns
     of its shards (:meth:`combine_columns`). Plain torch on the device (one sort along the K
-    rows, one mean; no host synchronisation).
+    rows, one mean; no host synchronisation). A column with a NaN or an infinity gives NaN (the sort would trim
+    it away silently; the library flags non-finite gradients, :mod:`selgroup_fast.methods.nonfinite`), where
+    TorchJD's trims it.
 
     Convention: the heads get ``Σ_k ∇L_k``. Options: ``trim_number=1`` (TorchJD requires it;
     ours the least that trims; ``K ≥ 2t + 1``, i.e. t < K/2, checked at construction). Stateless.
@@ -55,7 +57,9 @@ class TrimmedMean(Aggregator):
         self, jacobian: torch.Tensor, out: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         kept = jacobian.sort(dim=0).values.narrow(0, self.trim_number, self.num_tasks - 2 * self.trim_number)
-        return torch.mean(kept, dim=0, out=out), None
+        # The sort moves NaN to the end, where it is trimmed: a non-finite column gives NaN, flagged, not hidden.
+        direction = torch.where(jacobian.isfinite().all(dim=0), kept.mean(dim=0), torch.nan)
+        return (direction if out is None else out.copy_(direction)), None
 
     def combine_columns(self, jacobian: torch.Tensor, runs: Sequence[tuple[int, int]]) -> torch.Tensor:
         """The direction of some columns of a wider J (``runs``: their (first global column, width) runs, unused:
