@@ -300,8 +300,9 @@ def cagrad_optimum(jacobian: np.ndarray, c: float) -> float:
 def fairgrad_weights(gram: np.ndarray, alpha: float) -> np.ndarray:
     """w > 0 with G·w = w^(−1/α) (Ban & Ji 2024, Eq. 4): damped Newton in float64 on the strictly convex
     ½wᵀGw − Σ w^(1−p)/(1−p) (p = 1/α ≠ 1), whose stationary point that is, from w = diag(G)^(−1/(1+p)) (the answer
-    for orthogonal gradients), steps halved until w stays positive and the objective decreases (Nash-MTL's
-    reference at p = 1). Exists where no w ≥ 0, w ≠ 0 has wᵀJ = 0 (asserted by the residual)."""
+    for orthogonal gradients), steps halved until w stays positive and the objective decreases, or the residual
+    does (near the solution the objective's differences are below its rounding; Nash-MTL's reference at p = 1).
+    Exists where no w ≥ 0, w ≠ 0 has wᵀJ = 0 (asserted by the residual)."""
     gram, p = gram.astype(np.float64), 1.0 / alpha
     weights = gram.diagonal() ** (-1 / (1 + p))
 
@@ -314,7 +315,10 @@ def fairgrad_weights(gram: np.ndarray, alpha: float) -> np.ndarray:
     for _ in range(200):
         step = np.linalg.solve(gram + np.diag(p * weights ** (-p - 1)), weights**-p - gram @ weights)
         length = 1.0
-        while np.any(weights + length * step <= 0) or objective(weights + length * step) > objective(weights):
+        while np.any(weights + length * step <= 0) or (
+            objective(weights + length * step) > objective(weights)
+            and residual(weights + length * step) >= residual(weights)
+        ):
             length /= 2
             if length < 1e-30:
                 break

@@ -559,3 +559,27 @@ def test_a_state_with_other_keys_is_refused():
         build("nash_mtl", model).load_state_dict({"alpha": torch.ones(K)})
     with pytest.raises(ValueError, match=r"state has keys \[\], got \['x'\]"):
         build("gd", model).load_state_dict({"x": 1})
+
+
+@pytest.mark.parametrize(
+    ("name", "num_tasks", "options", "message"),
+    [
+        ("fairgrad", 3, {"alpha": -1.0}, r"^fairgrad_weights: alpha must be finite and >= 0, got -1$"),
+        ("fairgrad", 3, {"alpha": float("inf")}, r"^fairgrad_weights: alpha must be finite and >= 0, got inf$"),
+        ("config", 3, {"pref_vector": [1.0, 2.0]}, r"^pref_vector must hold 3 finite values, got \[1.0, 2.0\]$"),
+        ("krum", 4, {"n_byzantine": 2}, r"^krum needs num_tasks >= n_byzantine \+ 3, got 4 for n_byzantine=2$"),
+        ("krum", 4, {"n_byzantine": -1}, r"^n_byzantine must be an int >= 0, got -1$"),
+        ("krum", 4, {"n_selected": 5}, r"^krum: n_selected must be at most num_tasks=4, got 5$"),
+        ("trimmed_mean", 4, {"trim_number": 2}, r"^trimmed_mean needs num_tasks >= 2 \* trim_number \+ 1, got 4 for "),
+        ("trimmed_mean", 4, {"trim_number": -1}, r"^trim_number must be an int >= 0, got -1$"),
+    ],
+)
+def test_robust_and_fair_methods_refuse_bad_options_at_construction(name, num_tasks, options, message):
+    with pytest.raises(ValueError, match=message):
+        aggregator(name, num_tasks, **options)
+
+
+def test_trimmed_mean_under_the_gramian_path_names_why():
+    model, _ = make_problem()
+    with pytest.raises(ValueError, match="trimmed_mean needs J itself .*; use \"batched\" or \"loop\""):
+        build("trimmed_mean", model, jacobian="gramian")

@@ -167,6 +167,8 @@ def graddrop_direction(J: np.ndarray, options: dict[str, Any]) -> np.ndarray:
 
 
 ALL_FAMILIES: frozenset[str] = frozenset(NON_STATIONARY | STATIONARY)
+#: Families with distinct rows in general position (no two rows equally far from a third by construction).
+UNTIED: frozenset[str] = frozenset({"typical", "norm_ratio", "non_weak_stationary"})
 
 
 @dataclass(frozen=True)
@@ -179,8 +181,10 @@ class Claim:
     #: The float64 error the claim allows where the method's own convention limits it (default: EXACT's).
     tolerance: float | None = None
 
+    min_tasks: int = 1
+
     def covers(self, case: Case) -> bool:
-        return case.family in self.families and case.tasks <= self.max_tasks
+        return case.family in self.families and self.min_tasks <= case.tasks <= self.max_tasks
 
 
 @dataclass(frozen=True)
@@ -305,6 +309,9 @@ ROWS: dict[str, Row] = {
             permutation_invariant=Claim(families=frozenset(NON_STATIONARY)),
             scaling=Claim(families=frozenset(NON_STATIONARY)),
             scale_exponent=-1 / 3,  # w(s² G) = s^(−2α/(1+α)) w(G): d(s J) = s^((1−α)/(1+α)) d(J), α = 2
+            # Where G is singular to its precision (duplicate rows) the op solves (C + δI) β = c β^(−1/α), δ ≤ K·ε
+            # relative (csrc/manipulation/fairgrad.h): d moves by about δ.
+            conditioning=lambda J, expected, eps: J.shape[0] * eps,
             # TorchJD's least_squares stops at scipy's default tolerances (1e-8), and 1e-2 off at the norm ratio 10⁴.
             torchjd=lambda K: torchjd_aggregation().FairGrad(alpha=2.0),
             torchjd_equal=Claim(families=frozenset({"typical", "non_weak_stationary", "duplicate_rows"}), tolerance=1e-6),
@@ -321,13 +328,13 @@ ROWS: dict[str, Row] = {
         Row(
             "krum",
             reference=krum_direction,
-            # Duplicate rows (and the symmetric stationary families) tie scores: the choice among equals is the
-            # tie-break's, not the rule's.
-            exact=Claim(families=frozenset({"typical", "norm_ratio", "non_weak_stationary", "zero_row"})),
-            permutation_invariant=Claim(families=frozenset({"typical", "norm_ratio", "non_weak_stationary"})),
-            scaling=Claim(families=frozenset({"typical", "norm_ratio", "non_weak_stationary"})),
+            # Duplicate rows (and the symmetric stationary families) tie scores, and so does K = 3 (K − f − 2 = 1:
+            # the mutual nearest pair has one score): the choice among equals is the tie-break's, not the rule's.
+            exact=Claim(families=UNTIED, min_tasks=4),
+            permutation_invariant=Claim(families=UNTIED, min_tasks=4),
+            scaling=Claim(families=UNTIED, min_tasks=4),
             torchjd=lambda K: torchjd_aggregation().Krum(n_byzantine=0),
-            torchjd_equal=Claim(families=frozenset({"typical", "norm_ratio", "non_weak_stationary"})),
+            torchjd_equal=Claim(families=UNTIED, min_tasks=4),
             min_tasks=3,
         ),
         Row(
