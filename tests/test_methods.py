@@ -581,5 +581,5 @@ def test_robust_and_fair_methods_refuse_bad_options_at_construction(name, num_ta
 
 def test_trimmed_mean_under_the_gramian_path_names_why():
     model, _ = make_problem()
-    with pytest.raises(ValueError, match="trimmed_mean needs J itself .*; use \"batched\" or \"loop\""):
+    with pytest.raises(ValueError, match='trimmed_mean needs J itself .*; use "batched" or "loop"'):
         build("trimmed_mean", model, jacobian="gramian")

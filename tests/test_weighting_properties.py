@@ -312,9 +312,11 @@ ROWS: dict[str, Row] = {
             # Where G is singular to its precision (duplicate rows) the op solves (C + δI) β = c β^(−1/α), δ ≤ K·ε
             # relative (csrc/manipulation/fairgrad.h): d moves by about δ.
             conditioning=lambda J, expected, eps: J.shape[0] * eps,
-            # TorchJD's least_squares stops at scipy's default tolerances (1e-8), and 1e-2 off at the norm ratio 10⁴.
+            # TorchJD's least_squares stops at scipy's default tolerances: 0.6–0.95 relative off at norm ratios 10³–10⁴.
             torchjd=lambda K: torchjd_aggregation().FairGrad(alpha=2.0),
-            torchjd_equal=Claim(families=frozenset({"typical", "non_weak_stationary", "duplicate_rows"}), tolerance=1e-6),
+            torchjd_equal=Claim(
+                families=frozenset({"typical", "non_weak_stationary", "duplicate_rows"}), tolerance=1e-6
+            ),
         ),
         Row(
             "config",
