@@ -15,6 +15,7 @@
 #include "manipulation/imtl.h"
 #include "manipulation/mgda.h"
 #include "manipulation/nash_mtl.h"
+#include "manipulation/pcd.h"
 #include "manipulation/pcgrad.h"
 
 // The weighting methods: one team maps the K×K Gram matrix to K weights.
@@ -26,7 +27,8 @@
   X(aligned_mtl_weights, manipulation::AlignedMTLWeights) \
   X(nash_mtl_weights, manipulation::NashMTLWeights)       \
   X(fairgrad_weights, manipulation::FairGradWeights)     \
-  X(config_weights, manipulation::ConFIGWeights)
+  X(config_weights, manipulation::ConFIGWeights)         \
+  X(pcd_weights, manipulation::PCDWeights)
 
 // Ops run by one team (one block on CUDA).
 #define SELGROUP_TEAM_OPS(X) SELGROUP_WEIGHTING_OPS(X) X(affinity_propagation, AffinityPropagation)

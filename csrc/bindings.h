@@ -232,6 +232,18 @@ at::Tensor config_weights(const at::Tensor& gram, const at::Tensor& preference_i
   });
 }
 
+template <typename Backend>
+at::Tensor pcd_weights(const at::Tensor& gram, const at::Tensor& scales_in, const at::Tensor& taus_in) {
+  const int K = check_gram(gram);
+  check_task_vector(scales_in, gram, K, "scales", "gram");
+  check_task_vector(taus_in, gram, K - 1, "taus", "gram");
+  const at::Tensor scales = scales_in.contiguous(), taus = taus_in.contiguous();
+  return solve_weights<Backend>(gram, "pcd_weights", [&](const auto* g, auto* w) {
+    using T = pointee_t<decltype(w)>;
+    return PCDWeights<T>{g, scales.const_data_ptr<T>(), taus.const_data_ptr<T>(), w, K};
+  });
+}
+
 // GradDrop: K×P task gradients -> the update d[P].
 template <typename Backend>
 at::Tensor graddrop(const at::Tensor& jacobian_in, const at::Tensor& leak_in, int64_t seed, int64_t offset,

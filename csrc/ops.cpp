@@ -46,6 +46,7 @@ TORCH_LIBRARY(selgroup_fast, m) {
   m.def("nash_mtl_weights(Tensor gram, Tensor alpha_init, int max_iter=50, float tol=1e-16) -> Tensor");
   m.def("fairgrad_weights(Tensor gram, float alpha=1.0, int max_iter=50, float tol=1e-16) -> Tensor");
   m.def("config_weights(Tensor gram, Tensor preference) -> Tensor");
+  m.def("pcd_weights(Tensor gram, Tensor scales, Tensor taus) -> Tensor");
   // GradDrop: K×P task gradients -> the update d[P], one fused pass; column_offset: the global
   // index of J's first column (the draws of a column slice, e.g. an FSDP2 shard).
   m.def("graddrop(Tensor jacobian, Tensor leak, int seed, int offset, int column_offset=0) -> Tensor");

@@ -155,6 +155,7 @@ __all__ += [
     "nash_mtl_weights",
     "fairgrad_weights",
     "config_weights",
+    "pcd_weights",
     "graddrop",
 ]
 
@@ -308,6 +309,20 @@ def config_weights(gram: torch.Tensor, preference: torch.Tensor) -> torch.Tensor
     return torch.ops.selgroup_fast.config_weights(gram, preference)
 
 
+def pcd_weights(gram: torch.Tensor, scales: torch.Tensor, taus: torch.Tensor) -> torch.Tensor:
+    """PCD, Priority-Constrained Descent (TMLR 2026): task 0 primary, the others guaranteed a fraction of progress.
+
+    With ``g̃_k = s_k·g_k`` (``scales`` s, K values), ``d̃ = argmin ½‖d − g̃_0‖²`` subject to
+    ``g̃_jᵀd ≥ τ_j‖g̃_j‖²`` (``taus``: K − 1 values), solved exactly from G by the dual active-set
+    method of Goldfarb & Idnani; infeasible constraints are dropped (``d̃ = g̃_0``). Returns w with
+    ``wᵀ·J = d̃·‖g_0‖/‖d̃‖``; zero where ``g_0 = 0`` or d̃ is zero up to rounding.
+
+    >>> pcd_weights(torch.tensor([[1.0, -0.5], [-0.5, 1.0]]), torch.ones(2), torch.tensor([0.0]))
+    tensor([1.1547, 0.5774])
+    """
+    return torch.ops.selgroup_fast.pcd_weights(gram, scales, taus)
+
+
 def graddrop(
     jacobian: torch.Tensor, leak: torch.Tensor, seed: int, offset: int, column_offset: int = 0
 ) -> torch.Tensor:
@@ -363,6 +378,13 @@ def _pcgrad_weights_fake(gram: torch.Tensor, order: torch.Tensor) -> torch.Tenso
 def _config_weights_fake(gram: torch.Tensor, preference: torch.Tensor) -> torch.Tensor:
     torch._check(preference.shape == gram.shape[:1], lambda: f"preference must have shape [K], got {preference.shape}")
     torch._check(preference.dtype == gram.dtype, lambda: f"preference is {preference.dtype}, gram {gram.dtype}")
+    return _check_gram(gram)
+
+
+@torch.library.register_fake("selgroup_fast::pcd_weights")
+def _pcd_weights_fake(gram: torch.Tensor, scales: torch.Tensor, taus: torch.Tensor) -> torch.Tensor:
+    torch._check(scales.shape == gram.shape[:1], lambda: f"scales must have shape [K], got {scales.shape}")
+    torch._check(taus.shape[0] == gram.shape[0] - 1, lambda: f"taus must have shape [K - 1], got {taus.shape}")
     return _check_gram(gram)
 
 

@@ -363,3 +363,36 @@ def trimmed_mean_direction(jacobian: np.ndarray, trim_number: int) -> np.ndarray
     and the trim_number smallest are removed."""
     K = jacobian.shape[0]
     return np.sort(jacobian, axis=0)[trim_number : K - trim_number].mean(axis=0)
+
+
+def pcd_direction(jacobian: np.ndarray, tau: float, eps: float) -> np.ndarray:
+    """PCD (TMLR 2026) at its first call (the debiased EMA of ‖g_k‖² is ‖g_k‖² itself), from its definition on J:
+    g̃_k = g_k/sqrt(‖g_k‖² + eps); d̃ = argmin ½‖d − g̃_0‖² s.t. g̃_jᵀd ≥ τ‖g̃_j‖² by Clarabel on the primal
+    (infeasible: d̃ = g̃_0), polished on the constraints Clarabel leaves active (their KKT system
+    G̃_AA μ = b_A, kept when μ ≥ 0 and every constraint holds); d = d̃·‖g_0‖/‖d̃‖, 0 for g_0 = 0."""
+    import cvxpy as cp
+
+    K = jacobian.shape[0]
+    squared = (jacobian**2).sum(axis=1)
+    if squared[0] == 0:
+        return np.zeros(jacobian.shape[1])
+    units = jacobian / np.sqrt(squared + eps)[:, None]
+    primary, secondary = units[0], units[1:]
+    bounds = tau * (secondary**2).sum(axis=1)
+    best = primary
+    if K > 1 and np.any(secondary @ primary < bounds):
+        d = cp.Variable(jacobian.shape[1])
+        problem = cp.Problem(cp.Minimize(cp.sum_squares(d - primary)), [secondary @ d >= bounds])
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Solution may be inaccurate")
+            problem.solve(solver=cp.CLARABEL, tol_gap_abs=1e-12, tol_gap_rel=1e-12, tol_feas=1e-12, max_iter=500)
+        if problem.status in ("optimal", "optimal_inaccurate"):
+            best = np.asarray(d.value, dtype=np.float64)
+            active = secondary @ best - bounds <= 1e-6 * max(1.0, float(np.abs(bounds).max()))
+            gram = secondary[active] @ secondary[active].T
+            mu = np.linalg.lstsq(gram, bounds[active] - secondary[active] @ primary, rcond=None)[0]
+            polished = primary + secondary[active].T @ mu
+            if np.all(mu >= 0) and np.all(secondary @ polished - bounds >= -1e-12 * max(1.0, bounds.max())):
+                best = polished
+    size = float(np.linalg.norm(best))
+    return best * np.sqrt(squared[0]) / size if size > 0 else best

@@ -24,7 +24,7 @@ from selgroup_fast import methods
 
 NAMES = methods.available()
 GRADIENT = ["pcgrad", "cagrad", "mgda", "graddrop", "imtl", "aligned_mtl", "nash_mtl"]
-GRADIENT += ["fairgrad", "config", "krum", "trimmed_mean"]
+GRADIENT += ["fairgrad", "config", "krum", "trimmed_mean", "pcd"]
 LOSS_WEIGHTING = ["uw", "dwa", "dtp", "famo"]
 #: One DDP and one FSDP2 case per family runs in the default suite, with GradDrop under FSDP2 (its
 #: own path: each rank draws for its columns), Nash-MTL's reused weights, one process_group= case,

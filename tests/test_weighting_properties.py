@@ -153,6 +153,10 @@ def trimmed_mean_direction(J: np.ndarray, options: dict[str, Any]) -> np.ndarray
     return reference.trimmed_mean_direction(J, options.get("trim_number", 1))
 
 
+def pcd_direction(J: np.ndarray, options: dict[str, Any]) -> np.ndarray:
+    return reference.pcd_direction(J, options["tau"], options["eps"])
+
+
 def pcgrad_direction(J: np.ndarray, options: dict[str, Any]) -> np.ndarray:
     orders = projection_orders(J.shape[0], options["device"], seeded_generator(options["device"], options["seed"]))
     return reference.pcgrad_update(J, orders.cpu().numpy())
@@ -345,6 +349,17 @@ ROWS: dict[str, Row] = {
             torchjd=lambda K: torchjd_aggregation().TrimmedMean(trim_number=1),
             torchjd_equal=Claim(),
             min_tasks=3,
+        ),
+        Row(
+            "pcd",
+            # eps = 0: the normalisation exactly scale-free (eps = 1e-8 is 1% of a squared norm of 1e-6).
+            {"tau": 0.3, "eps": 0.0},
+            reference=pcd_direction,
+            exact=Claim(families=frozenset(NON_STATIONARY)),
+            permutation_invariant=None,  # task 0 is the primary one
+            scaling=Claim(families=frozenset(NON_STATIONARY)),
+            torchjd=lambda K: torchjd_aggregation().PCD(tau=0.3, eps=0.0),
+            torchjd_equal=Claim(),
         ),
     ]
 }

@@ -47,6 +47,7 @@ _REGISTRY: dict[str, tuple[str, str]] = {
     "config": ("gradient", "selgroup_fast.methods.config:ConFIG"),
     "krum": ("gradient", "selgroup_fast.methods.krum:Krum"),
     "trimmed_mean": ("gradient", "selgroup_fast.methods.trimmed_mean:TrimmedMean"),
+    "pcd": ("gradient", "selgroup_fast.methods.pcd:PCD"),
     "uw": ("loss", "selgroup_fast.methods.uw:UW"),
     "dwa": ("loss", "selgroup_fast.methods.dwa:DWA"),
     "dtp": ("loss", "selgroup_fast.methods.dtp:DTP"),
