@@ -572,6 +572,10 @@ def test_a_state_with_other_keys_is_refused():
         ("krum", 4, {"n_selected": 5}, r"^krum: n_selected must be at most num_tasks=4, got 5$"),
         ("trimmed_mean", 4, {"trim_number": 2}, r"^trimmed_mean needs num_tasks >= 2 \* trim_number \+ 1, got 4 for "),
         ("trimmed_mean", 4, {"trim_number": -1}, r"^trim_number must be an int >= 0, got -1$"),
+        ("pcd", 3, {"tau": 1.5}, r"^tau must be in \[0, 1\], a float or 2 values, got 1.5$"),
+        ("pcd", 3, {"tau": [0.1]}, r"^tau must be in \[0, 1\], a float or 2 values, got \[0.1\]$"),
+        ("pcd", 3, {"beta": 1.0}, r"^beta must be in \[0, 1\), got 1.0$"),
+        ("pcd", 3, {"eps": -1.0}, r"^eps must be >= 0, got -1.0$"),
     ],
 )
 def test_robust_and_fair_methods_refuse_bad_options_at_construction(name, num_tasks, options, message):
@@ -583,3 +587,22 @@ def test_trimmed_mean_under_the_gramian_path_names_why():
     model, _ = make_problem()
     with pytest.raises(ValueError, match='trimmed_mean needs J itself .*; use "batched" or "loop"'):
         build("trimmed_mean", model, jacobian="gramian")
+
+
+def test_pcd_follows_torchjd_over_calls_through_a_nan_and_a_resume():
+    """PCD's EMA of the squared norms across calls, a non-finite call that leaves it unchanged, and its state_dict."""
+    torchjd = pytest.importorskip("torchjd.aggregation", reason="the torchjd test extra is not installed")
+    theirs = torchjd.PCD(tau=0.2, beta=0.9)
+    ours = aggregator("pcd", 4, dtype=torch.float64, tau=0.2, beta=0.9)
+    generator = torch.Generator().manual_seed(3)
+    for call in range(6):
+        J = torch.randn(4, 9, generator=generator, dtype=torch.float64) * torch.tensor([[1.0], [3.0], [0.1], [2.0]])
+        if call == 3:
+            J[2, 0] = float("nan")
+            assert torch.isnan(ours(J)).all() and torch.isnan(theirs(J)).all()
+            continue
+        if call == 4:
+            resumed = aggregator("pcd", 4, dtype=torch.float64, tau=0.2, beta=0.9)
+            resumed.load_state_dict(ours.state_dict())
+            ours = resumed
+        torch.testing.assert_close(ours(J), theirs(J), rtol=1e-10, atol=1e-12)

@@ -22,7 +22,7 @@ import torch
 
 from selgroup_fast import ops
 
-WEIGHT_OPS = ["pcgrad", "mgda", "cagrad", "imtl", "aligned_mtl", "nash_mtl", "fairgrad", "config"]
+WEIGHT_OPS = ["pcgrad", "mgda", "cagrad", "imtl", "aligned_mtl", "nash_mtl", "fairgrad", "config", "pcd"]
 # Random problems of the agreement tests: K tasks, several seeds each.
 TASK_COUNTS = [2, 3, 5, 8, 16]
 SEEDS = [0, 1, 2]
@@ -54,6 +54,9 @@ def _weights(name: str, gram: torch.Tensor, seed: int = 0) -> torch.Tensor:
         return ops.nash_mtl_weights(gram, torch.ones(K, dtype=gram.dtype, device=gram.device))
     if name == "config":
         return ops.config_weights(gram, torch.ones(K, dtype=gram.dtype, device=gram.device))
+    if name == "pcd":  # unit scales, τ = 0.3 (the EMA's scales are the method's)
+        ones = torch.ones(K, dtype=gram.dtype, device=gram.device)
+        return ops.pcd_weights(gram, ones, 0.3 * ones[1:])
     return getattr(ops, f"{name}_weights")(gram)
 
 
@@ -499,6 +502,38 @@ def test_config_is_conflict_free_with_equal_unit_projections():
     assert projections.min() > 0 and np.ptp(projections) <= 1e-12 * projections.max()
 
 
+# ---------------------------------------------------------------------------------------------
+# PCD
+
+
+def _pcd_kkt_violation(J: np.ndarray, w: np.ndarray, tau: float) -> float:
+    """The QP's KKT conditions for d̃ = w/w_0 ᵀJ (unit scales): μ = w_j/w_0 ≥ 0, g_jᵀd̃ ≥ τ‖g_j‖², complementary
+    slackness, relative to the largest ‖g_k‖²; and ‖wᵀJ‖ = ‖g_0‖."""
+    mu, best = w[1:] / w[0], (w @ J) / w[0]
+    slack = J[1:] @ best - tau * (J[1:] ** 2).sum(axis=1)
+    scale = (J**2).sum(axis=1).max()
+    rescaled = abs(np.linalg.norm(w @ J) - np.linalg.norm(J[0])) / np.linalg.norm(J[0])
+    return max(float(-mu.min()), float(-slack.min()) / scale, float(np.abs(mu * slack).max()) / scale, rescaled)
+
+
+@pytest.mark.parametrize("K", [2, 7, 32])
+def test_pcd_solves_its_quadratic_program(K, dtype):
+    for seed in SEEDS:
+        J = _random_jacobian(K, seed)
+        w = ops.pcd_weights(_gram(J, dtype), torch.ones(K, dtype=dtype), torch.full((K - 1,), 0.3, dtype=dtype))
+        assert _pcd_kkt_violation(J, w.double().numpy(), 0.3) <= (1e-9 if dtype == torch.float64 else 1e-4)
+
+
+def test_pcd_special_cases():
+    ones = torch.ones(3, dtype=torch.float64)
+    # Two opposite secondary gradients with τ > 0: infeasible, the primary's own gradient.
+    J = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, -1.0, 0.0]])
+    torch.testing.assert_close(ops.pcd_weights(_gram(J), ones, _t([0.5, 0.5])), _t([1.0, 0.0, 0.0]))
+    # A zero primary gradient: no step.
+    J[0] = 0
+    assert not ops.pcd_weights(_gram(J), ones, _t([0.5, 0.5])).any()
+
+
 def test_config_opposite_gradients_give_zero_not_noise():
     # u_1 = −u_2: p = 1 is orthogonal to the kept eigenvector, b = 0 (normalising its rounding would give a unit d).
     J = np.array([[1.0, 2.0, 0.5], [-3.0, -6.0, -1.5]])
@@ -675,6 +710,8 @@ def test_bad_input_is_rejected():
         ops.fairgrad_weights(G, alpha=-1.0)
     with pytest.raises(RuntimeError, match="preference must have shape"):
         ops.config_weights(G, torch.ones(2, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match=r"taus must have shape \[2\]"):
+        ops.pcd_weights(G, torch.ones(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64))
     with pytest.raises(RuntimeError, match="leak must have shape"):
         ops.graddrop(torch.ones(3, 5), torch.zeros(2), 0, 0)
     with pytest.raises(RuntimeError, match="leak is"):
@@ -724,6 +761,10 @@ def _opcheck_cases(device: str, dtype: torch.dtype) -> list:
         (torch.ops.selgroup_fast.nash_mtl_weights.default, (G, torch.ones(K, dtype=dtype, device=device), 50, 1e-16)),
         (torch.ops.selgroup_fast.fairgrad_weights.default, (G, 2.0, 50, 1e-16)),
         (torch.ops.selgroup_fast.config_weights.default, (G, torch.ones(K, dtype=dtype, device=device))),
+        (
+            torch.ops.selgroup_fast.pcd_weights.default,
+            (G, torch.ones(K, dtype=dtype, device=device), torch.full((K - 1,), 0.3, dtype=dtype, device=device)),
+        ),
         (
             torch.ops.selgroup_fast.graddrop.default,
             (torch.randn(K, 64, dtype=dtype, device=device), torch.zeros(K, dtype=dtype, device=device), 3, 4, 100),
@@ -785,6 +826,7 @@ def test_docstring_examples():
         ops.nash_mtl_weights,
         ops.fairgrad_weights,
         ops.config_weights,
+        ops.pcd_weights,
         ops.graddrop,
     ):
         runner = doctest.DocTestRunner(optionflags=doctest.NORMALIZE_WHITESPACE)
