@@ -10,6 +10,7 @@
 #include "manipulation/aligned_mtl.h"
 #include "manipulation/cagrad.h"
 #include "manipulation/config.h"
+#include "manipulation/dual_cone.h"
 #include "manipulation/fairgrad.h"
 #include "manipulation/graddrop.h"
 #include "manipulation/imtl.h"
@@ -19,19 +20,22 @@
 #include "manipulation/pcgrad.h"
 
 // The weighting methods: one team maps the K×K Gram matrix to K weights.
-#define SELGROUP_WEIGHTING_OPS(X)                      \
-  X(pcgrad_weights, manipulation::PCGradWeights)       \
-  X(mgda_weights, manipulation::MGDAWeights)           \
-  X(cagrad_weights, manipulation::CAGradWeights)       \
-  X(imtl_weights, manipulation::IMTLWeights)           \
+#define SELGROUP_WEIGHTING_OPS(X)                         \
+  X(pcgrad_weights, manipulation::PCGradWeights)          \
+  X(mgda_weights, manipulation::MGDAWeights)              \
+  X(cagrad_weights, manipulation::CAGradWeights)          \
+  X(imtl_weights, manipulation::IMTLWeights)              \
   X(aligned_mtl_weights, manipulation::AlignedMTLWeights) \
   X(nash_mtl_weights, manipulation::NashMTLWeights)       \
-  X(fairgrad_weights, manipulation::FairGradWeights)     \
-  X(config_weights, manipulation::ConFIGWeights)         \
+  X(fairgrad_weights, manipulation::FairGradWeights)      \
+  X(config_weights, manipulation::ConFIGWeights)          \
   X(pcd_weights, manipulation::PCDWeights)
 
 // Ops run by one team (one block on CUDA).
-#define SELGROUP_TEAM_OPS(X) SELGROUP_WEIGHTING_OPS(X) X(affinity_propagation, AffinityPropagation)
+#define SELGROUP_TEAM_OPS(X)                                 \
+  SELGROUP_WEIGHTING_OPS(X)                                  \
+  X(dual_cone_projection, manipulation::DualConeProjection) \
+  X(affinity_propagation, AffinityPropagation)
 
 // Ops that are maps over independent indices (a grid on CUDA).
 #define SELGROUP_MAP_OPS(X)                 \

@@ -244,6 +244,36 @@ at::Tensor pcd_weights(const at::Tensor& gram, const at::Tensor& scales_in, cons
   });
 }
 
+// rows[N×K] -> their projections[N×K] (csrc/manipulation/dual_cone.h), all rows in one team.
+template <typename Backend>
+at::Tensor dual_cone_projection(const at::Tensor& gram_in, const at::Tensor& rows_in, double norm_eps,
+                                double reg_eps) {
+  const int K = check_gram(gram_in);
+  check_same_dtype(rows_in, gram_in, "rows", "gram");
+  check_same_device(rows_in, gram_in, "rows", "gram");
+  TORCH_CHECK(rows_in.dim() == 2 && rows_in.size(1) == K, "dual_cone_projection: rows must have shape [N, ", K,
+              "], got ", rows_in.sizes());
+  TORCH_CHECK(rows_in.size(0) <= (1 << 30), "dual_cone_projection: at most 2^30 rows, got ", rows_in.size(0));
+  TORCH_CHECK(std::isfinite(norm_eps) && norm_eps >= 0.0, "dual_cone_projection: norm_eps must be finite and >= 0, got ",
+              norm_eps);
+  TORCH_CHECK(std::isfinite(reg_eps) && reg_eps >= 0.0, "dual_cone_projection: reg_eps must be finite and >= 0, got ",
+              reg_eps);
+  const typename Backend::DeviceScope scope(gram_in);
+  const at::Tensor gram = gram_in.contiguous(), rows = rows_in.contiguous();
+  at::Tensor projections = at::empty_like(rows);
+  const int N = static_cast<int>(rows.size(0));
+  // One scratch slot per worker that runs: the CPU's team is serial; a CUDA block has at most 256 threads
+  // (csrc/cuda/kernels.cu), and the functor runs min(team size, slots) workers whatever the team.
+  const int slots = Backend::kHost ? 1 : std::clamp(N, 1, 256);
+  AT_DISPATCH_FLOATING_TYPES(gram.scalar_type(), "dual_cone_projection", [&] {
+    Backend::solve(DualConeProjection<scalar_t>{gram.const_data_ptr<scalar_t>(), rows.const_data_ptr<scalar_t>(),
+                                                projections.mutable_data_ptr<scalar_t>(), K, N, norm_eps, reg_eps,
+                                                slots},
+                   gram, "dual_cone_projection");
+  });
+  return projections;
+}
+
 // GradDrop: K×P task gradients -> the update d[P].
 template <typename Backend>
 at::Tensor graddrop(const at::Tensor& jacobian_in, const at::Tensor& leak_in, int64_t seed, int64_t offset,

@@ -49,6 +49,9 @@ class Grouping(abc.ABC):
     #: Steps of a lone group per batch: 2 (the official rule: the second forward measures
     #: the first step) or 1 (plain GD).
     lone_group_steps: int = 2
+    #: The first batches, whose partition is not the strategy's choice (the affinity grouping's
+    #: warm-up singletons); co-grouping statistics leave them out.
+    warmup_steps: int = 0
 
     @abc.abstractmethod
     def first_groups(self, num_tasks: int, generator: torch.Generator) -> Partition:

@@ -156,6 +156,7 @@ __all__ += [
     "fairgrad_weights",
     "config_weights",
     "pcd_weights",
+    "dual_cone_projection",
     "graddrop",
 ]
 
@@ -202,16 +203,16 @@ def cagrad_weights(
 ) -> torch.Tensor:
     """CAGrad (Liu et al., "Conflict-Averse Gradient Descent for Multi-task Learning", NeurIPS 2021).
 
-    Solves the authors' dual ``min_{x ∈ simplex} xᵀ·G·b + radius·sqrt(xᵀ·G·x + δ²)``
-    (b = 1/K, radius = c·sqrt(mean(G) + δ²) + δ) by accelerated projected gradient to
-    ‖Δx‖₁ < tol, and returns ``w = (b + λ·x) / s`` with λ = radius / (‖g_x‖ + δ) and
-    s = 1 + c² (rescale=1, the authors' default), 1 + c (rescale=2) or 1 (rescale=0).
-    So ``wᵀ·J`` is the authors' update (the mean gradient plus the conflict-averse
-    correction). Their regulariser δ = 1e-8 is here relative to G's scale,
-    δ = ε_double·max_k ‖g_k‖ (scale-equivariant, negligible against ‖g_x‖); where
-    ‖g_x‖ is below its rounding level, λ = 0 (d = g0). For c ≥ 1, w = 0 (CAGrad's
-    optimum where zero lies in the rows' convex hull) unless that update improves
-    every task above rounding (docs/algorithm.md).
+    Solves the authors' dual ``min_{x ∈ simplex} xᵀ·G·b + r·‖g_x‖`` (b = 1/K,
+    r = c·‖g0‖, g0 = bᵀ·J; without their 1e-8 regularisers) exactly, and returns
+    ``w = (b + λ·x) / s`` with λ = r / ‖g_x‖ and s = 1 + c² (rescale=1, the authors'
+    default), 1 + c (rescale=2) or 1 (rescale=0): ``wᵀ·J`` is the authors' update, the
+    maximiser of min_k g_k·d over the ball ‖d − g0‖ ≤ r. x is Wolfe's min-norm point of
+    the shifted gradients g_k + s·g0 at the s where ‖g_x‖ = r·s, found by a bracketed
+    root-find to ``tol`` relative in s (at most ``max_iter`` steps). Where zero lies in
+    the rows' convex hull and the ball meets {d : J·d ≥ 0} (always for c ≥ 1), the
+    optimum is not unique: w = (b + μ) / s with g0 + μᵀ·J the projection of g0 on that
+    cone (the optimum closest to g0; 0 on strongly stationary rows). docs/algorithm.md.
 
     >>> cagrad_weights(torch.eye(2, dtype=torch.float64), c=0.4)  # (0.5 + 0.4·0.5) / 1.16
     tensor([0.6034, 0.6034], dtype=torch.float64)
@@ -323,6 +324,29 @@ def pcd_weights(gram: torch.Tensor, scales: torch.Tensor, taus: torch.Tensor) ->
     return torch.ops.selgroup_fast.pcd_weights(gram, scales, taus)
 
 
+def dual_cone_projection(
+    gram: torch.Tensor, rows: torch.Tensor, norm_eps: float = 0.0001, reg_eps: float = 0.0001
+) -> torch.Tensor:
+    """The projections onto the dual cone of the task gradients, in weights (Quinton & Rey, "Jacobian Descent
+    for Multi-Objective Optimization", arXiv 2406.16232, Proposition 1).
+
+    For each row u of ``rows`` (N×K), ``v = argmin_v vᵀ·Ĝ·v`` subject to ``v ≥ u``, with
+    ``Ĝ = G / tr(G) + reg_eps·I`` (``G / tr(G)`` taken as 0 when ``tr(G) < norm_eps``), as TorchJD's
+    ``QuadprogProjector(norm_eps, reg_eps)``: then ``Jᵀ·v`` is ``Jᵀ·u`` projected onto
+    ``{d : J·d ≥ 0}`` (for the Gram matrix of ``[J/sqrt(tr G), sqrt(reg_eps)·I]``). All N box-constrained
+    QPs in one call, each solved exactly by an active-set method (Lawson & Hanson's, with block additions;
+    csrc/manipulation/dual_cone.h): on return ``Ĝ·v ≥ 0`` off the bound and ``= 0`` on it, to the rounding of
+    G. With ``reg_eps = 0`` an index whose gradient is a combination of the free ones to rounding (duplicate or
+    zero rows) stays on its bound. Returns N×K, G's dtype and device; all-NaN for a non-finite G.
+
+    >>> g = torch.tensor([[1.0, 0.0], [-1.0, 1.0]])
+    >>> dual_cone_projection(g @ g.T, torch.eye(2), reg_eps=0.0)  # g_0 + g_1/2 ⟂ g_1, g_0 + g_1 ⟂ g_0
+    tensor([[1.0000, 0.5000],
+            [1.0000, 1.0000]])
+    """
+    return torch.ops.selgroup_fast.dual_cone_projection(gram, rows, norm_eps, reg_eps)
+
+
 def graddrop(
     jacobian: torch.Tensor, leak: torch.Tensor, seed: int, offset: int, column_offset: int = 0
 ) -> torch.Tensor:
@@ -386,6 +410,17 @@ def _pcd_weights_fake(gram: torch.Tensor, scales: torch.Tensor, taus: torch.Tens
     torch._check(scales.shape == gram.shape[:1], lambda: f"scales must have shape [K], got {scales.shape}")
     torch._check(taus.shape[0] == gram.shape[0] - 1, lambda: f"taus must have shape [K - 1], got {taus.shape}")
     return _check_gram(gram)
+
+
+@torch.library.register_fake("selgroup_fast::dual_cone_projection")
+def _dual_cone_projection_fake(gram: torch.Tensor, rows: torch.Tensor, *solver_options: object) -> torch.Tensor:
+    _check_gram(gram)
+    torch._check(
+        rows.dim() == 2 and rows.shape[1] == gram.shape[0],
+        lambda: f"dual_cone_projection: rows must have shape [N, {gram.shape[0]}], got {rows.shape}",
+    )
+    torch._check(rows.dtype == gram.dtype, lambda: f"rows is {rows.dtype} but gram is {gram.dtype}")
+    return rows.new_empty(rows.shape)
 
 
 @torch.library.register_fake("selgroup_fast::nash_mtl_weights")

@@ -7,6 +7,7 @@ agreement of DDP ranks; the rules are restated in ``docs/algorithm.md``.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -15,7 +16,7 @@ import torch
 from .affinity import ATTRIBUTIONS, AffinityTracker
 from .grouping import GroupingSpec, check_partition, make_grouping
 from .losses import ClosureOutput
-from .methods.base import MultiTaskMethod, detached
+from .methods.base import MethodReport, MultiTaskMethod, detached, tensor_bytes
 from .methods.nonfinite import DEFAULT_NONFINITE
 from .parallel import Params, RankAgreement, TaskParams, graph_parameters, is_sharded
 
@@ -76,6 +77,7 @@ class SelectiveGroupUpdate(MultiTaskMethod):
     """
 
     name = "selective"
+    backpropagates_task_subsets = True
     accepts_shared_params = True
     accepts_task_params = True
 
@@ -163,9 +165,23 @@ class SelectiveGroupUpdate(MultiTaskMethod):
         return self._tracker
 
     @property
+    def state_bytes(self) -> int:
+        """The memory of the state, in bytes: the K×K affinity (the groups and counters are host values)."""
+        return tensor_bytes(self._tracker.affinity)
+
+    @property
     def batches(self) -> int:
         """How many batches :meth:`step` has run (warm-up included)."""
         return self._batches
+
+    def report(self) -> MethodReport:
+        """The skipped steps, the groups of the next batch (chosen by the strategy once its warm-up is over) and the affinity."""
+        return dataclasses.replace(
+            super().report(),
+            groups=self.groups,
+            groups_chosen=self._batches >= self.grouping.warmup_steps,
+            affinity=self.affinity,
+        )
 
     # ------------------------------------------------------------------ the step
 

@@ -396,3 +396,43 @@ def pcd_direction(jacobian: np.ndarray, tau: float, eps: float) -> np.ndarray:
                 best = polished
     size = float(np.linalg.norm(best))
     return best * np.sqrt(squared[0]) / size if size > 0 else best
+
+
+def db_mtl_first_step(jacobian: np.ndarray, beta: float = 0.9) -> np.ndarray:
+    """DB-MTL's direction at its first step (LibMTL ``DB_MTL.py``) with unit losses: ``m = (1 − β) g``, each ``m_k``
+    rescaled by ``max_j ‖m_j‖ / (‖m_k‖ + 1e-8)`` and summed."""
+    averages = (1.0 - beta) * jacobian / (1.0 + 1e-8)
+    norms = np.linalg.norm(averages, axis=1)
+    return (norms.max() / (norms + 1e-8)) @ averages
+
+
+def moco_first_step(jacobian: np.ndarray, beta: float = 0.5, gamma: float = 0.1, rho: float = 0.0) -> np.ndarray:
+    """MoCo's direction at its first step (LibMTL ``MoCo.py``) with unit losses: ``y = β ĝ`` (``ĝ_k = g_k/(‖g_k‖ +
+    1e-8)``), ``λ = softmax(1/K − γ (y yᵀ + ρ I) 1/K)``, ``d = yᵀ λ``."""
+    tasks = jacobian.shape[0]
+    tracked = beta * jacobian / (np.linalg.norm(jacobian, axis=1, keepdims=True) + 1e-8)
+    start = np.full(tasks, 1.0 / tasks)
+    logits = start - gamma * (tracked @ tracked.T + rho * np.eye(tasks)) @ start
+    weights = np.exp(logits - logits.max())
+    return tracked.T @ (weights / weights.sum())
+
+
+def dual_cone_weights(
+    jacobian: np.ndarray, rows: np.ndarray, norm_eps: float = 1e-4, reg_eps: float = 1e-4
+) -> np.ndarray:
+    """UPGrad's and DualProj's projections onto the dual cone (Quinton & Rey 2024, Proposition 1), in weights:
+    for each row u, v = argmin ‖Aᵀv‖² subject to v ≥ u, A = [J/sqrt(tr G), sqrt(reg_eps)·I] (Aᵀ's Gram is
+    TorchJD's Ĝ = G/tr(G) + reg_eps·I), as a bounded least-squares problem solved by scipy's BVLS (Stark &
+    Parker's active-set method, independent of the kernel's)."""
+    J = jacobian.astype(np.float64)
+    K = J.shape[0]
+    trace = float(np.einsum("kp,kp->", J, J))
+    scaled = np.zeros_like(J) if trace < norm_eps else J / np.sqrt(trace)
+    A = np.hstack([scaled, np.sqrt(reg_eps) * np.eye(K)]).T
+    solutions = []
+    for u in rows.astype(np.float64):
+        result = scipy.optimize.lsq_linear(
+            A, np.zeros(A.shape[0]), bounds=(u, np.full(K, np.inf)), method="bvls", tol=1e-15, lsmr_tol=None
+        )
+        solutions.append(np.maximum(result.x, u))
+    return np.array(solutions)

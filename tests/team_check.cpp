@@ -222,6 +222,13 @@ void check_weightings(Tally& tally, std::mt19937& generator, const std::vector<i
       }
       tally.check(problem == 2 ? std::isnan(w[0]) : gap <= 1e-10 * std::max(size, 1.0),
                   "aligned_mtl flushed = logged" + suffix);
+      // UPGrad's K projections (rows e_k/K), each worker its own rows and scratch slot (slots = 32 ≥ any team).
+      std::vector<double> rows(K * K, 0.0), projections(K * K);
+      for (int k = 0; k < K; ++k) rows[k * K + k] = 1.0 / K;
+      for (const double reg_eps : {1e-4, 0.0})
+        check_solver(tally, "dual_cone reg=" + std::to_string(reg_eps) + suffix,
+                     DualConeProjection<double>{G.data(), rows.data(), projections.data(), K, K, 1e-4, reg_eps, 32},
+                     projections.data(), K * K, kNoScratch);
       check_solver(tally, "nash_mtl" + suffix, NashMTLWeights<double>{{G.data(), alpha.data(), w, K, 50, 1e-16, 1.0}}, w,
                    K, kNoScratch);
       const std::vector<double> taus(K, 0.3);

@@ -203,7 +203,7 @@ def test_a_weighting_that_needs_the_losses_gets_them_from_the_step():
         method.step(closure)
         got = torch.cat([p.grad.reshape(-1) for p in shared])
         torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-14, msg=mode)
-    with pytest.raises(ValueError, match="loss_shares reads losses besides the task gradients"):
+    with pytest.raises(ValueError, match="loss_shares reads the K = 3 task losses: pass losses="):
         LossShares(K, dtype=torch.float64)(torch.eye(K, dtype=torch.float64))
 
 

@@ -23,8 +23,21 @@ GRADIENT_METHODS = available("gradient")
 #: Defined from K = 3 tasks on (Krum: K ≥ f + 3; the trimmed mean: K ≥ 2t + 1), at their default options.
 ROBUST_METHODS = ("krum", "trimmed_mean")
 LOSS_METHODS = available("loss")
+#: The gradient methods whose first step is a fraction of the tracked average, not g itself for one task
+#: (tests/test_tracked_methods.py follows their rules).
+TRACKED = ("db_mtl", "moco")
+
+
+def unit_losses(J: torch.Tensor) -> torch.Tensor:
+    """K losses of 1, for the methods that read them (DB-MTL, MoCo, GradNorm; ``aggregate`` ignores them otherwise)."""
+    return torch.ones(J.shape[0], dtype=J.dtype, device=J.device)
+
+
 # Heads get Σ_k w_k ∇L_k for these (their authors back-propagate the weighted loss), ∇ Σ_k L_k otherwise.
 WEIGHTED_HEADS = {"mgda", "imtl", "nash_mtl"}
+#: STCH's gradient (TorchJD's default preference 1/K) is a convex combination of the task gradients over K: GD's
+#: Σ_k ∇L_k scaled by about 1/K², so the training test gives it a K² times larger learning rate.
+LEARNING_RATE_SCALE = {"stch": K**2}
 
 
 class Closure:
@@ -75,7 +88,7 @@ def shared_grad(model: TinyMultiTask) -> torch.Tensor:
 @pytest.mark.parametrize("name", METHOD_NAMES)
 def test_every_method_decreases_the_loss_of_a_tiny_three_task_model(name, device, dtype):
     model, closure = make_problem(device, dtype)
-    method = build(name, model, lr=0.1)
+    method = build(name, model, lr=0.1 * LEARNING_RATE_SCALE.get(name, 1))
     first = method.step(closure)
     assert first.shape == (K,) and first.dtype == dtype and not first.requires_grad
     for _ in range(20):
@@ -155,11 +168,13 @@ def test_a_step_writes_aggregate_into_the_shared_grads_and_the_own_task_gradient
     seeds = {"graddrop": {"seed": 5}, "pcgrad": {"seed": 5}}.get(name, {})
     method = build(name, model, lr=0.0, jacobian=mode, **seeds)  # lr=0 keeps the parameters, so grads can be compared
     reference_jacobian, reference_heads = jacobian_reference(model, closure)
-    method.step(closure)
-    expected = aggregate(name, reference_jacobian, **seeds)
+    losses = method.step(closure)  # read only by the methods that declare them (DB-MTL, MoCo, GradNorm)
+    expected = aggregate(name, reference_jacobian, losses=losses, **seeds)
     torch.testing.assert_close(shared_grad(model), expected, rtol=1e-9, atol=1e-12)
     gram = reference_jacobian @ reference_jacobian.T
-    if name == "nash_mtl":  # the heads get α unclipped (the authors clip the shared gradient only)
+    if name == "db_mtl":  # LibMTL back-propagates the log losses through the heads
+        weights = 1.0 / (losses + 1e-8)
+    elif name == "nash_mtl":  # the heads get α unclipped (the authors clip the shared gradient only)
         weights = selgroup_fast.ops.nash_mtl_weights(gram, torch.ones(K, dtype=gram.dtype))
     elif name in WEIGHTED_HEADS:
         weights = aggregator(name, K, dtype=gram.dtype).weights(gram)
@@ -322,12 +337,15 @@ def test_aggregate_returns_a_p_vector_on_the_inputs_device_and_dtype(name, devic
     J = torch.randn(4, 9, generator=torch.Generator().manual_seed(7), dtype=torch.float64).to(
         device=device, dtype=dtype
     )
-    d = aggregate(name, J)
+    losses = unit_losses(J)
+    d = aggregate(name, J, losses=losses)
     assert d.shape == (9,) and d.dtype == dtype and d.device.type == device
     assert torch.isfinite(d).all()
     # aggregate takes the options of create (the step-only ones are ignored); fix the seed of the random ones.
     seeded = {"seed": 0} if name in ("pcgrad", "graddrop") else {}
-    torch.testing.assert_close(aggregate(name, J, jacobian="loop", **seeded), aggregate(name, J, **seeded))
+    torch.testing.assert_close(
+        aggregate(name, J, losses=losses, jacobian="loop", **seeded), aggregate(name, J, losses=losses, **seeded)
+    )
 
 
 @pytest.mark.parametrize("name", GRADIENT_METHODS)
@@ -337,24 +355,28 @@ def test_aggregators_say_they_are_not_differentiable(name):
     # results that do not require grad, so a backward raises; the values are those of the detached input.
     J = torch.randn(4, 9, generator=torch.Generator().manual_seed(3), dtype=torch.float64, requires_grad=True)
     seeded = {"seed": 0} if name in ("pcgrad", "graddrop") else {}
-    d = aggregate(name, J, **seeded)
+    losses = unit_losses(J)
+    d = aggregate(name, J, losses=losses, **seeded)
     assert not d.requires_grad and d.grad_fn is None
-    torch.testing.assert_close(d, aggregate(name, J.detach(), **seeded), rtol=0, atol=0)
+    torch.testing.assert_close(d, aggregate(name, J.detach(), losses=losses, **seeded), rtol=0, atol=0)
     with pytest.raises(RuntimeError, match="does not require grad"):
         d.sum().backward()
     method = aggregator(name, 4, dtype=torch.float64, **seeded)
-    direction, head_weights = method.combine(J)
+    if "losses" in method.needs:
+        direction, head_weights = method.combine_losses(J, losses)
+    else:
+        direction, head_weights = method.combine(J)
     assert not direction.requires_grad and (head_weights is None or not head_weights.requires_grad)
     if isinstance(method, selgroup_fast.methods.Weighting):
         gram = (J @ J.T).detach().requires_grad_()
         assert not method.weights(gram).requires_grad
-        assert not any(w is not None and w.requires_grad for w in method.direction_weights(gram))
+        assert not any(w is not None and w.requires_grad for w in method.direction_weights(gram, losses))
 
 
 # --------------------------------------------------------------------------- degenerate and bad input
 
 
-@pytest.mark.parametrize("name", GRADIENT_METHODS)
+@pytest.mark.parametrize("name", [name for name in GRADIENT_METHODS if name not in TRACKED])
 def test_one_task_is_its_own_gradient(name):
     g = t([[1.0, -2.0, 0.5]])
     if name in ROBUST_METHODS:
@@ -364,16 +386,17 @@ def test_one_task_is_its_own_gradient(name):
     expected = g[0]  # the ops give w = [1] for K = 1 (CAGrad included: no conflict to avert)
     if name in ("nash_mtl", "fairgrad"):  # w = 1 (Nash-MTL: α = 1/‖g‖), then clipped to max_norm = 1: the unit vector
         expected = g[0] / g[0].norm()
-    torch.testing.assert_close(aggregate(name, g), expected, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(aggregate(name, g, losses=unit_losses(g)), expected, rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("name", GRADIENT_METHODS)
 def test_zero_gradients_give_a_finite_direction(name):
     zero = torch.zeros(3, 5, dtype=torch.float64)
-    torch.testing.assert_close(aggregate(name, zero), torch.zeros(5, dtype=torch.float64))
+    losses = unit_losses(zero)
+    torch.testing.assert_close(aggregate(name, zero, losses=losses), torch.zeros(5, dtype=torch.float64))
     J = torch.randn(3, 5, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
     J[1] = 0
-    assert torch.isfinite(aggregate(name, J)).all()
+    assert torch.isfinite(aggregate(name, J, losses=losses)).all()
 
 
 @pytest.mark.parametrize("name", GRADIENT_METHODS + LOSS_METHODS)
@@ -544,7 +567,7 @@ def test_gradient_methods_are_gradient_methods():
         assert isinstance(method, GradientMethod) and method.uses_shared_params and method.name == name
 
 
-@pytest.mark.parametrize("name", [name for name in GRADIENT_METHODS if name not in ROBUST_METHODS])
+@pytest.mark.parametrize("name", [name for name in GRADIENT_METHODS if name not in (*ROBUST_METHODS, *TRACKED)])
 def test_a_single_task_steps_along_its_own_gradient(name):
     model, closure = make_problem(num_tasks=1)
     method = build(name, model, lr=0.0, **({"max_norm": 0.0} if name in ("nash_mtl", "fairgrad") else {}))

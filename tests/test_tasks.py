@@ -20,7 +20,7 @@ from selgroup_fast.metrics import make_metric
 from selgroup_fast.models import MultiTaskViT
 from selgroup_fast.tasks import IGNORE_LABEL, PRESETS, TASKS, Task, TaskSpec
 from selgroup_fast.train import TrainConfig, fit
-from selgroup_fast.train.loop import task_specs
+from selgroup_fast.train.build import task_specs
 
 SIZE = 16
 
@@ -144,10 +144,10 @@ def test_the_trainer_takes_each_presets_own_tasks(dataset, tasks, name, channels
 @pytest.mark.parametrize("tasks", [*PRESETS, "pascal:sal,semseg", "semseg,human_parts"])
 def test_a_baselines_single_task_runs_keep_their_presets_heads(tasks) -> None:
     """``selgroup-train baseline`` trains each task alone with the head the multi-task run gives it."""
-    from selgroup_fast.train.loop import _single_task
+    from selgroup_fast.train.build import single_task
 
     for spec in task_specs(TrainConfig(tasks=tasks), None):
-        assert task_specs(TrainConfig(tasks=_single_task(tasks, spec.name)), None) == [spec]
+        assert task_specs(TrainConfig(tasks=single_task(tasks, spec.name)), None) == [spec]
 
 
 def test_label_outside_head() -> None:

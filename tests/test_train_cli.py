@@ -30,6 +30,10 @@ def _error(capsys, tmp_path, *args: str) -> str:
         (["--method", "gd", "--method-option", "decay=1e-4"], "method 'gd' has no option 'decay'"),
         (["--method", "cagrad", "--method-option", "c=-1"], "--method cagrad: "),
         (["--method-option", "decay"], "--method-option"),
+        (
+            ["--method", "stch", "--method-option", "warmup=0", "--method-option", "window=1"],
+            "--method stch: its warm-up (1 steps) is not shorter than the run (--iters 1)",
+        ),
         (["--tasks", "semseg,colour"], "unknown task 'colour'"),
         (["--tasks", "depth,depth"], "named twice"),
         (["--dataset", "imagenet"], "unknown dataset 'imagenet'"),

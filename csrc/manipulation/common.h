@@ -61,13 +61,11 @@ SELGROUP_HD_INLINE constexpr double input_epsilon() {
   return sizeof(scalar_t) == sizeof(float) ? static_cast<double>(FLT_EPSILON) : DBL_EPSILON;
 }
 
-// Loads G (row-major K×K, any float dtype) into `G` as doubles and handles the
-// two cases every solver shares. Returns false when the weights are already
-// written: all-NaN for a non-finite G, [1] for K = 1. `flag` is one workspace slot
-// (the team-wide "G is finite" flag).
+// Loads G (row-major K×K, any float dtype) into `G` as doubles; returns whether every
+// entry is finite (the same answer on every worker). `flag` is one workspace slot (the
+// team-wide "G is finite" flag), free again when it returns.
 template <Team T, typename scalar_t>
-SELGROUP_HD bool load_gram(const T& team, const scalar_t* gram, int K, double* G, double* flag,
-                           scalar_t* weights) {
+SELGROUP_HD bool load_finite_gram(const T& team, const scalar_t* gram, int K, double* G, double* flag) {
   if (team.rank() == 0) *flag = 1.0;
   team.sync();
   for (int i = team.rank(); i < K * K; i += team.size()) {
@@ -79,7 +77,15 @@ SELGROUP_HD bool load_gram(const T& team, const scalar_t* gram, int K, double* G
   team.sync();
   const bool finite = *flag != 0.0;
   team.sync();  // everyone has read the flag before a solver reuses the slot
-  if (!finite) {
+  return finite;
+}
+
+// load_finite_gram, and the two cases every weighting solver shares. Returns false
+// when the weights are already written: all-NaN for a non-finite G, [1] for K = 1.
+template <Team T, typename scalar_t>
+SELGROUP_HD bool load_gram(const T& team, const scalar_t* gram, int K, double* G, double* flag,
+                           scalar_t* weights) {
+  if (!load_finite_gram(team, gram, K, G, flag)) {
     for (int i = team.rank(); i < K; i += team.size()) weights[i] = static_cast<scalar_t>(NAN);
     return false;
   }
@@ -184,6 +190,50 @@ SELGROUP_HD void cholesky_solve(const T& team, const double* L, double* b, int n
     }
   }
   team.sync();
+}
+
+// An active set's Cholesky factor M_S = Rᵀ·R, R upper triangular in the first |S| rows
+// and columns of a row-major array with leading dimension `ld` (Wolfe's corral in
+// mgda.h, the free set in dual_cone.h), kept up to date in O(|S|²) per change:
+//
+// cholesky_append: an index joins S: column `size` of R solves Rᵀ·r = (M_{S_i,new})_i,
+// `column(i)` giving M_{S_i,new}, and its pivot is sqrt(diagonal − rᵀ·r). Returns the
+// squared pivot (M_{S+new} is positive definite, to rounding, iff it is positive).
+template <typename Column>
+SELGROUP_HD_INLINE double cholesky_append(double* R, int ld, int size, Column column, double diagonal) {
+  double squared_norm = 0.0;
+  for (int i = 0; i < size; ++i) {
+    double sum = column(i);
+    for (int k = 0; k < i; ++k) sum -= R[k * ld + i] * R[k * ld + size];
+    const double r = sum / R[i * ld + i];
+    R[i * ld + size] = r;
+    squared_norm += r * r;
+  }
+  const double squared_pivot = diagonal - squared_norm;
+  R[size * ld + size] = sqrt(fmax(squared_pivot, 0.0));
+  return squared_pivot;
+}
+
+// cholesky_delete: S's entry `leaving` goes: its column of R goes, the columns after it
+// shift left, and Givens rotations of rows (j, j + 1) zero the subdiagonal this leaves,
+// applied to z as well (if R_delᵀ·z = b then (Q·R_del)ᵀ·(Q·z) = b; Q·R_del's last row
+// is 0, so z's last entry is dropped).
+SELGROUP_HD_INLINE void cholesky_delete(double* R, int ld, int size, int leaving, double* z) {
+  for (int j = leaving; j + 1 < size; ++j)
+    for (int i = 0; i <= j + 1; ++i) R[i * ld + j] = R[i * ld + j + 1];
+  for (int j = leaving; j + 1 < size; ++j) {
+    const double a = R[j * ld + j], b = R[(j + 1) * ld + j];
+    const double radius = sqrt(a * a + b * b);  // >= b, the old pivot of row j + 1: > 0
+    const double cosine = a / radius, sine = b / radius;
+    for (int k = j; k + 1 < size; ++k) {
+      const double upper = R[j * ld + k], lower = R[(j + 1) * ld + k];
+      R[j * ld + k] = cosine * upper + sine * lower;
+      R[(j + 1) * ld + k] = cosine * lower - sine * upper;
+    }
+    const double upper = z[j], lower = z[j + 1];
+    z[j] = cosine * upper + sine * lower;
+    z[j + 1] = cosine * lower - sine * upper;
+  }
 }
 
 }  // namespace manipulation

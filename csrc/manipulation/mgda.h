@@ -43,55 +43,51 @@
 namespace selgroup {
 namespace manipulation {
 
-template <typename scalar_t>
-struct MGDAWeights {
-  const scalar_t* gram;  // K×K
-  scalar_t* weights;     // K
+// Wolfe's min-norm point of the hull of K points given by their Gram matrix (doubles
+// in the caller's workspace): writes w on the simplex with wᵀ·G·w minimal. MGDA runs it
+// on the task gradients, CAGrad (cagrad.h) on its shifted task gradients.
+struct MinNormPoint {
   int K;
   int max_iter;
   double tol;
 
   struct Scratch {
-    double* flag;   // load_gram's flag, then t's pivot (rank 0 writes it, every worker reads it)
-    double* G;      // K×K
+    double* pivot;  // t's pivot (rank 0 writes it, every worker reads it)
     double* R;      // K×K, the upper triangle of the first |S| rows and columns: M = Rᵀ·R
     double* z;      // R⁻ᵀ·1
     double* y;      // the affine minimiser of S
     double* alpha;  // w on S, in S's order
-    double* w;      // K
     double* Gw;     // K
     int* corral;    // S: task indices
   };
   SELGROUP_HD Scratch carve(WorkspaceLayout& layout) const {
-    return {layout.take<double>(1), layout.take<double>(K * K), layout.take<double>(K * K),
-            layout.take<double>(K),  layout.take<double>(K),     layout.take<double>(K),
-            layout.take<double>(K),  layout.take<double>(K),     layout.take<int>(K)};
+    return {layout.take<double>(1), layout.take<double>(K * K), layout.take<double>(K), layout.take<double>(K),
+            layout.take<double>(K), layout.take<double>(K),     layout.take<int>(K)};
   }
 
+  // w (K, shared) = the min-norm point's weights for the Gram G (K×K, shared). Syncs.
   template <Team T>
-  SELGROUP_HD void operator()(const T& team, const Scratch& s) const {
-    const double* G = s.G;
-    if (!load_gram(team, gram, K, s.G, s.flag, weights)) return;
-
+  SELGROUP_HD void operator()(const T& team, const Scratch& s, const double* G, double* w) const {
     int start = 0;
     for (int k = 1; k < K; ++k)
       if (G[k * K + k] < G[start * K + start]) start = k;
     const double c = G[start * K + start] > 0.0 ? G[start * K + start] : 1.0;
     int size = 1;  // |S|, kept by every worker
+    team.sync();   // everyone has read S, α and w of a previous call
     if (team.rank() == 0) {
       s.corral[0] = start;
       s.alpha[0] = 1.0;
       s.R[0] = sqrt(c + G[start * K + start]);
       s.z[0] = 1.0 / s.R[0];
     }
-    fill(team, s.w, K, 0.0);
+    fill(team, w, K, 0.0);
     team.sync();
-    if (team.rank() == 0) s.w[start] = 1.0;
+    if (team.rank() == 0) w[start] = 1.0;
     team.sync();
 
     double previous = INFINITY;
     for (int step = 0; step < max_iter; ++step) {
-      matvec(team, G, s.w, s.Gw, K);
+      matvec(team, G, w, s.Gw, K);
       double value = 0.0, mass = 0.0;
       for (int i = 0; i < size; ++i) {
         value += s.alpha[i] * s.Gw[s.corral[i]];
@@ -106,9 +102,9 @@ struct MGDAWeights {
       previous = value;
 
       team.sync();  // everyone has read S before rank 0 extends it
-      if (team.rank() == 0) *s.flag = append_column(s, size, t, c);
+      if (team.rank() == 0) *s.pivot = append_column(s, G, size, t, c);
       team.sync();
-      if (!(*s.flag > K * DBL_EPSILON * (c + G[t * K + t]))) break;
+      if (!(*s.pivot > K * DBL_EPSILON * (c + G[t * K + t]))) break;
       ++size;
 
       while (true) {
@@ -131,12 +127,11 @@ struct MGDAWeights {
         --size;
       }
 
-      fill(team, s.w, K, 0.0);
+      fill(team, w, K, 0.0);
       team.sync();
-      for (int i = team.rank(); i < size; i += team.size()) s.w[s.corral[i]] = s.alpha[i];
+      for (int i = team.rank(); i < size; i += team.size()) w[s.corral[i]] = s.alpha[i];
       team.sync();
     }
-    store(team, s.w, K, weights);
   }
 
  private:
@@ -146,24 +141,15 @@ struct MGDAWeights {
     return false;
   }
 
-  // Appends task t to S's factor: column `size` of R solves Rᵀ·r = (c + G[S_i, t])_i,
-  // and its pivot is sqrt(c + G_tt − rᵀ·r); extends z. Returns the squared pivot
-  // (the caller adds t to S only when it is safely positive). Rank 0 only.
-  SELGROUP_HD double append_column(const Scratch& s, int size, int t, double c) const {
-    double* R = s.R;
-    double squared_norm = 0.0, r_dot_z = 0.0;
-    for (int i = 0; i < size; ++i) {
-      double sum = c + s.G[s.corral[i] * K + t];
-      for (int k = 0; k < i; ++k) sum -= R[k * K + i] * R[k * K + size];
-      const double r = sum / R[i * K + i];
-      R[i * K + size] = r;
-      squared_norm += r * r;
-      r_dot_z += r * s.z[i];
-    }
-    const double squared_pivot = c + s.G[t * K + t] - squared_norm;
-    const double pivot = sqrt(fmax(squared_pivot, 0.0));
-    R[size * K + size] = pivot;
-    s.z[size] = (1.0 - r_dot_z) / pivot;
+  // Appends task t to S's factor (common.h's cholesky_append on M = c·1·1ᵀ + G) and
+  // extends z. Returns the squared pivot (the caller adds t to S only when it is safely
+  // positive). Rank 0 only.
+  SELGROUP_HD double append_column(const Scratch& s, const double* G, int size, int t, double c) const {
+    const double squared_pivot =
+        cholesky_append(s.R, K, size, [&](int i) { return c + G[s.corral[i] * K + t]; }, c + G[t * K + t]);
+    double r_dot_z = 0.0;
+    for (int i = 0; i < size; ++i) r_dot_z += s.R[i * K + size] * s.z[i];
+    s.z[size] = (1.0 - r_dot_z) / s.R[size * K + size];
     s.corral[size] = t;
     s.alpha[size] = 0.0;
     return squared_pivot;
@@ -182,30 +168,41 @@ struct MGDAWeights {
     for (int i = 0; i < size; ++i) s.y[i] /= total;
   }
 
-  // Removes S's entry `leaving`: its column of R goes, the columns after it shift left,
-  // and Givens rotations of rows (j, j + 1) zero the subdiagonal this leaves, applied
-  // to z as well (if R_delᵀ·z = 1 then (Q·R_del)ᵀ·(Q·z) = 1; Q·R_del's last row is 0,
-  // so z's last entry is dropped). Rank 0 only.
+  // Removes S's entry `leaving` (common.h's cholesky_delete, z rotated with R). Rank 0 only.
   SELGROUP_HD void remove_from_corral(const Scratch& s, int size, int leaving) const {
-    double* R = s.R;
     for (int j = leaving; j + 1 < size; ++j) {
-      for (int i = 0; i <= j + 1; ++i) R[i * K + j] = R[i * K + j + 1];
       s.corral[j] = s.corral[j + 1];
       s.alpha[j] = s.alpha[j + 1];
     }
-    for (int j = leaving; j + 1 < size; ++j) {
-      const double a = R[j * K + j], b = R[(j + 1) * K + j];
-      const double radius = sqrt(a * a + b * b);  // >= b, the old pivot of row j + 1: > 0
-      const double cosine = a / radius, sine = b / radius;
-      for (int k = j; k + 1 < size; ++k) {
-        const double upper = R[j * K + k], lower = R[(j + 1) * K + k];
-        R[j * K + k] = cosine * upper + sine * lower;
-        R[(j + 1) * K + k] = cosine * lower - sine * upper;
-      }
-      const double upper = s.z[j], lower = s.z[j + 1];
-      s.z[j] = cosine * upper + sine * lower;
-      s.z[j + 1] = cosine * lower - sine * upper;
-    }
+    cholesky_delete(s.R, K, size, leaving, s.z);
+  }
+};
+
+
+template <typename scalar_t>
+struct MGDAWeights {
+  const scalar_t* gram;  // K×K
+  scalar_t* weights;     // K
+  int K;
+  int max_iter;
+  double tol;
+
+  struct Scratch {
+    double* flag;  // load_gram's
+    double* G;     // K×K
+    double* w;     // K
+    MinNormPoint::Scratch solver;
+  };
+  SELGROUP_HD MinNormPoint solver() const { return {K, max_iter, tol}; }
+  SELGROUP_HD Scratch carve(WorkspaceLayout& layout) const {
+    return {layout.take<double>(1), layout.take<double>(K * K), layout.take<double>(K), solver().carve(layout)};
+  }
+
+  template <Team T>
+  SELGROUP_HD void operator()(const T& team, const Scratch& s) const {
+    if (!load_gram(team, gram, K, s.G, s.flag, weights)) return;
+    solver()(team, s.solver, s.G, s.w);
+    store(team, s.w, K, weights);
   }
 };
 

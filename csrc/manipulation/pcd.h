@@ -15,8 +15,9 @@
 // 1e-9·max diag N; at most 10·K inner steps (rounding cycles).
 // Weights: w = s·[1, μ]·sqrt(N_00/(d̃ᵀd̃)) with d̃ᵀd̃ = [1, μ]ᵀ·N·[1, μ]; zero where
 // g_0 = 0 or d̃ is zero to within 10·ε of its magnitude ((Σ|w̃_k|·‖g̃_k‖)²).
-// Serial: one worker runs the active set (at most K small Cholesky solves of the
-// active block), the team stores; K ≤ a few dozen in practice.
+// Serial: one worker runs the active set, the active block's Cholesky factor kept up
+// to date in O(|A|²) per change (common.h's cholesky_append/cholesky_delete, as
+// mgda.h's corral and dual_cone.h's free set), the team stores; K ≤ a few dozen in practice.
 #pragma once
 
 #include "common.h"
@@ -38,7 +39,7 @@ struct PCDWeights {
   struct Scratch {
     double* flag;
     double* N;       // K×K
-    double* factor;  // K×K: the active block's Cholesky factor
+    double* factor;  // K×K: R with A_SS = Rᵀ·R for the active set S (ld K; common.h's cholesky_append/delete)
     double* mu;      // K (mu[0] = 1: the primary's weight)
     double* r;       // K
     double* active;  // K: indices of the active constraints (as doubles)
@@ -46,28 +47,6 @@ struct PCDWeights {
   SELGROUP_HD Scratch carve(WorkspaceLayout& layout) const {
     return {layout.take<double>(1), layout.take<double>(K * K), layout.take<double>(K * K),
             layout.take<double>(K), layout.take<double>(K),     layout.take<double>(K)};
-  }
-
-  // x = A_SS⁻¹·A_Sp for the index set S (n entries), A = N[1:,1:]; the factor in `factor`.
-  SELGROUP_HD static void solve_active(const double* N, int K, const double* S, int n, int p, double* factor,
-                                       double* x) {
-    auto a = [&](int i, int j) { return N[(i + 1) * K + (j + 1)]; };
-    for (int i = 0; i < n; ++i)
-      for (int j = 0; j <= i; ++j) {
-        double sum = a(static_cast<int>(S[i]), static_cast<int>(S[j]));
-        for (int k = 0; k < j; ++k) sum -= factor[i * n + k] * factor[j * n + k];
-        factor[i * n + j] = i == j ? sqrt(fmax(sum, 1e-300)) : sum / factor[j * n + j];
-      }
-    for (int i = 0; i < n; ++i) {
-      double sum = a(static_cast<int>(S[i]), p);
-      for (int k = 0; k < i; ++k) sum -= factor[i * n + k] * x[k];
-      x[i] = sum / factor[i * n + i];
-    }
-    for (int i = n - 1; i >= 0; --i) {
-      double sum = x[i];
-      for (int k = i + 1; k < n; ++k) sum -= factor[k * n + i] * x[k];
-      x[i] = sum / factor[i * n + i];
-    }
   }
 
   // The multipliers [1, μ] into s.mu (serial).
@@ -103,9 +82,15 @@ struct PCDWeights {
       double slack_p = worst;
       while (steps < 10 * K) {
         ++steps;
-        solve_active(N, K, active, n, p, s.factor, r);
-        double z_squared = a(p, p);
-        for (int i = 0; i < n; ++i) z_squared -= a(p, static_cast<int>(active[i])) * r[i];
+        // Rᵀ·y = A_Sp into R's column n (kept only if p joins), z² = A_pp − yᵀ·y; then r = R⁻¹·y = A_SS⁻¹·A_Sp.
+        double* R = s.factor;
+        const double z_squared =
+            cholesky_append(R, K, n, [&](int i) { return a(static_cast<int>(active[i]), p); }, a(p, p));
+        for (int i = n - 1; i >= 0; --i) {
+          double sum = R[i * K + n];
+          for (int k = i + 1; k < n; ++k) sum -= R[i * K + k] * r[k];
+          r[i] = sum / R[i * K + i];
+        }
         double partial = INFINITY;
         int leaving = -1;
         for (int i = 0; i < n; ++i)
@@ -124,6 +109,7 @@ struct PCDWeights {
           break;
         }
         mu[static_cast<int>(active[leaving])] = 0.0;
+        cholesky_delete(R, K, n, leaving, r);  // r is recomputed: rotated as scratch
         for (int i = leaving; i + 1 < n; ++i) active[i] = active[i + 1];
         --n;
         slack_p = slack(p);

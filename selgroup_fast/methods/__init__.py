@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from ..parallel import TaskParams
-from .base import MultiTaskMethod
+from .base import MethodReport, MultiTaskMethod
 from .gradient import GradientMethod
 from .jacobian import as_parameter_list
 from .nonfinite import NONFINITE_MODES, NonFiniteLoss
@@ -48,10 +48,21 @@ _REGISTRY: dict[str, tuple[str, str]] = {
     "krum": ("gradient", "selgroup_fast.methods.krum:Krum"),
     "trimmed_mean": ("gradient", "selgroup_fast.methods.trimmed_mean:TrimmedMean"),
     "pcd": ("gradient", "selgroup_fast.methods.pcd:PCD"),
+    "db_mtl": ("gradient", "selgroup_fast.methods.db_mtl:DBMTL"),
+    "moco": ("gradient", "selgroup_fast.methods.moco:MoCo"),
+    "gradnorm": ("gradient", "selgroup_fast.methods.gradnorm:GradNorm"),
+    "upgrad": ("gradient", "selgroup_fast.methods.upgrad:UPGrad"),
+    "dualproj": ("gradient", "selgroup_fast.methods.upgrad:DualProj"),
     "uw": ("loss", "selgroup_fast.methods.uw:UW"),
     "dwa": ("loss", "selgroup_fast.methods.dwa:DWA"),
     "dtp": ("loss", "selgroup_fast.methods.dtp:DTP"),
     "famo": ("loss", "selgroup_fast.methods.famo:FAMO"),
+    "stch": ("loss", "selgroup_fast.methods.stch:STCH"),
+    "gls": ("loss", "selgroup_fast.methods.gls:GLS"),
+    "imtl_l": ("loss", "selgroup_fast.methods.imtl_l:IMTLL"),
+    "cosmos": ("loss", "selgroup_fast.methods.cosmos:COSMOS"),
+    "pbi": ("loss", "selgroup_fast.methods.pbi:PBI"),
+    "rlw": ("loss", "selgroup_fast.methods.rlw:RLW"),
 }
 KINDS: tuple[str, ...] = ("plain", "grouping", "gradient", "loss")
 
@@ -86,6 +97,17 @@ def available(kind: str | None = None) -> list[str]:
     for name in names:
         _load(name)
     return names
+
+
+def options(name: str) -> frozenset[str]:
+    """The keyword options ``create(name, ...)`` passes on: the method's own (a gradient method's: its
+    aggregator's and those of :class:`GradientMethod`'s step).
+
+    >>> "generator" in options("selective"), "chunk_size" in options("mgda"), "generator" in options("gd")
+    (True, True, False)
+    """
+    own = frozenset(p.name for p in inspect.signature(_load(name)).parameters.values() if p.kind is p.KEYWORD_ONLY)
+    return own | _STEP_OPTIONS if kind(name) == "gradient" else own
 
 
 def aggregator(
@@ -148,21 +170,23 @@ def create(
     return cls(optimizer, num_tasks, **options)
 
 
-def aggregate(name: str, jacobian: torch.Tensor, /, **options: Any) -> torch.Tensor:
+def aggregate(name: str, jacobian: torch.Tensor, /, losses: torch.Tensor | None = None, **options: Any) -> torch.Tensor:
     """Combines a K×P matrix of task gradients into one P-vector, as method ``name`` does.
 
     ``name`` and ``jacobian`` are positional-only, so that ``options`` can hold every
     option of ``create`` (the training step's, such as ``jacobian=``, are ignored).
+    ``losses``: the K task losses, for the methods that read them (DB-MTL, MoCo: a fresh state's first step).
     """
     jacobian = check_jacobian(jacobian)
     own = {key: value for key, value in options.items() if key not in _STEP_OPTIONS}
-    return aggregator(name, jacobian.shape[0], jacobian.device, jacobian.dtype, **own)(jacobian)
+    return aggregator(name, jacobian.shape[0], jacobian.device, jacobian.dtype, **own)(jacobian, losses)
 
 
 __all__ = [
     "Aggregator",
     "GradientMethod",
     "KINDS",
+    "MethodReport",
     "MultiTaskMethod",
     "NONFINITE_MODES",
     "NonFiniteLoss",
@@ -172,4 +196,5 @@ __all__ = [
     "available",
     "create",
     "kind",
+    "options",
 ]

@@ -1,9 +1,10 @@
-"""The interface every multi-task method shares: ``step(closure)``, profiling, state."""
+"""The interface every multi-task method shares: ``step(closure)``, profiling, state, its report."""
 
 from __future__ import annotations
 
 import abc
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -31,6 +32,15 @@ def _saved(value: Any) -> Any:
     return value.state_dict() if isinstance(value, torch.optim.Optimizer) else value
 
 
+def tensor_bytes(value: Any) -> int:
+    """The bytes of the tensors in ``value``: a tensor, an optimizer's state, or 0 (a number, a generator)."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, torch.optim.Optimizer):
+        return sum(tensor_bytes(item) for state in value.state.values() for item in state.values())
+    return 0
+
+
 class SavedState:
     """``state_dict`` / ``load_state_dict`` over the attributes named in :attr:`saved_state`.
 
@@ -41,6 +51,15 @@ class SavedState:
 
     #: The names of the attributes that make up the state (the keys of ``state_dict()``).
     saved_state: ClassVar[tuple[str, ...]] = ()
+
+    @property
+    def state_bytes(self) -> int:
+        """The memory of the state (the tensors of :attr:`saved_state`, an optimizer's included), in bytes.
+
+        What the method keeps between steps beside the model and its optimizer (DB-MTL's and MoCo's K×P
+        rows, Nash-MTL's K weights, ...); not its per-step buffers (J). ``selgroup-bench`` reports it.
+        """
+        return sum(tensor_bytes(getattr(self, name)) for name in self.saved_state)
 
     def state_dict(self) -> dict[str, Any]:
         """The method's own state (not the model's or the optimizer's)."""
@@ -67,6 +86,33 @@ class SavedState:
                 setattr(self, name, type(current)(value))
 
 
+@dataclass(frozen=True)
+class MethodReport:
+    """What a method says about itself between two steps, for a training loop to log (:meth:`MultiTaskMethod.report`).
+
+    Taking a report never reads the device: its tensors are the method's own (on its device), which
+    the reader converts at its log points only (one host sync there). A field a method has nothing
+    for is ``None``.
+
+    Attributes:
+        skipped_steps: how many optimizer steps ``nonfinite="skip"`` skipped so far (0-d int64).
+        weights: the K task weights the method holds now (a K tensor): a gradient method's (its
+            aggregator's) of its last step; a loss-weighting method's current ones (those of its
+            next step where they are known ahead, as UW's, DWA's, FAMO's; DTP without fed KPIs: its
+            last step's).
+        groups: the partition of the tasks that the next step updates (the selective update).
+        groups_chosen: whether ``groups`` was chosen by the grouping strategy (``False`` during an
+            affinity grouping's warm-up singletons, and for methods without groups).
+        affinity: the tracked K×K inter-task affinity ``A[source, target]``.
+    """
+
+    skipped_steps: torch.Tensor
+    weights: torch.Tensor | None = None
+    groups: list[list[int]] | None = None
+    groups_chosen: bool = False
+    affinity: torch.Tensor | None = None
+
+
 class MultiTaskMethod(SavedState, abc.ABC):
     """One training step over K task losses, with the phases of Table E.1 timed on request.
 
@@ -78,11 +124,15 @@ class MultiTaskMethod(SavedState, abc.ABC):
     device, counted in :attr:`skipped_steps`), ``"raise"`` or ``"propagate"``
     (:mod:`selgroup_fast.methods.nonfinite`). Subclasses start each step with :meth:`_begin_step`,
     check every forward they back-propagate with ``self._nonfinite.check`` and step every
-    optimizer through ``self._nonfinite.step``.
+    optimizer through ``self._nonfinite.step``. :meth:`report` says what the method has to log
+    (by default its skipped steps only: a new method needs nothing more).
     """
 
     #: The registry name of the method (``selgroup_fast.methods.available()``).
     name: str = ""
+    #: Whether a step back-propagates some tasks' losses only (``DistributedDataParallel`` then
+    #: needs ``find_unused_parameters=True``: the other heads get no gradient).
+    backpropagates_task_subsets: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -126,6 +176,14 @@ class MultiTaskMethod(SavedState, abc.ABC):
     def timings(self) -> dict[str, float]:
         """Seconds spent in each phase during the last :meth:`step` (empty unless profiling)."""
         return self._timer.timings
+
+    def report(self) -> MethodReport:
+        """The method's loggable state now (:class:`MethodReport`); cheap and without a host sync.
+
+        The default reports the skipped steps; a method with weights, groups or an affinity
+        overrides it, adding its own fields to this one.
+        """
+        return MethodReport(skipped_steps=self.skipped_steps)
 
     @abc.abstractmethod
     def step(self, closure: Callable[[], ClosureOutput]) -> torch.Tensor:

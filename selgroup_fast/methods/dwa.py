@@ -70,7 +70,16 @@ class DWA(LossWeightingMethod):
         self.window_steps = torch.zeros((), device=self.device, dtype=dtype)  # the steps not skipped
         self.last_means = zeros.clone()  # L̄(t-1)
         self.older_means = zeros.clone()  # L̄(t-2)
-        self.weights = torch.ones(num_tasks, device=self.device, dtype=dtype)
+        self._weights = torch.ones(num_tasks, device=self.device, dtype=dtype)
+
+    @property
+    def weights(self) -> torch.Tensor:
+        """The K loss weights of the next step (1 during the first two windows)."""
+        return self._weights
+
+    @weights.setter
+    def weights(self, weights: torch.Tensor) -> None:  # set by the window rule, a skipped step's restore, a checkpoint
+        self._weights = weights
 
     def _state_kept_on_skip(self) -> list[str]:
         return []  # a skipped step is left out of its window by _after_step

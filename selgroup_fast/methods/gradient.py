@@ -17,6 +17,7 @@ direction (docs/algorithm.md §Representation space across ranks).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Literal, cast
 
@@ -34,7 +35,7 @@ from ..parallel import (
     graph_reaches,
     is_sharded,
 )
-from .base import MultiTaskMethod, detached
+from .base import MethodReport, MultiTaskMethod, detached
 from .jacobian import JacobianMode, SharedParams, TaskJacobian, jacobian_defaults
 from .nonfinite import DEFAULT_NONFINITE, tensor_state
 from .step import (
@@ -54,6 +55,7 @@ from .step import (
     weighted_total,
     weighting_inputs,
 )
+from .tracked import TaskGradientTracker
 from .weighting import Aggregator, CombinesColumns, ReusesWeights, Weighting
 
 Space = Literal["parameters", "representation"]
@@ -162,12 +164,20 @@ class GradientMethod(MultiTaskMethod):
                 "split over ranks: it needs every coordinate of the task gradients on one rank; train it with "
                 'DistributedDataParallel and space="parameters"'
             )
+        if isinstance(aggregator, TaskGradientTracker):  # K×P state over the shared parameters, allocated here once
+            if space != "parameters":
+                raise ValueError(
+                    f'{self.name} keeps a state per task over the shared parameters\' coordinates: space="{space}" '
+                    'does not apply (the features change with every batch); use space="parameters"'
+                )
+            aggregator.allocate(sum(p.numel() for p in shared))
         aggregator.load_state_dict(self._ranks.first_rank(aggregator.state_dict()))  # the same random draws
         #: Under FSDP2: how the parameters are sharded (J's columns on this rank, the reduce-scatter).
         self._shards = FSDP2Shards([*self.shared_params, *self._task_params], process_group) if self._sharded else None
         self._graph_checked = False
         self._compiled = False  # whether a compiled region makes the losses (:meth:`_check_graph`)
         self._restore_aggregator: Callable[[], None] = lambda: None  # this step's aggregator state, if skipped
+        self._last_weights: torch.Tensor | None = None  # the weighting's (or reused) weights of the last step
         # The step, chosen once (docs/architecture.md §The gradient step): a compiled model, seen at the
         # first step's graph, re-composes it once (:meth:`_check_graph`).
         self._inputs = weighting_inputs(aggregator, self._ranks)
@@ -243,6 +253,7 @@ class GradientMethod(MultiTaskMethod):
         reused = None if self._reuses is None else self._reuses.reused_weights()
         if reused is not None:  # one ordinary backward of Σ w_k L_k, the shared gradient clipped (Nash-MTL)
             self._reused_weights_step(losses, reused, cast(ReusesWeights, self._reuses).max_norm)
+            self._last_weights = reused
         else:
             self._check_graph(losses, features)
             with self._timer.phase("backward"):
@@ -250,6 +261,7 @@ class GradientMethod(MultiTaskMethod):
             with self._timer.phase("manipulation"):
                 direction = combine(self.aggregator, gradients, self._inputs(losses))
             self._writer(losses, features, gradients, direction)
+            self._last_weights = direction.weights
         with self._timer.phase("optimizer"):
             self._nonfinite.step(self.optimizer)
         self._restore_aggregator()
@@ -320,6 +332,16 @@ class GradientMethod(MultiTaskMethod):
                 "back a backward compiled with donated buffers, wrong here), but the environment variable "
                 "TORCHINDUCTOR_FX_GRAPH_CACHE forces it on: unset it"
             )
+
+    def report(self) -> MethodReport:
+        """The skipped steps and the aggregator's task weights of the last step (a weighting's; ``None`` for
+        GradDrop, which has none, and before the first step)."""
+        return dataclasses.replace(super().report(), weights=self._last_weights)
+
+    @property
+    def state_bytes(self) -> int:
+        """The aggregator's state (:attr:`Aggregator.state_bytes`): the method's state is the aggregator's."""
+        return self.aggregator.state_bytes
 
     def state_dict(self) -> dict:
         return self.aggregator.state_dict()

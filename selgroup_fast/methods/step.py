@@ -106,7 +106,7 @@ def weighting_inputs(aggregator: Aggregator, ranks: RankAgreement) -> Callable[[
     ``"losses"``: the K detached losses of the global batch (the ranks' mean). The other
     declared inputs (:data:`~.weighting.WEIGHTING_INPUTS`) are not provided yet: refused here.
     """
-    needs = aggregator.needs if isinstance(aggregator, Weighting) else frozenset()
+    needs = aggregator.needs
     missing = sorted(needs - {"losses"})
     if missing:
         raise ValueError(f"{aggregator.name} needs {', '.join(missing)}, which the gradient step does not provide yet")
@@ -129,7 +129,10 @@ def combine(aggregator: Aggregator, gradients: TaskGradients, inputs: dict[str, 
     rows = cast(torch.Tensor, rows)  # only the Gramian (a weighting's) has none
     if gradients.columns is not None:  # split columns: a CombinesColumns (refused at construction otherwise)
         return Direction(cast(CombinesColumns, aggregator).combine_columns(rows, gradients.columns), None, None)
-    vector, head_weights = aggregator.combine(rows, out=out)
+    if inputs:  # the losses, where the aggregator declares them (DB-MTL, MoCo)
+        vector, head_weights = aggregator.combine_losses(rows, inputs["losses"], out=out)
+    else:
+        vector, head_weights = aggregator.combine(rows, out=out)
     return Direction(vector, None, head_weights)
 
 

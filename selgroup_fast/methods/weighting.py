@@ -49,7 +49,11 @@ def validated_op_options(op: Callable[..., torch.Tensor], *args: torch.Tensor, *
 
 
 # The methods of an aggregator that compute a result (see Aggregator.__init_subclass__).
-_RESULT_METHODS = ("combine", "combine_columns", "weights", "weights_with", "direction_weights")
+_RESULT_METHODS = ("combine", "combine_losses", "combine_columns", "weights", "weights_with", "direction_weights")
+
+#: What an aggregator may read besides J or G (:attr:`Aggregator.needs`): the K task losses (loss-aware methods),
+#: a cross-batch Gram matrix (two batches: MoDo, SDMGrad), per-block Gram matrices (per layer: GradVac).
+WEIGHTING_INPUTS: tuple[str, ...] = ("losses", "cross_gram", "block_grams")
 
 
 class Aggregator(SavedState, abc.ABC):
@@ -74,6 +78,13 @@ class Aggregator(SavedState, abc.ABC):
         for name in _RESULT_METHODS:
             if name in vars(cls):
                 setattr(cls, name, torch.no_grad()(vars(cls)[name]))
+        unknown = sorted(set(cls.needs) - set(WEIGHTING_INPUTS))
+        if unknown:
+            raise TypeError(f"{cls.__name__}.needs names unknown inputs {unknown}; known: {list(WEIGHTING_INPUTS)}")
+
+    #: The one place an aggregator says what it reads besides J or G (names of :data:`WEIGHTING_INPUTS`); the
+    #: training step provides exactly these (nothing, at no cost, for the others).
+    needs: ClassVar[frozenset[str]] = frozenset()
 
     #: The registry name of the method.
     name: ClassVar[str] = ""
@@ -92,12 +103,23 @@ class Aggregator(SavedState, abc.ABC):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The direction (written into ``out`` when given) and the heads' task weights (``None``: all ones)."""
 
-    def __call__(self, jacobian: torch.Tensor) -> torch.Tensor:
-        """The update direction of a K×N matrix of task gradients."""
+    def combine_losses(
+        self, jacobian: torch.Tensor, losses: torch.Tensor, out: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """:meth:`combine` for an aggregator whose :attr:`needs` names ``"losses"`` (the K detached losses)."""
+        raise NotImplementedError(f"{self.name} does not read the losses")
+
+    def __call__(self, jacobian: torch.Tensor, losses: torch.Tensor | None = None) -> torch.Tensor:
+        """The update direction of a K×N matrix of task gradients (and of the K losses, where :attr:`needs` says)."""
         jacobian = check_jacobian(jacobian)
         if jacobian.shape[0] != self.num_tasks:
             raise ValueError(f"{self.name}: expected {self.num_tasks} rows of task gradients, got {jacobian.shape[0]}")
-        return self.combine(jacobian)[0]
+        if "losses" not in self.needs:
+            return self.combine(jacobian)[0]
+        if losses is None or losses.shape != (self.num_tasks,):
+            shape = None if losses is None else tuple(losses.shape)
+            raise ValueError(f"{self.name} reads the K = {self.num_tasks} task losses: pass losses= (got {shape})")
+        return self.combine_losses(jacobian, losses.detach().to(jacobian))[0]
 
 
 @runtime_checkable
@@ -128,11 +150,6 @@ class CombinesColumns(Protocol):
         """The direction of ``jacobian``'s columns, which are ``runs`` (first global column, width) of the global J."""
 
 
-#: What a weighting may read besides G (:attr:`Weighting.needs`): the K task losses (loss-aware methods),
-#: a cross-batch Gram matrix (two batches: MoDo, SDMGrad), per-block Gram matrices (per layer: GradVac).
-WEIGHTING_INPUTS: tuple[str, ...] = ("losses", "cross_gram", "block_grams")
-
-
 @dataclass(frozen=True)
 class WeightingInputs:
     """What a weighting reads: G always, the rest as its :attr:`Weighting.needs` declares (``None`` otherwise).
@@ -151,16 +168,6 @@ class Weighting(Aggregator):
     the Gramian path of the training step calls :meth:`direction_weights` on a Gram matrix
     accumulated without ``J``.
     """
-
-    #: The one place a weighting says what it reads besides G (names of :data:`WEIGHTING_INPUTS`); the
-    #: training step provides exactly these (nothing, at no cost, for the G-only ones).
-    needs: ClassVar[frozenset[str]] = frozenset()
-
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        unknown = sorted(set(cls.needs) - set(WEIGHTING_INPUTS))
-        if unknown:
-            raise TypeError(f"{cls.__name__}.needs names unknown inputs {unknown}; known: {list(WEIGHTING_INPUTS)}")
 
     @abc.abstractmethod
     def weights(self, gram: torch.Tensor) -> torch.Tensor:
@@ -185,7 +192,17 @@ class Weighting(Aggregator):
                 f"{self.name} reads {', '.join(sorted(self.needs))} besides the task gradients: "
                 "train it with a gradient method's step, or call direction_weights"
             )
-        direction_weights, head_weights = self.direction_weights(gram(jacobian))
+        return self._combine(jacobian, None, out)
+
+    def combine_losses(
+        self, jacobian: torch.Tensor, losses: torch.Tensor, out: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self._combine(jacobian, losses, out)
+
+    def _combine(
+        self, jacobian: torch.Tensor, losses: torch.Tensor | None, out: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        direction_weights, head_weights = self.direction_weights(gram(jacobian), losses)
         direction_weights = direction_weights.to(jacobian.dtype)
         if out is None:
             return direction_weights @ jacobian, head_weights

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import os
 import random
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -118,3 +120,55 @@ def load(path: Path, identity: dict[str, Any]) -> dict[str, Any]:
 def identity_of(config_dict: dict[str, Any], world_size: int) -> dict[str, Any]:
     """The fields of a resolved config that must match between a checkpoint and a resumed run."""
     return {**{name: config_dict[name] for name in IDENTITY_FIELDS}, "world_size": world_size}
+
+
+class Stateful(Protocol):
+    def state_dict(self) -> Any: ...
+
+    def load_state_dict(self, state_dict: Any, /) -> Any: ...
+
+
+class CheckpointSaver:
+    """Writes and restores one run's checkpoint: its parts' states (model, optimizer, schedule, grad
+    scaler, method: by name, ``None`` for a part the run lacks), every RNG state and the run's progress
+    (a dict of plain values: iteration, data position, history, timers).
+
+    ``identity`` (:func:`identity_of`) is saved with it and must match on :meth:`restore`.
+    """
+
+    def __init__(self, path: Path, identity: dict[str, Any], parts: dict[str, Stateful | None]) -> None:
+        self.path, self.identity, self.parts = path, identity, parts
+
+    def save(self, progress: dict[str, Any]) -> None:
+        parts = {name: None if part is None else part.state_dict() for name, part in self.parts.items()}
+        save(
+            self.path,
+            {
+                "identity": self.identity,
+                "world_size": self.identity["world_size"],
+                **progress,
+                **parts,
+                "rng": rng_states(),
+            },
+        )
+
+    def restore(self, source: Path) -> dict[str, Any]:
+        """Loads ``source`` into the parts and the RNGs; returns the checkpoint, whose progress the caller
+        reads inside :func:`fitting` (a value that does not fit is one :class:`CheckpointError` line)."""
+        state = load(source, self.identity)
+        with fitting(source):
+            for name, part in self.parts.items():
+                if part is not None and state[name] is not None:
+                    part.load_state_dict(state[name])
+            set_rng_states(state["rng"])
+        return state
+
+
+@contextmanager
+def fitting(source: Path) -> Iterator[None]:
+    """Turns an error of restoring ``source``'s values into one :class:`CheckpointError` line."""
+    try:
+        yield
+    except (KeyError, RuntimeError, ValueError, TypeError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointError(f"checkpoint {source} does not fit this run ({first_line})") from None

@@ -1,7 +1,8 @@
 """``selgroup-train`` (also ``python -m selgroup_fast.train``): a thin layer over :func:`fit`.
 
 ``selgroup-train [flags]`` trains one multi-task model; ``selgroup-train baseline [flags]``
-trains one single-task model per task and writes ``baseline.json`` for ``--baseline``.
+trains one single-task model per task and writes ``baseline.json`` for ``--baseline``;
+``selgroup-train sweep PLAN [flags]`` runs a plan of such runs and tabulates them (:mod:`.sweep`).
 Bad input is one ``error: ...`` line on stderr and exit status 2; a non-finite loss with
 ``--on-nonfinite stop`` exits with 1 after checkpointing; SIGINT/SIGTERM checkpoint and exit
 with 128 + the signal number.
@@ -53,7 +54,8 @@ def build_parser(baseline: bool = False) -> argparse.ArgumentParser:
         if baseline
         else "Multi-task training with the selective task group update (Jeong & Yoon, ICLR 2025) or a baseline "
         "method. With no arguments: the selective method on the built-in scenes dataset (NYUD tasks) at a "
-        "small CPU size, or the paper's settings on a GPU. 'selgroup-train baseline --help' for Δm's baseline."
+        "small CPU size, or the paper's settings on a GPU. 'selgroup-train baseline --help' for Δm's baseline, "
+        "'selgroup-train sweep --help' for a sweep of runs."
     )
     parser = _Parser(prog=prog, description=description)
     add = parser.add_argument
@@ -159,6 +161,10 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the command line ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["sweep"]:
+        from .sweep.cli import main as sweep_main
+
+        return sweep_main(argv[1:])
     baseline = bool(argv) and argv[0] == "baseline"
     from ..data import DataError
 

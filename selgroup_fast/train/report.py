@@ -12,11 +12,16 @@ import numpy as np
 from ..cli_common import pyplot, text_table
 
 
+def write_text(path: Path, text: str) -> None:
+    """Writes ``text`` atomically: a reader, or a run killed meanwhile, never leaves a half-written file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def write_json(path: Path, record: dict[str, Any]) -> None:
     """Writes ``record`` atomically (a reader never sees a half-written file)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_text(path, json.dumps(record, indent=2) + "\n")
 
 
 def append_jsonl(path: Path, record: dict[str, Any]) -> None:
@@ -47,6 +52,10 @@ class TensorBoardLog:
             self._writer.close()
 
 
+#: The figures of a method with groups and an affinity (:func:`write_plots`).
+PLOTS = ("affinity.png", "cogrouping.png", "groups.png", "affinity_entries.png")
+
+
 def _heat_map(matrix: np.ndarray, names: list[str], title: str, label: str, path: Path, symmetric: bool) -> None:
     plt = pyplot()
     size = 1.2 + 0.55 * len(names)
@@ -68,7 +77,8 @@ def _heat_map(matrix: np.ndarray, names: list[str], title: str, label: str, path
 def write_plots(
     out: Path, names: list[str], history: dict[str, Any], affinity: np.ndarray, cogrouping: np.ndarray
 ) -> list[str]:
-    """The selective method's figures (the paper's Figures 3 and 4c) as PNG files; returns their names."""
+    """The figures of a method with groups and an affinity (the selective update: the paper's Figures 3
+    and 4c) as PNG files; returns their names."""
     plt = pyplot()
     _heat_map(
         affinity, names, "final proximal inter-task affinity A[source, target]", "affinity", out / "affinity.png", True
@@ -101,7 +111,7 @@ def write_plots(
     fig.tight_layout()
     fig.savefig(out / "affinity_entries.png", dpi=120)
     plt.close(fig)
-    return ["affinity.png", "cogrouping.png", "groups.png", "affinity_entries.png"]
+    return list(PLOTS)
 
 
 def chosen_pairs(affinity: np.ndarray, count: int = 8) -> list[tuple[int, int]]:

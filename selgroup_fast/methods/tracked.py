@@ -1,0 +1,89 @@
+"""Gradient methods that keep a state per task over the shared parameters' coordinates (K×P): DB-MTL, MoCo.
+
+Their direction is not a function of this step's J alone: each keeps an exponential moving average of
+the K task gradients (DB-MTL: of the log losses' gradients; MoCo: of the normalised gradients scaled by
+the losses), which it reads with the K losses (:attr:`Aggregator.needs`). The state is a K×P matrix in
+the shared parameters' dtype on their device, allocated once, when the training step is built
+(:class:`~.gradient.GradientMethod`), updated in place, saved in ``state_dict`` (docs/baselines.md
+§Methods with K × P state).
+"""
+
+from __future__ import annotations
+
+import abc
+
+import torch
+
+from .weighting import Aggregator
+
+#: LibMTL's shift inside the norms' and the losses' divisions.
+EPS = 1e-8
+
+
+def check_rate(name: str, value: float, *, upper: float | None = None) -> float:
+    """A step size or EMA rate as a float > 0 (and ≤ ``upper`` where given); else one ``ValueError`` line."""
+    value = float(value)
+    if not value > 0 or (upper is not None and value > upper):
+        bound = f"in (0, {upper:g}]" if upper is not None else "> 0"
+        raise ValueError(f"{name} must be {bound}, got {value!r}")
+    return value
+
+
+def check_decay_exponent(name: str, value: float) -> float:
+    """The exponent σ of a rate decayed as ``rate / t^σ``: a float ≥ 0; else one ``ValueError`` line."""
+    value = float(value)
+    if not value >= 0:
+        raise ValueError(f"{name} must be >= 0, got {value!r}")
+    return value
+
+
+class TaskGradientTracker(Aggregator):
+    """An aggregator with a K×P state over J's columns (:attr:`tracked`) that reads the K losses.
+
+    Subclasses implement :meth:`combine_losses`, starting with :meth:`_next_step` (the step counter ``t``,
+    counted from 1 as LibMTL's, and the state). Not a weighting of G: no Gramian path; J's columns must
+    all be on one rank (no FSDP2) and be the same coordinates at every step (no representation space).
+    """
+
+    needs = frozenset({"losses"})
+
+    def __init__(self, num_tasks: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> None:
+        super().__init__(num_tasks, device, dtype)
+        #: The per-task state, K × P (K × 0 until :meth:`allocate` or the first step).
+        self.tracked = torch.zeros(num_tasks, 0, device=self.device, dtype=dtype)
+        #: The steps taken (``t`` of the decayed rates ``rate / t^σ``; a host int, no device read).
+        self.steps = 0
+
+    def allocate(self, width: int) -> None:
+        """Allocates the K × ``width`` state (zeros) once: the training step calls it when it is built."""
+        if self.tracked.shape[1] not in (0, width):
+            raise ValueError(f"{self.name} tracks {self.tracked.shape[1]} coordinates, the step has {width}")
+        if self.tracked.shape[1] == 0:
+            self.tracked = torch.zeros(self.num_tasks, width, device=self.device, dtype=self.dtype)
+
+    def combine(
+        self, jacobian: torch.Tensor, out: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        raise ValueError(
+            f"{self.name} reads the K task losses besides the task gradients: train it with a gradient method's step, "
+            "or call it with losses="
+        )
+
+    @abc.abstractmethod
+    def combine_losses(
+        self, jacobian: torch.Tensor, losses: torch.Tensor, out: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The direction from J, the K losses and the state (updated), and the heads' weights (``None``: ones)."""
+
+    def _next_step(self, jacobian: torch.Tensor) -> torch.Tensor:
+        """Counts the step and returns the K×P state (allocated here when the aggregator is used alone)."""
+        self.allocate(jacobian.shape[1])
+        self.steps += 1
+        return self.tracked
+
+    def _decayed(self, rate: float, sigma: float) -> float:
+        """LibMTL's decayed rate ``rate / t^σ`` at this step (on the host: ``t`` is an int)."""
+        return rate / self.steps**sigma
+
+
+__all__ = ["EPS", "TaskGradientTracker", "check_decay_exponent", "check_rate"]
