@@ -206,7 +206,41 @@ at::Tensor nash_mtl_weights(const at::Tensor& gram, const at::Tensor& alpha_init
   const at::Tensor alpha_init = alpha_init_in.contiguous();
   return solve_weights<Backend>(gram, "nash_mtl_weights", [&](const auto* g, auto* w) {
     using T = pointee_t<decltype(w)>;
-    return NashMTLWeights<T>{g, alpha_init.const_data_ptr<T>(), w, K, static_cast<int>(max_iter), tol};
+    return NashMTLWeights<T>{{g, alpha_init.const_data_ptr<T>(), w, K, static_cast<int>(max_iter), tol, 1.0}};
+  });
+}
+
+template <typename Backend>
+at::Tensor fairgrad_weights(const at::Tensor& gram, double alpha, int64_t max_iter, double tol) {
+  const int K = check_gram(gram);
+  TORCH_CHECK(alpha >= 0.0 && std::isfinite(alpha), "fairgrad_weights: alpha must be finite and >= 0, got ", alpha);
+  check_iterations(max_iter, tol, "fairgrad_weights");
+  return solve_weights<Backend>(gram, "fairgrad_weights", [&](const auto* g, auto* w) {
+    using T = pointee_t<decltype(w)>;
+    return FairGradWeights<T>{g, nullptr, w, K, static_cast<int>(max_iter), tol, alpha};
+  });
+}
+
+template <typename Backend>
+at::Tensor config_weights(const at::Tensor& gram, const at::Tensor& preference_in) {
+  const int K = check_gram(gram);
+  check_task_vector(preference_in, gram, K, "preference", "gram");
+  const at::Tensor preference = preference_in.contiguous();
+  return solve_weights<Backend>(gram, "config_weights", [&](const auto* g, auto* w) {
+    using T = pointee_t<decltype(w)>;
+    return ConFIGWeights<T>{g, preference.const_data_ptr<T>(), w, K};
+  });
+}
+
+template <typename Backend>
+at::Tensor pcd_weights(const at::Tensor& gram, const at::Tensor& scales_in, const at::Tensor& taus_in) {
+  const int K = check_gram(gram);
+  check_task_vector(scales_in, gram, K, "scales", "gram");
+  check_task_vector(taus_in, gram, K - 1, "taus", "gram");
+  const at::Tensor scales = scales_in.contiguous(), taus = taus_in.contiguous();
+  return solve_weights<Backend>(gram, "pcd_weights", [&](const auto* g, auto* w) {
+    using T = pointee_t<decltype(w)>;
+    return PCDWeights<T>{g, scales.const_data_ptr<T>(), taus.const_data_ptr<T>(), w, K};
   });
 }
 

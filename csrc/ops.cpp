@@ -44,6 +44,9 @@ TORCH_LIBRARY(selgroup_fast, m) {
   m.def("imtl_weights(Tensor gram) -> Tensor");
   m.def("aligned_mtl_weights(Tensor gram) -> Tensor");
   m.def("nash_mtl_weights(Tensor gram, Tensor alpha_init, int max_iter=50, float tol=1e-16) -> Tensor");
+  m.def("fairgrad_weights(Tensor gram, float alpha=1.0, int max_iter=50, float tol=1e-16) -> Tensor");
+  m.def("config_weights(Tensor gram, Tensor preference) -> Tensor");
+  m.def("pcd_weights(Tensor gram, Tensor scales, Tensor taus) -> Tensor");
   // UPGrad, DualProj: each row u of `rows` (N×K) -> v = argmin vᵀ·Ĝ·v s.t. v ≥ u, Ĝ = G/tr(G) + reg_eps·I
   // (csrc/manipulation/dual_cone.h); Jᵀ·v is Jᵀ·u projected onto the dual cone of J's rows.
   m.def("dual_cone_projection(Tensor gram, Tensor rows, float norm_eps=0.0001, float reg_eps=0.0001) -> Tensor");

@@ -153,6 +153,9 @@ __all__ += [
     "imtl_weights",
     "aligned_mtl_weights",
     "nash_mtl_weights",
+    "fairgrad_weights",
+    "config_weights",
+    "pcd_weights",
     "dual_cone_projection",
     "graddrop",
 ]
@@ -273,6 +276,54 @@ def nash_mtl_weights(
     return torch.ops.selgroup_fast.nash_mtl_weights(gram, alpha_init, max_iter, tol)
 
 
+def fairgrad_weights(gram: torch.Tensor, alpha: float = 1.0, max_iter: int = 50, tol: float = 1e-16) -> torch.Tensor:
+    """FairGrad (Ban & Ji, "Fair Resource Allocation in Multi-Task Learning", ICML 2024).
+
+    The α-fair weights w > 0 of ``G·w = w^(−1/α)`` (elementwise), the minimiser of
+    ``½·wᵀ·G·w − Σ H(w_k)`` with ``H' = x^(−1/α)``, by damped Newton from all ones (rescaled
+    along their ray first) until half the squared Newton decrement of the last step is
+    below tol, on the correlation matrix diag(G)^-½·G·diag(G)^-½. ``alpha = 1`` is
+    Nash-MTL's bargaining solution (:func:`nash_mtl_weights` from ones); ``alpha = 0``
+    the authors' linear scalarisation ``w = 1/K``; ``alpha`` must be finite and ≥ 0.
+    A G singular to its dtype's precision gets the least δ·I regularisation that
+    Nash-MTL's does (docs/algorithm.md); all gradients zero: w = 1.
+
+    >>> fairgrad_weights(torch.tensor([[4.0, 0.0], [0.0, 1.0]]), alpha=0.5)  # diagonal G: G_kk·w_k = w_k^-2
+    tensor([0.6300, 1.0000])
+    """
+    return torch.ops.selgroup_fast.fairgrad_weights(gram, alpha, max_iter, tol)
+
+
+def config_weights(gram: torch.Tensor, preference: torch.Tensor) -> torch.Tensor:
+    """ConFIG (Liu, Chu & Thuerey, "ConFIG: Towards Conflict-free Training of PINNs", ICLR 2025, Eq. 2), from G.
+
+    With unit gradients ``U = D·J`` (``D = diag(1/‖g_k‖)``, 0 for a zero gradient) and
+    ``b = U⁺·p`` (p: ``preference``, K values), the direction is ``d = (Σ_k g_kᵀ·b̂)·b̂``.
+    ``U⁺ = Jᵀ·D·(D·G·D)⁺``, so ``d = wᵀ·J`` with ``v = D·(D·G·D)⁺·p`` and
+    ``w = (1ᵀ·G·v / vᵀ·G·v)·v``: one K×K eigenproblem, no SVD of J. The pseudo-inverse
+    drops the eigenvalues at or below ``K·ε·λ_max`` (G's rounding; ε of G's dtype);
+    ``b = 0`` gives w = 0.
+
+    >>> config_weights(torch.tensor([[4.0, 0.0], [0.0, 1.0]]), torch.ones(2))  # b̂ = (1, 1)/√2, d = (3/√2)·b̂ = (1.5, 1.5)
+    tensor([0.7500, 1.5000])
+    """
+    return torch.ops.selgroup_fast.config_weights(gram, preference)
+
+
+def pcd_weights(gram: torch.Tensor, scales: torch.Tensor, taus: torch.Tensor) -> torch.Tensor:
+    """PCD, Priority-Constrained Descent (TMLR 2026): task 0 primary, the others guaranteed a fraction of progress.
+
+    With ``g̃_k = s_k·g_k`` (``scales`` s, K values), ``d̃ = argmin ½‖d − g̃_0‖²`` subject to
+    ``g̃_jᵀd ≥ τ_j‖g̃_j‖²`` (``taus``: K − 1 values), solved exactly from G by the dual active-set
+    method of Goldfarb & Idnani; infeasible constraints are dropped (``d̃ = g̃_0``). Returns w with
+    ``wᵀ·J = d̃·‖g_0‖/‖d̃‖``; zero where ``g_0 = 0`` or d̃ is zero up to rounding.
+
+    >>> pcd_weights(torch.tensor([[1.0, -0.5], [-0.5, 1.0]]), torch.ones(2), torch.tensor([0.0]))
+    tensor([1.1547, 0.5774])
+    """
+    return torch.ops.selgroup_fast.pcd_weights(gram, scales, taus)
+
+
 def dual_cone_projection(
     gram: torch.Tensor, rows: torch.Tensor, norm_eps: float = 0.0001, reg_eps: float = 0.0001
 ) -> torch.Tensor:
@@ -336,7 +387,7 @@ def _gram_weights_fake(gram: torch.Tensor, *solver_options: object) -> torch.Ten
     return _check_gram(gram)
 
 
-for _op in ("mgda_weights", "cagrad_weights", "imtl_weights", "aligned_mtl_weights"):
+for _op in ("mgda_weights", "cagrad_weights", "imtl_weights", "aligned_mtl_weights", "fairgrad_weights"):
     torch.library.register_fake(f"selgroup_fast::{_op}")(_gram_weights_fake)
 
 
@@ -344,6 +395,20 @@ for _op in ("mgda_weights", "cagrad_weights", "imtl_weights", "aligned_mtl_weigh
 def _pcgrad_weights_fake(gram: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
     torch._check(order.dtype == torch.int64, lambda: f"order must be int64, got {order.dtype}")
     torch._check(order.shape == gram.shape, lambda: f"order must be K×K, got {order.shape}")
+    return _check_gram(gram)
+
+
+@torch.library.register_fake("selgroup_fast::config_weights")
+def _config_weights_fake(gram: torch.Tensor, preference: torch.Tensor) -> torch.Tensor:
+    torch._check(preference.shape == gram.shape[:1], lambda: f"preference must have shape [K], got {preference.shape}")
+    torch._check(preference.dtype == gram.dtype, lambda: f"preference is {preference.dtype}, gram {gram.dtype}")
+    return _check_gram(gram)
+
+
+@torch.library.register_fake("selgroup_fast::pcd_weights")
+def _pcd_weights_fake(gram: torch.Tensor, scales: torch.Tensor, taus: torch.Tensor) -> torch.Tensor:
+    torch._check(scales.shape == gram.shape[:1], lambda: f"scales must have shape [K], got {scales.shape}")
+    torch._check(taus.shape[0] == gram.shape[0] - 1, lambda: f"taus must have shape [K - 1], got {taus.shape}")
     return _check_gram(gram)
 
 

@@ -297,6 +297,107 @@ def cagrad_optimum(jacobian: np.ndarray, c: float) -> float:
     return float(problem.value) * scale**2
 
 
+def fairgrad_weights(gram: np.ndarray, alpha: float) -> np.ndarray:
+    """w > 0 with G·w = w^(−1/α) (Ban & Ji 2024, Eq. 4): damped Newton in float64 on the strictly convex
+    ½wᵀGw − Σ w^(1−p)/(1−p) (p = 1/α ≠ 1), whose stationary point that is, from w = diag(G)^(−1/(1+p)) (the answer
+    for orthogonal gradients), steps halved until w stays positive and the objective decreases, or the residual
+    does (near the solution the objective's differences are below its rounding; Nash-MTL's reference at p = 1).
+    Exists where no w ≥ 0, w ≠ 0 has wᵀJ = 0 (asserted by the residual)."""
+    gram, p = gram.astype(np.float64), 1.0 / alpha
+    weights = gram.diagonal() ** (-1 / (1 + p))
+
+    def objective(w: np.ndarray) -> float:
+        return float(0.5 * w @ gram @ w - (w ** (1 - p)).sum() / (1 - p))
+
+    def residual(w: np.ndarray) -> float:
+        return float(np.abs((gram @ w) * w**p - 1).max())
+
+    for _ in range(200):
+        step = np.linalg.solve(gram + np.diag(p * weights ** (-p - 1)), weights**-p - gram @ weights)
+        length = 1.0
+        while np.any(weights + length * step <= 0) or (
+            objective(weights + length * step) > objective(weights)
+            and residual(weights + length * step) >= residual(weights)
+        ):
+            length /= 2
+            if length < 1e-30:
+                break
+        weights = weights + length * step
+        if residual(weights) < 1e-13:
+            break
+    assert np.all(weights > 0) and residual(weights) < 1e-9, "no α-fair solution"
+    return weights
+
+
+def config_direction(jacobian: np.ndarray, preference: np.ndarray, dtype: type = np.float64) -> np.ndarray:
+    """ConFIG (Liu et al., ICLR 2025, Eq. 2) as the authors and TorchJD compute it, on J itself: the unit rows U
+    (0 for a zero row), b = pinv(U)·p by an SVD of U, d = (Σ_k g_k·b̂)·b̂. The pseudo-inverse at the precision of
+    an input of ``dtype`` (its ε): singular values with σ² ≤ K·ε·σ_max² are dropped (G's rounding), and so are
+    the components of p along the kept left singular vectors up to K·ε·Σ|p_k| (p ⟂ them, up to rounding)."""
+    K, eps = jacobian.shape[0], float(np.finfo(dtype).eps)
+    norms = np.linalg.norm(jacobian, axis=1, keepdims=True)
+    units = np.divide(jacobian, norms, out=np.zeros_like(jacobian), where=norms > 0)
+    left, singular, right = np.linalg.svd(units, full_matrices=False)
+    along = left.T @ preference
+    kept = (singular**2 > K * eps * singular.max() ** 2) & (np.abs(along) > K * eps * np.abs(preference).sum())
+    best = right[kept].T @ (along[kept] / singular[kept])
+    if not kept.any():
+        return np.zeros(jacobian.shape[1])
+    unit = best / np.linalg.norm(best)
+    return float((jacobian @ unit).sum()) * unit
+
+
+def krum_direction(jacobian: np.ndarray, n_byzantine: int, n_selected: int) -> np.ndarray:
+    """Multi-Krum (Blanchard et al., NeurIPS 2017) with TorchJD's score: for each row, the sum of its distances to
+    its K − f − 2 nearest other rows (distances from J directly, not from G); the mean of the n_selected rows of
+    least score (a stable sort: ties to the lower index)."""
+    K = jacobian.shape[0]
+    distances = np.linalg.norm(jacobian[:, None, :] - jacobian[None, :, :], axis=2)
+    others = [np.sort(np.delete(distances[i], i))[: K - n_byzantine - 2].sum() for i in range(K)]
+    selected = np.argsort(np.array(others), kind="stable")[:n_selected]
+    return jacobian[selected].mean(axis=0)
+
+
+def trimmed_mean_direction(jacobian: np.ndarray, trim_number: int) -> np.ndarray:
+    """Yin et al. (ICML 2018), Definition 2: per column, the mean of the values left once the trim_number largest
+    and the trim_number smallest are removed."""
+    K = jacobian.shape[0]
+    return np.sort(jacobian, axis=0)[trim_number : K - trim_number].mean(axis=0)
+
+
+def pcd_direction(jacobian: np.ndarray, tau: float, eps: float) -> np.ndarray:
+    """PCD (TMLR 2026) at its first call (the debiased EMA of ‖g_k‖² is ‖g_k‖² itself), from its definition on J:
+    g̃_k = g_k/sqrt(‖g_k‖² + eps); d̃ = argmin ½‖d − g̃_0‖² s.t. g̃_jᵀd ≥ τ‖g̃_j‖² by Clarabel on the primal
+    (infeasible: d̃ = g̃_0), polished on the constraints Clarabel leaves active (their KKT system
+    G̃_AA μ = b_A, kept when μ ≥ 0 and every constraint holds); d = d̃·‖g_0‖/‖d̃‖, 0 for g_0 = 0."""
+    import cvxpy as cp
+
+    K = jacobian.shape[0]
+    squared = (jacobian**2).sum(axis=1)
+    if squared[0] == 0:
+        return np.zeros(jacobian.shape[1])
+    units = jacobian / np.sqrt(squared + eps)[:, None]
+    primary, secondary = units[0], units[1:]
+    bounds = tau * (secondary**2).sum(axis=1)
+    best = primary
+    if K > 1 and np.any(secondary @ primary < bounds):
+        d = cp.Variable(jacobian.shape[1])
+        problem = cp.Problem(cp.Minimize(cp.sum_squares(d - primary)), [secondary @ d >= bounds])
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Solution may be inaccurate")
+            problem.solve(solver=cp.CLARABEL, tol_gap_abs=1e-12, tol_gap_rel=1e-12, tol_feas=1e-12, max_iter=500)
+        if problem.status in ("optimal", "optimal_inaccurate"):
+            best = np.asarray(d.value, dtype=np.float64)
+            active = secondary @ best - bounds <= 1e-6 * max(1.0, float(np.abs(bounds).max()))
+            gram = secondary[active] @ secondary[active].T
+            mu = np.linalg.lstsq(gram, bounds[active] - secondary[active] @ primary, rcond=None)[0]
+            polished = primary + secondary[active].T @ mu
+            if np.all(mu >= 0) and np.all(secondary @ polished - bounds >= -1e-12 * max(1.0, bounds.max())):
+                best = polished
+    size = float(np.linalg.norm(best))
+    return best * np.sqrt(squared[0]) / size if size > 0 else best
+
+
 def db_mtl_first_step(jacobian: np.ndarray, beta: float = 0.9) -> np.ndarray:
     """DB-MTL's direction at its first step (LibMTL ``DB_MTL.py``) with unit losses: ``m = (1 − β) g``, each ``m_k``
     rescaled by ``max_j ‖m_j‖ / (‖m_k‖ + 1e-8)`` and summed."""

@@ -229,7 +229,13 @@ void check_weightings(Tally& tally, std::mt19937& generator, const std::vector<i
         check_solver(tally, "dual_cone reg=" + std::to_string(reg_eps) + suffix,
                      DualConeProjection<double>{G.data(), rows.data(), projections.data(), K, K, 1e-4, reg_eps, 32},
                      projections.data(), K * K, kNoScratch);
-      check_solver(tally, "nash_mtl" + suffix, NashMTLWeights<double>{G.data(), alpha.data(), w, K, 50, 1e-16}, w,
+      check_solver(tally, "nash_mtl" + suffix, NashMTLWeights<double>{{G.data(), alpha.data(), w, K, 50, 1e-16, 1.0}}, w,
+                   K, kNoScratch);
+      const std::vector<double> taus(K, 0.3);
+      check_solver(tally, "pcd" + suffix, PCDWeights<double>{G.data(), alpha.data(), taus.data(), w, K}, w, K,
+                   kNoScratch);
+      check_solver(tally, "config" + suffix, ConFIGWeights<double>{G.data(), alpha.data(), w, K}, w, K, kNoScratch);
+      check_solver(tally, "fairgrad" + suffix, FairGradWeights<double>{G.data(), nullptr, w, K, 50, 1e-16, 2.0}, w,
                    K, kNoScratch);
     }
   }

@@ -20,6 +20,8 @@ from selgroup_fast.methods.pcgrad import projection_orders
 K = 3
 METHOD_NAMES = available()
 GRADIENT_METHODS = available("gradient")
+#: Defined from K = 3 tasks on (Krum: K ≥ f + 3; the trimmed mean: K ≥ 2t + 1), at their default options.
+ROBUST_METHODS = ("krum", "trimmed_mean")
 LOSS_METHODS = available("loss")
 #: The gradient methods whose first step is a fraction of the tracked average, not g itself for one task
 #: (tests/test_tracked_methods.py follows their rules).
@@ -391,8 +393,12 @@ def test_aggregators_say_they_are_not_differentiable(name):
 @pytest.mark.parametrize("name", [name for name in GRADIENT_METHODS if name not in TRACKED])
 def test_one_task_is_its_own_gradient(name):
     g = t([[1.0, -2.0, 0.5]])
+    if name in ROBUST_METHODS:
+        with pytest.raises(ValueError, match=f"^{name} needs num_tasks >= "):
+            aggregate(name, g)
+        return
     expected = g[0]  # the ops give w = [1] for K = 1 (CAGrad included: no conflict to avert)
-    if name == "nash_mtl":  # α = 1/‖g‖, then clipped to max_norm = 1: the unit vector
+    if name in ("nash_mtl", "fairgrad"):  # w = 1 (Nash-MTL: α = 1/‖g‖), then clipped to max_norm = 1: the unit vector
         expected = g[0] / g[0].norm()
     torch.testing.assert_close(aggregate(name, g, **inputs(name, g)), expected, rtol=1e-6, atol=1e-7)
 
@@ -574,10 +580,10 @@ def test_gradient_methods_are_gradient_methods():
         assert isinstance(method, GradientMethod) and method.uses_shared_params and method.name == name
 
 
-@pytest.mark.parametrize("name", [name for name in GRADIENT_METHODS if name not in TRACKED])
+@pytest.mark.parametrize("name", [name for name in GRADIENT_METHODS if name not in (*ROBUST_METHODS, *TRACKED)])
 def test_a_single_task_steps_along_its_own_gradient(name):
     model, closure = make_problem(num_tasks=1)
-    method = build(name, model, lr=0.0, **({"max_norm": 0.0} if name == "nash_mtl" else {}))
+    method = build(name, model, lr=0.0, **({"max_norm": 0.0} if name in ("nash_mtl", "fairgrad") else {}))
     reference, _ = jacobian_reference(model, closure)
     method.step(closure)
     torch.testing.assert_close(shared_grad(model), reference[0], rtol=1e-9, atol=1e-12)
@@ -589,3 +595,50 @@ def test_a_state_with_other_keys_is_refused():
         build("nash_mtl", model).load_state_dict({"alpha": torch.ones(K)})
     with pytest.raises(ValueError, match=r"state has keys \[\], got \['x'\]"):
         build("gd", model).load_state_dict({"x": 1})
+
+
+@pytest.mark.parametrize(
+    ("name", "num_tasks", "options", "message"),
+    [
+        ("fairgrad", 3, {"alpha": -1.0}, r"^fairgrad_weights: alpha must be finite and >= 0, got -1$"),
+        ("fairgrad", 3, {"alpha": float("inf")}, r"^fairgrad_weights: alpha must be finite and >= 0, got inf$"),
+        ("config", 3, {"pref_vector": [1.0, 2.0]}, r"^pref_vector must hold 3 finite values, got \[1.0, 2.0\]$"),
+        ("krum", 4, {"n_byzantine": 2}, r"^krum needs num_tasks >= n_byzantine \+ 3, got 4 for n_byzantine=2$"),
+        ("krum", 4, {"n_byzantine": -1}, r"^n_byzantine must be an int >= 0, got -1$"),
+        ("krum", 4, {"n_selected": 5}, r"^krum: n_selected must be at most num_tasks=4, got 5$"),
+        ("trimmed_mean", 4, {"trim_number": 2}, r"^trimmed_mean needs num_tasks >= 2 \* trim_number \+ 1, got 4 for "),
+        ("trimmed_mean", 4, {"trim_number": -1}, r"^trim_number must be an int >= 0, got -1$"),
+        ("pcd", 3, {"tau": 1.5}, r"^tau must be in \[0, 1\], a float or 2 values, got 1.5$"),
+        ("pcd", 3, {"tau": [0.1]}, r"^tau must be in \[0, 1\], a float or 2 values, got \[0.1\]$"),
+        ("pcd", 3, {"beta": 1.0}, r"^beta must be in \[0, 1\), got 1.0$"),
+        ("pcd", 3, {"eps": -1.0}, r"^eps must be >= 0, got -1.0$"),
+    ],
+)
+def test_robust_and_fair_methods_refuse_bad_options_at_construction(name, num_tasks, options, message):
+    with pytest.raises(ValueError, match=message):
+        aggregator(name, num_tasks, **options)
+
+
+def test_trimmed_mean_under_the_gramian_path_names_why():
+    model, _ = make_problem()
+    with pytest.raises(ValueError, match='trimmed_mean needs J itself .*; use "batched" or "loop"'):
+        build("trimmed_mean", model, jacobian="gramian")
+
+
+def test_pcd_follows_torchjd_over_calls_through_a_nan_and_a_resume():
+    """PCD's EMA of the squared norms across calls, a non-finite call that leaves it unchanged, and its state_dict."""
+    torchjd = pytest.importorskip("torchjd.aggregation", reason="the torchjd test extra is not installed")
+    theirs = torchjd.PCD(tau=0.2, beta=0.9)
+    ours = aggregator("pcd", 4, dtype=torch.float64, tau=0.2, beta=0.9)
+    generator = torch.Generator().manual_seed(3)
+    for call in range(6):
+        J = torch.randn(4, 9, generator=generator, dtype=torch.float64) * torch.tensor([[1.0], [3.0], [0.1], [2.0]])
+        if call == 3:
+            J[2, 0] = float("nan")
+            assert torch.isnan(ours(J)).all() and torch.isnan(theirs(J)).all()
+            continue
+        if call == 4:
+            resumed = aggregator("pcd", 4, dtype=torch.float64, tau=0.2, beta=0.9)
+            resumed.load_state_dict(ours.state_dict())
+            ours = resumed
+        torch.testing.assert_close(ours(J), theirs(J), rtol=1e-10, atol=1e-12)

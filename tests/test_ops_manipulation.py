@@ -22,7 +22,7 @@ import torch
 
 from selgroup_fast import ops
 
-WEIGHT_OPS = ["pcgrad", "mgda", "cagrad", "imtl", "aligned_mtl", "nash_mtl"]
+WEIGHT_OPS = ["pcgrad", "mgda", "cagrad", "imtl", "aligned_mtl", "nash_mtl", "fairgrad", "config", "pcd"]
 # Random problems of the agreement tests: K tasks, several seeds each.
 TASK_COUNTS = [2, 3, 5, 8, 16]
 SEEDS = [0, 1, 2]
@@ -52,6 +52,11 @@ def _weights(name: str, gram: torch.Tensor, seed: int = 0) -> torch.Tensor:
         return ops.pcgrad_weights(gram, _random_order(K, seed, str(gram.device)))
     if name == "nash_mtl":
         return ops.nash_mtl_weights(gram, torch.ones(K, dtype=gram.dtype, device=gram.device))
+    if name == "config":
+        return ops.config_weights(gram, torch.ones(K, dtype=gram.dtype, device=gram.device))
+    if name == "pcd":  # unit scales, τ = 0.3 (the EMA's scales are the method's)
+        ones = torch.ones(K, dtype=gram.dtype, device=gram.device)
+        return ops.pcd_weights(gram, ones, 0.3 * ones[1:])
     return getattr(ops, f"{name}_weights")(gram)
 
 
@@ -433,6 +438,109 @@ def test_nash_mtl_non_positive_start_is_replaced():
 
 
 # ---------------------------------------------------------------------------------------------
+# FairGrad
+
+
+def test_fairgrad_hand(device, dtype):
+    # Orthogonal gradients: ‖g_k‖²·w_k = w_k^(−1/α), w_k = ‖g_k‖^(−2α/(1+α)); α = 0 is the mean.
+    G = _t([[4.0, 0.0], [0.0, 1.0]], dtype, device)
+    torch.testing.assert_close(ops.fairgrad_weights(G, alpha=2.0), _t([4.0 ** (-2 / 3), 1.0], dtype, device))
+    torch.testing.assert_close(ops.fairgrad_weights(G, alpha=0.0), _t([0.5, 0.5], dtype, device))
+
+
+@pytest.mark.parametrize("K", [2, 7, 32])
+@pytest.mark.parametrize("alpha", [0.1, 0.5, 2.0, 10.0])
+def test_fairgrad_solves_the_fairness_equation(K, alpha, dtype):
+    for seed in SEEDS[:2]:
+        J = _random_jacobian(K, seed)
+        w = ops.fairgrad_weights(_gram(J, dtype), alpha=alpha)
+        np.testing.assert_allclose(w.double().numpy(), reference.fairgrad_weights(J @ J.T, alpha), **_tolerance(dtype))
+
+
+@pytest.mark.parametrize("K", [2, 5, 16])
+def test_fairgrad_at_alpha_one_is_nash_mtl_bit_for_bit(K):
+    # One functor (csrc/manipulation/fairgrad.h): α = 1 runs Nash-MTL's arithmetic from the same start.
+    G = _gram(_random_jacobian(K, 0))
+    assert torch.equal(ops.fairgrad_weights(G, alpha=1.0), ops.nash_mtl_weights(G, torch.ones(K, dtype=G.dtype)))
+
+
+def test_fairgrad_singular_gram_is_finite_and_positive():
+    # A zero gradient and a duplicate: no exact solution; the δ-regularised one (as Nash-MTL's) is finite.
+    J = _random_jacobian(4, 1)
+    J[1] = 0
+    J[3] = J[2]
+    w = ops.fairgrad_weights(_gram(J), alpha=2.0)
+    assert torch.isfinite(w).all() and (w > 0).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# ConFIG
+
+
+def _config_reference(J: np.ndarray, preference: np.ndarray) -> np.ndarray:
+    """The authors' / TorchJD's formula on J, float64: pinv of the unit rows (an SVD of U)."""
+    units = J / np.linalg.norm(J, axis=1, keepdims=True)
+    best = np.linalg.pinv(units) @ preference
+    unit = best / np.linalg.norm(best)
+    return (J @ unit).sum() * unit
+
+
+@pytest.mark.parametrize("K", [1, 2, 7, 32])
+def test_config_equals_the_pseudo_inverse_of_the_unit_rows(K, dtype):
+    for seed in SEEDS[:2]:
+        J = _random_jacobian(K, seed, columns=3 * K + 5)
+        preference = np.random.default_rng(seed).uniform(0.5, 2.0, K)
+        w = ops.config_weights(_gram(J, dtype), torch.from_numpy(preference).to(dtype))
+        np.testing.assert_allclose(w.double().numpy() @ J, _config_reference(J, preference), **_tolerance(dtype))
+
+
+def test_config_is_conflict_free_with_equal_unit_projections():
+    # Independent rows: U b = 1, so every unit gradient has the same projection on d (ConFIG's claim).
+    J = _random_jacobian(6, 3)
+    d = ops.config_weights(_gram(J), torch.ones(6, dtype=torch.float64)).numpy() @ J
+    projections = (J @ d) / np.linalg.norm(J, axis=1)
+    assert projections.min() > 0 and np.ptp(projections) <= 1e-12 * projections.max()
+
+
+# ---------------------------------------------------------------------------------------------
+# PCD
+
+
+def _pcd_kkt_violation(J: np.ndarray, w: np.ndarray, tau: float) -> float:
+    """The QP's KKT conditions for d̃ = w/w_0 ᵀJ (unit scales): μ = w_j/w_0 ≥ 0, g_jᵀd̃ ≥ τ‖g_j‖², complementary
+    slackness, relative to the largest ‖g_k‖²; and ‖wᵀJ‖ = ‖g_0‖."""
+    mu, best = w[1:] / w[0], (w @ J) / w[0]
+    slack = J[1:] @ best - tau * (J[1:] ** 2).sum(axis=1)
+    scale = (J**2).sum(axis=1).max()
+    rescaled = abs(np.linalg.norm(w @ J) - np.linalg.norm(J[0])) / np.linalg.norm(J[0])
+    return max(float(-mu.min()), float(-slack.min()) / scale, float(np.abs(mu * slack).max()) / scale, rescaled)
+
+
+@pytest.mark.parametrize("K", [2, 7, 32])
+def test_pcd_solves_its_quadratic_program(K, dtype):
+    for seed in SEEDS:
+        J = _random_jacobian(K, seed)
+        w = ops.pcd_weights(_gram(J, dtype), torch.ones(K, dtype=dtype), torch.full((K - 1,), 0.3, dtype=dtype))
+        assert _pcd_kkt_violation(J, w.double().numpy(), 0.3) <= (1e-9 if dtype == torch.float64 else 1e-4)
+
+
+def test_pcd_special_cases():
+    ones = torch.ones(3, dtype=torch.float64)
+    # Two opposite secondary gradients with τ > 0: infeasible, the primary's own gradient.
+    J = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, -1.0, 0.0]])
+    torch.testing.assert_close(ops.pcd_weights(_gram(J), ones, _t([0.5, 0.5])), _t([1.0, 0.0, 0.0]))
+    # A zero primary gradient: no step.
+    J[0] = 0
+    assert not ops.pcd_weights(_gram(J), ones, _t([0.5, 0.5])).any()
+
+
+def test_config_opposite_gradients_give_zero_not_noise():
+    # u_1 = −u_2: p = 1 is orthogonal to the kept eigenvector, b = 0 (normalising its rounding would give a unit d).
+    J = np.array([[1.0, 2.0, 0.5], [-3.0, -6.0, -1.5]])
+    assert not ops.config_weights(_gram(J), torch.ones(2, dtype=torch.float64)).any()
+
+
+# ---------------------------------------------------------------------------------------------
 # GradDrop
 
 
@@ -598,6 +706,12 @@ def test_bad_input_is_rejected():
         ops.nash_mtl_weights(G, torch.ones(2, dtype=torch.float64))
     with pytest.raises(RuntimeError, match="alpha_init is"):
         ops.nash_mtl_weights(G, torch.ones(3, dtype=torch.float32))
+    with pytest.raises(RuntimeError, match="alpha must be finite and >= 0, got -1"):
+        ops.fairgrad_weights(G, alpha=-1.0)
+    with pytest.raises(RuntimeError, match="preference must have shape"):
+        ops.config_weights(G, torch.ones(2, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match=r"taus must have shape \[2\]"):
+        ops.pcd_weights(G, torch.ones(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64))
     with pytest.raises(RuntimeError, match="leak must have shape"):
         ops.graddrop(torch.ones(3, 5), torch.zeros(2), 0, 0)
     with pytest.raises(RuntimeError, match="leak is"):
@@ -645,6 +759,12 @@ def _opcheck_cases(device: str, dtype: torch.dtype) -> list:
         (torch.ops.selgroup_fast.imtl_weights.default, (G,)),
         (torch.ops.selgroup_fast.aligned_mtl_weights.default, (G,)),
         (torch.ops.selgroup_fast.nash_mtl_weights.default, (G, torch.ones(K, dtype=dtype, device=device), 50, 1e-16)),
+        (torch.ops.selgroup_fast.fairgrad_weights.default, (G, 2.0, 50, 1e-16)),
+        (torch.ops.selgroup_fast.config_weights.default, (G, torch.ones(K, dtype=dtype, device=device))),
+        (
+            torch.ops.selgroup_fast.pcd_weights.default,
+            (G, torch.ones(K, dtype=dtype, device=device), torch.full((K - 1,), 0.3, dtype=dtype, device=device)),
+        ),
         (
             torch.ops.selgroup_fast.graddrop.default,
             (torch.randn(K, 64, dtype=dtype, device=device), torch.zeros(K, dtype=dtype, device=device), 3, 4, 100),
@@ -688,6 +808,8 @@ def test_fakes_check_inputs_like_the_kernels():
             ops.pcgrad_weights(G, torch.empty(4, 4, dtype=torch.int32))
         with pytest.raises(RuntimeError, match="alpha_init must have shape"):
             ops.nash_mtl_weights(G, torch.ones(3))
+        with pytest.raises(RuntimeError, match="preference must have shape"):
+            ops.config_weights(G, torch.ones(3))
         with pytest.raises(RuntimeError, match="leak must have shape"):
             ops.graddrop(torch.empty(4, 9), torch.zeros(3), 0, 0)
         with pytest.raises(RuntimeError, match="column_offset must be >= 0"):
@@ -702,6 +824,9 @@ def test_docstring_examples():
         ops.imtl_weights,
         ops.aligned_mtl_weights,
         ops.nash_mtl_weights,
+        ops.fairgrad_weights,
+        ops.config_weights,
+        ops.pcd_weights,
         ops.graddrop,
     ):
         runner = doctest.DocTestRunner(optionflags=doctest.NORMALIZE_WHITESPACE)

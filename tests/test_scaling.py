@@ -26,6 +26,7 @@ NAMES = methods.available()
 GRADIENT = [
     *("pcgrad", "cagrad", "mgda", "graddrop", "imtl", "aligned_mtl", "nash_mtl"),
     *("upgrad", "dualproj", "gradnorm", "cr_mogm", "gradvac"),
+    *("fairgrad", "config", "krum", "trimmed_mean", "pcd"),
 ]
 #: Gradient methods with K×P state over the shared parameters' coordinates: DDP only (FSDP2 shards the
 #: coordinates, the features of space="representation" change with every batch); both are refused in one line.
@@ -50,6 +51,7 @@ DEFAULT_DISTRIBUTED = {
     ("mgda", "fsdp2", "chunked"),
     ("pcgrad", "ddp", "chunked"),
     ("graddrop", "fsdp2", "plain"),
+    ("trimmed_mean", "fsdp2", "plain"),  # the other column-wise aggregator: each rank its own columns
     ("uw", "fsdp2", "plain"),
     ("nash_mtl", "ddp", "reuse"),
     ("nash_mtl", "fsdp2", "reuse"),

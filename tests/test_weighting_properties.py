@@ -152,6 +152,32 @@ def nash_mtl_fixed_point(J: np.ndarray, d: np.ndarray, w: np.ndarray | None, opt
     return float(np.abs((J @ J.T @ w) * w - 1).max())
 
 
+def fairgrad_direction(J: np.ndarray, options: dict[str, Any]) -> np.ndarray:
+    return J.T @ reference.fairgrad_weights(J @ J.T, options["alpha"])
+
+
+def fairgrad_fixed_point(J: np.ndarray, d: np.ndarray, w: np.ndarray | None, options: dict[str, Any]) -> float:
+    """(G w)_k w_k^(1/α) = 1 for every k, w > 0 (Ban & Ji 2024, Eq. 4)."""
+    assert w is not None and np.all(w > 0)
+    return float(np.abs((J @ J.T @ w) * w ** (1 / options["alpha"]) - 1).max())
+
+
+def config_direction(J: np.ndarray, options: dict[str, Any]) -> np.ndarray:
+    return reference.config_direction(J, np.ones(J.shape[0]), options["dtype"])
+
+
+def krum_direction(J: np.ndarray, options: dict[str, Any]) -> np.ndarray:
+    return reference.krum_direction(J, options.get("n_byzantine", 0), options.get("n_selected", 1))
+
+
+def trimmed_mean_direction(J: np.ndarray, options: dict[str, Any]) -> np.ndarray:
+    return reference.trimmed_mean_direction(J, options.get("trim_number", 1))
+
+
+def pcd_direction(J: np.ndarray, options: dict[str, Any]) -> np.ndarray:
+    return reference.pcd_direction(J, options["tau"], options["eps"])
+
+
 def pcgrad_direction(J: np.ndarray, options: dict[str, Any]) -> np.ndarray:
     orders = projection_orders(J.shape[0], options["device"], seeded_generator(options["device"], options["seed"]))
     return reference.pcgrad_update(J, orders.cpu().numpy())
@@ -166,6 +192,8 @@ def graddrop_direction(J: np.ndarray, options: dict[str, Any]) -> np.ndarray:
 
 
 ALL_FAMILIES: frozenset[str] = frozenset(NON_STATIONARY | STATIONARY)
+#: Families with distinct rows in general position (no two rows equally far from a third by construction).
+UNTIED: frozenset[str] = frozenset({"typical", "norm_ratio", "non_weak_stationary"})
 
 
 @dataclass(frozen=True)
@@ -177,9 +205,11 @@ class Claim:
     options: dict[str, Any] = field(default_factory=dict)
     #: The float64 error the claim allows where the method's own convention limits it (default: EXACT's).
     tolerance: float | None = None
+    #: The least K the claim is checked from (where smaller K ties the rule's choice: Krum at K = 3).
+    min_tasks: int = 1
 
     def covers(self, case: Case) -> bool:
-        return case.family in self.families and case.tasks <= self.max_tasks
+        return case.family in self.families and self.min_tasks <= case.tasks <= self.max_tasks
 
 
 @dataclass(frozen=True)
@@ -207,6 +237,8 @@ class Row:
     #: Where the method's answer is ill-conditioned in G, the error G's rounding alone allows (added to every
     #: tolerance that compares directions: exact, permutation, TorchJD).
     conditioning: Conditioning | None = None
+    #: The least K the method is defined for (robust aggregators: Krum K ≥ f + 3, the trimmed mean K ≥ 2t + 1).
+    min_tasks: int = 1
     #: With K = 1 the direction is the task's own gradient (not where a tracked state averages it in: DB-MTL, MoCo).
     one_task: bool = True
 
@@ -290,6 +322,66 @@ ROWS: dict[str, Row] = {
             permutation_invariant=Claim(families=frozenset(NON_STATIONARY)),
             scaling=Claim(families=frozenset(NON_STATIONARY)),
             scale_exponent=0.0,  # α(s² G) = α(G)/s
+        ),
+        Row(
+            "fairgrad",
+            {"alpha": 2.0, "max_norm": 0.0},
+            reference=fairgrad_direction,
+            # G w = w^(−1/α) has a solution iff no w ≥ 0, w ≠ 0 has wᵀJ = 0 (as Nash-MTL's, its α = 1 case).
+            exact=Claim(families=frozenset(NON_STATIONARY)),
+            optimality=fairgrad_fixed_point,
+            optimal=Claim(families=frozenset(NON_STATIONARY)),
+            non_conflicting=Claim(families=frozenset(NON_STATIONARY)),  # J d = w^(−1/α) > 0
+            permutation_invariant=Claim(families=frozenset(NON_STATIONARY)),
+            scaling=Claim(families=frozenset(NON_STATIONARY)),
+            scale_exponent=-1 / 3,  # w(s² G) = s^(−2α/(1+α)) w(G): d(s J) = s^((1−α)/(1+α)) d(J), α = 2
+            # Where G is singular to its precision (duplicate rows) the op solves (C + δI) β = c β^(−1/α), δ ≤ K·ε
+            # relative (csrc/manipulation/fairgrad.h): d moves by about δ.
+            conditioning=lambda J, expected, eps: J.shape[0] * eps,
+            # TorchJD's least_squares stops at scipy's default tolerances: 0.6–0.95 relative off at norm ratios 10³–10⁴.
+            torchjd=lambda K: torchjd_aggregation().FairGrad(alpha=2.0),
+            torchjd_equal=Claim(
+                families=frozenset({"typical", "non_weak_stationary", "duplicate_rows"}), tolerance=1e-6
+            ),
+        ),
+        Row(
+            "config",
+            reference=config_direction,
+            optimality=imtl_equal_projections,  # U b = p where U has full row rank: equal unit projections
+            optimal=Claim(families=frozenset({"typical", "norm_ratio"})),
+            non_conflicting=Claim(families=frozenset({"typical", "norm_ratio"})),  # ConFIG's conflict-free claim
+            torchjd=lambda K: torchjd_aggregation().ConFIG(),
+            torchjd_equal=Claim(families=frozenset({"typical", "norm_ratio", "zero_row", "all_zero"})),
+        ),
+        Row(
+            "krum",
+            reference=krum_direction,
+            # Duplicate rows (and the symmetric stationary families) tie scores, and so does K = 3 (K − f − 2 = 1:
+            # the mutual nearest pair has one score): the choice among equals is the tie-break's, not the rule's.
+            exact=Claim(families=UNTIED, min_tasks=4),
+            permutation_invariant=Claim(families=UNTIED, min_tasks=4),
+            scaling=Claim(families=UNTIED, min_tasks=4),
+            torchjd=lambda K: torchjd_aggregation().Krum(n_byzantine=0),
+            torchjd_equal=Claim(families=UNTIED, min_tasks=4),
+            min_tasks=3,
+        ),
+        Row(
+            "trimmed_mean",
+            reference=trimmed_mean_direction,
+            torchjd=lambda K: torchjd_aggregation().TrimmedMean(trim_number=1),
+            torchjd_equal=Claim(),
+            min_tasks=3,
+        ),
+        Row(
+            "pcd",
+            # eps = 0: the normalisation exactly scale-free (eps = 1e-8 is 1% of a squared norm of 1e-6).
+            {"tau": 0.3, "eps": 0.0},
+            reference=pcd_direction,
+            exact=Claim(families=frozenset(NON_STATIONARY)),
+            permutation_invariant=None,  # task 0 is the primary one
+            scaling=Claim(families=frozenset(NON_STATIONARY)),
+            torchjd=lambda K: torchjd_aggregation().PCD(tau=0.3, eps=0.0),
+            torchjd_equal=Claim(),
         ),
         # The tracked methods at their first step from a fresh state, the losses all 1 (tests/test_tracked_methods.py
         # follows them over several steps); their first average is a fraction of g even for one task. LibMTL's 1e-8
@@ -423,7 +515,7 @@ def parameters(prop: str) -> list:
         marks = [pytest.mark.slow] if case in SLOW_CASES else []
         for row in ROWS.values():
             claim = getattr(row, prop)
-            if claim is None or not claim.covers(case):
+            if claim is None or not claim.covers(case) or case.tasks < row.min_tasks:
                 continue
             if (prop == "exact" and row.reference is None) or (prop == "optimal" and row.optimality is None):
                 continue
@@ -471,6 +563,7 @@ def as_input(case: Case, device: str, dtype: torch.dtype) -> tuple[torch.Tensor,
         pytest.param(name, case, marks=[pytest.mark.slow] if case in SLOW_CASES else [], id=f"{name}-{case.id}")
         for case in DEFAULT_CASES + SLOW_CASES
         for name in ROWS
+        if case.tasks >= ROWS[name].min_tasks
     ],
 )
 def test_finite(name, case, device, dtype):
@@ -481,7 +574,7 @@ def test_finite(name, case, device, dtype):
         assert not d.any()
 
 
-@pytest.mark.parametrize("name", sorted(name for name, row in ROWS.items() if row.one_task))
+@pytest.mark.parametrize("name", sorted(name for name, row in ROWS.items() if row.min_tasks == 1 and row.one_task))
 def test_one_task_steps_along_its_own_gradient(name, device, dtype):
     J, J64 = as_input(Case("typical", 1), device, dtype)
     np.testing.assert_allclose(run(name, J)[0], J64[0], rtol=EXACT[dtype], atol=0)

@@ -12,7 +12,7 @@ from .weighting import Aggregator
 Leak = float | Sequence[float] | torch.Tensor | None
 
 
-class GradDrop(Aggregator):
+class GradDrop(Aggregator):  # and a CombinesColumns (selgroup_fast.methods.weighting)
     """GradDrop: per coordinate, keep only the task gradients of one sign, drawn by sign purity.
 
     Z. Chen, J. Ngiam, Y. Huang, T. Luong, H. Kretzschmar, Y. Chai, D. Anguelov,

@@ -36,7 +36,6 @@ from ..parallel import (
     is_sharded,
 )
 from .base import MethodReport, MultiTaskMethod, detached
-from .graddrop import GradDrop
 from .gradvac import BlockwiseGradVac
 from .jacobian import JacobianMode, SharedParams, TaskJacobian, jacobian_defaults
 from .nonfinite import DEFAULT_NONFINITE, tensor_state
@@ -59,7 +58,7 @@ from .step import (
     weighting_inputs,
 )
 from .tracked import TaskGradientTracker
-from .weighting import Aggregator, ReusesWeights, Weighting
+from .weighting import Aggregator, CombinesColumns, ReusesWeights, Weighting
 
 Space = Literal["parameters", "representation"]
 SPACES: tuple[str, ...] = ("parameters", "representation")
@@ -161,7 +160,7 @@ class GradientMethod(MultiTaskMethod):
             self._task_params = owners.all_task_params()
         self._sharded = any(is_sharded(p) for p in [*self._jacobian.params, *self._task_params])
         split_columns = self._sharded or (self._ranks.enabled and space == "representation")  # J split over ranks
-        if split_columns and not isinstance(aggregator, (Weighting, GradDrop)):
+        if split_columns and not isinstance(aggregator, (Weighting, CombinesColumns)):
             raise ValueError(
                 f'{self.name} with space="{space}" does not support sharded (FSDP2/DTensor) parameters or features '
                 "split over ranks: it needs every coordinate of the task gradients on one rank; train it with "
@@ -205,7 +204,7 @@ class GradientMethod(MultiTaskMethod):
     def _compose(self) -> tuple[JacobianSource, GradientWriter]:
         """The Jacobian source and the gradient writer of this method's setting (docs/architecture.md §The gradient step)."""
         jacobian, timer, ranks, task_params = self._jacobian, self._timer, self._ranks, self._task_params
-        columns = isinstance(self.aggregator, GradDrop)
+        columns = isinstance(self.aggregator, CombinesColumns)
         if self.space == "representation":
             source = FeatureJacobian(jacobian, ranks, columns)
             return source, (FeatureHookWriter(timer) if ranks.enabled else PullBackWriter(jacobian, task_params, timer))

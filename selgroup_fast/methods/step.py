@@ -32,9 +32,8 @@ import torch
 
 from ..parallel import FSDP2Shards, RankAgreement, graph_separates
 from ..profiling import PhaseTimer
-from .graddrop import GradDrop
 from .jacobian import TaskJacobian, gradients_task_by_task
-from .weighting import Aggregator, Weighting, gram
+from .weighting import Aggregator, CombinesColumns, Weighting, gram
 
 Losses = list[torch.Tensor]
 Features = Sequence[torch.Tensor]
@@ -129,8 +128,8 @@ def combine(aggregator: Aggregator, gradients: TaskGradients, inputs: dict[str, 
         vector = weights.to(rows.dtype) @ rows if out is None else torch.mv(rows.T, weights.to(rows.dtype), out=out)
         return Direction(vector, weights, head_weights)
     rows = cast(torch.Tensor, rows)  # only the Gramian (a weighting's) has none
-    if gradients.columns is not None:  # split columns: a GradDrop (refused at construction otherwise)
-        return Direction(cast(GradDrop, aggregator).combine_columns(rows, gradients.columns), None, None)
+    if gradients.columns is not None:  # split columns: a CombinesColumns (refused at construction otherwise)
+        return Direction(cast(CombinesColumns, aggregator).combine_columns(rows, gradients.columns), None, None)
     if inputs:  # the losses, where the aggregator declares them (DB-MTL, MoCo)
         vector, head_weights = aggregator.combine_losses(rows, inputs["losses"], out=out)
     else:

@@ -9,7 +9,7 @@ An op's option defaults live in its schema and wrapper only (:mod:`selgroup_fast
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol, cast, runtime_checkable
 
@@ -151,6 +151,18 @@ class ReusesWeights(Protocol):
 
     def reused_weights(self) -> torch.Tensor | None:
         """Called once per training step: weights to reuse without task gradients, or ``None`` (compute them)."""
+
+
+@runtime_checkable
+class CombinesColumns(Protocol):
+    """An aggregator whose direction's columns each depend on that column of J only (GradDrop, TrimmedMean).
+
+    Where J's columns are split over ranks (FSDP2 shards, features split over ranks) each rank combines
+    its own columns; the training step checks for it once, at construction (:class:`~.gradient.GradientMethod`).
+    """
+
+    def combine_columns(self, jacobian: torch.Tensor, runs: Sequence[tuple[int, int]]) -> torch.Tensor:
+        """The direction of ``jacobian``'s columns, which are ``runs`` (first global column, width) of the global J."""
 
 
 @dataclass(frozen=True)
