@@ -1,0 +1,109 @@
+"""The options users ask for on the methods we have (issue #22), against float64 re-derivations of the peers' rules
+and TorchJD 0.18 where it has the option: MGDA's ``normalization`` (LibMTL's ``mgda_gn``: the authors'
+``gradient_normalizers``), Aligned-MTL's ``scale_mode`` (TorchJD's ``AlignedMTL``) and IMTL's ``hybrid`` (LibMTL's
+``IMTL``: IMTL-L's learned loss scales under IMTL-G's gradient weights)."""
+
+from __future__ import annotations
+
+import manipulation_reference as reference
+import numpy as np
+import pytest
+import torch
+from conftest import make_problem, regression_losses
+
+from selgroup_fast.methods import aggregate, aggregator, create
+
+#: The Jacobians of requirement 1 of issue #22: random, aligned, conflicting, badly scaled, a zero row, duplicate rows.
+FAMILIES = ("random", "aligned", "conflicting", "badly_scaled", "zero_row", "duplicate_rows")
+
+
+def jacobian(family: str, K: int, seed: int = 0, width: int = 48) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    J = rng.standard_normal((K, width))
+    if family == "aligned":
+        J = rng.standard_normal(width) + 0.3 * J
+    elif family == "conflicting":
+        J[1::2] = -J[0::2][: K // 2] + 0.1 * J[1::2]
+    elif family == "badly_scaled":
+        J *= 10.0 ** rng.uniform(-3, 3, size=(K, 1))
+    elif family == "zero_row":
+        J[K // 2] = 0.0
+    elif family == "duplicate_rows" and K > 1:
+        J[1] = J[0]
+    return J
+
+
+def positive_losses(K: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed + 100).uniform(0.05, 5.0, size=K)
+
+
+# --------------------------------------------------------------------------- MGDA's normalisations
+
+
+def libmtl_normalizers(J: np.ndarray, losses: np.ndarray, normalization: str) -> np.ndarray:
+    """LibMTL's ``MGDA._gradient_normalizers`` (``l2``: ‖g‖, ``loss``: L, ``loss+``: L·‖g‖, ``none``: 1)."""
+    norms = np.linalg.norm(J, axis=1)
+    return {"none": np.ones_like(losses), "l2": norms, "loss": losses, "loss+": losses * norms}[normalization]
+
+
+@pytest.mark.parametrize("normalization", ["none", "l2", "loss", "loss+"])
+@pytest.mark.parametrize("K", [1, 2, 7, 32])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_mgda_normalization_is_libmtls_min_norm_point_of_the_normalised_gradients(normalization, K, family):
+    """LibMTL: the min-norm point of g_k/n_k, and the update Σ_k w'_k g_k/n_k, which is that point. A zero row
+    (n_k = 0 under l2, loss+) divides 0 by 0 there (NaN); ours keeps it a zero row, the rule's limit."""
+    J, losses = jacobian(family, K), positive_losses(K)
+    normalizers = libmtl_normalizers(J, losses, normalization)
+    normalised = J / np.where(normalizers > 0, normalizers, 1.0)[:, None]
+    expected = reference.min_norm_point(normalised)
+    d = aggregate("mgda", torch.from_numpy(J), normalization=normalization, losses=torch.from_numpy(losses)).numpy()
+    scale = max(float(np.linalg.norm(normalised, axis=1).max()), 1e-300)
+    # The min-norm point is fixed by G's rounding to K·ε·scale²/‖d*‖ (tests/test_weighting_properties.py).
+    tolerance = 1e-9 * scale + K * 2.2e-16 * scale**2 / max(float(np.linalg.norm(expected)), 1e-300)
+    assert np.linalg.norm(d - expected) <= tolerance
+
+
+def test_mgda_reads_the_losses_only_under_a_loss_normalisation():
+    assert {n: aggregator("mgda", 3, normalization=n).needs for n in ("none", "l2", "loss", "loss+")} == {
+        "none": frozenset(),
+        "l2": frozenset(),
+        "loss": frozenset({"losses"}),
+        "loss+": frozenset({"losses"}),
+    }
+    with pytest.raises(ValueError, match=r"^mgda reads the K = 3 task losses: pass losses= \(got None\)$"):
+        aggregate("mgda", torch.ones(3, 2), normalization="loss")
+    with pytest.raises(ValueError, match=r"^normalization must be one of .*'loss\+'.*, got 'losses'$"):
+        aggregator("mgda", 3, normalization="losses")
+
+
+@pytest.mark.parametrize("path", ["batched", "gramian"])
+@pytest.mark.parametrize("normalization", ["loss", "loss+"])
+def test_mgda_loss_normalisation_in_the_training_step(normalization, path):
+    """The step hands the batch's losses to the weighting: the shared gradient is LibMTL's update."""
+    problem = make_problem(3, seed=4, correlated=True)
+    shared = list(problem.model.encoder.parameters())
+    losses = regression_losses(problem.twin, problem.x, problem.y)
+    rows = torch.stack(
+        [
+            torch.cat(
+                [
+                    g.reshape(-1)
+                    for g in torch.autograd.grad(loss, list(problem.twin.encoder.parameters()), retain_graph=True)
+                ]
+            )
+            for loss in losses
+        ]
+    ).numpy()
+    values = torch.stack(losses).detach().numpy()
+    expected = reference.min_norm_point(rows / libmtl_normalizers(rows, values, normalization)[:, None])
+    method = create(
+        "mgda",
+        torch.optim.SGD(problem.model.parameters(), lr=0.0),
+        3,
+        shared_params=shared,
+        jacobian=path,
+        normalization=normalization,
+    )
+    method.step(lambda: regression_losses(problem.model, problem.x, problem.y))
+    got = torch.cat([p.grad.reshape(-1) for p in shared]).numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-8, atol=1e-12)
