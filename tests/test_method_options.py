@@ -107,3 +107,49 @@ def test_mgda_loss_normalisation_in_the_training_step(normalization, path):
     method.step(lambda: regression_losses(problem.model, problem.x, problem.y))
     got = torch.cat([p.grad.reshape(-1) for p in shared]).numpy()
     np.testing.assert_allclose(got, expected, rtol=1e-8, atol=1e-12)
+
+
+# --------------------------------------------------------------------------- Aligned-MTL's scale modes
+
+
+def eigen_allowance(J: np.ndarray) -> float:
+    """The relative error G's rounding allows a rule that reads its kept eigenvalues: K·ε·κ over them."""
+    eigenvalues = np.linalg.eigvalsh(J @ J.T)
+    kept = eigenvalues[eigenvalues > eigenvalues.max() * J.shape[0] * np.finfo(np.float64).eps]
+    return J.shape[0] * np.finfo(np.float64).eps * float(kept.max() / kept.min()) if kept.size else 0.0
+
+
+@pytest.mark.parametrize("scale_mode", ["min", "median", "rmse"])
+@pytest.mark.parametrize("K", [1, 2, 7, 32])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_aligned_mtl_scale_mode_is_the_float64_rule(scale_mode, K, family):
+    J = jacobian(family, K, seed=1)
+    expected = J.T @ reference.aligned_mtl_weights(J, scale_mode=scale_mode)
+    d = aggregate("aligned_mtl", torch.from_numpy(J), scale_mode=scale_mode).numpy()
+    assert np.linalg.norm(d - expected) <= (1e-9 + eigen_allowance(J)) * np.linalg.norm(expected)
+
+
+def test_aligned_mtl_median_is_torchs_lower_middle_eigenvalue():
+    # Eigenvalues 1, 4, 9, 16: torch.median takes 4 (not 6.5); W = diag(sqrt(4/λ)), w = W·1.
+    G = torch.diag(torch.tensor([16.0, 1.0, 9.0, 4.0], dtype=torch.float64))
+    expected = torch.tensor([0.5, 2.0, 2 / 3, 1.0], dtype=torch.float64)
+    torch.testing.assert_close(aggregator("aligned_mtl", 4, scale_mode="median").weights(G), expected)
+
+
+@pytest.mark.parametrize("scale_mode", ["min", "median", "rmse"])
+@pytest.mark.parametrize("K", [2, 7, 32])
+@pytest.mark.parametrize("family", ["random", "conflicting", "duplicate_rows"])
+def test_aligned_mtl_scale_mode_equals_torchjd(scale_mode, K, family):
+    """K × TorchJD 0.18's AlignedMTL(scale_mode=...) (its preference is the mean, ours all ones)."""
+    torchjd = pytest.importorskip("torchjd.aggregation", reason="the torchjd test extra is not installed")
+    J = torch.from_numpy(jacobian(family, K, seed=2))
+    theirs = K * torchjd.AlignedMTL(scale_mode=scale_mode)(J)
+    ours = aggregate("aligned_mtl", J, scale_mode=scale_mode)
+    torch.testing.assert_close(ours, theirs, rtol=1e-8, atol=1e-10 * float(theirs.abs().max()))
+
+
+def test_aligned_mtl_bad_scale_mode_fails_at_construction():
+    with pytest.raises(
+        ValueError, match=r"^aligned_mtl_weights: scale_mode must be 'min', 'median' or 'rmse', got 'max'$"
+    ):
+        aggregator("aligned_mtl", 3, scale_mode="max")
