@@ -153,3 +153,113 @@ def test_aligned_mtl_bad_scale_mode_fails_at_construction():
         ValueError, match=r"^aligned_mtl_weights: scale_mode must be 'min', 'median' or 'rmse', got 'max'$"
     ):
         aggregator("aligned_mtl", 3, scale_mode="max")
+
+
+# --------------------------------------------------------------------------- IMTL's hybrid (IMTL-L + IMTL-G)
+
+STEPS = 4
+
+
+def batches(K: int, dtype: torch.dtype = torch.float64) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(5)
+    return [
+        (torch.randn(8, 5, generator=generator, dtype=dtype), 3 * torch.randn(8, K, generator=generator, dtype=dtype))
+        for _ in range(STEPS)
+    ]
+
+
+def libmtl_imtl(model: torch.nn.Module, data: list, lr: float, weight_decay: float) -> torch.Tensor:
+    """LibMTL's ``IMTL.backward`` in its trainer: ``loss_scale`` an ``nn.Parameter`` in the model's Adam, the losses
+    ``e^s L − s`` back-propagated one task at a time (the heads and ``loss_scale`` accumulate), the anchored closed
+    form on the scaled gradients, the shared gradient reset to ``Σ α_k g̃_k``. Returns the final ``loss_scale``."""
+    shared = list(model.encoder.parameters())
+    loss_scale = torch.nn.Parameter(torch.zeros(len(model.heads), dtype=torch.float64))
+    opt = torch.optim.Adam([*model.parameters(), loss_scale], lr=lr, weight_decay=weight_decay)
+    for x, y in data:
+        opt.zero_grad(set_to_none=False)
+        losses = loss_scale.exp() * torch.stack(regression_losses(model, x, y)) - loss_scale
+        rows = []
+        for k, loss in enumerate(losses):
+            loss.backward(retain_graph=k < len(losses) - 1)
+            rows.append(torch.cat([p.grad.reshape(-1).clone() for p in shared]))
+            for p in shared:
+                p.grad.zero_()
+        grads = torch.stack(rows)
+        unit = grads / grads.norm(dim=-1, keepdim=True)
+        D, U = grads[0:1] - grads[1:], unit[0:1] - unit[1:]
+        alpha = grads[0] @ U.T @ torch.inverse(D @ U.T)
+        alpha = torch.cat([(1 - alpha.sum()).unsqueeze(0), alpha])
+        for p, part in zip(shared, (alpha @ grads).split([p.numel() for p in shared]), strict=True):
+            p.grad.copy_(part.view_as(p))
+        opt.step()
+    return loss_scale.detach()
+
+
+def train_hybrid(model: torch.nn.Module, data: list, jacobian: str = "batched", **options):
+    K = len(model.heads)
+    method = create(
+        "imtl",
+        torch.optim.Adam(
+            model.parameters(), lr=options.get("lr", 1e-4), weight_decay=options.get("weight_decay", 1e-5)
+        ),
+        K,
+        shared_params=model.encoder.parameters(),
+        jacobian=jacobian,
+        hybrid=True,
+        **options,
+    )
+    for x, y in data:
+        method.step(lambda x=x, y=y: regression_losses(model, x, y))
+    return method
+
+
+@pytest.mark.parametrize("path", ["batched", "gramian"])
+def test_imtl_hybrid_equals_libmtls_imtl(path):
+    K = 3
+    problem = make_problem(K, seed=6)
+    data = batches(K)
+    method = train_hybrid(problem.model, data, path, lr=0.05, weight_decay=1e-3)
+    loss_scale = libmtl_imtl(problem.twin, data, lr=0.05, weight_decay=1e-3)
+    torch.testing.assert_close(method.aggregator.log_scales, loss_scale, rtol=1e-10, atol=1e-12)
+    assert loss_scale.abs().min() > 0.05  # the scales moved
+    for (key, mine), theirs in zip(problem.model.state_dict().items(), problem.twin.state_dict().values(), strict=True):
+        torch.testing.assert_close(mine, theirs, rtol=1e-10, atol=1e-12, msg=key)
+
+
+def test_imtl_hybrid_resume_is_bitwise():
+    """Two steps, the method's and optimizer's state_dicts, two more steps equal four uninterrupted steps bit for bit."""
+    K = 3
+    problem = make_problem(K, seed=7, dtype=torch.float32)
+    data = batches(K, torch.float32)
+    straight = train_hybrid(problem.model, data, lr=0.05)
+    first = train_hybrid(problem.twin, data[:2], lr=0.05)
+    saved = {key: value.clone() for key, value in first.state_dict().items()}
+    assert sorted(saved) == ["adam_steps", "exp_avg", "exp_avg_sq", "log_scales"]
+    resumed = train_hybrid(problem.twin, [], lr=0.05)
+    resumed.optimizer.load_state_dict(first.optimizer.state_dict())
+    resumed.load_state_dict(saved)
+    for x, y in data[2:]:
+        resumed.step(lambda x=x, y=y: regression_losses(problem.twin, x, y))
+    assert torch.equal(resumed.aggregator.log_scales, straight.aggregator.log_scales)
+    for mine, other in zip(problem.model.state_dict().values(), problem.twin.state_dict().values(), strict=True):
+        assert torch.equal(mine, other)
+
+
+def test_imtl_without_hybrid_keeps_no_state_and_reads_g_only():
+    plain = aggregator("imtl", 3)
+    assert plain.needs == frozenset() and plain.state_dict() == {}
+    assert aggregator("imtl", 3, hybrid=True).needs == frozenset({"losses"})
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "message"),
+    [
+        ({"lr": 0.1}, ValueError, r"^imtl: lr and weight_decay step the hybrid's loss scales: pass hybrid=True$"),
+        ({"hybrid": True, "lr": 0.0}, ValueError, r"^lr must be > 0, got 0.0$"),
+        ({"hybrid": True, "weight_decay": -1.0}, ValueError, r"^weight_decay must be >= 0, got -1.0$"),
+        ({"hybrid": 1}, TypeError, r"^hybrid must be a bool, got int$"),
+    ],
+)
+def test_imtl_bad_options_fail_at_construction(options, error, message):
+    with pytest.raises(error, match=message):
+        aggregator("imtl", 3, **options)

@@ -40,8 +40,9 @@ class SavedState:
     values converted to the attribute's type.
     """
 
-    #: The names of the attributes that make up the state (the keys of ``state_dict()``).
-    saved_state: ClassVar[tuple[str, ...]] = ()
+    #: The names of the attributes that make up the state (the keys of ``state_dict()``): a class attribute, or set
+    #: per instance in ``__init__`` where an option decides it (IMTL's ``hybrid``).
+    saved_state: tuple[str, ...] = ()
 
     def state_dict(self) -> dict[str, Any]:
         """The method's own state (not the model's or the optimizer's)."""
