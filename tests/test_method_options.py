@@ -15,6 +15,8 @@ from selgroup_fast.methods import aggregate, aggregator, create
 
 #: The Jacobians of requirement 1 of issue #22: random, aligned, conflicting, badly scaled, a zero row, duplicate rows.
 FAMILIES = ("random", "aligned", "conflicting", "badly_scaled", "zero_row", "duplicate_rows")
+#: K = 1, 2, 7 by default, 32 with ``-m slow``.
+TASK_COUNTS = [1, 2, 7, pytest.param(32, marks=pytest.mark.slow)]
 
 
 def jacobian(family: str, K: int, seed: int = 0, width: int = 48) -> np.ndarray:
@@ -47,7 +49,7 @@ def libmtl_normalizers(J: np.ndarray, losses: np.ndarray, normalization: str) ->
 
 
 @pytest.mark.parametrize("normalization", ["none", "l2", "loss", "loss+"])
-@pytest.mark.parametrize("K", [1, 2, 7, 32])
+@pytest.mark.parametrize("K", TASK_COUNTS)
 @pytest.mark.parametrize("family", FAMILIES)
 def test_mgda_normalization_is_libmtls_min_norm_point_of_the_normalised_gradients(normalization, K, family):
     """LibMTL: the min-norm point of g_k/n_k, and the update Σ_k w'_k g_k/n_k, which is that point. A zero row
@@ -120,7 +122,7 @@ def eigen_allowance(J: np.ndarray) -> float:
 
 
 @pytest.mark.parametrize("scale_mode", ["min", "median", "rmse"])
-@pytest.mark.parametrize("K", [1, 2, 7, 32])
+@pytest.mark.parametrize("K", TASK_COUNTS)
 @pytest.mark.parametrize("family", FAMILIES)
 def test_aligned_mtl_scale_mode_is_the_float64_rule(scale_mode, K, family):
     J = jacobian(family, K, seed=1)
