@@ -11,6 +11,7 @@ import pytest
 import torch
 from conftest import make_problem, regression_losses
 
+import selgroup_fast.ops  # noqa: F401 (registers the ops' fake kernels)
 from selgroup_fast.methods import aggregate, aggregator, create
 
 #: The Jacobians of requirement 1 of issue #22: random, aligned, conflicting, badly scaled, a zero row, duplicate rows.
@@ -150,6 +151,13 @@ def test_aligned_mtl_scale_mode_equals_torchjd(scale_mode, K, family):
     torch.testing.assert_close(ours, theirs, rtol=1e-8, atol=1e-10 * float(theirs.abs().max()))
 
 
+@pytest.mark.parametrize("scale_mode", ["median", "rmse"])
+def test_aligned_mtl_scale_mode_passes_opcheck(scale_mode):
+    """The schema's str option through the fake kernel, autograd registration and the dispatcher (torch.compile)."""
+    J = torch.from_numpy(jacobian("random", 4))
+    torch.library.opcheck(torch.ops.selgroup_fast.aligned_mtl_weights.default, ((J @ J.T).contiguous(), scale_mode))
+
+
 def test_aligned_mtl_bad_scale_mode_fails_at_construction():
     with pytest.raises(
         ValueError, match=r"^aligned_mtl_weights: scale_mode must be 'min', 'median' or 'rmse', got 'max'$"
@@ -265,3 +273,22 @@ def test_imtl_without_hybrid_keeps_no_state_and_reads_g_only():
 def test_imtl_bad_options_fail_at_construction(options, error, message):
     with pytest.raises(error, match=message):
         aggregator("imtl", 3, **options)
+
+
+def test_imtl_hybrid_skipped_step_leaves_its_scales():
+    """nonfinite="skip" (the default) restores the tensor state of the step's weighting: s and Adam's moments."""
+    K = 3
+    problem = make_problem(K, seed=8, dtype=torch.float32)
+    (x, y), (x2, y2) = batches(K, torch.float32)[:2]
+    method = train_hybrid(problem.model, [(x, y)], lr=0.05)
+    before = {key: value.clone() for key, value in method.state_dict().items()}
+
+    def poisoned() -> list[torch.Tensor]:
+        losses = regression_losses(problem.model, x2, y2)
+        return [losses[0] * torch.log(torch.zeros(())), *losses[1:]]
+
+    method.step(poisoned)
+    assert int(method.skipped_steps) == 1
+    for key, value in method.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    assert before["log_scales"].abs().min() > 0.04  # the first step moved them
