@@ -200,16 +200,16 @@ def cagrad_weights(
 ) -> torch.Tensor:
     """CAGrad (Liu et al., "Conflict-Averse Gradient Descent for Multi-task Learning", NeurIPS 2021).
 
-    Solves the authors' dual ``min_{x ∈ simplex} xᵀ·G·b + radius·sqrt(xᵀ·G·x + δ²)``
-    (b = 1/K, radius = c·sqrt(mean(G) + δ²) + δ) by accelerated projected gradient to
-    ‖Δx‖₁ < tol, and returns ``w = (b + λ·x) / s`` with λ = radius / (‖g_x‖ + δ) and
-    s = 1 + c² (rescale=1, the authors' default), 1 + c (rescale=2) or 1 (rescale=0).
-    So ``wᵀ·J`` is the authors' update (the mean gradient plus the conflict-averse
-    correction). Their regulariser δ = 1e-8 is here relative to G's scale,
-    δ = ε_double·max_k ‖g_k‖ (scale-equivariant, negligible against ‖g_x‖); where
-    ‖g_x‖ is below its rounding level, λ = 0 (d = g0). For c ≥ 1, w = 0 (CAGrad's
-    optimum where zero lies in the rows' convex hull) unless that update improves
-    every task above rounding (docs/algorithm.md).
+    Solves the authors' dual ``min_{x ∈ simplex} xᵀ·G·b + r·‖g_x‖`` (b = 1/K,
+    r = c·‖g0‖, g0 = bᵀ·J; without their 1e-8 regularisers) exactly, and returns
+    ``w = (b + λ·x) / s`` with λ = r / ‖g_x‖ and s = 1 + c² (rescale=1, the authors'
+    default), 1 + c (rescale=2) or 1 (rescale=0): ``wᵀ·J`` is the authors' update, the
+    maximiser of min_k g_k·d over the ball ‖d − g0‖ ≤ r. x is Wolfe's min-norm point of
+    the shifted gradients g_k + s·g0 at the s where ‖g_x‖ = r·s, found by a bracketed
+    root-find to ``tol`` relative in s (at most ``max_iter`` steps). Where zero lies in
+    the rows' convex hull and the ball meets {d : J·d ≥ 0} (always for c ≥ 1), the
+    optimum is not unique: w = (b + μ) / s with g0 + μᵀ·J the projection of g0 on that
+    cone (the optimum closest to g0; 0 on strongly stationary rows). docs/algorithm.md.
 
     >>> cagrad_weights(torch.eye(2, dtype=torch.float64), c=0.4)  # (0.5 + 0.4·0.5) / 1.16
     tensor([0.6034, 0.6034], dtype=torch.float64)

@@ -16,7 +16,7 @@ import torch
 from .affinity import ATTRIBUTIONS, AffinityTracker
 from .grouping import GroupingSpec, check_partition, make_grouping
 from .losses import ClosureOutput
-from .methods.base import MethodReport, MultiTaskMethod, detached
+from .methods.base import MethodReport, MultiTaskMethod, detached, tensor_bytes
 from .methods.nonfinite import DEFAULT_NONFINITE
 from .parallel import Params, RankAgreement, TaskParams, graph_parameters, is_sharded
 
@@ -163,6 +163,11 @@ class SelectiveGroupUpdate(MultiTaskMethod):
     def tracker(self) -> AffinityTracker:
         """The :class:`AffinityTracker` holding the affinity."""
         return self._tracker
+
+    @property
+    def state_bytes(self) -> int:
+        """The memory of the state, in bytes: the K×K affinity (the groups and counters are host values)."""
+        return tensor_bytes(self._tracker.affinity)
 
     @property
     def batches(self) -> int:

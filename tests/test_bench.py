@@ -220,6 +220,38 @@ def test_a_factory_from_python_with_bf16_autocast(tmp_path):
     assert any("torch.autocast(bf16)" in note for note in record["notes"])
 
 
+def test_the_state_column_reports_each_method_s_state_bytes(tmp_path):
+    """Issue #23: the bench reports what each method keeps between steps, re-derived here from the shapes."""
+    K = 3
+    suite = run_suite(
+        ["gd", "db_mtl", "moco", "uw", "selective"],
+        BenchConfig(batch_size=4, rounds=1, steps=1, warmup=1),
+        bench_toy_factory.build,
+        [str(K)],
+    )
+    width = sum(p.numel() for p in bench_toy_factory.build(BenchConfig().request(str(K))).shared_params)
+    float32 = 4
+    expected = {
+        "gd": 0,
+        "db_mtl": K * width * float32,  # the K×P EMA of the log losses' gradients
+        "moco": K * width * float32 + K * float32,  # the K×P tracked gradients and λ
+        # the K log-variances and their Adam's exp_avg, exp_avg_sq (K each) and its 0-d float32 step count
+        "uw": 3 * K * float32 + float32,
+        "selective": K * K * float32,  # the affinity
+    }
+    assert {result.method: result.state_bytes for result in suite.results[K]} == expected
+    write_outputs(suite, tmp_path, command="run_suite(...)")
+    record = json.loads((tmp_path / "results.json").read_text())
+    assert {r["method"]: r["state_bytes"] for r in record["runs"][0]["results"]} == expected
+    lines = (tmp_path / "results.md").read_text().splitlines()[2:]
+    header, _, *rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines if line]
+    column = header.index("state MiB")
+    assert {row[0]: row[column] for row in rows} == {
+        name: "–" if size == 0 else f"{size / 2**20:.3g}" for name, size in expected.items()
+    }
+    assert any(note.startswith("state MiB:") for note in record["notes"])
+
+
 #: (method name, first shared weight before the step, after it) of every Recorder step, in order.
 RECORDER_LOG: list[tuple[str, float, float]] = []
 

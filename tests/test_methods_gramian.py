@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from conftest import load_benchmark
 from manipulation_reference import pcgrad_update
 
-from selgroup_fast.methods import aggregate, aggregator, available, create
+from selgroup_fast.methods import Weighting, aggregate, aggregator, available, create
 from selgroup_fast.methods.jacobian import DEFAULTS, TaskJacobian
 from selgroup_fast.methods.pcgrad import projection_orders, seeded_generator
 from selgroup_fast.parallel import graph_separates
@@ -216,7 +216,9 @@ def test_the_default_mode_follows_the_device_table():
         assert method._jacobian.mode == cpu.jacobian, name
         many = cpu.weighting_from_tasks
         method = create(name, optimizer, many, shared_params=model.encoder.parameters(), **SEEDED.get(name, {}))
-        expected = cpu.jacobian if name == "graddrop" else cpu.weighting
+        # A weighting (a function of G) takes the Gramian; an aggregator that needs J itself (GradDrop, the tracked
+        # DB-MTL and MoCo) keeps the device's Jacobian mode.
+        expected = cpu.weighting if isinstance(method.aggregator, Weighting) else cpu.jacobian
         assert method._jacobian.mode == expected, name
     chunked = create("mgda", optimizer, K, shared_params=model.encoder.parameters(), chunk_size=2)
     assert (chunked._jacobian.mode, chunked._jacobian.chunk_size) == ("batched", 2)

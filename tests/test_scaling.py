@@ -23,8 +23,11 @@ import selgroup_fast
 from selgroup_fast import methods
 
 NAMES = methods.available()
-GRADIENT = ["pcgrad", "cagrad", "mgda", "graddrop", "imtl", "aligned_mtl", "nash_mtl"]
-LOSS_WEIGHTING = ["uw", "dwa", "dtp", "famo"]
+GRADIENT = ["pcgrad", "cagrad", "mgda", "graddrop", "imtl", "aligned_mtl", "nash_mtl", "upgrad", "dualproj", "gradnorm"]
+#: Gradient methods with K×P state over the shared parameters' coordinates: DDP only (FSDP2 shards the
+#: coordinates, the features of space="representation" change with every batch); both are refused in one line.
+TRACKED = ["db_mtl", "moco"]
+LOSS_WEIGHTING = ["uw", "dwa", "dtp", "famo", "stch", "gls", "imtl_l", "cosmos", "pbi", "rlw"]
 #: One DDP and one FSDP2 case per family runs in the default suite, with GradDrop under FSDP2 (its
 #: own path: each rank draws for its columns), Nash-MTL's reused weights, one process_group= case,
 #: one representation-space case under each, and DDP of a compiled model.
@@ -59,7 +62,7 @@ needs_gloo = pytest.mark.skipif(
 
 def test_the_registry_is_what_the_families_cover():
     # Every registered method is tested in each configuration below (a new one must join a family).
-    assert sorted(NAMES) == sorted(["gd", "selective", *GRADIENT, *LOSS_WEIGHTING])
+    assert sorted(NAMES) == sorted(["gd", "selective", *GRADIENT, *TRACKED, *LOSS_WEIGHTING])
 
 
 def distributed_case(name: str, config: str, variant: str = "plain"):
@@ -221,13 +224,18 @@ def test_representation_space_with_inductor_compiled_encoder_and_heads_trains_as
 
 SUPPORTED = (
     [distributed_case(name, "ddp") for name in NAMES]
-    + [distributed_case(name, "fsdp2", "task_params" if name == "selective" else "plain") for name in NAMES]
+    + [
+        distributed_case(name, "fsdp2", "task_params" if name == "selective" else "plain")
+        for name in NAMES
+        if name not in TRACKED
+    ]
     + [
         distributed_case(name, config, variant)
         for name in GRADIENT
         for config in ("ddp", "fsdp2")
         for variant in ("loop", "chunked")
     ]
+    + [distributed_case(name, "ddp", variant) for name in TRACKED for variant in ("loop", "chunked")]
     + [distributed_case(name, "ddp", "unseeded") for name in ["pcgrad", "graddrop", "selective"]]
     + [distributed_case("graddrop", "fsdp2", "unseeded")]
     + [distributed_case("nash_mtl", config, "reuse") for config in ("ddp", "fsdp2")]
@@ -295,6 +303,20 @@ def test_the_methods_own_communication_is_what_the_readme_says(case, per_step, d
     for step in distributed[0][case]["collectives"]:
         assert {kind: [numel for called, numel in step if called == kind] for kind in per_step} == per_step
     assert len(distributed[0][case]["collectives"]) == worker.STEPS
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize(
+    "case",
+    [distributed_case(name, "fsdp2") for name in TRACKED]
+    + [distributed_case(name, "ddp", "representation") for name in TRACKED],
+)
+def test_the_tracked_methods_refuse_sharded_and_feature_jacobians_in_one_line(case, distributed):
+    name, config, _ = case
+    expected = "does not support sharded" if config == "fsdp2" else 'space="representation"'
+    for ranks in distributed:
+        error = ranks[case].get("error", "")
+        assert error.startswith(f"ValueError: {name}") and expected in error and "\n" not in error, error
 
 
 @pytest.mark.timeout(600)

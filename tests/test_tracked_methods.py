@@ -176,7 +176,8 @@ def test_state_is_allocated_once_at_construction(name: str) -> None:
     tracker = method.aggregator
     width = sum(p.numel() for p in model.encoder.parameters())
     assert tracker.tracked.shape == (K, width) and not tracker.tracked.any()
-    assert tracker.state_bytes == K * width * 4
+    assert tracker.state_bytes == K * width * 4 + (K * 4 if name == "moco" else 0)  # MoCo's λ too
+    assert method.state_bytes == tracker.state_bytes
     x = batches()[0].float()
     method.step(lambda: model(x))
     assert tracker.tracked.shape == (K, width) and tracker.tracked.any()

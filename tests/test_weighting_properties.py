@@ -32,7 +32,6 @@ import manipulation_reference as reference
 import numpy as np
 import pytest
 import torch
-from known_failures import KNOWN_FAILURES
 from method_families import NON_STATIONARY, STATIONARY, Case, cases
 
 from selgroup_fast.methods import aggregate, aggregator, available
@@ -245,9 +244,8 @@ ROWS: dict[str, Row] = {
             "cagrad",
             {"c": 0.4},
             optimality=cagrad_optimality,
-            # With zero in the hull and c < 1 the dual point g_x is zero and d = g0 + λ·g_x takes its direction from
-            # rounding, which another task order rounds otherwise.
-            permutation_invariant=Claim(families=frozenset(NON_STATIONARY)),
+            # Permutation invariant on every family: where the optimum is not unique (zero in the hull, the ball
+            # meeting {J d ≥ 0}) the op returns the optimal d closest to g0, the projection of g0 on that cone.
             # c ≥ 1 puts d = 0 in the ball: the optimum of min_k g_k·d is then ≥ 0 (TorchJD's CAGrad tests).
             non_conflicting=Claim(options={"c": 1.0}),
             # Ours is the authors' d (the mean's ball, ÷(1 + c²)) × K; TorchJD's the undivided mean-based one.
@@ -407,13 +405,6 @@ def torchjd_aggregation() -> Any:
     return pytest.importorskip("torchjd.aggregation", reason="the torchjd test extra is not installed")
 
 
-def expect(request: pytest.FixtureRequest, name: str, prop: str, case: Case, dtype: torch.dtype) -> None:
-    """Marks a claim today's solvers break (tests/known_failures.py) as a strict xfail naming the fix."""
-    reason = KNOWN_FAILURES.get(f"{prop}/{name}/{case.id}/{str(dtype).removeprefix('torch.')}")
-    if reason is not None:
-        request.applymarker(pytest.mark.xfail(strict=True, reason=reason))
-
-
 def allowed(
     name: str, claim: Claim | None, J: np.ndarray, expected: np.ndarray, dtype: torch.dtype, base: float
 ) -> float:
@@ -479,8 +470,7 @@ def as_input(case: Case, device: str, dtype: torch.dtype) -> tuple[torch.Tensor,
         for name in ROWS
     ],
 )
-def test_finite(name, case, device, dtype, request):
-    expect(request, name, "finite", case, dtype)
+def test_finite(name, case, device, dtype):
     J, _ = as_input(case, device, dtype)
     d, _ = run(name, J)
     assert d.shape == (J.shape[1],) and np.isfinite(d).all()
@@ -503,8 +493,7 @@ def _reference_direction(name: str, J_bytes: bytes, shape: tuple[int, int], devi
 
 
 @pytest.mark.parametrize(("name", "case", "dtype"), parameters("exact"))
-def test_exact(name, case, dtype, device, request):
-    expect(request, name, "exact", case, dtype)
+def test_exact(name, case, dtype, device):
     J, J64 = as_input(case, device, dtype)
     expected = _reference_direction(name, J64.tobytes(), J64.shape, device, str(dtype).removeprefix("torch."))
     tolerance = allowed(name, ROWS[name].exact, J64, expected, dtype, EXACT[dtype])
@@ -512,8 +501,7 @@ def test_exact(name, case, dtype, device, request):
 
 
 @pytest.mark.parametrize(("name", "case", "dtype"), parameters("optimal"))
-def test_optimal(name, case, dtype, device, request):
-    expect(request, name, "optimal", case, dtype)
+def test_optimal(name, case, dtype, device):
     J, J64 = as_input(case, device, dtype)
     row = ROWS[name]
     d, w = run(name, J)
@@ -522,8 +510,7 @@ def test_optimal(name, case, dtype, device, request):
 
 
 @pytest.mark.parametrize(("name", "case", "dtype"), parameters("non_conflicting"))
-def test_non_conflicting(name, case, dtype, device, request):
-    expect(request, name, "non_conflicting", case, dtype)
+def test_non_conflicting(name, case, dtype, device):
     claim = ROWS[name].non_conflicting
     assert claim is not None
     J, J64 = as_input(case, device, dtype)
@@ -538,8 +525,7 @@ def test_non_conflicting(name, case, dtype, device, request):
 
 
 @pytest.mark.parametrize(("name", "case", "dtype"), parameters("permutation_invariant"))
-def test_permutation_invariant(name, case, dtype, device, request):
-    expect(request, name, "permutation_invariant", case, dtype)
+def test_permutation_invariant(name, case, dtype, device):
     J, J64 = as_input(case, device, dtype)
     permutation = torch.from_numpy(np.random.default_rng(case.seed).permutation(case.tasks)).to(device)
     d, permuted = run(name, J)[0], run(name, J[permutation].contiguous())[0]
@@ -549,8 +535,7 @@ def test_permutation_invariant(name, case, dtype, device, request):
 
 @pytest.mark.parametrize(("name", "case", "dtype"), parameters("scaling"))
 @pytest.mark.parametrize("scale", [7.0, pytest.param(0.1, marks=pytest.mark.slow)])
-def test_scaling(name, case, dtype, scale, device, request):
-    expect(request, name, f"scaling-{scale:g}", case, dtype)
+def test_scaling(name, case, dtype, scale, device):
     J, J64 = as_input(case, device, dtype)
     d = run(name, J)[0] * scale ** ROWS[name].scale_exponent
     scaled = run(name, J * scale)[0]
@@ -558,9 +543,8 @@ def test_scaling(name, case, dtype, scale, device, request):
 
 
 @pytest.mark.parametrize("name", sorted(ROWS))
-def test_aggregate_is_not_silently_differentiable(name, request):
+def test_aggregate_is_not_silently_differentiable(name):
     """Either the result does not require grad, or its gradient is right (TorchJD asserts the former)."""
-    expect(request, name, "autograd", Case("typical", 3), torch.float64)
     J = torch.from_numpy(Case("typical", 3).jacobian()).requires_grad_()
     options = ROWS[name].options
     with warnings.catch_warnings():
@@ -573,11 +557,10 @@ def test_aggregate_is_not_silently_differentiable(name, request):
 
 
 @pytest.mark.parametrize(("name", "case", "dtype"), parameters("torchjd_equal"))
-def test_torchjd(name, case, dtype, request):
+def test_torchjd(name, case, dtype):
     """Ours is TorchJD 0.18's direction up to the constant of our convention (CAGrad's K/(1 + c²), Aligned-MTL's
     K: pinned here), where TorchJD's solver is exact (see the rows); GradDrop (another RNG) and Nash-MTL (TorchJD's
     cvxpy loop stops at a 1e-3 residual) are compared in benchmarks/method_exactness.py instead."""
-    expect(request, name, "torchjd", case, dtype)
     row = ROWS[name]
     assert row.torchjd is not None and row.torchjd_equal is not None
     J, J64 = as_input(case, "cpu", dtype)

@@ -43,55 +43,51 @@
 namespace selgroup {
 namespace manipulation {
 
-template <typename scalar_t>
-struct MGDAWeights {
-  const scalar_t* gram;  // K×K
-  scalar_t* weights;     // K
+// Wolfe's min-norm point of the hull of K points given by their Gram matrix (doubles
+// in the caller's workspace): writes w on the simplex with wᵀ·G·w minimal. MGDA runs it
+// on the task gradients, CAGrad (cagrad.h) on its shifted task gradients.
+struct MinNormPoint {
   int K;
   int max_iter;
   double tol;
 
   struct Scratch {
-    double* flag;   // load_gram's flag, then t's pivot (rank 0 writes it, every worker reads it)
-    double* G;      // K×K
+    double* pivot;  // t's pivot (rank 0 writes it, every worker reads it)
     double* R;      // K×K, the upper triangle of the first |S| rows and columns: M = Rᵀ·R
     double* z;      // R⁻ᵀ·1
     double* y;      // the affine minimiser of S
     double* alpha;  // w on S, in S's order
-    double* w;      // K
     double* Gw;     // K
     int* corral;    // S: task indices
   };
   SELGROUP_HD Scratch carve(WorkspaceLayout& layout) const {
-    return {layout.take<double>(1), layout.take<double>(K * K), layout.take<double>(K * K),
-            layout.take<double>(K),  layout.take<double>(K),     layout.take<double>(K),
-            layout.take<double>(K),  layout.take<double>(K),     layout.take<int>(K)};
+    return {layout.take<double>(1), layout.take<double>(K * K), layout.take<double>(K), layout.take<double>(K),
+            layout.take<double>(K), layout.take<double>(K),     layout.take<int>(K)};
   }
 
+  // w (K, shared) = the min-norm point's weights for the Gram G (K×K, shared). Syncs.
   template <Team T>
-  SELGROUP_HD void operator()(const T& team, const Scratch& s) const {
-    const double* G = s.G;
-    if (!load_gram(team, gram, K, s.G, s.flag, weights)) return;
-
+  SELGROUP_HD void operator()(const T& team, const Scratch& s, const double* G, double* w) const {
     int start = 0;
     for (int k = 1; k < K; ++k)
       if (G[k * K + k] < G[start * K + start]) start = k;
     const double c = G[start * K + start] > 0.0 ? G[start * K + start] : 1.0;
     int size = 1;  // |S|, kept by every worker
+    team.sync();   // everyone has read S, α and w of a previous call
     if (team.rank() == 0) {
       s.corral[0] = start;
       s.alpha[0] = 1.0;
       s.R[0] = sqrt(c + G[start * K + start]);
       s.z[0] = 1.0 / s.R[0];
     }
-    fill(team, s.w, K, 0.0);
+    fill(team, w, K, 0.0);
     team.sync();
-    if (team.rank() == 0) s.w[start] = 1.0;
+    if (team.rank() == 0) w[start] = 1.0;
     team.sync();
 
     double previous = INFINITY;
     for (int step = 0; step < max_iter; ++step) {
-      matvec(team, G, s.w, s.Gw, K);
+      matvec(team, G, w, s.Gw, K);
       double value = 0.0, mass = 0.0;
       for (int i = 0; i < size; ++i) {
         value += s.alpha[i] * s.Gw[s.corral[i]];
@@ -106,9 +102,9 @@ struct MGDAWeights {
       previous = value;
 
       team.sync();  // everyone has read S before rank 0 extends it
-      if (team.rank() == 0) *s.flag = append_column(s, size, t, c);
+      if (team.rank() == 0) *s.pivot = append_column(s, G, size, t, c);
       team.sync();
-      if (!(*s.flag > K * DBL_EPSILON * (c + G[t * K + t]))) break;
+      if (!(*s.pivot > K * DBL_EPSILON * (c + G[t * K + t]))) break;
       ++size;
 
       while (true) {
@@ -131,12 +127,11 @@ struct MGDAWeights {
         --size;
       }
 
-      fill(team, s.w, K, 0.0);
+      fill(team, w, K, 0.0);
       team.sync();
-      for (int i = team.rank(); i < size; i += team.size()) s.w[s.corral[i]] = s.alpha[i];
+      for (int i = team.rank(); i < size; i += team.size()) w[s.corral[i]] = s.alpha[i];
       team.sync();
     }
-    store(team, s.w, K, weights);
   }
 
  private:
@@ -149,9 +144,9 @@ struct MGDAWeights {
   // Appends task t to S's factor (common.h's cholesky_append on M = c·1·1ᵀ + G) and
   // extends z. Returns the squared pivot (the caller adds t to S only when it is safely
   // positive). Rank 0 only.
-  SELGROUP_HD double append_column(const Scratch& s, int size, int t, double c) const {
-    const double squared_pivot = cholesky_append(
-        s.R, K, size, [&](int i) { return c + s.G[s.corral[i] * K + t]; }, c + s.G[t * K + t]);
+  SELGROUP_HD double append_column(const Scratch& s, const double* G, int size, int t, double c) const {
+    const double squared_pivot =
+        cholesky_append(s.R, K, size, [&](int i) { return c + G[s.corral[i] * K + t]; }, c + G[t * K + t]);
     double r_dot_z = 0.0;
     for (int i = 0; i < size; ++i) r_dot_z += s.R[i * K + size] * s.z[i];
     s.z[size] = (1.0 - r_dot_z) / s.R[size * K + size];
@@ -180,6 +175,34 @@ struct MGDAWeights {
       s.alpha[j] = s.alpha[j + 1];
     }
     cholesky_delete(s.R, K, size, leaving, s.z);
+  }
+};
+
+
+template <typename scalar_t>
+struct MGDAWeights {
+  const scalar_t* gram;  // K×K
+  scalar_t* weights;     // K
+  int K;
+  int max_iter;
+  double tol;
+
+  struct Scratch {
+    double* flag;  // load_gram's
+    double* G;     // K×K
+    double* w;     // K
+    MinNormPoint::Scratch solver;
+  };
+  SELGROUP_HD MinNormPoint solver() const { return {K, max_iter, tol}; }
+  SELGROUP_HD Scratch carve(WorkspaceLayout& layout) const {
+    return {layout.take<double>(1), layout.take<double>(K * K), layout.take<double>(K), solver().carve(layout)};
+  }
+
+  template <Team T>
+  SELGROUP_HD void operator()(const T& team, const Scratch& s) const {
+    if (!load_gram(team, gram, K, s.G, s.flag, weights)) return;
+    solver()(team, s.solver, s.G, s.w);
+    store(team, s.w, K, weights);
   }
 };
 

@@ -73,6 +73,7 @@ def result_record(result: MethodResult) -> dict[str, Any]:
         "round_ratios_to_gd": result.round_ratios,
         "groups_mean": result.groups_mean,
         "peak_memory_mib": None if result.peak_memory_bytes is None else result.peak_memory_bytes / MIB,
+        "state_bytes": result.state_bytes,
     }
 
 
@@ -90,6 +91,7 @@ def table_rows(results: list[MethodResult]) -> tuple[list[str], list[list[str]]]
         "× GD (± MAD)",
         "groups",
         "peak MiB",
+        "state MiB",
     ]
     rows = []
     for result in results:
@@ -103,6 +105,7 @@ def table_rows(results: list[MethodResult]) -> tuple[list[str], list[list[str]]]
                 "–" if result.ratio is None else f"{result.ratio:.2f} ± {result.ratio_mad:.2f}",
                 "–" if result.groups_mean is None else f"{result.groups_mean:.2f}",
                 "–" if result.peak_memory_bytes is None else f"{result.peak_memory_bytes / MIB:.0f}",
+                "–" if result.state_bytes == 0 else f"{result.state_bytes / MIB:.3g}",
             ]
         )
     return header, rows
@@ -177,6 +180,12 @@ def run_notes(suite: Suite, extra: Sequence[str] = ()) -> list[str]:
             "peak MiB: growth of the process's resident set size over the method's warm-up steps, sampled every "
             "2 ms (optimizer state, gradients, activations, the method's buffers; a lower bound: memory freed by "
             "earlier methods and reused does not show)"
+        )
+    if any(result.state_bytes for results in suite.results.values() for result in results):
+        notes.append(
+            "state MiB: what the method keeps between steps besides the model and the optimizer (method.state_bytes: "
+            "DB-MTL's and MoCo's K×P rows, the selective method's K×K affinity, the loss weights' K numbers), "
+            "allocated once; part of its peak; – : none"
         )
     return [*notes, *extra]
 

@@ -125,6 +125,7 @@ class MethodResult:
     round_ratios: list[float] | None = None  # each round's median over the baseline's in the same round
     groups_mean: float | None = None  # average number of groups per measured step (selective)
     peak_memory_bytes: int | None = None
+    state_bytes: int = 0  # the method's state kept between steps (MultiTaskMethod.state_bytes) after its warm-up
 
     @property
     def other(self) -> float:
@@ -433,6 +434,7 @@ def run_methods(
                 round_totals=contestant.round_totals,
                 groups_mean=statistics.fmean(contestant.group_counts) if contestant.group_counts else None,
                 peak_memory_bytes=contestant.peak_memory_bytes,
+                state_bytes=contestant.method.state_bytes,
             )
         )
     set_paired_ratios(results, baseline)

@@ -32,6 +32,15 @@ def _saved(value: Any) -> Any:
     return value.state_dict() if isinstance(value, torch.optim.Optimizer) else value
 
 
+def tensor_bytes(value: Any) -> int:
+    """The bytes of the tensors in ``value``: a tensor, an optimizer's state, or 0 (a number, a generator)."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, torch.optim.Optimizer):
+        return sum(tensor_bytes(item) for state in value.state.values() for item in state.values())
+    return 0
+
+
 class SavedState:
     """``state_dict`` / ``load_state_dict`` over the attributes named in :attr:`saved_state`.
 
@@ -43,6 +52,15 @@ class SavedState:
     #: The names of the attributes that make up the state (the keys of ``state_dict()``): a class attribute, or set
     #: per instance in ``__init__`` where an option decides it (IMTL's ``hybrid``).
     saved_state: tuple[str, ...] = ()
+
+    @property
+    def state_bytes(self) -> int:
+        """The memory of the state (the tensors of :attr:`saved_state`, an optimizer's included), in bytes.
+
+        What the method keeps between steps beside the model and its optimizer (DB-MTL's and MoCo's K×P
+        rows, Nash-MTL's K weights, ...); not its per-step buffers (J). ``selgroup-bench`` reports it.
+        """
+        return sum(tensor_bytes(getattr(self, name)) for name in self.saved_state)
 
     def state_dict(self) -> dict[str, Any]:
         """The method's own state (not the model's or the optimizer's)."""

@@ -30,8 +30,10 @@ class CAGrad(Weighting):
     mean-based ``g0 + c‖g0‖/‖g_w‖ · g_w``, no rescale) our update is ``K/(1+c²)`` times
     theirs with the default ``rescale=1`` (``K`` with ``rescale=0``).
 
-    For ``c ≥ 1`` the update is 0 where zero lies in the task gradients' convex hull
-    (CAGrad's optimum there: no update improves every task), see ``ops.cagrad_weights``.
+    Where zero lies in the task gradients' convex hull and the ball meets the cone
+    ``{d : J d ≥ 0}`` (always for ``c ≥ 1``), no update improves every task and the
+    update is the optimum closest to ``g0``, its projection on that cone (0 on strongly
+    stationary gradients), see ``ops.cagrad_weights``.
 
     Options: those of :func:`selgroup_fast.ops.cagrad_weights` (``c``, ``rescale``,
     ``max_iter``, ``tol``; the authors' names and defaults).

@@ -339,6 +339,11 @@ class GradientMethod(MultiTaskMethod):
         GradDrop, which has none, and before the first step)."""
         return dataclasses.replace(super().report(), weights=self._last_weights)
 
+    @property
+    def state_bytes(self) -> int:
+        """The aggregator's state (:attr:`Aggregator.state_bytes`): the method's state is the aggregator's."""
+        return self.aggregator.state_bytes
+
     def state_dict(self) -> dict:
         return self.aggregator.state_dict()
 

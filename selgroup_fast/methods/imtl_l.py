@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
-
 import torch
 
-from ..losses import ClosureOutput
-from .loss_weighting import LossWeightingMethod, learned_scales, state_dtype
-from .nonfinite import DEFAULT_NONFINITE
+from .loss_weighting import LearnedScalesMethod
 
 
-class IMTLL(LossWeightingMethod):
+class IMTLL(LearnedScalesMethod):
     """IMTL-L: task losses scaled by learned ``e^{s_k}``, regularised by ``-s_k``.
 
     L. Liu, Y. Li, Z. Kuang, J.-H. Xue, Y. Chen, W. Yang, Q. Liao, W. Zhang, "Towards
@@ -45,30 +40,20 @@ class IMTLL(LossWeightingMethod):
     name = "imtl_l"
     saved_state = ("log_scales", "log_scales_optimizer")
 
-    def __init__(
-        self,
-        optimizer: torch.optim.Optimizer,
-        num_tasks: int,
-        *,
-        lr: float = 0.025,
-        profile: bool = False,
-        process_group: Any = None,
-        nonfinite: str = DEFAULT_NONFINITE,
-    ) -> None:
-        super().__init__(optimizer, num_tasks, profile=profile, process_group=process_group, nonfinite=nonfinite)
-        #: ``s_k``, the learned log-scales.
-        self.log_scales, self.log_scales_optimizer = learned_scales(num_tasks, lr, self.device, state_dtype(optimizer))
+    @property
+    def log_scales(self) -> torch.nn.Parameter:
+        """``s_k``, the learned log-scales (:attr:`scales`)."""
+        return self.scales
+
+    @property
+    def log_scales_optimizer(self) -> torch.optim.Adam:
+        """Their Adam (:attr:`scales_optimizer`)."""
+        return self.scales_optimizer
 
     @property
     def weights(self) -> torch.Tensor:
         """The current loss weights ``exp(s_k)`` (detached)."""
-        return torch.exp(self.log_scales.detach())
+        return torch.exp(self.scales.detach())
 
-    def _combine_losses(self, losses: torch.Tensor) -> torch.Tensor:
-        self.log_scales_optimizer.zero_grad(set_to_none=True)
-        log_scales = self.log_scales.to(losses.dtype)
-        return (torch.exp(log_scales) * losses - log_scales).sum()
-
-    def _after_step(self, losses: torch.Tensor, closure: Callable[[], ClosureOutput]) -> None:
-        with self._timer.phase("optimizer"):
-            self._nonfinite.step(self.log_scales_optimizer)
+    def _scaled_losses(self, scales: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:
+        return torch.exp(scales) * losses - scales

@@ -13,12 +13,13 @@ from __future__ import annotations
 import abc
 import dataclasses
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
 from ..losses import ClosureOutput
 from .base import MethodReport, MultiTaskMethod
-from .nonfinite import tensor_state
+from .nonfinite import DEFAULT_NONFINITE, tensor_state
 
 #: What a per-task option of a loss weighting accepts: K numbers.
 TaskValues = Sequence[float] | torch.Tensor
@@ -50,16 +51,6 @@ def preference(values: TaskValues | None, num_tasks: int, device: torch.device, 
 def state_dtype(optimizer: torch.optim.Optimizer) -> torch.dtype:
     """The dtype of a loss weighting's state: that of the optimizer's first parameter."""
     return optimizer.param_groups[0]["params"][0].dtype
-
-
-def learned_scales(
-    num_tasks: int, lr: float, device: torch.device, dtype: torch.dtype
-) -> tuple[torch.nn.Parameter, torch.optim.Adam]:
-    """K learned numbers (init 0) and the method's own ``Adam(lr)`` over them (UW, IMTL-L)."""
-    if lr <= 0:
-        raise ValueError(f"lr must be > 0, got {lr}")
-    scales = torch.nn.Parameter(torch.zeros(num_tasks, device=device, dtype=dtype))
-    return scales, torch.optim.Adam([scales], lr=lr)
 
 
 class LossWeightingMethod(MultiTaskMethod):
@@ -111,3 +102,45 @@ class LossWeightingMethod(MultiTaskMethod):
     def _state_kept_on_skip(self) -> list[str]:
         """The state a skipped step restores: the tensors of :attr:`saved_state` but the learned ones (their optimizer skips)."""
         return [name for name in tensor_state(self) if not getattr(self, name).requires_grad]
+
+
+class LearnedScalesMethod(LossWeightingMethod):
+    """A loss weighting of K scales ``s`` (init 0) that the method learns itself (UW, IMTL-L).
+
+    The scales belong to the method: it owns them (:attr:`scales`) and its own
+    ``torch.optim.Adam`` over them (:attr:`scales_optimizer`), stepped right after the
+    user's optimizer, ``lr=0.025`` by default (the Nash-MTL benchmark code's learning rate
+    for the methods' parameters). The user does NOT add them to their optimizer; a skipped
+    step skips their Adam too. Subclasses give the K terms of the training loss
+    (:meth:`_scaled_losses`), the loss weights the scales mean (:attr:`weights`) and the
+    names their ``state_dict`` keeps (aliases of :attr:`scales` and :attr:`scales_optimizer`).
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        num_tasks: int,
+        *,
+        lr: float = 0.025,
+        profile: bool = False,
+        process_group: Any = None,
+        nonfinite: str = DEFAULT_NONFINITE,
+    ) -> None:
+        super().__init__(optimizer, num_tasks, profile=profile, process_group=process_group, nonfinite=nonfinite)
+        if lr <= 0:
+            raise ValueError(f"lr must be > 0, got {lr}")
+        #: ``s``, the learned scales (the loss weights they mean: :attr:`weights`).
+        self.scales = torch.nn.Parameter(torch.zeros(num_tasks, device=self.device, dtype=state_dtype(optimizer)))
+        self.scales_optimizer = torch.optim.Adam([self.scales], lr=lr)
+
+    @abc.abstractmethod
+    def _scaled_losses(self, scales: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:
+        """The K terms of the training loss, from the scales (in the losses' dtype) and the K losses."""
+
+    def _combine_losses(self, losses: torch.Tensor) -> torch.Tensor:
+        self.scales_optimizer.zero_grad(set_to_none=True)
+        return self._scaled_losses(self.scales.to(losses.dtype), losses).sum()
+
+    def _after_step(self, losses: torch.Tensor, closure: Callable[[], ClosureOutput]) -> None:
+        with self._timer.phase("optimizer"):
+            self._nonfinite.step(self.scales_optimizer)

@@ -54,11 +54,6 @@ class TaskGradientTracker(Aggregator):
         #: The steps taken (``t`` of the decayed rates ``rate / t^σ``; a host int, no device read).
         self.steps = 0
 
-    @property
-    def state_bytes(self) -> int:
-        """The memory of the K×P state (``K · P · dtype size``)."""
-        return self.tracked.numel() * self.tracked.element_size()
-
     def allocate(self, width: int) -> None:
         """Allocates the K × ``width`` state (zeros) once: the training step calls it when it is built."""
         if self.tracked.shape[1] not in (0, width):

@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
-
 import torch
 
-from ..losses import ClosureOutput
-from .loss_weighting import LossWeightingMethod, learned_scales, state_dtype
-from .nonfinite import DEFAULT_NONFINITE
+from .loss_weighting import LearnedScalesMethod
 
 
-class UW(LossWeightingMethod):
+class UW(LearnedScalesMethod):
     """UW: task losses weighted by learned homoscedastic uncertainties.
 
     A. Kendall, Y. Gal, R. Cipolla, "Multi-Task Learning Using Uncertainty to Weigh
@@ -45,30 +40,20 @@ class UW(LossWeightingMethod):
     name = "uw"
     saved_state = ("log_vars", "log_vars_optimizer")
 
-    def __init__(
-        self,
-        optimizer: torch.optim.Optimizer,
-        num_tasks: int,
-        *,
-        lr: float = 0.025,
-        profile: bool = False,
-        process_group: Any = None,
-        nonfinite: str = DEFAULT_NONFINITE,
-    ) -> None:
-        super().__init__(optimizer, num_tasks, profile=profile, process_group=process_group, nonfinite=nonfinite)
-        #: ``s_k = log σ_k²``, the learned log-variances.
-        self.log_vars, self.log_vars_optimizer = learned_scales(num_tasks, lr, self.device, state_dtype(optimizer))
+    @property
+    def log_vars(self) -> torch.nn.Parameter:
+        """``s_k = log σ_k²``, the learned log-variances (:attr:`scales`)."""
+        return self.scales
+
+    @property
+    def log_vars_optimizer(self) -> torch.optim.Adam:
+        """Their Adam (:attr:`scales_optimizer`)."""
+        return self.scales_optimizer
 
     @property
     def weights(self) -> torch.Tensor:
         """The current loss weights ``½ exp(-s_k)`` (detached)."""
-        return 0.5 * torch.exp(-self.log_vars.detach())
+        return 0.5 * torch.exp(-self.scales.detach())
 
-    def _combine_losses(self, losses: torch.Tensor) -> torch.Tensor:
-        self.log_vars_optimizer.zero_grad(set_to_none=True)
-        log_vars = self.log_vars.to(losses.dtype)
-        return (0.5 * (torch.exp(-log_vars) * losses + log_vars)).sum()
-
-    def _after_step(self, losses: torch.Tensor, closure: Callable[[], ClosureOutput]) -> None:
-        with self._timer.phase("optimizer"):
-            self._nonfinite.step(self.log_vars_optimizer)
+    def _scaled_losses(self, scales: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:
+        return 0.5 * (torch.exp(-scales) * losses + scales)
