@@ -191,10 +191,15 @@ at::Tensor imtl_weights(const at::Tensor& gram) {
 }
 
 template <typename Backend>
-at::Tensor aligned_mtl_weights(const at::Tensor& gram) {
+at::Tensor aligned_mtl_weights(const at::Tensor& gram, c10::string_view scale_mode) {
   const int K = check_gram(gram);
+  const AlignedScale scale = scale_mode == "min"      ? AlignedScale::kMin
+                             : scale_mode == "median" ? AlignedScale::kMedian
+                                                      : AlignedScale::kRmse;
+  TORCH_CHECK(scale != AlignedScale::kRmse || scale_mode == "rmse",
+              "aligned_mtl_weights: scale_mode must be 'min', 'median' or 'rmse', got '", scale_mode, "'");
   return solve_weights<Backend>(gram, "aligned_mtl_weights", [&](const auto* g, auto* w) {
-    return AlignedMTLWeights<pointee_t<decltype(w)>>{g, w, K};
+    return AlignedMTLWeights<pointee_t<decltype(w)>>{g, w, K, scale};
   });
 }
 

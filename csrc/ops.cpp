@@ -42,7 +42,8 @@ TORCH_LIBRARY(selgroup_fast, m) {
   m.def("mgda_weights(Tensor gram, int max_iter=250, float tol=0.0) -> Tensor");
   m.def("cagrad_weights(Tensor gram, float c=0.4, int rescale=1, int max_iter=1000, float tol=1e-10) -> Tensor");
   m.def("imtl_weights(Tensor gram) -> Tensor");
-  m.def("aligned_mtl_weights(Tensor gram) -> Tensor");
+  // scale_mode: "min", "median" or "rmse" (csrc/manipulation/aligned_mtl.h's AlignedScale).
+  m.def("aligned_mtl_weights(Tensor gram, str scale_mode=\"min\") -> Tensor");
   m.def("nash_mtl_weights(Tensor gram, Tensor alpha_init, int max_iter=50, float tol=1e-16) -> Tensor");
   m.def("fairgrad_weights(Tensor gram, float alpha=1.0, int max_iter=50, float tol=1e-16) -> Tensor");
   m.def("config_weights(Tensor gram, Tensor preference) -> Tensor");

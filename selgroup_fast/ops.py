@@ -236,12 +236,13 @@ def imtl_weights(gram: torch.Tensor) -> torch.Tensor:
     return torch.ops.selgroup_fast.imtl_weights(gram)
 
 
-def aligned_mtl_weights(gram: torch.Tensor) -> torch.Tensor:
+def aligned_mtl_weights(gram: torch.Tensor, scale_mode: str = "min") -> torch.Tensor:
     """Aligned-MTL (Senushkin et al., "Independent Component Alignment for Multi-Task Learning", CVPR 2023).
 
     With G = V·Λ·Vᵀ (eigenvalues below λ_max·K·ε dropped, ε the machine epsilon of
     G's dtype, as the authors' ProcrustesSolver and TorchJD do) and σ the smallest kept
-    eigenvalue (scale_mode="min"), the aligned gradients ``W·J`` with
+    eigenvalue (``scale_mode="min"``; ``"median"``: their ``torch.median``, the lower middle
+    one for an even count; ``"rmse"``: their mean; TorchJD 0.18's three modes), the aligned gradients ``W·J`` with
     ``W = V·diag(sqrt(σ/λ))·Vᵀ`` are orthogonal with norm sqrt(σ); with equal
     preferences ``d`` is their sum, so ``w = W·1``: K times TorchJD's ``AlignedMTLWeighting``
     (whose default preference is the mean, 1/K). In float32 the eigenvalues below
@@ -252,8 +253,10 @@ def aligned_mtl_weights(gram: torch.Tensor) -> torch.Tensor:
 
     >>> aligned_mtl_weights(torch.tensor([[1.0, 0.0], [0.0, 4.0]]))  # W = diag(1, 1/2)
     tensor([1.0000, 0.5000])
+    >>> aligned_mtl_weights(torch.tensor([[1.0, 0.0], [0.0, 4.0]]), scale_mode="rmse")  # σ = 2.5
+    tensor([1.5811, 0.7906])
     """
-    return torch.ops.selgroup_fast.aligned_mtl_weights(gram)
+    return torch.ops.selgroup_fast.aligned_mtl_weights(gram, scale_mode)
 
 
 def nash_mtl_weights(

@@ -157,8 +157,9 @@ def imtl_weights(jacobian: np.ndarray) -> np.ndarray:
     return weights
 
 
-def aligned_mtl_weights(jacobian: np.ndarray, dtype: type = np.float64) -> np.ndarray:
-    """The authors' ProcrustesSolver (scale_mode="min") with numpy.linalg.eigh: w = W·1.
+def aligned_mtl_weights(jacobian: np.ndarray, dtype: type = np.float64, scale_mode: str = "min") -> np.ndarray:
+    """The authors' ProcrustesSolver with numpy.linalg.eigh: w = W·1, σ of ``scale_mode`` over the kept eigenvalues
+    (TorchJD 0.18's: ``"min"``, ``"median"`` as ``torch.median``, the lower middle one, ``"rmse"`` their mean).
 
     Eigenvalues up to λ_max·K·ε are dropped, ε the epsilon of ``dtype`` (the gradients'
     dtype: the authors take torch's default dtype, that of their training).
@@ -171,7 +172,12 @@ def aligned_mtl_weights(jacobian: np.ndarray, dtype: type = np.float64) -> np.nd
     if not kept.any():  # G = 0: every direction is zero
         return np.zeros(gram.shape[0])
     eigenvalues, basis = eigenvalues[kept], basis[:, kept]
-    W = basis @ np.diag(np.sqrt(eigenvalues.min() / eigenvalues)) @ basis.T
+    scale = {
+        "min": eigenvalues.min(),
+        "median": np.sort(eigenvalues)[(eigenvalues.size - 1) // 2],
+        "rmse": eigenvalues.mean(),
+    }[scale_mode]
+    W = basis @ np.diag(np.sqrt(scale / eigenvalues)) @ basis.T
     return W.sum(axis=1)
 
 

@@ -210,11 +210,14 @@ void check_weightings(Tally& tally, std::mt19937& generator, const std::vector<i
       check_solver(tally, "cagrad" + suffix, CAGradWeights<double>{G.data(), w, K, 0.4, 1, 1000, 1e-10}, w, K,
                    kNoScratch);
       check_solver(tally, "imtl" + suffix, IMTLWeights<double>{G.data(), w, K}, w, K, kNoScratch);
+      for (const AlignedScale scale : {AlignedScale::kMedian, AlignedScale::kRmse})
+        check_solver(tally, "aligned_mtl scale=" + std::to_string(static_cast<int>(scale)) + suffix,
+                     AlignedMTLWeights<double>{G.data(), w, K, scale}, w, K, kNoScratch);
       check_solver(tally, "aligned_mtl" + suffix, AlignedMTLWeights<double>{G.data(), w, K}, w, K, kNoScratch);
       // A rotation log of K − 1 (eigh.h): the eigensolver flushes it into Zᵀ every sweep or two; same weights.
       const std::vector<double> logged(w, w + K);
-      check_solver(tally, "aligned_mtl flushed" + suffix, AlignedMTLWeights<double>{G.data(), w, K, 3}, w, K,
-                   kNoScratch);
+      check_solver(tally, "aligned_mtl flushed" + suffix,
+                   AlignedMTLWeights<double>{G.data(), w, K, AlignedScale::kMin, 3}, w, K, kNoScratch);
       double gap = 0.0, size = 0.0;
       for (int k = 0; k < K; ++k) {
         gap = std::max(gap, std::fabs(w[k] - logged[k]));

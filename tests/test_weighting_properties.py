@@ -83,6 +83,22 @@ def mgda_direction(J: np.ndarray, options: dict[str, Any]) -> np.ndarray:
     return reference.min_norm_point(J)
 
 
+def unit_rows(J: np.ndarray) -> np.ndarray:
+    """g_k/‖g_k‖ (a zero row stays zero): MGDA's rows under ``"l2"``, and under ``"loss+"`` with unit losses."""
+    norms = np.linalg.norm(J, axis=1)
+    return J / np.where(norms > 0, norms, 1.0)[:, None]
+
+
+def normalised_mgda_direction(J: np.ndarray, options: dict[str, Any]) -> np.ndarray:
+    """LibMTL's update Σ_k w'_k g_k/‖g_k‖: the min-norm point of the unit rows."""
+    return reference.min_norm_point(unit_rows(J))
+
+
+def normalised_min_norm_conditioning(J: np.ndarray, expected: np.ndarray, eps: float) -> float:
+    """:func:`min_norm_conditioning` of the unit rows, whose Gram matrix is G's entries over the norms."""
+    return min_norm_conditioning(unit_rows(J), expected, eps)
+
+
 def mgda_kkt(J: np.ndarray, d: np.ndarray, w: np.ndarray | None, options: dict[str, Any]) -> float:
     """d is the min-norm point of the hull iff it lies in it (w on the simplex) and g_k·d ≥ ‖d‖² for every k (the
     simplex KKT): the largest violation, relative (the weights' own rounding counts against the dtype's tolerance)."""
@@ -139,7 +155,7 @@ def imtl_equal_projections(J: np.ndarray, d: np.ndarray, w: np.ndarray | None, o
 
 
 def aligned_mtl_direction(J: np.ndarray, options: dict[str, Any]) -> np.ndarray:
-    return J.T @ reference.aligned_mtl_weights(J, options["dtype"])
+    return J.T @ reference.aligned_mtl_weights(J, options["dtype"], options.get("scale_mode", "min"))
 
 
 def nash_mtl_direction(J: np.ndarray, options: dict[str, Any]) -> np.ndarray:
@@ -217,8 +233,11 @@ class Row:
     """One gradient method and what its paper or peer claims for it (``None``: no such claim)."""
 
     name: str
-    #: Options that make it deterministic or switch off a step-level convention (Nash-MTL's clipping).
+    #: Options that make it deterministic or switch off a step-level convention (Nash-MTL's clipping), or that
+    #: choose the variant of the method the row is about.
     options: dict[str, Any] = field(default_factory=dict)
+    #: The row of an option's variant of the method (``""``: the method as created by default).
+    variant: str = ""
     #: The exact direction of the method's own rule (float64, on J), and where it is claimed.
     reference: Direction | None = None
     exact: Claim | None = Claim()
@@ -242,9 +261,14 @@ class Row:
     #: With K = 1 the direction is the task's own gradient (not where a tracked state averages it in: DB-MTL, MoCo).
     one_task: bool = True
 
+    @property
+    def key(self) -> str:
+        """The row's key in :data:`ROWS` and its tests' ids: the registry name, and the variant's in brackets."""
+        return f"{self.name}[{self.variant}]" if self.variant else self.name
+
 
 ROWS: dict[str, Row] = {
-    row.name: row
+    row.key: row
     for row in [
         Row(
             "pcgrad",
@@ -287,6 +311,25 @@ ROWS: dict[str, Row] = {
             torchjd=lambda K: torchjd_aggregation().MGDA(),
             torchjd_equal=Claim(families=frozenset({"typical", "non_weak_stationary", "norm_ratio"}), max_tasks=2),
         ),
+        # LibMTL's gradient normalisations (mgda_gn): the min-norm point of g_k/n_k. Scale-free: d(s J) = d(J).
+        # "loss+" (n_k = L_k·‖g_k‖) is "l2" with the harness's unit losses: its row checks that the step's losses
+        # reach it (exact); l2's the properties.
+        *(
+            Row(
+                "mgda",
+                {"normalization": normalization},
+                variant=normalization,
+                reference=normalised_mgda_direction,
+                conditioning=normalised_min_norm_conditioning,
+                **properties,
+                scale_exponent=0.0,
+                one_task=False,  # one task: its unit gradient g/‖g‖
+            )
+            for normalization, properties in (
+                ("l2", {"non_conflicting": Claim()}),
+                ("loss+", {"permutation_invariant": None, "scaling": None}),
+            )
+        ),
         Row("graddrop", {"seed": 0}, reference=graddrop_direction),
         Row(
             "imtl",
@@ -299,6 +342,16 @@ ROWS: dict[str, Row] = {
             # non-weakly-stationary rows, where ours is d = 0 and TorchJD's projections are unequal.
             torchjd_equal=Claim(families=frozenset({"typical", "norm_ratio", "duplicate_rows"}), tolerance=1e-6),
         ),
+        # LibMTL's IMTL at its first step: the scales e^0 = 1, IMTL-G's direction (tests/test_method_options.py
+        # follows the learned scales over several steps).
+        Row(
+            "imtl",
+            {"hybrid": True},
+            variant="hybrid",
+            reference=imtl_direction,
+            optimality=imtl_equal_projections,
+            optimal=Claim(families=frozenset({"typical", "norm_ratio", "duplicate_rows"})),
+        ),
         Row(
             "aligned_mtl",
             reference=aligned_mtl_direction,
@@ -309,6 +362,19 @@ ROWS: dict[str, Row] = {
             torchjd=lambda K: torchjd_aggregation().AlignedMTL(),
             torchjd_factor=lambda K, options: K,
             torchjd_equal=Claim(tolerance=1e-6),
+        ),
+        *(
+            Row(
+                "aligned_mtl",
+                {"scale_mode": scale_mode},
+                variant=scale_mode,
+                reference=aligned_mtl_direction,
+                conditioning=eigen_conditioning,
+                torchjd=lambda K, scale_mode=scale_mode: torchjd_aggregation().AlignedMTL(scale_mode=scale_mode),
+                torchjd_factor=lambda K, options: K,
+                torchjd_equal=Claim(tolerance=1e-6),
+            )
+            for scale_mode in ("median", "rmse")
         ),
         Row(
             "nash_mtl",
@@ -481,7 +547,9 @@ ROWS: dict[str, Row] = {
         ),
     ]
 }
-assert sorted(ROWS) == sorted(available("gradient")), "every gradient method needs its row"
+assert sorted({row.name for row in ROWS.values()}) == sorted(available("gradient")), (
+    "every gradient method needs its row"
+)
 
 DEFAULT_CASES = cases(tasks=(2, 5), seeds=(0,), ratios=(1e4,))
 SLOW_CASES = [
@@ -520,20 +588,18 @@ def parameters(prop: str) -> list:
             if (prop == "exact" and row.reference is None) or (prop == "optimal" and row.optimality is None):
                 continue
             for dtype in (torch.float64, torch.float32) if case.well_conditioned else (torch.float64,):
-                out.append(
-                    pytest.param(row.name, case, dtype, marks=marks, id=f"{row.name}-{case.id}-{str(dtype)[6:]}")
-                )
+                out.append(pytest.param(row.key, case, dtype, marks=marks, id=f"{row.key}-{case.id}-{str(dtype)[6:]}"))
     return out
 
 
-def method(name: str, K: int, device: str, dtype: torch.dtype, **extra: Any):
-    return aggregator(name, K, device, dtype, **{**ROWS[name].options, **extra})
+def method(key: str, K: int, device: str, dtype: torch.dtype, **extra: Any):
+    return aggregator(ROWS[key].name, K, device, dtype, **{**ROWS[key].options, **extra})
 
 
-def loss_inputs(name: str, J: torch.Tensor) -> dict[str, torch.Tensor]:
+def loss_inputs(key: str, J: torch.Tensor) -> dict[str, torch.Tensor]:
     """The losses of a method that reads them (all 1: a row's claims are about J), the same batch as the second of a
     two-batch method (A = G), else nothing."""
-    needs = aggregator(name, J.shape[0], "cpu", torch.float64, **ROWS[name].options).needs
+    needs = method(key, J.shape[0], "cpu", torch.float64).needs
     inputs = {"losses": torch.ones(J.shape[0], dtype=J.dtype, device=J.device)} if "losses" in needs else {}
     return {**inputs, "second_jacobian": J} if "cross_gram" in needs else inputs
 
@@ -543,7 +609,7 @@ def run(name: str, J: torch.Tensor, **extra: Any) -> tuple[np.ndarray, np.ndarra
     combine = method(name, J.shape[0], str(J.device), J.dtype, **extra)
     weights = None
     if isinstance(combine, Weighting):
-        weights = combine.weights((J @ J.T).contiguous()).double().cpu().numpy()
+        weights = combine.direction_weights((J @ J.T).contiguous(), **loss_inputs(name, J))[0].double().cpu().numpy()
         combine = method(name, J.shape[0], str(J.device), J.dtype, **extra)  # a fresh state (Nash-MTL's α)
     return combine(J, **loss_inputs(name, J)).double().cpu().numpy(), weights
 
@@ -645,10 +711,10 @@ def test_aggregate_is_not_silently_differentiable(name):
     options = ROWS[name].options
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch's "silently incorrect" autograd warning is what is tested
-        d = aggregate(name, J, **options, **loss_inputs(name, J))
+        d = aggregate(ROWS[name].name, J, **options, **loss_inputs(name, J))
         if d.requires_grad:
             assert torch.autograd.gradcheck(
-                lambda m: aggregate(name, m, **options, **loss_inputs(name, m)), (J,), raise_exception=False
+                lambda m: aggregate(ROWS[name].name, m, **options, **loss_inputs(name, m)), (J,), raise_exception=False
             )
 
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from .. import ops
-from .weighting import Weighting
+from .weighting import Weighting, validated_op_options
 
 
 class AlignedMTL(Weighting):
@@ -22,7 +24,11 @@ class AlignedMTL(Weighting):
     and returns those weights.
 
     Convention: the authors' (equal preferences, scaling by the smallest singular
-    value of the task-gradient matrix); the heads get ``∇ Σ_k L_k``. No options.
+    value of the task-gradient matrix by default); the heads get ``∇ Σ_k L_k``.
+    Option ``scale_mode="min"`` (TorchJD 0.18's, the authors' ``scale_mode``): σ is the
+    smallest kept eigenvalue (``"min"``), their median (``"median"``, ``torch.median``'s:
+    the lower middle one for an even count) or their mean (``"rmse"``); the op,
+    :func:`selgroup_fast.ops.aligned_mtl_weights`, checks it.
     The direction is the SUM of the aligned gradients: K times TorchJD's ``AlignedMTL``
     (whose default preference vector is the mean, 1/K). The rank is cut at
     ``λ_max·K·ε`` with ε the epsilon of the gradients' dtype (as the authors and TorchJD):
@@ -35,9 +41,21 @@ class AlignedMTL(Weighting):
         >>> J = torch.tensor([[2.0, 0.0], [0.0, 1.0]])
         >>> selgroup_fast.methods.aggregate("aligned_mtl", J)   # both gradients rescaled to the smallest norm
         tensor([1., 1.])
+        >>> selgroup_fast.methods.aggregate("aligned_mtl", J, scale_mode="rmse")   # σ = mean(4, 1)
+        tensor([1.5811, 1.5811])
     """
 
     name = "aligned_mtl"
 
+    def __init__(
+        self,
+        num_tasks: int,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        **options: Any,
+    ) -> None:
+        super().__init__(num_tasks, device, dtype)
+        self.options = validated_op_options(ops.aligned_mtl_weights, **options)
+
     def weights(self, gram: torch.Tensor) -> torch.Tensor:
-        return ops.aligned_mtl_weights(gram)
+        return ops.aligned_mtl_weights(gram, **self.options)

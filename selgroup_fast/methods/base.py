@@ -49,8 +49,9 @@ class SavedState:
     values converted to the attribute's type.
     """
 
-    #: The names of the attributes that make up the state (the keys of ``state_dict()``).
-    saved_state: ClassVar[tuple[str, ...]] = ()
+    #: The names of the attributes that make up the state (the keys of ``state_dict()``): a class attribute, or set
+    #: per instance in ``__init__`` where an option decides it (IMTL's ``hybrid``).
+    saved_state: tuple[str, ...] = ()
 
     @property
     def state_bytes(self) -> int:

@@ -5,11 +5,9 @@ from __future__ import annotations
 import torch
 
 from ..checks import check_int
+from .device_adam import adam_step
 from .tracked import check_decay_exponent, check_rate
 from .weighting import Weighting, WeightingInputs
-
-#: ``torch.optim.Adam``'s defaults, which LibMTL's optimizer of the loss scales uses.
-ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8
 
 
 class GradNorm(Weighting):
@@ -101,16 +99,12 @@ class GradNorm(Weighting):
         target = weighted.mean() * (ratios / ratios.mean()) ** self.alpha
         by_weight = torch.sign(weighted - target) * norms  # ∂|G_k − c_k|/∂w_k, w_k > 0
         gradient = self.num_tasks * probabilities * (by_weight - probabilities @ by_weight)  # through K softmax(s)
-        self._adam(gradient)
-
-    def _adam(self, gradient: torch.Tensor) -> None:
-        """``torch.optim.Adam``'s step (L2 ``weight_decay``, default betas and eps) on the device state."""
-        (beta1, beta2), logits = ADAM_BETAS, self.logits
-        gradient = gradient + self.weight_decay * logits
-        self.adam_steps += 1
-        self.exp_avg.lerp_(gradient, 1 - beta1)
-        self.exp_avg_sq.mul_(beta2).addcmul_(gradient, gradient, value=1 - beta2)
-        correction1 = 1 - torch.pow(beta1, self.adam_steps)
-        correction2 = 1 - torch.pow(beta2, self.adam_steps)
-        denominator = (self.exp_avg_sq.sqrt() / correction2.sqrt()).add_(ADAM_EPS)
-        logits.addcdiv_(self.exp_avg, denominator * (correction1 / self.lr), value=-1.0)
+        adam_step(
+            self.logits,
+            self.exp_avg,
+            self.exp_avg_sq,
+            self.adam_steps,
+            gradient,
+            lr=self.lr,
+            weight_decay=self.weight_decay,
+        )

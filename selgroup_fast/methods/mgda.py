@@ -7,9 +7,12 @@ from typing import Any
 import torch
 
 from .. import ops
-from .weighting import Weighting, validated_op_options
+from .weighting import Weighting, WeightingInputs, validated_op_options
 
-NORMALIZATIONS: tuple[str, ...] = ("none", "l2")
+#: The authors' ``gradient_normalizers`` (MinNormSolver, LibMTL's ``mgda_gn``): what each gradient is divided by.
+NORMALIZATIONS: tuple[str, ...] = ("none", "l2", "loss", "loss+")
+#: The normalisations that read the task losses.
+LOSS_NORMALIZATIONS: frozenset[str] = frozenset({"loss", "loss+"})
 
 
 class MGDA(Weighting):
@@ -23,11 +26,14 @@ class MGDA(Weighting):
 
     Convention (the authors'): the weights lie on the simplex (sum 1) and the
     training loss is ``Σ_k w_k L_k``, so the heads get ``w_k ∇L_k`` too. Gradient
-    normalisation ``"none"`` (the authors' "none", the default of the Nash-MTL
-    benchmark code) or ``"l2"`` (each gradient divided by its norm before the
-    min-norm solve; the weights returned are then those of the raw gradients).
-    The loss-based normalisations of the authors' code ("loss", "loss+") are not
-    offered: a weighting sees gradients only.
+    normalisation, the authors' ``gradient_normalizers`` (LibMTL's ``mgda_gn``): each
+    gradient is divided by ``n_k`` before the min-norm solve, ``n_k = 1`` (``"none"``, the
+    default of the Nash-MTL benchmark code), ``‖g_k‖`` (``"l2"``), ``L_k`` (``"loss"``) or
+    ``L_k·‖g_k‖`` (``"loss+"``); the weights returned are those of the raw gradients,
+    ``w_k = w'_k / n_k`` (LibMTL's update ``Σ_k w'_k g_k/n_k``). ``"loss"`` and ``"loss+"``
+    read the K losses of the batch (:attr:`needs` names them then, the others read G only),
+    which the peers take positive (a loss of 0 divides by 0: non-finite weights, which the
+    step's ``nonfinite=`` policy meets).
 
     Options: ``normalization="none"`` and those of :func:`selgroup_fast.ops.mgda_weights`
     (``max_iter``, ``tol``).
@@ -37,6 +43,9 @@ class MGDA(Weighting):
         >>> import torch, selgroup_fast
         >>> J = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
         >>> selgroup_fast.methods.aggregate("mgda", J)
+        tensor([0.5000, 0.5000])
+        >>> J = torch.tensor([[2.0, 0.0], [0.0, 1.0]])
+        >>> selgroup_fast.methods.aggregate("mgda", J, normalization="loss", losses=torch.tensor([2.0, 1.0]))
         tensor([0.5000, 0.5000])
     """
 
@@ -56,12 +65,24 @@ class MGDA(Weighting):
         if normalization not in NORMALIZATIONS:
             raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
         self.normalization = normalization
+        if normalization in LOSS_NORMALIZATIONS:
+            self.needs = frozenset({"losses"})
         self.options = validated_op_options(ops.mgda_weights, **options)
 
     def weights(self, gram: torch.Tensor) -> torch.Tensor:
+        if self.normalization in LOSS_NORMALIZATIONS:
+            raise ValueError(f"mgda: normalization={self.normalization!r} reads the losses: call weights_with")
+        return self.weights_with(WeightingInputs(gram))
+
+    def weights_with(self, inputs: WeightingInputs) -> torch.Tensor:
+        gram = inputs.gram
         if self.normalization == "none":
             return ops.mgda_weights(gram, **self.options)
-        # Unit gradients u_k = g_k/‖g_k‖ have Gram D G D with D = diag(1/‖g_k‖); Σ w'_k u_k = Σ (w'_k/‖g_k‖) g_k.
-        inv_norms = gram.diagonal().clamp_min(torch.finfo(gram.dtype).tiny).rsqrt()
-        unit_gram = (gram * inv_norms[:, None] * inv_norms[None, :]).contiguous()
-        return ops.mgda_weights(unit_gram, **self.options) * inv_norms
+        normalizers = torch.ones_like(gram.diagonal())
+        if self.normalization in ("l2", "loss+"):
+            normalizers = gram.diagonal().clamp_min(torch.finfo(gram.dtype).tiny).sqrt()
+        if inputs.losses is not None:  # "loss", "loss+": needs declares them, the step provides them
+            normalizers = normalizers * inputs.losses.to(gram.dtype)
+        # The normalised gradients g_k/n_k have Gram D G D, D = diag(1/n_k); Σ w'_k g_k/n_k = Σ (w'_k/n_k) g_k.
+        inverse = normalizers.reciprocal()
+        return ops.mgda_weights((gram * inverse[:, None] * inverse[None, :]).contiguous(), **self.options) * inverse

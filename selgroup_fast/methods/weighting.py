@@ -83,8 +83,9 @@ class Aggregator(SavedState, abc.ABC):
             raise TypeError(f"{cls.__name__}.needs names unknown inputs {unknown}; known: {list(WEIGHTING_INPUTS)}")
 
     #: The one place an aggregator says what it reads besides J or G (names of :data:`WEIGHTING_INPUTS`); the
-    #: training step provides exactly these (nothing, at no cost, for the others).
-    needs: ClassVar[frozenset[str]] = frozenset()
+    #: training step provides exactly these (nothing, at no cost, for the others). A class attribute, or set per
+    #: instance in ``__init__`` where an option decides it (MGDA's loss normalisations).
+    needs: frozenset[str] = frozenset()
 
     #: The registry name of the method.
     name: ClassVar[str] = ""
