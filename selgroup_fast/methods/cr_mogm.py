@@ -74,7 +74,7 @@ class CRMOGM(Weighting):
             raise ValueError(f"cr_mogm: base={base!r} is not a weighting of G (it acts on J itself): nothing to smooth")
         #: The smoothed weighting.
         self.base: Weighting = base_method
-        self.needs = self.base.needs  # type: ignore[misc]  # what the base reads, the step provides
+        self.needs = self.base.needs  # what the base reads, the step provides
         self.weights_task_params = self.base.weights_task_params  # type: ignore[misc]
         self.alpha = check_unit_interval("alpha", alpha)
         self.initial_weights = None

@@ -64,6 +64,6 @@ class FairGrad(Weighting):
         return ops.fairgrad_weights(gram, **self.options)
 
     def direction_weights(
-        self, gram: torch.Tensor, losses: torch.Tensor | None = None
+        self, gram: torch.Tensor, losses: torch.Tensor | None = None, cross_gram: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         return clip_weights(self.weights(gram), gram, self.max_norm), None

@@ -87,11 +87,11 @@ class IMTL(Weighting):
         return ops.imtl_weights((gram * scales[:, None] * scales[None, :]).contiguous()) * scales
 
     def direction_weights(
-        self, gram: torch.Tensor, losses: torch.Tensor | None = None
+        self, gram: torch.Tensor, losses: torch.Tensor | None = None, cross_gram: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The hybrid's heads get ``e^{s_k} ∇L_k`` (LibMTL's); IMTL-G's ``α_k ∇L_k``."""
         if not self.hybrid:
-            return super().direction_weights(gram, losses)
+            return super().direction_weights(gram, losses, cross_gram)
         head_weights = self.log_scales.to(gram.dtype).exp()
         return self.weights_with(WeightingInputs(gram, losses)), head_weights
 
