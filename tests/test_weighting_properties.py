@@ -609,7 +609,11 @@ def run(name: str, J: torch.Tensor, **extra: Any) -> tuple[np.ndarray, np.ndarra
     combine = method(name, J.shape[0], str(J.device), J.dtype, **extra)
     weights = None
     if isinstance(combine, Weighting):
-        weights = combine.direction_weights((J @ J.T).contiguous(), **loss_inputs(name, J))[0].double().cpu().numpy()
+        inputs = loss_inputs(name, J)
+        second = inputs.get("second_jacobian")
+        cross_gram = None if second is None else (J @ second.T).contiguous()
+        gram = (J @ J.T).contiguous()
+        weights = combine.direction_weights(gram, inputs.get("losses"), cross_gram)[0].double().cpu().numpy()
         combine = method(name, J.shape[0], str(J.device), J.dtype, **extra)  # a fresh state (Nash-MTL's α)
     return combine(J, **loss_inputs(name, J)).double().cpu().numpy(), weights
 
