@@ -30,7 +30,7 @@ from .base import MethodReport, MultiTaskMethod
 from .gradient import GradientMethod
 from .jacobian import as_parameter_list
 from .nonfinite import NONFINITE_MODES, NonFiniteLoss
-from .weighting import Aggregator, Weighting, check_jacobian
+from .weighting import Aggregator, ParameterLayout, Weighting, check_jacobian
 
 # name -> (kind, "module:Class"), imported on first use.
 _REGISTRY: dict[str, tuple[str, str]] = {
@@ -205,6 +205,7 @@ __all__ = [
     "MultiTaskMethod",
     "NONFINITE_MODES",
     "NonFiniteLoss",
+    "ParameterLayout",
     "Weighting",
     "aggregate",
     "aggregator",

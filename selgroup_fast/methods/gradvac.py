@@ -10,7 +10,7 @@ from ..checks import check_int
 from .cr_mogm import check_unit_interval
 from .pcgrad import seeded_generator
 from .tracked import check_decay_exponent
-from .weighting import Aggregator, Weighting
+from .weighting import Aggregator, ParameterLayout, Weighting
 
 
 def vaccine_orders(num_tasks: int, device: torch.device, generator: torch.Generator | None) -> torch.Tensor:
@@ -133,13 +133,15 @@ class BlockwiseGradVac(Aggregator):
     Block b's direction is ``w_bᵀ J_b`` with ``w_b`` from ``G_b = J_b J_bᵀ`` (:func:`vaccinate`, all blocks in one
     batched step). It reads J's columns block by block: not a weighting of one G, so no Gramian path, no
     representation space (no parameter blocks there), no FSDP2 (J's columns split over ranks); DDP and
-    ``torch.compile`` as for the other methods. The blocks are the shared parameters' (bound by the training
-    step, :meth:`bind_blocks`) or ``block_sizes``. The targets are updated at every visit (the paper's
+    ``torch.compile`` as for the other methods (:attr:`needs` names the shared parameters' layout, which
+    the training step refuses elsewhere). The blocks are the shared parameters' (bound by the training step,
+    :meth:`bind`) or ``block_sizes``. The targets are updated at every visit (the paper's
     Algorithm 1 and TorchJD's); LibMTL updates them only where it corrects. State (saved, on the device): the
     B × K × K targets and the generator.
     """
 
     name = "gradvac"
+    needs = frozenset({"parameter_layout"})
     saved_state = ("targets", "generator")
 
     def __init__(
@@ -159,10 +161,11 @@ class BlockwiseGradVac(Aggregator):
         #: φ̂ per block: ``targets[b, i, j]`` (B × K × K; B = 0 until the blocks are bound).
         self.targets = torch.zeros(0, num_tasks, num_tasks, device=self.device, dtype=dtype)
         if block_sizes is not None:
-            self.bind_blocks([check_int("block_sizes", size) for size in block_sizes])
+            self.bind(ParameterLayout(tuple(check_int("block_sizes", size) for size in block_sizes)))
 
-    def bind_blocks(self, sizes: list[int]) -> None:
+    def bind(self, layout: ParameterLayout) -> None:
         """Takes the blocks' widths (the shared parameters' sizes, from the training step) and allocates φ̂ once."""
+        sizes = list(layout.block_sizes)
         if self.block_sizes and self.block_sizes != sizes:
             raise ValueError(f"gradvac: blocks of sizes {self.block_sizes} given, the step's are {sizes}")
         if not self.block_sizes:

@@ -3,9 +3,9 @@
 Their direction is not a function of this step's J alone: each keeps an exponential moving average of
 the K task gradients (DB-MTL: of the log losses' gradients; MoCo: of the normalised gradients scaled by
 the losses), which it reads with the K losses (:attr:`Aggregator.needs`). The state is a K×P matrix in
-the shared parameters' dtype on their device, allocated once, when the training step is built
-(:class:`~.gradient.GradientMethod`), updated in place, saved in ``state_dict`` (docs/baselines.md
-§Methods with K × P state).
+the shared parameters' dtype on their device, allocated once, when the training step is built and binds
+the shared parameters' layout (:meth:`Aggregator.bind`), updated in place, saved in ``state_dict``
+(docs/baselines.md §Methods with K × P state).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import abc
 
 import torch
 
-from .weighting import Aggregator
+from .weighting import Aggregator, ParameterLayout
 
 #: LibMTL's shift inside the norms' and the losses' divisions.
 EPS = 1e-8
@@ -42,10 +42,11 @@ class TaskGradientTracker(Aggregator):
 
     Subclasses implement :meth:`combine_losses`, starting with :meth:`_next_step` (the step counter ``t``,
     counted from 1 as LibMTL's, and the state). Not a weighting of G: no Gramian path; J's columns must
-    all be on one rank (no FSDP2) and be the same coordinates at every step (no representation space).
+    all be on one rank (no FSDP2) and be the same coordinates at every step (no representation space):
+    :attr:`needs` names the shared parameters' layout, which the training step refuses elsewhere.
     """
 
-    needs = frozenset({"losses"})
+    needs = frozenset({"losses", "parameter_layout"})
 
     def __init__(self, num_tasks: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> None:
         super().__init__(num_tasks, device, dtype)
@@ -54,8 +55,12 @@ class TaskGradientTracker(Aggregator):
         #: The steps taken (``t`` of the decayed rates ``rate / t^σ``; a host int, no device read).
         self.steps = 0
 
+    def bind(self, layout: ParameterLayout) -> None:
+        """Allocates the K × P state over the shared parameters (the training step binds them when it is built)."""
+        self.allocate(layout.numel)
+
     def allocate(self, width: int) -> None:
-        """Allocates the K × ``width`` state (zeros) once: the training step calls it when it is built."""
+        """Allocates the K × ``width`` state (zeros) once; a later width must be the same."""
         if self.tracked.shape[1] not in (0, width):
             raise ValueError(f"{self.name} tracks {self.tracked.shape[1]} coordinates, the step has {width}")
         if self.tracked.shape[1] == 0:
