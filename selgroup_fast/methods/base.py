@@ -134,6 +134,9 @@ class MultiTaskMethod(SavedState, abc.ABC):
     #: Whether a step back-propagates some tasks' losses only (``DistributedDataParallel`` then
     #: needs ``find_unused_parameters=True``: the other heads get no gradient).
     backpropagates_task_subsets: ClassVar[bool] = False
+    #: The steps before the method's rule is in effect (STCH's, until its nadir point is known): a training run
+    #: must be longer (``selgroup-train`` refuses one that is not). Set in ``__init__`` where an option decides it.
+    warmup_steps: int = 0
 
     def __init__(
         self,

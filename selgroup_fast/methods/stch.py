@@ -83,6 +83,8 @@ class STCH(LossWeightingMethod):
         self.mu = float(mu)
         self.warmup = None if warmup is None else check_int("warmup", warmup, minimum=0)
         self.window = check_int("window", window)
+        # The steps on the log losses before the nadir point is known (MultiTaskMethod.warmup_steps).
+        self.warmup_steps = 0 if self.warmup is None else (self.warmup + 1) * self.window
         dtype = state_dtype(optimizer)
         self.preference = preference(weights, num_tasks, self.device, dtype)
         self.reference = (
@@ -94,11 +96,6 @@ class STCH(LossWeightingMethod):
         self.nadir_sum = torch.zeros(num_tasks, device=self.device, dtype=dtype)
         self.nadir_steps = torch.zeros((), device=self.device, dtype=dtype)  # the averaging window's steps not skipped
         self.nadir = torch.ones(num_tasks, device=self.device, dtype=dtype)
-
-    @property
-    def warmup_steps(self) -> int:
-        """How many steps train on the log losses before the nadir point is known (0 without ``warmup``)."""
-        return 0 if self.warmup is None else (self.warmup + 1) * self.window
 
     def _state_kept_on_skip(self) -> list[str]:
         return []  # a skipped step is left out of the nadir's average by _after_step
