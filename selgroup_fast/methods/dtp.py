@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from .loss_weighting import LossWeightingMethod
+from .loss_weighting import LossWeightingMethod, state_dtype
 from .nonfinite import DEFAULT_NONFINITE
 
 #: KPIs are clamped into [KPI_FLOOR, 1] so that ``log κ`` stays finite.
@@ -65,7 +65,7 @@ class DTP(LossWeightingMethod):
             raise ValueError(f"alpha must be in (0, 1], got {alpha}")
         self.gamma = float(gamma)
         self.alpha = float(alpha)
-        dtype = optimizer.param_groups[0]["params"][0].dtype
+        dtype = state_dtype(optimizer)
         self.kpis = torch.full((num_tasks,), 0.5, device=self.device, dtype=dtype)
         self.user_kpis = False
 

@@ -9,7 +9,7 @@ import torch
 
 from ..checks import check_int
 from ..losses import ClosureOutput
-from .loss_weighting import LossWeightingMethod
+from .loss_weighting import LossWeightingMethod, state_dtype
 from .nonfinite import DEFAULT_NONFINITE
 
 
@@ -64,7 +64,7 @@ class DWA(LossWeightingMethod):
         self.temp = float(temp)
         self.window = check_int("window", window)
         self.steps = 0
-        dtype = optimizer.param_groups[0]["params"][0].dtype
+        dtype = state_dtype(optimizer)
         zeros = torch.zeros(num_tasks, device=self.device, dtype=dtype)
         self.window_sum = zeros.clone()
         self.window_steps = torch.zeros((), device=self.device, dtype=dtype)  # the steps not skipped

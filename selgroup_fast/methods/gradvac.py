@@ -107,9 +107,7 @@ class GradVac(Weighting):
         super().__init__(num_tasks, device, dtype)
         self.beta = check_unit_interval("beta", beta)
         self.eps = check_decay_exponent("eps", eps)
-        if generator is not None and seed is not None:
-            raise ValueError("give seed= or generator=, not both")
-        self.generator = generator if generator is not None else seeded_generator(self.device, seed)
+        self.generator = seeded_generator(self.device, seed, generator)
         #: φ̂: the EMA targets of the cosines, ``targets[i, j]`` for ``g_i^PC`` against ``g_j``.
         self.targets = torch.zeros(num_tasks, num_tasks, device=self.device, dtype=dtype)
 
@@ -152,11 +150,14 @@ class BlockwiseGradVac(Aggregator):
         *,
         beta: float,
         eps: float,
-        generator: torch.Generator,
+        seed: int | None,
+        generator: torch.Generator | None,
         block_sizes: Sequence[int] | None,
     ) -> None:
         super().__init__(num_tasks, device, dtype)
-        self.beta, self.eps, self.generator = beta, eps, generator
+        self.beta = check_unit_interval("beta", beta)
+        self.eps = check_decay_exponent("eps", eps)
+        self.generator = seeded_generator(self.device, seed, generator)
         self.block_sizes: list[int] = []
         #: φ̂ per block: ``targets[b, i, j]`` (B × K × K; B = 0 until the blocks are bound).
         self.targets = torch.zeros(0, num_tasks, num_tasks, device=self.device, dtype=dtype)
@@ -213,16 +214,8 @@ def gradvac(
     """
     if group_type not in GROUP_TYPES:
         raise ValueError(f"gradvac: group_type must be one of {GROUP_TYPES}, got {group_type!r}")
-    if generator is not None and seed is not None:
-        raise ValueError("give seed= or generator=, not both")
     if group_type == "whole_model" and block_sizes is None:
         return GradVac(num_tasks, device, dtype, beta=beta, eps=eps, seed=seed, generator=generator)
     return BlockwiseGradVac(
-        num_tasks,
-        device,
-        dtype,
-        beta=check_unit_interval("beta", beta),
-        eps=check_decay_exponent("eps", eps),
-        generator=generator if generator is not None else seeded_generator(torch.device(device), seed),
-        block_sizes=block_sizes,
+        num_tasks, device, dtype, beta=beta, eps=eps, seed=seed, generator=generator, block_sizes=block_sizes
     )

@@ -48,6 +48,15 @@ def preference(values: TaskValues | None, num_tasks: int, device: torch.device, 
     return tensor.to(dtype)
 
 
+def reference_point(
+    values: TaskValues | None, num_tasks: int, device: torch.device, dtype: torch.dtype
+) -> torch.Tensor:
+    """The reference point of a scalarization (``reference=``): K finite numbers; the origin when None."""
+    if values is None:
+        return torch.zeros(num_tasks, device=device, dtype=dtype)
+    return task_values("reference", values, num_tasks, device, dtype)
+
+
 def state_dtype(optimizer: torch.optim.Optimizer) -> torch.dtype:
     """The dtype of a loss weighting's state: that of the optimizer's first parameter."""
     return optimizer.param_groups[0]["params"][0].dtype

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from .loss_weighting import LossWeightingMethod, TaskValues, preference, state_dtype, task_values
+from .loss_weighting import LossWeightingMethod, TaskValues, preference, reference_point, state_dtype
 from .nonfinite import DEFAULT_NONFINITE
 
 #: TorchJD's constant under the square root of ``d_2``: a finite gradient on the preference line.
@@ -59,11 +59,7 @@ class PBI(LossWeightingMethod):
         self.theta = float(theta)
         dtype = state_dtype(optimizer)
         self.preference = preference(weights, num_tasks, self.device, dtype)
-        self.reference = (
-            torch.zeros(num_tasks, device=self.device, dtype=dtype)
-            if reference is None
-            else task_values("reference", reference, num_tasks, self.device, dtype)
-        )
+        self.reference = reference_point(reference, num_tasks, self.device, dtype)
 
     def _combine_losses(self, losses: torch.Tensor) -> torch.Tensor:
         shifted = losses - self.reference.to(losses.dtype)

@@ -53,11 +53,9 @@ class RLW(LossWeightingMethod):
         nonfinite: str = DEFAULT_NONFINITE,
     ) -> None:
         super().__init__(optimizer, num_tasks, profile=profile, process_group=process_group, nonfinite=nonfinite)
-        if generator is not None and seed is not None:
-            raise ValueError("give seed= or generator=, not both")
-        if generator is not None and generator.device.type != self.device.type:
-            raise ValueError(f"generator must be on the parameters' device {self.device}, got {generator.device}")
-        self.generator = generator if generator is not None else seeded_generator(self.device, seed)
+        self.generator = seeded_generator(self.device, seed, generator)
+        if self.generator.device.type != self.device.type:
+            raise ValueError(f"generator must be on the parameters' device {self.device}, got {self.generator.device}")
         self._ranks.share_generator(self.generator)
         self._dtype = state_dtype(optimizer)
 

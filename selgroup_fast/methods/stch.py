@@ -9,7 +9,7 @@ import torch
 
 from ..checks import check_int
 from ..losses import ClosureOutput
-from .loss_weighting import LossWeightingMethod, TaskValues, preference, state_dtype, task_values
+from .loss_weighting import LossWeightingMethod, TaskValues, preference, reference_point, state_dtype
 from .nonfinite import DEFAULT_NONFINITE
 
 #: LibMTL's shift inside the logarithms of the warm-up and of the normalised losses.
@@ -87,11 +87,7 @@ class STCH(LossWeightingMethod):
         self.warmup_steps = 0 if self.warmup is None else (self.warmup + 1) * self.window
         dtype = state_dtype(optimizer)
         self.preference = preference(weights, num_tasks, self.device, dtype)
-        self.reference = (
-            torch.zeros(num_tasks, device=self.device, dtype=dtype)
-            if reference is None
-            else task_values("reference", reference, num_tasks, self.device, dtype)
-        )
+        self.reference = reference_point(reference, num_tasks, self.device, dtype)
         self.steps = 0
         self.nadir_sum = torch.zeros(num_tasks, device=self.device, dtype=dtype)
         self.nadir_steps = torch.zeros((), device=self.device, dtype=dtype)  # the averaging window's steps not skipped
