@@ -131,8 +131,8 @@ class BlockwiseGradVac(Aggregator):
     Block b's direction is ``w_bᵀ J_b`` with ``w_b`` from ``G_b = J_b J_bᵀ`` (:func:`vaccinate`, all blocks in one
     batched step). It reads J's columns block by block: not a weighting of one G, so no Gramian path, no
     representation space (no parameter blocks there), no FSDP2 (J's columns split over ranks); DDP and
-    ``torch.compile`` as for the other methods (:attr:`needs` names the shared parameters' layout, which
-    the training step refuses elsewhere). The blocks are the shared parameters' (bound by the training step,
+    ``torch.compile`` as for the other methods (:attr:`needs` names the shared parameters' layout, so the
+    training step refuses the others). The blocks are the shared parameters' (bound by the training step,
     :meth:`bind`) or ``block_sizes``. The targets are updated at every visit (the paper's
     Algorithm 1 and TorchJD's); LibMTL updates them only where it corrects. State (saved, on the device): the
     B × K × K targets and the generator.

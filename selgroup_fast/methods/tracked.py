@@ -43,7 +43,7 @@ class TaskGradientTracker(Aggregator):
     Subclasses implement :meth:`combine_losses`, starting with :meth:`_next_step` (the step counter ``t``,
     counted from 1 as LibMTL's, and the state). Not a weighting of G: no Gramian path; J's columns must
     all be on one rank (no FSDP2) and be the same coordinates at every step (no representation space):
-    :attr:`needs` names the shared parameters' layout, which the training step refuses elsewhere.
+    :attr:`needs` names the shared parameters' layout, so the training step refuses those settings.
     """
 
     needs = frozenset({"losses", "parameter_layout"})

@@ -64,6 +64,11 @@ class ParameterLayout:
 
     What :meth:`Aggregator.bind` receives where :attr:`Aggregator.needs` names ``"parameter_layout"``; J's
     columns are then the same coordinates at every step, all on one rank (parameter space, no FSDP2).
+
+    >>> encoder = torch.nn.Linear(4, 3)
+    >>> layout = ParameterLayout(tuple(p.numel() for p in encoder.parameters()))
+    >>> layout.block_sizes, layout.numel
+    ((12, 3), 15)
     """
 
     block_sizes: tuple[int, ...]
