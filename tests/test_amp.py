@@ -110,6 +110,18 @@ def test_an_overflow_skips_the_step_leaves_every_state_and_halves_the_scale(name
     assert int(method.skipped_steps) == steps
 
 
+@pytest.mark.parametrize("mode", ["raise", "propagate"])
+@pytest.mark.parametrize("name", ["gd", "selective", "mgda", "graddrop", "uw", "famo"])
+def test_the_scaler_skips_an_overflow_whatever_nonfinite_says(name: str, mode: str) -> None:
+    grad_scaler = scaler()
+    model, method, optimizer = make(name, grad_scaler, nonfinite=mode)
+    method.step(closure_for(model, 1))
+    before, steps = snapshot(model, method, optimizer), optimizer_steps(name, method)
+    method.step(closure_for(model, 2, factor=OVERFLOW))
+    assert_equal(snapshot(model, method, optimizer), before)
+    assert grad_scaler.get_scale() == SCALE / 2**steps and int(method.skipped_steps) == steps
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_something_that_is_not_a_scaler_is_one_type_error_line(name: str) -> None:
     with pytest.raises(TypeError, match=r"^grad_scaler must be a torch\.amp\.GradScaler, got float$"):

@@ -83,7 +83,11 @@ class NonFiniteGuard:
         self.skip = None
 
     def check(self, losses: torch.Tensor | list[torch.Tensor]) -> None:
-        """Reads the K losses of a forward: sets :attr:`skip` (``"skip"``) or raises (``"raise"``)."""
+        """Reads the K losses of a forward: sets :attr:`skip` (``"skip"``) or raises (``"raise"``).
+
+        With a grad scaler (:attr:`scaled`) :attr:`skip` is a flag in every mode, which the scaler's
+        found-inf joins (:meth:`skip_also`)."""
+        self.skip = torch.zeros((), dtype=torch.bool, device=self._device) if self.scaled else None
         if self.mode == "propagate":
             return
         values = torch.stack(list(losses)).detach() if isinstance(losses, list) else losses.detach()
