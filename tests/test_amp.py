@@ -6,6 +6,7 @@ multiplication and division by it is exact, so the two runs must agree bitwise.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import pytest
@@ -156,3 +157,23 @@ def test_selgroup_train_amp_fp16_runs_every_kind_of_method(method: str, tmp_path
     state = load_checkpoint(tmp_path / "checkpoint.pt")
     assert all(torch.isfinite(value).all() for value in state["model"].values())
     assert state["scaler"] is not None and state["scaler"]["scale"] > 0
+
+
+def test_an_fp16_run_resumed_from_its_checkpoint_continues_with_the_scaler_state(tmp_path) -> None:
+    """UW (learned scales, a second optimizer): 4 iterations straight equal 2, then 2 more resumed, bitwise
+    (a constant schedule: --iters changes between the legs)."""
+    runs = {}
+    for name, legs in (("straight", [4]), ("resumed", [2, 4])):
+        for iters in legs:
+            config = TrainConfig(
+                method="uw", amp="fp16", iters=iters, schedule="constant", out=str(tmp_path / name), **TINY
+            )
+            fit(dataclasses.replace(config, resume="auto") if iters != legs[0] else config)
+        runs[name] = load_checkpoint(tmp_path / name / "checkpoint.pt")
+    straight, resumed = runs["straight"], runs["resumed"]
+    assert straight["iteration"] == resumed["iteration"] == 4
+    assert straight["scaler"] == resumed["scaler"] and straight["scaler"]["scale"] > 0
+    for part in ("model", "method"):
+        for key, value in straight[part].items():
+            if isinstance(value, torch.Tensor):
+                assert torch.equal(value, resumed[part][key]), (part, key)

@@ -339,7 +339,8 @@ class GradientMethod(MultiTaskMethod):
 
     def _reused_weights_step(self, losses: list[torch.Tensor], weights: torch.Tensor, max_norm: float) -> None:
         """A :class:`~.weighting.ReusesWeights`' step without task gradients: ONE ordinary backward of ``Σ_k w_k L_k``
-        into every parameter (DDP/FSDP2 reduce it as usual), the shared gradient clipped to ``max_norm``."""
+        (``losses`` scaled under a grad scaler) into every parameter (DDP/FSDP2 reduce it as usual), the shared
+        gradient, unscaled, clipped to ``max_norm``."""
         with self._timer.phase("backward"):
             weighted_total(losses, weights).backward()
         self._scaling.unscale_optimizers(self.optimizer)  # the clipping reads the unscaled gradient

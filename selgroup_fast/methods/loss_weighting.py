@@ -58,9 +58,10 @@ class LossWeightingMethod(MultiTaskMethod):
 
     Subclasses implement :meth:`_combine_losses` and, where needed,
     :meth:`_before_optimizer_step` (gradient clipping) and :meth:`_after_step`
-    (learning from the step's outcome). A step that ``nonfinite="skip"`` skips leaves the
-    tensors of :attr:`saved_state` as they were (learned ones through their optimizer,
-    stepped with ``self._nonfinite.step``).
+    (learning from the step's outcome; both see unscaled gradients under a grad scaler, which
+    also unscales the optimizers of :meth:`_learned_optimizers`). A step that ``nonfinite="skip"``
+    or the grad scaler skips leaves the tensors of :attr:`saved_state` as they were (learned ones
+    through their optimizer, stepped with ``self._nonfinite.step``).
     """
 
     @property
