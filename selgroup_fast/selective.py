@@ -16,6 +16,7 @@ import torch
 from .affinity import ATTRIBUTIONS, AffinityTracker
 from .grouping import GroupingSpec, check_partition, make_grouping
 from .losses import ClosureOutput
+from .methods.amp import scaler_skipped_step
 from .methods.base import MethodReport, MultiTaskMethod, detached, tensor_bytes
 from .methods.nonfinite import DEFAULT_NONFINITE
 from .parallel import Params, RankAgreement, TaskParams, graph_parameters, is_sharded
@@ -104,7 +105,14 @@ class SelectiveGroupUpdate(MultiTaskMethod):
         profile: bool = False,
         nonfinite: str = DEFAULT_NONFINITE,
     ) -> None:
-        super().__init__(optimizer, num_tasks, profile=profile, process_group=process_group, nonfinite=nonfinite)
+        super().__init__(
+            optimizer,
+            num_tasks,
+            profile=profile,
+            process_group=process_group,
+            nonfinite=nonfinite,
+            grad_scaler=grad_scaler,
+        )
         self.grouping = make_grouping(
             grouping,
             warmup_steps=warmup_steps,
@@ -121,8 +129,6 @@ class SelectiveGroupUpdate(MultiTaskMethod):
                 "measure_last_group=True needs attribution='paper': the reference crediting gives a loss "
                 "change to the group stepped next, and no group follows the last one of a batch"
             )
-        if grad_scaler is not None and not all(hasattr(grad_scaler, name) for name in SCALER_METHODS):
-            raise TypeError(f"grad_scaler must be a torch.amp.GradScaler, got {type(grad_scaler).__name__}")
         if generator is None:
             # Seeded from the global CPU RNG (no device involved) so that runs are reproducible.
             seed = int(torch.randint(0, 2**62, (), dtype=torch.int64).item())
@@ -134,7 +140,6 @@ class SelectiveGroupUpdate(MultiTaskMethod):
         self.normalize_group_loss = bool(normalize_group_loss)
         self.attribution = attribution
         self.measure_last_group = bool(measure_last_group)
-        self.grad_scaler = grad_scaler
         self._generator = generator
         self._owners = TaskParams(num_tasks, shared_params, task_params)
         self._owners.check_in_optimizer(optimizer)
@@ -235,8 +240,8 @@ class SelectiveGroupUpdate(MultiTaskMethod):
     def _group_step(self, losses: list[torch.Tensor], group: list[int], skipped: list[torch.Tensor]) -> None:
         """Backward of the group's losses and one optimizer step; appends its skip flag to ``skipped``.
 
-        The flag is the scaler's (an enabled one) or'd with ``nonfinite="skip"``'s: any of the K
-        losses of this forward non-finite (under DDP: on any rank).
+        The flag is ``nonfinite="skip"``'s (any of the K losses of this forward non-finite; under
+        DDP: on any rank) or'd with the grad scaler's (inf/NaN in the group's gradients).
         """
         self._nonfinite.check(losses)
         self.optimizer.zero_grad(set_to_none=True)
@@ -244,27 +249,17 @@ class SelectiveGroupUpdate(MultiTaskMethod):
             group_loss = torch.stack([losses[k] for k in group]).sum()
             if self.normalize_group_loss:
                 group_loss = group_loss / len(group)
-            scaler = self.grad_scaler
-            if scaler is not None:
-                group_loss = scaler.scale(group_loss)
-            group_loss.backward()
+            self._scaling.loss(group_loss).backward()
             for parameter in self._owners.outside(group):
                 parameter.grad = None  # the optimizer skips a parameter without a gradient
+        self._scaling.unscale_optimizers(self.optimizer)
         with self._timer.phase("optimizer"):
-            nonfinite_skip = self._nonfinite.skip
-            if scaler is None:
-                self._nonfinite.step(self.optimizer)
-                if nonfinite_skip is not None:
-                    skipped.append(nonfinite_skip)
-                return
-            self._nonfinite.step(self.optimizer, lambda: scaler.step(self.optimizer))
-            if scaler.is_enabled() or nonfinite_skip is not None:
-                scaler_skip = scaler_skipped_step(scaler, self.optimizer, self.device) if scaler.is_enabled() else None
-                flags = [flag for flag in (scaler_skip, nonfinite_skip) if flag is not None]
-                skipped.append(torch.stack(flags).any())
-            # A GradScaler allows one step per update: update after every group step, so a
-            # scale backed off after group m's overflow already applies to group m + 1.
-            scaler.update()
+            self._nonfinite.step(self.optimizer)
+        if self._nonfinite.skip is not None:
+            skipped.append(self._nonfinite.skip)
+        # A GradScaler allows one unscale_ per update: update after every group step, so a
+        # scale backed off after group m's overflow already applies to group m + 1.
+        self._scaling.update()
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -292,35 +287,6 @@ class SelectiveGroupUpdate(MultiTaskMethod):
         self._groups = groups
         self._batches = int(state_dict["batches"])
         self._generator.set_state(state_dict["generator"])
-
-
-#: What ``grad_scaler=`` must provide (``_found_inf_per_device``: see :func:`scaler_skipped_step`).
-SCALER_METHODS = ("scale", "step", "update", "is_enabled", "_found_inf_per_device")
-
-
-def scaler_skipped_step(scaler: Any, optimizer: torch.optim.Optimizer, device: torch.device) -> torch.Tensor:
-    """Whether ``scaler.step(optimizer)`` just skipped the step (inf/NaN gradients), as a 0-d bool tensor on ``device``.
-
-    No host sync. torch has no public query for this (``scaler.get_scale()`` after
-    ``update`` reads the device): it relies on the private
-    ``GradScaler._found_inf_per_device(optimizer)``, the per-device found-inf flags that
-    ``step`` records for the optimizer (fused optimizers included) and ``update`` clears,
-    so call it between the two. That method exists in ``torch.amp.GradScaler`` since the
-    class appeared (torch 2.3; earlier in ``torch.cuda.amp.GradScaler``); this package is
-    tested with torch 2.14 only.
-
-    Example::
-
-        >>> w = torch.nn.Parameter(torch.ones(2))
-        >>> opt = torch.optim.SGD([w], lr=0.1)
-        >>> scaler = torch.amp.GradScaler("cpu")
-        >>> scaler.scale((w * float("inf")).sum()).backward()
-        >>> scaler.step(opt)
-        >>> scaler_skipped_step(scaler, opt, w.device)
-        tensor(True)
-    """
-    found = scaler._found_inf_per_device(optimizer)
-    return torch.stack([value.to(device, non_blocking=True).reshape(()) for value in found.values()]).sum() > 0
 
 
 # ---------------------------------------------------------------------- helpers

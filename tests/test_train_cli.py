@@ -45,7 +45,6 @@ def _error(capsys, tmp_path, *args: str) -> str:
         (["--img-size", "20", "--patch-size", "8"], "--img-size 20 is not a multiple of --patch-size 8"),
         (["--backbone", "no_such_vit"], "'no_such_vit' is not a timm model name"),
         (["--backbone", "resnet18"], "--backbone resnet18: not a plain timm ViT"),
-        (["--method", "gd", "--amp", "fp16"], "--amp fp16 needs a gradient scaler"),
         (["--optimizer", "lion"], "invalid choice: 'lion'"),
         (["--iters", "0"], "expected a positive integer"),
         (["--lr", "-1"], "--lr must be positive"),

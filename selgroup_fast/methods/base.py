@@ -13,6 +13,7 @@ from ..checks import check_int
 from ..losses import ClosureOutput, ClosureResult, parse_closure_output
 from ..parallel import RankAgreement
 from ..profiling import PhaseTimer
+from .amp import GradScaling
 from .nonfinite import DEFAULT_NONFINITE, NonFiniteGuard
 
 
@@ -96,7 +97,7 @@ class MethodReport:
     for is ``None``.
 
     Attributes:
-        skipped_steps: how many optimizer steps ``nonfinite="skip"`` skipped so far (0-d int64).
+        skipped_steps: how many optimizer steps ``nonfinite="skip"`` or the grad scaler skipped so far (0-d int64).
         weights: the K task weights the method holds now (a K tensor): a gradient method's (its
             aggregator's) of its last step; a loss-weighting method's current ones (those of its
             next step where they are known ahead, as UW's, DWA's, FAMO's; DTP without fed KPIs: its
@@ -123,9 +124,12 @@ class MultiTaskMethod(SavedState, abc.ABC):
     collective of the method goes through (default: the world group when initialised).
     ``nonfinite``: what a NaN/inf task loss does, ``"skip"`` (default: the step skipped on the
     device, counted in :attr:`skipped_steps`), ``"raise"`` or ``"propagate"``
-    (:mod:`selgroup_fast.methods.nonfinite`). Subclasses start each step with :meth:`_begin_step`,
-    check every forward they back-propagate with ``self._nonfinite.check`` and step every
-    optimizer through ``self._nonfinite.step``. :meth:`report` says what the method has to log
+    (:mod:`selgroup_fast.methods.nonfinite`). ``grad_scaler``: a ``torch.amp.GradScaler``
+    (:mod:`selgroup_fast.methods.amp`; one ``TypeError`` line for anything else). Subclasses start each
+    step with :meth:`_begin_step`, check every forward they back-propagate with ``self._nonfinite.check``,
+    back-propagate ``self._scaling.losses(...)``, call ``self._scaling.unscale_optimizers`` after their
+    last backward, step every optimizer through ``self._nonfinite.step`` and end with
+    ``self._scaling.update()``. :meth:`report` says what the method has to log
     (by default its skipped steps only: a new method needs nothing more).
     """
 
@@ -146,6 +150,7 @@ class MultiTaskMethod(SavedState, abc.ABC):
         profile: bool = False,
         process_group: Any = None,
         nonfinite: str = DEFAULT_NONFINITE,
+        grad_scaler: Any = None,
     ) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
@@ -157,6 +162,7 @@ class MultiTaskMethod(SavedState, abc.ABC):
         #: The ranks training together under torch.distributed (the world group when initialised).
         self._ranks = RankAgreement(process_group, self.device)
         self._nonfinite = NonFiniteGuard(nonfinite, self._ranks, self.device)
+        self._scaling = GradScaling(grad_scaler, self._nonfinite, self.device)
 
     @property
     def profile(self) -> bool:
@@ -172,8 +178,14 @@ class MultiTaskMethod(SavedState, abc.ABC):
         return self._nonfinite.mode
 
     @property
+    def grad_scaler(self) -> Any:
+        """The ``torch.amp.GradScaler`` the method scales its losses with (``None``: none)."""
+        return self._scaling.scaler
+
+    @property
     def skipped_steps(self) -> torch.Tensor:
-        """How many optimizer steps ``nonfinite="skip"`` skipped (a 0-d int64 tensor on the device; not saved)."""
+        """How many optimizer steps were skipped, by ``nonfinite="skip"`` or the grad scaler's inf/NaN gradients
+        (a 0-d int64 tensor on the device; not saved)."""
         return self._nonfinite.skipped_steps
 
     @property

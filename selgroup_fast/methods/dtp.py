@@ -57,8 +57,16 @@ class DTP(LossWeightingMethod):
         profile: bool = False,
         process_group: Any = None,
         nonfinite: str = DEFAULT_NONFINITE,
+        grad_scaler: Any = None,
     ) -> None:
-        super().__init__(optimizer, num_tasks, profile=profile, process_group=process_group, nonfinite=nonfinite)
+        super().__init__(
+            optimizer,
+            num_tasks,
+            profile=profile,
+            process_group=process_group,
+            nonfinite=nonfinite,
+            grad_scaler=grad_scaler,
+        )
         if gamma < 0:
             raise ValueError(f"gamma must be >= 0, got {gamma}")
         if not 0 < alpha <= 1:

@@ -57,8 +57,16 @@ class DWA(LossWeightingMethod):
         profile: bool = False,
         process_group: Any = None,
         nonfinite: str = DEFAULT_NONFINITE,
+        grad_scaler: Any = None,
     ) -> None:
-        super().__init__(optimizer, num_tasks, profile=profile, process_group=process_group, nonfinite=nonfinite)
+        super().__init__(
+            optimizer,
+            num_tasks,
+            profile=profile,
+            process_group=process_group,
+            nonfinite=nonfinite,
+            grad_scaler=grad_scaler,
+        )
         if temp <= 0:
             raise ValueError(f"temp must be > 0, got {temp}")
         self.temp = float(temp)

@@ -67,8 +67,16 @@ class FAMO(LossWeightingMethod):
         profile: bool = False,
         process_group: Any = None,
         nonfinite: str = DEFAULT_NONFINITE,
+        grad_scaler: Any = None,
     ) -> None:
-        super().__init__(optimizer, num_tasks, profile=profile, process_group=process_group, nonfinite=nonfinite)
+        super().__init__(
+            optimizer,
+            num_tasks,
+            profile=profile,
+            process_group=process_group,
+            nonfinite=nonfinite,
+            grad_scaler=grad_scaler,
+        )
         dtype = optimizer.param_groups[0]["params"][0].dtype
         self.max_norm = float(max_norm)
         self.shared_params = None if shared_params is None else as_parameter_list(shared_params)

@@ -35,7 +35,9 @@ class GD(MultiTaskMethod):
         losses = self._forward(closure)
         self._nonfinite.check(losses)
         with self._timer.phase("backward"):
-            torch.stack(losses).sum().backward()
+            self._scaling.loss(torch.stack(losses).sum()).backward()
+        self._scaling.unscale_optimizers(self.optimizer)
         with self._timer.phase("optimizer"):
             self._nonfinite.step(self.optimizer)
+        self._scaling.update()
         return detached(losses)

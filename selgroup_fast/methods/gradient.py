@@ -52,7 +52,7 @@ from .step import (
     SharedJacobian,
     TaskGradients,
     WeightedBackwardWriter,
-    combine,
+    combine_scaled,
     weighted_total,
     weighting_inputs,
 )
@@ -93,6 +93,9 @@ class GradientMethod(MultiTaskMethod):
             collectives go through (default: the world group when initialised).
         nonfinite: ``"skip"``, ``"raise"`` or ``"propagate"`` (:mod:`selgroup_fast.methods.nonfinite`);
             a skipped step also leaves the aggregator's tensor state (Nash-MTL's α) as it was.
+        grad_scaler: a ``torch.amp.GradScaler`` (:mod:`selgroup_fast.methods.amp`): the task gradients are
+            those of the scaled losses, unscaled before the aggregator reads them (G by s², J by s), so the
+            direction is the unscaled method's; an inf/NaN in them skips the step as ``nonfinite="skip"`` does.
 
     Example::
 
@@ -124,8 +127,16 @@ class GradientMethod(MultiTaskMethod):
         profile: bool = False,
         process_group: Any = None,
         nonfinite: str = DEFAULT_NONFINITE,
+        grad_scaler: Any = None,
     ) -> None:
-        super().__init__(optimizer, num_tasks, profile=profile, process_group=process_group, nonfinite=nonfinite)
+        super().__init__(
+            optimizer,
+            num_tasks,
+            profile=profile,
+            process_group=process_group,
+            nonfinite=nonfinite,
+            grad_scaler=grad_scaler,
+        )
         if space not in SPACES:
             raise ValueError(f"space must be one of {SPACES}, got {space!r}")
         if aggregator.num_tasks != num_tasks:
@@ -281,25 +292,29 @@ class GradientMethod(MultiTaskMethod):
         second_losses = None if second_closure is None else self._forward(second_closure)
         self._nonfinite.check(losses if second_losses is None else mean_losses(losses, second_losses))
         self._restore_aggregator = self._nonfinite.keep(self.aggregator, tensor_state(self.aggregator))
+        scaled = self._scaling.losses(losses)  # what is back-propagated: s·L_k under a grad scaler
         reused = None if self._reuses is None else self._reuses.reused_weights()
         if reused is not None:  # one ordinary backward of Σ w_k L_k, the shared gradient clipped (Nash-MTL)
-            self._reused_weights_step(losses, reused, cast(ReusesWeights, self._reuses).max_norm)
+            self._reused_weights_step(scaled, reused, cast(ReusesWeights, self._reuses).max_norm)
             self._last_weights = reused
         else:
             self._check_graph(losses, features)
             with self._timer.phase("backward"):
-                gradients = self._source(losses, features)
+                gradients = self._source(scaled, features)
                 inputs = self._inputs(losses)
                 if second_losses is not None:
-                    gradients, inputs["cross_gram"] = self._second_batch(gradients, second_losses)
-                    losses = mean_losses(losses, second_losses)
+                    scaled_second = self._scaling.losses(second_losses)
+                    gradients, inputs["cross_gram"] = self._second_batch(gradients, scaled_second)
+                    losses, scaled = mean_losses(losses, second_losses), mean_losses(scaled, scaled_second)
             with self._timer.phase("manipulation"):
-                direction = combine(self.aggregator, gradients, inputs)
-            self._writer(losses, features, gradients, direction)
+                direction = combine_scaled(self.aggregator, gradients, inputs, self._scaling)
+            self._writer(scaled, features, gradients, direction)
+            self._scaling.unscale_optimizers(self.optimizer)
             self._last_weights = direction.weights
         with self._timer.phase("optimizer"):
             self._nonfinite.step(self.optimizer)
         self._restore_aggregator()
+        self._scaling.update()
         return detached(losses)
 
     def _second_batch(
@@ -318,9 +333,11 @@ class GradientMethod(MultiTaskMethod):
 
     def _reused_weights_step(self, losses: list[torch.Tensor], weights: torch.Tensor, max_norm: float) -> None:
         """A :class:`~.weighting.ReusesWeights`' step without task gradients: ONE ordinary backward of ``Σ_k w_k L_k``
-        into every parameter (DDP/FSDP2 reduce it as usual), the shared gradient clipped to ``max_norm``."""
+        (``losses`` scaled under a grad scaler) into every parameter (DDP/FSDP2 reduce it as usual), the shared
+        gradient, unscaled, clipped to ``max_norm``."""
         with self._timer.phase("backward"):
             weighted_total(losses, weights).backward()
+        self._scaling.unscale_optimizers(self.optimizer)  # the clipping reads the unscaled gradient
         with self._timer.phase("manipulation"):
             if max_norm > 0:
                 torch.nn.utils.clip_grad_norm_(self.shared_params, max_norm)

@@ -67,9 +67,10 @@ class LossWeightingMethod(MultiTaskMethod):
 
     Subclasses implement :meth:`_combine_losses` and, where needed,
     :meth:`_before_optimizer_step` (gradient clipping) and :meth:`_after_step`
-    (learning from the step's outcome). A step that ``nonfinite="skip"`` skips leaves the
-    tensors of :attr:`saved_state` as they were (learned ones through their optimizer,
-    stepped with ``self._nonfinite.step``).
+    (learning from the step's outcome; both see unscaled gradients under a grad scaler, which
+    also unscales the optimizers of :meth:`_learned_optimizers`). A step that ``nonfinite="skip"``
+    or the grad scaler skips leaves the tensors of :attr:`saved_state` as they were (learned ones
+    through their optimizer, stepped with ``self._nonfinite.step``).
     """
 
     @property
@@ -100,13 +101,19 @@ class LossWeightingMethod(MultiTaskMethod):
         with self._timer.phase("manipulation"):
             total = self._combine_losses(losses)
         with self._timer.phase("backward"):
-            total.backward()
+            self._scaling.loss(total).backward()
+        self._scaling.unscale_optimizers(self.optimizer, *self._learned_optimizers())
         self._before_optimizer_step()
         with self._timer.phase("optimizer"):
             self._nonfinite.step(self.optimizer)
         self._after_step(losses.detach(), closure)
         restore_state()
+        self._scaling.update()
         return losses.detach()
+
+    def _learned_optimizers(self) -> tuple[torch.optim.Optimizer, ...]:
+        """The method's own optimizers whose gradients come from the step's backward (a grad scaler unscales them)."""
+        return ()
 
     def _state_kept_on_skip(self) -> list[str]:
         """The state a skipped step restores: the tensors of :attr:`saved_state` but the learned ones (their optimizer skips)."""
@@ -134,8 +141,16 @@ class LearnedScalesMethod(LossWeightingMethod):
         profile: bool = False,
         process_group: Any = None,
         nonfinite: str = DEFAULT_NONFINITE,
+        grad_scaler: Any = None,
     ) -> None:
-        super().__init__(optimizer, num_tasks, profile=profile, process_group=process_group, nonfinite=nonfinite)
+        super().__init__(
+            optimizer,
+            num_tasks,
+            profile=profile,
+            process_group=process_group,
+            nonfinite=nonfinite,
+            grad_scaler=grad_scaler,
+        )
         if lr <= 0:
             raise ValueError(f"lr must be > 0, got {lr}")
         #: ``s``, the learned scales (the loss weights they mean: :attr:`weights`).
@@ -145,6 +160,9 @@ class LearnedScalesMethod(LossWeightingMethod):
     @abc.abstractmethod
     def _scaled_losses(self, scales: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:
         """The K terms of the training loss, from the scales (in the losses' dtype) and the K losses."""
+
+    def _learned_optimizers(self) -> tuple[torch.optim.Optimizer, ...]:
+        return (self.scales_optimizer,)
 
     def _combine_losses(self, losses: torch.Tensor) -> torch.Tensor:
         self.scales_optimizer.zero_grad(set_to_none=True)

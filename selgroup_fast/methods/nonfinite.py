@@ -74,6 +74,8 @@ class NonFiniteGuard:
         self.skipped_steps = torch.zeros((), dtype=torch.int64, device=device)
         #: The method's steps so far (host), for the error's message.
         self.steps = 0
+        #: Whether a grad scaler may skip the step too (:class:`~.amp.GradScaling`): the flag then exists in every mode.
+        self.scaled = False
 
     def begin_step(self) -> None:
         """Called at the start of every method step: counts it and clears the last flag."""
@@ -81,7 +83,11 @@ class NonFiniteGuard:
         self.skip = None
 
     def check(self, losses: torch.Tensor | list[torch.Tensor]) -> None:
-        """Reads the K losses of a forward: sets :attr:`skip` (``"skip"``) or raises (``"raise"``)."""
+        """Reads the K losses of a forward: sets :attr:`skip` (``"skip"``) or raises (``"raise"``).
+
+        With a grad scaler (:attr:`scaled`) :attr:`skip` is a flag in every mode, which the scaler's
+        found-inf joins (:meth:`skip_also`)."""
+        self.skip = torch.zeros((), dtype=torch.bool, device=self._device) if self.scaled else None
         if self.mode == "propagate":
             return
         values = torch.stack(list(losses)).detach() if isinstance(losses, list) else losses.detach()
@@ -97,6 +103,14 @@ class NonFiniteGuard:
             return
         self.skip = (finite == 0).any().to(self._device, non_blocking=True)
         self.skipped_steps += self.skip
+
+    def skip_also(self, flag: torch.Tensor) -> None:
+        """Or's ``flag`` (0-d bool on the device: a grad scaler's found inf/NaN) into :attr:`skip`, in place (what
+        :meth:`keep` returned sees it), counting the step once. Only with :attr:`scaled` (then :meth:`check` made one)."""
+        skip = self.skip
+        assert skip is not None, "check() runs before the gradients it flags"
+        self.skipped_steps += flag & ~skip
+        skip.logical_or_(flag)
 
     def step(self, optimizer: torch.optim.Optimizer, run: Callable[[], Any] | None = None) -> None:
         """``run()`` (default ``optimizer.step()``), skipped when :attr:`skip` is set.

@@ -51,8 +51,16 @@ class RLW(LossWeightingMethod):
         profile: bool = False,
         process_group: Any = None,
         nonfinite: str = DEFAULT_NONFINITE,
+        grad_scaler: Any = None,
     ) -> None:
-        super().__init__(optimizer, num_tasks, profile=profile, process_group=process_group, nonfinite=nonfinite)
+        super().__init__(
+            optimizer,
+            num_tasks,
+            profile=profile,
+            process_group=process_group,
+            nonfinite=nonfinite,
+            grad_scaler=grad_scaler,
+        )
         self.generator = seeded_generator(self.device, seed, generator)
         if self.generator.device.type != self.device.type:
             raise ValueError(f"generator must be on the parameters' device {self.device}, got {self.generator.device}")

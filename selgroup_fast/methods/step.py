@@ -32,6 +32,7 @@ import torch
 
 from ..parallel import FSDP2Shards, RankAgreement, graph_separates
 from ..profiling import PhaseTimer
+from .amp import GradScaling
 from .jacobian import TaskJacobian, gradients_task_by_task
 from .weighting import Aggregator, CombinesColumns, Weighting, gram
 
@@ -132,6 +133,29 @@ def combine(aggregator: Aggregator, gradients: TaskGradients, inputs: dict[str, 
     else:
         vector, head_weights = aggregator.combine(rows, out=out)
     return Direction(vector, None, head_weights)
+
+
+def combine_scaled(
+    aggregator: Aggregator, gradients: TaskGradients, inputs: dict[str, torch.Tensor], scaling: GradScaling
+) -> Direction:
+    """:func:`combine` on the task gradients of the losses ``s·L_k`` (a grad scaler; :mod:`.amp`), which the
+    aggregator reads unscaled, an inf/NaN in them recorded: the direction is the unscaled method's, times ``s``
+    (what the writers make ``.grad`` of must be scaled, as the heads' backward of ``s·L_k`` is, until the
+    optimizer's ``unscale_``). A weighting reads G (and A) only: ``G / s²`` (K×K), its weights then weight the
+    scaled rows. Any other aggregator reads J: ``J / s`` in place (one pass over K×P), its direction times ``s``."""
+    if not scaling.enabled:
+        return combine(aggregator, gradients, inputs)
+    if isinstance(aggregator, Weighting):
+        if gradients.gram is None:
+            gradients.gram = gram(cast(torch.Tensor, gradients.rows))
+        scaling.unscale_(gradients.gram, power=2)
+        if "cross_gram" in inputs:
+            scaling.unscale_(inputs["cross_gram"], power=2)
+        return combine(aggregator, gradients, inputs)
+    scaling.unscale_(cast(torch.Tensor, gradients.rows))
+    direction = combine(aggregator, gradients, inputs)
+    scaling.rescale_(cast(torch.Tensor, direction.vector))
+    return direction
 
 
 # --------------------------------------------------------------------------- Jacobian sources
@@ -421,6 +445,7 @@ __all__ = [
     "WeightedBackwardWriter",
     "backward_task_params",
     "combine",
+    "combine_scaled",
     "head_gradients",
     "weighted_total",
     "weighting_inputs",

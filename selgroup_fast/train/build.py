@@ -167,7 +167,7 @@ def build_method(
     accepted = methods.options(config.method)
     if "generator" in accepted:
         options.setdefault("generator", torch.Generator().manual_seed(config.seed))
-    if scaler is not None and "grad_scaler" in accepted:
+    if scaler is not None:  # every method takes one (selgroup_fast.methods.amp)
         options["grad_scaler"] = scaler
     shared_parameters = getattr(model, "shared_parameters", None)
     shared = shared_parameters() if callable(shared_parameters) else None

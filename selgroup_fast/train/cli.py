@@ -99,7 +99,12 @@ def build_parser(baseline: bool = False) -> argparse.ArgumentParser:
         metavar="FILE",
         help="continue from FILE, or without FILE from OUT/checkpoint.pt when it exists",
     )
-    add("--amp", choices=AMP_MODES, default="off", help="mixed precision (fp16 uses a grad scaler: selective only)")
+    add(
+        "--amp",
+        choices=AMP_MODES,
+        default="off",
+        help="mixed precision (fp16 scales the losses with a GradScaler, every method)",
+    )
     add("--compile", action="store_true", help="torch.compile the model")
     add("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
     add("--seed", type=int, default=0)

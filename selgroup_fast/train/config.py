@@ -202,8 +202,3 @@ def _check(config: TrainConfig) -> None:
             raise TrainError(
                 f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, got {getattr(config, name)!r}"
             )
-    if config.amp == "fp16" and config.method != "selective":
-        raise TrainError(
-            f"--amp fp16 needs a gradient scaler inside the method, which only selective takes; use --amp bf16 "
-            f"with {config.method}"
-        )

@@ -56,18 +56,36 @@ class TensorBoardLog:
 PLOTS = ("affinity.png", "cogrouping.png", "groups.png", "affinity_entries.png")
 
 
+#: Up to this many tasks every cell of a heat map carries its value (11-task Taskonomy included).
+ANNOTATED_TASKS = 16
+
+
 def _heat_map(matrix: np.ndarray, names: list[str], title: str, label: str, path: Path, symmetric: bool) -> None:
+    """A K×K heat map, each cell's value written in it; the colour scale spans the off-diagonal entries.
+
+    The diagonal (a task with itself: co-grouped in every batch, its own affinity the largest) would
+    otherwise stretch the scale so that the differences between pairs, the thing to read, vanish.
+    """
     plt = pyplot()
     size = 1.2 + 0.55 * len(names)
     fig, ax = plt.subplots(figsize=(size + 1.5, size))
-    limit = float(np.abs(matrix).max()) or 1.0
-    image = ax.imshow(matrix, cmap="RdBu_r" if symmetric else "viridis", vmin=-limit if symmetric else 0, vmax=limit)
+    off = matrix[~np.eye(len(names), dtype=bool)] if len(names) > 1 else matrix.ravel()
+    if symmetric:
+        limit = float(np.abs(off).max()) or 1.0
+        low, high = -limit, limit
+    else:
+        low, high = float(off.min()), float(off.max())
+        if high <= low:
+            low, high = low - 0.5, high + 0.5
+    image = ax.imshow(matrix, cmap="RdBu_r" if symmetric else "viridis", vmin=low, vmax=high)
     ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
     ax.set_yticks(range(len(names)), names)
-    if len(names) <= 8:
+    if len(names) <= ANNOTATED_TASKS:
         for (i, j), value in np.ndenumerate(matrix):
-            ax.text(j, i, f"{value:.2g}", ha="center", va="center", fontsize=7)
-    fig.colorbar(image, ax=ax, label=label)
+            shade = (min(max(value, low), high) - low) / (high - low)
+            dark = abs(shade - 0.5) > 0.3 if symmetric else shade < 0.6  # white text on dark cells
+            ax.text(j, i, f"{value:.2g}", ha="center", va="center", fontsize=7, color="white" if dark else "black")
+    fig.colorbar(image, ax=ax, label=label + " (scale: off-diagonal range)")
     ax.set_title(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -46,7 +46,7 @@ class TrainingSummary:
             "affinity_steps": [],
             "affinity": [],
             "evaluations": [],
-            "skipped_steps": 0,  # optimizer steps skipped for a non-finite loss (--on-nonfinite skip), as last read
+            "skipped_steps": 0,  # optimizer steps skipped (a non-finite loss, an fp16 overflow), as last read
         }
         self.times = dict.fromkeys(TIMERS, 0.0)
         self.timed_iterations = 0
@@ -163,7 +163,8 @@ class TrainingSummary:
         new = total - self.history["skipped_steps"]
         if new and self.main:
             print(
-                f"warning: {new} step(s) skipped for a non-finite loss by iteration {iteration} (--on-nonfinite skip)",
+                f"warning: {new} step(s) skipped for a non-finite loss (--on-nonfinite skip) or gradient "
+                f"(--amp fp16's scaler) by iteration {iteration}",
                 file=sys.stderr,
             )
         self.history["skipped_steps"] = total
