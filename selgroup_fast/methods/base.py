@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import abc
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypedDict
 
 import torch
 
@@ -15,6 +16,22 @@ from ..parallel import RankAgreement
 from ..profiling import PhaseTimer
 from .amp import GradScaling
 from .nonfinite import DEFAULT_NONFINITE, NonFiniteGuard
+
+# Re-exported for the methods' ``**options: Unpack[MethodOptions]`` (PEP 692).
+if sys.version_info >= (3, 11):
+    from typing import Unpack as Unpack
+else:  # torch's own dependency
+    from typing_extensions import Unpack as Unpack
+
+
+class MethodOptions(TypedDict, total=False):
+    """The options every method takes, :class:`MultiTaskMethod`'s: a method whose own options are its
+    signature's passes these on as ``**options: Unpack[MethodOptions]``."""
+
+    profile: bool
+    process_group: Any
+    nonfinite: str
+    grad_scaler: Any
 
 
 def optimizer_device(optimizer: torch.optim.Optimizer) -> torch.device:

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 
+from .base import MethodOptions, Unpack
 from .loss_weighting import LossWeightingMethod, state_dtype
-from .nonfinite import DEFAULT_NONFINITE
 
 #: KPIs are clamped into [KPI_FLOOR, 1] so that ``log κ`` stays finite.
 KPI_FLOOR = 1e-6
@@ -54,19 +53,9 @@ class DTP(LossWeightingMethod):
         *,
         gamma: float = 1.0,
         alpha: float = 0.9,
-        profile: bool = False,
-        process_group: Any = None,
-        nonfinite: str = DEFAULT_NONFINITE,
-        grad_scaler: Any = None,
+        **options: Unpack[MethodOptions],
     ) -> None:
-        super().__init__(
-            optimizer,
-            num_tasks,
-            profile=profile,
-            process_group=process_group,
-            nonfinite=nonfinite,
-            grad_scaler=grad_scaler,
-        )
+        super().__init__(optimizer, num_tasks, **options)
         if gamma < 0:
             raise ValueError(f"gamma must be >= 0, got {gamma}")
         if not 0 < alpha <= 1:

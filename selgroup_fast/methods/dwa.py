@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import torch
 
 from ..checks import check_int
 from ..losses import ClosureOutput
+from .base import MethodOptions, Unpack
 from .loss_weighting import LossWeightingMethod, state_dtype
-from .nonfinite import DEFAULT_NONFINITE
 
 
 class DWA(LossWeightingMethod):
@@ -54,19 +53,9 @@ class DWA(LossWeightingMethod):
         *,
         temp: float = 2.0,
         window: int = 100,
-        profile: bool = False,
-        process_group: Any = None,
-        nonfinite: str = DEFAULT_NONFINITE,
-        grad_scaler: Any = None,
+        **options: Unpack[MethodOptions],
     ) -> None:
-        super().__init__(
-            optimizer,
-            num_tasks,
-            profile=profile,
-            process_group=process_group,
-            nonfinite=nonfinite,
-            grad_scaler=grad_scaler,
-        )
+        super().__init__(optimizer, num_tasks, **options)
         if temp <= 0:
             raise ValueError(f"temp must be > 0, got {temp}")
         self.temp = float(temp)

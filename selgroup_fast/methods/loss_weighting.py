@@ -13,13 +13,12 @@ from __future__ import annotations
 import abc
 import dataclasses
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import torch
 
 from ..losses import ClosureOutput
-from .base import MethodReport, MultiTaskMethod
-from .nonfinite import DEFAULT_NONFINITE, tensor_state
+from .base import MethodOptions, MethodReport, MultiTaskMethod, Unpack
+from .nonfinite import tensor_state
 
 #: What a per-task option of a loss weighting accepts: K numbers.
 TaskValues = Sequence[float] | torch.Tensor
@@ -138,19 +137,9 @@ class LearnedScalesMethod(LossWeightingMethod):
         num_tasks: int,
         *,
         lr: float = 0.025,
-        profile: bool = False,
-        process_group: Any = None,
-        nonfinite: str = DEFAULT_NONFINITE,
-        grad_scaler: Any = None,
+        **options: Unpack[MethodOptions],
     ) -> None:
-        super().__init__(
-            optimizer,
-            num_tasks,
-            profile=profile,
-            process_group=process_group,
-            nonfinite=nonfinite,
-            grad_scaler=grad_scaler,
-        )
+        super().__init__(optimizer, num_tasks, **options)
         if lr <= 0:
             raise ValueError(f"lr must be > 0, got {lr}")
         #: ``s``, the learned scales (the loss weights they mean: :attr:`weights`).

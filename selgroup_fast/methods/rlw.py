@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
+from .base import MethodOptions, Unpack
 from .loss_weighting import LossWeightingMethod, state_dtype
-from .nonfinite import DEFAULT_NONFINITE
 from .pcgrad import seeded_generator
 
 
@@ -48,19 +46,9 @@ class RLW(LossWeightingMethod):
         *,
         seed: int | None = None,
         generator: torch.Generator | None = None,
-        profile: bool = False,
-        process_group: Any = None,
-        nonfinite: str = DEFAULT_NONFINITE,
-        grad_scaler: Any = None,
+        **options: Unpack[MethodOptions],
     ) -> None:
-        super().__init__(
-            optimizer,
-            num_tasks,
-            profile=profile,
-            process_group=process_group,
-            nonfinite=nonfinite,
-            grad_scaler=grad_scaler,
-        )
+        super().__init__(optimizer, num_tasks, **options)
         self.generator = seeded_generator(self.device, seed, generator)
         if self.generator.device.type != self.device.type:
             raise ValueError(f"generator must be on the parameters' device {self.device}, got {self.generator.device}")

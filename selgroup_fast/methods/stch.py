@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import torch
 
 from ..checks import check_int
 from ..losses import ClosureOutput
+from .base import MethodOptions, Unpack
 from .loss_weighting import LossWeightingMethod, TaskValues, preference, reference_point, state_dtype
-from .nonfinite import DEFAULT_NONFINITE
 
 #: LibMTL's shift inside the logarithms of the warm-up and of the normalised losses.
 LOG_SHIFT = 1e-20
@@ -71,19 +70,9 @@ class STCH(LossWeightingMethod):
         reference: TaskValues | None = None,
         warmup: int | None = None,
         window: int = 100,
-        profile: bool = False,
-        process_group: Any = None,
-        nonfinite: str = DEFAULT_NONFINITE,
-        grad_scaler: Any = None,
+        **options: Unpack[MethodOptions],
     ) -> None:
-        super().__init__(
-            optimizer,
-            num_tasks,
-            profile=profile,
-            process_group=process_group,
-            nonfinite=nonfinite,
-            grad_scaler=grad_scaler,
-        )
+        super().__init__(optimizer, num_tasks, **options)
         if not mu > 0:
             raise ValueError(f"mu must be > 0, got {mu}")
         if warmup is not None and (weights is not None or reference is not None):
