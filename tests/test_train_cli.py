@@ -47,6 +47,7 @@ def _error(capsys, tmp_path, *args: str) -> str:
         (["--backbone", "resnet18"], "--backbone resnet18: not a plain timm ViT"),
         (["--method", "gd", "--amp", "fp16"], "--amp fp16 needs a gradient scaler"),
         (["--optimizer", "lion"], "invalid choice: 'lion'"),
+        (["--data-cache", "maybe"], "argument --data-cache: invalid choice: 'maybe'"),
         (["--iters", "0"], "expected a positive integer"),
         (["--lr", "-1"], "--lr must be positive"),
         (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),

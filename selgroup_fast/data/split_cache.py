@@ -26,23 +26,21 @@ def _storage_dtype(dtype: torch.dtype) -> torch.dtype:
     return LABEL_STORAGE if dtype == torch.int64 else dtype
 
 
-def _item_fields(dataset: Dataset, index: int) -> dict[str, torch.Tensor]:
+def item_fields(dataset: Dataset, index: int) -> dict[str, torch.Tensor]:
     """Item ``index`` of a Dataset of ``(image, targets dict)`` as one dict: ``image`` and each task's target."""
     image, targets = dataset[index]
     return {"image": image, **targets}
 
 
-def split_cache_bytes(dataset: Dataset) -> int:
-    """Bytes a :class:`SplitCache` of ``dataset`` takes (its first item's fields, stored, times its length).
+def split_cache_bytes(first: dict[str, torch.Tensor], count: int) -> int:
+    """Bytes a :class:`SplitCache` of ``count`` items like ``first`` (:func:`item_fields`) takes.
 
     >>> from selgroup_fast.data import build_dataset
     >>> data = build_dataset("scenes", "train", ["semseg", "depth", "normals", "edge"], img_size=32)
-    >>> split_cache_bytes(data) // 2**20  # MiB: 4000 scenes × (3 + 1 + 3 float32 channels + 2 uint8 labels) × 32²
+    >>> split_cache_bytes(item_fields(data, 0), len(data)) // 2**20  # MiB: 4000 × (7 float32 + 2 uint8) × 32²
     117
     """
-    fields = _item_fields(dataset, 0)
-    per_item = sum(t.numel() * _storage_dtype(t.dtype).itemsize for t in fields.values())
-    return per_item * len(dataset)  # type: ignore[arg-type]  # a map-style Dataset has __len__
+    return count * sum(t.numel() * _storage_dtype(t.dtype).itemsize for t in first.values())
 
 
 def shared_memory_room() -> int | None:
@@ -63,7 +61,8 @@ class SplitCache(Dataset):
     sends back a batch's indices only; :meth:`gather` then assembles the batch. With ``shared`` the
     tensors live in shared memory, so that the training process sees what its workers wrote (a
     worker returns an index only after writing the item). Labels are stored as uint8 (see
-    :data:`LABEL_STORAGE`) and gathered as int64.
+    :data:`LABEL_STORAGE`) and gathered as int64. ``first``: item 0's :func:`item_fields`, when
+    already read (the cache starts with it).
 
     >>> from selgroup_fast.data import build_dataset
     >>> data = build_dataset("scenes", "train", ["semseg", "depth"], img_size=16)
@@ -76,10 +75,10 @@ class SplitCache(Dataset):
     (True, True, torch.int64)
     """
 
-    def __init__(self, dataset: Dataset, shared: bool) -> None:
+    def __init__(self, dataset: Dataset, shared: bool, first: dict[str, torch.Tensor] | None = None) -> None:
         self.dataset = dataset
         count = len(dataset)  # type: ignore[arg-type]  # a map-style Dataset has __len__
-        first = _item_fields(dataset, 0)
+        first = item_fields(dataset, 0) if first is None else first  # item 0 tells the fields' shapes
         self.dtypes = {name: t.dtype for name, t in first.items()}
         self.fields = {name: torch.empty((count, *t.shape), dtype=_storage_dtype(t.dtype)) for name, t in first.items()}
         self.filled = torch.zeros(count, dtype=torch.bool)
@@ -93,7 +92,7 @@ class SplitCache(Dataset):
 
     def __getitem__(self, index: int) -> int:
         if not self.filled[index]:
-            self._store(index, _item_fields(self.dataset, index))
+            self._store(index, item_fields(self.dataset, index))
         return index
 
     def _store(self, index: int, fields: dict[str, torch.Tensor]) -> None:

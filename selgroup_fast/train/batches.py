@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from ..data.scenes_dataset import ScenesDataset
-from ..data.split_cache import SplitCache, shared_memory_room, split_cache_bytes
+from ..data.split_cache import SplitCache, item_fields, shared_memory_room, split_cache_bytes
 from ..tasks import TaskSpec
 from .config import TrainConfig, TrainError
 
@@ -117,20 +117,25 @@ def choose_split_cache(data: Dataset | DataLoader, config: TrainConfig) -> tuple
                 "--data-cache on: only the built-in scenes dataset is cached (other data are read per batch)"
             )
         return None, "off (not the built-in scenes dataset)"
-    needed = split_cache_bytes(data)
-    size = f"{needed / 2**20:.0f} MiB"
+    first = item_fields(data, 0)
+    needed = split_cache_bytes(first, len(data))
+    size = _mib(needed)
     room = shared_memory_room() if config.workers else None
     if room is not None and needed > room:
         if mode == "on":
-            raise TrainError(f"--data-cache on: the split cache takes {size}, /dev/shm has {room / 2**20:.0f} MiB free")
-        return None, f"off ({size} > the {room / 2**20:.0f} MiB free in /dev/shm)"
+            raise TrainError(f"--data-cache on: the split cache takes {size}, /dev/shm has {_mib(room)} free")
+        return None, f"off ({size} > the {_mib(room)} free in /dev/shm)"
     if mode == "auto" and needed > AUTO_CACHE_LIMIT:
         return (
             None,
-            f"off ({size} > the {AUTO_CACHE_LIMIT // 2**20} MiB of --data-cache auto; --data-cache on caches it)",
+            f"off ({size} > the {_mib(AUTO_CACHE_LIMIT)} of --data-cache auto; --data-cache on caches it)",
         )
     where = "shared memory" if config.workers else "memory"
-    return SplitCache(data, shared=bool(config.workers)), f"on ({len(data)} items, {size} in {where})"
+    return SplitCache(data, shared=bool(config.workers), first=first), f"on ({len(data)} items, {size} in {where})"
+
+
+def _mib(size: int) -> str:
+    return f"{size / 2**20:.1f} MiB"
 
 
 def as_list(targets: Any, specs: list[TaskSpec]) -> list[torch.Tensor]:
