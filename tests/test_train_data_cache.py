@@ -73,8 +73,10 @@ def test_each_scene_is_rendered_once(small_split, monkeypatch):
         return render(self, index)
 
     monkeypatch.setattr(scenes_dataset.ScenesDataset, "__getitem__", counted)
-    _take(_batches(small_split, workers=0, data_cache="on"), 15)  # 60 items of a 24-item split
+    batches = _batches(small_split, workers=0, data_cache="on")
+    _take(batches, 15)  # 60 items of a 24-item split
     assert sorted(rendered) == list(range(24))
+    assert batches.cache is not None and batches.cache.complete
 
 
 def test_a_resumed_position_continues_the_same_batches(small_split):

@@ -95,6 +95,11 @@ class SplitCache(Dataset):
             self._store(index, item_fields(self.dataset, index))
         return index
 
+    @property
+    def complete(self) -> bool:
+        """Whether every item is in the cache."""
+        return bool(self.filled.all())
+
     def _store(self, index: int, fields: dict[str, torch.Tensor]) -> None:
         for name, value in fields.items():
             if value.dtype == torch.int64 and value.numel():

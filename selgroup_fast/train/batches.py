@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler
 
 from ..data.scenes_dataset import ScenesDataset
 from ..data.split_cache import SplitCache, item_fields, shared_memory_room, split_cache_bytes
@@ -80,7 +80,11 @@ class TrainBatches:
             if self.sampler is not None:
                 self.sampler.set_epoch(self.epoch)
                 self.sampler.skip = self.batch_in_epoch * self._batch_size
-                iterator = iter(self.loader)
+                if self.cache is not None and self.cache.complete:
+                    # every item is in the cache: the batches are gathered here, no worker started
+                    iterator = iter(BatchSampler(self.sampler, self._batch_size, drop_last=True))
+                else:
+                    iterator = iter(self.loader)
             else:
                 iterator = iter(self.loader)
                 for _ in range(self.batch_in_epoch):  # a user's DataLoader: replay up to the position
