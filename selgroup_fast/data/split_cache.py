@@ -8,6 +8,7 @@ between the processes per batch, and later epochs read the cache without renderi
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any
 
@@ -52,6 +53,15 @@ def shared_memory_room() -> int | None:
     return stats.f_bavail * stats.f_frsize
 
 
+def _empty(shape: tuple[int, ...], dtype: torch.dtype, shared: bool) -> torch.Tensor:
+    if not shared:
+        return torch.empty(shape, dtype=dtype)
+    # Straight in shared memory (as the DataLoader's collate allocates): share_memory_() would
+    # allocate the tensor twice and copy it, a third of a second more at 117 MiB.
+    storage = torch.UntypedStorage._new_shared(math.prod(shape) * dtype.itemsize)
+    return torch.empty(0, dtype=dtype).set_(storage).view(shape)
+
+
 class SplitCache(Dataset):
     """Every item of ``dataset`` (a Dataset of ``(image, targets dict)``) in one tensor per field,
     an item filled the first time it is asked for.
@@ -80,11 +90,8 @@ class SplitCache(Dataset):
         count = len(dataset)  # type: ignore[arg-type]  # a map-style Dataset has __len__
         first = item_fields(dataset, 0) if first is None else first  # item 0 tells the fields' shapes
         self.dtypes = {name: t.dtype for name, t in first.items()}
-        self.fields = {name: torch.empty((count, *t.shape), dtype=_storage_dtype(t.dtype)) for name, t in first.items()}
-        self.filled = torch.zeros(count, dtype=torch.bool)
-        if shared:
-            for tensor in (*self.fields.values(), self.filled):
-                tensor.share_memory_()
+        self.fields = {name: _empty((count, *t.shape), _storage_dtype(t.dtype), shared) for name, t in first.items()}
+        self.filled = _empty((count,), torch.bool, shared).fill_(False)
         self._store(0, first)
 
     def __len__(self) -> int:
