@@ -178,7 +178,15 @@ def run(
             rows = slice(rank * GLOBAL_BATCH // world_size, (rank + 1) * GLOBAL_BATCH // world_size)
             collectives.append([])
             with counting_collectives(collectives[-1], groups):
-                method.step(lambda x=x[rows], y=y[rows]: squared_errors(forward(x), y))
+                if getattr(method, "reads_two_batches", False):
+                    # MoDo, SDMGrad: the even rows and the odd ones, every rank's (its rows start at an even
+                    # index): the global batch's even and odd rows, as one process reads them.
+                    method.step(
+                        lambda x=x[rows][0::2], y=y[rows][0::2]: squared_errors(forward(x), y),
+                        lambda x=x[rows][1::2], y=y[rows][1::2]: squared_errors(forward(x), y),
+                    )
+                else:
+                    method.step(lambda x=x[rows], y=y[rows]: squared_errors(forward(x), y))
         return {
             "params": {key: plain(value) for key, value in model.named_parameters()},
             "state": plain(method.state_dict()),

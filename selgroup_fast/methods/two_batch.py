@@ -2,10 +2,10 @@
 
 Both methods' stochastic guarantees need the task weights to be updated with the gradients of one batch
 against those of another, independent one. The training step provides ``A`` (:attr:`Aggregator.needs` names
-``"cross_gram"``) when ``step`` is given a second closure (:meth:`~.gradient.GradientMethod.step`): the
-closure's and the second closure's losses are two batches' (e.g. the two halves of one batch), J_1 and J_2
-their task gradients, and the update is ``d = wᵀ (J_1 + J_2)/2``, the gradient of their losses' mean (MoDo's
-eq. 2.9b; TorchJD's two-batch example). ``aggregator(J_1, second_jacobian=J_2)`` does the same on two given J.
+``"cross_gram"``) from the closure and the second closure that ``step`` must be given
+(:meth:`~.gradient.GradientMethod.step`; without one it raises): their losses are two batches' (e.g. the two
+halves of one batch), J_1 and J_2 their task gradients, and the update is ``d = wᵀ (J_1 + J_2)/2``, the
+gradient of their losses' mean (MoDo's eq. 2.9b; TorchJD's two-batch example). ``aggregator(J_1, second_jacobian=J_2)`` does the same on two given J.
 """
 
 from __future__ import annotations
