@@ -229,3 +229,25 @@ def test_every_rank_skips_or_raises_together_under_ddp(tmp_path) -> None:
 
 if __name__ == "__main__":  # pragma: no cover - debugging aid
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+@pytest.mark.parametrize("name", ["db_mtl", "moco", "excess_mtl"])
+def test_skip_masks_the_k_by_p_state_in_place_without_a_snapshot(name: str) -> None:
+    """The K×P state under "skip": no clone of it on a skipped step, bitwise kept, in the same storage; on good
+    steps bitwise what the in-place update of "propagate" gives."""
+    model, method, _ = make(name, "skip")
+    twin, unguarded, _ = make(name, "propagate")
+    for seed in (1, 2):
+        step_on_one_batch(method, closure_for(model, seed))
+        step_on_one_batch(unguarded, closure_for(twin, seed))
+    tracked = method.aggregator.tracked
+    assert torch.equal(tracked, unguarded.aggregator.tracked) and tracked.abs().sum() > 0
+    before, storage = tracked.clone(), tracked.data_ptr()
+    with torch.profiler.profile(record_shapes=True) as profile:
+        step_on_one_batch(method, closure_for(model, 3, poisoned_task=1))
+    copies = [e for e in profile.events() if e.name == "aten::clone" and list(tracked.shape) in e.input_shapes]
+    assert not copies, [e.input_shapes for e in copies]
+    assert method.aggregator.tracked.data_ptr() == storage and torch.equal(method.aggregator.tracked, before)
+    assert method.aggregator.skip is None  # the flag is the step's only
+    step_on_one_batch(method, closure_for(model, 4))
+    assert not torch.equal(method.aggregator.tracked, before)  # a good step advances it
