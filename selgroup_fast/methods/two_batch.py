@@ -30,11 +30,10 @@ def project_onto_simplex(point: torch.Tensor) -> torch.Tensor:
     tensor([0.1667, 0.1667, 0.6667])
     """
     ordered = point.sort(descending=True).values
-    sums = ordered.cumsum(0)
     counts = torch.arange(1, point.shape[0] + 1, device=point.device, dtype=point.dtype)
-    support = (ordered > (sums - 1) / counts).sum().clamp_min(1)  # a prefix of the sorted entries: its length ρ
-    threshold = (sums.gather(0, (support - 1)[None]) - 1) / support.to(point.dtype)
-    return (point - threshold).clamp_min(0)
+    thresholds = (ordered.cumsum(0) - 1) / counts  # θ for each candidate ρ
+    support = (ordered > thresholds).sum(0, keepdim=True).clamp_min(1)  # a prefix of the sorted entries: its length ρ
+    return (point - thresholds.gather(0, support - 1)).clamp_min(0)
 
 
 class _CrossGramWeighting(Weighting):
