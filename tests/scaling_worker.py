@@ -174,11 +174,19 @@ def run(
         method = make_method(name, optimizer, model, variant, rank, group)
         collectives: list[list[tuple[str, int]]] = []  # per step: (kind, numel) of each collective from Python
         groups: list[Any] = []  # the group= of each all_reduce
-        for x, y in batches():
+        data = batches()
+        for step, (x, y) in enumerate(data):
             rows = slice(rank * GLOBAL_BATCH // world_size, (rank + 1) * GLOBAL_BATCH // world_size)
             collectives.append([])
             with counting_collectives(collectives[-1], groups):
-                method.step(lambda x=x[rows], y=y[rows]: squared_errors(forward(x), y))
+                closure = lambda x=x[rows], y=y[rows]: squared_errors(forward(x), y)  # noqa: E731
+                if getattr(method, "reads_two_batches", False):
+                    # MoDo, SDMGrad: the second batch is the next one, each rank its rows of it, as the first
+                    # (the same shapes: a compiled model's code is reused, as for the other methods).
+                    second_x, second_y = data[(step + 1) % len(data)]
+                    method.step(closure, lambda x=second_x[rows], y=second_y[rows]: squared_errors(forward(x), y))
+                else:
+                    method.step(closure)
         return {
             "params": {key: plain(value) for key, value in model.named_parameters()},
             "state": plain(method.state_dict()),

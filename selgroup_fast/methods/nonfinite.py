@@ -29,7 +29,7 @@ Example::
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 import torch.distributed as dist
@@ -149,13 +149,22 @@ class NonFiniteGuard:
                         value.copy_(torch.where(skip.to(value.device), old_value, value))
 
     def keep(self, owner: object, names: Iterable[str]) -> Callable[[], None]:
-        """Snapshots ``owner``'s tensor attributes ``names``; the returned call restores them if :attr:`skip` is set."""
+        """Snapshots ``owner``'s tensor attributes ``names``; the returned call restores them if :attr:`skip` is set.
+
+        An owner that masks a large state's update itself (its ``masked_state`` names it: the K×P state of
+        :class:`~.tracked.TaskGradientTracker`) gets the flag as its ``skip`` instead of a snapshot of it.
+        """
         skip = self.skip
+        masked = getattr(owner, "masked_state", ())
+        if masked:
+            cast(Any, owner).skip = skip
         if skip is None:
             return lambda: None
-        saved = {name: getattr(owner, name).detach().clone() for name in names}
+        saved = {name: getattr(owner, name).detach().clone() for name in names if name not in masked}
 
         def restore() -> None:
+            if masked:  # the step is over: the owner called alone later updates its state in place
+                cast(Any, owner).skip = None
             for name, old in saved.items():
                 current = getattr(owner, name)
                 kept = torch.where(skip.to(old.device), old, current.detach())
