@@ -51,7 +51,7 @@ METHOD_OPTIONS: dict[str, dict[str, Any]] = {
 }
 
 
-#: The ``"scaled"`` and ``"overflow"`` variants' ``GradScaler`` scale: a power of two, so that a scaled step is the unscaled one.
+#: The scaled and overflow variants' ``GradScaler`` scale: a power of two, so that a scaled step is the unscaled one.
 SCALE = 2.0**10
 #: The ``"overflow"`` variant adds ``OVERFLOW · mean(z_0)`` (z_0: the encoder's first output) to every loss at its
 #: second step: the gradients of the encoder's row 0 and bias 0 (rank 0's shard under FSDP2) are finite, SCALE times
@@ -122,13 +122,15 @@ def batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
 #: ``update_weights_every=2``), with ``process_group=`` a group of its own (a new group of
 #: the same ranks: the method's collectives must go through it), or with
 #: ``space="representation"`` (the model returns its features too), with a ``GradScaler`` (``"scaled"``: its
-#: reference is the unscaled run), or with a scaler and an :data:`OVERFLOW` at the second step (``"overflow"``).
+#: reference is the unscaled run), or with a scaler and an :data:`OVERFLOW` at the second step (``"overflow"``;
+#: ``"overflow_raise"`` with ``nonfinite="raise"``, whose loss flags cross the ranks before the backward).
+OVERFLOW_VARIANTS = ("overflow", "overflow_raise")
 VARIANTS = (
     *("plain", "task_params", "loop", "chunked", "unseeded", "reuse", "process_group", "representation"),
-    *("scaled", "overflow"),
+    *("scaled", *OVERFLOW_VARIANTS),
 )
 #: The variants that change what is computed: their reference is the eager run of the same variant.
-ALGORITHM_VARIANTS = ("reuse", "representation", "overflow")
+ALGORITHM_VARIANTS = ("reuse", "representation", *OVERFLOW_VARIANTS)
 
 
 def make_method(
@@ -148,8 +150,10 @@ def make_method(
         options.update(jacobian="batched", chunk_size=2)
     if variant == "representation":
         options["space"] = "representation"
-    if variant in ("scaled", "overflow"):
+    if variant in ("scaled", *OVERFLOW_VARIANTS):
         options["grad_scaler"] = torch.amp.GradScaler("cpu", init_scale=SCALE, growth_interval=1000)
+    if variant == "overflow_raise":
+        options["nonfinite"] = "raise"
     if variant == "unseeded":
         torch.manual_seed(100 + rank)
     else:
@@ -184,7 +188,7 @@ def run(
     """
     try:
         torch.manual_seed(0)  # the same initial parameters in every process
-        model = SharedEncoderModel(with_features=variant in ("representation", "overflow"))
+        model = SharedEncoderModel(with_features=variant in ("representation", *OVERFLOW_VARIANTS))
         if config == "fsdp2":
             from torch.distributed.fsdp import fully_shard
 
@@ -216,7 +220,7 @@ def run(
             factor = OVERFLOW if step == 1 else 0.0
             collectives.append([])
             with counting_collectives(collectives[-1], groups):
-                if variant == "overflow":
+                if variant in OVERFLOW_VARIANTS:
                     method.step(lambda x=x[rows], y=y[rows], factor=factor: overflowing(forward(x), y, factor))
                 else:
                     method.step(lambda x=x[rows], y=y[rows]: squared_errors(forward(x), y))
@@ -241,7 +245,7 @@ def squared_errors(output: Any, y: torch.Tensor) -> Any:
 
 
 def overflowing(output: Any, y: torch.Tensor, factor: float) -> list[torch.Tensor]:
-    """The K squared errors plus ``factor`` times the mean of the encoder's first output (the ``"overflow"`` variant)."""
+    """The K squared errors plus ``factor`` times the mean of the encoder's first output (:data:`OVERFLOW_VARIANTS`)."""
     predictions, features = output
     return [loss + factor * features[0][:, 0].mean() for loss in squared_errors(predictions, y)]
 

@@ -61,6 +61,7 @@ DEFAULT_DISTRIBUTED = {
     ("selective", "ddp_compiled", "task_params"),
     ("pcgrad", "ddp_compiled", "plain"),
     (worker.FINITE_COLUMN_SUM, "fsdp2", "overflow"),
+    (worker.FINITE_COLUMN_SUM, "fsdp2", "overflow_raise"),
     ("graddrop", "fsdp2", "overflow"),
     ("graddrop", "fsdp2", "scaled"),
     ("pcgrad", "ddp", "overflow"),
@@ -309,7 +310,8 @@ def test_two_ranks_train_as_one_process_on_the_global_batch(case, distributed):
         for name in (worker.FINITE_COLUMN_SUM, "graddrop", "mgda", "uw", "gd")
         for variant in ("scaled", "overflow")
     ]
-    + [distributed_case(name, "ddp", variant) for name in ("pcgrad", "uw") for variant in ("scaled", "overflow")],
+    + [distributed_case(name, "ddp", variant) for name in ("pcgrad", "uw") for variant in ("scaled", "overflow")]
+    + [distributed_case(worker.FINITE_COLUMN_SUM, "fsdp2", "overflow_raise")],
 )
 def test_a_grad_scaler_skips_on_every_rank_or_on_none(case, distributed):
     """A scaled run trains as the unscaled one-process run; an overflow skips the second step on both ranks and backs
@@ -320,7 +322,7 @@ def test_a_grad_scaler_skips_on_every_rank_or_on_none(case, distributed):
     assert_same_training(rank1, rank0, exact=True)
     expected = reference(name, variant)  # "scaled": the run without a scaler
     assert_same_training(rank0, expected)
-    skipped = int(variant == "overflow")
+    skipped = int(variant in worker.OVERFLOW_VARIANTS)
     assert expected["skipped_steps"] == skipped  # the one process skipped it too
     for result in (rank0, rank1):
         assert (result["skipped_steps"], result["scale"]) == (skipped, worker.SCALE / 2**skipped)
@@ -353,6 +355,8 @@ GUARD = [worker.NUM_TASKS]
         (("graddrop", "fsdp2", "plain"), {"reduce_scatter": [TASK_GRADIENTS_SCATTERED], "all_reduce": GUARD}),
         # with a grad scaler the guard's flag crosses the ranks after the backward, with the scaler's: 2 numbers
         (("graddrop", "fsdp2", "scaled"), {"reduce_scatter": [TASK_GRADIENTS_SCATTERED], "all_reduce": [2]}),
+        # nonfinite="raise" must know its flags before the backward: the scaler's cross the ranks in one more
+        ((worker.FINITE_COLUMN_SUM, "fsdp2", "overflow_raise"), {"all_reduce": [*GUARD, 2]}),
         # the features' Gram matrix (the reducer / FSDP2 averages the one backward's gradients)
         (("pcgrad", "ddp", "representation"), {"all_reduce": [*GUARD, worker.NUM_TASKS**2]}),
         (("mgda", "fsdp2", "representation"), {"all_reduce": [*GUARD, worker.NUM_TASKS**2]}),  # (and FSDP2's own)
