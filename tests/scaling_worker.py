@@ -217,10 +217,10 @@ def run(
         groups: list[Any] = []  # the group= of each all_reduce
         for step, (x, y) in enumerate(batches()):
             rows = slice(rank * GLOBAL_BATCH // world_size, (rank + 1) * GLOBAL_BATCH // world_size)
-            factor = OVERFLOW if step == 1 else 0.0
             collectives.append([])
             with counting_collectives(collectives[-1], groups):
                 if variant in OVERFLOW_VARIANTS:
+                    factor = OVERFLOW if step == 1 else 0.0
                     method.step(lambda x=x[rows], y=y[rows], factor=factor: overflowing(forward(x), y, factor))
                 else:
                     method.step(lambda x=x[rows], y=y[rows]: squared_errors(forward(x), y))
