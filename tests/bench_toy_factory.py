@@ -5,6 +5,8 @@ The model is the tests' tiny multi-task regression problem (``conftest.make_prob
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from conftest import make_problem, regression_losses
 from torch import nn
@@ -23,18 +25,23 @@ def build(request: ModelRequest) -> BenchModel:
     problem = make_problem(num_tasks, request.seed, request.dtype, request.batch_size, device=request.device)
     model, device_type = problem.model, request.device.type
 
-    def closure() -> list[torch.Tensor]:
-        enabled = torch.is_autocast_enabled(device_type)
-        AUTOCAST_SEEN.append(torch.get_autocast_dtype(device_type) if enabled else None)
-        return regression_losses(model, problem.x, problem.y)
+    def closure_on(rows: slice) -> Callable[[], list[torch.Tensor]]:
+        def closure() -> list[torch.Tensor]:
+            enabled = torch.is_autocast_enabled(device_type)
+            AUTOCAST_SEEN.append(torch.get_autocast_dtype(device_type) if enabled else None)
+            return regression_losses(model, problem.x[rows], problem.y[rows])
 
+        return closure
+
+    half = request.batch_size // 2
     return BenchModel(
         model=model,
         shared_params=list(model.encoder.parameters()),
         task_params=list(model.heads.parameters()),
-        closure=closure,
+        closure=closure_on(slice(None)),
         task_names=[f"task{k}" for k in range(num_tasks)],
         description="tiny MLP",
+        halves=(closure_on(slice(None, half)), closure_on(slice(half, None))),
     )
 
 

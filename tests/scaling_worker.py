@@ -29,6 +29,8 @@ import torch.distributed as dist
 from conftest import init_gloo
 
 from selgroup_fast import methods
+from selgroup_fast.methods.gradient import GradientMethod
+from selgroup_fast.methods.weighting import Aggregator
 
 NUM_TASKS = 3
 STEPS = 3
@@ -47,6 +49,33 @@ METHOD_OPTIONS: dict[str, dict[str, Any]] = {
     # kernels) ~300×, past float32 tolerances after a few steps: a milder one keeps the comparison about the step.
     "sdmgrad": {"lr": 1.0},
 }
+
+
+#: The scaled and overflow variants' ``GradScaler`` scale: a power of two, so that a scaled step is the unscaled one.
+SCALE = 2.0**10
+#: The ``"overflow"`` variant adds ``OVERFLOW · mean(z_0)`` (z_0: the encoder's first output) to every loss at its
+#: second step: the gradients of the encoder's row 0 and bias 0 (rank 0's shard under FSDP2) are finite, SCALE times
+#: them overflow float32 (max 3.4e38); the losses stay finite.
+OVERFLOW = 1e37
+#: Not a registered method: a column-wise aggregator (FSDP2: each rank its own columns) whose direction drops the
+#: non-finite entries of J, so that only the scaler's check of J sees an overflow (GradDrop and the trimmed mean write
+#: NaN, which every rank's check of ``.grad`` then sees too).
+FINITE_COLUMN_SUM = "finite_column_sum"
+
+
+class FiniteColumnSum(Aggregator):
+    """``d_p = Σ_k J_kp`` over the finite entries of column p (a CombinesColumns)."""
+
+    name = FINITE_COLUMN_SUM
+
+    def combine(
+        self, jacobian: torch.Tensor, out: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        direction = torch.where(jacobian.isfinite(), jacobian, 0.0).sum(0)
+        return (direction if out is None else out.copy_(direction)), None
+
+    def combine_columns(self, jacobian: torch.Tensor, runs: Any) -> torch.Tensor:
+        return self.combine(jacobian)[0]
 
 
 class SharedEncoderModel(torch.nn.Module):
@@ -92,10 +121,16 @@ def batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
 #: 0's numbers everywhere), reusing its weights every other step (Nash-MTL's
 #: ``update_weights_every=2``), with ``process_group=`` a group of its own (a new group of
 #: the same ranks: the method's collectives must go through it), or with
-#: ``space="representation"`` (the model returns its features too).
-VARIANTS = ("plain", "task_params", "loop", "chunked", "unseeded", "reuse", "process_group", "representation")
+#: ``space="representation"`` (the model returns its features too), with a ``GradScaler`` (``"scaled"``: its
+#: reference is the unscaled run), or with a scaler and an :data:`OVERFLOW` at the second step (``"overflow"``;
+#: ``"overflow_raise"`` with ``nonfinite="raise"``, whose loss flags cross the ranks before the backward).
+OVERFLOW_VARIANTS = ("overflow", "overflow_raise")
+VARIANTS = (
+    *("plain", "task_params", "loop", "chunked", "unseeded", "reuse", "process_group", "representation"),
+    *("scaled", *OVERFLOW_VARIANTS),
+)
 #: The variants that change what is computed: their reference is the eager run of the same variant.
-ALGORITHM_VARIANTS = ("reuse", "representation")
+ALGORITHM_VARIANTS = ("reuse", "representation", *OVERFLOW_VARIANTS)
 
 
 def make_method(
@@ -115,6 +150,10 @@ def make_method(
         options.update(jacobian="batched", chunk_size=2)
     if variant == "representation":
         options["space"] = "representation"
+    if variant in ("scaled", *OVERFLOW_VARIANTS):
+        options["grad_scaler"] = torch.amp.GradScaler("cpu", init_scale=SCALE, growth_interval=1000)
+    if variant == "overflow_raise":
+        options["nonfinite"] = "raise"
     if variant == "unseeded":
         torch.manual_seed(100 + rank)
     else:
@@ -123,6 +162,8 @@ def make_method(
         options.update(warmup_steps=1, decay=0.5)
         if variant != "unseeded":
             options["generator"] = torch.Generator().manual_seed(5)
+    if name == FINITE_COLUMN_SUM:
+        return GradientMethod(optimizer, NUM_TASKS, FiniteColumnSum(NUM_TASKS), **options)
     return methods.create(name, optimizer, NUM_TASKS, **options)
 
 
@@ -147,7 +188,7 @@ def run(
     """
     try:
         torch.manual_seed(0)  # the same initial parameters in every process
-        model = SharedEncoderModel(with_features=variant == "representation")
+        model = SharedEncoderModel(with_features=variant in ("representation", *OVERFLOW_VARIANTS))
         if config == "fsdp2":
             from torch.distributed.fsdp import fully_shard
 
@@ -174,17 +215,31 @@ def run(
         method = make_method(name, optimizer, model, variant, rank, group)
         collectives: list[list[tuple[str, int]]] = []  # per step: (kind, numel) of each collective from Python
         groups: list[Any] = []  # the group= of each all_reduce
-        for x, y in batches():
+        data = batches()
+        for step, (x, y) in enumerate(data):
             rows = slice(rank * GLOBAL_BATCH // world_size, (rank + 1) * GLOBAL_BATCH // world_size)
             collectives.append([])
             with counting_collectives(collectives[-1], groups):
-                method.step(lambda x=x[rows], y=y[rows]: squared_errors(forward(x), y))
+                if variant in OVERFLOW_VARIANTS:
+                    factor = OVERFLOW if step == 1 else 0.0
+                    closure = lambda x=x[rows], y=y[rows], factor=factor: overflowing(forward(x), y, factor)  # noqa: E731
+                else:
+                    closure = lambda x=x[rows], y=y[rows]: squared_errors(forward(x), y)  # noqa: E731
+                if getattr(method, "reads_two_batches", False):
+                    # MoDo, SDMGrad: the second batch is the next one, each rank its rows of it, as the first
+                    # (the same shapes: a compiled model's code is reused, as for the other methods).
+                    second_x, second_y = data[(step + 1) % len(data)]
+                    method.step(closure, lambda x=second_x[rows], y=second_y[rows]: squared_errors(forward(x), y))
+                else:
+                    method.step(closure)
         return {
             "params": {key: plain(value) for key, value in model.named_parameters()},
             "state": plain(method.state_dict()),
             "optimizer": plain(optimizer.state_dict()["state"]),
             "collectives": collectives,
             "through_the_group": [g is group for g in groups],
+            "skipped_steps": int(method.skipped_steps),
+            "scale": method.grad_scaler.get_scale() if method.grad_scaler is not None else None,
         }
     except Exception as error:  # noqa: BLE001 - reported to the test, which names the configuration
         return {"error": f"{type(error).__name__}: {error}", "traceback": traceback.format_exc()}
@@ -195,6 +250,12 @@ def squared_errors(output: Any, y: torch.Tensor) -> Any:
     predictions, features = output if isinstance(output, tuple) else (output, None)
     losses = [(out - y[:, k]).pow(2).mean() for k, out in enumerate(predictions)]
     return losses if features is None else (losses, features)
+
+
+def overflowing(output: Any, y: torch.Tensor, factor: float) -> list[torch.Tensor]:
+    """The K squared errors plus ``factor`` times the mean of the encoder's first output (:data:`OVERFLOW_VARIANTS`)."""
+    predictions, features = output
+    return [loss + factor * features[0][:, 0].mean() for loss in squared_errors(predictions, y)]
 
 
 @contextlib.contextmanager

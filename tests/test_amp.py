@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import step_on_one_batch
 from test_nonfinite import NAMES, NUM_TASKS, batch, optimizer_steps, snapshot
 from train_helpers import TINY, load_checkpoint
 
@@ -58,7 +59,7 @@ def closure_for(model: Any, seed: int, factor: float = 1.0, features: bool = Fal
 def run(name: str, grad_scaler: Any, steps: int = 3, **options: Any) -> tuple[dict[str, torch.Tensor], Any]:
     model, method, optimizer = make(name, grad_scaler, **options)
     for seed in range(steps):
-        method.step(closure_for(model, seed, features=options.get("space") == "representation"))
+        step_on_one_batch(method, closure_for(model, seed, features=options.get("space") == "representation"))
     return snapshot(model, method, optimizer), method
 
 
@@ -99,14 +100,16 @@ def test_every_path_of_the_gradient_step_is_unscaled_exactly(name: str, options:
 def test_an_overflow_skips_the_step_leaves_every_state_and_halves_the_scale(name: str, fused: bool) -> None:
     grad_scaler = scaler()
     model, method, optimizer = make(name, grad_scaler, fused=fused)
-    method.step(closure_for(model, 1))  # the optimizer's and the method's state exist from here on
+    step_on_one_batch(method, closure_for(model, 1))  # the optimizer's and the method's state exist from here on
     before, steps = snapshot(model, method, optimizer), optimizer_steps(name, method)
-    losses = method.step(closure_for(model, 2, factor=OVERFLOW))  # finite losses, scaled gradients overflow
+    losses = step_on_one_batch(
+        method, closure_for(model, 2, factor=OVERFLOW)
+    )  # finite losses, scaled gradients overflow
     assert torch.isfinite(losses).all()
     assert_equal(snapshot(model, method, optimizer), before)
     assert grad_scaler.get_scale() == SCALE / 2**steps  # backed off once per optimizer step
     assert int(method.skipped_steps) == steps
-    method.step(closure_for(model, 3))  # training goes on
+    step_on_one_batch(method, closure_for(model, 3))  # training goes on
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert int(method.skipped_steps) == steps
 
@@ -116,9 +119,9 @@ def test_an_overflow_skips_the_step_leaves_every_state_and_halves_the_scale(name
 def test_the_scaler_skips_an_overflow_whatever_nonfinite_says(name: str, mode: str) -> None:
     grad_scaler = scaler()
     model, method, optimizer = make(name, grad_scaler, nonfinite=mode)
-    method.step(closure_for(model, 1))
+    step_on_one_batch(method, closure_for(model, 1))
     before, steps = snapshot(model, method, optimizer), optimizer_steps(name, method)
-    method.step(closure_for(model, 2, factor=OVERFLOW))
+    step_on_one_batch(method, closure_for(model, 2, factor=OVERFLOW))
     assert_equal(snapshot(model, method, optimizer), before)
     assert grad_scaler.get_scale() == SCALE / 2**steps and int(method.skipped_steps) == steps
 

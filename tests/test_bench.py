@@ -318,6 +318,34 @@ def test_interleaved_rounds_rotate_the_order_and_keep_each_method_s_weights():
     )
 
 
+@pytest.mark.parametrize("name", ["modo", "sdmgrad"])
+def test_a_two_batch_method_is_timed_on_the_two_halves_of_the_batch(name):
+    workload = prepare_workload(bench_toy_factory.build, ModelRequest(tasks="2", batch_size=4))
+    steps = []  # the closures of each step
+
+    def create(name, optimizer, num_tasks, shared_params=None, **options):
+        method = selgroup_fast.methods.create(name, optimizer, num_tasks, shared_params=shared_params, **options)
+        step = method.step
+        method.step = lambda *closures: steps.append(closures) or step(*closures)
+        return method
+
+    config = BenchConfig(batch_size=4, rounds=2, steps=1, warmup=1)
+    results = run_methods([name], workload, config, create=create, baseline=name)
+    assert results[0].steps == 2 and len(steps) == 3
+    assert all(closures == workload.bench.halves for closures in steps)
+    workload.bench.halves = None  # a factory that does not split its batch
+    with pytest.raises(ModelError, match=rf"^{name} reads two batches per step: the model's BenchModel.halves must"):
+        run_methods([name], workload, config, baseline=name)
+
+
+def test_the_built_in_model_s_halves_are_those_of_its_batch():
+    built = vit_bench_model(ModelRequest("nyud", batch_size=4), backbone="test_vit", img_size=32)
+    first, second = (torch.stack(half()[0]) for half in built.halves)
+    torch.testing.assert_close((first + second) / 2, torch.stack(built.closure()[0]))  # each loss a mean over samples
+    assert not torch.allclose(first, second)
+    assert vit_bench_model(ModelRequest("2", batch_size=1), backbone="test_vit", img_size=32).halves is None
+
+
 def test_rotation_and_paired_ratios_by_hand():
     assert [rotated(list("ABCDEF"), r, 3) for r in range(3)] == [list("ABCDEF"), list("CDEFAB"), list("EFABCD")]
     assert [rotated([1, 2], r, 4) for r in range(4)] == [[1, 2], [1, 2], [2, 1], [2, 1]]

@@ -11,7 +11,7 @@ import math
 
 import pytest
 import torch
-from conftest import make_problem
+from conftest import make_problem, step_on_one_batch
 from train_helpers import TINY, load_checkpoint
 
 from selgroup_fast import methods
@@ -45,7 +45,7 @@ def test_every_method_reports_typed_state_on_its_device(name):
     problem = make_problem(K)
     method = _method(name, problem, lr=0.01)
     for _ in range(2):
-        method.step(problem.closure())
+        step_on_one_batch(method, problem.closure())
         report = method.report()
         assert isinstance(report, MethodReport)
         assert report.skipped_steps.shape == () and report.skipped_steps.dtype == torch.int64
@@ -67,7 +67,7 @@ def test_a_gradient_method_reports_the_weights_it_applied(name):
     method = _method(name, problem)
     assert method.report().weights is None  # no step yet
     jacobian = _task_gradients(problem)
-    method.step(problem.closure())  # lr 0: the parameters stay, their .grad is the step's direction
+    step_on_one_batch(method, problem.closure())  # lr 0: the parameters stay, their .grad is the step's direction
     weights = method.report().weights
     if not isinstance(method.aggregator, Weighting):  # GradDrop: a direction without task weights
         assert weights is None

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import scipy.optimize
 import torch
-from conftest import TinyMultiTask, regression_losses
+from conftest import TinyMultiTask, regression_losses, step_on_one_batch
 from conftest import make_problem as shared_problem
 
 import selgroup_fast
@@ -98,10 +98,10 @@ def shared_grad(model: TinyMultiTask) -> torch.Tensor:
 def test_every_method_decreases_the_loss_of_a_tiny_three_task_model(name, device, dtype):
     model, closure = make_problem(device, dtype)
     method = build(name, model, lr=0.1 * LEARNING_RATE_SCALE.get(name, 1))
-    first = method.step(closure)
+    first = step_on_one_batch(method, closure)
     assert first.shape == (K,) and first.dtype == dtype and not first.requires_grad
     for _ in range(20):
-        last = method.step(closure)
+        last = step_on_one_batch(method, closure)
     assert torch.isfinite(last).all()
     assert last.sum() < 0.8 * first.sum(), f"{name}: {first.tolist()} -> {last.tolist()}"
 
@@ -110,7 +110,7 @@ def test_every_method_decreases_the_loss_of_a_tiny_three_task_model(name, device
 def test_profiling_records_the_four_phases(name):
     model, closure = make_problem()
     method = build(name, model, profile=True)
-    method.step(closure)
+    step_on_one_batch(method, closure)
     assert set(method.timings) == {"forward", "backward", "manipulation", "optimizer"}
 
 
@@ -177,8 +177,8 @@ def test_a_step_writes_aggregate_into_the_shared_grads_and_the_own_task_gradient
     seeds = {"graddrop": {"seed": 5}, "pcgrad": {"seed": 5}, "gradvac": {"seed": 5}}.get(name, {})
     method = build(name, model, lr=0.0, jacobian=mode, **seeds)  # lr=0 keeps the parameters, so grads can be compared
     reference_jacobian, reference_heads = jacobian_reference(model, closure)
-    losses = method.step(closure)  # read only by the methods that declare them (DB-MTL, MoCo, GradNorm)
-    # A two-batch method's step calls the one closure twice: the same batch, so J_2 = J.
+    losses = step_on_one_batch(method, closure)  # read only by the methods that declare them (DB-MTL, MoCo, GradNorm)
+    # A two-batch method is given the one closure twice: the same batch, so J_2 = J.
     second = {"second_jacobian": reference_jacobian} if name in TWO_BATCH else {}
     expected = aggregate(name, reference_jacobian, losses=losses, **second, **seeds)
     torch.testing.assert_close(shared_grad(model), expected, rtol=1e-9, atol=1e-12)
@@ -418,7 +418,7 @@ def test_a_nan_loss_is_not_hidden(name):
     model, closure = make_problem()
     method = build(name, model, nonfinite="propagate")
     nan_closure = lambda: [loss * float("nan") if k == 0 else loss for k, loss in enumerate(closure())]  # noqa: E731
-    losses = method.step(nan_closure)
+    losses = step_on_one_batch(method, nan_closure)
     assert torch.isnan(losses[0]) and torch.isfinite(losses[1:]).all()
     assert not all(torch.isfinite(p).all() for p in model.encoder.parameters())
 
@@ -585,7 +585,7 @@ def test_a_single_task_steps_along_its_own_gradient(name):
     model, closure = make_problem(num_tasks=1)
     method = build(name, model, lr=0.0, **({"max_norm": 0.0} if name in ("nash_mtl", "fairgrad") else {}))
     reference, _ = jacobian_reference(model, closure)
-    method.step(closure)
+    step_on_one_batch(method, closure)
     torch.testing.assert_close(shared_grad(model), reference[0], rtol=1e-9, atol=1e-12)
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import TinyMultiTask, free_port, init_gloo, regression_losses
+from conftest import TinyMultiTask, free_port, init_gloo, regression_losses, step_on_one_batch
 
 from selgroup_fast import methods
 from selgroup_fast.methods import NonFiniteLoss
@@ -99,13 +99,13 @@ def test_the_default_is_skip_and_a_wrong_mode_is_one_error_line() -> None:
 @pytest.mark.parametrize("name", NAMES)
 def test_skip_leaves_parameters_optimizer_and_method_state_untouched(name: str, fused: bool) -> None:
     model, method, optimizer = make(name, "skip", fused=fused)
-    method.step(closure_for(model, 1))  # the optimizer's state exists from here on
+    step_on_one_batch(method, closure_for(model, 1))  # the optimizer's state exists from here on
     before, steps = snapshot(model, method, optimizer), optimizer_steps(name, method)
-    losses = method.step(closure_for(model, 2, poisoned_task=1))
+    losses = step_on_one_batch(method, closure_for(model, 2, poisoned_task=1))
     assert not torch.isfinite(losses[1])  # the step returns the losses it saw
     assert_same(before, snapshot(model, method, optimizer))  # Adam's moments, its step count, the affinity
     assert method.skipped_steps.dtype == torch.int64 and int(method.skipped_steps) == steps
-    method.step(closure_for(model, 3))  # training goes on, finite
+    step_on_one_batch(method, closure_for(model, 3))  # training goes on, finite
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert int(method.skipped_steps) == steps
 
@@ -116,7 +116,7 @@ def test_skip_changes_nothing_while_the_losses_are_finite(name: str) -> None:
     for mode in ("skip", "propagate"):
         model, method, optimizer = make(name, mode)
         for seed in range(3):
-            method.step(closure_for(model, seed))
+            step_on_one_batch(method, closure_for(model, seed))
         runs.append(snapshot(model, method, optimizer))
         assert int(method.skipped_steps) == 0
     assert_same(*runs)  # bitwise: the masked update keeps the step's own values
@@ -125,10 +125,10 @@ def test_skip_changes_nothing_while_the_losses_are_finite(name: str) -> None:
 @pytest.mark.parametrize("name", NAMES)
 def test_raise_names_the_task_and_the_step_before_any_update(name: str) -> None:
     model, method, optimizer = make(name, "raise")
-    method.step(closure_for(model, 1))
+    step_on_one_batch(method, closure_for(model, 1))
     before = snapshot(model, method, optimizer)
     with pytest.raises(NonFiniteLoss, match=r"^non-finite loss -?(nan|inf) for task 2 at step 2 ") as error:
-        method.step(closure_for(model, 2, poisoned_task=2))
+        step_on_one_batch(method, closure_for(model, 2, poisoned_task=2))
     assert (error.value.task, error.value.step) == (2, 2)
     assert_same(before, snapshot(model, method, optimizer))
 
@@ -136,7 +136,7 @@ def test_raise_names_the_task_and_the_step_before_any_update(name: str) -> None:
 @pytest.mark.parametrize("name", NAMES)
 def test_propagate_lets_the_nan_reach_the_parameters(name: str) -> None:
     model, method, _ = make(name, "propagate")
-    method.step(closure_for(model, 2, poisoned_task=0))
+    step_on_one_batch(method, closure_for(model, 2, poisoned_task=0))
     assert not all(torch.isfinite(p).all() for p in model.encoder.parameters())
     assert int(method.skipped_steps) == 0
 
@@ -167,9 +167,9 @@ def test_skip_on_a_compiled_model_every_method(name: str) -> None:
 def compiled_case(name: str) -> None:
     torch._dynamo.reset()
     model, method, optimizer = make(name, "skip", compiled=True)
-    method.step(closure_for(model, 1))
+    step_on_one_batch(method, closure_for(model, 1))
     before = snapshot(model, method, optimizer)
-    method.step(closure_for(model, 2, poisoned_task=0))
+    step_on_one_batch(method, closure_for(model, 2, poisoned_task=0))
     assert_same(before, snapshot(model, method, optimizer))
     assert int(method.skipped_steps) >= 1
 
@@ -186,12 +186,12 @@ def ddp_worker(rank: int, port: int, out_dir: str) -> None:
             for mode in ("skip", "raise") if name == "gd" else ("skip",):  # "raise" shares check() with every method
                 model, method, optimizer = make(name, mode)
                 ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=name == "selective")
-                method.step(closure_for(ddp, 10 + rank))
+                step_on_one_batch(method, closure_for(ddp, 10 + rank))
                 before, steps = snapshot(model, method, optimizer), optimizer_steps(name, method)
                 # Only rank 1 sees the non-finite loss: rank 0 must skip (or raise) with it.
                 poisoned = closure_for(ddp, 20 + rank, poisoned_task=1 if rank == 1 else None)
                 try:
-                    method.step(poisoned)
+                    step_on_one_batch(method, poisoned)
                     outcome = f"skipped {int(method.skipped_steps)} of {steps}"
                 except NonFiniteLoss as error:
                     outcome = f"raised task {error.task} step {error.step}"
@@ -229,3 +229,25 @@ def test_every_rank_skips_or_raises_together_under_ddp(tmp_path) -> None:
 
 if __name__ == "__main__":  # pragma: no cover - debugging aid
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+@pytest.mark.parametrize("name", ["db_mtl", "moco", "excess_mtl"])
+def test_skip_masks_the_k_by_p_state_in_place_without_a_snapshot(name: str) -> None:
+    """The K×P state under "skip": no clone of it on a skipped step, bitwise kept, in the same storage; on good
+    steps bitwise what the in-place update of "propagate" gives."""
+    model, method, _ = make(name, "skip")
+    twin, unguarded, _ = make(name, "propagate")
+    for seed in (1, 2):
+        step_on_one_batch(method, closure_for(model, seed))
+        step_on_one_batch(unguarded, closure_for(twin, seed))
+    tracked = method.aggregator.tracked
+    assert torch.equal(tracked, unguarded.aggregator.tracked) and tracked.abs().sum() > 0
+    before, storage = tracked.clone(), tracked.data_ptr()
+    with torch.profiler.profile(record_shapes=True) as profile:
+        step_on_one_batch(method, closure_for(model, 3, poisoned_task=1))
+    copies = [e for e in profile.events() if e.name == "aten::clone" and list(tracked.shape) in e.input_shapes]
+    assert not copies, [e.input_shapes for e in copies]
+    assert method.aggregator.tracked.data_ptr() == storage and torch.equal(method.aggregator.tracked, before)
+    assert method.aggregator.skip is None  # the flag is the step's only
+    step_on_one_batch(method, closure_for(model, 4))
+    assert not torch.equal(method.aggregator.tracked, before)  # a good step advances it

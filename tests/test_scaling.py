@@ -36,7 +36,7 @@ TWO_BATCH = ["modo", "sdmgrad"]
 LOSS_WEIGHTING = ["uw", "dwa", "dtp", "famo", "stch", "gls", "imtl_l", "cosmos", "pbi", "rlw"]
 #: One DDP and one FSDP2 case per family runs in the default suite, with GradDrop under FSDP2 (its
 #: own path: each rank draws for its columns), Nash-MTL's reused weights, one process_group= case,
-#: one representation-space case under each, and DDP of a compiled model.
+#: one representation-space case under each, DDP of a compiled model, and a grad scaler's skip under each.
 DEFAULT_DISTRIBUTED = {
     ("selective", "ddp", "plain"),
     ("selective", "ddp", "unseeded"),
@@ -60,6 +60,11 @@ DEFAULT_DISTRIBUTED = {
     ("mgda", "fsdp2", "representation"),
     ("selective", "ddp_compiled", "task_params"),
     ("pcgrad", "ddp_compiled", "plain"),
+    (worker.FINITE_COLUMN_SUM, "fsdp2", "overflow"),
+    (worker.FINITE_COLUMN_SUM, "fsdp2", "overflow_raise"),
+    ("graddrop", "fsdp2", "overflow"),
+    ("graddrop", "fsdp2", "scaled"),
+    ("pcgrad", "ddp", "overflow"),
 }
 
 needs_gloo = pytest.mark.skipif(
@@ -221,6 +226,19 @@ def test_a_gradient_method_runs_one_compiled_backward_per_task(name):
     assert len(calls) == 2 * worker.NUM_TASKS
 
 
+@pytest.mark.parametrize(
+    "name, variant",
+    [(name, "scaled") for name in ("gd", "mgda", "db_mtl", "stch")]
+    + [pytest.param(name, "overflow", marks=pytest.mark.slow) for name in ("gd", "mgda", "db_mtl", "stch")],
+)
+def test_a_compiled_model_with_a_grad_scaler_trains_as_the_eager_one(name, variant):
+    # GD, a weighting of G, J with K×P tracked state, a loss weighting; "overflow": the second step skipped.
+    compiled, eager = worker.run(name, "compiled", variant), worker.run(name, "eager", variant)
+    assert_same_training(compiled, eager)
+    assert compiled["skipped_steps"] == eager["skipped_steps"] == (variant == "overflow")
+    assert compiled["scale"] == eager["scale"]
+
+
 def test_representation_space_with_inductor_compiled_encoder_and_heads_trains_as_the_eager_one():
     # J w.r.t. the features runs the heads' compiled backward, which cannot run under vmap with
     # Inductor (aot_eager's happens to): the default jacobian="batched" must loop.
@@ -284,6 +302,32 @@ def test_two_ranks_train_as_one_process_on_the_global_batch(case, distributed):
         assert all(rank0["through_the_group"]) and rank0["through_the_group"], "a collective bypassed process_group="
 
 
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize(
+    "case",
+    [
+        distributed_case(name, "fsdp2", variant)
+        for name in (worker.FINITE_COLUMN_SUM, "graddrop", "mgda", "uw", "gd")
+        for variant in ("scaled", "overflow")
+    ]
+    + [distributed_case(name, "ddp", variant) for name in ("pcgrad", "uw") for variant in ("scaled", "overflow")]
+    + [distributed_case(worker.FINITE_COLUMN_SUM, "fsdp2", "overflow_raise")],
+)
+def test_a_grad_scaler_skips_on_every_rank_or_on_none(case, distributed):
+    """A scaled run trains as the unscaled one-process run; an overflow skips the second step on both ranks and backs
+    both scales off, as the one process on the global batch does. Under FSDP2 the overflow is in rank 0's shard only
+    (its columns of J; the finite column sum's direction drops it, so that only rank 0's check of J sees it)."""
+    name, _, variant = case
+    rank0, rank1 = (ranks[case] for ranks in distributed)
+    assert_same_training(rank1, rank0, exact=True)
+    expected = reference(name, variant)  # "scaled": the run without a scaler
+    assert_same_training(rank0, expected)
+    skipped = int(variant in worker.OVERFLOW_VARIANTS)
+    assert expected["skipped_steps"] == skipped  # the one process skipped it too
+    for result in (rank0, rank1):
+        assert (result["skipped_steps"], result["scale"]) == (skipped, worker.SCALE / 2**skipped)
+
+
 SHARED_SIZE = worker.HIDDEN * (worker.IN_FEATURES + 1)  # P_s: the encoder's weight and bias
 HEADS_SIZE = worker.NUM_TASKS * (worker.HIDDEN + 1)  # P_h
 #: Under FSDP2 the gradient methods' ONE reduce-scatter of the K task gradients: every rank's K rows of
@@ -309,6 +353,10 @@ GUARD = [worker.NUM_TASKS]
             {"reduce_scatter": [TASK_GRADIENTS_SCATTERED], "all_reduce": [*GUARD, worker.NUM_TASKS**2]},
         ),
         (("graddrop", "fsdp2", "plain"), {"reduce_scatter": [TASK_GRADIENTS_SCATTERED], "all_reduce": GUARD}),
+        # with a grad scaler the guard's flag crosses the ranks after the backward, with the scaler's: 2 numbers
+        (("graddrop", "fsdp2", "scaled"), {"reduce_scatter": [TASK_GRADIENTS_SCATTERED], "all_reduce": [2]}),
+        # nonfinite="raise" must know its flags before the backward: the scaler's cross the ranks in one more
+        ((worker.FINITE_COLUMN_SUM, "fsdp2", "overflow_raise"), {"all_reduce": [*GUARD, 2]}),
         # the features' Gram matrix (the reducer / FSDP2 averages the one backward's gradients)
         (("pcgrad", "ddp", "representation"), {"all_reduce": [*GUARD, worker.NUM_TASKS**2]}),
         (("mgda", "fsdp2", "representation"), {"all_reduce": [*GUARD, worker.NUM_TASKS**2]}),  # (and FSDP2's own)

@@ -250,6 +250,44 @@ def test_two_batch_step_follows_the_rule(name: str, jacobian: str) -> None:
     assert returned.shape == (K,)
 
 
+@pytest.mark.parametrize("name", ["modo", "sdmgrad"])
+def test_a_closure_that_draws_a_new_batch_is_its_own_second_closure(name: str) -> None:
+    """``step(closure, second_closure=closure)``: the closure called twice, each call the next batch."""
+    torch.manual_seed(0)
+    ours = Tiny().double()
+    theirs = copy.deepcopy(ours)
+    xs = batches()
+    drawn = iter(xs)
+    closure = lambda: ours(next(drawn))  # noqa: E731
+    method = selgroup_fast.methods.create(
+        name, torch.optim.SGD(ours.parameters(), lr=0.1), K, shared_params=ours.encoder.parameters()
+    )
+    for _ in range(2):
+        method.step(closure, second_closure=closure)
+    two_batch_reference(theirs, [(xs[0], xs[1]), (xs[2], xs[3])], name)
+    for (key, mine), other in zip(ours.state_dict().items(), theirs.state_dict().values(), strict=True):
+        torch.testing.assert_close(mine, other, rtol=1e-7, atol=1e-9, msg=key)
+
+
+@pytest.mark.parametrize("name", ["modo", "sdmgrad"])
+def test_the_two_halves_give_their_cross_matrix_not_the_gram_matrix(name: str) -> None:
+    """The matrix the weighting reads is J_1 J_2ᵀ of the halves (float64 re-derivation), not J Jᵀ of the batch."""
+    torch.manual_seed(0)
+    model = Tiny().double()
+    x = batches()[0]
+    shared = list(model.encoder.parameters())
+    first, second = (shared_gradients(model(half), shared) for half in (x[:4], x[4:]))
+    whole = shared_gradients(model(x), shared)
+    method = selgroup_fast.methods.create(name, torch.optim.SGD(model.parameters(), lr=0.0), K, shared_params=shared)
+    read = []
+    weights = method.aggregator.weights
+    method.aggregator.weights = lambda matrix: read.append(matrix.clone()) or weights(matrix)
+    method.step(lambda: model(x[:4]), lambda: model(x[4:]))
+    torch.testing.assert_close(read[0], first @ second.T, rtol=1e-12, atol=1e-14)
+    assert not torch.allclose(read[0], whole @ whole.T, rtol=0.1)
+    assert not torch.allclose(read[0], read[0].T, rtol=0.1)  # A is not symmetric: two batches
+
+
 def test_torchjd_two_batch_weightings_equal_over_steps() -> None:
     aggregation = pytest.importorskip("torchjd.aggregation", reason="the torchjd test extra is not installed")
     generator = torch.Generator().manual_seed(1)
@@ -273,6 +311,15 @@ def test_two_batch_paths_that_cannot_serve_it_refuse() -> None:
     x = batches()[0].float()
     with pytest.raises(ValueError, match=r"^mgda reads one batch: step takes no second_closure$"):
         gd.step(lambda: model(x), lambda: model(x))
+    modo, calls = create("modo", opt, K, shared_params=model.encoder.parameters()), []
+    with pytest.raises(
+        ValueError,
+        match=r"^modo reads two independent batches per step: call step\(closure, second_closure\) with a closure on "
+        r"a second batch \(e\.g\. the two halves of one batch\), or step\(closure, second_closure=closure\) if "
+        r"closure draws a new batch at each call$",
+    ):
+        modo.step(lambda: calls.append(x) or model(x))
+    assert not calls  # refused before any forward
     with pytest.raises(ValueError, match=r"^modo reads two independent batches: pass second_jacobian="):
         selgroup_fast.methods.aggregate("modo", torch.ones(K, 2))
 

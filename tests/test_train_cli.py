@@ -46,6 +46,7 @@ def _error(capsys, tmp_path, *args: str) -> str:
         (["--backbone", "no_such_vit"], "'no_such_vit' is not a timm model name"),
         (["--backbone", "resnet18"], "--backbone resnet18: not a plain timm ViT"),
         (["--optimizer", "lion"], "invalid choice: 'lion'"),
+        (["--data-cache", "maybe"], "argument --data-cache: invalid choice: 'maybe'"),
         (["--iters", "0"], "expected a positive integer"),
         (["--lr", "-1"], "--lr must be positive"),
         (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),

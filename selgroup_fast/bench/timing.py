@@ -35,13 +35,13 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import torch
 
 from .. import methods
 from ..losses import ClosureOutput
-from ..models import BenchModel, ModelFactory, ModelRequest, build_model, factory_name, vit_bench_model
+from ..models import BenchModel, ModelError, ModelFactory, ModelRequest, build_model, factory_name, vit_bench_model
 from ..profiling import PHASES
 
 #: The paper's optimizer settings (Table C.1): Adam, lr 2e-5, weight decay 1e-6.
@@ -320,12 +320,31 @@ def _with_autocast(closure: Callable[[], ClosureOutput], config: BenchConfig) ->
     return autocast_closure
 
 
+def _step_of(
+    method: methods.MultiTaskMethod,
+    closure: Callable[[], ClosureOutput],
+    halves: Sequence[Callable[[], ClosureOutput]] | None,
+) -> Callable[[], torch.Tensor]:
+    """One step of ``method`` on the bench's batch; a method that reads two batches per step (MoDo, SDMGrad)
+    gets its two halves, as ``selgroup-train`` gives them."""
+    if not getattr(method, "reads_two_batches", False):
+        return lambda: method.step(closure)
+    if halves is None:
+        raise ModelError(
+            f"{method.name} reads two batches per step: the model's BenchModel.halves must give the two halves of "
+            "its batch (the built-in model's need --batch-size 2 or more)"
+        )
+    first, second = halves
+    return lambda: cast(Any, method).step(first, second)
+
+
 @dataclass
 class _Contestant:
     """One method in the rounds: its own weights between turns and its measurements."""
 
     name: str
     method: methods.MultiTaskMethod
+    step: Callable[[], torch.Tensor]  # one step of the method on the bench's batch (:func:`_step_of`)
     weights: list[torch.Tensor]
     peak_memory_bytes: int | None
     totals: list[float] = field(default_factory=list)
@@ -354,6 +373,7 @@ def run_methods(
     state = _state_tensors(bench.model)
     trainable = [*bench.shared_params, *bench.task_params]
     closure = _with_autocast(bench.closure, config)
+    halves = None if bench.halves is None else [_with_autocast(half, config) for half in bench.halves]
 
     def start_turn(weights: Sequence[torch.Tensor]) -> None:
         """Puts a method's weights into the model, gradients cleared (outside every timed region)."""
@@ -389,12 +409,13 @@ def run_methods(
         with _PeakRSS(enabled=device.type != "cuda") as rss:
             start_turn(workload.initial)
             method = build(name)
+            step = _step_of(method, closure, halves)
             for _ in range(config.warmup):
-                method.step(closure)
+                step()
                 progress.update(1)
             _synchronize(device)
         peak = torch.cuda.max_memory_allocated(device) - floor if device.type == "cuda" else rss.peak_delta
-        contestants.append(_Contestant(name, method, [tensor.detach().clone() for tensor in state], peak))
+        contestants.append(_Contestant(name, method, step, [tensor.detach().clone() for tensor in state], peak))
 
     for round_index in range(config.rounds):
         for contestant in rotated(contestants, round_index, config.rounds):
@@ -412,7 +433,7 @@ def run_methods(
                     contestant.group_counts.append(len(groups))
                 _synchronize(device)
                 begin = time.perf_counter()
-                method.step(closure)
+                contestant.step()
                 _synchronize(device)
                 round_times.append(time.perf_counter() - begin)
                 contestant.phase_samples.append(method.timings)

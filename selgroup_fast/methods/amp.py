@@ -14,8 +14,10 @@ What any of these found, or'd into the step's skip flag of ``nonfinite=``
 device: the optimizer steps are skipped (a fused optimizer takes the flag as its ``found_inf``,
 any other gets the masked update), the method's state stays as it was, the step is counted
 in ``skipped_steps``; the scaler's ``update()`` sees it (the found-inf of the task gradients is
-written into the scaler's per-optimizer record) and backs the scale off. No host sync, not even
-``GradScaler.step``'s: the optimizers are stepped by the method, not by ``scaler.step``.
+written into the scaler's per-optimizer record) and backs the scale off. Under ``torch.distributed``
+the found-inf is every rank's (one all-reduce, shared with ``nonfinite="skip"``'s loss flags):
+under FSDP2 a rank reads only its columns of J, and the ranks must skip together. No host sync,
+not even ``GradScaler.step``'s: the optimizers are stepped by the method, not by ``scaler.step``.
 
 Example::
 
@@ -121,8 +123,10 @@ class GradScaling:
 
     def unscale_optimizers(self, *optimizers: torch.optim.Optimizer) -> None:
         """``scaler.unscale_`` of each optimizer whose ``.grad`` comes from a scaled backward, after the step's last
-        backward: what they and :meth:`unscale_` found is written into every optimizer's record (the scaler's
-        ``update`` backs off) and or'd into the step's skip flag (the optimizer steps and the method's state)."""
+        backward: what they and :meth:`unscale_` found is or'd into the step's skip flag (the optimizer steps and the
+        method's state) and written into every optimizer's record (the scaler's ``update`` backs off); under
+        ``torch.distributed`` what any rank found (:meth:`~.nonfinite.NonFiniteGuard.skip_also`), so that the ranks
+        skip and scale together."""
         if not self.enabled:
             return
         found = self._found if self._found is not None else torch.zeros((), device=self._device)
@@ -133,9 +137,9 @@ class GradScaling:
             records.extend(self.scaler._found_inf_per_device(optimizer).values())
         for record in records:
             found = torch.maximum(found, record.to(found.device, non_blocking=True))
+        everywhere = self._guard.skip_also(found > 0)
         for record in records:
-            record.copy_(found)
-        self._guard.skip_also(found > 0)
+            record.copy_(everywhere)
 
     def update(self) -> None:
         """``scaler.update()``: the scale backed off after a found inf/NaN, grown after enough clean steps."""

@@ -56,8 +56,10 @@ class DBMTL(TaskGradientTracker):
         averages = self._next_step(jacobian)
         rate = self._decayed(self.beta, self.beta_sigma)
         log_scale = 1.0 / (losses.to(averages.dtype) + EPS)  # ∇ log(L + ε) = ∇L / (L + ε)
-        # m ← β_t m + (1 − β_t) g, in place: no K×P temporary.
-        averages.mul_(rate).addcmul_(jacobian.to(averages.dtype), ((1.0 - rate) * log_scale).unsqueeze(1))
+        # m ← β_t m + (1 − β_t) g, in place: no K×P temporary (one under nonfinite="skip", :meth:`_next_value`).
+        updated = torch.mul(averages, rate, out=self._next_value())
+        updated.addcmul_(jacobian.to(averages.dtype), ((1.0 - rate) * log_scale).unsqueeze(1))
+        averages = self._keep_unless_skipped(updated)
         norms = torch.linalg.vector_norm(averages, dim=1)
         scales = (norms.amax() / (norms + EPS)).to(jacobian.dtype)
         rows = averages.to(jacobian.dtype)

@@ -69,9 +69,9 @@ class ExcessMTL(TaskGradientTracker):
     def combine(
         self, jacobian: torch.Tensor, out: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        squares = self._next_step(jacobian)  # S, updated in place
+        squares = self._next_step(jacobian)  # S, updated in place (masked under nonfinite="skip": _next_value)
         rows = jacobian.to(squares.dtype)
-        squares.addcmul_(rows, rows)
+        squares = self._keep_unless_skipped(torch.addcmul(squares, rows, rows, out=self._next_value()))
         excess = (rows.square() / (squares + EXCESS_EPS).sqrt()).sum(dim=1)
         if self.steps <= self.n_warmup_steps:
             self.warmup_sum += excess

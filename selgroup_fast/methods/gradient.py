@@ -272,22 +272,27 @@ class GradientMethod(MultiTaskMethod):
     def step(
         self, closure: Callable[[], ClosureOutput], second_closure: Callable[[], ClosureOutput] | None = None
     ) -> torch.Tensor:
-        """One step. The methods that read two independent batches (MoDo, SDMGrad) run ``closure`` and
-        ``second_closure`` (e.g. on the two halves of one batch) or, without it, ``closure`` twice, which must then
-        draw a new batch at each call (``lambda: loss_of(next(batches))``); the weights read ``J_1 J_2ᵀ``, the
-        update is the gradient of the two batches' mean losses, the returned losses that mean."""
+        """One step. The methods that read two independent batches (MoDo, SDMGrad, :attr:`reads_two_batches`)
+        need ``second_closure``: a closure on another batch (e.g. ``closure`` and ``second_closure`` on the two
+        halves of one batch), or ``second_closure=closure`` for a closure that draws a new batch at each call
+        (``lambda: loss_of(next(batches))``); without it they raise. The weights read ``J_1 J_2ᵀ``, the update is
+        the gradient of the two batches' mean losses, the returned losses that mean."""
         with retainable_compiled_graphs():
             return self._step(closure, second_closure)
 
     def _step(
         self, closure: Callable[[], ClosureOutput], second_closure: Callable[[], ClosureOutput] | None = None
     ) -> torch.Tensor:
-        self._begin_step()
-        self.optimizer.zero_grad(set_to_none=True)
         if second_closure is not None and not self._two_batches:
             raise ValueError(f"{self.name} reads one batch: step takes no second_closure")
         if self._two_batches and second_closure is None:
-            second_closure = closure  # called again: it must draw the next batch (documented, docs/baselines.md)
+            raise ValueError(
+                f"{self.name} reads two independent batches per step: call step(closure, second_closure) with a "
+                "closure on a second batch (e.g. the two halves of one batch), or step(closure, second_closure=closure) "
+                "if closure draws a new batch at each call"
+            )
+        self._begin_step()
+        self.optimizer.zero_grad(set_to_none=True)
         losses, features = self._run_closure(closure)
         second_losses = None if second_closure is None else self._forward(second_closure)
         self._nonfinite.check(losses if second_losses is None else mean_losses(losses, second_losses))

@@ -67,8 +67,9 @@ class MoCo(TaskGradientTracker):
         rate = self._decayed(self.beta, self.beta_sigma)
         rows = jacobian.to(tracked.dtype)
         scales = losses.to(tracked.dtype) / (torch.linalg.vector_norm(rows, dim=1) + EPS)
-        # y ← (1 − β_t) y + β_t ĝ, in place: no K×P temporary.
-        tracked.mul_(1.0 - rate).addcmul_(rows, (rate * scales).unsqueeze(1))
+        # y ← (1 − β_t) y + β_t ĝ, in place: no K×P temporary (one under nonfinite="skip", :meth:`_next_value`).
+        updated = torch.mul(tracked, 1.0 - rate, out=self._next_value())
+        tracked = self._keep_unless_skipped(updated.addcmul_(rows, (rate * scales).unsqueeze(1)))
         coupling = tracked @ tracked.T + self.rho * torch.eye(
             self.num_tasks, device=tracked.device, dtype=tracked.dtype
         )

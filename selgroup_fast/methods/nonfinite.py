@@ -13,7 +13,9 @@
   gradients and the parameters as in any PyTorch loop.
 
 Under ``torch.distributed`` the flags are all-reduced (one collective of K numbers), so every
-rank skips, or raises, together when any rank sees a non-finite loss.
+rank skips, or raises, together when any rank sees a non-finite loss. With a grad scaler
+(:mod:`.amp`) ``"skip"``'s flag crosses the ranks later, in ONE all-reduce with the scaler's
+found-inf (:meth:`NonFiniteGuard.skip_also`), which may be this rank's only (FSDP2's columns of J).
 
 Example::
 
@@ -29,7 +31,7 @@ Example::
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 import torch.distributed as dist
@@ -86,31 +88,49 @@ class NonFiniteGuard:
         """Reads the K losses of a forward: sets :attr:`skip` (``"skip"``) or raises (``"raise"``).
 
         With a grad scaler (:attr:`scaled`) :attr:`skip` is a flag in every mode, which the scaler's
-        found-inf joins (:meth:`skip_also`)."""
+        found-inf joins (:meth:`skip_also`, which then counts the step; under ``torch.distributed`` it also
+        makes ``"skip"``'s flag every rank's, in its one all-reduce)."""
         self.skip = torch.zeros((), dtype=torch.bool, device=self._device) if self.scaled else None
         if self.mode == "propagate":
             return
         values = torch.stack(list(losses)).detach() if isinstance(losses, list) else losses.detach()
         finite = torch.isfinite(values).to(torch.int32)
-        if self._ranks.enabled:  # every rank takes the same branch: a task is finite only if it is on every rank
-            carrier = finite.to(self._ranks.device) if self._ranks.device.type == "cuda" else finite.cpu()
-            dist.all_reduce(carrier, op=dist.ReduceOp.MIN, group=self._ranks.process_group)
-            finite = carrier.to(values.device)
+        # Every rank takes the same branch: a task is finite only if it is on every rank ("raise" must know
+        # before the backward; "skip" with a scaler learns it with the scaler's flag, after the backward).
+        if self._ranks.enabled and not (self.scaled and self.mode == "skip"):
+            finite = self._across_ranks(finite, dist.ReduceOp.MIN)
         if self.mode == "raise":
             bad = (finite == 0).nonzero().flatten().tolist()  # the host sync of "raise"
             if bad:
                 raise NonFiniteLoss(bad[0], self.steps, float(values[bad[0]]))
             return
         self.skip = (finite == 0).any().to(self._device, non_blocking=True)
-        self.skipped_steps += self.skip
+        if not self.scaled:
+            self.skipped_steps += self.skip
 
-    def skip_also(self, flag: torch.Tensor) -> None:
-        """Or's ``flag`` (0-d bool on the device: a grad scaler's found inf/NaN) into :attr:`skip`, in place (what
-        :meth:`keep` returned sees it), counting the step once. Only with :attr:`scaled` (then :meth:`check` made one)."""
+    def skip_also(self, flag: torch.Tensor) -> torch.Tensor:
+        """Or's ``flag`` (0-d bool on the device: a grad scaler's found inf/NaN on this rank) into :attr:`skip`, in
+        place (what :meth:`keep` returned sees it), and counts the step if skipped. Only with :attr:`scaled` (then
+        :meth:`check` made a flag). Returns the scaler's flag of every rank, which the scaler's records take.
+
+        Under ``torch.distributed`` the two flags cross the ranks in ONE all-reduce (of 2 numbers; with ``"skip"``
+        it replaces :meth:`check`'s), so that every rank skips, and backs its scale off, together: the found-inf
+        may be this rank's alone (FSDP2's columns of J, the features of this rank's samples)."""
         skip = self.skip
         assert skip is not None, "check() runs before the gradients it flags"
-        self.skipped_steps += flag & ~skip
+        if self._ranks.enabled:
+            both = self._across_ranks(torch.stack([skip, flag]).to(torch.int32), dist.ReduceOp.MAX) > 0
+            skip.copy_(both[0])
+            flag = both[1]
         skip.logical_or_(flag)
+        self.skipped_steps += skip
+        return flag
+
+    def _across_ranks(self, flags: torch.Tensor, op: Any) -> torch.Tensor:
+        """``flags`` (int32) reduced with ``op`` across the ranks (one all-reduce), on the device of ``flags``."""
+        carrier = flags.to(self._ranks.device) if self._ranks.device.type == "cuda" else flags.cpu()
+        dist.all_reduce(carrier, op=op, group=self._ranks.process_group)
+        return carrier.to(flags.device)
 
     def step(self, optimizer: torch.optim.Optimizer, run: Callable[[], Any] | None = None) -> None:
         """``run()`` (default ``optimizer.step()``), skipped when :attr:`skip` is set.
@@ -149,13 +169,22 @@ class NonFiniteGuard:
                         value.copy_(torch.where(skip.to(value.device), old_value, value))
 
     def keep(self, owner: object, names: Iterable[str]) -> Callable[[], None]:
-        """Snapshots ``owner``'s tensor attributes ``names``; the returned call restores them if :attr:`skip` is set."""
+        """Snapshots ``owner``'s tensor attributes ``names``; the returned call restores them if :attr:`skip` is set.
+
+        An owner that masks a large state's update itself (its ``masked_state`` names it: the K×P state of
+        :class:`~.tracked.TaskGradientTracker`) gets the flag as its ``skip`` instead of a snapshot of it.
+        """
         skip = self.skip
+        masked = getattr(owner, "masked_state", ())
+        if masked:
+            cast(Any, owner).skip = skip
         if skip is None:
             return lambda: None
-        saved = {name: getattr(owner, name).detach().clone() for name in names}
+        saved = {name: getattr(owner, name).detach().clone() for name in names if name not in masked}
 
         def restore() -> None:
+            if masked:  # the step is over: the owner called alone later updates its state in place
+                cast(Any, owner).skip = None
             for name, old in saved.items():
                 current = getattr(owner, name)
                 kept = torch.where(skip.to(old.device), old, current.detach())

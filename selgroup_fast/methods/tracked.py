@@ -5,12 +5,15 @@ the K task gradients (DB-MTL: of the log losses' gradients; MoCo: of the normali
 the losses), which it reads with the K losses (:attr:`Aggregator.needs`). The state is a K×P matrix in
 the shared parameters' dtype on their device, allocated once, when the training step is built and binds
 the shared parameters' layout (:meth:`Aggregator.bind`), updated in place, saved in ``state_dict``
-(docs/baselines.md §Methods with K × P state).
+(docs/baselines.md §Methods with K × P state). Under ``nonfinite="skip"`` the update is masked by the step's
+flag instead of snapshotted (:attr:`TaskGradientTracker.masked_state`): a skipped step leaves it bitwise
+unchanged with no K×P copy and no host sync.
 """
 
 from __future__ import annotations
 
 import abc
+from typing import cast
 
 import torch
 
@@ -47,6 +50,9 @@ class TaskGradientTracker(Aggregator):
     """
 
     needs = frozenset({"losses", "parameter_layout"})
+    #: The state this class keeps unchanged itself on a skipped step: :class:`~.nonfinite.NonFiniteGuard`
+    #: hands it the step's flag (:attr:`skip`) instead of snapshotting it.
+    masked_state: tuple[str, ...] = ("tracked",)
 
     def __init__(self, num_tasks: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> None:
         super().__init__(num_tasks, device, dtype)
@@ -54,6 +60,9 @@ class TaskGradientTracker(Aggregator):
         self.tracked = torch.zeros(num_tasks, 0, device=self.device, dtype=dtype)
         #: The steps taken (``t`` of the decayed rates ``rate / t^σ``; a host int, no device read).
         self.steps = 0
+        #: The step's flag under ``nonfinite="skip"`` (a 0-d bool tensor on the device; ``None`` otherwise):
+        #: set, the state keeps its old value (:meth:`_next_value`, :meth:`_keep_unless_skipped`).
+        self.skip: torch.Tensor | None = None
 
     def bind(self, layout: ParameterLayout) -> None:
         """Allocates the K × P state over the shared parameters (the training step binds them when it is built)."""
@@ -84,6 +93,18 @@ class TaskGradientTracker(Aggregator):
         """Counts the step and returns the K×P state (allocated here when the aggregator is used alone)."""
         self.allocate(jacobian.shape[1])
         self.steps += 1
+        return self.tracked
+
+    def _next_value(self) -> torch.Tensor:
+        """Where this step's update of the state is written: the state itself (in place) when no flag can skip
+        the step, else a temporary that :meth:`_keep_unless_skipped` writes into the state."""
+        return self.tracked if self.skip is None else torch.empty_like(self.tracked)
+
+    def _keep_unless_skipped(self, updated: torch.Tensor) -> torch.Tensor:
+        """The state, ``updated`` written into it in place unless the step is skipped (no K×P copy of the old value)."""
+        if updated is not self.tracked:
+            skip = cast(torch.Tensor, self.skip).to(updated.device).expand_as(updated)  # expanded: a faster CPU where
+            torch.where(skip, self.tracked, updated, out=self.tracked)
         return self.tracked
 
     def _decayed(self, rate: float, sigma: float) -> float:

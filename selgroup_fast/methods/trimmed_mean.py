@@ -56,9 +56,12 @@ class TrimmedMean(Aggregator):
     def combine(
         self, jacobian: torch.Tensor, out: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        kept = jacobian.sort(dim=0).values.narrow(0, self.trim_number, self.num_tasks - 2 * self.trim_number)
+        ordered = jacobian.sort(dim=0).values
+        kept = ordered.narrow(0, self.trim_number, self.num_tasks - 2 * self.trim_number)
         # The sort moves NaN to the end, where it is trimmed: a non-finite column gives NaN, flagged, not hidden.
-        direction = torch.where(jacobian.isfinite().all(dim=0), kept.mean(dim=0), torch.nan)
+        # Sorted, a column holds a non-finite entry iff its first (−inf) or last (+inf, NaN) is: two rows, not K.
+        finite = ordered[0].isfinite() & ordered[-1].isfinite()
+        direction = torch.where(finite, kept.mean(dim=0), torch.nan)
         return (direction if out is None else out.copy_(direction)), None
 
     def combine_columns(self, jacobian: torch.Tensor, runs: Sequence[tuple[int, int]]) -> torch.Tensor:

@@ -2,10 +2,10 @@
 
 Both methods' stochastic guarantees need the task weights to be updated with the gradients of one batch
 against those of another, independent one. The training step provides ``A`` (:attr:`Aggregator.needs` names
-``"cross_gram"``) when ``step`` is given a second closure (:meth:`~.gradient.GradientMethod.step`): the
-closure's and the second closure's losses are two batches' (e.g. the two halves of one batch), J_1 and J_2
-their task gradients, and the update is ``d = wᵀ (J_1 + J_2)/2``, the gradient of their losses' mean (MoDo's
-eq. 2.9b; TorchJD's two-batch example). ``aggregator(J_1, second_jacobian=J_2)`` does the same on two given J.
+``"cross_gram"``) from the closure and the second closure that ``step`` must be given
+(:meth:`~.gradient.GradientMethod.step`; without one it raises): their losses are two batches' (e.g. the two
+halves of one batch), J_1 and J_2 their task gradients, and the update is ``d = wᵀ (J_1 + J_2)/2``, the
+gradient of their losses' mean (MoDo's eq. 2.9b; TorchJD's two-batch example). ``aggregator(J_1, second_jacobian=J_2)`` does the same on two given J.
 """
 
 from __future__ import annotations
@@ -30,11 +30,10 @@ def project_onto_simplex(point: torch.Tensor) -> torch.Tensor:
     tensor([0.1667, 0.1667, 0.6667])
     """
     ordered = point.sort(descending=True).values
-    sums = ordered.cumsum(0)
     counts = torch.arange(1, point.shape[0] + 1, device=point.device, dtype=point.dtype)
-    support = (ordered > (sums - 1) / counts).sum().clamp_min(1)  # a prefix of the sorted entries: its length ρ
-    threshold = (sums.gather(0, (support - 1)[None]) - 1) / support.to(point.dtype)
-    return (point - threshold).clamp_min(0)
+    thresholds = (ordered.cumsum(0) - 1) / counts  # θ for each candidate ρ
+    support = (ordered > thresholds).sum(0, keepdim=True).clamp_min(1)  # a prefix of the sorted entries: its length ρ
+    return (point - thresholds.gather(0, support - 1)).clamp_min(0)
 
 
 class _CrossGramWeighting(Weighting):

@@ -66,7 +66,10 @@ class BenchModel:
     the parameters every task's loss depends on (what the gradient-manipulation
     methods operate on), ``task_params`` the task-specific ones (the heads); both
     must be parameters of ``model`` and the optimizer trains both. ``description``
-    is the model's one-line name in the reports.
+    is the model's one-line name in the reports. ``halves``, where given, are two
+    closures like ``closure`` on the two halves of its batch: the two independent
+    batches per step that MoDo and SDMGrad read (``selgroup-train`` gives them the
+    halves too); without them the bench refuses those methods.
     """
 
     model: nn.Module
@@ -75,6 +78,7 @@ class BenchModel:
     closure: Callable[[], ClosureOutput]
     task_names: list[str]
     description: str = ""
+    halves: tuple[Callable[[], ClosureOutput], Callable[[], ClosureOutput]] | None = None
 
 
 ModelFactory = Callable[[ModelRequest], BenchModel]
@@ -127,6 +131,8 @@ def build_model(factory: ModelFactory, request: ModelRequest) -> BenchModel:
         raise ModelError(f"{name}: BenchModel.model must be a torch.nn.Module, got {type(built.model).__name__}")
     if not callable(built.closure):
         raise ModelError(f"{name}: BenchModel.closure must be callable, got {type(built.closure).__name__}")
+    if built.halves is not None and (len(built.halves) != 2 or not all(callable(half) for half in built.halves)):
+        raise ModelError(f"{name}: BenchModel.halves must be None or two closures, got {built.halves!r}")
     names = built.task_names
     if not isinstance(names, Sequence) or not names or not all(isinstance(n, str) for n in names):
         raise ModelError(f"{name}: BenchModel.task_names must be a non-empty list of strings, got {names!r}")

@@ -12,6 +12,7 @@ segmentation-like tasks, L1 for regression tasks).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -148,18 +149,23 @@ def vit_bench_model(
     model = MultiTaskViT(tasks, backbone, img_size, patch_size).to(request.device, request.dtype)
     batch = synthetic_batch(tasks, request.batch_size, img_size, request.device, request.dtype, request.seed)
 
-    def closure() -> tuple[list[torch.Tensor], torch.Tensor]:
-        # The shared representation goes with the losses, for --space representation.
-        features = model.features(batch.images)
-        return task_losses(model.decode(features), batch.targets, tasks), features
+    def closure_on(rows: slice) -> Callable[[], tuple[list[torch.Tensor], torch.Tensor]]:
+        def closure() -> tuple[list[torch.Tensor], torch.Tensor]:
+            # The shared representation goes with the losses, for --space representation.
+            features = model.features(batch.images[rows])
+            return task_losses(model.decode(features), [target[rows] for target in batch.targets], tasks), features
 
+        return closure
+
+    half = request.batch_size // 2
     return BenchModel(
         model=model,
         shared_params=model.shared_parameters(),
         task_params=list(model.decoders.parameters()),
-        closure=closure,
+        closure=closure_on(slice(None)),
         task_names=[spec.name for spec in tasks],
         description=f"{backbone} (random init), {img_size} px images, patch {patch_size}",
+        halves=(closure_on(slice(None, half)), closure_on(slice(half, None))) if half > 0 else None,
     )
 
 

@@ -20,6 +20,8 @@ from ..cli_common import MachineDefaults, UsageError
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("poly", "constant")
 AMP_MODES = ("off", "bf16", "fp16")
+#: ``--data-cache``: the built-in scenes split rendered once into memory (see train/batches.py).
+DATA_CACHE_MODES = ("auto", "on", "off")
 #: ``--on-nonfinite``: the methods' ``nonfinite=`` mode each choice runs (stop: raise, then checkpoint and exit 1).
 ON_NONFINITE = {"stop": "raise", "skip": "skip", "propagate": "propagate"}
 
@@ -103,6 +105,7 @@ class TrainConfig:
     device: str | None = None
     seed: int = 0
     workers: int | None = None
+    data_cache: str = "auto"
     out: str = "train_out"
     baseline: str | None = None
     on_nonfinite: str = "stop"
@@ -196,6 +199,7 @@ def _check(config: TrainConfig) -> None:
         ("optimizer", OPTIMIZERS),
         ("schedule", SCHEDULES),
         ("amp", AMP_MODES),
+        ("data_cache", DATA_CACHE_MODES),
         ("on_nonfinite", tuple(ON_NONFINITE)),
     ):
         if getattr(config, name) not in allowed:

@@ -322,6 +322,7 @@ class _Run:
             f"batch {config.batch_size}"
             + (f" × {self.env.world_size} processes" if self.env.active else "")
             + f", {config.iters} iterations, {config.optimizer} lr {config.lr:g} ({config.schedule}) on {self.device}"
+            + f"; data cache {self.batches.cache_note}"
         )
         if self.resume_from is not None:
             line += f"; resumed at iteration {self.iteration} from {self.resume_from}"
@@ -380,6 +381,7 @@ class _Run:
             "wall_time_s": wall_time,
             "overhead": overhead["overhead"],
             "phase_s_per_batch": overhead["phase_s_per_batch"],
+            "data_cache": self.batches.cache_note,
             "skipped_steps": summary.history["skipped_steps"],
             "world_size": self.env.world_size,
             "config": config.to_dict(),
