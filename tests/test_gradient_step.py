@@ -27,7 +27,7 @@ from selgroup_fast.methods.step import (
     head_gradients,
     weighting_inputs,
 )
-from selgroup_fast.methods.weighting import Aggregator, ReusesWeights, Weighting, WeightingInputs
+from selgroup_fast.methods.weighting import Aggregator, ParameterLayout, ReusesWeights, Weighting, WeightingInputs
 from selgroup_fast.parallel import RankAgreement
 from selgroup_fast.profiling import PhaseTimer
 
@@ -207,18 +207,91 @@ def test_a_weighting_that_needs_the_losses_gets_them_from_the_step():
         LossShares(K, dtype=torch.float64)(torch.eye(K, dtype=torch.float64))
 
 
-def test_a_g_only_weighting_gets_nothing_but_g_and_an_input_not_provided_is_refused():
+class BlockScaled(Aggregator):
+    """A test aggregator that reads the shared parameters' layout: block b of the direction is ``(b + 1) Σ_k J_k,b``."""
+
+    name = "block_scaled"
+    needs = frozenset({"parameter_layout"})
+
+    def __init__(self, num_tasks: int) -> None:
+        super().__init__(num_tasks, dtype=torch.float64)
+        self.layouts: list[ParameterLayout] = []
+
+    def bind(self, layout: ParameterLayout) -> None:
+        self.layouts.append(layout)
+
+    def combine(self, jacobian, out=None):
+        blocks = jacobian.sum(dim=0).split(self.layouts[-1].block_sizes)
+        direction = torch.cat([(b + 1) * block for b, block in enumerate(blocks)])
+        return (direction if out is None else out.copy_(direction)), None
+
+
+class LayoutWeighting(LossShares):
+    """A weighting that declares the layout too (bind a no-op): the Gramian path cannot serve it."""
+
+    name = "layout_weighting"
+    needs = frozenset({"losses", "parameter_layout"})
+
+    def bind(self, layout: ParameterLayout) -> None:
+        pass
+
+
+def test_a_g_only_weighting_gets_nothing_but_g_and_is_never_bound():
     losses = [torch.tensor(1.0), torch.tensor(2.0), torch.tensor(3.0)]
     assert weighting_inputs(aggregator("mgda", K), RANKS)(losses) == {}  # no work for G-only methods
+    assert weighting_inputs(BlockScaled(K), RANKS)(losses) == {}  # the layout is bound once, not handed each step
     provided = weighting_inputs(LossShares(K), RANKS)(losses)
     torch.testing.assert_close(provided["losses"], torch.tensor([1.0, 2.0, 3.0]), rtol=0, atol=0)
+    model, _ = problem()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    undeclared = type("Undeclared", (BlockScaled,), {"needs": frozenset()})(K)
+    GradientMethod(optimizer, K, undeclared, shared_params=model.encoder.parameters())
+    assert undeclared.layouts == []  # what it does not declare, the step does not hand it
+    with pytest.raises(NotImplementedError, match="mgda does not read the shared parameters' layout"):
+        aggregator("mgda", K).bind(ParameterLayout((1,)))
 
-    class PerBlock(LossShares):
-        name = "per_block"
-        needs = frozenset({"block_grams"})
 
-    # (cross_gram is the two-batch step's: GradientMethod adds it, tests/test_stateful_methods.py)
-    with pytest.raises(ValueError, match="per_block needs block_grams, which the gradient step does not provide yet"):
-        weighting_inputs(PerBlock(K), RANKS)
-    with pytest.raises(TypeError, match=r"needs names unknown inputs \['task_names'\]"):
-        type("Unknown", (LossShares,), {"needs": frozenset({"task_names"})})
+def test_an_unknown_input_is_refused_when_its_class_is_defined():
+    with pytest.raises(TypeError, match=r"needs names unknown inputs \['block_grams'\]"):
+        type("PerBlock", (LossShares,), {"needs": frozenset({"block_grams"})})
+
+
+def test_an_aggregator_that_declares_the_layout_is_bound_once_with_the_shared_blocks_in_column_order():
+    model, closure = problem()
+    shared = list(model.encoder.parameters())
+    blocks = BlockScaled(K)
+    method = GradientMethod(torch.optim.SGD(model.parameters(), lr=0.0), K, blocks, shared_params=shared)
+    assert blocks.layouts == [ParameterLayout(tuple(p.numel() for p in shared))]
+    assert blocks.layouts[0].numel == sum(p.numel() for p in shared)
+    expected = rows_by_hand(closure(), shared).sum(dim=0).split(blocks.layouts[0].block_sizes)
+    method.step(closure)
+    method.step(closure)
+    assert len(blocks.layouts) == 1  # once, at construction
+    for b, (p, block) in enumerate(zip(shared, expected, strict=True)):
+        torch.testing.assert_close(p.grad.reshape(-1), (b + 1) * block, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("declared", [BlockScaled, LayoutWeighting])
+def test_a_declared_layout_refuses_the_representation_space_and_the_gramian_path(declared):
+    model, _ = problem()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    shared = model.encoder.parameters()
+    with pytest.raises(ValueError, match=r"^layout_\w+|^block_scaled keeps a state per task over the shared param"):
+        GradientMethod(optimizer, K, declared(K), shared_params=shared, space="representation")
+    refusal = "needs J itself" if declared is BlockScaled else "keeps a state over J's columns, which G = J·Jᵀ does"
+    with pytest.raises(ValueError, match=rf'^jacobian="gramian" does not apply: {declared.name} {refusal}'):
+        GradientMethod(optimizer, K, declared(K), shared_params=model.encoder.parameters(), jacobian="gramian")
+
+
+def test_a_tracked_aggregator_gets_its_k_by_p_state_allocated_once_at_construction():
+    model, closure = problem()
+    shared = list(model.encoder.parameters())
+    width = sum(p.numel() for p in shared)
+    tracker = aggregator("db_mtl", K, dtype=torch.float64)
+    method = GradientMethod(torch.optim.SGD(model.parameters(), lr=0.0), K, tracker, shared_params=shared)
+    state = tracker.tracked
+    assert state.shape == (K, width) and state.dtype == torch.float64 and not state.any()
+    method.step(closure)
+    assert tracker.tracked.shape == (K, width) and tracker.tracked.any()
+    with pytest.raises(ValueError, match=rf"^db_mtl tracks {width} coordinates, the step has 7$"):
+        tracker.bind(ParameterLayout((3, 4)))

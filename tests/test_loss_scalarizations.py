@@ -66,10 +66,16 @@ def test_stch_warmup_trains_on_the_log_losses_then_normalises_by_the_nadir():
         torch.testing.assert_close(gradient, 1 / (f64(steps[done - 1]) + 1e-20))
     nadir = (f64(steps[2]) + f64(steps[3])) / 2
     method, gradient = train("stch", steps, warmup=1, window=window, mu=mu)
+    assert method.warmup_steps == 4  # declared: the steps on Σ log L above, the 5th the first with the nadir
     torch.testing.assert_close(method.nadir, nadir)  # type: ignore[attr-defined]
     # LibMTL: K μ log Σ exp(log(L / n) / μ); ∂/∂L_k = K softmax(log(L / n) / μ)_k / L_k
     losses = f64(steps[4])
     torch.testing.assert_close(gradient, K * torch.softmax(torch.log(losses / nadir) / mu, 0) / losses)
+
+
+@pytest.mark.parametrize("name", ["gd", "stch", "uw", "gls"])
+def test_a_method_without_a_warmup_declares_none(name):
+    assert train(name, LOSSES[:1])[0].warmup_steps == 0
 
 
 def test_stch_equals_torchjd():

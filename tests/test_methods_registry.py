@@ -87,3 +87,24 @@ def test_the_registry_lists_methods_by_kind_and_imports_them_loudly(monkeypatch)
     monkeypatch.setitem(selgroup_fast.methods._REGISTRY, "broken", ("loss", "selgroup_fast.no_such_module:X"))
     with pytest.raises(ModuleNotFoundError):
         selgroup_fast.methods.available()
+
+
+@pytest.mark.parametrize("name", selgroup_fast.methods.available())
+def test_every_method_takes_the_options_of_every_method(name):
+    """``options(name)`` lists MultiTaskMethod's options for every method (a loss weighting passes them on as
+    ``**options``), and ``create`` accepts them."""
+    common = {"profile", "process_group", "nonfinite", "grad_scaler"}
+    assert common <= selgroup_fast.methods.options(name)
+    model = torch.nn.Linear(2, 3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    method = selgroup_fast.methods.create(
+        name, optimizer, 3, shared_params=model.parameters(), profile=True, nonfinite="raise"
+    )
+    assert method.profile and method.nonfinite == "raise"
+
+
+@pytest.mark.parametrize("name", selgroup_fast.methods.available("loss"))
+def test_a_loss_weighting_refuses_an_option_it_does_not_take(name):
+    optimizer = torch.optim.SGD(torch.nn.Linear(2, 3).parameters(), lr=0.1)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'no_such_option'"):
+        selgroup_fast.methods.create(name, optimizer, 3, no_such_option=1)

@@ -180,6 +180,11 @@ def test_gradvac_per_block_alone_needs_its_blocks() -> None:
         ("gradvac", {"beta": 1.5}, r"^beta must be in \[0, 1\], got 1.5$"),
         ("gradvac", {"eps": -1.0}, r"^eps must be >= 0, got -1.0$"),
         ("gradvac", {"seed": 0, "generator": torch.Generator()}, r"^give seed= or generator=, not both$"),
+        # per block: the same checks (BlockwiseGradVac's own)
+        ("gradvac", {"group_type": "all_matrix", "beta": 1.5}, r"^beta must be in \[0, 1\], got 1.5$"),
+        ("gradvac", {"block_sizes": [15, 5], "eps": -1.0}, r"^eps must be >= 0, got -1.0$"),
+        ("gradvac", {"block_sizes": [15, 5], "seed": 0, "generator": torch.Generator()}, r"^give seed= or generator="),
+        ("pcgrad", {"seed": 0, "generator": torch.Generator()}, r"^give seed= or generator=, not both$"),
         (
             "gradvac",
             {"group_type": "all_layer"},

@@ -27,8 +27,8 @@ def _error(capsys, tmp_path, *args: str) -> str:
     "args, message",
     [
         (["--method", "sgd_magic"], "unknown method 'sgd_magic'; available: gd, selective"),
-        (["--method", "gd", "--method-option", "decay=1e-4"], "method 'gd' has no option 'decay'"),
-        (["--method", "cagrad", "--method-option", "c=-1"], "--method cagrad: "),
+        (["--method", "gd", "--method-option", "decay=1e-4"], "method 'gd' takes no option 'decay'"),
+        (["--method", "cagrad", "--method-option", "c=-1"], "method 'cagrad': cagrad_weights: c must be"),
         (["--method-option", "decay"], "--method-option"),
         (
             ["--method", "stch", "--method-option", "warmup=0", "--method-option", "window=1"],

@@ -26,11 +26,11 @@ from typing import Any
 import torch
 
 from ..parallel import TaskParams
-from .base import MethodReport, MultiTaskMethod
+from .base import MethodOptions, MethodReport, MultiTaskMethod
 from .gradient import GradientMethod
 from .jacobian import as_parameter_list
 from .nonfinite import NONFINITE_MODES, NonFiniteLoss
-from .weighting import Aggregator, Weighting, check_jacobian
+from .weighting import Aggregator, ParameterLayout, Weighting, check_jacobian
 
 # name -> (kind, "module:Class"), imported on first use.
 _REGISTRY: dict[str, tuple[str, str]] = {
@@ -112,7 +112,7 @@ def options(name: str) -> frozenset[str]:
     (True, True, False)
     """
     own = frozenset(p.name for p in inspect.signature(_load(name)).parameters.values() if p.kind is p.KEYWORD_ONLY)
-    return own | _STEP_OPTIONS if kind(name) == "gradient" else own
+    return own | (_STEP_OPTIONS if kind(name) == "gradient" else frozenset(MethodOptions.__annotations__))
 
 
 def aggregator(
@@ -205,6 +205,7 @@ __all__ = [
     "MultiTaskMethod",
     "NONFINITE_MODES",
     "NonFiniteLoss",
+    "ParameterLayout",
     "Weighting",
     "aggregate",
     "aggregator",

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import abc
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypedDict
 
 import torch
 
@@ -15,6 +16,22 @@ from ..parallel import RankAgreement
 from ..profiling import PhaseTimer
 from .amp import GradScaling
 from .nonfinite import DEFAULT_NONFINITE, NonFiniteGuard
+
+# Re-exported for the methods' ``**options: Unpack[MethodOptions]`` (PEP 692).
+if sys.version_info >= (3, 11):
+    from typing import Unpack as Unpack
+else:  # torch's own dependency
+    from typing_extensions import Unpack as Unpack
+
+
+class MethodOptions(TypedDict, total=False):
+    """The options every method takes, :class:`MultiTaskMethod`'s: a method whose own options are its
+    signature's passes these on as ``**options: Unpack[MethodOptions]``."""
+
+    profile: bool
+    process_group: Any
+    nonfinite: str
+    grad_scaler: Any
 
 
 def optimizer_device(optimizer: torch.optim.Optimizer) -> torch.device:
@@ -138,6 +155,9 @@ class MultiTaskMethod(SavedState, abc.ABC):
     #: Whether a step back-propagates some tasks' losses only (``DistributedDataParallel`` then
     #: needs ``find_unused_parameters=True``: the other heads get no gradient).
     backpropagates_task_subsets: ClassVar[bool] = False
+    #: The steps before the method's rule is in effect (STCH's, until its nadir point is known): a training run
+    #: must be longer (``selgroup-train`` refuses one that is not). Set in ``__init__`` where an option decides it.
+    warmup_steps: int = 0
 
     def __init__(
         self,

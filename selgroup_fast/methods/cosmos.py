@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
+from .base import MethodOptions, Unpack
 from .loss_weighting import LossWeightingMethod, TaskValues, preference, state_dtype
-from .nonfinite import DEFAULT_NONFINITE
 
 
 class COSMOS(LossWeightingMethod):
@@ -45,19 +43,9 @@ class COSMOS(LossWeightingMethod):
         *,
         lambda_: float = 1.0,
         weights: TaskValues | None = None,
-        profile: bool = False,
-        process_group: Any = None,
-        nonfinite: str = DEFAULT_NONFINITE,
-        grad_scaler: Any = None,
+        **options: Unpack[MethodOptions],
     ) -> None:
-        super().__init__(
-            optimizer,
-            num_tasks,
-            profile=profile,
-            process_group=process_group,
-            nonfinite=nonfinite,
-            grad_scaler=grad_scaler,
-        )
+        super().__init__(optimizer, num_tasks, **options)
         if not lambda_ >= 0:
             raise ValueError(f"lambda_ must be >= 0, got {lambda_}")
         self.lambda_ = float(lambda_)

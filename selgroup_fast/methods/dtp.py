@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 
-from .loss_weighting import LossWeightingMethod
-from .nonfinite import DEFAULT_NONFINITE
+from .base import MethodOptions, Unpack
+from .loss_weighting import LossWeightingMethod, state_dtype
 
 #: KPIs are clamped into [KPI_FLOOR, 1] so that ``log κ`` stays finite.
 KPI_FLOOR = 1e-6
@@ -54,26 +53,16 @@ class DTP(LossWeightingMethod):
         *,
         gamma: float = 1.0,
         alpha: float = 0.9,
-        profile: bool = False,
-        process_group: Any = None,
-        nonfinite: str = DEFAULT_NONFINITE,
-        grad_scaler: Any = None,
+        **options: Unpack[MethodOptions],
     ) -> None:
-        super().__init__(
-            optimizer,
-            num_tasks,
-            profile=profile,
-            process_group=process_group,
-            nonfinite=nonfinite,
-            grad_scaler=grad_scaler,
-        )
+        super().__init__(optimizer, num_tasks, **options)
         if gamma < 0:
             raise ValueError(f"gamma must be >= 0, got {gamma}")
         if not 0 < alpha <= 1:
             raise ValueError(f"alpha must be in (0, 1], got {alpha}")
         self.gamma = float(gamma)
         self.alpha = float(alpha)
-        dtype = optimizer.param_groups[0]["params"][0].dtype
+        dtype = state_dtype(optimizer)
         self.kpis = torch.full((num_tasks,), 0.5, device=self.device, dtype=dtype)
         self.user_kpis = False
 

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import torch
 
 from ..checks import check_int
 from ..losses import ClosureOutput
-from .loss_weighting import LossWeightingMethod
-from .nonfinite import DEFAULT_NONFINITE
+from .base import MethodOptions, Unpack
+from .loss_weighting import LossWeightingMethod, state_dtype
 
 
 class DWA(LossWeightingMethod):
@@ -54,25 +53,15 @@ class DWA(LossWeightingMethod):
         *,
         temp: float = 2.0,
         window: int = 100,
-        profile: bool = False,
-        process_group: Any = None,
-        nonfinite: str = DEFAULT_NONFINITE,
-        grad_scaler: Any = None,
+        **options: Unpack[MethodOptions],
     ) -> None:
-        super().__init__(
-            optimizer,
-            num_tasks,
-            profile=profile,
-            process_group=process_group,
-            nonfinite=nonfinite,
-            grad_scaler=grad_scaler,
-        )
+        super().__init__(optimizer, num_tasks, **options)
         if temp <= 0:
             raise ValueError(f"temp must be > 0, got {temp}")
         self.temp = float(temp)
         self.window = check_int("window", window)
         self.steps = 0
-        dtype = optimizer.param_groups[0]["params"][0].dtype
+        dtype = state_dtype(optimizer)
         zeros = torch.zeros(num_tasks, device=self.device, dtype=dtype)
         self.window_sum = zeros.clone()
         self.window_steps = torch.zeros((), device=self.device, dtype=dtype)  # the steps not skipped

@@ -44,7 +44,7 @@ class ExcessMTL(TaskGradientTracker):
     """
 
     name = "excess_mtl"
-    needs = frozenset()
+    needs = frozenset({"parameter_layout"})  # not the losses
     saved_state = ("tracked", "task_weights", "baseline", "warmup_sum", "steps")
 
     def __init__(

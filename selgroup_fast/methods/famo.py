@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import torch
 
 from ..losses import ClosureOutput, parse_closure_output
+from .base import MethodOptions, Unpack
 from .jacobian import SharedParams, as_parameter_list
-from .loss_weighting import LossWeightingMethod
-from .nonfinite import DEFAULT_NONFINITE
+from .loss_weighting import LossWeightingMethod, state_dtype
 
 #: The authors' shift inside the logarithms.
 EPS = 1e-8
@@ -64,20 +63,10 @@ class FAMO(LossWeightingMethod):
         w_lr: float = 0.025,
         max_norm: float = 1.0,
         shared_params: SharedParams | None = None,
-        profile: bool = False,
-        process_group: Any = None,
-        nonfinite: str = DEFAULT_NONFINITE,
-        grad_scaler: Any = None,
+        **options: Unpack[MethodOptions],
     ) -> None:
-        super().__init__(
-            optimizer,
-            num_tasks,
-            profile=profile,
-            process_group=process_group,
-            nonfinite=nonfinite,
-            grad_scaler=grad_scaler,
-        )
-        dtype = optimizer.param_groups[0]["params"][0].dtype
+        super().__init__(optimizer, num_tasks, **options)
+        dtype = state_dtype(optimizer)
         self.max_norm = float(max_norm)
         self.shared_params = None if shared_params is None else as_parameter_list(shared_params)
         #: The logits ξ of the task weights ``softmax(ξ)``.

@@ -36,7 +36,6 @@ from ..parallel import (
     is_sharded,
 )
 from .base import MethodReport, MultiTaskMethod, detached
-from .gradvac import BlockwiseGradVac
 from .jacobian import JacobianMode, SharedParams, TaskJacobian, jacobian_defaults
 from .nonfinite import DEFAULT_NONFINITE, tensor_state
 from .step import (
@@ -57,8 +56,7 @@ from .step import (
     weighted_total,
     weighting_inputs,
 )
-from .tracked import TaskGradientTracker
-from .weighting import Aggregator, CombinesColumns, ReusesWeights, Weighting
+from .weighting import Aggregator, CombinesColumns, ParameterLayout, ReusesWeights, Weighting
 
 Space = Literal["parameters", "representation"]
 SPACES: tuple[str, ...] = ("parameters", "representation")
@@ -171,26 +169,20 @@ class GradientMethod(MultiTaskMethod):
             self._task_params = owners.all_task_params()
         self._sharded = any(is_sharded(p) for p in [*self._jacobian.params, *self._task_params])
         split_columns = self._sharded or (self._ranks.enabled and space == "representation")  # J split over ranks
-        if split_columns and not isinstance(aggregator, (Weighting, CombinesColumns)):
+        binds_layout = "parameter_layout" in aggregator.needs  # a state over J's columns: all of them, every step
+        if split_columns and (binds_layout or not isinstance(aggregator, (Weighting, CombinesColumns))):
             raise ValueError(
                 f'{self.name} with space="{space}" does not support sharded (FSDP2/DTensor) parameters or features '
                 "split over ranks: it needs every coordinate of the task gradients on one rank; train it with "
                 'DistributedDataParallel and space="parameters"'
             )
-        if isinstance(aggregator, TaskGradientTracker):  # K×P state over the shared parameters, allocated here once
+        if binds_layout:  # DB-MTL's, MoCo's, ExcessMTL's K×P rows, per-block GradVac's blocks: allocated here once
             if space != "parameters":
                 raise ValueError(
                     f'{self.name} keeps a state per task over the shared parameters\' coordinates: space="{space}" '
                     'does not apply (the features change with every batch); use space="parameters"'
                 )
-            aggregator.allocate(sum(p.numel() for p in shared))
-        if isinstance(aggregator, BlockwiseGradVac):  # one target per block of the shared parameters
-            if space != "parameters":
-                raise ValueError(
-                    f'{self.name} per block reads the shared parameters\' blocks of J: space="{space}" does not apply; '
-                    'use space="parameters" (or group_type="whole_model")'
-                )
-            aggregator.bind_blocks([p.numel() for p in shared])
+            aggregator.bind(ParameterLayout(tuple(p.numel() for p in shared)))
         #: Whether each step reads two batches (MoDo, SDMGrad: the cross-batch matrix J_1 J_2ᵀ; :mod:`.two_batch`).
         self._two_batches = "cross_gram" in aggregator.needs
         if self._two_batches and (space != "parameters" or self._sharded):
@@ -245,6 +237,8 @@ class GradientMethod(MultiTaskMethod):
             gramian_refusal = f"{aggregator.name} needs J itself (it acts on every coordinate), not only G = J·Jᵀ"
         elif "cross_gram" in aggregator.needs:
             gramian_refusal = f"{aggregator.name} reads J_1 J_2ᵀ of two batches, which G = J·Jᵀ does not give"
+        elif "parameter_layout" in aggregator.needs:
+            gramian_refusal = f"{aggregator.name} keeps a state over J's columns, which G = J·Jᵀ does not give"
         elif space != "parameters":
             gramian_refusal = f'space="{space}" takes the small J of the features'
         elif self._ranks.enabled or any(is_sharded(p) for p in shared):

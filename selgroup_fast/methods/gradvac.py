@@ -10,7 +10,7 @@ from ..checks import check_int
 from .cr_mogm import check_unit_interval
 from .pcgrad import seeded_generator
 from .tracked import check_decay_exponent
-from .weighting import Aggregator, Weighting
+from .weighting import Aggregator, ParameterLayout, Weighting
 
 
 def vaccine_orders(num_tasks: int, device: torch.device, generator: torch.Generator | None) -> torch.Tensor:
@@ -107,9 +107,7 @@ class GradVac(Weighting):
         super().__init__(num_tasks, device, dtype)
         self.beta = check_unit_interval("beta", beta)
         self.eps = check_decay_exponent("eps", eps)
-        if generator is not None and seed is not None:
-            raise ValueError("give seed= or generator=, not both")
-        self.generator = generator if generator is not None else seeded_generator(self.device, seed)
+        self.generator = seeded_generator(self.device, seed, generator)
         #: φ̂: the EMA targets of the cosines, ``targets[i, j]`` for ``g_i^PC`` against ``g_j``.
         self.targets = torch.zeros(num_tasks, num_tasks, device=self.device, dtype=dtype)
 
@@ -133,13 +131,15 @@ class BlockwiseGradVac(Aggregator):
     Block b's direction is ``w_bᵀ J_b`` with ``w_b`` from ``G_b = J_b J_bᵀ`` (:func:`vaccinate`, all blocks in one
     batched step). It reads J's columns block by block: not a weighting of one G, so no Gramian path, no
     representation space (no parameter blocks there), no FSDP2 (J's columns split over ranks); DDP and
-    ``torch.compile`` as for the other methods. The blocks are the shared parameters' (bound by the training
-    step, :meth:`bind_blocks`) or ``block_sizes``. The targets are updated at every visit (the paper's
+    ``torch.compile`` as for the other methods (:attr:`needs` names the shared parameters' layout, so the
+    training step refuses the others). The blocks are the shared parameters' (bound by the training step,
+    :meth:`bind`) or ``block_sizes``. The targets are updated at every visit (the paper's
     Algorithm 1 and TorchJD's); LibMTL updates them only where it corrects. State (saved, on the device): the
     B × K × K targets and the generator.
     """
 
     name = "gradvac"
+    needs = frozenset({"parameter_layout"})
     saved_state = ("targets", "generator")
 
     def __init__(
@@ -150,19 +150,23 @@ class BlockwiseGradVac(Aggregator):
         *,
         beta: float,
         eps: float,
-        generator: torch.Generator,
+        seed: int | None,
+        generator: torch.Generator | None,
         block_sizes: Sequence[int] | None,
     ) -> None:
         super().__init__(num_tasks, device, dtype)
-        self.beta, self.eps, self.generator = beta, eps, generator
+        self.beta = check_unit_interval("beta", beta)
+        self.eps = check_decay_exponent("eps", eps)
+        self.generator = seeded_generator(self.device, seed, generator)
         self.block_sizes: list[int] = []
         #: φ̂ per block: ``targets[b, i, j]`` (B × K × K; B = 0 until the blocks are bound).
         self.targets = torch.zeros(0, num_tasks, num_tasks, device=self.device, dtype=dtype)
         if block_sizes is not None:
-            self.bind_blocks([check_int("block_sizes", size) for size in block_sizes])
+            self.bind(ParameterLayout(tuple(check_int("block_sizes", size) for size in block_sizes)))
 
-    def bind_blocks(self, sizes: list[int]) -> None:
+    def bind(self, layout: ParameterLayout) -> None:
         """Takes the blocks' widths (the shared parameters' sizes, from the training step) and allocates φ̂ once."""
+        sizes = list(layout.block_sizes)
         if self.block_sizes and self.block_sizes != sizes:
             raise ValueError(f"gradvac: blocks of sizes {self.block_sizes} given, the step's are {sizes}")
         if not self.block_sizes:
@@ -210,16 +214,8 @@ def gradvac(
     """
     if group_type not in GROUP_TYPES:
         raise ValueError(f"gradvac: group_type must be one of {GROUP_TYPES}, got {group_type!r}")
-    if generator is not None and seed is not None:
-        raise ValueError("give seed= or generator=, not both")
     if group_type == "whole_model" and block_sizes is None:
         return GradVac(num_tasks, device, dtype, beta=beta, eps=eps, seed=seed, generator=generator)
     return BlockwiseGradVac(
-        num_tasks,
-        device,
-        dtype,
-        beta=check_unit_interval("beta", beta),
-        eps=check_decay_exponent("eps", eps),
-        generator=generator if generator is not None else seeded_generator(torch.device(device), seed),
-        block_sizes=block_sizes,
+        num_tasks, device, dtype, beta=beta, eps=eps, seed=seed, generator=generator, block_sizes=block_sizes
     )

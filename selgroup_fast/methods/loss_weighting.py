@@ -13,13 +13,12 @@ from __future__ import annotations
 import abc
 import dataclasses
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import torch
 
 from ..losses import ClosureOutput
-from .base import MethodReport, MultiTaskMethod
-from .nonfinite import DEFAULT_NONFINITE, tensor_state
+from .base import MethodOptions, MethodReport, MultiTaskMethod, Unpack
+from .nonfinite import tensor_state
 
 #: What a per-task option of a loss weighting accepts: K numbers.
 TaskValues = Sequence[float] | torch.Tensor
@@ -46,6 +45,15 @@ def preference(values: TaskValues | None, num_tasks: int, device: torch.device, 
     if bool((tensor < 0).any()) or not bool((tensor > 0).any()):
         raise ValueError(f"weights must be >= 0 and not all 0, got {values!r}")
     return tensor.to(dtype)
+
+
+def reference_point(
+    values: TaskValues | None, num_tasks: int, device: torch.device, dtype: torch.dtype
+) -> torch.Tensor:
+    """The reference point of a scalarization (``reference=``): K finite numbers; the origin when None."""
+    if values is None:
+        return torch.zeros(num_tasks, device=device, dtype=dtype)
+    return task_values("reference", values, num_tasks, device, dtype)
 
 
 def state_dtype(optimizer: torch.optim.Optimizer) -> torch.dtype:
@@ -129,19 +137,9 @@ class LearnedScalesMethod(LossWeightingMethod):
         num_tasks: int,
         *,
         lr: float = 0.025,
-        profile: bool = False,
-        process_group: Any = None,
-        nonfinite: str = DEFAULT_NONFINITE,
-        grad_scaler: Any = None,
+        **options: Unpack[MethodOptions],
     ) -> None:
-        super().__init__(
-            optimizer,
-            num_tasks,
-            profile=profile,
-            process_group=process_group,
-            nonfinite=nonfinite,
-            grad_scaler=grad_scaler,
-        )
+        super().__init__(optimizer, num_tasks, **options)
         if lr <= 0:
             raise ValueError(f"lr must be > 0, got {lr}")
         #: ``s``, the learned scales (the loss weights they mean: :attr:`weights`).

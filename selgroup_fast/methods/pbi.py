@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
-from .loss_weighting import LossWeightingMethod, TaskValues, preference, state_dtype, task_values
-from .nonfinite import DEFAULT_NONFINITE
+from .base import MethodOptions, Unpack
+from .loss_weighting import LossWeightingMethod, TaskValues, preference, reference_point, state_dtype
 
 #: TorchJD's constant under the square root of ``d_2``: a finite gradient on the preference line.
 D2_SHIFT = 1e-12
@@ -49,29 +47,15 @@ class PBI(LossWeightingMethod):
         theta: float = 5.0,
         weights: TaskValues | None = None,
         reference: TaskValues | None = None,
-        profile: bool = False,
-        process_group: Any = None,
-        nonfinite: str = DEFAULT_NONFINITE,
-        grad_scaler: Any = None,
+        **options: Unpack[MethodOptions],
     ) -> None:
-        super().__init__(
-            optimizer,
-            num_tasks,
-            profile=profile,
-            process_group=process_group,
-            nonfinite=nonfinite,
-            grad_scaler=grad_scaler,
-        )
+        super().__init__(optimizer, num_tasks, **options)
         if not theta >= 0:
             raise ValueError(f"theta must be >= 0, got {theta}")
         self.theta = float(theta)
         dtype = state_dtype(optimizer)
         self.preference = preference(weights, num_tasks, self.device, dtype)
-        self.reference = (
-            torch.zeros(num_tasks, device=self.device, dtype=dtype)
-            if reference is None
-            else task_values("reference", reference, num_tasks, self.device, dtype)
-        )
+        self.reference = reference_point(reference, num_tasks, self.device, dtype)
 
     def _combine_losses(self, losses: torch.Tensor) -> torch.Tensor:
         shifted = losses - self.reference.to(losses.dtype)

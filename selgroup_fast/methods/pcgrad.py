@@ -8,8 +8,15 @@ from .. import ops
 from .weighting import Weighting
 
 
-def seeded_generator(device: torch.device, seed: int | None) -> torch.Generator:
-    """A generator on ``device``, seeded with ``seed`` or from torch's global RNG (reproducible under ``manual_seed``)."""
+def seeded_generator(
+    device: torch.device, seed: int | None, generator: torch.Generator | None = None
+) -> torch.Generator:
+    """``generator`` (a method's ``generator=``), else one on ``device`` seeded with ``seed`` or from torch's global
+    RNG (reproducible under ``manual_seed``); ``seed=`` and ``generator=`` together are one ``ValueError`` line."""
+    if generator is not None and seed is not None:
+        raise ValueError("give seed= or generator=, not both")
+    if generator is not None:
+        return generator
     if seed is None:
         seed = int(torch.randint(0, 2**62, ()).item())  # CPU RNG at construction only: no device sync
     return torch.Generator(device=device).manual_seed(seed)
@@ -69,9 +76,7 @@ class PCGrad(Weighting):
         generator: torch.Generator | None = None,
     ) -> None:
         super().__init__(num_tasks, device, dtype)
-        if generator is not None and seed is not None:
-            raise ValueError("give seed= or generator=, not both")
-        self.generator = generator if generator is not None else seeded_generator(self.device, seed)
+        self.generator = seeded_generator(self.device, seed, generator)
 
     def weights(self, gram: torch.Tensor) -> torch.Tensor:
         return ops.pcgrad_weights(gram, projection_orders(gram.shape[0], gram.device, self.generator))

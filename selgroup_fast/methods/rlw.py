@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
+from .base import MethodOptions, Unpack
 from .loss_weighting import LossWeightingMethod, state_dtype
-from .nonfinite import DEFAULT_NONFINITE
 from .pcgrad import seeded_generator
 
 
@@ -48,24 +46,12 @@ class RLW(LossWeightingMethod):
         *,
         seed: int | None = None,
         generator: torch.Generator | None = None,
-        profile: bool = False,
-        process_group: Any = None,
-        nonfinite: str = DEFAULT_NONFINITE,
-        grad_scaler: Any = None,
+        **options: Unpack[MethodOptions],
     ) -> None:
-        super().__init__(
-            optimizer,
-            num_tasks,
-            profile=profile,
-            process_group=process_group,
-            nonfinite=nonfinite,
-            grad_scaler=grad_scaler,
-        )
-        if generator is not None and seed is not None:
-            raise ValueError("give seed= or generator=, not both")
-        if generator is not None and generator.device.type != self.device.type:
-            raise ValueError(f"generator must be on the parameters' device {self.device}, got {generator.device}")
-        self.generator = generator if generator is not None else seeded_generator(self.device, seed)
+        super().__init__(optimizer, num_tasks, **options)
+        self.generator = seeded_generator(self.device, seed, generator)
+        if self.generator.device.type != self.device.type:
+            raise ValueError(f"generator must be on the parameters' device {self.device}, got {self.generator.device}")
         self._ranks.share_generator(self.generator)
         self._dtype = state_dtype(optimizer)
 

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import torch
 
 from ..checks import check_int
 from ..losses import ClosureOutput
-from .loss_weighting import LossWeightingMethod, TaskValues, preference, state_dtype, task_values
-from .nonfinite import DEFAULT_NONFINITE
+from .base import MethodOptions, Unpack
+from .loss_weighting import LossWeightingMethod, TaskValues, preference, reference_point, state_dtype
 
 #: LibMTL's shift inside the logarithms of the warm-up and of the normalised losses.
 LOG_SHIFT = 1e-20
@@ -71,19 +70,9 @@ class STCH(LossWeightingMethod):
         reference: TaskValues | None = None,
         warmup: int | None = None,
         window: int = 100,
-        profile: bool = False,
-        process_group: Any = None,
-        nonfinite: str = DEFAULT_NONFINITE,
-        grad_scaler: Any = None,
+        **options: Unpack[MethodOptions],
     ) -> None:
-        super().__init__(
-            optimizer,
-            num_tasks,
-            profile=profile,
-            process_group=process_group,
-            nonfinite=nonfinite,
-            grad_scaler=grad_scaler,
-        )
+        super().__init__(optimizer, num_tasks, **options)
         if not mu > 0:
             raise ValueError(f"mu must be > 0, got {mu}")
         if warmup is not None and (weights is not None or reference is not None):
@@ -91,22 +80,15 @@ class STCH(LossWeightingMethod):
         self.mu = float(mu)
         self.warmup = None if warmup is None else check_int("warmup", warmup, minimum=0)
         self.window = check_int("window", window)
+        # The steps on the log losses before the nadir point is known (MultiTaskMethod.warmup_steps).
+        self.warmup_steps = 0 if self.warmup is None else (self.warmup + 1) * self.window
         dtype = state_dtype(optimizer)
         self.preference = preference(weights, num_tasks, self.device, dtype)
-        self.reference = (
-            torch.zeros(num_tasks, device=self.device, dtype=dtype)
-            if reference is None
-            else task_values("reference", reference, num_tasks, self.device, dtype)
-        )
+        self.reference = reference_point(reference, num_tasks, self.device, dtype)
         self.steps = 0
         self.nadir_sum = torch.zeros(num_tasks, device=self.device, dtype=dtype)
         self.nadir_steps = torch.zeros((), device=self.device, dtype=dtype)  # the averaging window's steps not skipped
         self.nadir = torch.ones(num_tasks, device=self.device, dtype=dtype)
-
-    @property
-    def warmup_steps(self) -> int:
-        """How many steps train on the log losses before the nadir point is known (0 without ``warmup``)."""
-        return 0 if self.warmup is None else (self.warmup + 1) * self.window
 
     def _state_kept_on_skip(self) -> list[str]:
         return []  # a skipped step is left out of the nadir's average by _after_step

@@ -102,17 +102,14 @@ def backward_task_params(
 
 
 def weighting_inputs(aggregator: Aggregator, ranks: RankAgreement) -> Callable[[Losses], dict[str, torch.Tensor]]:
-    """What the step hands the aggregator besides J or G, chosen once from its ``needs`` (nothing for G-only methods).
+    """What the step hands the aggregator at each step besides J or G, chosen once from its ``needs`` (nothing for
+    G-only methods).
 
     ``"losses"``: the K detached losses of the global batch (the ranks' mean). ``"cross_gram"`` is added by the
-    two-batch step (:meth:`~.gradient.GradientMethod.step` with a second closure). ``"block_grams"`` is not provided
-    yet: refused here (per-block GradVac reads J's blocks itself).
+    two-batch step (:meth:`~.gradient.GradientMethod.step` with a second closure); ``"parameter_layout"`` is bound
+    once, when the step is built (:meth:`~.weighting.Aggregator.bind`).
     """
-    needs = aggregator.needs - {"cross_gram"}
-    missing = sorted(needs - {"losses"})
-    if missing:
-        raise ValueError(f"{aggregator.name} needs {', '.join(missing)}, which the gradient step does not provide yet")
-    if not needs:
+    if "losses" not in aggregator.needs:
         return lambda losses: {}
     return lambda losses: {"losses": ranks.mean(torch.stack([loss.detach() for loss in losses]))}
 

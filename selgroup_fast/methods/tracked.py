@@ -3,11 +3,11 @@
 Their direction is not a function of this step's J alone: each keeps an exponential moving average of
 the K task gradients (DB-MTL: of the log losses' gradients; MoCo: of the normalised gradients scaled by
 the losses), which it reads with the K losses (:attr:`Aggregator.needs`). The state is a K×P matrix in
-the shared parameters' dtype on their device, allocated once, when the training step is built
-(:class:`~.gradient.GradientMethod`), updated in place, saved in ``state_dict`` (docs/baselines.md
-§Methods with K × P state). Under ``nonfinite="skip"`` the update is masked by the step's flag instead of
-snapshotted (:attr:`TaskGradientTracker.masked_state`): a skipped step leaves it bitwise unchanged with no
-K×P copy and no host sync.
+the shared parameters' dtype on their device, allocated once, when the training step is built and binds
+the shared parameters' layout (:meth:`Aggregator.bind`), updated in place, saved in ``state_dict``
+(docs/baselines.md §Methods with K × P state). Under ``nonfinite="skip"`` the update is masked by the step's
+flag instead of snapshotted (:attr:`TaskGradientTracker.masked_state`): a skipped step leaves it bitwise
+unchanged with no K×P copy and no host sync.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import cast
 
 import torch
 
-from .weighting import Aggregator
+from .weighting import Aggregator, ParameterLayout
 
 #: LibMTL's shift inside the norms' and the losses' divisions.
 EPS = 1e-8
@@ -45,10 +45,11 @@ class TaskGradientTracker(Aggregator):
 
     Subclasses implement :meth:`combine_losses`, starting with :meth:`_next_step` (the step counter ``t``,
     counted from 1 as LibMTL's, and the state). Not a weighting of G: no Gramian path; J's columns must
-    all be on one rank (no FSDP2) and be the same coordinates at every step (no representation space).
+    all be on one rank (no FSDP2) and be the same coordinates at every step (no representation space):
+    :attr:`needs` names the shared parameters' layout, so the training step refuses those settings.
     """
 
-    needs = frozenset({"losses"})
+    needs = frozenset({"losses", "parameter_layout"})
     #: The state this class keeps unchanged itself on a skipped step: :class:`~.nonfinite.NonFiniteGuard`
     #: hands it the step's flag (:attr:`skip`) instead of snapshotting it.
     masked_state: tuple[str, ...] = ("tracked",)
@@ -63,8 +64,12 @@ class TaskGradientTracker(Aggregator):
         #: set, the state keeps its old value (:meth:`_next_value`, :meth:`_keep_unless_skipped`).
         self.skip: torch.Tensor | None = None
 
+    def bind(self, layout: ParameterLayout) -> None:
+        """Allocates the K × P state over the shared parameters (the training step binds them when it is built)."""
+        self.allocate(layout.numel)
+
     def allocate(self, width: int) -> None:
-        """Allocates the K × ``width`` state (zeros) once: the training step calls it when it is built."""
+        """Allocates the K × ``width`` state (zeros) once; a later width must be the same."""
         if self.tracked.shape[1] not in (0, width):
             raise ValueError(f"{self.name} tracks {self.tracked.shape[1]} coordinates, the step has {width}")
         if self.tracked.shape[1] == 0:

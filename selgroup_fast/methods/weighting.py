@@ -51,9 +51,32 @@ def validated_op_options(op: Callable[..., torch.Tensor], *args: torch.Tensor, *
 # The methods of an aggregator that compute a result (see Aggregator.__init_subclass__).
 _RESULT_METHODS = ("combine", "combine_losses", "combine_columns", "weights", "weights_with", "direction_weights")
 
-#: What an aggregator may read besides J or G (:attr:`Aggregator.needs`): the K task losses (loss-aware methods),
-#: a cross-batch Gram matrix (two batches: MoDo, SDMGrad), per-block Gram matrices (per layer: GradVac).
-WEIGHTING_INPUTS: tuple[str, ...] = ("losses", "cross_gram", "block_grams")
+#: What an aggregator may read besides J or G (:attr:`Aggregator.needs`): at each step, the K task losses (loss-aware
+#: methods) and a cross-batch Gram matrix (two batches: MoDo, SDMGrad); once, at construction, the shared parameters'
+#: layout (:class:`ParameterLayout`, handed to :meth:`Aggregator.bind`: a state over J's columns, DB-MTL's, MoCo's
+#: and ExcessMTL's K×P rows, or per-block GradVac's blocks).
+WEIGHTING_INPUTS: tuple[str, ...] = ("losses", "cross_gram", "parameter_layout")
+
+
+@dataclass(frozen=True)
+class ParameterLayout:
+    """The shared parameters as J's columns: each tensor's number of elements, in J's column order.
+
+    What :meth:`Aggregator.bind` receives where :attr:`Aggregator.needs` names ``"parameter_layout"``; J's
+    columns are then the same coordinates at every step, all on one rank (parameter space, no FSDP2).
+
+    >>> encoder = torch.nn.Linear(4, 3)
+    >>> layout = ParameterLayout(tuple(p.numel() for p in encoder.parameters()))
+    >>> layout.block_sizes, layout.numel
+    ((12, 3), 15)
+    """
+
+    block_sizes: tuple[int, ...]
+
+    @property
+    def numel(self) -> int:
+        """P: J's width, the shared parameters' number of elements."""
+        return sum(self.block_sizes)
 
 
 class Aggregator(SavedState, abc.ABC):
@@ -83,8 +106,10 @@ class Aggregator(SavedState, abc.ABC):
             raise TypeError(f"{cls.__name__}.needs names unknown inputs {unknown}; known: {list(WEIGHTING_INPUTS)}")
 
     #: The one place an aggregator says what it reads besides J or G (names of :data:`WEIGHTING_INPUTS`); the
-    #: training step provides exactly these (nothing, at no cost, for the others). A class attribute, or set per
-    #: instance in ``__init__`` where an option decides it (MGDA's loss normalisations).
+    #: training step provides exactly these (nothing, at no cost, for the others) and refuses, with one line, a
+    #: setting that cannot (``"parameter_layout"``: the representation space, the Gramian path, FSDP2;
+    #: ``"cross_gram"``: the same). A class attribute, or set per instance in ``__init__`` where an option decides
+    #: it (MGDA's loss normalisations).
     needs: frozenset[str] = frozenset()
 
     #: The registry name of the method.
@@ -109,6 +134,11 @@ class Aggregator(SavedState, abc.ABC):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """:meth:`combine` for an aggregator whose :attr:`needs` names ``"losses"`` (the K detached losses)."""
         raise NotImplementedError(f"{self.name} does not read the losses")
+
+    def bind(self, layout: ParameterLayout) -> None:
+        """Takes the shared parameters' layout, for an aggregator whose :attr:`needs` names ``"parameter_layout"``:
+        the training step calls it once, when it is built, and the aggregator allocates its state over J's columns."""
+        raise NotImplementedError(f"{self.name} does not read the shared parameters' layout")
 
     def __call__(
         self, jacobian: torch.Tensor, losses: torch.Tensor | None = None, second_jacobian: torch.Tensor | None = None

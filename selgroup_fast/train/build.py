@@ -15,10 +15,9 @@ from typing import Any
 import torch
 
 from .. import methods
-from ..methods.loss_weighting import LossWeightingMethod
 from ..models import MultiTaskViT
 from ..tasks import PRESETS, TASKS, Task, TaskSpec
-from .config import ON_NONFINITE, TrainConfig, TrainError, unknown_option
+from .config import ON_NONFINITE, TrainConfig, TrainError, method_error
 
 #: The seed of the built-in ``scenes`` dataset's content (fixed: see :func:`~.loop.fit`).
 DATASET_SEED = 0
@@ -180,18 +179,12 @@ def build_method(
     options.setdefault("nonfinite", ON_NONFINITE[config.on_nonfinite])
     try:
         method = methods.create(config.method, optimizer, num_tasks, shared_params=shared, **options)
-    except TypeError as error:
-        option = unknown_option(error)
-        if option is not None:
-            raise TrainError(f"--method-option: method {config.method!r} has no option {option!r}") from None
-        raise TrainError(f"--method {config.method}: {error}") from None
-    except ValueError as error:
-        raise TrainError(f"--method {config.method}: {error}") from None
-    # A loss weighting's own warm-up (STCH's, before its nadir point is known) that outlasts the run.
-    warmup_steps = getattr(method, "warmup_steps", 0) if isinstance(method, LossWeightingMethod) else 0
-    if config.iters is not None and warmup_steps >= config.iters:
+    except (TypeError, ValueError) as error:
+        raise TrainError(method_error(config.method, error)) from None
+    # The method's own warm-up (STCH's, before its nadir point is known) that outlasts the run.
+    if config.iters is not None and method.warmup_steps >= config.iters:
         raise TrainError(
-            f"--method {config.method}: its warm-up ({warmup_steps} steps) is not shorter than the run "
+            f"--method {config.method}: its warm-up ({method.warmup_steps} steps) is not shorter than the run "
             f"(--iters {config.iters}); lower warmup= or window="
         )
     return method

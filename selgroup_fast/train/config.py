@@ -132,16 +132,19 @@ def parse_method_option(text: str) -> tuple[str, Any]:
         return key, value.strip()
 
 
-def unknown_option(error: TypeError) -> str | None:
-    """The option a method refused (``unexpected keyword argument 'x'``), or None for another TypeError.
+def method_error(method: str, error: TypeError | ValueError) -> str:
+    """The one line that ``methods.create``'s refusal of ``method``'s options becomes (the trainer's, the planner's).
 
-    >>> unknown_option(TypeError("__init__() got an unexpected keyword argument 'ordering'"))
-    'ordering'
+    >>> method_error("selective", TypeError("__init__() got an unexpected keyword argument 'ordering'"))
+    "method 'selective' takes no option 'ordering'"
+    >>> method_error("cagrad", ValueError("c must be >= 0, got -1"))
+    "method 'cagrad': c must be >= 0, got -1"
     """
     message = str(error)
-    if "unexpected keyword argument" not in message:
-        return None
-    return message.split("unexpected keyword argument")[-1].strip(" '\"")
+    if isinstance(error, TypeError) and "unexpected keyword argument" in message:
+        option = message.split("unexpected keyword argument")[-1].strip(" '\"")
+        return f"method {method!r} takes no option {option!r}"
+    return f"method {method!r}: {message}"
 
 
 def resolve(config: TrainConfig, device: torch.device) -> tuple[TrainConfig, str | None]:

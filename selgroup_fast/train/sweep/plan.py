@@ -416,7 +416,7 @@ def check_variant(variant: Variant) -> None:
     import torch
 
     from ... import methods
-    from ..config import TrainError, parse_method_option, unknown_option
+    from ..config import TrainError, method_error, parse_method_option
 
     if variant.method not in methods.available():
         raise PlanError(f"unknown method {variant.method!r}; available: {', '.join(methods.available())}")
@@ -428,10 +428,5 @@ def check_variant(variant: Variant) -> None:
     optimizer = torch.optim.SGD([*encoder.parameters(), *heads.parameters()], lr=0.1)
     try:
         methods.create(variant.method, optimizer, 3, shared_params=list(encoder.parameters()), **options)
-    except TypeError as error:
-        key = unknown_option(error)
-        if key is not None:
-            raise PlanError(f"method {variant.method!r} takes no option {key!r}") from None
-        raise PlanError(f"method {variant.method!r}: {error}") from None
-    except ValueError as error:
-        raise PlanError(f"method {variant.method!r}: {error}") from None
+    except (TypeError, ValueError) as error:
+        raise PlanError(method_error(variant.method, error)) from None
