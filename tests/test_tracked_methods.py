@@ -67,12 +67,20 @@ OPTIMIZERS: dict[str, Callable[[Any], torch.optim.Optimizer]] = {
 }
 
 
+#: LibMTL's defaults (its config.py: ``--DB_beta``, ``--DB_beta_sigma``; ``--MoCo_beta``, ..., ``--MoCo_rho``).
+LIBMTL_DEFAULTS: dict[str, dict[str, float]] = {
+    "db_mtl": {"beta": 0.9, "beta_sigma": 0.0},
+    "moco": {"beta": 0.5, "beta_sigma": 0.5, "gamma": 0.1, "gamma_sigma": 0.5, "rho": 0.0},
+}
+
+
 class DBMTLReference:
     """LibMTL's ``DB_MTL.backward`` and the optimizer's step: the K backwards of ``log(L_k + 1e-8)`` (the heads get
     ``Σ_k ∇ log L_k``), ``buffer ← g + β/t^σ (buffer − g)``, the shared ``.grad`` reset to ``Σ_k α_k buffer_k``."""
 
-    def __init__(self, model: Tiny, optimizer: str, beta: float = 0.9, beta_sigma: float = 0.0) -> None:
-        self.model, self.beta, self.beta_sigma, self.step_count = model, beta, beta_sigma, 0
+    def __init__(self, model: Tiny, optimizer: str, **options: float) -> None:
+        chosen = LIBMTL_DEFAULTS["db_mtl"] | options
+        self.model, self.beta, self.beta_sigma, self.step_count = model, chosen["beta"], chosen["beta_sigma"], 0
         self.shared = list(model.encoder.parameters())
         self.optimizer = OPTIMIZERS[optimizer](model.parameters())
         self.buffer = torch.zeros(K, sum(p.numel() for p in self.shared), dtype=torch.float64)
@@ -92,18 +100,11 @@ class MoCoReference:
     """LibMTL's ``MoCo.backward`` and the optimizer's step: the K backwards of ``L_k`` (the heads get ``Σ_k ∇L_k``),
     ``y ← y − β_t (y − L_k g_k/‖g_k‖)``, ``λ ← softmax(λ − γ_t (y yᵀ + ρI) λ)``, the shared ``.grad`` reset to ``yᵀλ``."""
 
-    def __init__(
-        self,
-        model: Tiny,
-        optimizer: str,
-        beta: float = 0.5,
-        beta_sigma: float = 0.5,
-        gamma: float = 0.1,
-        gamma_sigma: float = 0.5,
-        rho: float = 0.0,
-    ) -> None:
+    def __init__(self, model: Tiny, optimizer: str, **options: float) -> None:
+        chosen = LIBMTL_DEFAULTS["moco"] | options
         self.model, self.step_count = model, 0
-        self.beta, self.beta_sigma, self.gamma, self.gamma_sigma, self.rho = beta, beta_sigma, gamma, gamma_sigma, rho
+        self.beta, self.beta_sigma = chosen["beta"], chosen["beta_sigma"]
+        self.gamma, self.gamma_sigma, self.rho = chosen["gamma"], chosen["gamma_sigma"], chosen["rho"]
         self.shared = list(model.encoder.parameters())
         self.optimizer = OPTIMIZERS[optimizer](model.parameters())
         self.y = torch.zeros(K, sum(p.numel() for p in self.shared), dtype=torch.float64)
@@ -146,25 +147,20 @@ def excess_mtl_reference(model: Tiny, optimizer: str, **options: Any) -> TorchJD
     return TorchJDStep(model, optimizer, aggregation.ExcessMTL(**options))
 
 
-# The peers' defaults (LibMTL's --DB_beta 0.9, --DB_beta_sigma 0; --MoCo_beta 0.5, ..., --MoCo_rho 0; TorchJD's
-# ExcessMTL(1.0, 0)), our defaults checked to be theirs by passing no option, and other values of every option.
-REFERENCES: dict[str, Callable[[Tiny, str], Any]] = {
-    "db_mtl": lambda model, opt: DBMTLReference(model, opt),
-    "db_mtl-options": lambda model, opt: DBMTLReference(model, opt, beta=0.8, beta_sigma=0.5),
-    "moco": lambda model, opt: MoCoReference(model, opt),
-    "moco-options": lambda model, opt: MoCoReference(
-        model, opt, beta=0.6, beta_sigma=0.3, gamma=0.3, gamma_sigma=0.7, rho=0.1
-    ),
-    "excess_mtl": lambda model, opt: excess_mtl_reference(model, opt),
-    "excess_mtl-options": lambda model, opt: excess_mtl_reference(model, opt, robust_step_size=0.3, n_warmup_steps=2),
+#: Each method's peer: LibMTL's training step re-derived (DB-MTL, MoCo), TorchJD's own (ExcessMTL).
+PEERS: dict[str, Callable[..., Any]] = {
+    "db_mtl": DBMTLReference,
+    "moco": MoCoReference,
+    "excess_mtl": excess_mtl_reference,
 }
-OPTIONS: dict[str, dict[str, Any]] = {
-    "db_mtl": {},
-    "db_mtl-options": {"beta": 0.8, "beta_sigma": 0.5},
-    "moco": {},
-    "moco-options": {"beta": 0.6, "beta_sigma": 0.3, "gamma": 0.3, "gamma_sigma": 0.7, "rho": 0.1},
-    "excess_mtl": {},
-    "excess_mtl-options": {"robust_step_size": 0.3, "n_warmup_steps": 2},
+#: (method, options) cases: no option (our defaults must be the peer's), and other values of every option.
+CASES: dict[str, tuple[str, dict[str, Any]]] = {
+    "db_mtl": ("db_mtl", {}),
+    "db_mtl-options": ("db_mtl", {"beta": 0.8, "beta_sigma": 0.5}),
+    "moco": ("moco", {}),
+    "moco-options": ("moco", {"beta": 0.6, "beta_sigma": 0.3, "gamma": 0.3, "gamma_sigma": 0.7, "rho": 0.1}),
+    "excess_mtl": ("excess_mtl", {}),
+    "excess_mtl-options": ("excess_mtl", {"robust_step_size": 0.3, "n_warmup_steps": 2}),
 }
 TRACKED = ("db_mtl", "moco")
 
@@ -179,17 +175,18 @@ def train(name: str, model: Tiny, xs: list[torch.Tensor], **options) -> selgroup
 
 @pytest.mark.parametrize("jacobian", ["batched", "loop"])
 @pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))
-@pytest.mark.parametrize("case", sorted(REFERENCES))
+@pytest.mark.parametrize("case", sorted(CASES))
 def test_whole_step_equals_the_peer_at_every_step(case: str, optimizer: str, jacobian: str) -> None:
     """Every parameter, shared and the heads', after each of 6 steps equals the peer's training step (LibMTL's
     for DB-MTL and MoCo, TorchJD's for ExcessMTL) with the same optimizer, float64."""
     torch.manual_seed(0)
     ours = Tiny().double()
     theirs, start = copy.deepcopy(ours), copy.deepcopy(ours)
-    reference = REFERENCES[case](theirs, optimizer)
+    name, options = CASES[case]
+    reference = PEERS[name](theirs, optimizer, **options)
     opt = OPTIMIZERS[optimizer](ours.parameters())
     method = selgroup_fast.methods.create(
-        case.split("-")[0], opt, K, shared_params=ours.encoder.parameters(), jacobian=jacobian, **OPTIONS[case]
+        name, opt, K, shared_params=ours.encoder.parameters(), jacobian=jacobian, **options
     )
     for step, x in enumerate(batches(6), start=1):
         method.step(lambda x=x: ours(x))
