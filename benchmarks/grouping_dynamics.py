@@ -34,6 +34,7 @@ import torch
 
 from selgroup_fast.affinity import AffinityTracker
 from selgroup_fast.train import TrainConfig, fit
+from selgroup_fast.train.config import parse_method_option
 
 ATTRIBUTIONS = ("paper", "reference")
 #: SelectiveGroupUpdate's default warm-up (singleton groups), kept out of the statistics
@@ -185,7 +186,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    options = dict(item.split("=", 1) for item in args.option)
+    options = dict(parse_method_option(item) for item in args.option)  # as --method-option: 50 is an int
     runs: dict[str, dict[str, Any]] = {}
     names: list[str] = []
     for mode in args.modes.split(","):

@@ -114,6 +114,29 @@ def test_an_overflow_skips_the_step_leaves_every_state_and_halves_the_scale(name
     assert int(method.skipped_steps) == steps
 
 
+@pytest.mark.parametrize("name", ["moco", "excess_mtl"])
+def test_an_overflow_in_the_heads_gradients_alone_leaves_the_k_by_p_state(name: str) -> None:
+    """The shared parameters' J is finite, a head's gradient overflows: the skip is known only once the optimizer's
+    gradients are unscaled, after the aggregator updated its K×P state; that update must not be kept."""
+    grad_scaler = scaler()
+    model, method, optimizer = make(name, grad_scaler)
+    step_on_one_batch(method, closure_for(model, 1))
+    before = snapshot(model, method, optimizer)
+    x, y = batch(2)
+
+    def closure() -> list[torch.Tensor]:
+        encoded = model.encoder(x)
+        losses = [(head(encoded).squeeze(-1) - y[:, k]).pow(2).mean() for k, head in enumerate(model.heads)]
+        losses[0] = losses[0] + model.heads[0].weight.sum() * OVERFLOW  # its scaled gradient is head 0's only
+        return losses
+
+    step_on_one_batch(method, closure)
+    assert int(method.skipped_steps) == 1 and grad_scaler.get_scale() == SCALE / 2
+    assert_equal(snapshot(model, method, optimizer), before)
+    step_on_one_batch(method, closure_for(model, 3))  # a good step still advances it
+    assert not torch.equal(method.aggregator.tracked, before["method/tracked"])
+
+
 @pytest.mark.parametrize("mode", ["raise", "propagate"])
 @pytest.mark.parametrize("name", ["gd", "selective", "mgda", "graddrop", "uw", "famo"])
 def test_the_scaler_skips_an_overflow_whatever_nonfinite_says(name: str, mode: str) -> None:

@@ -118,6 +118,18 @@ def test_too_little_shared_memory_is_refused_by_on_and_avoided_by_auto(small_spl
     assert _batches(small_split, workers=0, data_cache="on").cache is not None  # no worker: no shared memory
 
 
+def test_the_shared_memory_must_hold_a_cache_per_process_of_the_machine(small_split, monkeypatch):
+    """Under torchrun every local rank allocates its own cache in the one /dev/shm, before any writes into it."""
+    monkeypatch.setattr(batches_module, "shared_memory_room", lambda: 500_000)  # one 0.2 MiB cache fits, 4 do not
+    assert _batches(small_split, workers=1, data_cache="auto").cache is not None
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert _batches(small_split, workers=1, data_cache="auto").cache_note == (
+        "off (4 processes × 0.2 MiB > the 0.5 MiB free in /dev/shm)"
+    )
+    with pytest.raises(TrainError, match=r"^--data-cache on: the split cache takes 4 processes × 0.2 MiB, /dev/shm "):
+        _batches(small_split, workers=1, data_cache="on")
+
+
 def test_on_refuses_data_that_is_not_the_built_in_scenes(tmp_path):
     config = TrainConfig(method="gd", iters=1, out=str(tmp_path), data_cache="on", **TINY)
     tasks = ["square", "negated"]

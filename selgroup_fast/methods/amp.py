@@ -115,12 +115,6 @@ class GradScaling:
         # GradScaler's own reciprocal (in float64, then float32) and its fused check-and-multiply.
         inverse = self._scale().double().reciprocal().pow(power).float().to(gradients.device)
         torch._amp_foreach_non_finite_check_and_unscale_([gradients], self._found, inverse)
-        # Known now, before the aggregator runs: a state it masks in place (DB-MTL's, MoCo's K×P tracked
-        # gradients) must see it. The flag of every rank joins later (:meth:`unscale_optimizers`); J is the ranks'
-        # mean under DDP (the one path of those aggregators), so its inf/NaN is every rank's already.
-        skip = self._guard.skip
-        if skip is not None:
-            skip.logical_or_(self._found.to(skip.device) > 0)
 
     def rescale_(self, direction: torch.Tensor) -> None:
         """Multiplies ``direction`` by ``s`` in place: an aggregator's direction of ``J / s`` made a scaled gradient."""

@@ -172,7 +172,8 @@ class NonFiniteGuard:
         """Snapshots ``owner``'s tensor attributes ``names``; the returned call restores them if :attr:`skip` is set.
 
         An owner that masks a large state's update itself (its ``masked_state`` names it: the K×P state of
-        :class:`~.tracked.TaskGradientTracker`) gets the flag as its ``skip`` instead of a snapshot of it.
+        :class:`~.tracked.TaskGradientTracker`) gets the flag as its ``skip`` instead of a snapshot of it, and
+        the returned call ends its step (``end_masked_step``), when the flag is final.
         """
         skip = self.skip
         masked = getattr(owner, "masked_state", ())
@@ -183,8 +184,8 @@ class NonFiniteGuard:
         saved = {name: getattr(owner, name).detach().clone() for name in names if name not in masked}
 
         def restore() -> None:
-            if masked:  # the step is over: the owner called alone later updates its state in place
-                cast(Any, owner).skip = None
+            if masked:  # the flag is final: the owner keeps or drops its update, and updates in place when called alone
+                cast(Any, owner).end_masked_step()
             for name, old in saved.items():
                 current = getattr(owner, name)
                 kept = torch.where(skip.to(old.device), old, current.detach())

@@ -6,7 +6,7 @@ the losses), which it reads with the K losses (:attr:`Aggregator.needs`). The st
 the shared parameters' dtype on their device, allocated once, when the training step is built and binds
 the shared parameters' layout (:meth:`Aggregator.bind`), updated in place, saved in ``state_dict``
 (docs/baselines.md §Methods with K × P state). Under ``nonfinite="skip"`` the update is masked by the step's
-flag instead of snapshotted (:attr:`TaskGradientTracker.masked_state`): a skipped step leaves it bitwise
+final flag instead of snapshotted (:attr:`TaskGradientTracker.masked_state`): a skipped step leaves it bitwise
 unchanged with no K×P copy and no host sync.
 """
 
@@ -51,7 +51,7 @@ class TaskGradientTracker(Aggregator):
 
     needs = frozenset({"losses", "parameter_layout"})
     #: The state this class keeps unchanged itself on a skipped step: :class:`~.nonfinite.NonFiniteGuard`
-    #: hands it the step's flag (:attr:`skip`) instead of snapshotting it.
+    #: hands it the step's flag (:attr:`skip`) instead of snapshotting it, and calls :meth:`end_masked_step`.
     masked_state: tuple[str, ...] = ("tracked",)
 
     def __init__(self, num_tasks: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> None:
@@ -61,8 +61,10 @@ class TaskGradientTracker(Aggregator):
         #: The steps taken (``t`` of the decayed rates ``rate / t^σ``; a host int, no device read).
         self.steps = 0
         #: The step's flag under ``nonfinite="skip"`` (a 0-d bool tensor on the device; ``None`` otherwise):
-        #: set, the state keeps its old value (:meth:`_next_value`, :meth:`_keep_unless_skipped`).
+        #: set at the step's end, the state keeps its old value (:meth:`_next_value`, :meth:`end_masked_step`).
         self.skip: torch.Tensor | None = None
+        #: This step's update under a flag, until :meth:`end_masked_step` writes it into the state.
+        self._pending: torch.Tensor | None = None
 
     def bind(self, layout: ParameterLayout) -> None:
         """Allocates the K × P state over the shared parameters (the training step binds them when it is built)."""
@@ -101,11 +103,22 @@ class TaskGradientTracker(Aggregator):
         return self.tracked if self.skip is None else torch.empty_like(self.tracked)
 
     def _keep_unless_skipped(self, updated: torch.Tensor) -> torch.Tensor:
-        """The state, ``updated`` written into it in place unless the step is skipped (no K×P copy of the old value)."""
+        """This step's state, ``updated``: the state itself when no flag can skip the step, else a temporary that
+        :meth:`end_masked_step` writes into the state unless the step is skipped. Not here: the flag is final only
+        after the optimizers' gradients are unscaled (a grad scaler's inf/NaN in the heads' gradients, another
+        rank's non-finite loss), after the aggregator ran."""
         if updated is not self.tracked:
-            skip = cast(torch.Tensor, self.skip).to(updated.device).expand_as(updated)  # expanded: a faster CPU where
-            torch.where(skip, self.tracked, updated, out=self.tracked)
-        return self.tracked
+            self._pending = updated
+        return updated
+
+    def end_masked_step(self) -> None:
+        """The step's end (:meth:`~.nonfinite.NonFiniteGuard.keep`'s restore): its update written into the state
+        in place unless its flag is set (no K×P copy of the old value, no host sync); the flag cleared."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            skip = cast(torch.Tensor, self.skip).to(pending.device).expand_as(pending)  # expanded: a faster CPU where
+            torch.where(skip, self.tracked, pending, out=self.tracked)
+        self.skip = None
 
     def _decayed(self, rate: float, sigma: float) -> float:
         """LibMTL's decayed rate ``rate / t^σ`` at this step (on the host: ``t`` is an int)."""

@@ -3,6 +3,7 @@ the built-in ``scenes`` split cached in memory (``--data-cache``)."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -109,7 +110,7 @@ def choose_split_cache(data: Dataset | DataLoader, config: TrainConfig) -> tuple
 
     ``auto`` caches the built-in ``scenes`` split when it takes at most :data:`AUTO_CACHE_LIMIT`;
     ``on`` caches it at any size; both need room for it in shared memory when workers render into
-    it. ``on`` refuses (one :class:`TrainError` line) what ``auto`` leaves uncached: another dataset,
+    it, once per training process on the machine. ``on`` refuses (one :class:`TrainError` line) what ``auto`` leaves uncached: another dataset,
     or too little shared memory.
     """
     mode = config.data_cache
@@ -125,10 +126,14 @@ def choose_split_cache(data: Dataset | DataLoader, config: TrainConfig) -> tuple
     needed = split_cache_bytes(first, len(data))
     size = _mib(needed)
     room = shared_memory_room() if config.workers else None
-    if room is not None and needed > room:
+    # Each training process on this machine (torchrun's LOCAL_WORLD_SIZE) allocates its own cache in the one
+    # /dev/shm, and none has written into it when the others look: the room must hold them all.
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if room is not None and needed * processes > room:
+        total = size if processes == 1 else f"{processes} processes × {size}"
         if mode == "on":
-            raise TrainError(f"--data-cache on: the split cache takes {size}, /dev/shm has {_mib(room)} free")
-        return None, f"off ({size} > the {_mib(room)} free in /dev/shm)"
+            raise TrainError(f"--data-cache on: the split cache takes {total}, /dev/shm has {_mib(room)} free")
+        return None, f"off ({total} > the {_mib(room)} free in /dev/shm)"
     if mode == "auto" and needed > AUTO_CACHE_LIMIT:
         return (
             None,
