@@ -364,3 +364,48 @@ def test_two_batch_resume_is_bitwise(name: str) -> None:
 )
 def test_two_batch_bad_options_fail_at_construction(name: str, options: dict, message: str) -> None:
     test_bad_options_fail_at_construction(name, options, message)
+
+
+@pytest.mark.parametrize("scaled", [False, True], ids=["plain", "grad_scaler"])
+@pytest.mark.parametrize(
+    "name, options, reads_gram",
+    [
+        ("modo", {}, False),
+        ("sdmgrad", {}, False),
+        ("cr_mogm", {"base": "modo"}, False),
+        ("cr_mogm", {"base": "mgda"}, True),  # the control: a weighting of G gets it
+    ],
+    ids=["modo", "sdmgrad", "cr_mogm-modo", "cr_mogm-mgda"],
+)
+def test_the_step_computes_the_gram_matrix_only_for_a_weighting_that_reads_it(
+    name: str, options: dict, reads_gram: bool, scaled: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """MoDo and SDMGrad read A = J_1 J_2ᵀ only: G = J Jᵀ (K²·P) is neither computed nor handed to them."""
+    from selgroup_fast.methods import step as step_module
+
+    torch.manual_seed(0)
+    model = Tiny()
+    x = batches()[0].float()
+    grad_scaler = torch.amp.GradScaler("cpu", init_scale=2.0**4) if scaled else None
+    method = selgroup_fast.methods.create(
+        name,
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        K,
+        shared_params=model.encoder.parameters(),
+        jacobian="batched",
+        grad_scaler=grad_scaler,
+        **options,
+    )
+    computed, handed = [], []
+    monkeypatch.setattr(step_module, "gram", lambda rows: computed.append(rows.shape) or rows @ rows.T)
+    direction_weights = method.aggregator.direction_weights
+    method.aggregator.direction_weights = lambda gram, **inputs: (
+        handed.append(gram) or direction_weights(gram, **inputs)
+    )
+    if method.reads_two_batches:
+        method.step(lambda: model(x[:4]), lambda: model(x[4:]))
+    else:
+        method.step(lambda: model(x))
+    assert method.aggregator.reads_gram is reads_gram
+    assert len(computed) == int(reads_gram) and len(handed) == 1
+    assert (handed[0] is not None) is reads_gram
