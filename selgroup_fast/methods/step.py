@@ -143,8 +143,9 @@ def combine_scaled(
     """:func:`combine` on the task gradients of the losses ``s·L_k`` (a grad scaler; :mod:`.amp`), which the
     aggregator reads unscaled, an inf/NaN in them recorded: the direction is the unscaled method's, times ``s``
     (what the writers make ``.grad`` of must be scaled, as the heads' backward of ``s·L_k`` is, until the
-    optimizer's ``unscale_``). A weighting reads G or A (or both) only: ``G / s²``, ``A / s²`` (K×K), its weights then weight the
-    scaled rows. Any other aggregator reads J: ``J / s`` in place (one pass over K×P), its direction times ``s``."""
+    optimizer's ``unscale_``). A weighting reads G or A (K×K) only: ``G / s²`` (only where it reads G), ``A / s²``,
+    its weights then weight the scaled rows. Any other aggregator reads J: ``J / s`` in place (one pass over K×P),
+    its direction times ``s``."""
     if not scaling.enabled:
         return combine(aggregator, gradients, inputs)
     if isinstance(aggregator, Weighting):
