@@ -409,3 +409,37 @@ def test_the_step_computes_the_gram_matrix_only_for_a_weighting_that_reads_it(
     assert method.aggregator.reads_gram is reads_gram
     assert len(computed) == int(reads_gram) and len(handed) == 1
     assert (handed[0] is not None) is reads_gram
+
+
+@pytest.mark.parametrize(
+    "name, options, rule_state",
+    [("gradnorm", {"warmup_steps": 2}, "logits"), ("excess_mtl", {"n_warmup_steps": 2}, "task_weights")],
+)
+def test_the_declared_warmup_is_the_steps_before_the_rule_acts(name: str, options: dict, rule_state: str) -> None:
+    """``warmup_steps`` (what ``selgroup-train`` refuses a run not longer than): the rule's state stays as it
+    starts through those steps and moves at the next one."""
+    torch.manual_seed(0)
+    model = Tiny().double()
+    method = selgroup_fast.methods.create(
+        name, torch.optim.SGD(model.parameters(), lr=0.01), K, shared_params=model.encoder.parameters(), **options
+    )
+    assert method.warmup_steps == 2 and method.warmup_options == f"{next(iter(options))}="
+    start = getattr(method.aggregator, rule_state).clone()
+    for x in batches(3)[:2]:
+        method.step(lambda x=x: model(x))
+        assert torch.equal(getattr(method.aggregator, rule_state), start)
+    method.step(lambda: model(batches(3)[2]))
+    assert not torch.equal(getattr(method.aggregator, rule_state), start)
+
+
+def test_the_selective_update_declares_the_affinity_groupings_warmup_only() -> None:
+    model = Tiny()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    assert selgroup_fast.methods.create("selective", optimizer, K, warmup_steps=7).warmup_steps == 7
+    for grouping in ("joint", "separate", "random:2", [[0, 1], [2]]):  # no warm-up: the groups from the first batch
+        assert (
+            selgroup_fast.methods.create("selective", optimizer, K, warmup_steps=7, grouping=grouping).warmup_steps == 0
+        )
+    assert (
+        selgroup_fast.methods.create("mgda", optimizer, K, shared_params=model.encoder.parameters()).warmup_steps == 0
+    )

@@ -143,6 +143,7 @@ class GradientMethod(MultiTaskMethod):
             raise ValueError(f"the aggregator is for {aggregator.num_tasks} tasks, the method for {num_tasks}")
         self.aggregator = aggregator
         self.name = aggregator.name
+        self.warmup_steps, self.warmup_options = aggregator.warmup_steps, aggregator.warmup_options
         self.space = space
         shared = as_parameter_list(shared_params)
         jacobian, chunk_size = self._jacobian_mode(jacobian, chunk_size, aggregator, space, shared)

@@ -46,6 +46,7 @@ class GradNorm(Weighting):
     """
 
     name = "gradnorm"
+    warmup_options = "warmup_steps="  # the weights are ones until the steps after it
     needs = frozenset({"losses"})
     saved_state = ("logits", "exp_avg", "exp_avg_sq", "adam_steps", "initial_losses", "steps")
 

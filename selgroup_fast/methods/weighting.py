@@ -114,6 +114,10 @@ class Aggregator(SavedState, abc.ABC):
 
     #: The registry name of the method.
     name: ClassVar[str] = ""
+    #: The steps before the aggregator's rule is in effect, and the options that set them: its gradient method's
+    #: (:attr:`~.base.MultiTaskMethod.warmup_steps`, :attr:`~.base.MultiTaskMethod.warmup_options`).
+    warmup_steps: int = 0
+    warmup_options: str = ""
     #: Whether the heads get ``Σ_k w_k ∇L_k`` (the authors back-propagate the weighted loss)
     #: instead of ``Σ_k ∇L_k``.
     weights_task_params: ClassVar[bool] = False
