@@ -48,6 +48,15 @@ def _error(capsys, tmp_path, *args: str) -> str:
             ["--method", "selective", "--iters", "100"],
             "--method selective: its warm-up (100 steps) is not shorter than the run (--iters 100); lower warmup_steps=",
         ),
+        # the two-batch methods split each batch in halves: refused when the run is built, not at the first step
+        *(
+            (
+                ["--method", name, "--batch-size", "1"],
+                f"--method {name} reads two batches per step: the trainer splits each batch in halves, which needs "
+                "--batch-size 2 or more (got 1)",
+            )
+            for name in ("modo", "sdmgrad")
+        ),
         (["--tasks", "semseg,colour"], "unknown task 'colour'"),
         (["--tasks", "depth,depth"], "named twice"),
         (["--dataset", "imagenet"], "unknown dataset 'imagenet'"),
