@@ -78,6 +78,7 @@ class SelectiveGroupUpdate(MultiTaskMethod):
     """
 
     name = "selective"
+    warmup_options = "warmup_steps="
     backpropagates_task_subsets = True
     accepts_shared_params = True
     accepts_task_params = True
@@ -120,6 +121,8 @@ class SelectiveGroupUpdate(MultiTaskMethod):
             preference=preference,
             convergence_iter=convergence_iter,
         )
+        # The affinity grouping's singleton batches (0 for the other groupings): the groups it chooses start after.
+        self.warmup_steps = self.grouping.warmup_steps
         if order not in ORDERS:
             raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
         if attribution not in ATTRIBUTIONS:

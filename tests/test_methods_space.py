@@ -11,7 +11,7 @@ import copy
 
 import pytest
 import torch
-from conftest import make_problem
+from conftest import free_port, init_gloo, make_problem
 
 from selgroup_fast.methods import aggregate, aggregator, available, create
 
@@ -151,3 +151,25 @@ def test_parameter_space_accepts_a_closure_that_returns_features():
         method.step(closure)
     for p, q in zip(plain.parameters(), with_features.parameters(), strict=False):
         torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ["db_mtl", "moco", "excess_mtl"])
+def test_under_ddp_a_tracked_state_refuses_the_representation_space_for_its_own_reason(name, monkeypatch, one_thread):
+    """Under torch.distributed the features' J is also split over ranks; the line says the real reason (the
+    state over the shared parameters), not the generic split-columns one. A one-rank gloo group, in process."""
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")  # restored after the test (init_gloo sets it)
+    init_gloo(0, free_port(), 1)
+    try:
+        problem = make_problem(K, hidden=5)
+        model = problem.model
+        with pytest.raises(ValueError, match=rf"^{name} {TRACKED_STATE}") as refused:
+            create(
+                name,
+                torch.optim.SGD(model.parameters(), lr=0.0),
+                K,
+                shared_params=model.encoder.parameters(),
+                space="representation",
+            )
+        assert "\n" not in str(refused.value) and "split over ranks" not in str(refused.value)
+    finally:
+        torch.distributed.destroy_process_group()

@@ -379,7 +379,7 @@ def test_the_methods_own_communication_is_what_the_readme_says(case, per_step, d
 )
 def test_the_tracked_methods_refuse_sharded_and_feature_jacobians_in_one_line(case, distributed):
     name, config, _ = case
-    expected = "does not support sharded" if config == "fsdp2" else 'space="representation"'
+    expected = "does not support sharded" if config == "fsdp2" else "keeps a state per task over the shared param"
     for ranks in distributed:
         error = ranks[case].get("error", "")
         assert error.startswith(f"ValueError: {name}") and expected in error and "\n" not in error, error

@@ -364,3 +364,82 @@ def test_two_batch_resume_is_bitwise(name: str) -> None:
 )
 def test_two_batch_bad_options_fail_at_construction(name: str, options: dict, message: str) -> None:
     test_bad_options_fail_at_construction(name, options, message)
+
+
+@pytest.mark.parametrize("scaled", [False, True], ids=["plain", "grad_scaler"])
+@pytest.mark.parametrize(
+    "name, options, reads_gram",
+    [
+        ("modo", {}, False),
+        ("sdmgrad", {}, False),
+        ("cr_mogm", {"base": "modo"}, False),
+        ("cr_mogm", {"base": "mgda"}, True),  # the control: a weighting of G gets it
+    ],
+    ids=["modo", "sdmgrad", "cr_mogm-modo", "cr_mogm-mgda"],
+)
+def test_the_step_computes_the_gram_matrix_only_for_a_weighting_that_reads_it(
+    name: str, options: dict, reads_gram: bool, scaled: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """MoDo and SDMGrad read A = J_1 J_2ᵀ only: G = J Jᵀ (K²·P) is neither computed nor handed to them."""
+    from selgroup_fast.methods import step as step_module
+
+    torch.manual_seed(0)
+    model = Tiny()
+    x = batches()[0].float()
+    grad_scaler = torch.amp.GradScaler("cpu", init_scale=2.0**4) if scaled else None
+    method = selgroup_fast.methods.create(
+        name,
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        K,
+        shared_params=model.encoder.parameters(),
+        jacobian="batched",
+        grad_scaler=grad_scaler,
+        **options,
+    )
+    computed, handed = [], []
+    monkeypatch.setattr(step_module, "gram", lambda rows: computed.append(rows.shape) or rows @ rows.T)
+    direction_weights = method.aggregator.direction_weights
+    method.aggregator.direction_weights = lambda gram, **inputs: (
+        handed.append(gram) or direction_weights(gram, **inputs)
+    )
+    if method.reads_two_batches:
+        method.step(lambda: model(x[:4]), lambda: model(x[4:]))
+    else:
+        method.step(lambda: model(x))
+    assert method.aggregator.reads_gram is reads_gram
+    assert len(computed) == int(reads_gram) and len(handed) == 1
+    assert (handed[0] is not None) is reads_gram
+
+
+@pytest.mark.parametrize(
+    "name, options, rule_state",
+    [("gradnorm", {"warmup_steps": 2}, "logits"), ("excess_mtl", {"n_warmup_steps": 2}, "task_weights")],
+)
+def test_the_declared_warmup_is_the_steps_before_the_rule_acts(name: str, options: dict, rule_state: str) -> None:
+    """``warmup_steps`` (what ``selgroup-train`` refuses a run not longer than): the rule's state stays as it
+    starts through those steps and moves at the next one."""
+    torch.manual_seed(0)
+    model = Tiny().double()
+    method = selgroup_fast.methods.create(
+        name, torch.optim.SGD(model.parameters(), lr=0.01), K, shared_params=model.encoder.parameters(), **options
+    )
+    assert method.warmup_steps == 2 and method.warmup_options == f"{next(iter(options))}="
+    start = getattr(method.aggregator, rule_state).clone()
+    for x in batches(3)[:2]:
+        method.step(lambda x=x: model(x))
+        assert torch.equal(getattr(method.aggregator, rule_state), start)
+    method.step(lambda: model(batches(3)[2]))
+    assert not torch.equal(getattr(method.aggregator, rule_state), start)
+
+
+def test_the_selective_update_declares_the_affinity_groupings_warmup_only() -> None:
+    model = Tiny()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    assert selgroup_fast.methods.create("selective", optimizer, K, warmup_steps=7).warmup_steps == 7
+    for grouping in ("joint", "separate", "random:2", [[0, 1], [2]]):  # no warm-up: the groups from the first batch
+        assert (
+            selgroup_fast.methods.create("selective", optimizer, K, warmup_steps=7, grouping=grouping).warmup_steps == 0
+        )
+    assert (
+        selgroup_fast.methods.create("mgda", optimizer, K, shared_params=model.encoder.parameters()).warmup_steps == 0
+    )

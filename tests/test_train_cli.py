@@ -32,7 +32,30 @@ def _error(capsys, tmp_path, *args: str) -> str:
         (["--method-option", "decay"], "--method-option"),
         (
             ["--method", "stch", "--method-option", "warmup=0", "--method-option", "window=1"],
-            "--method stch: its warm-up (1 steps) is not shorter than the run (--iters 1)",
+            "--method stch: its warm-up (1 steps) is not shorter than the run (--iters 1); lower warmup= or window=",
+        ),
+        # every declared warm-up: a run not longer never applies the rule (the last --iters wins)
+        (
+            ["--method", "gradnorm", "--method-option", "warmup_steps=3", "--iters", "3"],
+            "--method gradnorm: its warm-up (3 steps) is not shorter than the run (--iters 3); lower warmup_steps= or "
+            "raise --iters",
+        ),
+        (
+            ["--method", "excess_mtl", "--method-option", "n_warmup_steps=2", "--iters", "2"],
+            "--method excess_mtl: its warm-up (2 steps) is not shorter than the run (--iters 2); lower n_warmup_steps=",
+        ),
+        (
+            ["--method", "selective", "--iters", "100"],
+            "--method selective: its warm-up (100 steps) is not shorter than the run (--iters 100); lower warmup_steps=",
+        ),
+        # the two-batch methods split each batch in halves: refused when the run is built, not at the first step
+        *(
+            (
+                ["--method", name, "--batch-size", "1"],
+                f"--method {name} reads two batches per step: the trainer splits each batch in halves, which needs "
+                "--batch-size 2 or more (got 1)",
+            )
+            for name in ("modo", "sdmgrad")
         ),
         (["--tasks", "semseg,colour"], "unknown task 'colour'"),
         (["--tasks", "depth,depth"], "named twice"),

@@ -155,9 +155,13 @@ class MultiTaskMethod(SavedState, abc.ABC):
     #: Whether a step back-propagates some tasks' losses only (``DistributedDataParallel`` then
     #: needs ``find_unused_parameters=True``: the other heads get no gradient).
     backpropagates_task_subsets: ClassVar[bool] = False
-    #: The steps before the method's rule is in effect (STCH's, until its nadir point is known): a training run
-    #: must be longer (``selgroup-train`` refuses one that is not). Set in ``__init__`` where an option decides it.
+    #: The steps before the method's rule is in effect (STCH's, until its nadir point is known; GradNorm's and
+    #: ExcessMTL's, the selective update's singleton groups): a training run must be longer (``selgroup-train``
+    #: refuses one that is not). Set in ``__init__`` where an option decides it; a gradient method's is its
+    #: aggregator's.
     warmup_steps: int = 0
+    #: The options that set :attr:`warmup_steps` (the refusal of a run too short names them).
+    warmup_options: str = ""
 
     def __init__(
         self,

@@ -75,6 +75,7 @@ class CRMOGM(Weighting):
         #: The smoothed weighting.
         self.base: Weighting = base_method
         self.needs = self.base.needs  # what the base reads, the step provides
+        self.reads_gram = self.base.reads_gram
         self.weights_task_params = self.base.weights_task_params  # type: ignore[misc]
         self.alpha = check_unit_interval("alpha", alpha)
         self.initial_weights = None
@@ -98,10 +99,12 @@ class CRMOGM(Weighting):
             previous = self.lambdas
         self.lambdas = self.alpha * previous + (1.0 - self.alpha) * current
         self.steps += 1
-        return self.lambdas.to(inputs.gram.dtype)
+        read = inputs.gram if inputs.gram is not None else inputs.cross_gram  # the dtype the base computes in
+        assert read is not None, "the step provides G or, for a two-batch base, A"
+        return self.lambdas.to(read.dtype)
 
     def direction_weights(
-        self, gram: torch.Tensor, losses: torch.Tensor | None = None, cross_gram: torch.Tensor | None = None
+        self, gram: torch.Tensor | None, losses: torch.Tensor | None = None, cross_gram: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         weights = self.weights_with(WeightingInputs(gram, losses, cross_gram))
         return weights, (weights if self.weights_task_params else None)

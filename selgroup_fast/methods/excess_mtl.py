@@ -44,6 +44,7 @@ class ExcessMTL(TaskGradientTracker):
     """
 
     name = "excess_mtl"
+    warmup_options = "n_warmup_steps="  # w stays 1/K until the steps after it
     needs = frozenset({"parameter_layout"})  # not the losses
     saved_state = ("tracked", "task_weights", "baseline", "warmup_sum", "steps")
 
@@ -59,6 +60,7 @@ class ExcessMTL(TaskGradientTracker):
         super().__init__(num_tasks, device, dtype)
         self.robust_step_size = check_rate("robust_step_size", robust_step_size)
         self.n_warmup_steps = check_int("n_warmup_steps", n_warmup_steps, minimum=0)
+        self.warmup_steps = self.n_warmup_steps
         #: The task weights w (on the simplex).
         self.task_weights = torch.full((num_tasks,), 1.0 / num_tasks, device=self.device, dtype=dtype)
         #: e₀, the excess risks the later ones are divided by (set at the first step after the warm-up).

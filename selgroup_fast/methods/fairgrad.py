@@ -8,7 +8,7 @@ import torch
 
 from .. import ops
 from .nash_mtl import clip_weights
-from .weighting import Weighting, validated_op_options
+from .weighting import Weighting, read_gram, validated_op_options
 
 
 class FairGrad(Weighting):
@@ -64,6 +64,7 @@ class FairGrad(Weighting):
         return ops.fairgrad_weights(gram, **self.options)
 
     def direction_weights(
-        self, gram: torch.Tensor, losses: torch.Tensor | None = None, cross_gram: torch.Tensor | None = None
+        self, gram: torch.Tensor | None, losses: torch.Tensor | None = None, cross_gram: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        gram = read_gram(gram)
         return clip_weights(self.weights(gram), gram, self.max_norm), None

@@ -143,6 +143,7 @@ class GradientMethod(MultiTaskMethod):
             raise ValueError(f"the aggregator is for {aggregator.num_tasks} tasks, the method for {num_tasks}")
         self.aggregator = aggregator
         self.name = aggregator.name
+        self.warmup_steps, self.warmup_options = aggregator.warmup_steps, aggregator.warmup_options
         self.space = space
         shared = as_parameter_list(shared_params)
         jacobian, chunk_size = self._jacobian_mode(jacobian, chunk_size, aggregator, space, shared)
@@ -168,8 +169,14 @@ class GradientMethod(MultiTaskMethod):
             owners.check_in_optimizer(optimizer)
             self._task_params = owners.all_task_params()
         self._sharded = any(is_sharded(p) for p in [*self._jacobian.params, *self._task_params])
-        split_columns = self._sharded or (self._ranks.enabled and space == "representation")  # J split over ranks
         binds_layout = "parameter_layout" in aggregator.needs  # a state over J's columns: all of them, every step
+        # The declaration's own reason first: under DDP the representation space also splits the features' J.
+        if binds_layout and space != "parameters":
+            raise ValueError(
+                f'{self.name} keeps a state per task over the shared parameters\' coordinates: space="{space}" '
+                'does not apply (the features change with every batch); use space="parameters"'
+            )
+        split_columns = self._sharded or (self._ranks.enabled and space == "representation")  # J split over ranks
         if split_columns and (binds_layout or not isinstance(aggregator, (Weighting, CombinesColumns))):
             raise ValueError(
                 f'{self.name} with space="{space}" does not support sharded (FSDP2/DTensor) parameters or features '
@@ -177,11 +184,6 @@ class GradientMethod(MultiTaskMethod):
                 'DistributedDataParallel and space="parameters"'
             )
         if binds_layout:  # DB-MTL's, MoCo's, ExcessMTL's K×P rows, per-block GradVac's blocks: allocated here once
-            if space != "parameters":
-                raise ValueError(
-                    f'{self.name} keeps a state per task over the shared parameters\' coordinates: space="{space}" '
-                    'does not apply (the features change with every batch); use space="parameters"'
-                )
             aggregator.bind(ParameterLayout(tuple(p.numel() for p in shared)))
         #: Whether each step reads two batches (MoDo, SDMGrad: the cross-batch matrix J_1 J_2ᵀ; :mod:`.two_batch`).
         self._two_batches = "cross_gram" in aggregator.needs

@@ -7,7 +7,7 @@ import torch
 from ..checks import check_int
 from .device_adam import adam_step
 from .tracked import check_decay_exponent, check_rate
-from .weighting import Weighting, WeightingInputs
+from .weighting import Weighting, WeightingInputs, read_gram
 
 
 class GradNorm(Weighting):
@@ -46,6 +46,7 @@ class GradNorm(Weighting):
     """
 
     name = "gradnorm"
+    warmup_options = "warmup_steps="  # the weights are ones until the steps after it
     needs = frozenset({"losses"})
     saved_state = ("logits", "exp_avg", "exp_avg_sq", "adam_steps", "initial_losses", "steps")
 
@@ -82,12 +83,13 @@ class GradNorm(Weighting):
 
     def weights_with(self, inputs: WeightingInputs) -> torch.Tensor:
         assert inputs.losses is not None, "needs declares the losses: the step provides them"
-        weights = self.weights(inputs.gram)
+        gram = read_gram(inputs.gram)
+        weights = self.weights(gram)
         self.steps += 1
         if self.steps <= self.warmup_steps:
             self.initial_losses += inputs.losses.to(self.initial_losses.dtype)
             return weights
-        self._learn(inputs.gram.to(self.logits.dtype), inputs.losses.to(self.logits.dtype))
+        self._learn(gram.to(self.logits.dtype), inputs.losses.to(self.logits.dtype))
         return weights
 
     def _learn(self, gram: torch.Tensor, losses: torch.Tensor) -> None:

@@ -7,7 +7,7 @@ import torch
 from .. import ops
 from .device_adam import adam_step
 from .tracked import check_decay_exponent, check_rate
-from .weighting import Weighting, WeightingInputs
+from .weighting import Weighting, WeightingInputs, read_gram
 
 
 class IMTL(Weighting):
@@ -87,16 +87,16 @@ class IMTL(Weighting):
         return ops.imtl_weights((gram * scales[:, None] * scales[None, :]).contiguous()) * scales
 
     def direction_weights(
-        self, gram: torch.Tensor, losses: torch.Tensor | None = None, cross_gram: torch.Tensor | None = None
+        self, gram: torch.Tensor | None, losses: torch.Tensor | None = None, cross_gram: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The hybrid's heads get ``e^{s_k} ∇L_k`` (LibMTL's); IMTL-G's ``α_k ∇L_k``."""
         if not self.hybrid:
             return super().direction_weights(gram, losses, cross_gram)
-        head_weights = self.log_scales.to(gram.dtype).exp()
+        head_weights = self.log_scales.to(read_gram(gram).dtype).exp()
         return self.weights_with(WeightingInputs(gram, losses)), head_weights
 
     def weights_with(self, inputs: WeightingInputs) -> torch.Tensor:
-        weights = self.weights(inputs.gram)
+        weights = self.weights(read_gram(inputs.gram))
         if self.hybrid:
             assert inputs.losses is not None, "needs declares the losses: the step provides them"
             gradient = self.log_scales.exp() * inputs.losses.to(self.log_scales.dtype) - 1  # ∂(e^s L − s)/∂s

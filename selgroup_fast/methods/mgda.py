@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from .. import ops
-from .weighting import Weighting, WeightingInputs, validated_op_options
+from .weighting import Weighting, WeightingInputs, read_gram, validated_op_options
 
 #: The authors' ``gradient_normalizers`` (MinNormSolver, LibMTL's ``mgda_gn``): what each gradient is divided by.
 NORMALIZATIONS: tuple[str, ...] = ("none", "l2", "loss", "loss+")
@@ -75,7 +75,7 @@ class MGDA(Weighting):
         return self.weights_with(WeightingInputs(gram))
 
     def weights_with(self, inputs: WeightingInputs) -> torch.Tensor:
-        gram = inputs.gram
+        gram = read_gram(inputs.gram)
         if self.normalization == "none":
             return ops.mgda_weights(gram, **self.options)
         normalizers = torch.ones_like(gram.diagonal())

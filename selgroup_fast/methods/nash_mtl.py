@@ -8,7 +8,7 @@ import torch
 
 from .. import ops
 from ..checks import check_int
-from .weighting import Weighting, validated_op_options
+from .weighting import Weighting, read_gram, validated_op_options
 
 
 def clip_weights(weights: torch.Tensor, gram: torch.Tensor, max_norm: float) -> torch.Tensor:
@@ -88,8 +88,9 @@ class NashMTL(Weighting):  # and a ReusesWeights (selgroup_fast.methods.weightin
         return self.alpha
 
     def direction_weights(
-        self, gram: torch.Tensor, losses: torch.Tensor | None = None, cross_gram: torch.Tensor | None = None
+        self, gram: torch.Tensor | None, losses: torch.Tensor | None = None, cross_gram: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        gram = read_gram(gram)
         alpha = self.weights(gram)
         return clip_weights(alpha, gram, self.max_norm), alpha  # the authors clip the shared gradient only
 

@@ -58,6 +58,7 @@ class STCH(LossWeightingMethod):
     """
 
     name = "stch"
+    warmup_options = "warmup= or window="
     saved_state = ("steps", "nadir_sum", "nadir_steps", "nadir")
 
     def __init__(

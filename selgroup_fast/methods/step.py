@@ -119,7 +119,9 @@ def combine(aggregator: Aggregator, gradients: TaskGradients, inputs: dict[str, 
     GradDrop's columns with their global indices, or the aggregator's own ``combine``."""
     rows, out = gradients.rows, gradients.out
     if isinstance(aggregator, Weighting):
-        total = gradients.gram if gradients.gram is not None else gram(cast(torch.Tensor, rows))
+        total = gradients.gram
+        if total is None and aggregator.reads_gram:
+            total = gram(cast(torch.Tensor, rows))
         weights, head_weights = aggregator.direction_weights(total, **inputs)
         if rows is None:
             return Direction(None, weights, head_weights)
@@ -141,14 +143,16 @@ def combine_scaled(
     """:func:`combine` on the task gradients of the losses ``s·L_k`` (a grad scaler; :mod:`.amp`), which the
     aggregator reads unscaled, an inf/NaN in them recorded: the direction is the unscaled method's, times ``s``
     (what the writers make ``.grad`` of must be scaled, as the heads' backward of ``s·L_k`` is, until the
-    optimizer's ``unscale_``). A weighting reads G (and A) only: ``G / s²`` (K×K), its weights then weight the
-    scaled rows. Any other aggregator reads J: ``J / s`` in place (one pass over K×P), its direction times ``s``."""
+    optimizer's ``unscale_``). A weighting reads G or A (K×K) only: ``G / s²`` (only where it reads G), ``A / s²``,
+    its weights then weight the scaled rows. Any other aggregator reads J: ``J / s`` in place (one pass over K×P),
+    its direction times ``s``."""
     if not scaling.enabled:
         return combine(aggregator, gradients, inputs)
     if isinstance(aggregator, Weighting):
-        if gradients.gram is None:
-            gradients.gram = gram(cast(torch.Tensor, gradients.rows))
-        scaling.unscale_(gradients.gram, power=2)
+        if aggregator.reads_gram:
+            if gradients.gram is None:
+                gradients.gram = gram(cast(torch.Tensor, gradients.rows))
+            scaling.unscale_(gradients.gram, power=2)
         if "cross_gram" in inputs:
             scaling.unscale_(inputs["cross_gram"], power=2)
         return combine(aggregator, gradients, inputs)

@@ -40,6 +40,7 @@ class _CrossGramWeighting(Weighting):
     """A weighting of the cross-batch matrix A (:meth:`weights` takes A; the training step passes it as ``cross_gram``)."""
 
     needs = frozenset({"cross_gram"})
+    reads_gram = False  # A only: the step computes no G = J Jᵀ for it
 
     def weights_with(self, inputs: WeightingInputs) -> torch.Tensor:
         assert inputs.cross_gram is not None, "needs declares the cross-batch matrix: the step provides it"

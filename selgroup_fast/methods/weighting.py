@@ -114,6 +114,10 @@ class Aggregator(SavedState, abc.ABC):
 
     #: The registry name of the method.
     name: ClassVar[str] = ""
+    #: The steps before the aggregator's rule is in effect, and the options that set them: its gradient method's
+    #: (:attr:`~.base.MultiTaskMethod.warmup_steps`, :attr:`~.base.MultiTaskMethod.warmup_options`).
+    warmup_steps: int = 0
+    warmup_options: str = ""
     #: Whether the heads get ``Σ_k w_k ∇L_k`` (the authors back-propagate the weighted loss)
     #: instead of ``Σ_k ∇L_k``.
     weights_task_params: ClassVar[bool] = False
@@ -158,7 +162,9 @@ class Aggregator(SavedState, abc.ABC):
             with torch.no_grad():  # as every result (the class docstring)
                 second = check_jacobian(second_jacobian).to(jacobian)
                 mean = (jacobian + second) / 2
-                weights, _ = cast(Weighting, self).direction_weights(gram(mean), cross_gram=jacobian @ second.T)
+                weighting = cast(Weighting, self)
+                total = gram(mean) if weighting.reads_gram else None
+                weights, _ = weighting.direction_weights(total, cross_gram=jacobian @ second.T)
                 return weights.to(mean.dtype) @ mean
         if "losses" not in self.needs:
             return self.combine(jacobian)[0]
@@ -196,15 +202,22 @@ class CombinesColumns(Protocol):
         """The direction of ``jacobian``'s columns, which are ``runs`` (first global column, width) of the global J."""
 
 
+def read_gram(gram: torch.Tensor | None) -> torch.Tensor:
+    """G, in a weighting that reads it (:attr:`Weighting.reads_gram`: the step computes it for those only)."""
+    assert gram is not None, "reads_gram: the step provides G"
+    return gram
+
+
 @dataclass(frozen=True)
 class WeightingInputs:
-    """What a weighting reads: G always, the rest as its :attr:`Weighting.needs` declares (``None`` otherwise).
+    """What a weighting reads: G where it reads it (:attr:`Weighting.reads_gram`), the rest as its
+    :attr:`Weighting.needs` declares (``None`` otherwise).
 
     ``losses``: the K detached losses of the (global) batch. ``cross_gram``: ``J_1 J_2ᵀ`` of two independent
     batches (K × K, not symmetric in general; :mod:`~.two_batch`).
     """
 
-    gram: torch.Tensor
+    gram: torch.Tensor | None
     losses: torch.Tensor | None = None
     cross_gram: torch.Tensor | None = None
 
@@ -217,18 +230,24 @@ class Weighting(Aggregator):
     accumulated without ``J``.
     """
 
+    #: Whether the weights read ``G = J Jᵀ``: the step computes it only then (not for MoDo and SDMGrad, which read
+    #: the cross-batch matrix only: G would be K²·P of wasted work per step). Set per instance where the weighting
+    #: wraps another (CR-MOGM).
+    reads_gram: bool = True
+
     @abc.abstractmethod
     def weights(self, gram: torch.Tensor) -> torch.Tensor:
         """The K task weights for the Gram matrix ``gram`` (K×K), with this object's options and state."""
 
     def weights_with(self, inputs: WeightingInputs) -> torch.Tensor:
         """The K task weights from what :attr:`needs` declares; by default :meth:`weights` of G."""
-        return self.weights(inputs.gram)
+        return self.weights(read_gram(inputs.gram))
 
     def direction_weights(
-        self, gram: torch.Tensor, losses: torch.Tensor | None = None, cross_gram: torch.Tensor | None = None
+        self, gram: torch.Tensor | None, losses: torch.Tensor | None = None, cross_gram: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The weights of the direction and those of the heads (``None``: all ones)."""
+        """The weights of the direction and those of the heads (``None``: all ones); ``gram`` is ``None`` where
+        the weighting does not read G (:attr:`reads_gram`)."""
         weights = self.weights_with(WeightingInputs(gram, losses, cross_gram))
         return weights, (weights if self.weights_task_params else None)
 

@@ -181,11 +181,18 @@ def build_method(
         method = methods.create(config.method, optimizer, num_tasks, shared_params=shared, **options)
     except (TypeError, ValueError) as error:
         raise TrainError(method_error(config.method, error)) from None
-    # The method's own warm-up (STCH's, before its nadir point is known) that outlasts the run.
+    # The method's own warm-up (STCH's nadir point, GradNorm's, ExcessMTL's, the selective update's singleton
+    # groups) that outlasts the run: its rule would never be in effect.
     if config.iters is not None and method.warmup_steps >= config.iters:
         raise TrainError(
             f"--method {config.method}: its warm-up ({method.warmup_steps} steps) is not shorter than the run "
-            f"(--iters {config.iters}); lower warmup= or window="
+            f"(--iters {config.iters}); lower {method.warmup_options} or raise --iters"
+        )
+    # MoDo, SDMGrad: the step splits each batch (exactly --batch-size samples per process) in two halves.
+    if getattr(method, "reads_two_batches", False) and config.batch_size < 2:
+        raise TrainError(
+            f"--method {config.method} reads two batches per step: the trainer splits each batch in halves, which "
+            f"needs --batch-size 2 or more (got {config.batch_size})"
         )
     return method
 

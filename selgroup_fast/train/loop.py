@@ -284,12 +284,7 @@ class _Run:
 
         try:
             if getattr(self.method, "reads_two_batches", False):  # MoDo, SDMGrad: the batch's two halves
-                half = images.shape[0] // 2
-                if half == 0:
-                    raise ValueError(
-                        f"{self.method.name} reads two batches per step: the trainer splits each batch in "
-                        "halves, which needs a batch size of at least 2"
-                    )
+                half = images.shape[0] // 2  # >= 1: build_method refuses --batch-size 1
                 first, second = (
                     closure_of(images[:half], [t[:half] for t in targets]),
                     closure_of(images[half:], [t[half:] for t in targets]),
