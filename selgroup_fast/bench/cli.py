@@ -45,7 +45,7 @@ GPU_DEFAULTS = BenchDefaults(
     note="GPU defaults: the paper's 224 px, patch 16",
 )
 #: CPU: small images, the 4 NYUD tasks and few steps, so that the default run (every
-#: method) finishes in about 1-2 minutes on 2 idle cores.
+#: method) finishes in about 3 minutes on 2 idle cores (161 s, 34 methods, 2026-12-07).
 CPU_DEFAULTS = BenchDefaults(
     backbone="vit_tiny_patch16_224",
     tasks="nyud",
@@ -55,7 +55,7 @@ CPU_DEFAULTS = BenchDefaults(
     rounds=8,
     steps=1,
     note="CPU defaults: small 64 px images (patch 8) and few steps so that the default run takes "
-    "about 1-2 minutes on 2 idle cores; pass --img-size 224 --patch-size 16 for the paper's size",
+    "about 3 minutes on 2 idle cores; pass --img-size 224 --patch-size 16 for the paper's size",
 )
 
 BUILT_IN_MODEL = "selgroup_fast.models.vit:vit_bench_model"
