@@ -14,6 +14,8 @@ import json
 import sys
 from pathlib import Path
 
+from selgroup_fast.cli_common import markdown_table
+
 
 def main(arguments: list[str]) -> str:
     columns: list[tuple[str, dict[str, dict]]] = []
@@ -26,8 +28,8 @@ def main(arguments: list[str]) -> str:
         rows = {row["method"]: row for run in runs for row in run["results"]}
         order += [name for name in rows if name not in order]
         columns.append((f"{label} (K = {runs[0]['num_tasks']})", rows))
-    head = ["method"] + [f"{label} {what}" for label, _ in columns for what in ("ms / step", "× GD")]
-    lines = ["| " + " | ".join(head) + " |", "|---" + "|---" * 2 * len(columns) + "|"]
+    header = ["method"] + [f"{label} {what}" for label, _ in columns for what in ("ms / step", "× GD")]
+    table = []
     for name in order:
         cells = [name]
         for _, rows in columns:
@@ -36,9 +38,9 @@ def main(arguments: list[str]) -> str:
                 cells += ["–", "–"]
             else:
                 cells += [f"{1e3 * row['total_s']:.1f}", f"{row['ratio_to_gd']:.2f} ± {row['ratio_to_gd_mad']:.2f}"]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        table.append(cells)
+    return markdown_table(header, table)
 
 
 if __name__ == "__main__":
-    print(main(sys.argv[1:]))
+    print(main(sys.argv[1:]), end="")
