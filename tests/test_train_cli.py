@@ -44,6 +44,12 @@ def _error(capsys, tmp_path, *args: str) -> str:
             ["--method", "excess_mtl", "--method-option", "n_warmup_steps=2", "--iters", "2"],
             "--method excess_mtl: its warm-up (2 steps) is not shorter than the run (--iters 2); lower n_warmup_steps=",
         ),
+        (  # a smoothing of a weighting with a warm-up has that warm-up
+            ["--method", "cr_mogm", "--method-option", "base='gradnorm'"]
+            + ["--method-option", "base_options={'warmup_steps': 4}", "--iters", "4"],
+            "--method cr_mogm: its warm-up (4 steps) is not shorter than the run (--iters 4); lower warmup_steps= in "
+            "base_options or raise --iters",
+        ),
         (
             ["--method", "selective", "--iters", "100"],
             "--method selective: its warm-up (100 steps) is not shorter than the run (--iters 100); lower warmup_steps=",

@@ -30,7 +30,7 @@ class CRMOGM(Weighting):
 
     A weighting of G as its base: every path the base is served on serves it (Gramian, representation space,
     DDP, FSDP2); it reads what the base reads (:attr:`needs`, e.g. GradNorm's losses). The heads get what the
-    base gives them. State (saved, on the device): λ, the step count and the base's own state.
+    base gives them, and its warm-up is the base's. State (saved, on the device): λ, the step count and the base's own state.
 
     Options (TorchJD's names and defaults): ``base="upgrad"`` (the registry name of a gradient method that is a
     weighting of G: ``"mgda"``, ``"upgrad"``, ...; TorchJD's has no default, its example wraps UPGrad), ``base_options`` (a dict of the base's options),
@@ -77,6 +77,10 @@ class CRMOGM(Weighting):
         self.needs = self.base.needs  # what the base reads, the step provides
         self.reads_gram = self.base.reads_gram
         self.weights_task_params = self.base.weights_task_params  # type: ignore[misc]
+        # The base's rule does not act before its warm-up ends, so neither does this smoothing of it: a run
+        # not longer than that is refused by the trainer, naming the base's option inside base_options.
+        self.warmup_steps = self.base.warmup_steps
+        self.warmup_options = self.base.warmup_options and f"{self.base.warmup_options} in base_options"
         self.alpha = check_unit_interval("alpha", alpha)
         self.initial_weights = None
         if initial_weights is not None:
