@@ -208,13 +208,14 @@ def test_issue12_plan_covers_the_issue_and_its_ablation_defaults_are_the_methods
 
 def test_the_committed_sweeps_regenerate_their_committed_tables():
     """Every committed run still reads: the tables regenerated from benchmarks/results/train_sweep's,
-    train_timing's and evidence's runs (with the header the committed table records: command,
+    train_timing's, evidence's and evidence_long's runs (with the header the committed table records: command,
     notes, date, commits) are the committed tables, byte for byte, and the built-in plans take every committed run
     for finished."""
     for name, folder, files in (
         ("issue12", "train_sweep", ("table.md", "table.csv", "table.json")),
         ("issue12_timing", "train_timing", ("timing.md", "timing.json")),
         ("issue24", "evidence", ("table.md", "table.csv", "table.json")),
+        ("issue24_long", "evidence_long", ("table.md", "table.csv", "table.json")),
     ):
         root = RESULTS / folder
         header = json.loads((root / files[-1]).read_text())
