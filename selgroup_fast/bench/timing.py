@@ -327,7 +327,7 @@ def _step_of(
 ) -> Callable[[], torch.Tensor]:
     """One step of ``method`` on the bench's batch; a method that reads two batches per step (MoDo, SDMGrad)
     gets its two halves, as ``selgroup-train`` gives them."""
-    if not getattr(method, "reads_two_batches", False):
+    if not method.reads_two_batches:
         return lambda: method.step(closure)
     if halves is None:
         raise ModelError(

@@ -204,6 +204,12 @@ class MultiTaskMethod(SavedState, abc.ABC):
         return self._scaling.scaler
 
     @property
+    def reads_two_batches(self) -> bool:
+        """Whether each step reads two independent batches (MoDo, SDMGrad: ``step(closure, second_closure)``;
+        ``selgroup-train`` and ``selgroup-bench`` give them a batch's two halves)."""
+        return False
+
+    @property
     def skipped_steps(self) -> torch.Tensor:
         """How many optimizer steps were skipped, by ``nonfinite="skip"`` or the grad scaler's inf/NaN gradients
         (a 0-d int64 tensor on the device; not saved)."""

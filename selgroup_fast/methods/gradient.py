@@ -259,7 +259,6 @@ class GradientMethod(MultiTaskMethod):
 
     @property
     def reads_two_batches(self) -> bool:
-        """Whether each step reads two independent batches (MoDo, SDMGrad; ``selgroup-train`` gives it the halves)."""
         return self._two_batches
 
     @property

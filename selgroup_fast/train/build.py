@@ -189,7 +189,7 @@ def build_method(
             f"(--iters {config.iters}); lower {method.warmup_options} or raise --iters"
         )
     # MoDo, SDMGrad: the step splits each batch (exactly --batch-size samples per process) in two halves.
-    if getattr(method, "reads_two_batches", False) and config.batch_size < 2:
+    if method.reads_two_batches and config.batch_size < 2:
         raise TrainError(
             f"--method {config.method} reads two batches per step: the trainer splits each batch in halves, which "
             f"needs --batch-size 2 or more (got {config.batch_size})"

@@ -283,7 +283,7 @@ class _Run:
             return closure
 
         try:
-            if getattr(self.method, "reads_two_batches", False):  # MoDo, SDMGrad: the batch's two halves
+            if self.method.reads_two_batches:  # MoDo, SDMGrad: the batch's two halves
                 half = images.shape[0] // 2  # >= 1: build_method refuses --batch-size 1
                 first, second = (
                     closure_of(images[:half], [t[:half] for t in targets]),
